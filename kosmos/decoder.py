@@ -1,0 +1,192 @@
+"""The language decoder: torchscale's Magneto (sub-LN) Decoder with xPos, and a faster attention path.
+
+We keep torchscale's modules, parameter names and initialisation (Magneto's sqrt(log 2N) gain on
+fc1/fc2/out_proj/v_proj is applied inside torchscale's constructor; nothing here re-initialises it), and
+replace two things:
+
+* `KosmosAttention`: a subclass of torchscale's MultiheadAttention (same parameters, so checkpoints load in
+  either path) whose `sdpa` path uses `F.scaled_dot_product_attention`, computes xPos in fp32 whatever the
+  model dtype (torchscale's xPos in bf16 rounds positions near 2048 to multiples of 8), and supports padded
+  batches (torchscale's gives NaN with left padding). `attention: torchscale` runs the stock code.
+* `KosmosDecoder.forward`: builds the causal mask once (not per layer), takes precomputed embeddings
+  (text embeddings with image slots filled in), supports activation checkpointing through
+  `torch.utils.checkpoint`, and uses torchscale's incremental-state format for the KV cache
+  (`incremental_state["is_first_step"] = True` for the prefill).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchscale.architecture.config import DecoderConfig as TorchscaleDecoderConfig
+from torchscale.architecture.decoder import Decoder, DecoderLayer
+from torchscale.component.multihead_attention import MultiheadAttention
+
+from kosmos.config import DecoderConfig
+
+# ----------------------------------------------------------------------------- xPos in fp32
+
+
+@lru_cache(maxsize=64)
+def _xpos_tables(total: int, head_dim: int, scale_base: int, device: torch.device):
+    """sin, cos and scale (total, head_dim/2) in fp32, as torchscale's XPOS builds them:
+    rotation angles from positions 0..total-1, decay from positions centred on 0."""
+    half = head_dim // 2
+    base = (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) + 0.4 * head_dim) / (1.4 * head_dim)
+    min_pos = -total // 2
+    pos = torch.arange(min_pos, min_pos + total, dtype=torch.float32, device=device)
+    scale = base[None, :] ** (pos[:, None] / scale_base)  # (total, half)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, half, dtype=torch.float32, device=device) / half))
+    angles = torch.arange(total, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return torch.sin(angles), torch.cos(angles), scale
+
+
+def apply_xpos(x: torch.Tensor, offset: int, downscale: bool, scale_base: int) -> torch.Tensor:
+    """xPos (Sun et al., 2022) on x (..., T, head_dim) at positions offset..offset+T-1, in fp32.
+    Queries are scaled by zeta^n, keys by zeta^-m, so q.k depends on n - m only."""
+    T, hd = x.shape[-2], x.shape[-1]
+    sin, cos, scale = _xpos_tables(T + offset, hd, scale_base, x.device)
+    sin, cos, scale = sin[-T:], cos[-T:], scale[-T:]
+    if downscale:
+        scale = 1.0 / scale
+    sin = (sin * scale).repeat_interleave(2, dim=-1)  # (T, hd), each value for a pair of channels
+    cos = (cos * scale).repeat_interleave(2, dim=-1)
+    xf = x.float()
+    rotated = torch.stack((-xf[..., 1::2], xf[..., ::2]), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class KosmosAttention(MultiheadAttention):
+    """torchscale MultiheadAttention with an SDPA path. Same parameters and cache layout
+    (`prev_key`/`prev_value`: (B, heads, S, head_dim), stored before xPos)."""
+
+    def __init__(self, args, embed_dim, num_heads, impl: str = "sdpa", **kwargs):
+        super().__init__(args, embed_dim, num_heads, **kwargs)
+        self.impl = impl
+
+    def forward(self, query, key, value, incremental_state=None, key_padding_mask=None, attn_mask=None,
+                rel_pos=None, is_first_step=False):
+        if self.impl == "torchscale":
+            return super().forward(query, key, value, incremental_state=incremental_state,
+                                   key_padding_mask=key_padding_mask, attn_mask=attn_mask, rel_pos=rel_pos,
+                                   is_first_step=is_first_step)
+        assert rel_pos is None, "relative position bias is not used by KOSMOS (xPos is)"
+        B, T, E = query.shape
+        H, hd = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(key).view(B, T, H, hd).transpose(1, 2)
+        v = self.v_proj(value).view(B, T, H, hd).transpose(1, 2)
+
+        if incremental_state is not None:
+            if "prev_key" in incremental_state:
+                k = torch.cat([incremental_state["prev_key"], k], dim=2)
+                v = torch.cat([incremental_state["prev_value"], v], dim=2)
+            incremental_state["prev_key"] = k
+            incremental_state["prev_value"] = v
+        S = k.shape[2]
+
+        if self.xpos is not None:
+            scale_base = self.xpos.scale_base
+            k = apply_xpos(k, offset=0, downscale=True, scale_base=scale_base)
+            q = apply_xpos(q, offset=S - T, downscale=False, scale_base=scale_base)
+
+        mask, causal = None, False
+        if key_padding_mask is not None or (T > 1 and T != S):
+            # Query i sits at absolute position S - T + i and may see keys 0..S-T+i that are not padding.
+            qpos = torch.arange(S - T, S, device=q.device)[:, None]
+            kpos = torch.arange(S, device=q.device)[None, :]
+            mask = (kpos <= qpos)[None, None]  # (1, 1, T, S)
+            if key_padding_mask is not None:
+                mask = mask & ~key_padding_mask.to(torch.bool)[:, None, None, :]
+                # A padding query would see nothing and softmax to NaN, which then leaks into real
+                # positions through 0 * NaN; let every query see itself.
+                mask = mask | (kpos == qpos)[None, None]
+        elif T > 1:
+            causal = True
+        dropout_p = self.dropout_module.p if self.training else 0.0
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+        attn = attn.transpose(1, 2).reshape(B, T, E)  # (B, T, E)
+        if self.inner_attn_ln is not None:  # Magneto's sub-LN inside attention
+            attn = self.inner_attn_ln(attn)
+        return self.out_proj(attn), None
+
+
+class KosmosDecoderLayer(DecoderLayer):
+    def build_self_attention(self, embed_dim, args):
+        return KosmosAttention(args, embed_dim, args.decoder_attention_heads, impl=args.kosmos_attention,
+                               dropout=args.attention_dropout, self_attention=True,
+                               encoder_decoder_attention=False, subln=args.subln)
+
+
+class KosmosDecoder(Decoder):
+    """torchscale Decoder taking precomputed token embeddings (B, T, D) and returning logits (B, T, V)."""
+
+    def build_decoder_layer(self, args, depth, is_moe_layer=False, is_encoder_decoder=False):
+        # Built inside torchscale's constructor, before its Magneto scaling runs over these parameters.
+        return KosmosDecoderLayer(args, depth, is_moe_layer=is_moe_layer, is_encoder_decoder=is_encoder_decoder)
+
+    def forward(self, token_embeddings: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                incremental_state: dict | None = None, features_only: bool = False) -> torch.Tensor:
+        """token_embeddings (B, T, D); padding_mask (B, S) True at padding keys (S = cached + T), only
+        needed for left-padded batches (right padding is harmless under a causal mask); incremental_state
+        a dict kept between calls for the KV cache, with "is_first_step" True for the prefill."""
+        first = bool(incremental_state is not None and incremental_state.get("is_first_step", False))
+        x = self.embed_scale * token_embeddings
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        T = x.size(1)
+
+        stock_mask = None
+        if self.args.kosmos_attention == "torchscale" and T > 1:
+            # torchscale builds this (T, T) additive mask inside every layer; once is enough.
+            stock_mask = torch.triu(torch.full((T, T), float("-inf"), device=x.device, dtype=x.dtype), 1)
+
+        for idx, layer in enumerate(self.layers):
+            state = incremental_state.setdefault(idx, {}) if incremental_state is not None else None
+            if self.args.kosmos_checkpoint and self.training and state is None:
+                x = checkpoint(_run_layer, layer, x, stock_mask, padding_mask, None, False, use_reentrant=False)
+            else:
+                x = _run_layer(layer, x, stock_mask, padding_mask, state, first)
+
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return x if features_only else self.output_layer(x)
+
+
+def _run_layer(layer, x, attn_mask, padding_mask, state, first):
+    return layer(x, incremental_state=state, self_attn_mask=attn_mask, self_attn_padding_mask=padding_mask,
+                 is_first_step=first)[0]
+
+
+def build_decoder(cfg: DecoderConfig, embed_tokens: nn.Embedding) -> KosmosDecoder:
+    """The paper's decoder (Sec. 2.1/3.1): Magneto sub-LN, xPos, pre-norm, tied embeddings."""
+    args = TorchscaleDecoderConfig(
+        vocab_size=cfg.vocab_size,
+        decoder_embed_dim=cfg.dim,
+        decoder_ffn_embed_dim=cfg.ffn_dim,
+        decoder_layers=cfg.layers,
+        decoder_attention_heads=cfg.heads,
+        activation_fn=cfg.activation,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        subln=True,  # Magneto: sub-LayerNorm and its initialisation
+        xpos_rel_pos=True,  # relative positions, no learned absolute positions
+        xpos_scale_base=cfg.xpos_scale_base,
+        max_target_positions=cfg.max_len,
+        share_decoder_input_output_embed=cfg.share_embeddings,
+        layernorm_eps=cfg.layernorm_eps,
+        no_scale_embedding=True,
+        checkpoint_activations=False,  # done in KosmosDecoder.forward with torch.utils.checkpoint
+        fsdp=False,  # wrapping belongs to the training script (accelerate), not the model
+    )
+    args.kosmos_attention = cfg.attention
+    args.kosmos_checkpoint = cfg.checkpoint_activations
+    return KosmosDecoder(args, embed_tokens=embed_tokens)

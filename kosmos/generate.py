@@ -1,0 +1,310 @@
+"""Generation with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+    python -m kosmos.generate --config configs/tiny.yaml --checkpoint runs/tiny/checkpoints/latest \
+        --tokenizer runs/tiny/tokenizer --image assets/images/chelsea.jpg --prompt "An image of"
+
+Prompts of different lengths are left-padded into one batch; the padding is masked out of attention, and
+xPos is relative, so every prompt decodes as it would alone. The prefill runs with
+`incremental_state["is_first_step"] = True` (without it torchscale keeps only the last prompt token).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kosmos.model import Kosmos
+
+
+@dataclass
+class Prompt:
+    """One prompt: token ids, where the image slots are, and its images (n, 3, H, W) in order."""
+
+    ids: list[int]
+    image_mask: list[bool] | None = None
+    images: torch.Tensor | None = None
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    """Sample from the distribution (with temperature/top_k/top_p) instead of taking the argmax."""
+    temperature: float = 1.0
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p (1.0: all)."""
+    num_beams: int = 1
+    """Beam search with this many beams (>1 ignores do_sample)."""
+    length_penalty: float = 1.0
+    """Beam scores are divided by length ** length_penalty when picking the final hypothesis."""
+    eos_id: int | None = None
+    """Stop a sequence at this token (not included in the output)."""
+    pad_id: int = 0
+    use_cache: bool = True
+    """Decode with the KV cache (False recomputes the whole sequence each step: for tests and benches)."""
+
+
+def _batch_prompts(prompts: list[Prompt], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Left-pad prompts into (B, L) ids, image mask and padding mask; concatenate their images."""
+    L = max(len(p.ids) for p in prompts)
+    B = len(prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    image_mask = torch.zeros((B, L), dtype=torch.bool)
+    padding = torch.ones((B, L), dtype=torch.bool)
+    images = []
+    for i, p in enumerate(prompts):
+        n = len(p.ids)
+        ids[i, L - n:] = torch.tensor(p.ids, dtype=torch.long)
+        padding[i, L - n:] = False
+        if p.image_mask is not None:
+            image_mask[i, L - n:] = torch.tensor(p.image_mask, dtype=torch.bool)
+        if p.images is not None and len(p.images):
+            images.append(p.images)
+    imgs = torch.cat(images).to(device) if images else None
+    return ids.to(device), image_mask.to(device), padding.to(device), imgs
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits (B, V)."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already reach top_p (the most likely always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _reorder_cache(state: dict, index: torch.Tensor) -> None:
+    for key, layer in state.items():
+        if isinstance(key, int):
+            for name in ("prev_key", "prev_value"):
+                if name in layer:
+                    layer[name] = layer[name].index_select(0, index)
+
+
+class _Decoder:
+    """Runs the decoder step by step, with or without the KV cache, over a batch of B rows."""
+
+    def __init__(self, model: Kosmos, embeds: torch.Tensor, padding: torch.Tensor, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        self.padding = padding if bool(padding.any()) else None
+        self.embeds = embeds  # uncached path: the whole sequence so far
+        self.state: dict | None = {"is_first_step": True} if use_cache else None
+
+    def first(self) -> torch.Tensor:
+        logits = self.model.decoder(self.embeds, padding_mask=self.padding, incremental_state=self.state)
+        if self.state is not None:
+            self.state["is_first_step"] = False
+        return logits[:, -1].float()  # (B, V)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.model.decoder.embed_tokens(tokens[:, None])  # (B, 1, D)
+        if self.padding is not None:
+            self.padding = torch.cat([self.padding, self.padding.new_zeros((len(tokens), 1))], dim=1)
+        if self.use_cache:
+            logits = self.model.decoder(emb, padding_mask=self.padding, incremental_state=self.state)
+        else:
+            self.embeds = torch.cat([self.embeds, emb], dim=1)
+            logits = self.model.decoder(self.embeds, padding_mask=self.padding)
+        return logits[:, -1].float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.padding is not None:
+            self.padding = self.padding.index_select(0, index)
+        if self.state is not None:
+            _reorder_cache(self.state, index)
+        else:
+            self.embeds = self.embeds.index_select(0, index)
+
+
+@torch.no_grad()
+def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None = None,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """New token ids for each prompt (the eos token is not included)."""
+    gen = gen or GenerationConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        if model.cfg.decoder.attention == "torchscale" and len({len(p.ids) for p in prompts}) > 1:
+            # The stock attention turns left padding into NaN: decode such prompts one at a time.
+            return [generate(model, [p], gen, generator)[0] for p in prompts]
+        device = next(model.parameters()).device
+        ids, image_mask, padding, images = _batch_prompts(prompts, gen.pad_id, device)
+        embeds = model.embed(ids, images, image_mask if images is not None else None)
+        dec = _Decoder(model, embeds, padding, gen.use_cache)
+        if gen.num_beams > 1:
+            return _beam_search(dec, len(prompts), gen)
+        return _sample(dec, len(prompts), gen, generator)
+    finally:
+        model.train(was_training)
+
+
+def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    logits = dec.first()
+    for step in range(gen.max_new_tokens):
+        if gen.do_sample:
+            scaled = filter_logits(logits / max(gen.temperature, 1e-5), gen.top_k, gen.top_p)
+            probs = scaled.softmax(-1)
+            tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+        else:
+            tokens = logits.argmax(-1)
+        for i, t in enumerate(tokens.tolist()):  # device->host sync once per step
+            if done[i]:
+                continue
+            if gen.eos_id is not None and t == gen.eos_id:
+                done[i] = True
+            else:
+                out[i].append(t)
+        if bool(done.all()) or step == gen.max_new_tokens - 1:
+            break
+        tokens = tokens.masked_fill(done.to(tokens.device), gen.pad_id)
+        logits = dec.step(tokens)
+    return out
+
+
+def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]]:
+    K = gen.num_beams
+    logits = dec.first()  # (B, V)
+    V = logits.size(-1)
+    device = logits.device
+    # Every beam starts from its prompt; only beam 0 is live at first so the K beams differ.
+    dec.reorder(torch.arange(B, device=device).repeat_interleave(K))
+    logits = logits.repeat_interleave(K, dim=0)  # (B*K, V)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    seqs = torch.zeros((B * K, 0), dtype=torch.long, device=device)
+    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * K, device=device)
+    for step in range(gen.max_new_tokens):
+        logp = logits.log_softmax(-1)  # (B*K, V)
+        # A finished beam stays as it is: one continuation (pad) at no cost.
+        frozen = torch.full_like(logp, float("-inf"))
+        frozen[:, gen.pad_id] = 0.0
+        logp = torch.where(finished[:, None], frozen, logp)
+        cand = (scores.view(B * K, 1) + logp).view(B, K * V)
+        top, idx = cand.topk(K, dim=-1)  # (B, K)
+        beam = idx // V + torch.arange(B, device=device)[:, None] * K  # (B, K) rows into B*K
+        token = idx % V
+        beam, token = beam.flatten(), token.flatten()
+        was_finished = finished.index_select(0, beam)
+        seqs = torch.cat([seqs.index_select(0, beam), token[:, None]], dim=1)
+        lengths = lengths.index_select(0, beam) + (~was_finished).float()
+        finished = was_finished | (token == gen.eos_id if gen.eos_id is not None else torch.zeros_like(was_finished))
+        scores = top
+        if bool(finished.all()) or step == gen.max_new_tokens - 1:
+            break
+        dec.reorder(beam)
+        logits = dec.step(token)
+    norm = scores.flatten() / lengths.clamp(min=1) ** gen.length_penalty
+    best = norm.view(B, K).argmax(-1) + torch.arange(B, device=device) * K
+    out = []
+    for row in best.tolist():
+        toks = seqs[row].tolist()
+        if gen.eos_id is not None and gen.eos_id in toks:
+            toks = toks[: toks.index(gen.eos_id)]
+        out.append(toks)
+    return out
+
+
+# ----------------------------------------------------------------------------- loading and CLI
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load `model.safetensors` (a file, or a checkpoint directory holding one). Never unpickles."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model weights at {path} (expected a .safetensors file or a checkpoint dir)")
+    missing, unexpected = load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
+def build_prompt(tokenizer, text: str, images: list[torch.Tensor], num_latents: int) -> Prompt:
+    """`{image}` in `text` marks where each image goes; without it the images come first."""
+    from kosmos.sequence import encode_segments
+
+    parts = text.split("{image}")
+    if len(parts) == 1:
+        segments: list = [*images, text] if text else list(images)
+    else:
+        if len(parts) - 1 != len(images):
+            raise ValueError(f"the prompt has {len(parts) - 1} {{image}} markers but {len(images)} images were given")
+        segments = []
+        for i, part in enumerate(parts):
+            if part:
+                segments.append(part)
+            if i < len(images):
+                segments.append(images[i])
+    seq = encode_segments(tokenizer, segments, num_latents, bos=True, eos=False)
+    return Prompt(ids=seq.ids, image_mask=seq.image_mask,
+                  images=torch.stack(images) if images else None)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML config of the model (e.g. configs/tiny.yaml)")
+    ap.add_argument("--checkpoint", help="model.safetensors or a checkpoint directory (default: random weights)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer.path from the config)")
+    ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    ap.add_argument("--prompt", action="append", default=None,
+                    help="prompt text; `{image}` marks where each image goes (default: images first). "
+                         "Repeat for a batch of prompts (each gets all --image files)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = ap.parse_args(argv)
+
+    from kosmos.config import load_config
+    from kosmos.image import load_image
+    from tokenizer import KosmosTokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    tok_dir = args.tokenizer or cfg.tokenizer.path
+    if not tok_dir:
+        ap.error("no tokenizer: pass --tokenizer DIR or set tokenizer.path in the config")
+    tok = KosmosTokenizer.from_dir(tok_dir)
+    torch.manual_seed(args.seed)
+    model = Kosmos(cfg, load_vision_weights=args.checkpoint is None)
+    if args.checkpoint:
+        load_model_weights(model, args.checkpoint)
+    model.to(args.device)
+    size = model.vision.image_size
+    images = [load_image(p, size) for p in args.image]
+    prompts = [build_prompt(tok, text, images, cfg.connector.num_latents) for text in (args.prompt or [""])]
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id)
+    g = torch.Generator().manual_seed(args.seed)
+    outs = generate(model, prompts, gen, generator=g)
+    texts = []
+    for text, ids in zip(args.prompt or [""], outs):
+        texts.append(tok.decode(ids))
+        print(f"{text}{texts[-1]}")
+    return texts
+
+
+if __name__ == "__main__":
+    main()

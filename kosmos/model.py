@@ -1,0 +1,144 @@
+"""KOSMOS-1 (Huang et al., 2023, "Language Is Not All You Need", arXiv 2302.14045).
+
+A decoder-only Transformer reads text in which every image is a span `<image> [n embeddings] </image>`:
+
+    image (N, 3, 224, 224)
+      -> CLIP ViT-L/14 patch tokens         (N, 256, 1024)   kosmos/vision.py, frozen but the last block
+      -> Perceiver resampler (flamingo)     (N, 64, 1024)    pools 256 tokens to 64 latents (Sec. 2.2)
+      -> linear projection                  (N, 64, 2048)    into the decoder's width
+    token ids (B, L) -> embeddings (B, L, 2048); the image slots take the projected latents
+      -> Magneto decoder with xPos          (B, L, 2048)     kosmos/decoder.py (Sec. 2.1)
+      -> tied output projection             (B, L, 64007)
+    loss: next-token cross entropy on discrete tokens only (never image slots or padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kosmos.config import Config
+from kosmos.decoder import build_decoder
+from kosmos.vision import VisionEncoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class KosmosOutput:
+    logits: torch.Tensor
+    """(B, L, V) next-token logits."""
+    loss: torch.Tensor | None = None
+    """Mean cross entropy over the `n_tokens` positions that carry a loss."""
+    n_tokens: torch.Tensor | None = None
+    """How many target tokens the loss averages over (for token-weighted accumulation)."""
+
+
+class Kosmos(nn.Module):
+    def __init__(self, cfg: Config, load_vision_weights: bool = True):
+        super().__init__()
+        from flamingo_pytorch import PerceiverResampler
+
+        self.cfg = cfg
+        d = cfg.decoder
+        self.vision = VisionEncoder(cfg.vision, load_weights=load_vision_weights)
+        c = cfg.connector
+        # One image per call (num_media_embeds=1): each image is its own span in the sequence.
+        self.resampler = PerceiverResampler(dim=self.vision.width, depth=c.depth, dim_head=c.dim_head,
+                                            heads=c.heads, num_latents=c.num_latents, num_media_embeds=1,
+                                            ff_mult=c.ff_mult)
+        self.proj = nn.Linear(self.vision.width, d.dim)
+        with torch.no_grad():  # Magneto-style gain, as on the decoder's value/output projections
+            self.proj.weight.mul_(d.magneto_init_scale)
+
+        embed = nn.Embedding(d.vocab_size, d.dim)
+        nn.init.normal_(embed.weight, mean=0.0, std=d.dim**-0.5)
+        # torchscale applies Magneto's initialisation in this constructor; we never re-initialise after it.
+        self.decoder = build_decoder(d, embed)
+        self.num_latents = c.num_latents
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) -> image embeddings (N, num_latents, dim)."""
+        patches = self.vision(images)  # (N, P, Wv)
+        latents = self.resampler(patches)  # (N, 1, num_latents, Wv)
+        return self.proj(latents.squeeze(1))  # (N, num_latents, dim)
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+              image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, L, dim) with the image slots (image_mask True, row-major order, num_latents
+        per image) filled with the images' embeddings."""
+        x = self.decoder.embed_tokens(input_ids)  # (B, L, D)
+        n_images = 0 if images is None else images.shape[0]
+        if n_images:
+            if image_mask is None:
+                raise ValueError("images were given without image_mask (where their slots are)")
+            n_slots = int(image_mask.sum())  # device->host sync: a wrong count would silently misplace images
+            if n_slots != n_images * self.num_latents:
+                raise ValueError(f"image_mask marks {n_slots} slots but {n_images} images need "
+                                 f"{n_images * self.num_latents} ({self.num_latents} each)")
+            feats = self.encode_images(images).to(x.dtype)  # (N, n, D)
+            x = x.masked_scatter(image_mask.unsqueeze(-1), feats)
+        elif image_mask is not None and bool(image_mask.any()):
+            raise ValueError("image_mask marks image slots but no images were given")
+        elif self.training:
+            # A text-only batch leaves the image pathway without gradients, which DDP/FSDP reject; touch
+            # every trainable image parameter with a zero so all ranks reduce the same set.
+            x = x + 0.0 * sum(p.sum() for p in self.image_parameters() if p.requires_grad).to(x.dtype)
+        return x
+
+    def image_parameters(self):
+        yield from self.vision.parameters()
+        yield from self.resampler.parameters()
+        yield from self.proj.parameters()
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None) -> KosmosOutput:
+        """input_ids (B, L); images (N, 3, H, W); image_mask (B, L) True at image slots; labels (B, L)
+        aligned with input_ids (the model shifts them), IGNORE_INDEX where no loss; padding_mask (B, L)
+        True at padding. Rows are right-padded: the causal mask already keeps padding out of attention."""
+        x = self.embed(input_ids, images, image_mask)
+        logits = self.decoder(x)  # (B, L, V)
+        if labels is None:
+            return KosmosOutput(logits=logits)
+        # Loss on discrete tokens only, whatever the caller put at image slots or padding.
+        no_loss = torch.zeros_like(labels, dtype=torch.bool)
+        if image_mask is not None:
+            no_loss |= image_mask
+        if padding_mask is not None:
+            no_loss |= padding_mask
+        labels = labels.masked_fill(no_loss, IGNORE_INDEX)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        n_tokens = (targets != IGNORE_INDEX).sum()
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens.clamp(min=1)
+        return KosmosOutput(logits=logits, loss=loss, n_tokens=n_tokens)
+
+
+def count_parameters(model: Kosmos) -> dict[str, int]:
+    """Parameters per component; the tied embedding is counted once, under `embeddings`."""
+    emb = model.decoder.embed_tokens.weight
+    seen = {id(emb)}
+    decoder = sum(p.numel() for p in model.decoder.parameters() if id(p) not in seen)
+    if model.decoder.output_projection is not None and model.decoder.output_projection.weight is not emb:
+        decoder -= model.decoder.output_projection.weight.numel()
+        emb_count = emb.numel() + model.decoder.output_projection.weight.numel()
+    else:
+        emb_count = emb.numel()
+    counts = {
+        "vision": sum(p.numel() for p in model.vision.parameters()),
+        "resampler": sum(p.numel() for p in model.resampler.parameters()),
+        "projection": sum(p.numel() for p in model.proj.parameters()),
+        "decoder": decoder,
+        "embeddings": emb_count,
+    }
+    counts["total"] = sum(counts.values())
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts

@@ -1,0 +1,44 @@
+"""Parameter count per component: `python -m kosmos.summary configs/kosmos1.yaml [key=value ...]`.
+
+The model is built on the meta device, so this costs no memory even for the full 1.6B model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+from kosmos.config import load_config
+from kosmos.model import Kosmos, count_parameters
+
+
+def summarize(cfg) -> dict[str, int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            model = Kosmos(cfg, load_vision_weights=False)
+    return count_parameters(model)
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config, e.g. configs/kosmos1.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. decoder.layers=12")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    counts = summarize(cfg)
+    d = cfg.decoder
+    print(f"{args.config}: decoder {d.layers} layers x {d.dim} (ffn {d.ffn_dim}, {d.heads} heads), "
+          f"vocab {d.vocab_size}, vision {cfg.vision.model_name}, {cfg.connector.num_latents} latents/image")
+    for name in ("vision", "resampler", "projection", "decoder", "embeddings"):
+        print(f"  {name:<12} {counts[name]:>15,}  {counts[name] / 1e6:9.1f}M")
+    print(f"  {'total':<12} {counts['total']:>15,}  {counts['total'] / 1e9:9.3f}B")
+    print(f"  {'trainable':<12} {counts['trainable']:>15,}  {counts['trainable'] / 1e9:9.3f}B")
+    print(f"  decoder with embeddings: {(counts['decoder'] + counts['embeddings']) / 1e9:.3f}B")
+    return counts
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The image encoder: CLIP ViT-L/14 (open_clip) returning its patch tokens, frozen but for its last block.
+
+KOSMOS-1 (Sec. 2.2, 3.1) encodes each image with a pretrained CLIP ViT-L/14 at 224 px and keeps every
+CLIP parameter frozen except the last layer. We return the 256 patch tokens (after `ln_post`, before the
+contrastive projection), which the Perceiver resampler pools to 64 latents.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kosmos.config import VisionConfig
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file without unpickling code
+    (`torch.load(weights_only=True)`). Nested {"state_dict": ...} checkpoints are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file's name
+        raise ValueError(f"{path}: not a loadable weights-only torch file ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+def _is_local_file(spec: str) -> bool:
+    return spec.endswith(WEIGHT_SUFFIXES) or os.sep in spec or Path(spec).exists()
+
+
+class VisionEncoder(nn.Module):
+    """open_clip VisionTransformer -> patch tokens (N, num_patches, width)."""
+
+    def __init__(self, cfg: VisionConfig, load_weights: bool = True):
+        super().__init__()
+        import open_clip
+        from open_clip.model import _build_vision_tower
+
+        self.cfg = cfg
+        spec = cfg.pretrained if load_weights else None
+        if spec and not _is_local_file(spec):
+            # A named open_clip tag: open_clip builds the right variant (e.g. QuickGELU for `openai`)
+            # and fetches the weights (this is the only place anything may be downloaded).
+            clip = open_clip.create_model(cfg.model_name, pretrained=spec)
+            visual = clip.visual
+            del clip
+        else:
+            arch = open_clip.get_model_config(cfg.model_name)
+            visual = _build_vision_tower(arch["embed_dim"], cfg.resolved(), quick_gelu=arch.get("quick_gelu", False))
+            if spec:
+                self._load_local(visual, spec)
+            elif load_weights:
+                warnings.warn(
+                    f"vision.pretrained is null: the {cfg.model_name} image encoder is randomly initialised "
+                    "(fine for tests and toy runs; set vision.pretrained to a tag or a local file to use CLIP)",
+                    stacklevel=2,
+                )
+        # We use the patch tokens, not the pooled contrastive embedding: drop the unused projection so
+        # that every trainable parameter receives a gradient (DDP requires it).
+        visual.proj = None
+        visual.output_tokens = True
+        self.visual = visual
+        self.width = visual.ln_post.normalized_shape[0]
+        grid = visual.grid_size
+        self.num_patches = grid[0] * grid[1]
+        self.image_size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
+        self.freeze(cfg.trainable_blocks)
+
+    @staticmethod
+    def _load_local(visual: nn.Module, path: str) -> None:
+        sd = load_state_dict_file(path)
+        if any(k.startswith("visual.") for k in sd):  # a full CLIP checkpoint: keep the image tower
+            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        sd.pop("proj", None)
+        own = visual.state_dict()
+        own.pop("proj", None)
+        missing = sorted(set(own) - set(sd))
+        if missing:
+            raise ValueError(f"{path}: not a {type(visual).__name__} checkpoint; missing keys {missing[:5]}...")
+        visual.load_state_dict(sd, strict=False)
+
+    def freeze(self, trainable_blocks: int) -> None:
+        """Freeze everything but the last `trainable_blocks` transformer blocks and the final norm."""
+        blocks = self.visual.transformer.resblocks
+        self.n_frozen_blocks = len(blocks) - trainable_blocks
+        for p in self.visual.parameters():
+            p.requires_grad_(False)
+        if trainable_blocks > 0:
+            for blk in blocks[self.n_frozen_blocks:]:
+                blk.requires_grad_(True)
+            self.visual.ln_post.requires_grad_(True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W), CLIP-normalised -> patch tokens (N, num_patches, width)."""
+        v = self.visual
+        blocks = v.transformer.resblocks
+        # The frozen part needs no activations kept for backward: run it without autograd.
+        with torch.no_grad():
+            x = v._embeds(images)  # (N, 1 + P, W), class token first
+            for blk in blocks[: self.n_frozen_blocks]:
+                x = blk(x)
+        for blk in blocks[self.n_frozen_blocks:]:
+            x = blk(x)
+        _, tokens = v._pool(x)  # ln_post, then drop the class token -> (N, P, W)
+        return tokens

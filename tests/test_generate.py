@@ -1,0 +1,118 @@
+import itertools
+
+import pytest
+import torch
+from _tiny import make_row, random_images, tiny_model
+
+from kosmos.generate import GenerationConfig, Prompt, filter_logits, generate
+
+
+def _prompt(model, before, n_images, after, seed):
+    ids, mask = make_row(model, before, n_images, after, seed=seed)
+    imgs = random_images(model, n_images, seed=seed) if n_images else None
+    return Prompt(ids=ids[0].tolist(), image_mask=mask[0].tolist(), images=imgs)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "torchscale"])
+def test_cached_greedy_equals_uncached(attention):
+    model = tiny_model(f"decoder.attention={attention}")
+    prompt = _prompt(model, 3, 1, 4, seed=0)
+    gen = GenerationConfig(max_new_tokens=24)
+    cached = generate(model, [prompt], gen)
+    uncached = generate(model, [prompt], GenerationConfig(max_new_tokens=24, use_cache=False))
+    assert len(cached[0]) == 24
+    assert cached == uncached
+
+
+def test_cache_prefill_keeps_the_whole_prompt():
+    # The trap: without is_first_step torchscale's cache keeps only the last prompt token. Two prompts
+    # that share only their last token must then continue differently.
+    model = tiny_model()
+    a = Prompt(ids=[2, 11, 12, 13, 14, 15])
+    b = Prompt(ids=[2, 91, 92, 93, 94, 15])
+    out = generate(model, [a, b], GenerationConfig(max_new_tokens=8))
+    assert out[0] != out[1]
+
+
+def test_batch_of_different_lengths_matches_one_by_one():
+    model = tiny_model()
+    prompts = [_prompt(model, 2, 1, 3, seed=1), _prompt(model, 7, 2, 1, seed=2), Prompt(ids=[2, 40, 41])]
+    gen = GenerationConfig(max_new_tokens=12)
+    batched = generate(model, prompts, gen)
+    alone = [generate(model, [p], gen)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_stock_attention_falls_back_for_padded_batches():
+    model = tiny_model("decoder.attention=torchscale")
+    prompts = [Prompt(ids=[2, 40, 41, 42, 43]), Prompt(ids=[2, 50])]
+    gen = GenerationConfig(max_new_tokens=6)
+    assert generate(model, prompts, gen) == [generate(model, [p], gen)[0] for p in prompts]
+
+
+def test_stops_at_eos():
+    model = tiny_model()
+    prompt = _prompt(model, 3, 1, 2, seed=3)
+    free = generate(model, [prompt], GenerationConfig(max_new_tokens=10))[0]
+    eos = free[4]
+    stopped = generate(model, [prompt], GenerationConfig(max_new_tokens=10, eos_id=eos))[0]
+    assert stopped == free[: free.index(eos)]
+
+
+def test_sampling_controls():
+    model = tiny_model()
+    prompt = _prompt(model, 2, 1, 2, seed=4)
+    greedy = generate(model, [prompt], GenerationConfig(max_new_tokens=8))
+    assert generate(model, [prompt], GenerationConfig(max_new_tokens=8, do_sample=True, top_k=1)) == greedy
+    assert generate(model, [prompt], GenerationConfig(max_new_tokens=8, do_sample=True, top_p=1e-6)) == greedy
+    hot = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=5.0)
+    s1 = generate(model, [prompt], hot, generator=torch.Generator().manual_seed(0))
+    s2 = generate(model, [prompt], hot, generator=torch.Generator().manual_seed(0))
+    s3 = generate(model, [prompt], hot, generator=torch.Generator().manual_seed(1))
+    assert s1 == s2 and s1 != greedy and s1 != s3
+
+
+def test_filter_logits():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, :2]).all()
+    assert torch.isfinite(filter_logits(logits, top_k=2)[0, 2:]).all()
+    p = logits.softmax(-1)[0]  # 0.032, 0.087, 0.237, 0.644
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7)[0])
+    assert kept.tolist() == [False, False, True, True]
+    assert p[3] < 0.7 <= p[3] + p[2]
+
+
+def test_beam_search_with_all_beams_is_exhaustive():
+    # With as many beams as the vocabulary and 2 steps, beam search must find the best 2-token sequence.
+    model = tiny_model("decoder.vocab_size=12")
+    prompt = Prompt(ids=[2, 7, 8, 9])
+    best = generate(model, [prompt], GenerationConfig(max_new_tokens=2, num_beams=12, length_penalty=0.0))[0]
+    ids = torch.tensor([prompt.ids])
+    scores = {}
+    with torch.no_grad():
+        model.eval()
+        for a, b in itertools.product(range(12), repeat=2):
+            seq = torch.cat([ids, torch.tensor([[a, b]])], 1)
+            logp = model(seq).logits.log_softmax(-1)
+            scores[(a, b)] = (logp[0, -3, a] + logp[0, -2, b]).item()
+    assert tuple(best) == max(scores, key=scores.get)
+    # ...and cached and uncached beam search agree
+    gen = GenerationConfig(max_new_tokens=5, num_beams=3)
+    assert generate(model, [prompt], gen) == generate(model, [prompt], GenerationConfig(
+        max_new_tokens=5, num_beams=3, use_cache=False))
+
+
+def test_several_images_in_one_prompt():
+    model = tiny_model()
+    p = _prompt(model, 2, 3, 2, seed=5)
+    gen = GenerationConfig(max_new_tokens=10)
+    assert generate(model, [p], gen) == generate(model, [p], GenerationConfig(max_new_tokens=10, use_cache=False))
+    # each image reaches the prediction: changing only the middle one moves the next-token logits
+    p2 = Prompt(ids=p.ids, image_mask=p.image_mask, images=p.images.clone())
+    p2.images[1] = random_images(model, 1, seed=99)[0]
+    model.eval()
+    with torch.no_grad():
+        ids, mask = torch.tensor([p.ids]), torch.tensor([p.image_mask])
+        a = model(ids, p.images, mask).logits[0, -1]
+        b = model(ids, p2.images, mask).logits[0, -1]
+    assert not torch.allclose(a, b, atol=1e-4)
