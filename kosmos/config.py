@@ -15,7 +15,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,53 @@ class TokenizerConfig:
     """Directory holding tokenizer.model and tokenizer_config.json."""
 
 
+SOURCES = ("text", "captions", "interleaved")
+
+
+@dataclass
+class SourceConfig:
+    """One training source: its shards and its share of each optimizer step."""
+
+    shards: list[str] = field(default_factory=list)
+    """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`)."""
+    eval_shards: list[str] = field(default_factory=list)
+    """Held-out shards for periodic evaluation (same forms as `shards`)."""
+    tokens_per_step: int = 0
+    """Token budget of this source per optimizer step, all ranks together (0 leaves the source out)."""
+    micro_batch_size: int = 8
+    """Packed rows per forward pass."""
+    workers: int = 2
+    """DataLoader worker processes for this source, per rank."""
+    shuffle_buffer: int = 1000
+    """Samples held by each worker's shuffle buffer (0: no shuffling beyond the shard order)."""
+
+
+@dataclass
+class DataConfig:
+    """The three sources, mixed by token budget per step (the paper: 0.5M text, 0.5M image-caption,
+    0.2M interleaved tokens of each 1.2M-token batch)."""
+
+    text: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=500_000))
+    """Text corpora: shards of `KEY.txt` documents."""
+    captions: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=500_000))
+    """Image-caption pairs: img2dataset-style `KEY.jpg` + `KEY.txt`."""
+    interleaved: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=200_000))
+    """Interleaved image-text documents: `KEY.json` segments + `KEY.imgN.jpg`."""
+
+    def __post_init__(self) -> None:
+        for name in SOURCES:
+            src = getattr(self, name)
+            _check(src.tokens_per_step >= 0, f"data.{name}.tokens_per_step", "must be >= 0")
+            _check(src.micro_batch_size > 0, f"data.{name}.micro_batch_size", "must be positive")
+            _check(src.workers >= 0, f"data.{name}.workers", "must be >= 0")
+            _check(src.shuffle_buffer >= 0, f"data.{name}.shuffle_buffer", "must be >= 0")
+
+    def sources(self) -> dict[str, SourceConfig]:
+        """The sources that take part: with shards and a positive budget."""
+        return {name: getattr(self, name) for name in SOURCES
+                if getattr(self, name).shards and getattr(self, name).tokens_per_step > 0}
+
+
 @dataclass
 class Config:
     """The whole run. Sections are added here as the project grows (data, optim, train)."""
@@ -187,6 +234,7 @@ class Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     """Random seed for initialisation and data order."""
 
@@ -252,15 +300,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys fail with a suggestion."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
+        if k not in fields:
+            close = difflib.get_close_matches(k, list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            valid = ", ".join(f"{prefix}{n}" for n in names)
+            valid = ", ".join(f"{prefix}{n}" for n in fields)
             raise ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {valid}")
+        f = fields[k]
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not MISSING:
+            # A partly given section keeps the defaults of the section it replaces (e.g. data.text's budget).
+            v = {**dataclasses.asdict(f.default_factory()), **v}
         kwargs[k] = _coerce(v, hints[k], key)
     try:
         return cls(**kwargs)

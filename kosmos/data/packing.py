@@ -1,0 +1,96 @@
+"""Packing samples into fixed-length rows, "full-sentence" style (DESIGN.md, "The sequence").
+
+* Whole samples fill a row one after another; when the next sample does not fit in what is left, the row
+  is closed and padded at its tail, and the sample starts the next row.
+* A document longer than a row fills the rest of the current row and goes on in the next rows.
+* An image span `<image> [slots] </image>` is never cut: a cut that would fall inside one moves before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kosmos.data.samples import Encoded
+from kosmos.model import IGNORE_INDEX
+
+
+@dataclass
+class Row:
+    ids: list[int] = field(default_factory=list)
+    image_mask: list[bool] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+    n_real: int = 0
+    """Tokens before the tail padding."""
+    starts: list[tuple[int, int]] = field(default_factory=list)
+    """Positions of the samples whose first token is in this row."""
+
+
+class Packer:
+    def __init__(self, max_len: int, num_latents: int, pad_id: int):
+        self.max_len, self.pad_id = max_len, pad_id
+        self.span = num_latents + 2  # <image> + slots + </image>
+        if self.span > max_len:
+            raise ValueError(f"an image span ({self.span} tokens) does not fit in a row of {max_len}")
+
+    def _safe_cut(self, item: Encoded, end: int) -> int:
+        for s in item.image_starts:
+            if s < end < s + self.span:
+                return s
+        return end
+
+    def _put(self, row: Row, item: Encoded, end: int) -> None:
+        start = item.start
+        if start == 0:
+            row.starts.append(item.pos)
+        row.ids += item.ids[start:end]
+        row.image_mask += item.image_mask[start:end]
+        row.images += [img for s, img in zip(item.image_starts, item.images) if start <= s < end]
+        item.start = end
+
+    def _close(self, row: Row) -> Row:
+        row.n_real = len(row.ids)
+        pad = self.max_len - row.n_real
+        row.ids += [self.pad_id] * pad
+        row.image_mask += [False] * pad
+        return row
+
+    def pack(self, items: Iterable[Encoded]) -> Iterator[tuple[Row, Encoded | None]]:
+        """Yield (row, carry): each finished row, and the sample the next row starts with (its `start` says
+        how much of it earlier rows took) or None. `carry` is what a resumed packer must begin with."""
+        row = Row()
+        for item in items:
+            while item.start < len(item.ids):
+                rest = len(item.ids) - item.start
+                space = self.max_len - len(row.ids)
+                if rest <= space:
+                    self._put(row, item, len(item.ids))
+                elif rest <= self.max_len and row.ids:
+                    yield self._close(row), item  # fits in a fresh row: start one with it
+                    row = Row()
+                else:  # longer than a row: fill this one up to a safe cut, go on in the next
+                    self._put(row, item, self._safe_cut(item, item.start + space))
+                    yield self._close(row), item
+                    row = Row()
+        if row.ids:
+            yield self._close(row), None
+
+
+def collate(rows: list[Row]) -> dict[str, torch.Tensor]:
+    """Rows -> a micro-batch: ids, labels (IGNORE_INDEX at image slots and padding), masks, uint8 images."""
+    ids = torch.tensor([r.ids for r in rows], dtype=torch.long)  # (B, L)
+    image_mask = torch.tensor([r.image_mask for r in rows], dtype=torch.bool)
+    L = ids.shape[1]
+    n_real = torch.tensor([r.n_real for r in rows])
+    padding_mask = torch.arange(L)[None, :] >= n_real[:, None]
+    labels = ids.masked_fill(image_mask | padding_mask, IGNORE_INDEX)
+    images = [img for r in rows for img in r.images]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "image_mask": image_mask,
+        "padding_mask": padding_mask,
+        "images": torch.stack(images) if images else torch.zeros((0, 3, 1, 1), dtype=torch.uint8),
+    }

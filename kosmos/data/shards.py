@@ -1,0 +1,75 @@
+"""Shard lists and shard reading.
+
+Tar members are read and grouped into samples by webdataset's own tar iterator (`KEY.ext` members with
+the same KEY form one sample; `KEY.img0.jpg` gives the field `img0.jpg`). Which worker reads which shard,
+in which order, and where it stands, is decided here and in `stream.py`, because that position must be
+saved and restored exactly (webdataset's own shuffling and resampling cannot resume).
+
+A sample's position is `(shard, offset)`: the index of its shard in the sorted shard list and its index
+among the samples of that shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Paths of the shards named by files, directories (their `*.tar`), globs and brace patterns;
+    sorted, without duplicates. A pattern that matches nothing is an error naming it."""
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for pattern in patterns:
+        found: list[str] = []
+        for item in braceexpand(str(pattern)):
+            p = Path(item)
+            if p.is_dir():
+                found += sorted(str(x) for x in p.glob("*.tar"))
+            elif any(ch in item for ch in "*?["):
+                found += sorted(glob.glob(item))
+            elif p.is_file():
+                found.append(str(p))
+        if not found:
+            raise FileNotFoundError(f"no shards found for {pattern!r}")
+        out += found
+    return sorted(dict.fromkeys(os.path.normpath(p) for p in out))
+
+
+def read_shard(path: str, skipped: Counter, max_offset: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(offset, raw sample) for each sample of the shard, in order; a broken or truncated tar ends the shard
+    early and is counted in `skipped` (a sample cut by the break comes out incomplete and is rejected when
+    decoded). Stops after `max_offset` when given."""
+    from webdataset.tariterators import tarfile_samples
+
+    def handler(exn: Exception) -> bool:
+        msg = str(exn)
+        skipped["duplicate_member" if "duplicate" in msg else "broken_shard"] += 1
+        return True  # skip and go on
+
+    try:
+        for offset, sample in enumerate(tarfile_samples([{"url": path}], handler=handler)):
+            yield offset, sample
+            if max_offset is not None and offset >= max_offset:
+                return
+    except Exception:  # noqa: BLE001 - an unreadable shard is counted, never a crash mid-run
+        skipped["broken_shard"] += 1
+
+
+def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter) -> dict:
+    """The raw samples at `positions` ((shard, offset) pairs), read back from their shards; used to rebuild
+    a shuffle buffer or a packer's unfinished document on resume. Reads each shard only as far as needed."""
+    wanted: dict[int, set[int]] = {}
+    for shard, offset in positions:
+        wanted.setdefault(shard, set()).add(offset)
+    found: dict[tuple[int, int], dict] = {}
+    scratch: Counter = Counter()  # errors were already counted when these samples were first read
+    for shard, offsets in wanted.items():
+        for offset, sample in read_shard(shards[shard], scratch, max_offset=max(offsets)):
+            if offset in offsets:
+                found[(shard, offset)] = sample
+    return found

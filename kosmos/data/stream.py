@@ -1,0 +1,265 @@
+"""One source's stream: shards -> shuffled samples -> packed micro-batches, split over ranks and workers,
+with a position that is saved in every checkpoint and restored exactly.
+
+Who reads what. The G = world_size x workers global workers each get their own share: with at least G
+shards, global worker g reads shards order[g::G] whole (order: the sorted shard list, shuffled per epoch
+with the seed); with fewer shards than workers, every worker reads every shard and keeps the samples whose
+offset in the shard is g modulo G. Either way one pass gives every sample to exactly one worker. In
+training the stream is infinite (epoch after epoch, a new shard order each time); for evaluation it is one
+pass in the sorted order.
+
+The resume guarantee. Each micro-batch leaves its worker with that worker's state: the epoch, how far it
+has read (shard and sample offset), the positions of the samples in its shuffle buffer, the buffer's RNG
+state, and the sample the next row starts with (position and token offset). The main process keeps, per
+worker, the state of the last micro-batch it actually consumed, and which worker comes next. A resumed run
+(same world size and workers per rank) rebuilds every worker exactly there: the shuffle buffer is re-read
+from its positions, the unfinished document is re-read and cut at its offset, and DataLoader's round robin
+restarts at the saved next worker. So it yields exactly the micro-batches that the uninterrupted run would
+have yielded next: nothing consumed is replayed and nothing is skipped. Micro-batches that workers had
+prefetched but the trainer had not consumed are not part of the state; they are produced again.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kosmos.data.packing import Packer, Row, collate
+from kosmos.data.samples import BadSample, Encoded, encode_sample
+from kosmos.data.shards import read_positions, read_shard
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, state: list) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+class WorkerStream:
+    """One global worker's deterministic, resumable stream of encoded samples."""
+
+    def __init__(self, kind: str, shards: list[str], g: int, G: int, *, tokenizer, num_latents: int,
+                 image_size: int, seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0,
+                 state: dict | None = None):
+        self.kind, self.shards, self.g, self.G = kind, shards, g, G
+        self.tokenizer, self.num_latents, self.image_size = tokenizer, num_latents, image_size
+        self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
+        self.split_samples = len(shards) < G
+        self.rng = random.Random(f"kosmos-shuffle-{seed}-{g}")
+        self.skipped: Counter = Counter()
+        self.epoch, self.k, self.offset = 0, 0, -1  # reading cursor: epoch, index in this epoch's order, offset
+        self.buffer: list[tuple[tuple[int, int], dict]] = []
+        self.n_samples = 0
+        self.carry: Encoded | None = None
+        if state is not None:
+            self._restore(state)
+
+    # ------------------------------------------------------------------ order and reading
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.infinite:
+            random.Random(f"kosmos-shards-{self.seed}-{epoch}").shuffle(order)
+        return order if self.split_samples else order[self.g :: self.G]
+
+    def _raw(self) -> Iterator[tuple[tuple[int, int], dict]]:
+        """(position, raw sample) from the cursor on, advancing it."""
+        while True:
+            order = self._order(self.epoch)
+            got = 0
+            while self.k < len(order):
+                shard = order[self.k]
+                for offset, raw in read_shard(self.shards[shard], self.skipped):
+                    if offset <= self.offset or (self.split_samples and offset % self.G != self.g):
+                        continue
+                    self.offset = offset
+                    got += 1
+                    yield (shard, offset), raw
+                self.k, self.offset = self.k + 1, -1
+            if not self.infinite:
+                return
+            if got == 0 and self.n_samples == 0:
+                raise RuntimeError(
+                    f"{self.kind}: worker {self.g} of {self.G} found no samples in a whole pass over "
+                    f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
+                    f"the shards with `python -m data_tools.verify`")
+            self.epoch, self.k, self.offset = self.epoch + 1, 0, -1
+
+    def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
+        for item in self._raw():
+            if self.buffer_size <= 1:
+                yield item
+                continue
+            self.buffer.append(item)
+            if len(self.buffer) >= self.buffer_size:
+                yield self._pop()
+        while self.buffer:
+            yield self._pop()
+
+    def _pop(self):
+        i = self.rng.randrange(len(self.buffer))
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self.buffer.pop()
+
+    def _encode(self, pos, raw) -> Encoded | None:
+        try:
+            return encode_sample(self.kind, raw, pos, self.tokenizer, self.num_latents, self.image_size)
+        except BadSample as e:
+            self.skipped[e.reason] += 1
+            return None
+
+    def encoded(self) -> Iterator[Encoded]:
+        """Encoded samples: first the unfinished document of a restored state, then the stream."""
+        if self.carry is not None:  # already counted before the checkpoint
+            carry, self.carry = self.carry, None
+            yield carry
+        for pos, raw in self._shuffled():
+            item = self._encode(pos, raw)
+            if item is not None:
+                self.n_samples += 1
+                yield item
+
+    # ------------------------------------------------------------------ state
+
+    def state(self, carry: Encoded | None) -> dict:
+        return {
+            "epoch": self.epoch, "k": self.k, "offset": self.offset,
+            "buffer": [list(pos) for pos, _ in self.buffer],
+            "rng": _rng_state(self.rng),
+            "carry": [carry.pos[0], carry.pos[1], carry.start] if carry is not None else None,
+            "skipped": dict(self.skipped), "samples": self.n_samples,
+        }
+
+    def _restore(self, st: dict) -> None:
+        self.epoch, self.k, self.offset = st["epoch"], st["k"], st["offset"]
+        _set_rng_state(self.rng, st["rng"])
+        self.skipped = Counter(st["skipped"])
+        self.n_samples = st["samples"]
+        wanted = [tuple(p) for p in st["buffer"]]
+        if st["carry"] is not None:
+            wanted.append((st["carry"][0], st["carry"][1]))
+        raw = read_positions(self.shards, wanted, Counter())
+        missing = [p for p in wanted if p not in raw]
+        if missing:
+            raise RuntimeError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
+                               "(were the shards changed since the checkpoint?)")
+        self.buffer = [(p, raw[p]) for p in map(tuple, st["buffer"])]
+        if st["carry"] is not None:
+            shard, offset, start = st["carry"]
+            item = self._encode((shard, offset), raw[(shard, offset)])
+            if item is None:
+                raise RuntimeError(f"{self.kind}: cannot resume: sample {(shard, offset)} no longer decodes")
+            item.start = start
+            self.carry = item
+
+
+class SourceDataset(IterableDataset):
+    """Packed micro-batches of one source for one rank; each carries its worker's state."""
+
+    def __init__(self, kind: str, shards: list[str], tokenizer, *, max_len: int, num_latents: int,
+                 image_size: int, micro_batch_size: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, infinite: bool = True):
+        super().__init__()
+        if not shards:
+            raise ValueError(f"{kind}: no shards")
+        self.kind, self.shards, self.tokenizer = kind, list(shards), tokenizer
+        self.max_len, self.num_latents, self.image_size = max_len, num_latents, image_size
+        self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
+        self.states: dict[int, dict] = {}  # logical worker -> state to resume from
+        self.worker_offset = 0  # physical worker 0 plays this logical worker (DataLoader starts at 0)
+
+    def worker_stream(self, logical: int) -> WorkerStream:
+        nw = max(1, self.num_workers)
+        return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
+                            tokenizer=self.tokenizer, num_latents=self.num_latents, image_size=self.image_size,
+                            seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
+                            state=self.states.get(logical))
+
+    def __iter__(self):
+        info = get_worker_info()
+        nw = max(1, self.num_workers)
+        if info is not None and info.num_workers != nw:
+            raise RuntimeError(f"SourceDataset built for {nw} workers runs under {info.num_workers}")
+        logical = ((info.id if info else 0) + self.worker_offset) % nw
+        stream = self.worker_stream(logical)
+        packer = Packer(self.max_len, self.num_latents, self.tokenizer.pad_id)
+        rows: list[Row] = []
+        for row, carry in packer.pack(stream.encoded()):
+            rows.append(row)
+            if len(rows) == self.micro_batch_size:
+                yield self._batch(rows, stream, carry, logical)
+                rows = []
+        if rows:  # the end of a finite pass: a last, smaller micro-batch
+            yield self._batch(rows, stream, None, logical)
+
+    def _batch(self, rows: list[Row], stream: WorkerStream, carry: Encoded | None, logical: int) -> dict:
+        batch = collate(rows)
+        batch["n_real"] = torch.tensor(sum(r.n_real for r in rows))
+        batch["sample_positions"] = [pos for r in rows for pos in r.starts]
+        batch["state"] = stream.state(carry)
+        batch["worker"] = logical
+        return batch
+
+
+class SourceLoader:
+    """A DataLoader over a SourceDataset that remembers, per worker, the state of the last micro-batch
+    handed to the trainer, so that `state_dict()` is exactly the position of what was consumed."""
+
+    def __init__(self, dataset: SourceDataset, prefetch_factor: int = 2):
+        self.dataset = dataset
+        self.num_workers = dataset.num_workers
+        self.prefetch_factor = prefetch_factor
+        self.states: dict[int, dict] = dict(dataset.states)
+        self.next_worker = dataset.worker_offset
+        self._it = None
+
+    def __iter__(self):
+        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
+        nw = max(1, self.num_workers)
+        for batch in loader:
+            w = batch.pop("worker")
+            self.states[w] = batch.pop("state")
+            self.next_worker = (w + 1) % nw
+            yield batch
+
+    def __next__(self):
+        if self._it is None:
+            self._it = iter(self)
+        return next(self._it)
+
+    def skipped(self) -> Counter:
+        """Bad samples skipped so far, by reason, over this rank's workers."""
+        total: Counter = Counter()
+        for st in self.states.values():
+            total.update(st["skipped"])
+        return total
+
+    def samples_seen(self) -> int:
+        return sum(st["samples"] for st in self.states.values())
+
+    def state_dict(self) -> dict:
+        return {"kind": self.dataset.kind, "world_size": self.dataset.world_size, "num_workers": self.num_workers,
+                "next_worker": self.next_worker, "workers": {str(k): v for k, v in self.states.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        ds = self.dataset
+        if (sd["world_size"], sd["num_workers"]) != (ds.world_size, self.num_workers):
+            raise ValueError(
+                f"{ds.kind}: the data position was saved with world_size={sd['world_size']} and "
+                f"{sd['num_workers']} workers per rank, but this run has world_size={ds.world_size} and "
+                f"{self.num_workers}; resume with the same layout (or start the data from scratch)")
+        self.states = {int(k): v for k, v in sd["workers"].items()}
+        self.next_worker = sd["next_worker"]
+        ds.states = dict(self.states)
+        ds.worker_offset = self.next_worker
+        self._it = None
