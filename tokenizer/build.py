@@ -259,7 +259,8 @@ def _train_error(message: str, vocab_size: int, n_lines: int, character_coverage
             f"at --character-coverage {character_coverage}, specials and byte pieces included; "
             "raise --vocab-size or lower --character-coverage"
         )
-    detail = message.split("] ", 1)[-1].splitlines()[0] if message else "unknown error"
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    detail = first.split("] ", 1)[1] if "] " in first else first  # drop "INTERNAL: src/x.cc(94) [...]"
     return BuildError(f"SentencePiece training failed: {detail}")
 
 
@@ -357,8 +358,8 @@ def build_tokenizer(
             f"--vocab-size {vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
             f"({len(SPECIAL_TOKENS)} special tokens + {N_BYTE_PIECES} byte pieces + 1)"
         )
-    if not 0.0 < character_coverage <= 1.0:
-        raise BuildError(f"--character-coverage must be in (0, 1], got {character_coverage}")
+    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own bounds
+        raise BuildError(f"--character-coverage must be in [0.98, 1], got {character_coverage}")
     if sample_sentences < 1:
         raise BuildError(f"--sample-sentences must be positive, got {sample_sentences}")
     if not inputs:

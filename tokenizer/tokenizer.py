@@ -19,7 +19,8 @@ symbols (``<grounding>`` first, at id ``vocab_size``).
 
 Text is not normalised: no NFKC, no whitespace collapsing, no dummy prefix space, so
 ``decode(encode(t)) == t`` for every string and encoding is concatenative:
-``decode(encode(a) + encode(b)) == a + b``.
+``decode(encode(a) + encode(b)) == a + b``. (A literal "▁", SentencePiece's own space mark, is
+encoded as its UTF-8 bytes so that it too comes back unchanged.)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ GROUNDING_TOKENS: tuple[str, ...] = (
     *(f"<patch_index_{i:04d}>" for i in range(1024)),
 )
 """KOSMOS-2's location vocabulary (a 32x32 grid of patch indices), appended after the base vocab."""
+
+SPACE_MARK = "\u2581"  # "▁", SentencePiece's stand-in for a space inside pieces
 
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
@@ -115,6 +118,8 @@ class KosmosTokenizer:
         """Token ids of ``text``; never a special id except the ``<s>``/``</s>`` asked for."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__} (use encode_batch for lists)")
+        if SPACE_MARK in text:
+            return self._encode_with_space_marks(text, bos, eos)
         return self._sp.encode(text, add_bos=bos, add_eos=eos)
 
     def encode_batch(
@@ -124,7 +129,22 @@ class KosmosTokenizer:
         texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode_batch takes a sequence of str")
-        return self._sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads)
+        out = self._sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads)
+        for k, text in enumerate(texts):
+            if SPACE_MARK in text:
+                out[k] = self._encode_with_space_marks(text, bos, eos)
+        return out
+
+    def _encode_with_space_marks(self, text: str, bos: bool, eos: bool) -> list[int]:
+        """Encode text holding a literal U+2581: SentencePiece would read it as a space, so each one
+        is spelled as its three UTF-8 byte pieces (decode turns those back into U+2581)."""
+        marks = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")]
+        ids = [self.bos_id] if bos else []
+        for k, part in enumerate(text.split(SPACE_MARK)):
+            if k:
+                ids += marks
+            ids += self._sp.encode(part)
+        return ids + [self.eos_id] if eos else ids
 
     # --- decoding ---------------------------------------------------------------------------
 
