@@ -405,7 +405,8 @@ def build_tokenizer(
     vocab = "".join(f"{tok.id_to_token(i)}\t{tok._sp.get_score(i):g}\n" for i in range(len(tok)))
     _write_atomic(out / MODEL_FILE, proto)
     _write_atomic(out / VOCAB_FILE, vocab.encode("utf-8"))
-    _write_atomic(out / CONFIG_FILE, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    config_text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    _write_atomic(out / CONFIG_FILE, config_text.encode("utf-8"))
     if not quiet:
         print(f"tokenizer.build: wrote {out}/{{{MODEL_FILE},{VOCAB_FILE},{CONFIG_FILE}}}: {len(tok)} ids "
               f"(trained in {train_seconds:.1f} s)", file=sys.stderr)

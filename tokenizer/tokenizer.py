@@ -151,15 +151,22 @@ class KosmosTokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids``. Special ids come out as their names ("<image>"), or not at all with
         ``skip_special``. Accepts any iterable of ints (a list, a 1-D tensor or array)."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= len(self)):
-            bad = next(i for i in ids if not 0 <= i < len(self))
-            raise IndexError(f"token id {bad} is out of range for a vocabulary of {len(self)}")
-        special = self._special
-        if special.keys().isdisjoint(ids):
-            return self._sp.decode(ids)
+        if type(ids) is not list:
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        try:
+            if self._special.keys().isdisjoint(ids):
+                return self._sp.decode(ids)
+            return self._decode_with_specials(ids, skip_special)
+        except (IndexError, TypeError):
+            bad = next((i for i in ids if not (isinstance(i, int) and 0 <= i < len(self))), None)
+            if bad is None:
+                raise
+            raise IndexError(f"token id {bad!r} is not in range(0, {len(self)})") from None
+
+    def _decode_with_specials(self, ids: list[int], skip_special: bool) -> str:
         # Decode each run of ordinary ids with SentencePiece (so byte pieces merge back into
         # characters) and put the special tokens' names between the runs.
+        special = self._special
         parts: list[str] = []
         run: list[int] = []
         for i in ids:
