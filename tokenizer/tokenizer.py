@@ -83,7 +83,7 @@ class KosmosTokenizer:
         if ids != list(range(len(SPECIAL_TOKENS))) or not all(
             sp.is_control(i) or sp.is_unknown(i) for i in ids
         ):
-            found = {t: sp.id_to_piece(i) for t, i in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS)))}
+            found = tuple(sp.id_to_piece(i) for i in range(min(len(SPECIAL_TOKENS), sp.get_piece_size())))
             raise ValueError(
                 f"not a KOSMOS tokenizer: ids 0-5 must be the special tokens {SPECIAL_TOKENS}, got {found}"
             )
@@ -95,8 +95,7 @@ class KosmosTokenizer:
         }
         self.special_ids: dict[str, int] = {piece: i for i, piece in self._special.items()}
         """Name -> id of every special token (the six above and, with grounding, KOSMOS-2's)."""
-        first = self.special_ids.get(GROUNDING_TOKENS[0])
-        self.grounding_start: int | None = first
+        self.grounding_start: int | None = self.special_ids.get(GROUNDING_TOKENS[0])
         """Id of ``<grounding>`` (the first location token), or None without ``--grounding``."""
 
     @classmethod
