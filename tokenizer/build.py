@@ -61,10 +61,15 @@ class InputStats:
 
     path: str
     bytes: int
+    """Size on disk (compressed size for .gz)."""
     documents: int = 0
+    """Documents read: jsonl objects, tar KEY.txt members, lines of a .txt."""
     lines: int = 0
+    """Non-blank lines offered to the sample (long lines count once per chunk)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Reason ("not utf-8", "not json", "no text field", "broken tar") -> count."""
+    errors: list[str] = field(default_factory=list)
+    """Details of read errors (what broke a tar)."""
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
@@ -131,7 +136,8 @@ def _read_documents(
                                 yield text
                             progress()
             except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
-                stats.skip(f"broken tar ({e})")  # keep the documents read before the damage
+                stats.skip("broken tar")  # keep the documents read before the damage
+                stats.errors.append(f"broken tar after {stats.documents} documents: {e}")
         else:
             stream = gzip.open(raw) if name.endswith(".gz") else raw
             jsonl = name.endswith((".jsonl", ".jsonl.gz"))
@@ -222,7 +228,8 @@ def sample_lines(
     for st in stats:
         if st.skipped and not quiet:
             reasons = ", ".join(f"{n} {why}" for why, n in st.skipped.items())
-            print(f"tokenizer.build: {st.path}: skipped {reasons}", file=sys.stderr)
+            details = f" ({'; '.join(st.errors)})" if st.errors else ""
+            print(f"tokenizer.build: {st.path}: skipped {reasons}{details}", file=sys.stderr)
     if not reservoir.items:
         why = [f"{st.path} ({', '.join(f'{n} {r}' for r, n in st.skipped.items())})" if st.skipped
                else st.path for st in stats]
@@ -405,7 +412,8 @@ def build_tokenizer(
     vocab = "".join(f"{tok.id_to_token(i)}\t{tok._sp.get_score(i):g}\n" for i in range(len(tok)))
     _write_atomic(out / MODEL_FILE, proto)
     _write_atomic(out / VOCAB_FILE, vocab.encode("utf-8"))
-    _write_atomic(out / CONFIG_FILE, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    config_text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    _write_atomic(out / CONFIG_FILE, config_text.encode("utf-8"))
     if not quiet:
         print(f"tokenizer.build: wrote {out}/{{{MODEL_FILE},{VOCAB_FILE},{CONFIG_FILE}}}: {len(tok)} ids "
               f"(trained in {train_seconds:.1f} s)", file=sys.stderr)
@@ -420,7 +428,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m tokenizer.build",
         description="Train a SentencePiece tokenizer with the KOSMOS special tokens "
         "(<pad> 0, <unk> 1, <s> 2, </s> 3, <image> 4, </image> 5) on your corpus.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="corpus files (.txt one sentence per line; .jsonl/.jsonl.gz one JSON object "
@@ -429,23 +436,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folder for tokenizer.model, tokenizer.vocab and tokenizer_config.json")
     parser.add_argument("--vocab-size", type=int, default=PAPER_VOCAB_SIZE,
                         help="ids in the vocabulary, the special tokens and 256 byte pieces included "
-                        "(KOSMOS-1 used 64007)")
+                        "(default %(default)s, as in KOSMOS-1)")
     parser.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram",
-                        help="SentencePiece algorithm")
+                        help="SentencePiece algorithm (default %(default)s)")
     parser.add_argument("--character-coverage", type=float, default=0.9995,
                         help="share of character occurrences that get their own piece; rarer characters "
-                        "are spelled as UTF-8 byte pieces")
+                        "are spelled as UTF-8 byte pieces; 0.98 to 1 (default %(default)s)")
     parser.add_argument("--sample-sentences", type=int, default=2_000_000, metavar="N",
                         help="train on a uniform random sample of at most N lines of the corpus "
-                        "(bounds memory: the corpus is streamed, never loaded whole)")
+                        "(default %(default)s; bounds memory: the corpus is streamed, never loaded whole)")
     parser.add_argument("--text-field", default="text",
-                        help="the field of each jsonl object that holds the document text")
+                        help="the field of each jsonl object that holds the document text (default %(default)s)")
     parser.add_argument("--grounding", action="store_true",
                         help="append KOSMOS-2's 1030 location tokens (<grounding>, <phrase>, ..., "
                         "<patch_index_1023>) after the vocabulary, starting at id --vocab-size")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the line sample and of training")
-    parser.add_argument("--num-threads", type=int, default=None,
-                        help="training threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the line sample and of training (default %(default)s)")
+    parser.add_argument("--num-threads", type=int, default=0,
+                        help="training threads (default: 0, all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     return parser.parse_args(argv)
 

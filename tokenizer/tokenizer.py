@@ -83,7 +83,7 @@ class KosmosTokenizer:
         if ids != list(range(len(SPECIAL_TOKENS))) or not all(
             sp.is_control(i) or sp.is_unknown(i) for i in ids
         ):
-            found = {t: sp.id_to_piece(i) for t, i in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS)))}
+            found = tuple(sp.id_to_piece(i) for i in range(min(len(SPECIAL_TOKENS), sp.get_piece_size())))
             raise ValueError(
                 f"not a KOSMOS tokenizer: ids 0-5 must be the special tokens {SPECIAL_TOKENS}, got {found}"
             )
@@ -95,8 +95,7 @@ class KosmosTokenizer:
         }
         self.special_ids: dict[str, int] = {piece: i for i, piece in self._special.items()}
         """Name -> id of every special token (the six above and, with grounding, KOSMOS-2's)."""
-        first = self.special_ids.get(GROUNDING_TOKENS[0])
-        self.grounding_start: int | None = first
+        self.grounding_start: int | None = self.special_ids.get(GROUNDING_TOKENS[0])
         """Id of ``<grounding>`` (the first location token), or None without ``--grounding``."""
 
     @classmethod
@@ -151,15 +150,22 @@ class KosmosTokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids``. Special ids come out as their names ("<image>"), or not at all with
         ``skip_special``. Accepts any iterable of ints (a list, a 1-D tensor or array)."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        if ids and (min(ids) < 0 or max(ids) >= len(self)):
-            bad = next(i for i in ids if not 0 <= i < len(self))
-            raise IndexError(f"token id {bad} is out of range for a vocabulary of {len(self)}")
-        special = self._special
-        if special.keys().isdisjoint(ids):
-            return self._sp.decode(ids)
+        if type(ids) is not list:
+            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        try:
+            if self._special.keys().isdisjoint(ids):
+                return self._sp.decode(ids)
+            return self._decode_with_specials(ids, skip_special)
+        except (IndexError, TypeError):
+            bad = next((i for i in ids if not (isinstance(i, int) and 0 <= i < len(self))), None)
+            if bad is None:
+                raise
+            raise IndexError(f"token id {bad!r} is not in range(0, {len(self)})") from None
+
+    def _decode_with_specials(self, ids: list[int], skip_special: bool) -> str:
         # Decode each run of ordinary ids with SentencePiece (so byte pieces merge back into
         # characters) and put the special tokens' names between the runs.
+        special = self._special
         parts: list[str] = []
         run: list[int] = []
         for i in ids:

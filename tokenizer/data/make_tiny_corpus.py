@@ -31,7 +31,9 @@ RELATIONS = ["above", "below", "next to", "to the left of", "to the right of", "
 BACKGROUNDS = ["a white background", "a black background", "a grey background", "a blue background"]
 NUMBERS = ["two", "three", "four", "five", "six"]
 
-SUBJECTS = ["The cat", "A dog", "My friend", "The teacher", "Our neighbour", "The child", "A bird", "The farmer"]
+SUBJECTS = [
+    "The cat", "A dog", "My friend", "The teacher", "Our neighbour", "The child", "A bird", "The farmer",
+]
 VERBS = ["walked to", "looked at", "painted", "found", "cleaned", "visited", "opened", "carried"]
 OBJECTS = [
     "the old house", "a wooden box", "the blue door", "the garden", "a small boat", "the red car",
