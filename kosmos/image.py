@@ -24,7 +24,7 @@ def clip_resize_crop(image, size: int = 224) -> torch.Tensor:
     image = image.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
 def clip_normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -22,9 +22,8 @@ from torch import nn
 
 from kosmos.config import Config
 from kosmos.decoder import build_decoder
+from kosmos.sequence import IGNORE_INDEX
 from kosmos.vision import VisionEncoder
-
-IGNORE_INDEX = -100
 
 
 @dataclass

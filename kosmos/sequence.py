@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (image slots, padding)."""
+
 
 @dataclass
 class Sequence:

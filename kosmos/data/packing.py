@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmos.data.samples import Encoded
-from kosmos.model import IGNORE_INDEX
+from kosmos.sequence import IGNORE_INDEX
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Packer:
             yield self._close(row), None
 
 
-def collate(rows: list[Row]) -> dict[str, torch.Tensor]:
+def collate(rows: list[Row], image_size: int) -> dict[str, torch.Tensor]:
     """Rows -> a micro-batch: ids, labels (IGNORE_INDEX at image slots and padding), masks, uint8 images."""
     ids = torch.tensor([r.ids for r in rows], dtype=torch.long)  # (B, L)
     image_mask = torch.tensor([r.image_mask for r in rows], dtype=torch.bool)
@@ -92,5 +92,5 @@ def collate(rows: list[Row]) -> dict[str, torch.Tensor]:
         "labels": labels,
         "image_mask": image_mask,
         "padding_mask": padding_mask,
-        "images": torch.stack(images) if images else torch.zeros((0, 3, 1, 1), dtype=torch.uint8),
+        "images": torch.stack(images) if images else torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8),
     }

@@ -41,23 +41,49 @@ def expand_shards(patterns: list[str]) -> list[str]:
 
 
 def read_shard(path: str, skipped: Counter, max_offset: int | None = None) -> Iterator[tuple[int, dict]]:
-    """(offset, raw sample) for each sample of the shard, in order; a broken or truncated tar ends the shard
-    early and is counted in `skipped` (a sample cut by the break comes out incomplete and is rejected when
-    decoded). Stops after `max_offset` when given."""
-    from webdataset.tariterators import tarfile_samples
+    """(offset, raw sample) for each sample of the shard, in order. Members `KEY.ext` are grouped by KEY
+    with webdataset's naming rule. A broken or truncated tar ends the shard early and is counted in
+    `skipped`; the sample cut by the break comes out incomplete and is rejected (and counted) when decoded.
+    Stops after `max_offset` when given."""
+    import tarfile
 
-    def handler(exn: Exception) -> bool:
-        msg = str(exn)
-        skipped["duplicate_member" if "duplicate" in msg else "broken_shard"] += 1
-        return True  # skip and go on
+    from webdataset.tariterators import base_plus_ext
 
+    current: dict | None = None
+    offset = 0
     try:
-        for offset, sample in enumerate(tarfile_samples([{"url": path}], handler=handler)):
-            yield offset, sample
-            if max_offset is not None and offset >= max_offset:
-                return
-    except Exception:  # noqa: BLE001 - an unreadable shard is counted, never a crash mid-run
+        with open(path, "rb") as f:
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    key, ext = base_plus_ext(info.name)
+                    if key is None or info.name.startswith("__"):
+                        continue
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
+                    if current is not None and key != current["__key__"]:
+                        yield offset, current
+                        if max_offset is not None and offset >= max_offset:
+                            return
+                        offset, current = offset + 1, None
+                    if current is None:
+                        current = {"__key__": key, "__url__": path}
+                    ext = ext.lower()
+                    if ext in current:
+                        skipped["duplicate_member"] += 1
+                        continue
+                    current[ext] = data
+                    tar.members = []  # streaming: do not keep every header in memory
+            # tarfile stops quietly at a cut that falls on a member boundary; a complete archive ends
+            # with zero blocks.
+            if f.seek(0, 2) < 1024 or (f.seek(-1024, 2) and f.read(1024) != bytes(1024)):
+                skipped["truncated_shard"] += 1
+    except (tarfile.TarError, EOFError, OSError):
         skipped["broken_shard"] += 1
+    if current is not None:
+        yield offset, current
 
 
 def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter) -> dict:

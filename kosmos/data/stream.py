@@ -200,9 +200,11 @@ class SourceDataset(IterableDataset):
                 rows = []
         if rows:  # the end of a finite pass: a last, smaller micro-batch
             yield self._batch(rows, stream, None, logical)
+        else:  # no batch left, but the final counts (skipped samples) must still reach the main process
+            yield {"state": stream.state(None), "worker": logical, "empty": True}
 
     def _batch(self, rows: list[Row], stream: WorkerStream, carry: Encoded | None, logical: int) -> dict:
-        batch = collate(rows)
+        batch = collate(rows, self.image_size)
         batch["n_real"] = torch.tensor(sum(r.n_real for r in rows))
         batch["sample_positions"] = [pos for r in rows for pos in r.starts]
         batch["state"] = stream.state(carry)
@@ -230,7 +232,8 @@ class SourceLoader:
             w = batch.pop("worker")
             self.states[w] = batch.pop("state")
             self.next_worker = (w + 1) % nw
-            yield batch
+            if not batch.get("empty"):
+                yield batch
 
     def __next__(self):
         if self._it is None:
