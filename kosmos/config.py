@@ -227,6 +227,78 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW (8-bit, bitsandbytes) and the paper's schedule: linear warmup, then linear decay to zero."""
+
+    name: str = "adamw8bit"
+    """`adamw8bit` (bitsandbytes AdamW8bit, the paper's) or `adamw` (torch, fp32 states)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas."""
+    eps: float = 1e-6
+    """Adam epsilon."""
+    weight_decay: float = 0.01
+    """Weight decay; never applied to norms, biases or embeddings."""
+    warmup_steps: int = 375
+    """Linear warmup from 0 to `lr`."""
+    total_steps: int = 300_000
+    """The learning rate reaches 0 here (linear decay after the warmup)."""
+    grad_clip: float = 2.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("adamw8bit", "adamw"), "optim.name", f"must be adamw8bit or adamw, got {self.name!r}")
+        _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two numbers in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps", "must be positive")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.total_steps > self.warmup_steps, "optim.total_steps",
+               f"must exceed optim.warmup_steps={self.warmup_steps}, got {self.total_steps}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The training run: precision, logging, evaluation, checkpoints."""
+
+    output_dir: str = "runs/kosmos"
+    """Checkpoints (`checkpoints/step_XXXXXXXX/`), logs and the resolved config go here."""
+    max_steps: int | None = None
+    """Optimizer steps to run (null: optim.total_steps)."""
+    mixed_precision: str = "auto"
+    """`auto` (bf16 where the device supports it, else fp32), `bf16`, `fp16` or `no`."""
+    log_every: int = 10
+    """Steps between log lines (and tracker points)."""
+    eval_every: int = 1000
+    """Steps between evaluations on data.*.eval_shards (0: never)."""
+    eval_batches: int = 20
+    """Micro-batches per source per evaluation (at most; a pass ends sooner if the shards do)."""
+    save_every: int = 1000
+    """Steps between checkpoints (one is always written at the end and on SIGTERM/Ctrl-C)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted)."""
+    tracker: str = "tensorboard"
+    """`tensorboard`, `wandb` or `none`."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for the MFU figure (null: known GPUs are detected; otherwise no MFU)."""
+    max_bad_steps: int = 5
+    """Stop when this many steps in a row have a NaN/inf loss or gradient (each is skipped and counted)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive or null")
+        _check(self.mixed_precision in ("auto", "bf16", "fp16", "no"), "train.mixed_precision",
+               f"must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        for name in ("log_every", "save_every", "keep_last", "max_bad_steps", "eval_batches"):
+            _check(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.tracker in ("tensorboard", "wandb", "none"), "train.tracker",
+               f"must be tensorboard, wandb or none, got {self.tracker!r}")
+
+
+@dataclass
 class Config:
     """The whole run. Sections are added here as the project grows (data, optim, train)."""
 
@@ -235,6 +307,8 @@ class Config:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     """Random seed for initialisation and data order."""
 
