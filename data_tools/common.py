@@ -395,6 +395,11 @@ def _tar_size(files: dict[str, bytes]) -> int:
     return sum(512 + (len(b) + 511) // 512 * 512 for b in files.values())
 
 
+def _tar_file_size(members: int) -> int:
+    """Size of a tar holding ``members`` bytes of headers+data: end blocks, padded to tarfile.RECORDSIZE."""
+    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -467,7 +472,7 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
         image_skips.update(sample.image_skips)
         files = {f"{item.key}.{ext}": data for ext, data in sorted(sample.files.items())}
         size = _tar_size(files)
-        if tar is not None and cur["samples"] and cur["est"] + size + 1024 > max_shard_bytes:
+        if tar is not None and cur["samples"] and _tar_file_size(cur["est"] + size) > max_shard_bytes:
             close()
         if tar is None:
             name = shard_name(chunk, len(shards))
