@@ -48,10 +48,12 @@ _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 class Skip(Exception):
     """An input (or one image of a document) that is dropped, with a short machine reason."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", image_skips: Counter | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.image_skips = image_skips or Counter()
+        """Images of a dropped document that were skipped for their own reasons (still counted)."""
 
 
 class ConversionError(Exception):
@@ -464,6 +466,8 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
             sample = handler(item, ctx)
         except Exception as e:  # noqa: BLE001 - one bad input never stops the run; it is counted
             reason = e.reason if isinstance(e, Skip) else f"unexpected_error_{type(e).__name__}"
+            if isinstance(e, Skip):
+                image_skips.update(e.image_skips)
             skipped[reason] += 1
             ex = examples.setdefault(reason, [])
             if len(ex) < MAX_EXAMPLES:

@@ -206,12 +206,12 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
             segments.append({"image": name})
             n += 1
     if not any("text" in s for s in segments):
-        raise Skip("empty_text")
+        raise Skip("empty_text", image_skips=skips)
     if n == 0:
-        raise Skip("no_images")
+        raise Skip("no_images", image_skips=skips)
     if n == 1 and opts.single_image_drop > 0:
         if random.Random(f"{opts.seed}:{item.key}").random() < opts.single_image_drop:
-            raise Skip("single_image_dropped")
+            raise Skip("single_image_dropped", image_skips=skips)
     doc = {"segments": segments, "meta": item.payload.get("meta") or {}}
     files["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
     sample = Sample(files=files, images=n)
