@@ -106,7 +106,8 @@ def _coco_records(input: Path, images_root: Path, coco: dict) -> Iterator[Item |
             continue
         key = f"{iid:012d}" if isinstance(iid, int) else str(iid)
         meta = {"image_id": iid, "file_name": fname, "captions": good}
-        yield Item(key, source, {"image": ImageRef(str(images_root / fname)), "caption": good[0], "meta": meta})
+        payload = {"image": ImageRef(str(images_root / fname)), "caption": good[0], "meta": meta}
+        yield Item(key, source, payload)
 
 
 def _folder_records(root: Path) -> Iterator[Item | Skipped]:
@@ -193,8 +194,10 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
                 if key is None or key == "":
                     yield Skipped("missing_key", source)
                     continue
-                meta = {k: v for k, v in rec.items() if k not in (image_col, caption_col) and not isinstance(v, bytes)}
-                yield Item(str(key), source, {"image": ImageRef(str(root / img)), "caption": caption, "meta": meta})
+                meta = {k: v for k, v in rec.items()
+                        if k not in (image_col, caption_col) and not isinstance(v, bytes)}
+                payload = {"image": ImageRef(str(root / img)), "caption": caption, "meta": meta}
+                yield Item(str(key), source, payload)
         except (OSError, ValueError) as e:  # a table that cannot be read (any further)
             print(f"warning: {name}: {e}", file=sys.stderr)
             yield Skipped("unreadable_file", name)
@@ -333,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(IMAGE_COLUMNS)})")
     p.add_argument("--caption-column", default=None, help=f"tables: caption column (default: first of "
                    f"{', '.join(CAPTION_COLUMNS)})")
-    p.add_argument("--key-column", default=None, help="tables: column used as sample key (default: image path)")
+    p.add_argument("--key-column", default=None,
+                   help="tables: column used as sample key (default: the image path)")
     add_common_args(p)
     return p
 

@@ -562,7 +562,8 @@ def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> None:
         old = json.loads(args_path.read_text(encoding="utf-8"))
         if old != json.loads(json.dumps(fingerprint, default=str)):
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            raise ConversionError(f"output {output} holds a conversion with other arguments ({', '.join(diff)}); "
+            raise ConversionError(f"output {output} holds a conversion with other arguments "
+                                  f"({', '.join(diff)}); "
                                   "use --overwrite to start again or choose another folder")
     state_dir.mkdir(parents=True, exist_ok=True)
     if not args_path.exists():
@@ -627,12 +628,14 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
     t0 = time.perf_counter()
     bar = tqdm(desc=conv.tool.rsplit(".", 1)[-1], unit=" inputs", disable=None if shards.progress else True,
                file=sys.stderr, dynamic_ncols=True)
-    chunks = _chunks(conv.records, shards.samples_per_shard, shards.limit, enum_skipped, enum_examples, counts)
+    chunks = _chunks(conv.records, shards.samples_per_shard, shards.limit, enum_skipped, enum_examples,
+                     counts)
     try:
         if dry_run:
             n_items = sum(len(c) for c in chunks)
             bar.close()
-            summary = {"tool": conv.tool, "dry_run": True, "inputs": counts["inputs"], "valid_inputs": n_items,
+            summary = {"tool": conv.tool, "dry_run": True, "inputs": counts["inputs"],
+                       "valid_inputs": n_items,
                        "shards": -(-n_items // shards.samples_per_shard), "skipped": dict(enum_skipped)}
             print(f"dry run: {counts['inputs']} inputs, {n_items} valid, would write about "
                   f"{summary['shards']} shards; rejected while reading: {_fmt_counts(enum_skipped)}")
@@ -682,13 +685,22 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
 
     manifest = _build_manifest(conv, output, states, enum_skipped, enum_examples, counts)
     _write_json_atomic(output / MANIFEST, manifest)
-    t = manifest["totals"]
-    print(f"{conv.tool}: {t['samples']} samples ({t['images']} images) in {t['shards']} shards, "
-          f"{t['bytes'] / 1e6:.1f} MB -> {output}; {t['inputs']} inputs, skipped {t['skipped']}"
-          f"{' (' + _fmt_counts(manifest['skipped']) + ')' if t['skipped'] else ''}"
-          f"{'; images skipped: ' + _fmt_counts(manifest['skipped_images']) if manifest['skipped_images'] else ''}"
-          f"{f'; {reused} finished chunks reused' if reused else ''}; {time.perf_counter() - t0:.1f}s")
+    print(_summary_line(manifest, output, reused, time.perf_counter() - t0))
     return manifest
+
+
+def _summary_line(manifest: dict, output: Path, reused: int, seconds: float) -> str:
+    """The closing line: what was written and every skip reason with its count."""
+    t = manifest["totals"]
+    line = (f"{manifest['tool']}: {t['samples']} samples ({t['images']} images) in {t['shards']} shards, "
+            f"{t['bytes'] / 1e6:.1f} MB -> {output}; {t['inputs']} inputs, skipped {t['skipped']}")
+    if t["skipped"]:
+        line += f" ({_fmt_counts(manifest['skipped'])})"
+    if manifest["skipped_images"]:
+        line += f"; images skipped: {_fmt_counts(manifest['skipped_images'])}"
+    if reused:
+        line += f"; {reused} finished chunks reused"
+    return line + f"; {seconds:.1f}s"
 
 
 def _fmt_counts(c: dict) -> str:
@@ -747,7 +759,8 @@ def add_common_args(p: argparse.ArgumentParser, images: bool = True) -> None:
     p.add_argument("--output", "-o", required=True, type=Path,
                    help="folder for the shards and manifest.json (created; an earlier run there is resumed)")
     g = p.add_argument_group("shards")
-    g.add_argument("--samples-per-shard", type=int, default=10_000, help="most samples per shard (default 10000)")
+    g.add_argument("--samples-per-shard", type=int, default=10_000,
+                   help="most samples per shard (default 10000)")
     g.add_argument("--max-shard-bytes", type=parse_size, default=10**9,
                    help="split shards so none exceeds this size, e.g. 500MB (default 1GB)")
     g.add_argument("--workers", "-j", type=int, default=1, help="worker processes (default 1)")
@@ -759,14 +772,18 @@ def add_common_args(p: argparse.ArgumentParser, images: bool = True) -> None:
     if images:
         g = p.add_argument_group("images")
         g.add_argument("--image-size", type=int, default=256,
-                       help="resize so the shorter side is at most this; never upscales; 0 keeps sizes (default 256)")
-        g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
+                       help="resize so the shorter side is at most this; never upscales; "
+                       "0 keeps sizes (default 256)")
+        g.add_argument("--jpeg-quality", type=int, default=90,
+                       help="JPEG quality of stored images (default 90)")
         g.add_argument("--min-image-size", type=int, default=64,
-                       help="drop images narrower or shorter than this, the paper's filter; 0 disables (default 64)")
+                       help="drop images narrower or shorter than this, the paper's filter; "
+                       "0 disables (default 64)")
         g.add_argument("--keep-single-colour", action="store_true",
                        help="keep single-colour images (dropped by default, the paper's filter)")
         g.add_argument("--max-pixels", type=int, default=89_478_485,
-                       help="skip images with more pixels than this as decompression bombs (default 89478485)")
+                       help="skip images with more pixels than this as decompression bombs "
+                       "(default 89478485)")
 
 
 def image_options(a: argparse.Namespace) -> ImageOptions:
@@ -775,13 +792,9 @@ def image_options(a: argparse.Namespace) -> ImageOptions:
 
 
 def shard_options(a: argparse.Namespace) -> ShardOptions:
-    return ShardOptions(output=a.output, samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes,
-                        workers=a.workers, limit=a.limit, progress=not a.no_progress, overwrite=a.overwrite)
-
-
-def cli_args(a: argparse.Namespace) -> dict:
-    """The parsed arguments as JSON-friendly values for the manifest."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(a).items())}
+    return ShardOptions(output=a.output, samples_per_shard=a.samples_per_shard,
+                        max_shard_bytes=a.max_shard_bytes, workers=a.workers, limit=a.limit,
+                        progress=not a.no_progress, overwrite=a.overwrite)
 
 
 def run_cli(fn: Callable[[], Any]) -> int:

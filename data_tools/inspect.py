@@ -47,7 +47,8 @@ def describe(key: str, files: dict[str, bytes], width: int = 100) -> str:
                 continue
             if isinstance(obj, dict) and "segments" in obj:
                 doc = obj
-                lines.append(f"  .{ext}: meta {_short(json.dumps(obj.get('meta', {}), ensure_ascii=False), width)}")
+                meta = json.dumps(obj.get("meta", {}), ensure_ascii=False)
+                lines.append(f"  .{ext}: meta {_short(meta, width)}")
             else:
                 lines.append(f"  .{ext}: {_short(json.dumps(obj, ensure_ascii=False), width)}")
         else:

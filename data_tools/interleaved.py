@@ -96,7 +96,8 @@ class ImageIndex:
         self.root = root
         self.refs: dict[str, ImageRef] = {}
         self.images = 0
-        for p in list_files(root, lambda p: p.suffix.lower() in IMAGE_EXTS + (".json", ".tar") or not p.suffix):
+        wanted = IMAGE_EXTS + (".json", ".tar")
+        for p in list_files(root, lambda p: p.suffix.lower() in wanted or not p.suffix):
             suffix = p.suffix.lower()
             if suffix == ".tar":
                 self._add_tar(p)
@@ -369,18 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_tools.interleaved",
         description="Convert interleaved image-text documents (OBELICS rows, MMC4 documents) into webdataset "
         "shards: one document per sample, KEY.json with text/image segments and KEY.img0.jpg... Bad inputs "
-        "are skipped and counted in manifest.json; rerunning an interrupted conversion keeps finished shards.",
-        epilog="images are looked up under --images-root by URL hash (sha256/sha1/md5 hex file names), by the "
+        "are skipped and counted in manifest.json; rerunning an interrupted conversion keeps finished "
+        "shards.",
+        epilog="images are looked up under --images-root by URL hash (sha256/sha1/md5 hex file names), "
+        "by the "
         "url in img2dataset .json files or tars, or (mmc4) by image_name",
     )
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="input format")
-    p.add_argument("--input", "-i", required=True, type=Path, help="a .jsonl(.gz)/.parquet file or a folder of them")
+    p.add_argument("--input", "-i", required=True, type=Path,
+                   help="a .jsonl(.gz)/.parquet file or a folder of them")
     p.add_argument("--images-root", required=True, type=Path, help="folder holding the documents' images")
     g = p.add_argument_group("documents")
     g.add_argument("--max-images", type=int, default=5,
-                   help="keep at most this many images per document, the paper's filter; 0 keeps all (default 5)")
+                   help="keep at most this many images per document, the paper's filter; "
+                   "0 keeps all (default 5)")
     g.add_argument("--single-image-drop", type=float, default=0.5,
-                   help="fraction of single-image documents dropped, the paper's filter; 0 keeps all (default 0.5)")
+                   help="fraction of single-image documents dropped, the paper's filter; "
+                   "0 keeps all (default 0.5)")
     g.add_argument("--seed", type=int, default=0, help="seed of the single-image drop (default 0)")
     g.add_argument("--sim-threshold", type=float, default=None,
                    help="mmc4: drop images whose matched_sim is under this (default: keep all)")

@@ -45,8 +45,8 @@ def make_text_sample(item: Item, ctx: None = None) -> Sample:
     """One text sample from ``{"text": str, "meta": dict}``."""
     meta = dict(item.payload.get("meta") or {})
     meta["source"] = item.source
-    return Sample(files={"txt": item.payload["text"].encode("utf-8"),
-                         "json": json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")})
+    meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str)
+    return Sample(files={"txt": item.payload["text"].encode("utf-8"), "json": meta_json.encode("utf-8")})
 
 
 def _is_input(p: Path) -> bool:
@@ -62,7 +62,8 @@ def _text(value) -> str:
     return text
 
 
-def _records(input: Path, files: list[Path], text_field: str, id_field: str | None) -> Iterator[Item | Skipped]:
+def _records(input: Path, files: list[Path], text_field: str,
+             id_field: str | None) -> Iterator[Item | Skipped]:
     base = input if input.is_dir() else input.parent
     for path in files:
         rel = path.relative_to(base).as_posix()
@@ -131,13 +132,17 @@ def convert_text(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_tools.text",
-        description="Convert text documents (.txt files, .jsonl/.jsonl.gz lines, parquet rows) into webdataset "
-        "shards of KEY.txt + KEY.json. Bad inputs (non-UTF-8, malformed JSON, empty text, duplicate keys) are "
+        description="Convert text documents (.txt files, .jsonl/.jsonl.gz lines, parquet rows) into "
+        "webdataset shards of KEY.txt + KEY.json. Bad inputs (non-UTF-8, malformed JSON, empty text, "
+        "duplicate keys) are "
         "skipped and counted in manifest.json; rerunning an interrupted conversion keeps finished shards.",
     )
-    p.add_argument("--input", "-i", required=True, type=Path, help="a file or a folder of .txt/.jsonl(.gz)/.parquet")
-    p.add_argument("--text-field", default="text", help="jsonl/parquet: field holding the text (default text)")
-    p.add_argument("--id-field", default=None, help="jsonl/parquet: field used as sample key (default FILE-ROW)")
+    p.add_argument("--input", "-i", required=True, type=Path,
+                   help="a file or a folder of .txt/.jsonl(.gz)/.parquet")
+    p.add_argument("--text-field", default="text",
+                   help="jsonl/parquet: field holding the text (default text)")
+    p.add_argument("--id-field", default=None,
+                   help="jsonl/parquet: field used as sample key (default FILE-ROW)")
     add_common_args(p, images=False)
     return p
 

@@ -172,7 +172,8 @@ def verify(folder: str | Path, quiet: bool = False) -> tuple[bool, list[ShardRep
     if not quiet:
         for g in general:
             print(f"problem: {g}")
-        print(f"{'OK' if ok else 'FAILED'}: {len(reports)} shards, {sum(r.samples for r in reports)} samples, "
+        n_samples = sum(r.samples for r in reports)
+        print(f"{'OK' if ok else 'FAILED'}: {len(reports)} shards, {n_samples} samples, "
               f"{sum(r.images for r in reports)} images; {len(bad)} shards with problems")
     return ok, reports
 
