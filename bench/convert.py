@@ -11,6 +11,7 @@ Both are measured in this run on the same files; the ratio is what to read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -86,13 +87,10 @@ def main() -> None:
               f"JPEG q90; {os.cpu_count()} CPUs")
         base = min(plain_pil(files) for _ in range(a.repeats))
         print(f"  plain PIL decode-resize-encode loop : {n / base:7.1f} images/s")
-        import io as _io
-        import contextlib
-
         for workers in (1, 2):
             times = []
             for r in range(a.repeats):
-                with contextlib.redirect_stdout(_io.StringIO()):
+                with contextlib.redirect_stdout(io.StringIO()):
                     times.append(converter(src, tmp / f"out{workers}-{r}", workers, per_shard=max(1, n // 8)))
             t = min(times)
             label = f"captions converter, {workers} worker{'s' if workers > 1 else ' '}"

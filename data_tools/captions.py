@@ -203,7 +203,33 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
             yield Skipped("unreadable_file", name)
 
 
+def _img2dataset_sample(name: str, key: str | None, group: dict) -> Iterator[Item | Skipped]:
+    """The item (or the reason to skip) of one img2dataset sample ``{ext: bytes or ImageRef}``."""
+    if key is None:
+        return
+    source = f"{name}:{key}"
+    img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
+    if img_ext is None:
+        yield Skipped("missing_image", source)
+        return
+    try:
+        caption = _caption(group.get("txt"))
+    except Skip as s:
+        yield Skipped(s.reason, source)
+        return
+    meta: dict = {}
+    if "json" in group:
+        try:
+            loaded = json.loads(group["json"].decode("utf-8"))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+    yield Item(key, source, {"image": group[img_ext], "caption": caption, "meta": meta})
+
+
 def _img2dataset_records(input: Path) -> Iterator[Item | Skipped]:
+    """img2dataset's webdataset output: members grouped by key as webdataset does; images of plain
+    tars are passed to workers as byte ranges of the tar, not copied."""
     import tarfile
 
     tars = list_files(input, lambda p: p.name.endswith((".tar", ".tar.gz", ".tgz")))
@@ -213,29 +239,6 @@ def _img2dataset_records(input: Path) -> Iterator[Item | Skipped]:
         plain = tpath.name.endswith(".tar")
         group: dict[str, object] = {}
         gkey: str | None = None
-
-        def flush(key: str | None, group: dict) -> Iterator[Item | Skipped]:
-            if key is None:
-                return
-            source = f"{name}:{key}"
-            img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
-            if img_ext is None:
-                yield Skipped("missing_image", source)
-                return
-            try:
-                caption = _caption(group.get("txt"))
-            except Skip as s:
-                yield Skipped(s.reason, source)
-                return
-            meta: dict = {}
-            if "json" in group:
-                try:
-                    loaded = json.loads(group["json"].decode("utf-8"))
-                    meta = loaded if isinstance(loaded, dict) else {}
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    meta = {}
-            yield Item(key, source, {"image": group[img_ext], "caption": caption, "meta": meta})
-
         try:
             with tarfile.open(tpath, "r:" if plain else "r:*") as tar:
                 for m in tar:
@@ -244,11 +247,10 @@ def _img2dataset_records(input: Path) -> Iterator[Item | Skipped]:
                     base_name = m.name.rsplit("/", 1)[-1]
                     if "." not in base_name:
                         continue
-                    prefix = m.name[: len(m.name) - len(base_name)]
                     stem, ext = base_name.split(".", 1)
-                    key = prefix + stem
+                    key = m.name[: len(m.name) - len(base_name)] + stem
                     if key != gkey:
-                        yield from flush(gkey, group)
+                        yield from _img2dataset_sample(name, gkey, group)
                         gkey, group = key, {}
                     ext = ext.lower()
                     if ext in ("jpg", "jpeg", "png", "webp") and plain:
@@ -256,7 +258,7 @@ def _img2dataset_records(input: Path) -> Iterator[Item | Skipped]:
                     else:
                         f = tar.extractfile(m)
                         group[ext] = f.read() if f else b""
-                yield from flush(gkey, group)
+                yield from _img2dataset_sample(name, gkey, group)
         except (tarfile.TarError, OSError, EOFError) as e:
             print(f"warning: {name}: broken tar ({e}); its remaining samples are skipped", file=sys.stderr)
             yield Skipped("broken_tar", name)

@@ -672,14 +672,19 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
             import multiprocessing as mp
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+            # spawn, not fork: the workers start clean (no inherited threads or locks).
             with ProcessPoolExecutor(shards.workers, mp_context=mp.get_context("spawn")) as pool:
-                schedule(pool)
-                while pending:
-                    finished, _ = wait(pending.values(), return_when=FIRST_COMPLETED)
-                    for i in [i for i, f in pending.items() if f in finished]:
-                        states[i] = pending.pop(i).result()
-                        bar.update(states[i]["inputs"])
+                try:
                     schedule(pool)
+                    while pending:
+                        finished, _ = wait(pending.values(), return_when=FIRST_COMPLETED)
+                        for i in [i for i, f in pending.items() if f in finished]:
+                            states[i] = pending.pop(i).result()
+                            bar.update(states[i]["inputs"])
+                        schedule(pool)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)  # chunks already running still finish
+                    raise
     finally:
         bar.close()
 

@@ -13,7 +13,17 @@ from data_tools import common
 from data_tools.captions import convert_captions, main
 from data_tools.common import ConversionError, ImageOptions, ShardOptions
 from data_tools.verify import verify
-from tests.shard_helpers import BAD_REASONS, bad_image, image_size, manifest, photo, read_tar, read_wds, shard_bytes, write
+from tests.shard_helpers import (
+    BAD_REASONS,
+    bad_image,
+    image_size,
+    manifest,
+    photo,
+    read_tar,
+    read_wds,
+    shard_bytes,
+    write,
+)
 
 CAPTIONS = ["a cat on a mat", "two dogs", "a red car", "snow on hills", "coffee cup", "a rocket"]
 
@@ -51,7 +61,7 @@ def test_coco(tmp_path):
     for iid in (1, 2, 3):
         write(images / f"{iid:012d}.jpg", photo(iid))
     coco = {
-        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (3, 1, 2)] + [{"id": 4, "file_name": "x.jpg"}],
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (3, 1, 2, 4)],
         "annotations": [
             {"id": 11, "image_id": 1, "caption": "second caption of one"},
             {"id": 10, "image_id": 1, "caption": "first caption of one"},
@@ -63,9 +73,10 @@ def test_coco(tmp_path):
     ann = write(tmp_path / "annotations" / "captions.json", json.dumps(coco))
     out = tmp_path / "out"
     m = convert_captions("coco", ann, out, images_root=images, shard_options=_opts(out))
-    tars = _check_read_back(out, {"000000000001": "first caption of one", "000000000002": "only caption of two",
-                                  "000000000003": "three"})
-    assert json.loads(tars["000000000001"]["json"])["captions"] == ["first caption of one", "second caption of one"]
+    tars = _check_read_back(out, {"000000000001": "first caption of one",
+                                  "000000000002": "only caption of two", "000000000003": "three"})
+    captions = json.loads(tars["000000000001"]["json"])["captions"]
+    assert captions == ["first caption of one", "second caption of one"]
     assert m["skipped"] == {"missing_caption": 1}  # image 4 has no caption
     assert m["kind"] == "captions" and m["args"]["format"] == "coco"
 
@@ -128,7 +139,7 @@ def _img2dataset_tar(path: Path, start: int, n: int) -> None:
         for i in range(start, start + n):
             key = f"{i:09d}"
             files = {"jpg": photo(i), "txt": CAPTIONS[i % 6].encode(),
-                     "json": json.dumps({"url": f"http://x/{i}.jpg", "key": key, "status": "success"}).encode()}
+                     "json": json.dumps({"url": f"http://x/{i}.jpg", "key": key}).encode()}
             for ext, data in files.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
@@ -178,7 +189,8 @@ def test_planted_bad_inputs_are_counted(tmp_path):
     table = write(tmp_path / "t.jsonl", b"\n".join(lines) + b"\n")
     out2 = tmp_path / "out2"
     m2 = convert_captions("jsonl", table, out2, shard_options=_opts(out2))
-    assert m2["skipped"] == {"missing_image": 1, "malformed_json": 1, "non_utf8_text": 1, "missing_caption": 1}
+    assert m2["skipped"] == {"missing_image": 1, "malformed_json": 1, "non_utf8_text": 1,
+                             "missing_caption": 1}
     assert m2["totals"]["samples"] == 1
 
 
@@ -186,7 +198,8 @@ def test_summary_line_names_reasons(tmp_path, capsys):
     src = _folder(tmp_path / "src", 2)
     write(src / "bad.jpg", b"")
     write(src / "bad.txt", "x")
-    assert main(["--format", "folder", "--input", str(src), "--output", str(tmp_path / "o"), "--no-progress"]) == 0
+    argv = ["--format", "folder", "--input", str(src), "--output", str(tmp_path / "o"), "--no-progress"]
+    assert main(argv) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "2 samples" in line and "skipped 1" in line and "empty_image=1" in line
 
@@ -274,6 +287,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         calls.append(chunk)
         if chunk == 2 and not resumed:  # killed while writing: a temporary shard is left behind
             write(Path(output) / f"shard-{chunk:06d}-000.tar.tmp", b"half a shard")
+            write(Path(output) / f"shard-{chunk:06d}-001.tar", b"renamed, but the chunk never finished")
             raise Killed
         return real(handler, ctx, chunk, items, output, max_bytes)
 
@@ -282,7 +296,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         convert_captions("folder", src, part, shard_options=_opts(part, samples_per_shard=2))
     assert not (part / "manifest.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in part.glob("*.tar")}
-    assert sorted(finished) == ["shard-000000-000.tar", "shard-000001-000.tar"]
+    assert sorted(finished) == ["shard-000000-000.tar", "shard-000001-000.tar", "shard-000002-001.tar"]
+    del finished["shard-000002-001.tar"]
 
     calls.clear()
     resumed = True
@@ -305,3 +320,17 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     convert_captions("folder", src, part, shard_options=_opts(part, samples_per_shard=3, overwrite=True),
                      image_options=ImageOptions())
     assert [s["samples"] for s in manifest(part)["shards"]] == [2, 3, 2]  # bad.jpg sorts first
+
+
+def test_img2dataset_broken_and_truncated_tars_are_counted(tmp_path):
+    _img2dataset_tar(tmp_path / "in" / "00000.tar", 0, 3)
+    _img2dataset_tar(tmp_path / "full.tar", 3, 2)
+    data = (tmp_path / "full.tar").read_bytes()
+    last_jpg = data.rindex(b"\xff\xd8\xff")
+    write(tmp_path / "in" / "00001.tar", data[: last_jpg + 1000])  # cut inside the last image
+    write(tmp_path / "in" / "00002.tar", b"\x07" * 5000)  # not a tar at all
+    out = tmp_path / "out"
+    m = convert_captions("img2dataset", tmp_path / "in", out, shard_options=_opts(out))
+    assert m["skipped"] == {"broken_tar": 2}  # the cut tar keeps its complete first sample
+    assert m["totals"]["samples"] == 4 and m["totals"]["inputs"] == 6
+    _check_read_back(out, {f"{i:09d}": CAPTIONS[i % 6] for i in range(4)})

@@ -13,7 +13,7 @@ import pytest
 from data_tools.common import ConversionError, ImageOptions, ShardOptions, url_hashes
 from data_tools.interleaved import DocOptions, convert_interleaved, main
 from data_tools.verify import verify
-from tests.shard_helpers import bad_image, image_size, manifest, photo, read_tar, read_wds, write
+from tests.shard_helpers import bad_image, image_size, photo, read_tar, read_wds, write
 
 KEEP_ALL = DocOptions(max_images=0, single_image_drop=0.0)
 
@@ -48,10 +48,12 @@ def _docs_by_key(out: Path) -> dict[str, dict]:
 
 def _obelics_rows() -> list[dict]:
     return [
-        {"texts": ["Intro paragraph.", None, "After the image.", None], "images": [None, _url(0), None, _url(1)],
+        {"texts": ["Intro paragraph.", None, "After the image.", None],
+         "images": [None, _url(0), None, _url(1)],
          "general_metadata": json.dumps({"url": "https://doc/0"})},
         {"texts": [None, "Only one image here."], "images": [_url(2), None], "general_metadata": "{}"},
-        {"texts": ["Text", None, "more", None], "images": [None, _url(99), None, _url(3)], "general_metadata": None},
+        {"texts": ["Text", None, "more", None], "images": [None, _url(99), None, _url(3)],
+         "general_metadata": None},
     ]
 
 
@@ -67,8 +69,8 @@ def test_obelics_parquet_with_hash_named_images(tmp_path):
     docs = _docs_by_key(out)
     assert list(docs) == ["obelics-00000000", "obelics-00000001", "obelics-00000002"]
     d0 = docs["obelics-00000000"]["doc"]
-    assert d0["segments"] == [{"text": "Intro paragraph."}, {"image": "img0.jpg"}, {"text": "After the image."},
-                              {"image": "img1.jpg"}]
+    assert d0["segments"] == [{"text": "Intro paragraph."}, {"image": "img0.jpg"},
+                              {"text": "After the image."}, {"image": "img1.jpg"}]
     assert d0["meta"]["url"] == "https://doc/0"
     assert image_size(docs["obelics-00000000"]["images"]["img0.jpg"]) == (120, 96)
     d2 = docs["obelics-00000002"]["doc"]  # the unresolvable URL is dropped, the texts around it merged
@@ -81,7 +83,8 @@ def _images_tar(path: Path, ids) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for n, i in enumerate(ids):
-            for ext, data in (("jpg", photo(i)), ("json", json.dumps({"url": _url(i), "key": f"{n:09d}"}).encode())):
+            meta = json.dumps({"url": _url(i), "key": f"{n:09d}"}).encode()
+            for ext, data in (("jpg", photo(i)), ("json", meta)):
                 info = tarfile.TarInfo(f"{n:09d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -98,7 +101,8 @@ def test_obelics_jsonl_with_img2dataset_images(tmp_path):
           "-o", str(out), "--max-images", "0", "--single-image-drop", "0", "--no-progress"])
     docs = _docs_by_key(out)
     assert [len(d["images"]) for d in docs.values()] == [2, 1]
-    assert docs["docs-00000001"]["doc"]["segments"] == [{"image": "img0.jpg"}, {"text": "Only one image here."}]
+    segments = docs["docs-00000001"]["doc"]["segments"]
+    assert segments == [{"image": "img0.jpg"}, {"text": "Only one image here."}]
 
 
 def _mmc4_doc(i: int, names: list[str], matches: list[tuple[int, float]], **extra) -> dict:
@@ -165,8 +169,8 @@ def test_bad_documents_are_counted(tmp_path):
     out = tmp_path / "out"
     m = convert_interleaved("obelics", tmp_path / "docs.jsonl", root, out, doc_options=KEEP_ALL,
                             shard_options=_opts(out))
-    assert m["skipped"] == {"duplicate_key": 1, "malformed_json": 1, "non_utf8_text": 1, "malformed_document": 1,
-                            "no_images": 1, "empty_text": 1}
+    assert m["skipped"] == {"duplicate_key": 1, "malformed_json": 1, "non_utf8_text": 1,
+                            "malformed_document": 1, "no_images": 1, "empty_text": 1}
     assert m["skipped_images"] == {"truncated_image": 1, "corrupt_image": 1}
     assert m["totals"]["inputs"] == 8 and m["totals"]["samples"] == 2
     assert set(_docs_by_key(out)) == {"good", "partly"}

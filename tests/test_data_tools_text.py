@@ -34,10 +34,12 @@ def test_txt_jsonl_gz_and_parquet(tmp_path):
 
     src = tmp_path / "corpus"
     write(src / "a" / "one.txt", "First document.\nWith two lines. ünïcödé")
-    write(src / "b.jsonl", "".join(json.dumps({"text": f"line doc {i}", "lang": "en"}) + "\n" for i in range(3)))
+    rows = [json.dumps({"text": f"line doc {i}", "lang": "en"}) + "\n" for i in range(3)]
+    write(src / "b.jsonl", "".join(rows))
     with gzip.open(src / "c.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"text": "gzipped doc"}) + "\n")
-    pq.write_table(pa.Table.from_pylist([{"text": "parquet doc 0"}, {"text": "parquet doc 1"}]), src / "d.parquet")
+    table = pa.Table.from_pylist([{"text": "parquet doc 0"}, {"text": "parquet doc 1"}])
+    pq.write_table(table, src / "d.parquet")
     write(src / "ignored.md", "not an input")
     out = tmp_path / "out"
     m = convert_text(src, out, shard_options=_opts(out, samples_per_shard=3))
@@ -84,7 +86,8 @@ def test_errors_before_writing(tmp_path):
 @pytest.mark.slow
 def test_workers_and_resume_give_the_same_shards(tmp_path):
     src = tmp_path / "corpus"
-    write(src / "rows.jsonl", "".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(50)))
+    rows = [json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(50)]
+    write(src / "rows.jsonl", "".join(rows))
     a, b = tmp_path / "a", tmp_path / "b"
     convert_text(src, a, shard_options=_opts(a, samples_per_shard=7))
     convert_text(src, b, shard_options=_opts(b, samples_per_shard=7, workers=2))
