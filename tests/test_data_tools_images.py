@@ -124,3 +124,12 @@ def test_sanitize_key():
     assert sanitize_key("a/b.c d") == "a_b_c_d"
     assert sanitize_key("000000123") == "000000123"
     assert sanitize_key("..") == "_"
+
+
+def test_reduced_scale_jpeg_decode_stays_close_to_exact_resize():
+    src = photo(0, (1024, 1024))  # astronaut
+    fast = np.asarray(_decode(normalize_image(src, ImageOptions(jpeg_quality=95))[0]), dtype=np.float32)
+    exact = np.asarray(_decode(normalize_image(src, ImageOptions(jpeg_quality=95, jpeg_draft_gap=0))[0]),
+                       dtype=np.float32)
+    assert fast.shape == exact.shape == (256, 256, 3)
+    assert np.abs(fast - exact).mean() < 3.0  # out of 255
