@@ -1,0 +1,91 @@
+"""Show the first samples of a shard folder (or one shard).
+
+    python -m data_tools.inspect shards/coco -n 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+from data_tools.verify import IMAGE_EXTS, iter_samples
+
+
+def _image_desc(data: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return f"{img.format} {img.width}x{img.height} {img.mode}, {len(data)} bytes"
+    except Exception as e:  # noqa: BLE001
+        return f"undecodable ({type(e).__name__})"
+
+
+def _short(text: str, width: int) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe(key: str, files: dict[str, bytes], width: int = 100) -> str:
+    """A few readable lines about one sample."""
+    lines = [f"== {key}"]
+    doc = None
+    for ext, data in sorted(files.items()):
+        last = ext.rsplit(".", 1)[-1].lower()
+        if last in IMAGE_EXTS:
+            lines.append(f"  .{ext}: {_image_desc(data)}")
+        elif last == "txt":
+            lines.append(f"  .{ext}: {_short(data.decode('utf-8', 'replace'), width)}")
+        elif last == "json":
+            try:
+                obj = json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                lines.append(f"  .{ext}: bad JSON, {len(data)} bytes")
+                continue
+            if isinstance(obj, dict) and "segments" in obj:
+                doc = obj
+                meta = json.dumps(obj.get("meta", {}), ensure_ascii=False)
+                lines.append(f"  .{ext}: meta {_short(meta, width)}")
+            else:
+                lines.append(f"  .{ext}: {_short(json.dumps(obj, ensure_ascii=False), width)}")
+        else:
+            lines.append(f"  .{ext}: {len(data)} bytes")
+    if doc is not None:
+        for seg in doc.get("segments", []):
+            if "image" in seg:
+                lines.append(f"    [image {seg['image']}]")
+            else:
+                lines.append(f"    {_short(str(seg.get('text', '')), width)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", type=Path, help="a shard folder or one .tar")
+    p.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    p.add_argument("--width", type=int, default=100, help="characters of text shown per line (default 100)")
+    a = p.parse_args(argv)
+    shards = [a.path] if a.path.is_file() else sorted(a.path.glob("*.tar"))
+    if not shards:
+        print(f"error: no .tar shards at {a.path}", file=sys.stderr)
+        return 2
+    manifest = a.path / "manifest.json" if a.path.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        print(f"{m.get('tool')} ({m.get('kind')}): {json.dumps(m.get('totals'))}")
+    shown = 0
+    for shard in shards:
+        for key, files in iter_samples(shard):
+            if shown >= a.n:
+                return 0
+            print(f"{shard.name}: " + describe(key, files, a.width))
+            shown += 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Convert interleaved image-text documents (OBELICS, MMC4) into webdataset shards.
+
+Each document becomes one sample: ``KEY.json`` = ``{"segments": [{"text": "..."}, {"image":
+"img0.jpg"}, ...], "meta": {...}}`` and its images as members ``KEY.img0.jpg``, ``KEY.img1.jpg``...
+Adjacent text pieces are merged into one text segment (OBELICS paragraphs joined by a blank line,
+MMC4 sentences by a space), so segments alternate text and image.
+
+- ``obelics``: rows (parquet or jsonl, a file or a folder) with parallel ``texts``/``images`` lists;
+  at each position one of them is set. Images are URLs resolved through ``--images-root``: a folder
+  of files named by the URL's hash (``sha256(url).hexdigest()`` + any image extension; sha1 and md5
+  are accepted too), or an img2dataset output (folders or tars) whose ``.json`` holds the ``url``.
+- ``mmc4``: documents (jsonl(.gz) or parquet) with ``text_list`` and ``image_info`` entries
+  (``image_name``, ``matched_text_index``, ``matched_sim``, ``raw_url``); each image is placed
+  before its matched sentence, images under ``--sim-threshold`` are dropped. Images are found in
+  ``--images-root`` by ``image_name`` (relative path or file name), else by ``raw_url`` as above.
+
+The paper's document filters are on by default: at most ``--max-images`` (5) images per document
+(the first ones kept, the rest dropped and counted), documents left without an image dropped, and
+half of the single-image documents dropped (``--single-image-drop 0.5``), chosen by a RNG seeded
+with ``--seed`` and the document key, so the choice does not depend on order or workers.
+
+    python -m data_tools.interleaved --format mmc4 --input docs/ --images-root images/ --output shards/mmc4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_tools import common
+from data_tools.common import (
+    IMAGE_EXTS,
+    Conversion,
+    ConversionError,
+    ImageOptions,
+    ImageRef,
+    Item,
+    Sample,
+    ShardOptions,
+    Skip,
+    Skipped,
+    add_common_args,
+    check_readable,
+    decode_text,
+    iter_table,
+    list_files,
+    normalize_image,
+    options_dict,
+    run_cli,
+    run_conversion,
+    table_kind,
+    url_hashes,
+)
+
+FORMATS = ("obelics", "mmc4")
+JOINERS = {"obelics": "\n\n", "mmc4": " "}
+
+
+@dataclass
+class DocOptions:
+    """Document-level filters (the paper's) and image options."""
+
+    image: ImageOptions = field(default_factory=ImageOptions)
+    max_images: int = 5
+    """Keep at most this many images per document (the first ones); 0 keeps all."""
+    single_image_drop: float = 0.5
+    """Fraction of the documents with exactly one image that are dropped; 0 keeps them all."""
+    seed: int = 0
+    """Seed of the single-image drop (combined with the document key)."""
+    sim_threshold: float | None = None
+    """MMC4: drop images whose ``matched_sim`` is under this."""
+    joiner: str = "\n\n"
+    """How adjacent text pieces are merged."""
+
+    def __post_init__(self) -> None:
+        if self.max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {self.max_images}")
+        if not 0.0 <= self.single_image_drop <= 1.0:
+            raise ValueError(f"single_image_drop must be in [0, 1], got {self.single_image_drop}")
+
+
+# ------------------------------------------------------------------------------- image lookup
+
+
+class ImageIndex:
+    """Finds a document's images under ``--images-root`` by relative path, file name, URL hash or URL."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.refs: dict[str, ImageRef] = {}
+        self.images = 0
+        wanted = IMAGE_EXTS + (".json", ".tar")
+        for p in list_files(root, lambda p: p.suffix.lower() in wanted or not p.suffix):
+            suffix = p.suffix.lower()
+            if suffix == ".tar":
+                self._add_tar(p)
+            elif suffix == ".json":
+                self._add_sidecar(p)
+            else:
+                ref = ImageRef(str(p))
+                self.images += 1
+                self.refs.setdefault("name:" + p.relative_to(root).as_posix(), ref)
+                self.refs.setdefault("base:" + p.name, ref)
+                self.refs.setdefault("stem:" + p.stem, ref)
+
+    def _add_sidecar(self, p: Path) -> None:
+        url = _json_url(p.read_bytes())
+        if url is None:
+            return
+        for ext in IMAGE_EXTS:
+            img = p.with_suffix(ext)
+            if img.is_file():
+                self.refs.setdefault("url:" + url, ImageRef(str(img)))
+                return
+
+    def _add_tar(self, p: Path) -> None:
+        groups: dict[str, dict] = {}
+        try:
+            with tarfile.open(p, "r:") as tar:
+                for m in tar:
+                    if not m.isfile() or "." not in m.name.rsplit("/", 1)[-1]:
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                    ext = base.split(".", 1)[1].lower()
+                    g = groups.setdefault(key, {})
+                    if ext == "json":
+                        f = tar.extractfile(m)
+                        g["url"] = _json_url(f.read() if f else b"")
+                    elif "." + ext in IMAGE_EXTS:
+                        g["ref"] = ImageRef(str(p), m.offset_data, m.size)
+        except (tarfile.TarError, OSError) as e:
+            print(f"warning: images tar {p} is broken ({e}); using what was read", file=sys.stderr)
+        for g in groups.values():
+            if g.get("url") and "ref" in g:
+                self.images += 1
+                self.refs.setdefault("url:" + g["url"], g["ref"])
+
+    def by_url(self, url: str | None) -> ImageRef | None:
+        if not url:
+            return None
+        ref = self.refs.get("url:" + url)
+        if ref is None:
+            for h in url_hashes(url):
+                ref = self.refs.get("stem:" + h)
+                if ref is not None:
+                    break
+        return ref
+
+    def by_name(self, name: str | None) -> ImageRef | None:
+        if not name:
+            return None
+        return (self.refs.get("name:" + name) or self.refs.get("base:" + name.rsplit("/", 1)[-1])
+                or self.refs.get("stem:" + Path(name).stem))
+
+
+def _json_url(raw: bytes) -> str | None:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    url = obj.get("url") if isinstance(obj, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+# ------------------------------------------------------------------------------------ handler
+
+
+def make_document_sample(item: Item, opts: DocOptions) -> Sample:
+    """One interleaved sample from ``{"segments": [("text", str) | ("image", ImageRef | None) |
+    ("skip", reason)], "meta": dict}``: images decoded and filtered, the document filters applied."""
+    segments: list[dict] = []
+    files: dict[str, bytes] = {}
+    skips: Counter = Counter()
+    n = 0
+    for seg in item.payload["segments"]:
+        kind = seg[0]
+        if kind == "text":
+            text = seg[1].strip()
+            if not text:
+                continue
+            if segments and "text" in segments[-1]:
+                segments[-1]["text"] += opts.joiner + text
+            else:
+                segments.append({"text": text})
+        elif kind == "skip":
+            skips[seg[1]] += 1
+        elif opts.max_images and n >= opts.max_images:
+            skips["over_max_images"] += 1
+        elif seg[1] is None:
+            skips["missing_image"] += 1
+        else:
+            try:
+                jpg, _, _ = normalize_image(seg[1].read(), opts.image)
+            except Skip as s:
+                skips[s.reason] += 1
+                continue
+            name = f"img{n}.jpg"
+            files[name] = jpg
+            segments.append({"image": name})
+            n += 1
+    if not any("text" in s for s in segments):
+        raise Skip("empty_text", image_skips=skips)
+    if n == 0:
+        raise Skip("no_images", image_skips=skips)
+    if n == 1 and opts.single_image_drop > 0:
+        if random.Random(f"{opts.seed}:{item.key}").random() < opts.single_image_drop:
+            raise Skip("single_image_dropped", image_skips=skips)
+    doc = {"segments": segments, "meta": item.payload.get("meta") or {}}
+    files["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    sample = Sample(files=files, images=n)
+    sample.image_skips = skips
+    return sample
+
+
+# ------------------------------------------------------------------------------------ formats
+
+
+def _doc_files(input: Path) -> list[Path]:
+    files = list_files(input, lambda p: table_kind(p) in ("jsonl", "parquet"))
+    if not files:
+        raise ConversionError(f"no .jsonl, .jsonl.gz or .parquet files in {input}")
+    return files
+
+
+def _rows(input: Path, files: list[Path]) -> Iterator[tuple[str, str, dict | Skip]]:
+    """``(default key, source, record)`` over all rows of all files."""
+    base = input if input.is_dir() else input.parent
+    for path in files:
+        rel = path.relative_to(base).as_posix()
+        stem = rel.split(".", 1)[0]
+        try:
+            for row, rec in iter_table(path):
+                yield f"{stem}-{row:08d}", f"{rel}:{row}", rec
+        except (OSError, ValueError) as e:
+            print(f"warning: {rel}: {e}", file=sys.stderr)
+            yield "", rel, Skip("unreadable_file")
+
+
+def _key(rec: dict, default: str) -> str:
+    for k in ("key", "id", "doc_id"):
+        if rec.get(k) not in (None, ""):
+            return str(rec[k])
+    return default
+
+
+def _obelics_records(input: Path, files: list[Path], index: ImageIndex) -> Iterator[Item | Skipped]:
+    for default_key, source, rec in _rows(input, files):
+        if isinstance(rec, Skip):
+            yield Skipped(rec.reason, source)
+            continue
+        texts, images = rec.get("texts"), rec.get("images")
+        if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+            yield Skipped("malformed_document", source)
+            continue
+        segments: list[tuple] = []
+        try:
+            for text, url in zip(texts, images, strict=True):
+                if url is not None:
+                    url = decode_text(url)
+                    ref = index.by_url(url)
+                    segments.append(("image", ref))
+                elif text is not None:
+                    segments.append(("text", decode_text(text)))
+        except Skip as s:
+            yield Skipped(s.reason, source)
+            continue
+        meta: dict = {"source": source}
+        gm = rec.get("general_metadata")
+        if isinstance(gm, str):
+            url = _json_url(gm.encode("utf-8"))
+            if url:
+                meta["url"] = url
+        elif isinstance(gm, dict) and isinstance(gm.get("url"), str):
+            meta["url"] = gm["url"]
+        yield Item(_key(rec, default_key), source, {"segments": segments, "meta": meta})
+
+
+def _mmc4_records(input: Path, files: list[Path], index: ImageIndex,
+                  sim_threshold: float | None) -> Iterator[Item | Skipped]:
+    for default_key, source, rec in _rows(input, files):
+        if isinstance(rec, Skip):
+            yield Skipped(rec.reason, source)
+            continue
+        text_list, info = rec.get("text_list"), rec.get("image_info") or []
+        if not isinstance(text_list, list) or not isinstance(info, list):
+            yield Skipped("malformed_document", source)
+            continue
+        try:
+            sentences = [decode_text(t) if t is not None else "" for t in text_list]
+        except Skip as s:
+            yield Skipped(s.reason, source)
+            continue
+        before: dict[int, list[tuple]] = {}
+        skipped: list[tuple] = []
+        for im in info:
+            if not isinstance(im, dict):
+                skipped.append(("skip", "malformed_image_info"))
+                continue
+            idx, sim = im.get("matched_text_index"), im.get("matched_sim")
+            if not isinstance(idx, int) or not 0 <= idx < len(sentences):
+                skipped.append(("skip", "bad_text_index"))
+                continue
+            if sim_threshold is not None and (not isinstance(sim, int | float) or sim < sim_threshold):
+                skipped.append(("skip", "below_similarity_threshold"))
+                continue
+            name, url = im.get("image_name"), im.get("raw_url")
+            ref = index.by_name(name if isinstance(name, str) else None)
+            if ref is None:
+                ref = index.by_url(url if isinstance(url, str) else None)
+            before.setdefault(idx, []).append(("image", ref))
+        segments: list[tuple] = []
+        for i, sentence in enumerate(sentences):
+            segments.extend(before.get(i, []))
+            segments.append(("text", sentence))
+        segments.extend(skipped)
+        meta: dict = {"source": source}
+        if isinstance(rec.get("url"), str):
+            meta["url"] = rec["url"]
+        yield Item(_key(rec, default_key), source, {"segments": segments, "meta": meta})
+
+
+# ------------------------------------------------------------------------------------ entry
+
+
+def convert_interleaved(
+    format: str,
+    input: str | Path,
+    images_root: str | Path,
+    output: str | Path,
+    *,
+    doc_options: DocOptions | None = None,
+    shard_options: ShardOptions | None = None,
+    dry_run: bool = False,
+) -> dict:
+    """Convert OBELICS or MMC4 documents into interleaved shards in ``output``; returns the manifest.
+
+    Raises ``ConversionError`` before writing anything when an input cannot be read or the format
+    is unknown.
+    """
+    if format not in FORMATS:
+        raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    input = check_readable(Path(input))
+    root = check_readable(Path(images_root), "images root", want_dir=True)
+    dopts = doc_options or DocOptions()
+    dopts.joiner = JOINERS[format]
+    sopts = shard_options or ShardOptions(output=Path(output))
+    sopts.output = Path(output)
+    files = _doc_files(input)
+    index = ImageIndex(root)
+    print(f"{index.images} images indexed under {root}", file=sys.stderr)
+    args = {"format": format, "input": str(input), "images_root": str(root), **options_dict(dopts, sopts)}
+    if format == "obelics":
+        records = _obelics_records(input, files, index)
+    else:
+        records = _mmc4_records(input, files, index, dopts.sim_threshold)
+    conv = Conversion("data_tools.interleaved", "interleaved", args, records, make_document_sample, dopts)
+    return run_conversion(conv, sopts, dry_run=dry_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_tools.interleaved",
+        description="Convert interleaved image-text documents (OBELICS rows, MMC4 documents) into webdataset "
+        "shards: one document per sample, KEY.json with text/image segments and KEY.img0.jpg... Bad inputs "
+        "are skipped and counted in manifest.json; rerunning an interrupted conversion keeps finished "
+        "shards.",
+        epilog="images are looked up under --images-root by URL hash (sha256/sha1/md5 hex file names), "
+        "by the "
+        "url in img2dataset .json files or tars, or (mmc4) by image_name",
+    )
+    p.add_argument("--format", "-f", required=True, choices=FORMATS, help="input format")
+    p.add_argument("--input", "-i", required=True, type=Path,
+                   help="a .jsonl(.gz)/.parquet file or a folder of them")
+    p.add_argument("--images-root", required=True, type=Path, help="folder holding the documents' images")
+    g = p.add_argument_group("documents")
+    g.add_argument("--max-images", type=int, default=5,
+                   help="keep at most this many images per document, the paper's filter; "
+                   "0 keeps all (default 5)")
+    g.add_argument("--single-image-drop", type=float, default=0.5,
+                   help="fraction of single-image documents dropped, the paper's filter; "
+                   "0 keeps all (default 0.5)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the single-image drop (default 0)")
+    g.add_argument("--sim-threshold", type=float, default=None,
+                   help="mmc4: drop images whose matched_sim is under this (default: keep all)")
+    add_common_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 for a usage or input error)."""
+    a = build_parser().parse_args(argv)
+
+    def run() -> None:
+        dopts = DocOptions(image=common.image_options(a), max_images=a.max_images,
+                           single_image_drop=a.single_image_drop, seed=a.seed, sim_threshold=a.sim_threshold)
+        convert_interleaved(a.format, a.input, a.images_root, a.output, doc_options=dopts,
+                            shard_options=common.shard_options(a), dry_run=a.dry_run)
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

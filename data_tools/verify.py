@@ -1,0 +1,195 @@
+"""Check shards: decode every member of every sample of every shard.
+
+    python -m data_tools.verify shards/coco
+
+Prints one line per shard (samples, problems) and a closing summary. Images must decode, ``.txt``
+must be UTF-8, ``.json`` must parse, interleaved samples must hold the images their segments
+name, caption samples need an image and a caption, and the counts must match ``manifest.json``.
+Exits 1 when any shard is corrupt or disagrees with the manifest, 2 when the folder cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class ShardReport:
+    """What ``verify_shard`` found in one shard."""
+
+    name: str
+    samples: int = 0
+    images: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` in tar order, grouping consecutive members as webdataset does."""
+    key, group = None, {}
+    with tarfile.open(path, "r:*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            k = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+            ext = base.split(".", 1)[1]
+            if k != key:
+                if key is not None:
+                    yield key, group
+                key, group = k, {}
+            f = tar.extractfile(m)
+            group[ext] = f.read() if f else b""
+    if key is not None:
+        yield key, group
+
+
+def _check_image(data: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as e:  # noqa: BLE001 - any failure is a problem to report
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_sample(key: str, files: dict[str, bytes], kind: str | None) -> tuple[list[str], int]:
+    """Problems of one sample, and its number of images."""
+    problems: list[str] = []
+    images = 0
+    doc = None
+    for ext, data in sorted(files.items()):
+        last = ext.rsplit(".", 1)[-1].lower()
+        if last in IMAGE_EXTS:
+            images += 1
+            err = _check_image(data)
+            if err:
+                problems.append(f"{key}.{ext}: image does not decode ({err})")
+        elif last == "txt":
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"{key}.{ext}: not UTF-8")
+        elif last == "json":
+            try:
+                obj = json.loads(data.decode("utf-8"))
+                if ext == "json":
+                    doc = obj
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                problems.append(f"{key}.{ext}: bad JSON ({e})")
+    if kind == "captions":
+        if not any(e in files for e in IMAGE_EXTS):
+            problems.append(f"{key}: caption sample without an image")
+        if "txt" not in files:
+            problems.append(f"{key}: caption sample without a caption")
+    elif kind == "text" and "txt" not in files:
+        problems.append(f"{key}: text sample without .txt")
+    elif kind == "interleaved":
+        segs = doc.get("segments") if isinstance(doc, dict) else None
+        if not isinstance(segs, list):
+            problems.append(f"{key}: interleaved sample without json segments")
+        else:
+            for s in segs:
+                if isinstance(s, dict) and "image" in s and s["image"] not in files:
+                    problems.append(f"{key}: segment names missing image {s['image']}")
+                elif not isinstance(s, dict) or not ({"text", "image"} & set(s)):
+                    problems.append(f"{key}: bad segment {s!r}")
+    return problems, images
+
+
+def verify_shard(path: Path, kind: str | None = None) -> ShardReport:
+    """Decode every sample of one shard."""
+    rep = ShardReport(path.name)
+    seen: set[str] = set()
+    try:
+        for key, files in iter_samples(path):
+            rep.samples += 1
+            if key in seen:
+                rep.problems.append(f"{key}: duplicate key")
+            seen.add(key)
+            problems, images = check_sample(key, files, kind)
+            rep.images += images
+            rep.problems.extend(problems)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        rep.problems.append(f"corrupt tar after {rep.samples} samples: {type(e).__name__}: {e}")
+    return rep
+
+
+def verify(folder: str | Path, quiet: bool = False) -> tuple[bool, list[ShardReport]]:
+    """Verify every shard in ``folder`` against its ``manifest.json``; returns (ok, reports)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    manifest = None
+    general: list[str] = []
+    if (folder / "manifest.json").is_file():
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            general.append(f"manifest.json does not parse ({e})")
+    else:
+        general.append("no manifest.json")
+    kind = manifest.get("kind") if isinstance(manifest, dict) else None
+    listed = {s["name"]: s for s in manifest.get("shards", [])} if isinstance(manifest, dict) else {}
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        general.append("no .tar shards")
+    for name in sorted(set(listed) - {p.name for p in shards}):
+        general.append(f"{name}: in manifest.json but missing")
+    for tmp in sorted(folder.glob("*.tar.tmp")):
+        print(f"note: {tmp.name} is an unfinished shard of an interrupted run (rerun the converter)")
+    reports = []
+    for path in shards:
+        rep = verify_shard(path, kind)
+        if listed:
+            want = listed.get(path.name)
+            if want is None:
+                rep.problems.append("not listed in manifest.json")
+            elif want.get("samples") != rep.samples:
+                rep.problems.append(f"manifest.json says {want.get('samples')} samples, found {rep.samples}")
+        reports.append(rep)
+        if not quiet:
+            status = "ok" if not rep.problems else f"{len(rep.problems)} problems"
+            print(f"{rep.name}: {rep.samples} samples, {rep.images} images, {status}")
+            for p in rep.problems[:20]:
+                print(f"  {p}")
+            if len(rep.problems) > 20:
+                print(f"  ... {len(rep.problems) - 20} more")
+    bad = [r for r in reports if r.problems]
+    ok = not bad and not general
+    if not quiet:
+        for g in general:
+            print(f"problem: {g}")
+        n_samples = sum(r.samples for r in reports)
+        print(f"{'OK' if ok else 'FAILED'}: {len(reports)} shards, {n_samples} samples, "
+              f"{sum(r.images for r in reports)} images; {len(bad)} shards with problems")
+    return ok, reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: 0 when every shard is sound, 1 when not, 2 when the folder cannot be read."""
+    p = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path, help="folder holding the .tar shards and manifest.json")
+    a = p.parse_args(argv)
+    try:
+        ok, _ = verify(a.folder)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
