@@ -217,7 +217,9 @@ def evaluate(acc, cfg, model, tok) -> dict[str, float]:
     return results
 
 
-def train(cfg, resume: str | None = None) -> dict:
+def train(cfg, resume: str | None = None, on_step=None) -> dict:
+    """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
+    called after every optimizer step with the (source, shard, offset) of the samples it started (tests)."""
     import torch
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -276,7 +278,9 @@ def train(cfg, resume: str | None = None) -> dict:
     while state["step"] < max_steps:
         # ---- one optimizer step: the planned micro-batches of every source
         step_stats = defaultdict(lambda: torch.zeros(2, device=acc.device))
+        step_samples = []
         for i, (name, batch) in enumerate(mixture.step()):
+            step_samples += [(name, *pos) for pos in batch["sample_positions"]]
             win_rows += batch["input_ids"].numel()
             win_real += int(batch["n_real"])
             win_images += len(batch["images"])
@@ -310,6 +314,8 @@ def train(cfg, resume: str | None = None) -> dict:
         for name, s in step_stats.items():
             window[name] += s
         bar.update(1)
+        if on_step is not None:
+            on_step(acc, state, model, step_samples)
 
         # ---- log, evaluate, save
         step = state["step"]

@@ -257,6 +257,26 @@ def build_prompt(tokenizer, text: str, images: list[torch.Tensor], num_latents: 
                   images=torch.stack(images) if images else None)
 
 
+def load_for_inference(config: str, checkpoint: str | None = None, tokenizer: str | None = None,
+                       overrides: list[str] | None = None, device: str = "cpu"):
+    """(cfg, model in eval mode on `device`, tokenizer or None) from a config and a checkpoint."""
+    import warnings
+
+    from kosmos.config import load_config
+    from tokenizer import KosmosTokenizer
+
+    cfg = load_config(config, overrides or [])
+    tok_dir = tokenizer or cfg.tokenizer.path
+    tok = KosmosTokenizer.from_dir(tok_dir) if tok_dir else None
+    with warnings.catch_warnings():
+        if checkpoint:  # the weights come from the checkpoint: no "randomly initialised" warning
+            warnings.simplefilter("ignore")
+        model = Kosmos(cfg, load_vision_weights=checkpoint is None)
+    if checkpoint:
+        load_model_weights(model, checkpoint)
+    return cfg, model.to(device).eval(), tok
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config of the model (e.g. configs/tiny.yaml)")
@@ -277,20 +297,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
 
-    from kosmos.config import load_config
     from kosmos.image import load_image
-    from tokenizer import KosmosTokenizer
 
-    cfg = load_config(args.config, args.overrides)
-    tok_dir = args.tokenizer or cfg.tokenizer.path
-    if not tok_dir:
-        ap.error("no tokenizer: pass --tokenizer DIR or set tokenizer.path in the config")
-    tok = KosmosTokenizer.from_dir(tok_dir)
     torch.manual_seed(args.seed)
-    model = Kosmos(cfg, load_vision_weights=args.checkpoint is None)
-    if args.checkpoint:
-        load_model_weights(model, args.checkpoint)
-    model.to(args.device)
+    cfg, model, tok = load_for_inference(args.config, args.checkpoint, args.tokenizer, args.overrides, args.device)
+    if tok is None:
+        ap.error("no tokenizer: pass --tokenizer DIR or set tokenizer.path in the config")
     size = model.vision.image_size
     images = [load_image(p, size) for p in args.image]
     prompts = [build_prompt(tok, text, images, cfg.connector.num_latents) for text in (args.prompt or [""])]

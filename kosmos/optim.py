@@ -36,6 +36,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = param_groups(model, cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw8bit":
+        import logging
+
+        # bitsandbytes logs a warning about optional 4-bit CPU kernels at import; we use none of them.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kw)

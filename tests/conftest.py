@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 TINY_VOCAB_SIZE = 1000
@@ -15,3 +17,30 @@ def tiny_tokenizer(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     return build_tokenizer([TINY_CORPUS], out, TINY_VOCAB_SIZE, character_coverage=0.995, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_tokenizer):
+    """Shards of all three sources for training configs/tiny.yaml, and the overrides that point at them:
+    generated shapes with captions (through data_tools.captions), MMC4-style documents about them (through
+    data_tools.interleaved) and short text documents."""
+    import sys
+
+    from data_tools import captions, interleaved
+    from data_tools.shapes import make_shapes
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _shards import text_shards
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    make_shapes(root / "shapes", 400, size=64, seed=0, docs=60)
+    common = ["--no-progress", "--samples-per-shard", "100", "--image-size", "64"]
+    captions.main(["--format", "folder", "--input", str(root / "shapes" / "images"),
+                   "--output", str(root / "captions"), *common])
+    interleaved.main(["--format", "mmc4", "--input", str(root / "shapes" / "mmc4.jsonl"), "--images-root",
+                      str(root / "shapes" / "images"), "--output", str(root / "interleaved"), *common])
+    text_shards(root / "text", 4, 200)
+    tok_dir = tiny_tokenizer.path
+    return [f"tokenizer.path={tok_dir}", f"data.captions.shards=[{root / 'captions'}]",
+            f"data.interleaved.shards=[{root / 'interleaved'}]", f"data.text.shards=[{root / 'text'}]",
+            "train.tracker=none", "train.log_every=5"]

@@ -1,0 +1,219 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import ROOT, tiny_config, tiny_model
+
+import train_kosmos
+from kosmos import checkpoint as ck
+from kosmos.config import load_config
+from kosmos.optim import WarmupLinearDecay, param_groups
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+# ----------------------------------------------------------------------------- unit
+
+
+def test_param_groups_decay_only_weight_matrices_and_skip_frozen_clip():
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    assert not ids(decay) & ids(no_decay)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert ids(decay) | ids(no_decay) == trainable  # frozen CLIP left out, nothing twice (tied embedding)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for pid in ids(decay):
+        n = names[pid]
+        assert not n.endswith(".bias") and "norm" not in n and "embed" not in n and "ln" not in n, n
+    assert id(model.decoder.embed_tokens.weight) in ids(no_decay)
+    assert id(model.decoder.layers[0].self_attn.q_proj.weight) in ids(decay)
+    assert id(model.decoder.layers[0].self_attn.q_proj.bias) in ids(no_decay)
+    assert id(model.decoder.layers[0].self_attn_layer_norm.weight) in ids(no_decay)
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    f = WarmupLinearDecay(375, 300_000)
+    assert f(0) < 0.01 and f(374) == pytest.approx(1.0, abs=0.003) and f(375) == 1.0
+    assert f(150_187) == pytest.approx(0.5, abs=1e-3)
+    assert f(300_000) == 0.0 and f(400_000) == 0.0
+    assert all(f(s) >= f(s + 1000) for s in range(375, 299_000, 1000))
+
+
+def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
+    for step in (5, 10, 15):
+        tmp = ck.tmp_path_for(tmp_path, step)
+        tmp.mkdir(parents=True)
+        (tmp / "trainer_state.json").write_text("{}")
+        ck.finalize(tmp_path, step, keep_last=2)
+    ck.tmp_path_for(tmp_path, 20).mkdir()  # a run killed while writing step 20
+    names = [p.name for p in ck.list_checkpoints(tmp_path)]
+    assert names == ["step_00000010", "step_00000015"]
+    assert ck.resolve_resume("latest", tmp_path).name == "step_00000015"
+    assert ck.resolve_resume("latest", tmp_path / "elsewhere") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.resolve_resume(str(ck.checkpoint_dir(tmp_path) / "step_00000020.tmp"), tmp_path)
+
+
+def test_config_errors_name_the_key_before_heavy_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_kosmos.main(["--config", TINY, f"tokenizer.path={tmp_path}"])
+    assert e.value.code == 2 and "tokenizer.path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_kosmos.main(["--config", TINY, "optim.lrr=1"])
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_missing_shards_are_named(tiny_tokenizer, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_kosmos.main(["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}",
+                           f"data.captions.shards=[{tmp_path}/none-*.tar]"])
+    assert "data.captions.shards" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+def _overrides(tiny_run, out, steps, **extra):
+    o = [*tiny_run, f"train.output_dir={out}", f"train.max_steps={steps}", f"optim.total_steps={max(steps, 30)}",
+         "optim.warmup_steps=5"]
+    return o + [f"{k}={v}" for k, v in extra.items()]
+
+
+@pytest.mark.slow
+def test_nan_steps_are_skipped_counted_and_stop_the_run(tiny_run, tmp_path, monkeypatch):
+    from kosmos.model import Kosmos
+
+    real = Kosmos.forward
+    calls = {"n": 0, "poison": {0}}
+
+    def poisoned(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if calls["n"] in calls["poison"]:
+            out.loss = out.loss * float("nan")
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(Kosmos, "forward", poisoned)
+    zero_workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
+    cfg = load_config(TINY, _overrides(tiny_run, tmp_path / "a", 3) + zero_workers)
+    state = train_kosmos.train(cfg)
+    assert state["step"] == 3 and state["bad_steps"] == 1  # the poisoned step was skipped, the run went on
+
+    calls.update(n=0, poison=set(range(1000)))
+    cfg = load_config(TINY, _overrides(tiny_run, tmp_path / "b", 3, **{"train.max_bad_steps": 2}) + zero_workers)
+    with pytest.raises(RuntimeError, match="2 steps in a row"):
+        train_kosmos.train(cfg)
+
+
+def _run(args, out_file, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_kosmos.py"), "--config", TINY, *args], cwd=ROOT,
+                            stdout=out_file, stderr=subprocess.STDOUT, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_run, tmp_path):
+    steps = 16
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    with open(tmp_path / "full.log", "w") as log:
+        assert _run(_overrides(tiny_run, full_dir, steps, **{"train.save_every": 4}), log).wait(300) == 0
+
+    with open(tmp_path / "cut.log", "w") as log:
+        proc = _run(_overrides(tiny_run, cut_dir, steps, **{"train.save_every": 4}), log)
+        deadline = time.time() + 300
+        while not (ck.checkpoint_dir(cut_dir) / "step_00000008").is_dir():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "cut.log").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = ck.list_checkpoints(cut_dir)[-1].name
+    assert killed_at in ("step_00000008", "step_00000012"), killed_at
+    with open(tmp_path / "resume.log", "w") as log:
+        assert _run(_overrides(tiny_run, cut_dir, steps, **{"train.save_every": 4}) + ["--resume", "latest"],
+                    log).wait(300) == 0
+    assert "resumed from" in (tmp_path / "resume.log").read_text()
+
+    a, b = ck.list_checkpoints(full_dir)[-1], ck.list_checkpoints(cut_dir)[-1]
+    assert a.name == b.name == f"step_{steps:08d}"
+    sa, sb = ck.read_json(a / "trainer_state.json"), ck.read_json(b / "trainer_state.json")
+    assert (sa["step"], sa["samples"], sa["bad_steps"]) == (sb["step"], sb["samples"], sb["bad_steps"])
+    assert ck.load_torch(a / "scheduler.pt") == ck.load_torch(b / "scheduler.pt")  # schedule position
+    assert ck.read_json(a / "data_rank0.json") == ck.read_json(b / "data_rank0.json")  # data position
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ from the uninterrupted run"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    with open(tmp_path / "log", "w") as log:
+        proc = _run(_overrides(tiny_run, out, 10_000, **{"train.save_every": 10_000}), log)
+        deadline = time.time() + 120
+        while "step      5" not in (tmp_path / "log").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    assert "stopped by signal" in (tmp_path / "log").read_text()
+    assert ck.list_checkpoints(out), "no checkpoint written on SIGTERM"
+
+
+@pytest.mark.slow
+def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(ROOT / "tests" / "dist_check.py"), *_overrides(tiny_run, tmp_path / "run", 3),
+           # Small buffers and batches so that 3 steps stay inside each rank's first epoch: ranks read disjoint
+           # shares of an epoch, but a rank already in its next epoch may meet a sample another rank has now.
+           *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")],
+           "data.captions.micro_batch_size=2"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("DIST_OK") == 2 and "[1, 2, 3]" in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_image_pathway_learns(tiny_run, tmp_path):
+    """Trained on captions that only the image can tell (colour, shape, position), the model's loss on caption
+    tokens of held-out shapes must be clearly lower with the true image than with another image."""
+    import random
+
+    from data_tools.shapes import COLOURS, POSITIONS, SHAPES, caption, draw
+    from kosmos.generate import load_for_inference
+    from kosmos.image import clip_preprocess
+    from kosmos.sequence import IGNORE_INDEX, encode_segments
+
+    steps = 150
+    extra = {"data.text.tokens_per_step": 0, "data.interleaved.tokens_per_step": 0, "data.captions.workers": 0,
+             "optim.lr": 3e-3, "optim.warmup_steps": 10}
+    cfg = load_config(TINY, _overrides(tiny_run, tmp_path / "run", steps, **extra))
+    train_kosmos.train(cfg)
+    cfg, model, tok = load_for_inference(TINY, str(ck.list_checkpoints(tmp_path / "run")[-1]),
+                                         cfg.tokenizer.path)
+    rng = random.Random(99)
+    combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+    picks = rng.sample(combos, 32)
+    images = torch.stack([clip_preprocess(draw(*x, 64, rng), model.vision.image_size) for x in picks])
+    seqs = [encode_segments(tok, [images[i], caption(*x)], model.num_latents) for i, x in enumerate(picks)]
+    L = max(len(q) for q in seqs)
+    ids = torch.tensor([q.ids + [tok.pad_id] * (L - len(q)) for q in seqs])  # right-padded
+    mask = torch.tensor([q.image_mask + [False] * (L - len(q)) for q in seqs])
+    padding = torch.tensor([[False] * len(q) + [True] * (L - len(q)) for q in seqs])
+    labels = ids.masked_fill(padding, IGNORE_INDEX)
+    labels[:, : int(mask[0].nonzero().max()) + 2] = IGNORE_INDEX  # loss on the caption (and </s>) only
+    with torch.no_grad():
+        true = model(ids, images, mask, labels=labels, padding_mask=padding).loss.item()
+        other = model(ids, images.roll(1, dims=0), mask, labels=labels, padding_mask=padding).loss.item()
+    print(f"\ncaption loss with the true image {true:.3f}, with another image {other:.3f}, gap {other - true:.3f}")
+    assert other - true > 0.3 and other > 2 * true, (true, other)
