@@ -105,6 +105,12 @@ def peak_flops(cfg, device) -> float | None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _sharded(acc) -> bool:
+    from accelerate import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict) -> Path | None:
     import shutil
 
@@ -118,9 +124,22 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if _sharded(acc):
+        # FSDP / DeepSpeed (not exercised in this project's CI, which has no GPUs): accelerate writes the
+        # sharded model and optimizer itself (and reads them back with weights_only=True); we add a full
+        # model.safetensors for generation.
+        acc.save_state(str(tmp / "sharded"))
+        full = acc.get_state_dict(model)
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            if cfg.decoder.share_embeddings:  # stored once, as in the unsharded path
+                full.pop("decoder.output_projection.weight", None)
+            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
+    elif acc.is_main_process:
         save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
         ck.save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+    if acc.is_main_process:
         ck.save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
     ck.save_torch(ck.rng_state(), tmp / f"rng_rank{acc.process_index}.pt")
     ck.write_json(mixture.state_dict(), tmp / f"data_rank{acc.process_index}.json")
@@ -142,8 +161,11 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     if state["world_size"] != acc.num_processes:
         raise RuntimeError(f"{path} was written by {state['world_size']} processes, this run has "
                            f"{acc.num_processes}; the data position is per rank, so resume with the same number")
-    load_model(acc.unwrap_model(model), str(path / "model.safetensors"))
-    optimizer.load_state_dict(ck.load_torch(path / "optimizer.pt"))
+    if _sharded(acc):
+        acc.load_state(str(path / "sharded"))
+    else:
+        load_model(acc.unwrap_model(model), str(path / "model.safetensors"))
+        optimizer.load_state_dict(ck.load_torch(path / "optimizer.pt"))
     scheduler.load_state_dict(ck.load_torch(path / "scheduler.pt"))
     ck.set_rng_state(ck.load_torch(path / f"rng_rank{acc.process_index}.pt"))
     mixture.load_state_dict(ck.read_json(path / f"data_rank{acc.process_index}.json"))
@@ -262,6 +284,10 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
     vis = acc.unwrap_model(model).vision
     img_flops = 2 * sum(p.numel() for p in vis.parameters()) * (vis.num_patches + 1)  # frozen: forward only
     peak = peak_flops(cfg, acc.device)
+    ds = acc.state.deepspeed_plugin
+    if ds is not None and ds.deepspeed_config.get("gradient_accumulation_steps") != n_micro:
+        raise ConfigError(f"DeepSpeed steps the optimizer every gradient_accumulation_steps backward passes: set "
+                          f"it to {n_micro} (the micro-batches of one step) in the accelerate config")
     acc.print(f"mixture per step: " + ", ".join(
         f"{p.name} {p.micro_batches}x{p.micro_batch_size} rows ({p.tokens_per_step:,} tok)" for p in plans.values())
         + f"; {acc.num_processes} process(es), mixed precision {acc.mixed_precision}")

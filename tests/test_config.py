@@ -60,3 +60,14 @@ def test_overrides_apply_and_coerce():
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+ACCELERATE = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
+def test_every_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 1 and cfg.mixed_precision == "bf16"
