@@ -1,4 +1,5 @@
-"""Decoder forward + backward: the SDPA attention path against torchscale's stock path, same weights, same run.
+"""Decoder forward + backward: the SDPA attention path against torchscale's stock path, same weights,
+same run.
 
     python bench/attention.py                                   # CPU default: 4 layers, dim 512, batch 1
     python bench/attention.py --device cuda --dtype bf16 --config configs/kosmos1.yaml --layers 4
@@ -41,7 +42,8 @@ def add_common_args(ap: argparse.ArgumentParser, cpu_layers: int = 4, cpu_dim: i
 
 def decoder_overrides(args, small_vocab: int = 1024, cpu_layers: int = 4, cpu_dim: int = 512) -> list[str]:
     """Dotted overrides giving the decoder to measure: --layers/--dim over the --config's decoder, or without
-    --config a small CPU decoder (cpu_layers, cpu_dim, small_vocab). Dropout off: both paths do the same work."""
+    --config a small CPU decoder (cpu_layers, cpu_dim, small_vocab). Dropout off: both paths do the same
+    work."""
     out = ["decoder.dropout=0.0", "decoder.attention_dropout=0.0"]
     layers = args.layers or (None if args.config else cpu_layers)
     dim = args.dim or (None if args.config else cpu_dim)

@@ -1,7 +1,7 @@
 """One training step of the whole model (images, vision tower, resampler, decoder, loss, backward):
 the SDPA attention path against torchscale's stock path, same weights, same batch, same run.
 
-    python bench/train_step.py                      # CPU default: configs/tiny.yaml vision, 4-layer dim-512 decoder
+    python bench/train_step.py             # CPU default: configs/tiny.yaml vision, 4-layer dim-512 decoder
     python bench/train_step.py --device cuda --config configs/kosmos1.yaml --layers 4
 
 Each row of the batch is text with one image span per 512 tokens. Ratios are stock / sdpa.
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = models["sdpa"]
     v = model.vision
     print(f"# bench/train_step.py: {describe(model.cfg.decoder)}; vision {model.cfg.vision.model_name} "
-          f"{v.image_size}px width {v.width}; {model.num_latents} latents per image, one image per 512 tokens; "
+          f"{v.image_size}px width {v.width}; {model.num_latents} latents per image, one image per 512 "
+          f"tokens; "
           f"batch {args.batch}; {device} {dtype}; forward + loss + backward, median of {args.repeats}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("# ratios are torchscale / sdpa (higher is better for sdpa)")

@@ -39,7 +39,8 @@ def _xpos_angles_and_scale(total: int, head_dim: int, scale_base: int, device: t
     """angles and scale (total, head_dim/2) in fp32, as torchscale's XPOS builds them: rotation angles
     from positions 0..total-1, decay zeta^(n/scale_base) from positions centred on 0 (n = -total//2 ...)."""
     half = head_dim // 2
-    zeta = (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) + 0.4 * head_dim) / (1.4 * head_dim)
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    zeta = (channels + 0.4 * head_dim) / (1.4 * head_dim)
     min_pos = -total // 2
     pos = torch.arange(min_pos, min_pos + total, dtype=torch.float32, device=device)
     scale = zeta[None, :] ** (pos[:, None] / scale_base)  # (total, half)
