@@ -7,9 +7,9 @@ replace two things:
 * `KosmosAttention`: a subclass of torchscale's MultiheadAttention (same parameters, so checkpoints load in
   either path) whose `sdpa` path uses `F.scaled_dot_product_attention`, computes xPos in fp32 whatever the
   model dtype (torchscale's xPos in bf16 rounds positions near 2048 to multiples of 8), never materialises
-  the (B*heads, T, S) score matrix (fused kernels: flash on CPU and CUDA, memory-efficient with a padding
-  mask), and supports padded batches (torchscale's gives NaN with left padding). `attention: torchscale`
-  runs the stock code.
+  the (B*heads, T, S) score matrix (fused kernels: flash attention; on CUDA with a padding mask or in fp32,
+  the memory-efficient one), and supports padded batches (torchscale's gives NaN with left padding).
+  `attention: torchscale` runs the stock code.
 * `build_decoder(cfg)` with `decoder.compile: true` compiles each decoder layer in place with
   `torch.compile` (state_dict keys unchanged).
 * `KosmosDecoder.forward`: builds the causal mask once (not per layer), takes precomputed embeddings
@@ -49,7 +49,7 @@ def _xpos_angles_and_scale(total: int, head_dim: int, scale_base: int, device: t
     return angles, scale
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)  # one length per training shape; one per step (shared by all layers) when decoding
 def _xpos_complex_tables(total: int, head_dim: int, scale_base: int, device: torch.device):
     """(up, down): complex64 (total, head_dim/2) tables scale^(+-1) * e^(i angle), built once per length.
     Made outside inference mode so that a table first built under torch.inference_mode() can still be
