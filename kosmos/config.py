@@ -63,7 +63,8 @@ class DecoderConfig:
     checkpoint_activations: bool = False
     """Recompute each decoder layer in the backward pass (saves memory, costs ~30% time)."""
     compile: bool = False
-    """Wrap each decoder layer with torch.compile."""
+    """Compile each decoder layer with torch.compile (in place: parameter names and checkpoints are the
+    same as without). The first steps are slow while it compiles; needs a C++ compiler on CPU."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "layers", "dim", "ffn_dim", "heads", "max_len", "xpos_scale_base"):

@@ -6,8 +6,12 @@ replace two things:
 
 * `KosmosAttention`: a subclass of torchscale's MultiheadAttention (same parameters, so checkpoints load in
   either path) whose `sdpa` path uses `F.scaled_dot_product_attention`, computes xPos in fp32 whatever the
-  model dtype (torchscale's xPos in bf16 rounds positions near 2048 to multiples of 8), and supports padded
-  batches (torchscale's gives NaN with left padding). `attention: torchscale` runs the stock code.
+  model dtype (torchscale's xPos in bf16 rounds positions near 2048 to multiples of 8), never materialises
+  the (B*heads, T, S) score matrix (fused kernels: flash attention; on CUDA with a padding mask or in fp32,
+  the memory-efficient one), and supports padded batches (torchscale's gives NaN with left padding).
+  `attention: torchscale` runs the stock code.
+* `build_decoder(cfg)` with `decoder.compile: true` compiles each decoder layer in place with
+  `torch.compile` (state_dict keys unchanged).
 * `KosmosDecoder.forward`: builds the causal mask once (not per layer), takes precomputed embeddings
   (text embeddings with image slots filled in), supports activation checkpointing through
   `torch.utils.checkpoint`, and uses torchscale's incremental-state format for the KV cache
@@ -31,33 +35,56 @@ from kosmos.config import DecoderConfig
 # ----------------------------------------------------------------------------- xPos in fp32
 
 
-@lru_cache(maxsize=64)
-def _xpos_tables(total: int, head_dim: int, scale_base: int, device: torch.device):
-    """sin, cos and scale (total, head_dim/2) in fp32, as torchscale's XPOS builds them:
-    rotation angles from positions 0..total-1, decay from positions centred on 0."""
+def _xpos_angles_and_scale(total: int, head_dim: int, scale_base: int, device: torch.device):
+    """angles and scale (total, head_dim/2) in fp32, as torchscale's XPOS builds them: rotation angles
+    from positions 0..total-1, decay zeta^(n/scale_base) from positions centred on 0 (n = -total//2 ...)."""
     half = head_dim // 2
-    base = (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) + 0.4 * head_dim) / (1.4 * head_dim)
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    zeta = (channels + 0.4 * head_dim) / (1.4 * head_dim)
     min_pos = -total // 2
     pos = torch.arange(min_pos, min_pos + total, dtype=torch.float32, device=device)
-    scale = base[None, :] ** (pos[:, None] / scale_base)  # (total, half)
+    scale = zeta[None, :] ** (pos[:, None] / scale_base)  # (total, half)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, half, dtype=torch.float32, device=device) / half))
     angles = torch.arange(total, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
-    return torch.sin(angles), torch.cos(angles), scale
+    return angles, scale
+
+
+@lru_cache(maxsize=8)  # one length per training shape; one per step (shared by all layers) when decoding
+def _xpos_complex_tables(total: int, head_dim: int, scale_base: int, device: torch.device):
+    """(up, down): complex64 (total, head_dim/2) tables scale^(+-1) * e^(i angle), built once per length.
+    Made outside inference mode so that a table first built under torch.inference_mode() can still be
+    saved for backward later."""
+    with torch.inference_mode(False), torch.no_grad():
+        angles, scale = _xpos_angles_and_scale(total, head_dim, scale_base, device)
+        return torch.polar(scale, angles), torch.polar(1.0 / scale, angles)
 
 
 def apply_xpos(x: torch.Tensor, offset: int, downscale: bool, scale_base: int) -> torch.Tensor:
-    """xPos (Sun et al., 2022) on x (..., T, head_dim) at positions offset..offset+T-1, in fp32.
-    Queries are scaled by zeta^n, keys by zeta^-m, so q.k depends on n - m only."""
+    """xPos (Sun et al., 2022) on x (..., T, head_dim) at positions offset..offset+T-1, in fp32 whatever
+    x's dtype (bf16 cannot even hold the positions: near 2048 it rounds them to multiples of 8).
+    Queries are scaled by zeta^n, keys by zeta^-m, so q.k depends on n - m only.
+
+    Each channel pair (x0, x1) is rotated by the position's angle and scaled, which is the complex
+    product (x0 + i x1) * scale * e^(i angle): one kernel in eager mode with a cached table. Under
+    torch.compile the same product is written out in real numbers (inductor generates no complex code)."""
     T, hd = x.shape[-2], x.shape[-1]
-    sin, cos, scale = _xpos_tables(T + offset, hd, scale_base, x.device)
-    sin, cos, scale = sin[-T:], cos[-T:], scale[-T:]
-    if downscale:
-        scale = 1.0 / scale
-    sin = (sin * scale).repeat_interleave(2, dim=-1)  # (T, hd), each value for a pair of channels
-    cos = (cos * scale).repeat_interleave(2, dim=-1)
     xf = x.float()
-    rotated = torch.stack((-xf[..., 1::2], xf[..., ::2]), dim=-1).flatten(-2)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    if torch.compiler.is_compiling():
+        angles, scale = _xpos_angles_and_scale(T + offset, hd, scale_base, x.device)
+        angles, scale = angles[-T:], scale[-T:]
+        if downscale:
+            scale = 1.0 / scale
+        cos, sin = torch.cos(angles) * scale, torch.sin(angles) * scale  # (T, hd/2)
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+    up, down = _xpos_complex_tables(T + offset, hd, scale_base, x.device)
+    table = (down if downscale else up)[-T:]  # (T, hd/2) complex
+    pairs = xf.unflatten(-1, (-1, 2))  # (..., T, hd/2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-2]):
+        pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent and aligned
+    xc = torch.view_as_complex(pairs)
+    return torch.view_as_real(xc * table).flatten(-2).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -78,6 +105,7 @@ class KosmosAttention(MultiheadAttention):
                                    key_padding_mask=key_padding_mask, attn_mask=attn_mask, rel_pos=rel_pos,
                                    is_first_step=is_first_step)
         assert rel_pos is None, "relative position bias is not used by KOSMOS (xPos is)"
+        assert attn_mask is None, "the sdpa path builds its own mask (causal, cache offset, padding)"
         B, T, E = query.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q_proj(query).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -189,4 +217,11 @@ def build_decoder(cfg: DecoderConfig, embed_tokens: nn.Embedding) -> KosmosDecod
     )
     args.kosmos_attention = cfg.attention
     args.kosmos_checkpoint = cfg.checkpoint_activations
-    return KosmosDecoder(args, embed_tokens=embed_tokens)
+    decoder = KosmosDecoder(args, embed_tokens=embed_tokens)
+    if cfg.compile:
+        # Module.compile() compiles the layer's call in place: no OptimizedModule wrapper, so no
+        # `_orig_mod.` in parameter names and checkpoints stay interchangeable with eager models. The
+        # layers are alike, so they share one compiled graph (parameters are graph inputs).
+        for layer in decoder.layers:
+            layer.compile()
+    return decoder

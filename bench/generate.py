@@ -1,0 +1,113 @@
+"""Generation with the KV cache against without it (each step recomputes the whole sequence), same run.
+
+    python bench/generate.py                         # CPU default: tiny vision, 4-layer dim-512 decoder
+    python bench/generate.py --device cuda --config configs/kosmos1.yaml --new-tokens 256
+
+Greedy decoding of --new-tokens tokens after a prompt of one image and --prompt-tokens text tokens.
+Prints tokens/s of each, their ratio, and the median time per token over the first and the last 16
+steps: with the cache it stays about flat, without it grows with the sequence. Both must produce the
+same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.attention import DTYPES, decoder_overrides, describe, resolve_dtype  # noqa: E402
+from kosmos.config import load_config  # noqa: E402
+from kosmos.perf import synchronize  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config of the model (default: tiny vision, a small CPU decoder)")
+    ap.add_argument("--layers", type=int, help="decoder layers (default 4 without --config)")
+    ap.add_argument("--dim", type=int, help="decoder width (default 512 without --config)")
+    ap.add_argument("--attention", choices=["sdpa", "torchscale"], default="sdpa")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image in the prompt")
+    ap.add_argument("--window", type=int, default=16, help="steps averaged for the start/end time per token")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    args = ap.parse_args(argv)
+    args.lengths = [args.prompt_tokens + args.new_tokens + 128]  # max_len for decoder_overrides
+    dtype, device = resolve_dtype(args), torch.device(args.device)
+
+    from kosmos.generate import GenerationConfig, Prompt, generate
+    from kosmos.model import Kosmos
+
+    config = args.config or str(ROOT / "configs" / "tiny.yaml")
+    overrides = decoder_overrides(args, small_vocab=8192) + [f"decoder.attention={args.attention}"]
+    cfg = load_config(config, overrides)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "vision tower randomly initialised" is expected here
+        model = Kosmos(cfg, load_vision_weights=False)
+    model.to(device=device, dtype=dtype).eval()
+
+    g = torch.Generator().manual_seed(0)
+    n = model.num_latents
+    text = torch.randint(10, cfg.decoder.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+    ids = [2, 4] + [0] * n + [5] + text  # <s> <image> slots </image> text
+    mask = [False, False] + [True] * n + [False] * (1 + len(text))
+    size = model.vision.image_size
+    prompt = Prompt(ids=ids, image_mask=mask, images=torch.randn(1, 3, size, size, generator=g).to(dtype))
+
+    # Time each call of the decoder (the prefill, then one call per new token) with hooks on the module
+    # that generate() itself calls.
+    stamps: list[float] = []
+
+    def before(module, inputs):
+        synchronize(device)
+        stamps.append(time.perf_counter())
+
+    def after(module, inputs, output):
+        synchronize(device)  # device->host sync: the step's kernels are done
+        stamps.append(time.perf_counter())
+
+    model.decoder.register_forward_pre_hook(before)
+    model.decoder.register_forward_hook(after)
+
+    print(f"# bench/generate.py: {describe(cfg.decoder)}; attention {args.attention}; prompt of 1 image "
+          f"({n} slots) + {args.prompt_tokens} text tokens = {len(ids)}; {args.new_tokens} new tokens, "
+          f"greedy; "
+          f"{device} {dtype}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    gen = GenerationConfig(max_new_tokens=args.new_tokens)
+    generate(model, [prompt], GenerationConfig(max_new_tokens=4))  # warm-up
+    results, outputs = {}, {}
+    for name, use_cache in (("uncached", False), ("cached", True)):
+        stamps.clear()
+        gen.use_cache = use_cache
+        t0 = time.perf_counter()
+        outputs[name] = generate(model, [prompt], gen)[0]
+        total = time.perf_counter() - t0
+        calls = [b - a for a, b in zip(stamps[::2], stamps[1::2])]  # prefill, then one per new token
+        steps = calls[1:]
+        w = min(args.window, len(steps))
+        start, end = statistics.median(steps[:w]), statistics.median(steps[-w:])  # robust to load spikes
+        results[name] = {"tok_s": len(outputs[name]) / total, "start_ms": 1e3 * start, "end_ms": 1e3 * end,
+                         "prefill_ms": 1e3 * calls[0], "total_s": total}
+    print(f"{'':>9} {'tok/s':>8} {'prefill ms':>10} {'ms/token first ' + str(w):>18} "
+          f"{'ms/token last ' + str(w):>17} {'last/first':>10}")
+    for name, r in results.items():
+        print(f"{name:>9} {r['tok_s']:>8.1f} {r['prefill_ms']:>10.1f} {r['start_ms']:>18.2f} "
+              f"{r['end_ms']:>17.2f} {r['end_ms'] / r['start_ms']:>9.2f}x")
+    speedup = results["cached"]["tok_s"] / results["uncached"]["tok_s"]
+    same = outputs["cached"] == outputs["uncached"]
+    print(f"cached / uncached tokens/s: {speedup:.2f}x; same tokens: {'yes' if same else 'NO'} "
+          f"({len(outputs['cached'])} tokens)")
+    return {"results": results, "speedup": speedup, "same": same}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""kosmos.perf: the CPU peak-memory counter that the benches rely on counts what it should."""
+
+import torch
+
+from kosmos.perf import PeakMemory, fmt_bytes
+
+MiB = 1 << 20
+
+
+def test_peak_memory_counts_live_tensors_not_views_or_earlier_ones():
+    before = torch.empty(MiB // 4)  # made before the block: not counted
+    with PeakMemory("cpu") as mem:
+        a = torch.empty(MiB)  # 4 MiB
+        b = torch.empty(MiB // 2)  # 2 MiB
+        _ = a.view(2, -1), a[:10], before.add_(1)  # views and in-place results add nothing
+        del a, _  # the views went with it
+        c = torch.empty(MiB // 4)  # 1 MiB, after a (4 MiB) is freed
+    assert mem.peak_bytes == 6 * MiB
+    assert b.numel() and c.numel()
+
+
+def test_peak_memory_sees_activations_kept_for_backward_and_gradients():
+    x = torch.randn(MiB // 4, requires_grad=True)  # 1 MiB
+    with PeakMemory("cpu") as mem:
+        y = x.exp()  # saved by autograd for exp's backward even after `del y`
+        loss = (y * 2).sum()  # the product (1 MiB) is freed at once: mul saves only its scalar
+        del y
+        loss.backward()  # x.grad (1 MiB) and temporaries
+    assert mem.peak_bytes >= 3 * MiB  # exp output + x.grad + at least one backward temporary
+    assert mem.peak_bytes < 6 * MiB
+    assert fmt_bytes(3 * MiB) == "3.0 MiB"
