@@ -80,11 +80,7 @@ def build_tokenizer(cfg):
 def build_model(cfg):
     from kosmos.model import Kosmos
 
-    model = Kosmos(cfg)
-    if cfg.decoder.compile:
-        for layer in model.decoder.layers:
-            layer.compile()
-    return model
+    return Kosmos(cfg)  # decoder.compile is applied inside (kosmos/decoder.py)
 
 
 def peak_flops(cfg, device) -> float | None:
