@@ -74,6 +74,7 @@ def test_config_errors_name_the_key_before_heavy_work(tmp_path, capsys):
 def test_missing_shards_are_named(tiny_tokenizer, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_kosmos.main(["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}",
+                           "data.text.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
                            f"data.captions.shards=[{tmp_path}/none-*.tar]"])
     assert "data.captions.shards" in capsys.readouterr().err
 
