@@ -149,8 +149,6 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
 
 
 def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> dict:
-    from safetensors.torch import load_model
-
     from kosmos import checkpoint as ck
 
     state = ck.read_json(path / "trainer_state.json")
@@ -160,7 +158,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     if _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:
-        load_model(acc.unwrap_model(model), str(path / "model.safetensors"))
+        ck.load_model_weights(acc.unwrap_model(model), path)
         optimizer.load_state_dict(ck.load_torch(path / "optimizer.pt"))
     scheduler.load_state_dict(ck.load_torch(path / "scheduler.pt"))
     ck.set_rng_state(ck.load_torch(path / f"rng_rank{acc.process_index}.pt"))
@@ -349,7 +347,10 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
             losses = {n: (w[0] / w[1].clamp(min=1)).item() for n, w in per_source.items()}  # sync point
             total = sum(w[0] for w in per_source.values()) / sum(w[1] for w in per_source.values()).clamp(min=1)
             state["tokens"] += int(counts[1])
-            skipped = sum(sum(v.values()) for v in mixture.skipped().values())
+            by_reason = {f"train/skipped/{src}/{reason}": n for src, reasons in mixture.skipped().items()
+                         for reason, n in reasons.items()}  # this rank's workers
+            skipped = int(acc.reduce(torch.tensor([float(sum(by_reason.values()))], device=acc.device),
+                                     reduction="sum").item())  # all ranks
             flops = counts[0] * dec_flops + counts[2] * img_flops
             mfu = flops / elapsed / (peak * acc.num_processes) if peak else None
             mem = (torch.cuda.max_memory_allocated() / 2**30 if acc.device.type == "cuda"
@@ -361,6 +362,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
                        "train/mem_gib": mem}
             if mfu is not None:
                 metrics["train/mfu"] = mfu
+            metrics.update(by_reason)
             if acc.is_main_process:
                 tqdm.write(_log_line(step, metrics, losses))
             acc.log(metrics, step=step)

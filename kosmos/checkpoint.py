@@ -97,6 +97,27 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load `model.safetensors` (the file, or a checkpoint directory holding it) into `model`. Never
+    unpickles; weights that do not fit the model fail with the file and the first mismatches named."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model weights at {path} (expected a .safetensors file or a checkpoint dir)")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise ValueError(f"{path}: weights do not fit this config ({len(lines)} mismatches, e.g. "
+                         f"{'; '.join(lines[:2]) or e}); is it the config the checkpoint was trained with?") from None
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit this config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
 def write_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1))
 

@@ -221,21 +221,6 @@ def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]
 # ----------------------------------------------------------------------------- loading and CLI
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load `model.safetensors` (a file, or a checkpoint directory holding one). Never unpickles."""
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model weights at {path} (expected a .safetensors file or a checkpoint dir)")
-    missing, unexpected = load_model(model, str(path), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-
-
 def build_prompt(tokenizer, text: str, images: list[torch.Tensor], num_latents: int) -> Prompt:
     """`{image}` in `text` marks where each image goes; without it the images come first."""
     from kosmos.sequence import encode_segments
@@ -273,6 +258,8 @@ def load_for_inference(config: str, checkpoint: str | None = None, tokenizer: st
             warnings.simplefilter("ignore")
         model = Kosmos(cfg, load_vision_weights=checkpoint is None)
     if checkpoint:
+        from kosmos.checkpoint import load_model_weights
+
         load_model_weights(model, checkpoint)
     return cfg, model.to(device).eval(), tok
 

@@ -116,3 +116,40 @@ def test_several_images_in_one_prompt():
         a = model(ids, p.images, mask).logits[0, -1]
         b = model(ids, p2.images, mask).logits[0, -1]
     assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    from safetensors.torch import save_model
+
+    from _tiny import ROOT
+    from kosmos.generate import main
+
+    model = tiny_model()
+    ckpt = tmp_path / "step_00000001"
+    ckpt.mkdir()
+    save_model(model, str(ckpt / "model.safetensors"))
+    img = ROOT / "assets" / "images" / "coffee.jpg"
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--checkpoint", str(ckpt), "--tokenizer",
+            str(tiny_tokenizer.path), "--image", str(img), "--image", str(img), "--max-new-tokens", "5"]
+    out = main([*args, "--prompt", "{image} and {image} show", "--prompt", "An image of"])
+    assert len(out) == 2 and capsys.readouterr().out.startswith("{image} and {image} show")
+    beams = main([*args, "--prompt", "An image of", "--beams", "3"])
+    assert len(beams) == 1
+    with pytest.raises(ValueError, match="2 images"):
+        main([*args, "--prompt", "only {image} here"])
+    # weights that do not fit the config are refused with the file named
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_model(tiny_model("decoder.dim=32", "decoder.ffn_dim=64"), str(bad / "model.safetensors"))
+    with pytest.raises(Exception, match="model.safetensors"):
+        main([*args[:2], "--checkpoint", str(bad), *args[4:], "--prompt", "x"])
+
+
+def test_summary_cli(capsys):
+    from _tiny import TINY
+    from kosmos.summary import main
+
+    counts = main([str(TINY), "decoder.layers=3"])
+    text = capsys.readouterr().out
+    assert "decoder 3 layers" in text and "total" in text
+    assert counts["total"] == sum(counts[k] for k in ("vision", "resampler", "projection", "decoder", "embeddings"))

@@ -114,6 +114,18 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tiny_run, tmp_path, monk
         train_kosmos.train(cfg)
 
 
+@pytest.mark.slow
+def test_periodic_evaluation_reports_loss_and_perplexity(tiny_run, tmp_path, capsys):
+    captions = next(o.split("=", 1)[1] for o in tiny_run if o.startswith("data.captions.shards="))
+    extra = {"data.captions.eval_shards": captions, "train.eval_every": 2, "train.eval_batches": 2,
+             "data.text.tokens_per_step": 0, "data.interleaved.tokens_per_step": 0, "data.captions.workers": 0}
+    train_kosmos.train(load_config(TINY, _overrides(tiny_run, tmp_path, 2, **extra)))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("eval "))
+    loss, ppl = (float(v) for v in line.split()[2::2])
+    assert line.split()[1::2] == ["captions_loss", "captions_ppl"]
+    assert 0 < loss < 20 and ppl == pytest.approx(2.718281828**loss, rel=1e-2)
+
+
 def _run(args, out_file, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "train_kosmos.py"), "--config", TINY, *args], cwd=ROOT,
