@@ -282,7 +282,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
     if ds is not None and ds.deepspeed_config.get("gradient_accumulation_steps") != n_micro:
         raise ConfigError(f"DeepSpeed steps the optimizer every gradient_accumulation_steps backward passes: set "
                           f"it to {n_micro} (the micro-batches of one step) in the accelerate config")
-    acc.print(f"mixture per step: " + ", ".join(
+    acc.print("mixture per step: " + ", ".join(
         f"{p.name} {p.micro_batches}x{p.micro_batch_size} rows ({p.tokens_per_step:,} tok)" for p in plans.values())
         + f"; {acc.num_processes} process(es), mixed precision {acc.mixed_precision}")
 

@@ -14,7 +14,6 @@ well under a minute on a 2-core CPU.
 
 from __future__ import annotations
 
-import io
 import random
 import sys
 import tempfile

@@ -119,9 +119,9 @@ def test_several_images_in_one_prompt():
 
 
 def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    from _tiny import ROOT
     from safetensors.torch import save_model
 
-    from _tiny import ROOT
     from kosmos.generate import main
 
     model = tiny_model()
@@ -147,6 +147,7 @@ def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
 
 def test_summary_cli(capsys):
     from _tiny import TINY
+
     from kosmos.summary import main
 
     counts = main([str(TINY), "decoder.layers=3"])

@@ -1,14 +1,12 @@
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from _tiny import ROOT, tiny_config, tiny_model
+from _tiny import ROOT, tiny_model
 
 import train_kosmos
 from kosmos import checkpoint as ck
