@@ -181,9 +181,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
            str(ROOT / "tests" / "dist_check.py"), *_overrides(tiny_run, tmp_path / "run", 3),
            # Small buffers and batches so that 3 steps stay inside each rank's first epoch: ranks read disjoint
            # shares of an epoch, but a rank already in its next epoch may meet a sample another rank has now.
