@@ -125,7 +125,8 @@ class VisionConfig:
     head_width: int | None = None
     """Width per attention head; null takes the architecture's (64)."""
     trainable_blocks: int = 1
-    """How many of the last ViT blocks are trained (the paper: all frozen but the last). 0 freezes all."""
+    """How many of the last ViT blocks are trained (the paper: all frozen but the last). 0 freezes all;
+    all of them (= vision.layers) trains the whole tower, patch embedding included."""
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "width", "layers", "head_width"):

@@ -7,6 +7,7 @@ contrastive projection), which the Perceiver resampler pools to 64 latents.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -97,14 +98,14 @@ class VisionEncoder(nn.Module):
         visual.load_state_dict(sd, strict=False)
 
     def freeze(self, trainable_blocks: int) -> None:
-        """Freeze everything but the last `trainable_blocks` transformer blocks and the final norm."""
+        """Freeze everything but the last `trainable_blocks` transformer blocks and the final norm; with
+        every block trainable, nothing is frozen (a tower trained from scratch)."""
         blocks = self.visual.transformer.resblocks
-        self.n_frozen_blocks = len(blocks) - trainable_blocks
-        for p in self.visual.parameters():
-            p.requires_grad_(False)
-        if trainable_blocks > 0:
-            for blk in blocks[self.n_frozen_blocks:]:
-                blk.requires_grad_(True)
+        self.n_frozen_blocks = max(0, len(blocks) - trainable_blocks)
+        self.embeds_trainable = trainable_blocks >= len(blocks)
+        self.visual.requires_grad_(self.embeds_trainable)
+        if 0 < trainable_blocks < len(blocks):
+            blocks[self.n_frozen_blocks:].requires_grad_(True)
             self.visual.ln_post.requires_grad_(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class VisionEncoder(nn.Module):
         v = self.visual
         blocks = v.transformer.resblocks
         # The frozen part needs no activations kept for backward: run it without autograd.
-        with torch.no_grad():
+        with contextlib.nullcontext() if self.embeds_trainable else torch.no_grad():
             x = v._embeds(images)  # (N, 1 + P, W), class token first
             for blk in blocks[: self.n_frozen_blocks]:
                 x = blk(x)

@@ -192,3 +192,11 @@ def test_paper_model_size_on_meta_device():
     assert 1.25e9 < counts["decoder"] + counts["embeddings"] < 1.4e9
     assert counts["embeddings"] == 64007 * 2048  # tied: counted once
     assert isinstance(counts, dict) and Kosmos  # import sanity
+
+
+def test_all_blocks_trainable_trains_the_whole_tower():
+    model = tiny_model("vision.trainable_blocks=2")  # tiny.yaml's tower has 2 blocks
+    ids, mask = make_row(model, 2, 1, 3)
+    model(ids, random_images(model, 1), mask, labels=ids).loss.backward()
+    frozen = [n for n, p in model.vision.named_parameters() if not p.requires_grad or p.grad is None]
+    assert not frozen
