@@ -376,7 +376,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
                 acc.print("eval " + " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in ev.items()))
         stop_now = stop.any_rank(acc)
         if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
-            state["samples"] = mixture_samples(mixture)
+            state["samples"] = mixture.samples_seen()
             saved = save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
             last_saved = step
             if saved is not None:
@@ -388,10 +388,6 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
     acc.end_training()
     state["last_saved"] = last_saved
     return state
-
-
-def mixture_samples(mixture) -> int:
-    return sum(loader.samples_seen() for loader in mixture.loaders.values())
 
 
 def _rss_gib() -> float:

@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     from data_tools.shapes import caption, draw
     from kosmos.checkpoint import list_checkpoints
     from kosmos.generate import GenerationConfig, build_prompt, generate, load_for_inference
-    from kosmos.image import clip_preprocess as load_image_pil
-    from kosmos.image import load_image
+    from kosmos.image import clip_preprocess, load_image
 
     latest = list_checkpoints(out / "run")[-1]
     cfg, model, tok = load_for_inference("configs/tiny.yaml", str(latest), str(out / "tokenizer"))
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     from data_tools.shapes import COLOURS, PLACES, SHAPES
 
     combos = [(c, sh, pl) for c in COLOURS for sh in SHAPES for pl in PLACES]
-    prompts = [build_prompt(tok, "", [load_image_pil(draw(*x, 96, rng), size)], cfg.connector.num_latents)
+    prompts = [build_prompt(tok, "", [clip_preprocess(draw(*x, 96, rng), size)], cfg.connector.num_latents)
                for x in combos]
     outs = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_id=tok.eos_id, pad_id=tok.pad_id))
     texts = [f" {tok.decode(ids).strip()} " for ids in outs]

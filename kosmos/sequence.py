@@ -22,6 +22,8 @@ class Sequence:
     image_mask: list[bool] = field(default_factory=list)
     """True at image slots."""
     n_images: int = 0
+    image_starts: list[int] = field(default_factory=list)
+    """Index of each image's `<image>` token in `ids`, in order."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,6 +48,7 @@ def encode_segments(tokenizer, segments: list[Any], num_latents: int, bos: bool 
         if is_text(seg):
             add(tokenizer.encode(seg))
         else:
+            seq.image_starts.append(len(seq.ids))
             add([tokenizer.image_id])
             add([tokenizer.pad_id] * num_latents, is_image=True)
             add([tokenizer.image_end_id])

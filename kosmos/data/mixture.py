@@ -74,6 +74,10 @@ class Mixture:
             if name in sd:
                 loader.load_state_dict(sd[name])
 
+    def samples_seen(self) -> int:
+        """Samples this rank has started packing, over all sources."""
+        return sum(loader.samples_seen() for loader in self.loaders.values())
+
     def skipped(self) -> dict[str, dict[str, int]]:
         return {name: dict(loader.skipped()) for name, loader in self.loaders.items()}
 

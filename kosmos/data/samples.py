@@ -112,6 +112,4 @@ def encode_sample(kind: str, raw: dict, pos: tuple[int, int], tokenizer, num_lat
     segments = sample_segments(kind, raw, image_size)
     seq = encode_segments(tokenizer, segments, num_latents, bos=True, eos=True)
     images = [s for s in segments if isinstance(s, torch.Tensor)]
-    starts = [i for i, t in enumerate(seq.ids) if t == tokenizer.image_id and i + 1 < len(seq.ids)
-              and seq.image_mask[i + 1]]
-    return Encoded(pos=pos, ids=seq.ids, image_mask=seq.image_mask, images=images, image_starts=starts)
+    return Encoded(pos=pos, ids=seq.ids, image_mask=seq.image_mask, images=images, image_starts=seq.image_starts)
