@@ -40,6 +40,7 @@ def check_config(cfg) -> None:
     if not cfg.tokenizer.path or not (Path(cfg.tokenizer.path) / "tokenizer.model").is_file():
         raise ConfigError(f"config key 'tokenizer.path': no tokenizer.model in {cfg.tokenizer.path!r} "
                           "(build one with `python -m tokenizer.build`)")
+    cfg.vision.input_size  # resolves vision.model_name through open_clip's configs (a clear error if unknown)
     try:
         plan(cfg)
     except ValueError as e:
@@ -193,20 +194,19 @@ class StopFlag:
         return bool(acc.reduce(flag, reduction="sum").item() > 0)  # sync point, once per step
 
 
-def to_device(batch: dict, device, image_dtype):
-    from kosmos.image import clip_normalize
-
+def to_device(batch: dict, device):
+    """A micro-batch on the device; images stay uint8 (the model normalises them)."""
     images = batch["images"]
     return {
         "input_ids": batch["input_ids"].to(device, non_blocking=True),
         "labels": batch["labels"].to(device, non_blocking=True),
         "image_mask": batch["image_mask"].to(device, non_blocking=True),
         "padding_mask": batch["padding_mask"].to(device, non_blocking=True),
-        "images": clip_normalize(images.to(device, non_blocking=True), image_dtype) if len(images) else None,
+        "images": images.to(device, non_blocking=True) if len(images) else None,
     }
 
 
-def evaluate(acc, cfg, model, tok) -> dict[str, float]:
+def evaluate(acc, cfg, model, encoder) -> dict[str, float]:
     """Loss and perplexity per source on its eval shards (at most train.eval_batches micro-batches each)."""
     import torch
 
@@ -217,13 +217,13 @@ def evaluate(acc, cfg, model, tok) -> dict[str, float]:
     for name, src in cfg.data.sources().items():
         if not src.eval_shards:
             continue
-        loader = build_loader(cfg, name, tok, rank=acc.process_index, world_size=acc.num_processes, train=False)
+        loader = build_loader(cfg, name, encoder, rank=acc.process_index, world_size=acc.num_processes, train=False)
         total = torch.zeros(2, device=acc.device)  # loss sum, tokens
         with torch.no_grad(), acc.autocast():
             for i, batch in enumerate(loader):
                 if i == cfg.train.eval_batches:
                     break
-                out = model(**to_device(batch, acc.device, torch.float32))
+                out = model(**to_device(batch, acc.device))
                 total += torch.stack([out.loss.float() * out.n_tokens, out.n_tokens.float()])
         total = acc.reduce(total, reduction="sum")
         loss = (total[0] / total[1].clamp(min=1)).item()
@@ -243,6 +243,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
     from kosmos import checkpoint as ck
     from kosmos.data import build_mixture
     from kosmos.optim import build_optimizer, build_scheduler
+    from kosmos.sequence import SequenceEncoder
 
     acc = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same initial weights on every rank
@@ -252,8 +253,8 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
     model, optimizer = acc.prepare(model, optimizer)
     # The scheduler stays unwrapped: accelerate's wrapper steps it once per process per call.
     scheduler = build_scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, cfg.optim)
-    mixture = build_mixture(cfg, tok, rank=acc.process_index, world_size=acc.num_processes,
-                            image_size=acc.unwrap_model(model).vision.image_size)
+    encoder = SequenceEncoder.from_config(cfg, tok)
+    mixture = build_mixture(cfg, encoder, rank=acc.process_index, world_size=acc.num_processes)
     out_dir = Path(cfg.train.output_dir)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,9 +275,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
     n_micro = sum(p.micro_batches for p in plans.values())
     budget = sum(p.tokens_per_step for p in plans.values())
     weights = {name: p.tokens_per_step / budget / p.micro_batches for name, p in plans.items()}
-    dec_flops = acc.unwrap_model(model).cfg.decoder.flops_per_token()
-    vis = acc.unwrap_model(model).vision
-    img_flops = 2 * sum(p.numel() for p in vis.parameters()) * (vis.num_patches + 1)  # frozen: forward only
+    dec_flops, img_flops = cfg.flops_per_token(), cfg.flops_per_image()
     peak = peak_flops(cfg, acc.device)
     ds = acc.state.deepspeed_plugin
     if ds is not None and ds.deepspeed_config.get("gradient_accumulation_steps") != n_micro:
@@ -307,7 +306,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
             sync = i == n_micro - 1
             ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(model)
             with ctx:
-                out = model(**to_device(batch, acc.device, torch.float32))
+                out = model(**to_device(batch, acc.device))
                 acc.backward(out.loss * weights[name])
             step_stats[name] += torch.stack([out.loss.detach().float() * out.n_tokens, out.n_tokens.float()])
         if cfg.optim.grad_clip > 0:
@@ -370,7 +369,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
             win_rows = win_real = win_images = 0
             t_win = time.perf_counter()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            ev = evaluate(acc, cfg, model, tok)
+            ev = evaluate(acc, cfg, model, encoder)
             if ev:
                 acc.log(ev, step=step)
                 acc.print("eval " + " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in ev.items()))

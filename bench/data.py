@@ -68,8 +68,9 @@ def baseline(paths: list[str]) -> tuple[int, float]:
 
 def pipeline(paths, tok, max_len, latents, size) -> tuple[int, int, int, float]:
     from kosmos.data import SourceDataset  # imported before the clock starts
+    from kosmos.sequence import SequenceEncoder
 
-    ds = SourceDataset("captions", paths, tok, max_len=max_len, num_latents=latents, image_size=size,
+    ds = SourceDataset("captions", paths, SequenceEncoder(tok, latents, size), max_len=max_len,
                        micro_batch_size=4, shuffle_buffer=0, infinite=False)
     rows = images = full_rows = full_real = 0
     t0 = time.perf_counter()

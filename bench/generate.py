@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [2, 4] + [0] * n + [5] + text  # <s> <image> slots </image> text
     mask = [False, False] + [True] * n + [False] * (1 + len(text))
     size = model.vision.image_size
-    prompt = Prompt(ids=ids, image_mask=mask, images=torch.randn(1, 3, size, size, generator=g).to(dtype))
+    prompt = Prompt(ids=ids, image_mask=mask, images=torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8))
 
     # Time each call of the decoder (the prefill, then one call per new token) with hooks on the module
     # that generate() itself calls.

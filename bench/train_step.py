@@ -39,7 +39,7 @@ def make_batch(model, batch: int, length: int, seed: int = 0):
         mask[:, s + 1: s + 1 + n] = True
         ids[:, s + 1 + n] = IMAGE_END
     size = model.vision.image_size
-    images = torch.randn(batch * len(starts), 3, size, size, generator=g)
+    images = torch.randint(0, 256, (batch * len(starts), 3, size, size), generator=g, dtype=torch.uint8)
     return ids, mask, images
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for L in args.lengths:
         ids, mask, images = make_batch(model, args.batch, L, seed=L)
-        ids, mask, images = ids.to(device), mask.to(device), images.to(device=device, dtype=dtype)
+        ids, mask, images = ids.to(device), mask.to(device), images.to(device)  # uint8: the model normalises
         steps = {}
         for name, m in models.items():
             def step(m=m):

@@ -124,3 +124,16 @@ def write_json(obj, path: Path) -> None:
 
 def read_json(path: Path):
     return json.loads(path.read_text())
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from `path`: the directory itself when it holds `model.safetensors`, else the
+    newest complete checkpoint of a run's output directory (or of its `checkpoints/` folder)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    for root in (path, path.parent if path.name == "checkpoints" else None):
+        if root is not None and list_checkpoints(root):
+            return list_checkpoints(root)[-1]
+    raise FileNotFoundError(f"{path}: neither a checkpoint (no model.safetensors) nor a run directory with "
+                            "complete checkpoints in checkpoints/")

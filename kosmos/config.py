@@ -140,17 +140,84 @@ class VisionConfig:
             _check(self.width % self.head_width == 0, "vision.head_width", "must divide vision.width")
 
     def resolved(self) -> dict[str, Any]:
-        """The open_clip vision_cfg dict: the architecture's JSON with this config's overrides."""
-        import open_clip  # heavy; only when a model is actually built
-
-        arch = open_clip.get_model_config(self.model_name)
-        if arch is None:
-            raise ConfigError(f"config key 'vision.model_name': unknown open_clip model {self.model_name!r}")
-        cfg = dict(arch["vision_cfg"])
+        """The open_clip vision_cfg dict: the architecture's JSON with this config's overrides. Read from
+        open_clip's shipped model configs without importing open_clip (so without torch)."""
+        cfg = dict(open_clip_architecture(self.model_name)["vision_cfg"])
         for name in ("image_size", "patch_size", "width", "layers", "head_width"):
             if getattr(self, name) is not None:
                 cfg[name] = getattr(self, name)
         return cfg
+
+    # Derived values: resolved here, once, so that training, evaluation and generation agree (the data
+    # pipeline resizes images to `input_size`; the model checks that it is given that size).
+
+    @property
+    def input_size(self) -> int:
+        """Pixels per side of the images the tower reads (`image_size`, or the architecture's)."""
+        size = self.resolved()["image_size"]
+        if isinstance(size, (list, tuple)):
+            _check(size[0] == size[1], "vision.image_size", f"only square inputs are supported, got {size}")
+            size = size[0]
+        return int(size)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        patch = self.resolved()["patch_size"]
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        return self.input_size // int(patch)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (the class token not counted): 256 for ViT-L/14 at 224 px."""
+        return self.grid**2
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the patch tokens (the resampler's width): 1024 for ViT-L/14."""
+        return int(self.resolved()["width"])
+
+    def forward_flops(self, blocks: int | None = None) -> float:
+        """Forward FLOPs of the tower for one image (matmuls and attention; `blocks` of its transformer
+        blocks, default all, plus the patch embedding when all are counted)."""
+        v = self.resolved()
+        w, n_layers = self.feature_width, int(v["layers"])
+        mlp = w * float(v.get("mlp_ratio", 4.0))
+        patch = v["patch_size"][0] if isinstance(v["patch_size"], (list, tuple)) else v["patch_size"]
+        P = self.num_patches
+        T = P + 1  # class token
+        block = 2 * T * (4 * w * w + 2 * w * mlp) + 2 * 2 * T * T * w  # qkv+out and mlp; QK^T and AV
+        blocks = n_layers if blocks is None else blocks
+        embed = 2 * P * 3 * patch * patch * w if blocks == n_layers else 0
+        return blocks * block + embed
+
+
+_ARCH_CACHE: dict[str, dict] = {}
+
+
+def open_clip_architecture(model_name: str) -> dict[str, Any]:
+    """open_clip's JSON config of `model_name` (e.g. ViT-L-14). Read from the installed package's
+    `model_configs/` without importing it; names open_clip only knows at run time (added with
+    `open_clip.add_model_config`) fall back to `open_clip.get_model_config`, which imports torch."""
+    if model_name not in _ARCH_CACHE:
+        import importlib.util
+        import json
+
+        spec = importlib.util.find_spec("open_clip")
+        arch = None
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            path = Path(loc) / "model_configs" / f"{model_name}.json"
+            if path.is_file():
+                arch = json.loads(path.read_text())
+                break
+        if arch is None and spec is not None:
+            import open_clip
+
+            arch = open_clip.get_model_config(model_name)
+        if arch is None or "vision_cfg" not in arch:
+            raise ConfigError(f"config key 'vision.model_name': unknown open_clip model {model_name!r}")
+        _ARCH_CACHE[model_name] = arch
+    return _ARCH_CACHE[model_name]
 
 
 @dataclass
@@ -316,6 +383,24 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per decoder token (forward + backward), see `DecoderConfig.flops_per_token`."""
+        return self.decoder.flops_per_token()
+
+    def flops_per_image(self) -> float:
+        """Training FLOPs per image: the tower's forward (frozen blocks need no backward) plus the backward
+        of its trainable blocks, and the resampler and projection forward + backward (3x forward)."""
+        v, c, d = self.vision, self.connector, self.decoder
+        layers = int(v.resolved()["layers"])
+        trainable = min(v.trainable_blocks, layers)
+        vision = v.forward_flops() + 2 * v.forward_flops(trainable)  # all trainable: the embedding too
+        w, n, M = v.feature_width, c.num_latents, v.num_patches
+        inner = c.heads * c.dim_head
+        layer = (2 * n * w * inner + 2 * (M + n) * w * 2 * inner + 2 * 2 * n * (M + n) * inner
+                 + 2 * n * inner * w + 2 * n * 2 * w * c.ff_mult * w)
+        connector = 3 * (c.depth * layer + 2 * n * w * d.dim)
+        return vision + connector
 
 
 # ----------------------------------------------------------------------------- loading

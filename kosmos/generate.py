@@ -1,7 +1,9 @@
 """Generation with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
 
-    python -m kosmos.generate --config configs/tiny.yaml --checkpoint runs/tiny/checkpoints/latest \
-        --tokenizer runs/tiny/tokenizer --image assets/images/chelsea.jpg --prompt "An image of"
+    python -m kosmos.generate --checkpoint demo_out/run --image assets/images/chelsea.jpg --prompt "An image of"
+
+A checkpoint directory is all it needs (its config.yaml, model.safetensors and tokenizer/); a run's output
+directory stands for its newest checkpoint.
 
 Prompts of different lengths are left-padded into one batch; the padding is masked out of attention, and
 xPos is relative, so every prompt decodes as it would alone. The prefill runs with
@@ -11,11 +13,13 @@ xPos is relative, so every prompt decodes as it would alone. The prefill runs wi
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from kosmos.model import Kosmos
+from kosmos.sequence import SequenceEncoder
 
 
 @dataclass
@@ -220,54 +224,47 @@ def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]
 # ----------------------------------------------------------------------------- loading and CLI
 
 
-def build_prompt(tokenizer, text: str, images: list[torch.Tensor], num_latents: int) -> Prompt:
-    """`{image}` in `text` marks where each image goes; without it the images come first."""
-    from kosmos.sequence import encode_segments
-
-    parts = text.split("{image}")
-    if len(parts) == 1:
-        segments: list = [*images, text] if text else list(images)
-    else:
-        if len(parts) - 1 != len(images):
-            raise ValueError(f"the prompt has {len(parts) - 1} {{image}} markers but {len(images)} images were given")
-        segments = []
-        for i, part in enumerate(parts):
-            if part:
-                segments.append(part)
-            if i < len(images):
-                segments.append(images[i])
-    seq = encode_segments(tokenizer, segments, num_latents, bos=True, eos=False)
-    return Prompt(ids=seq.ids, image_mask=seq.image_mask,
-                  images=torch.stack(images) if images else None)
+def build_prompt(encoder: SequenceEncoder, text: str, images: list[torch.Tensor]) -> Prompt:
+    """A Prompt from text and uint8 images; `{image}` in `text` marks where each image goes (without it the
+    images come first)."""
+    seq = encoder.prompt(text, images)
+    return Prompt(ids=seq.ids, image_mask=seq.image_mask, images=torch.stack(images) if images else None)
 
 
-def load_for_inference(config: str, checkpoint: str | None = None, tokenizer: str | None = None,
-                       overrides: list[str] | None = None, device: str = "cpu"):
-    """(cfg, model in eval mode on `device`, tokenizer or None) from a config and a checkpoint."""
-    import warnings
-
+def load_for_inference(checkpoint: str | None = None, config: str | None = None, tokenizer: str | None = None,
+                       overrides: list[str] | None = None, device: str = "cpu") -> tuple[Kosmos, SequenceEncoder]:
+    """(model in eval mode on `device`, its SequenceEncoder). A checkpoint directory (or a run directory)
+    is enough: its config.yaml and tokenizer copy are used. `config` builds a model from a YAML instead
+    (random weights unless a checkpoint is given too: for checkpoints that carry no config); `tokenizer`
+    overrides the tokenizer directory."""
     from kosmos.config import load_config
-    from tokenizer import KosmosTokenizer
 
-    cfg = load_config(config, overrides or [])
-    tok_dir = tokenizer or cfg.tokenizer.path
-    tok = KosmosTokenizer.from_dir(tok_dir) if tok_dir else None
-    with warnings.catch_warnings():
-        if checkpoint:  # the weights come from the checkpoint: no "randomly initialised" warning
-            warnings.simplefilter("ignore")
-        model = Kosmos(cfg, load_vision_weights=checkpoint is None)
-    if checkpoint:
-        from kosmos.checkpoint import load_model_weights
+    if checkpoint is None and config is None:
+        raise ValueError("give a checkpoint directory (or a config, for random weights)")
+    if config is None:
+        model = Kosmos.from_checkpoint(checkpoint, device=device, overrides=overrides)
+    else:
+        cfg = load_config(config, overrides or [])
+        with warnings.catch_warnings():
+            if checkpoint:  # the weights come from the checkpoint: no "randomly initialised" warning
+                warnings.simplefilter("ignore")
+            model = Kosmos(cfg, load_vision_weights=checkpoint is None)
+        if checkpoint:
+            from kosmos.checkpoint import find_checkpoint, load_model_weights
 
-        load_model_weights(model, checkpoint)
-    return cfg, model.to(device).eval(), tok
+            load_model_weights(model, find_checkpoint(checkpoint))
+        model = model.to(device).eval()
+    if tokenizer:
+        model.cfg.tokenizer.path = tokenizer
+    return model, SequenceEncoder.from_config(model.cfg)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML config of the model (e.g. configs/tiny.yaml)")
-    ap.add_argument("--checkpoint", help="model.safetensors or a checkpoint directory (default: random weights)")
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: tokenizer.path from the config)")
+    ap.add_argument("--checkpoint", help="checkpoint directory, or a run's output dir (its newest checkpoint); "
+                                         "its config.yaml and tokenizer/ are used")
+    ap.add_argument("--config", help="YAML config instead of the checkpoint's (random weights without --checkpoint)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's copy, or tokenizer.path)")
     ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     ap.add_argument("--prompt", action="append", default=None,
                     help="prompt text; `{image}` marks where each image goes (default: images first). "
@@ -282,16 +279,14 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args(argv)
-
-    from kosmos.image import load_image
+    if not args.checkpoint and not args.config:
+        ap.error("give --checkpoint DIR (or --config YAML for a randomly initialised model)")
 
     torch.manual_seed(args.seed)
-    cfg, model, tok = load_for_inference(args.config, args.checkpoint, args.tokenizer, args.overrides, args.device)
-    if tok is None:
-        ap.error("no tokenizer: pass --tokenizer DIR or set tokenizer.path in the config")
-    size = model.vision.image_size
-    images = [load_image(p, size) for p in args.image]
-    prompts = [build_prompt(tok, text, images, cfg.connector.num_latents) for text in (args.prompt or [""])]
+    model, enc = load_for_inference(args.checkpoint, args.config, args.tokenizer, args.overrides, args.device)
+    images = [enc.load_image(p) for p in args.image]
+    tok = enc.tokenizer
+    prompts = [build_prompt(enc, text, images) for text in (args.prompt or [""])]
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, eos_id=tok.eos_id,
                            pad_id=tok.pad_id)

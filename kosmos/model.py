@@ -2,7 +2,7 @@
 
 A decoder-only Transformer reads text in which every image is a span `<image> [n embeddings] </image>`:
 
-    image (N, 3, 224, 224)
+    image (N, 3, 224, 224) uint8 pixels, normalised inside with the tower's mean/std
       -> CLIP ViT-L/14 patch tokens         (N, 256, 1024)   kosmos/vision.py, frozen but the last block
       -> Perceiver resampler (flamingo)     (N, 64, 1024)    pools 256 tokens to 64 latents (Sec. 2.2)
       -> linear projection                  (N, 64, 2048)    into the decoder's width
@@ -14,13 +14,15 @@ A decoder-only Transformer reads text in which every image is a span `<image> [n
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kosmos.config import Config
+from kosmos.config import Config, load_config
 from kosmos.decoder import build_decoder
 from kosmos.sequence import IGNORE_INDEX
 from kosmos.vision import VisionEncoder
@@ -59,10 +61,28 @@ class Kosmos(nn.Module):
         self.decoder = build_decoder(d, embed)
         self.num_latents = c.num_latents
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        overrides: list[str] | None = None) -> Kosmos:
+        """A trained model, in eval mode, from a checkpoint directory alone: its `config.yaml` and
+        `model.safetensors` (read without unpickling). `path` may also be a run's output directory (its
+        newest checkpoint is taken). When the checkpoint carries its tokenizer (`tokenizer/`),
+        `model.cfg.tokenizer.path` points at it, so `SequenceEncoder.from_config(model.cfg)` works from any
+        working directory. `overrides` are dotted config overrides (e.g. `decoder.attention=torchscale`)."""
+        from kosmos.checkpoint import find_checkpoint, load_model_weights
+
+        ckpt = find_checkpoint(path)
+        cfg = checkpoint_config(ckpt, overrides)
+        with warnings.catch_warnings():  # the weights come from the checkpoint, not from CLIP
+            warnings.simplefilter("ignore")
+            model = cls(cfg, load_vision_weights=False)
+        load_model_weights(model, ckpt)
+        return model.to(device).eval()
+
     # ------------------------------------------------------------------ pieces
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) -> image embeddings (N, num_latents, dim)."""
+        """images: uint8 pixels (N, 3, S, S) -> image embeddings (N, num_latents, dim)."""
         patches = self.vision(images)  # (N, P, Wv)
         latents = self.resampler(patches)  # (N, 1, num_latents, Wv)
         return self.proj(latents.squeeze(1))  # (N, num_latents, dim)
@@ -100,7 +120,7 @@ class Kosmos(nn.Module):
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None) -> KosmosOutput:
-        """input_ids (B, L); images (N, 3, H, W); image_mask (B, L) True at image slots; labels (B, L)
+        """input_ids (B, L); images uint8 (N, 3, S, S); image_mask (B, L) True at image slots; labels (B, L)
         aligned with input_ids (the model shifts them), IGNORE_INDEX where no loss; padding_mask (B, L)
         True at padding. Rows are right-padded: the causal mask already keeps padding out of attention."""
         x = self.embed(input_ids, images, image_mask)
@@ -119,6 +139,26 @@ class Kosmos(nn.Module):
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens.clamp(min=1)
         return KosmosOutput(logits=logits, loss=loss, n_tokens=n_tokens)
+
+
+def checkpoint_config(ckpt: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config a checkpoint was trained with: its `config.yaml` (or, in checkpoints from before that
+    file existed, the copy in `trainer_state.json`), with the tokenizer path pointed at the checkpoint's own
+    copy of the tokenizer when it has one."""
+    import json
+
+    from kosmos.config import ConfigError, config_from_dict
+
+    ckpt = Path(ckpt)
+    if (ckpt / "config.yaml").is_file():
+        cfg = load_config(ckpt / "config.yaml", overrides)
+    elif (ckpt / "trainer_state.json").is_file() and "config" in json.loads((ckpt / "trainer_state.json").read_text()):
+        cfg = config_from_dict(json.loads((ckpt / "trainer_state.json").read_text())["config"], overrides)
+    else:
+        raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint; pass the config it was trained with")
+    if (ckpt / "tokenizer" / "tokenizer.model").is_file():
+        cfg.tokenizer.path = str((ckpt / "tokenizer").resolve())
+    return cfg
 
 
 def count_parameters(model: Kosmos) -> dict[str, int]:

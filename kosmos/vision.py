@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kosmos.config import VisionConfig
+from kosmos.image import CLIP_MEAN, CLIP_STD
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -63,7 +64,9 @@ class VisionEncoder(nn.Module):
             visual = clip.visual
             del clip
         else:
-            arch = open_clip.get_model_config(cfg.model_name)
+            from kosmos.config import open_clip_architecture
+
+            arch = open_clip_architecture(cfg.model_name)
             visual = _build_vision_tower(arch["embed_dim"], cfg.resolved(), quick_gelu=arch.get("quick_gelu", False))
             if spec:
                 self._load_local(visual, spec)
@@ -82,6 +85,17 @@ class VisionEncoder(nn.Module):
         grid = visual.grid_size
         self.num_patches = grid[0] * grid[1]
         self.image_size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
+        if (self.image_size, self.num_patches, self.width) != (cfg.input_size, cfg.num_patches, cfg.feature_width):
+            raise ValueError(  # the data pipeline sizes images by the config: both must agree
+                f"the {cfg.model_name} tower reads {self.image_size} px, {self.num_patches} patches of width "
+                f"{self.width}, but the config resolves to {cfg.input_size} px, {cfg.num_patches} x "
+                f"{cfg.feature_width}")
+        # Pixels come in as uint8; the model normalises them with the statistics the tower was trained with
+        # (open_clip sets them for pretrained tags; CLIP's otherwise). Buffers, not parameters: not saved.
+        mean = getattr(visual, "image_mean", None) or CLIP_MEAN
+        std = getattr(visual, "image_std", None) or CLIP_STD
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.freeze(cfg.trainable_blocks)
 
     @staticmethod
@@ -108,8 +122,25 @@ class VisionEncoder(nn.Module):
             blocks[self.n_frozen_blocks:].requires_grad_(True)
             self.visual.ln_post.requires_grad_(True)
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (N, 3, S, S) -> float, scaled to [0, 1] and normalised with the tower's mean/std."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8 pixels (N, 3, {self.image_size}, {self.image_size}); got "
+                            f"{images.dtype} (the model normalises them itself)")
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"images must be (N, 3, {self.image_size}, {self.image_size}), got "
+                             f"{tuple(images.shape)}; resize with kosmos.image.clip_resize_crop")
+        x = images.float() / 255.0
+        x = (x - self.pixel_mean) / self.pixel_std
+        return x.to(self.pixel_dtype)
+
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W), CLIP-normalised -> patch tokens (N, num_patches, width)."""
+        """images: uint8 pixels (N, 3, S, S) -> patch tokens (N, num_patches, width)."""
+        images = self.normalize(images)
         v = self.visual
         blocks = v.transformer.resblocks
         # The frozen part needs no activations kept for backward: run it without autograd.

@@ -28,7 +28,7 @@ def tiny_model(*overrides: str, seed: int = 0) -> Kosmos:
 def random_images(model: Kosmos, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     s = model.vision.image_size
-    return torch.randn(n, 3, s, s, generator=g)
+    return torch.randint(0, 256, (n, 3, s, s), generator=g, dtype=torch.uint8)  # the model normalises pixels
 
 
 def make_row(model: Kosmos, text_before: int, n_images: int, text_after: int, seed: int = 0,

@@ -71,3 +71,46 @@ def test_every_accelerate_config_loads(path):
 
     cfg = load_config_from_file(str(path))
     assert cfg.num_processes >= 1 and cfg.mixed_precision == "bf16"
+
+
+def test_vision_sizes_are_resolved_in_the_config_without_torch():
+    """The tower's input size and patch count come from open_clip's model config, read without importing
+    open_clip or torch, so the data pipeline, evaluation and generation all size images alike."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kosmos.config import load_config; "
+            "c = load_config(None, ['vision.model_name=ViT-L-14-336']).vision; "
+            "print(c.input_size, c.num_patches, c.feature_width, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == ["336", "576", "1024", "False"]
+    tiny = load_config(CONFIGS[0].parent / "tiny.yaml")
+    assert (tiny.vision.input_size, tiny.vision.num_patches) == (64, 64)
+    with pytest.raises(ConfigError, match="vision.model_name.*ViT-Q-99"):
+        load_config(None, ["vision.model_name=ViT-Q-99"]).vision.input_size
+
+
+def test_image_flops_sit_beside_token_flops():
+    cfg = load_config(CONFIGS[0].parent / "kosmos1.yaml")
+    # ViT-L/14 forward alone is at least 2 x 303M parameters x 257 tokens; the trainable last block, the
+    # resampler and the projection add their forward and backward.
+    assert 2 * 303e6 * 257 < cfg.flops_per_image() < 1.4 * 2 * 303e6 * 257
+    frozen = load_config(CONFIGS[0].parent / "kosmos1.yaml", ["vision.trainable_blocks=0"])
+    assert frozen.flops_per_image() < cfg.flops_per_image()
+    assert cfg.flops_per_token() == cfg.decoder.flops_per_token()
+
+
+def test_encoder_and_model_agree_on_the_image_size(tiny_tokenizer):
+    import warnings
+
+    from kosmos.model import Kosmos
+    from kosmos.sequence import SequenceEncoder
+
+    cfg = load_config(CONFIGS[0].parent / "tiny.yaml", ["vision.image_size=48"])
+    enc = SequenceEncoder.from_config(cfg, tiny_tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Kosmos(cfg)
+    assert enc.image_size == model.vision.image_size == 48
+    assert enc.num_latents == model.num_latents

@@ -11,15 +11,15 @@ from kosmos.data.packing import Packer
 from kosmos.data.samples import encode_sample
 from kosmos.data.shards import expand_shards
 from kosmos.model import IGNORE_INDEX
+from kosmos.sequence import SequenceEncoder
 
 NL = 4  # image slots per image in these tests
 
 
 def make_ds(kind, shards, tok, **kw):
-    args = dict(max_len=64, num_latents=NL, image_size=32, micro_batch_size=2, seed=0, shuffle_buffer=0,
-                infinite=False)
+    args = dict(max_len=64, micro_batch_size=2, seed=0, shuffle_buffer=0, infinite=False)
     args.update(kw)
-    return SourceDataset(kind, shards, tok, **args)
+    return SourceDataset(kind, shards, SequenceEncoder(tok, NL, 32), **args)
 
 
 def consume(loader, n=None):
@@ -98,7 +98,7 @@ def test_long_document_continues_across_rows_intact(tmp_path, tiny_tokenizer):
     from kosmos.data.shards import read_shard
 
     raw = next(read_shard(shards[0], Counter()))[1]
-    ref = encode_sample("interleaved", raw, (0, 0), tiny_tokenizer, NL, 32)
+    ref = encode_sample("interleaved", raw, (0, 0), SequenceEncoder(tiny_tokenizer, NL, 32))
     assert ids == ref.ids
     assert torch.equal(images, torch.stack(ref.images))
     for b in batches:

@@ -145,6 +145,71 @@ def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
         main([*args[:2], "--checkpoint", str(bad), *args[4:], "--prompt", "x"])
 
 
+def _self_contained_checkpoint(tmp_path, tokenizer_dir, model):
+    """What the trainer writes: weights, the resolved config and a copy of the tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from kosmos.config import save_config
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000007"
+    (ckpt / "tokenizer").mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    save_config(model.cfg, ckpt / "config.yaml")
+    (ckpt / "trainer_state.json").write_text("{}")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, ckpt / "tokenizer" / f.name)
+    return ckpt
+
+
+def test_a_checkpoint_directory_is_all_generation_needs(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    from _tiny import ROOT
+
+    from kosmos.generate import main
+    from kosmos.model import Kosmos
+    from kosmos.sequence import SequenceEncoder
+
+    model = tiny_model("tokenizer.path=/nowhere/tokenizer")  # the path at training time is gone now
+    ckpt = _self_contained_checkpoint(tmp_path, tiny_tokenizer.path, model)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no configs/ here: nothing may be read relative to the clone
+
+    loaded = Kosmos.from_checkpoint(ckpt)
+    assert not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    enc = SequenceEncoder.from_config(loaded.cfg)
+    assert enc.image_size == model.vision.image_size and enc.num_latents == model.num_latents
+    assert len(enc.tokenizer) == len(tiny_tokenizer)
+
+    img = ROOT / "assets" / "images" / "coffee.jpg"
+    args = ["--image", str(img), "--prompt", "An image of", "--max-new-tokens", "4"]
+    by_dir = main(["--checkpoint", str(ckpt), *args])
+    by_run = main(["--checkpoint", str(tmp_path / "run"), *args])  # a run directory: its newest checkpoint
+    assert by_dir == by_run and len(by_dir) == 1
+    assert capsys.readouterr().out.count("An image of") == 2
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        main(["--checkpoint", str(elsewhere), *args])
+
+
+def test_model_normalises_uint8_pixels_and_refuses_floats():
+    from kosmos.image import CLIP_MEAN, CLIP_STD
+
+    model = tiny_model().eval()
+    pixels = random_images(model, 2)
+    x = model.vision.normalize(pixels)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, (pixels.float() / 255 - mean) / std)
+    with pytest.raises(TypeError, match="uint8"):
+        model.encode_images(x)
+    s = model.vision.image_size
+    with pytest.raises(ValueError, match=f"\\(N, 3, {s}, {s}\\)"):
+        model.encode_images(torch.zeros(1, 3, s + 1, s + 1, dtype=torch.uint8))
+
+
 def test_summary_cli(capsys):
     from _tiny import TINY
 

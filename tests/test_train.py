@@ -207,21 +207,21 @@ def test_image_pathway_learns(tiny_run, tmp_path):
 
     from data_tools.shapes import COLOURS, POSITIONS, SHAPES, caption, draw
     from kosmos.generate import load_for_inference
-    from kosmos.image import clip_preprocess
-    from kosmos.sequence import IGNORE_INDEX, encode_segments
+    from kosmos.sequence import IGNORE_INDEX
 
     steps = 150
     extra = {"data.text.tokens_per_step": 0, "data.interleaved.tokens_per_step": 0, "data.captions.workers": 0,
              "optim.lr": 3e-3, "optim.warmup_steps": 10}
     cfg = load_config(TINY, _overrides(tiny_run, tmp_path / "run", steps, **extra))
     train_kosmos.train(cfg)
-    cfg, model, tok = load_for_inference(TINY, str(ck.list_checkpoints(tmp_path / "run")[-1]),
-                                         cfg.tokenizer.path)
+    model, enc = load_for_inference(str(ck.list_checkpoints(tmp_path / "run")[-1]), config=str(TINY),
+                                    tokenizer=cfg.tokenizer.path)
+    tok = enc.tokenizer
     rng = random.Random(99)
     combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
     picks = rng.sample(combos, 32)
-    images = torch.stack([clip_preprocess(draw(*x, 64, rng), model.vision.image_size) for x in picks])
-    seqs = [encode_segments(tok, [images[i], caption(*x)], model.num_latents) for i, x in enumerate(picks)]
+    images = torch.stack([enc.image(draw(*x, 64, rng)) for x in picks])
+    seqs = [enc.encode([images[i], caption(*x)]) for i, x in enumerate(picks)]
     L = max(len(q) for q in seqs)
     ids = torch.tensor([q.ids + [tok.pad_id] * (L - len(q)) for q in seqs])  # right-padded
     mask = torch.tensor([q.image_mask + [False] * (L - len(q)) for q in seqs])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kosmos.config import Config
 from kosmos.data.shards import expand_shards
 from kosmos.data.stream import SourceDataset, SourceLoader
+from kosmos.sequence import SequenceEncoder
 
 
 @dataclass
@@ -38,14 +39,13 @@ def plan(cfg: Config, world_size: int = 1) -> dict[str, SourcePlan]:
     return out
 
 
-def build_loader(cfg: Config, name: str, tokenizer, *, rank: int = 0, world_size: int = 1, train: bool = True,
-                 image_size: int | None = None) -> SourceLoader:
+def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1,
+                 train: bool = True) -> SourceLoader:
     """The loader of one source: training (infinite, shuffled) or evaluation (one pass, in order)."""
     src = getattr(cfg.data, name)
     shards = expand_shards(src.shards if train else src.eval_shards)
     ds = SourceDataset(
-        name, shards, tokenizer, max_len=cfg.decoder.max_len, num_latents=cfg.connector.num_latents,
-        image_size=image_size or cfg.vision.image_size or 224, micro_batch_size=src.micro_batch_size,
+        name, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
         num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train)
     return SourceLoader(ds)
@@ -82,9 +82,7 @@ class Mixture:
         return {name: dict(loader.skipped()) for name, loader in self.loaders.items()}
 
 
-def build_mixture(cfg: Config, tokenizer, *, rank: int = 0, world_size: int = 1,
-                  image_size: int | None = None) -> Mixture:
+def build_mixture(cfg: Config, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1) -> Mixture:
     plans = plan(cfg, world_size)
-    loaders = {name: build_loader(cfg, name, tokenizer, rank=rank, world_size=world_size, image_size=image_size)
-               for name in plans}
+    loaders = {name: build_loader(cfg, name, encoder, rank=rank, world_size=world_size) for name in plans}
     return Mixture(loaders, plans)

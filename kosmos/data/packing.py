@@ -1,4 +1,4 @@
-"""Packing samples into fixed-length rows, "full-sentence" style (DESIGN.md, "The sequence").
+"""Packing samples into fixed-length rows, "full-sentence" style (the paper's packing of documents).
 
 * Whole samples fill a row one after another; when the next sample does not fit in what is left, the row
   is closed and padded at its tail, and the sample starts the next row.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmos.image import clip_resize_crop
-from kosmos.sequence import encode_segments
+from kosmos.sequence import SequenceEncoder
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KINDS = ("text", "captions", "interleaved")
@@ -107,9 +107,8 @@ def sample_segments(kind: str, raw: dict, image_size: int) -> list:
     raise ValueError(f"unknown source kind {kind!r} (expected one of {KINDS})")
 
 
-def encode_sample(kind: str, raw: dict, pos: tuple[int, int], tokenizer, num_latents: int,
-                  image_size: int) -> Encoded:
-    segments = sample_segments(kind, raw, image_size)
-    seq = encode_segments(tokenizer, segments, num_latents, bos=True, eos=True)
+def encode_sample(kind: str, raw: dict, pos: tuple[int, int], encoder: SequenceEncoder) -> Encoded:
+    segments = sample_segments(kind, raw, encoder.image_size)
+    seq = encoder.encode(segments, bos=True, eos=True)
     images = [s for s in segments if isinstance(s, torch.Tensor)]
     return Encoded(pos=pos, ids=seq.ids, image_mask=seq.image_mask, images=images, image_starts=seq.image_starts)

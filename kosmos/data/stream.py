@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kosmos.data.packing import Packer, Row, collate
 from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.shards import read_positions, read_shard
+from kosmos.sequence import SequenceEncoder
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -45,11 +46,10 @@ def _set_rng_state(rng: random.Random, state: list) -> None:
 class WorkerStream:
     """One global worker's deterministic, resumable stream of encoded samples."""
 
-    def __init__(self, kind: str, shards: list[str], g: int, G: int, *, tokenizer, num_latents: int,
-                 image_size: int, seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0,
-                 state: dict | None = None):
+    def __init__(self, kind: str, shards: list[str], g: int, G: int, *, encoder: SequenceEncoder,
+                 seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, state: dict | None = None):
         self.kind, self.shards, self.g, self.G = kind, shards, g, G
-        self.tokenizer, self.num_latents, self.image_size = tokenizer, num_latents, image_size
+        self.encoder = encoder
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
         self.split_samples = len(shards) < G
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{g}")
@@ -110,7 +110,7 @@ class WorkerStream:
 
     def _encode(self, pos, raw) -> Encoded | None:
         try:
-            return encode_sample(self.kind, raw, pos, self.tokenizer, self.num_latents, self.image_size)
+            return encode_sample(self.kind, raw, pos, self.encoder)
         except BadSample as e:
             self.skipped[e.reason] += 1
             return None
@@ -163,14 +163,13 @@ class WorkerStream:
 class SourceDataset(IterableDataset):
     """Packed micro-batches of one source for one rank; each carries its worker's state."""
 
-    def __init__(self, kind: str, shards: list[str], tokenizer, *, max_len: int, num_latents: int,
-                 image_size: int, micro_batch_size: int, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000, infinite: bool = True):
+    def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
+                 micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 1000, infinite: bool = True):
         super().__init__()
         if not shards:
             raise ValueError(f"{kind}: no shards")
-        self.kind, self.shards, self.tokenizer = kind, list(shards), tokenizer
-        self.max_len, self.num_latents, self.image_size = max_len, num_latents, image_size
+        self.kind, self.shards, self.encoder, self.max_len = kind, list(shards), encoder, max_len
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
@@ -180,8 +179,7 @@ class SourceDataset(IterableDataset):
     def worker_stream(self, logical: int) -> WorkerStream:
         nw = max(1, self.num_workers)
         return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
-                            tokenizer=self.tokenizer, num_latents=self.num_latents, image_size=self.image_size,
-                            seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
+                            encoder=self.encoder, seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
                             state=self.states.get(logical))
 
     def __iter__(self):
@@ -191,7 +189,7 @@ class SourceDataset(IterableDataset):
             raise RuntimeError(f"SourceDataset built for {nw} workers runs under {info.num_workers}")
         logical = ((info.id if info else 0) + self.worker_offset) % nw
         stream = self.worker_stream(logical)
-        packer = Packer(self.max_len, self.num_latents, self.tokenizer.pad_id)
+        packer = Packer(self.max_len, self.encoder.num_latents, self.encoder.pad_id)
         rows: list[Row] = []
         for row, carry in packer.pack(stream.encoded()):
             rows.append(row)
@@ -204,7 +202,7 @@ class SourceDataset(IterableDataset):
             yield {"state": stream.state(None), "worker": logical, "empty": True}
 
     def _batch(self, rows: list[Row], stream: WorkerStream, carry: Encoded | None, logical: int) -> dict:
-        batch = collate(rows, self.image_size)
+        batch = collate(rows, self.encoder.image_size)
         batch["n_real"] = torch.tensor(sum(r.n_real for r in rows))
         batch["sample_positions"] = [pos for r in rows for pos in r.starts]
         batch["state"] = stream.state(carry)
