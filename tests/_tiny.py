@@ -48,3 +48,21 @@ def make_row(model: Kosmos, text_before: int, n_images: int, text_after: int, se
     ids += text(text_after)
     mask += [False] * text_after
     return torch.tensor([ids]), torch.tensor([mask])
+
+
+def checkpoint_dir(run: Path, tokenizer_dir: Path, model: Kosmos, step: int = 7) -> Path:
+    """A checkpoint as the trainer writes it, for inference: weights, the resolved config, the tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from kosmos.config import save_config
+
+    ckpt = run / "checkpoints" / f"step_{step:08d}"
+    (ckpt / "tokenizer").mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    save_config(model.cfg, ckpt / "config.yaml")
+    (ckpt / "trainer_state.json").write_text("{}")
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, ckpt / "tokenizer" / f.name)
+    return ckpt

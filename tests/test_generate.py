@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import torch
-from _tiny import make_row, random_images, tiny_model
+from _tiny import checkpoint_dir, make_row, random_images, tiny_model
 
 from kosmos.generate import GenerationConfig, Prompt, filter_logits, generate
 
@@ -145,24 +145,6 @@ def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
         main([*args[:2], "--checkpoint", str(bad), *args[4:], "--prompt", "x"])
 
 
-def _self_contained_checkpoint(tmp_path, tokenizer_dir, model):
-    """What the trainer writes: weights, the resolved config and a copy of the tokenizer."""
-    import shutil
-
-    from safetensors.torch import save_model
-
-    from kosmos.config import save_config
-
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000007"
-    (ckpt / "tokenizer").mkdir(parents=True)
-    save_model(model, str(ckpt / "model.safetensors"))
-    save_config(model.cfg, ckpt / "config.yaml")
-    (ckpt / "trainer_state.json").write_text("{}")
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, ckpt / "tokenizer" / f.name)
-    return ckpt
-
-
 def test_a_checkpoint_directory_is_all_generation_needs(tmp_path, tiny_tokenizer, monkeypatch, capsys):
     from _tiny import ROOT
 
@@ -171,7 +153,7 @@ def test_a_checkpoint_directory_is_all_generation_needs(tmp_path, tiny_tokenizer
     from kosmos.sequence import SequenceEncoder
 
     model = tiny_model("tokenizer.path=/nowhere/tokenizer")  # the path at training time is gone now
-    ckpt = _self_contained_checkpoint(tmp_path, tiny_tokenizer.path, model)
+    ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, model)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # no configs/ here: nothing may be read relative to the clone

@@ -1,0 +1,5 @@
+import sys
+
+from kosmos.eval.loss import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""Loss and perplexity of a model on held-out shards, per source.
+
+Used by the trainer's periodic evaluation (with a cross-rank sum) and by `python -m kosmos.eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from kosmos.sequence import SequenceEncoder
+
+
+def to_device(batch: dict, device) -> dict:
+    """A micro-batch as the model's keyword arguments, on `device`; images stay uint8 (the model
+    normalises them)."""
+    images = batch["images"]
+    return {
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "labels": batch["labels"].to(device, non_blocking=True),
+        "image_mask": batch["image_mask"].to(device, non_blocking=True),
+        "padding_mask": batch["padding_mask"].to(device, non_blocking=True),
+        "images": images.to(device, non_blocking=True) if len(images) else None,
+    }
+
+
+@torch.no_grad()
+def source_loss(model, batches: Iterable[dict], device, max_batches: int | None = None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+    """(mean loss per target token, target tokens) over at most `max_batches` micro-batches. `reduce` sums
+    the (loss sum, tokens) pair over ranks when several processes evaluate shares of the same shards."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i == max_batches:
+                break
+            out = model(**to_device(batch, device))
+            total += torch.stack([out.loss.double() * out.n_tokens, out.n_tokens.double()])
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        total = reduce(total)
+    loss_sum, tokens = total.tolist()  # sync point
+    return loss_sum / max(tokens, 1), int(tokens)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kosmos.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="checkpoint directory, or a run's output dir (its newest checkpoint)")
+    ap.add_argument("--shards", action="append", default=[], metavar="SOURCE=PATTERN",
+                    help="held-out shards of a source (text, captions, interleaved); repeat for several. "
+                         "Default: the data.<source>.eval_shards of the checkpoint's config")
+    ap.add_argument("--max-batches", type=int, default=None, help="micro-batches per source (default: all)")
+    ap.add_argument("--output", help="also write the results to this JSON file")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.captions.micro_batch_size=4")
+    args = ap.parse_args(argv)
+
+    from kosmos.config import SOURCES
+    from kosmos.data import build_loader
+    from kosmos.model import Kosmos
+
+    model = Kosmos.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
+    cfg = model.cfg
+    given: dict[str, list[str]] = {}
+    for item in args.shards:
+        name, sep, pattern = item.partition("=")
+        if not sep or name not in SOURCES:
+            ap.error(f"--shards {item!r}: expected SOURCE=PATTERN with SOURCE one of {', '.join(SOURCES)}")
+        given.setdefault(name, []).append(pattern)
+    for name, patterns in given.items():  # given shards replace the config's for that source
+        getattr(cfg.data, name).eval_shards = patterns
+    sources = [n for n in SOURCES if getattr(cfg.data, n).eval_shards]
+    if not sources:
+        ap.error("no held-out shards: pass --shards SOURCE=PATTERN (the checkpoint's config names none)")
+    encoder = SequenceEncoder.from_config(cfg)
+    results = {}
+    for name in sources:
+        try:
+            loader = build_loader(cfg, name, encoder, train=False)
+        except FileNotFoundError as e:
+            ap.exit(2, f"error: data.{name}.eval_shards: {e}\n")
+        loss, tokens = source_loss(model, loader, args.device, args.max_batches)
+        results[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
+        print(f"{name:<12} loss {loss:.4f}  ppl {perplexity(loss):10.3f}  ({tokens:,} target tokens)", flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+from _shards import caption_shards, text_shards
+from _tiny import checkpoint_dir, tiny_model
+
+
+def test_eval_cli_reports_the_token_mean_loss_per_source(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    from kosmos.eval import main, source_loss
+    from kosmos.eval.loss import to_device
+
+    model = tiny_model("data.captions.micro_batch_size=2", "data.text.micro_batch_size=2")
+    ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, model)
+    caps = caption_shards(tmp_path / "cap", 1, 40)  # several micro-batches of 2 rows
+    texts = text_shards(tmp_path / "txt", 1, 5)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "eval.json"
+    assert main(["--checkpoint", str(ckpt), "--shards", f"captions={caps[0]}", "--shards", f"text={texts[0]}",
+                 "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"text", "captions"}
+    printed = capsys.readouterr().out
+    assert "captions" in printed and "ppl" in printed
+
+    # the same number by hand: summed token losses over all micro-batches / all target tokens
+    from kosmos.data import build_loader
+    from kosmos.model import Kosmos
+    from kosmos.sequence import SequenceEncoder
+
+    loaded = Kosmos.from_checkpoint(ckpt)
+    loaded.cfg.data.captions.eval_shards = caps
+    enc = SequenceEncoder.from_config(loaded.cfg)
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for batch in build_loader(loaded.cfg, "captions", enc, train=False):
+            o = loaded(**to_device(batch, "cpu"))
+            loss_sum += float(o.loss) * int(o.n_tokens)
+            tokens += int(o.n_tokens)
+    assert results["captions"]["tokens"] == tokens > 0
+    assert results["captions"]["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+    loss, n = source_loss(loaded, build_loader(loaded.cfg, "captions", enc, train=False), "cpu", max_batches=1)
+    assert 0 < n < tokens
+
+
+def test_eval_cli_without_held_out_shards_says_so(tmp_path, tiny_tokenizer, capsys):
+    from kosmos.eval import main
+
+    ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, tiny_model())
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(ckpt)])
+    assert e.value.code == 2 and "no held-out shards" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(ckpt), "--shards", "pictures=x.tar"])
+    assert "SOURCE=PATTERN" in capsys.readouterr().err
