@@ -8,6 +8,11 @@
 4. captions held-out shapes and one of the shipped photos with the trained model.
 
 Everything lands in demo_out/ (the paths configs/tiny.yaml points at). Run again, it reuses what is there.
+
+    python scripts/demo.py [--steps N] [--images N] [--out DIR]    # or: python -m scripts.demo
+
+An application of the library, not part of it: it lives outside kosmos/ because it drives the data_tools
+converters (nothing in kosmos/ imports data_tools, scripts or bench).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python scripts/demo.py` from a checkout: import kosmos, tokenizer, data_tools
 
 
 def run(cmd: list[str], **kw) -> None:
