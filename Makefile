@@ -23,8 +23,10 @@ test-fast: setup
 demo: setup
 	$(PY) scripts/demo.py
 
+## Every benchmark script in bench/ (bench/_*.py are helpers, not benchmarks).
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/[!_]*.py; do m=$$(basename $$b .py); echo "== python -m bench.$$m"; \
+		$(PY) -m bench.$$m || exit 1; done
 
 clean:
 	rm -rf .venv .pytest_cache demo_out

@@ -6,7 +6,7 @@ same run.
 
 For each length: median time of forward + backward of the decoder layers (no embeddings, no output
 projection), and the peak memory of tensors allocated during one step (CUDA: max_memory_allocated;
-CPU: live tensor storages counted by kosmos.perf.PeakMemory). Ratios are stock / sdpa: above 1 means the
+CPU: live tensor storages counted by bench._perf.PeakMemory). Ratios are stock / sdpa: above 1 means the
 SDPA path is faster or smaller.
 """
 
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from kosmos.config import DecoderConfig, load_config  # noqa: E402
 from kosmos.decoder import build_decoder  # noqa: E402
-from kosmos.perf import fmt_bytes, peak_memory, time_interleaved  # noqa: E402
+from bench._perf import fmt_bytes, peak_memory, time_interleaved  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

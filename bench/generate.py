@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench.attention import DTYPES, decoder_overrides, describe, resolve_dtype  # noqa: E402
 from kosmos.config import load_config  # noqa: E402
-from kosmos.perf import synchronize  # noqa: E402
+from bench._perf import synchronize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,8 +1,8 @@
-"""kosmos.perf: the CPU peak-memory counter that the benches rely on counts what it should."""
+"""bench._perf: the CPU peak-memory counter that the benches rely on counts what it should."""
 
 import torch
 
-from kosmos.perf import PeakMemory, fmt_bytes
+from bench._perf import PeakMemory, fmt_bytes
 
 MiB = 1 << 20
 

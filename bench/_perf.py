@@ -1,4 +1,4 @@
-"""Measuring time and peak memory the same way on CPU and GPU (for bench/ and the training log).
+"""Measuring time and peak memory the same way on CPU and GPU, for the benchmarks in bench/.
 
     with PeakMemory(device) as mem:
         loss = model(...).loss
