@@ -6,10 +6,10 @@ PIP ?= .venv/bin/pip
 
 setup: .venv/.installed
 
-.venv/.installed: requirements.txt
+.venv/.installed: requirements.txt requirements-test.txt
 	python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet -r requirements.txt -r requirements-test.txt
 	touch $@
 
 ## All tests, the slow end-to-end ones included (what CI runs).

@@ -1,0 +1,39 @@
+"""Console scripts (see ``[project.scripts]`` in pyproject.toml) for the commands whose ``main`` returns data.
+
+A console script runs ``sys.exit(main())``: an int is the exit status, None is 0, and any other object is
+printed to stderr and exits 1. ``train_kosmos.main`` returns the final training state (a dict),
+``kosmos.generate.main`` the generated texts and ``kosmos.summary.main`` the parameter counts, which suits
+tests and notebooks but not a shell. These shims read the command line like the modules do (``main()``
+with no argv parses sys.argv) and return 0; failures still exit non-zero through the exceptions and
+``SystemExit`` the mains raise (argparse errors exit 2, a bad config exits 2).
+
+    kosmos-train --config configs/tiny.yaml train.max_steps=50      # = python train_kosmos.py ...
+    kosmos-generate --config configs/tiny.yaml --checkpoint CKPT --image a.png
+    kosmos-summary configs/kosmos1.yaml
+"""
+
+from __future__ import annotations
+
+
+def train() -> int:
+    """``kosmos-train``: ``python train_kosmos.py`` (one process; for several, ``accelerate launch``)."""
+    import train_kosmos
+
+    train_kosmos.main()
+    return 0
+
+
+def generate() -> int:
+    """``kosmos-generate``: ``python -m kosmos.generate``."""
+    from kosmos.generate import main
+
+    main()
+    return 0
+
+
+def summary() -> int:
+    """``kosmos-summary``: ``python -m kosmos.summary``."""
+    from kosmos.summary import main
+
+    main()
+    return 0
