@@ -4,12 +4,18 @@ PIP ?= .venv/bin/pip
 
 .PHONY: setup test test-fast demo bench lint clean
 
-setup: .venv/.installed
+setup: .venv/.installed .venv/.editable
 
 .venv/.installed: requirements.txt requirements-test.txt
 	python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements.txt -r requirements-test.txt
+	touch $@
+
+# The checkout itself, editable: the kosmos-* console scripts, and `import kosmos` from any directory.
+# Offline and a few seconds (setuptools is already in the venv); redone when pyproject.toml changes.
+.venv/.editable: pyproject.toml .venv/.installed
+	$(PIP) install --quiet --no-deps --no-build-isolation --no-index -e .
 	touch $@
 
 ## All tests, the slow end-to-end ones included (what CI runs).
