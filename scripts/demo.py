@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python scripts/demo.py` from a checkout: import kosmos, tokenizer, data_tools
+sys.path.insert(0, str(ROOT))  # `python scripts/demo.py`: import kosmos, tokenizer, data_tools
 
 
 def run(cmd: list[str], **kw) -> None:

@@ -26,6 +26,10 @@ FORBIDDEN = {
 ALLOWED = {"kosmos/cli.py": {"train_kosmos"}}
 
 
+def _called_name(call: ast.Call) -> str | None:
+    return getattr(call.func, "attr", getattr(call.func, "id", None))
+
+
 def imported_top_level_names(path: Path) -> set[str]:
     """First component of every absolute module name imported anywhere in the file."""
     names = set()
@@ -34,10 +38,10 @@ def imported_top_level_names(path: Path) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-        elif (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
-              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            names.add(node.args[0].value.split(".")[0])  # importlib.import_module("x.y") counts too
+        elif isinstance(node, ast.Call) and _called_name(node) in ("import_module", "__import__"):
+            arg = node.args[0] if node.args else None
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                names.add(arg.value.split(".")[0])  # importlib.import_module("x.y") counts too
     return names
 
 
