@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,8 @@ from data_tools.common import (
     run_conversion,
     table_kind,
 )
+from kosmos.data.format import IMAGE_EXTS as SHARD_IMAGE_EXTS
+from kosmos.data.format import IMAGE_FIELD, JSON_FIELD, TEXT_FIELD, TarSpan, iter_tar
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "file_name", "filename", "path", "jpg")
@@ -66,8 +69,8 @@ def make_caption_sample(item: Item, opts: ImageOptions) -> Sample:
     meta = dict(p.get("meta") or {})
     meta.update(source=item.source, width=w, height=h, original_width=ow, original_height=oh)
     return Sample(
-        files={"jpg": jpg, "txt": p["caption"].encode("utf-8"),
-               "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")},
+        files={IMAGE_FIELD: jpg, TEXT_FIELD: p["caption"].encode("utf-8"),
+               JSON_FIELD: json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")},
         images=1,
     )
 
@@ -203,64 +206,45 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
             yield Skipped("unreadable_file", name)
 
 
-def _img2dataset_sample(name: str, key: str | None, group: dict) -> Iterator[Item | Skipped]:
-    """The item (or the reason to skip) of one img2dataset sample ``{ext: bytes or ImageRef}``."""
-    if key is None:
-        return
+def _img2dataset_sample(name: str, key: str, group: dict) -> Item | Skipped:
+    """The item (or the reason to skip) of one img2dataset sample ``{field: bytes or ImageRef}``."""
     source = f"{name}:{key}"
-    img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
+    img_ext = next((e for e in SHARD_IMAGE_EXTS if e in group), None)
     if img_ext is None:
-        yield Skipped("missing_image", source)
-        return
+        return Skipped("missing_image", source)
     try:
-        caption = _caption(group.get("txt"))
+        caption = _caption(group.get(TEXT_FIELD))
     except Skip as s:
-        yield Skipped(s.reason, source)
-        return
+        return Skipped(s.reason, source)
     meta: dict = {}
-    if "json" in group:
+    if JSON_FIELD in group:
         try:
-            loaded = json.loads(group["json"].decode("utf-8"))
+            loaded = json.loads(group[JSON_FIELD].decode("utf-8"))
             meta = loaded if isinstance(loaded, dict) else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
             meta = {}
-    yield Item(key, source, {"image": group[img_ext], "caption": caption, "meta": meta})
+    return Item(key, source, {"image": group[img_ext], "caption": caption, "meta": meta})
 
 
 def _img2dataset_records(input: Path) -> Iterator[Item | Skipped]:
-    """img2dataset's webdataset output: members grouped by key as webdataset does; images of plain
-    tars are passed to workers as byte ranges of the tar, not copied."""
-    import tarfile
-
+    """img2dataset's webdataset output: members grouped into samples as the training reader does
+    (``kosmos.data.format.iter_tar``); images of plain tars are passed to workers as byte ranges of the
+    tar, not copied. A sample cut by a broken tar is dropped; the tar is counted as ``broken_tar``."""
     tars = list_files(input, lambda p: p.name.endswith((".tar", ".tar.gz", ".tgz")))
     base = input if input.is_dir() else input.parent
     for tpath in tars:
         name = tpath.relative_to(base).as_posix()
-        plain = tpath.name.endswith(".tar")
-        group: dict[str, object] = {}
-        gkey: str | None = None
-        try:
-            with tarfile.open(tpath, "r:" if plain else "r:*") as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    base_name = m.name.rsplit("/", 1)[-1]
-                    if "." not in base_name:
-                        continue
-                    stem, ext = base_name.split(".", 1)
-                    key = m.name[: len(m.name) - len(base_name)] + stem
-                    if key != gkey:
-                        yield from _img2dataset_sample(name, gkey, group)
-                        gkey, group = key, {}
-                    ext = ext.lower()
-                    if ext in ("jpg", "jpeg", "png", "webp") and plain:
-                        group[ext] = ImageRef(str(tpath), m.offset_data, m.size)
-                    else:
-                        f = tar.extractfile(m)
-                        group[ext] = f.read() if f else b""
-                yield from _img2dataset_sample(name, gkey, group)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            print(f"warning: {name}: broken tar ({e}); its remaining samples are skipped", file=sys.stderr)
+        broken: Counter = Counter()
+        errors: list[str] = []
+        for sample in iter_tar(tpath, broken, read=lambda f: f not in SHARD_IMAGE_EXTS, errors=errors):
+            if sample.cut:
+                continue
+            group = {f: ImageRef(str(tpath), v.offset, v.size) if isinstance(v, TarSpan) else v
+                     for f, v in sample.files.items()}
+            yield _img2dataset_sample(name, sample.key, group)
+        if broken["broken_shard"] or broken["truncated_shard"]:
+            why = "; ".join(errors) or "it ends without the end-of-archive blocks"
+            print(f"warning: {name}: broken tar ({why}); its remaining samples are skipped", file=sys.stderr)
             yield Skipped("broken_tar", name)
 
 

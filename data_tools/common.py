@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kosmos.data.format import member_name
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 STATE_DIR = ".convert_state"
 MANIFEST = "manifest.json"
@@ -480,7 +482,7 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
                 ex.append(item.source if isinstance(e, Skip) else f"{item.source}: {e}")
             continue
         image_skips.update(sample.image_skips)
-        files = {f"{item.key}.{ext}": data for ext, data in sorted(sample.files.items())}
+        files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}
         size = _tar_size(files)
         if tar is not None and cur["samples"] and _tar_file_size(cur["est"] + size) > max_shard_bytes:
             close()

@@ -28,7 +28,6 @@ import argparse
 import json
 import random
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from data_tools.common import (
     table_kind,
     url_hashes,
 )
+from kosmos.data.format import JSON_FIELD, TarSpan, image_field, iter_tar
 
 FORMATS = ("obelics", "mmc4")
 JOINERS = {"obelics": "\n\n", "mmc4": " "}
@@ -121,27 +121,21 @@ class ImageIndex:
                 return
 
     def _add_tar(self, p: Path) -> None:
-        groups: dict[str, dict] = {}
-        try:
-            with tarfile.open(p, "r:") as tar:
-                for m in tar:
-                    if not m.isfile() or "." not in m.name.rsplit("/", 1)[-1]:
-                        continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-                    ext = base.split(".", 1)[1].lower()
-                    g = groups.setdefault(key, {})
-                    if ext == "json":
-                        f = tar.extractfile(m)
-                        g["url"] = _json_url(f.read() if f else b"")
-                    elif "." + ext in IMAGE_EXTS:
-                        g["ref"] = ImageRef(str(p), m.offset_data, m.size)
-        except (tarfile.TarError, OSError) as e:
-            print(f"warning: images tar {p} is broken ({e}); using what was read", file=sys.stderr)
-        for g in groups.values():
-            if g.get("url") and "ref" in g:
+        broken: Counter = Counter()
+        errors: list[str] = []
+        for sample in iter_tar(p, broken, read=lambda f: f == JSON_FIELD, errors=errors):
+            if sample.cut:  # its image may be cut short
+                continue
+            meta = sample.files.get(JSON_FIELD)
+            url = _json_url(meta) if isinstance(meta, bytes) else None
+            span = next((v for f, v in reversed(sample.files.items())
+                         if isinstance(v, TarSpan) and "." + f in IMAGE_EXTS), None)
+            if url and span is not None:
                 self.images += 1
-                self.refs.setdefault("url:" + g["url"], g["ref"])
+                self.refs.setdefault("url:" + url, ImageRef(str(p), span.offset, span.size))
+        if broken["broken_shard"] or broken["truncated_shard"]:
+            why = "; ".join(errors) or "no end-of-archive blocks"
+            print(f"warning: images tar {p} is broken ({why}); using what was read", file=sys.stderr)
 
     def by_url(self, url: str | None) -> ImageRef | None:
         if not url:
@@ -202,7 +196,7 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
             except Skip as s:
                 skips[s.reason] += 1
                 continue
-            name = f"img{n}.jpg"
+            name = image_field(n)
             files[name] = jpg
             segments.append({"image": name})
             n += 1
@@ -214,7 +208,7 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
         if random.Random(f"{opts.seed}:{item.key}").random() < opts.single_image_drop:
             raise Skip("single_image_dropped", image_skips=skips)
     doc = {"segments": segments, "meta": item.payload.get("meta") or {}}
-    files["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    files[JSON_FIELD] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
     sample = Sample(files=files, images=n)
     sample.image_skips = skips
     return sample
