@@ -144,7 +144,8 @@ def test_parse_sample(kind, files, want):
     ("interleaved", {"json": b"{not json"}, "bad_json"),
     ("interleaved", {"json": b'{"segments": "no list"}'}, "bad_json"),
     ("interleaved", {"json": _doc(["a string"])}, "bad_json"),
-    ("interleaved", {"json": _doc([{"text": "a"}, {"image": "img1.jpg"}]), "img0.jpg": b"I"}, "missing_image"),
+    ("interleaved", {"json": _doc([{"text": "a"}, {"image": "img1.jpg"}]), "img0.jpg": b"I"},
+     "missing_image"),
     ("interleaved", {"json": _doc([{"text": ""}, {"other": 1}])}, "empty_document"),
 ])
 def test_parse_sample_rejects(kind, files, reason):

@@ -52,7 +52,8 @@ def _image(data: bytes, size: int) -> torch.Tensor:
 
 def sample_segments(kind: str, raw: dict, image_size: int) -> list:
     """The sample's segments: strings and uint8 image tensors, in order."""
-    return [_image(s.data, image_size) if isinstance(s, ImageSegment) else s for s in parse_sample(kind, raw)]
+    segments = parse_sample(kind, raw)
+    return [_image(s.data, image_size) if isinstance(s, ImageSegment) else s for s in segments]
 
 
 def encode_sample(kind: str, raw: dict, pos: tuple[int, int], tokenizer, num_latents: int,
