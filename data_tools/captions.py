@@ -30,31 +30,13 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_tools import common
-from data_tools.common import (
-    IMAGE_EXTS,
-    Conversion,
-    ConversionError,
-    ImageOptions,
-    ImageRef,
-    Item,
-    Sample,
-    ShardOptions,
-    Skip,
-    Skipped,
-    add_common_args,
-    check_readable,
-    decode_text,
-    iter_table,
-    list_files,
-    normalize_image,
-    options_dict,
-    run_cli,
-    run_conversion,
-    table_kind,
-)
-from kosmos.data.format import IMAGE_EXTS as SHARD_IMAGE_EXTS
-from kosmos.data.format import IMAGE_FIELD, JSON_FIELD, TEXT_FIELD, TarSpan, iter_tar
+from data_tools import cli
+from data_tools.cli import add_common_args, run_cli
+from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
+from data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_image
+from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
+from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
+from kosmos.data.format import IMAGE_EXTS, IMAGE_FIELD, JSON_FIELD, TEXT_FIELD, TarSpan, iter_tar
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "file_name", "filename", "path", "jpg")
@@ -114,7 +96,7 @@ def _coco_records(input: Path, images_root: Path, coco: dict) -> Iterator[Item |
 
 
 def _folder_records(root: Path) -> Iterator[Item | Skipped]:
-    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_EXTS):
+    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES):
         rel = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
         source = path.relative_to(root).as_posix() if path != root else path.name
         txt = path.with_suffix(".txt")
@@ -209,7 +191,7 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
 def _img2dataset_sample(name: str, key: str, group: dict) -> Item | Skipped:
     """The item (or the reason to skip) of one img2dataset sample ``{field: bytes or ImageRef}``."""
     source = f"{name}:{key}"
-    img_ext = next((e for e in SHARD_IMAGE_EXTS if e in group), None)
+    img_ext = next((e for e in IMAGE_EXTS if e in group), None)
     if img_ext is None:
         return Skipped("missing_image", source)
     try:
@@ -236,7 +218,7 @@ def _img2dataset_records(input: Path) -> Iterator[Item | Skipped]:
         name = tpath.relative_to(base).as_posix()
         broken: Counter = Counter()
         errors: list[str] = []
-        for sample in iter_tar(tpath, broken, read=lambda f: f not in SHARD_IMAGE_EXTS, errors=errors):
+        for sample in iter_tar(tpath, broken, read=lambda f: f not in IMAGE_EXTS, errors=errors):
             if sample.cut:
                 continue
             group = {f: ImageRef(str(tpath), v.offset, v.size) if isinstance(v, TarSpan) else v
@@ -333,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     return run_cli(lambda: convert_captions(
         a.format, a.input, a.output, images_root=a.images_root, image_column=a.image_column,
-        caption_column=a.caption_column, key_column=a.key_column, image_options=common.image_options(a),
-        shard_options=common.shard_options(a), dry_run=a.dry_run))
+        caption_column=a.caption_column, key_column=a.key_column, image_options=cli.image_options(a),
+        shard_options=cli.shard_options(a), dry_run=a.dry_run))
 
 
 if __name__ == "__main__":
