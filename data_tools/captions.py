@@ -26,32 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_tools import common
-from data_tools.common import (
-    IMAGE_EXTS,
-    Conversion,
-    ConversionError,
-    ImageOptions,
-    ImageRef,
-    Item,
-    Sample,
-    ShardOptions,
-    Skip,
-    Skipped,
-    add_common_args,
-    check_readable,
-    decode_text,
-    iter_table,
-    list_files,
-    normalize_image,
-    options_dict,
-    run_cli,
-    run_conversion,
-    table_kind,
-)
+from data_tools import cli
+from data_tools.cli import add_common_args, run_cli
+from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
+from data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_image
+from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
+from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
+from kosmos.data.format import IMAGE_EXTS, IMAGE_FIELD, JSON_FIELD, TEXT_FIELD, TarSpan, iter_tar
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "file_name", "filename", "path", "jpg")
@@ -66,8 +51,8 @@ def make_caption_sample(item: Item, opts: ImageOptions) -> Sample:
     meta = dict(p.get("meta") or {})
     meta.update(source=item.source, width=w, height=h, original_width=ow, original_height=oh)
     return Sample(
-        files={"jpg": jpg, "txt": p["caption"].encode("utf-8"),
-               "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")},
+        files={IMAGE_FIELD: jpg, TEXT_FIELD: p["caption"].encode("utf-8"),
+               JSON_FIELD: json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")},
         images=1,
     )
 
@@ -111,7 +96,7 @@ def _coco_records(input: Path, images_root: Path, coco: dict) -> Iterator[Item |
 
 
 def _folder_records(root: Path) -> Iterator[Item | Skipped]:
-    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_EXTS):
+    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES):
         rel = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
         source = path.relative_to(root).as_posix() if path != root else path.name
         txt = path.with_suffix(".txt")
@@ -203,64 +188,45 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
             yield Skipped("unreadable_file", name)
 
 
-def _img2dataset_sample(name: str, key: str | None, group: dict) -> Iterator[Item | Skipped]:
-    """The item (or the reason to skip) of one img2dataset sample ``{ext: bytes or ImageRef}``."""
-    if key is None:
-        return
+def _img2dataset_sample(name: str, key: str, group: dict) -> Item | Skipped:
+    """The item (or the reason to skip) of one img2dataset sample ``{field: bytes or ImageRef}``."""
     source = f"{name}:{key}"
-    img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in group), None)
+    img_ext = next((e for e in IMAGE_EXTS if e in group), None)
     if img_ext is None:
-        yield Skipped("missing_image", source)
-        return
+        return Skipped("missing_image", source)
     try:
-        caption = _caption(group.get("txt"))
+        caption = _caption(group.get(TEXT_FIELD))
     except Skip as s:
-        yield Skipped(s.reason, source)
-        return
+        return Skipped(s.reason, source)
     meta: dict = {}
-    if "json" in group:
+    if JSON_FIELD in group:
         try:
-            loaded = json.loads(group["json"].decode("utf-8"))
+            loaded = json.loads(group[JSON_FIELD].decode("utf-8"))
             meta = loaded if isinstance(loaded, dict) else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
             meta = {}
-    yield Item(key, source, {"image": group[img_ext], "caption": caption, "meta": meta})
+    return Item(key, source, {"image": group[img_ext], "caption": caption, "meta": meta})
 
 
 def _img2dataset_records(input: Path) -> Iterator[Item | Skipped]:
-    """img2dataset's webdataset output: members grouped by key as webdataset does; images of plain
-    tars are passed to workers as byte ranges of the tar, not copied."""
-    import tarfile
-
+    """img2dataset's webdataset output: members grouped into samples as the training reader does
+    (``kosmos.data.format.iter_tar``); images of plain tars are passed to workers as byte ranges of the
+    tar, not copied. A sample cut by a broken tar is dropped; the tar is counted as ``broken_tar``."""
     tars = list_files(input, lambda p: p.name.endswith((".tar", ".tar.gz", ".tgz")))
     base = input if input.is_dir() else input.parent
     for tpath in tars:
         name = tpath.relative_to(base).as_posix()
-        plain = tpath.name.endswith(".tar")
-        group: dict[str, object] = {}
-        gkey: str | None = None
-        try:
-            with tarfile.open(tpath, "r:" if plain else "r:*") as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    base_name = m.name.rsplit("/", 1)[-1]
-                    if "." not in base_name:
-                        continue
-                    stem, ext = base_name.split(".", 1)
-                    key = m.name[: len(m.name) - len(base_name)] + stem
-                    if key != gkey:
-                        yield from _img2dataset_sample(name, gkey, group)
-                        gkey, group = key, {}
-                    ext = ext.lower()
-                    if ext in ("jpg", "jpeg", "png", "webp") and plain:
-                        group[ext] = ImageRef(str(tpath), m.offset_data, m.size)
-                    else:
-                        f = tar.extractfile(m)
-                        group[ext] = f.read() if f else b""
-                yield from _img2dataset_sample(name, gkey, group)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            print(f"warning: {name}: broken tar ({e}); its remaining samples are skipped", file=sys.stderr)
+        broken: Counter = Counter()
+        errors: list[str] = []
+        for sample in iter_tar(tpath, broken, read=lambda f: f not in IMAGE_EXTS, errors=errors):
+            if sample.cut:
+                continue
+            group = {f: ImageRef(str(tpath), v.offset, v.size) if isinstance(v, TarSpan) else v
+                     for f, v in sample.files.items()}
+            yield _img2dataset_sample(name, sample.key, group)
+        if broken["broken_shard"] or broken["truncated_shard"]:
+            why = "; ".join(errors) or "it ends without the end-of-archive blocks"
+            print(f"warning: {name}: broken tar ({why}); its remaining samples are skipped", file=sys.stderr)
             yield Skipped("broken_tar", name)
 
 
@@ -349,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     return run_cli(lambda: convert_captions(
         a.format, a.input, a.output, images_root=a.images_root, image_column=a.image_column,
-        caption_column=a.caption_column, key_column=a.key_column, image_options=common.image_options(a),
-        shard_options=common.shard_options(a), dry_run=a.dry_run))
+        caption_column=a.caption_column, key_column=a.key_column, image_options=cli.image_options(a),
+        shard_options=cli.shard_options(a), dry_run=a.dry_run))
 
 
 if __name__ == "__main__":

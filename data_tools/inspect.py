@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_tools.verify import IMAGE_EXTS, iter_samples
+from kosmos.data.format import is_image_field, iter_tar
 
 
 def _image_desc(data: bytes) -> str:
@@ -34,8 +34,8 @@ def describe(key: str, files: dict[str, bytes], width: int = 100) -> str:
     lines = [f"== {key}"]
     doc = None
     for ext, data in sorted(files.items()):
-        last = ext.rsplit(".", 1)[-1].lower()
-        if last in IMAGE_EXTS:
+        last = ext.rsplit(".", 1)[-1]
+        if is_image_field(ext):
             lines.append(f"  .{ext}: {_image_desc(data)}")
         elif last == "txt":
             lines.append(f"  .{ext}: {_short(data.decode('utf-8', 'replace'), width)}")
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m.get('tool')} ({m.get('kind')}): {json.dumps(m.get('totals'))}")
     shown = 0
     for shard in shards:
-        for key, files in iter_samples(shard):
+        for sample in iter_tar(shard):
             if shown >= a.n:
                 return 0
-            print(f"{shard.name}: " + describe(key, files, a.width))
+            print(f"{shard.name}: " + describe(sample.key, sample.files, a.width))
             shown += 1
     return 0
 

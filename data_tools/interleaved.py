@@ -28,36 +28,18 @@ import argparse
 import json
 import random
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_tools import common
-from data_tools.common import (
-    IMAGE_EXTS,
-    Conversion,
-    ConversionError,
-    ImageOptions,
-    ImageRef,
-    Item,
-    Sample,
-    ShardOptions,
-    Skip,
-    Skipped,
-    add_common_args,
-    check_readable,
-    decode_text,
-    iter_table,
-    list_files,
-    normalize_image,
-    options_dict,
-    run_cli,
-    run_conversion,
-    table_kind,
-    url_hashes,
-)
+from data_tools import cli
+from data_tools.cli import OptionSpec, add_common_args, run_cli
+from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
+from data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_image, url_hashes
+from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
+from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
+from kosmos.data.format import JSON_FIELD, TarSpan, image_field, iter_tar
 
 FORMATS = ("obelics", "mmc4")
 JOINERS = {"obelics": "\n\n", "mmc4": " "}
@@ -69,13 +51,14 @@ class DocOptions:
 
     image: ImageOptions = field(default_factory=ImageOptions)
     max_images: int = 5
-    """Keep at most this many images per document (the first ones); 0 keeps all."""
+    """Keep at most this many images per document (the first ones), the paper's filter; 0 keeps all."""
     single_image_drop: float = 0.5
-    """Fraction of the documents with exactly one image that are dropped; 0 keeps them all."""
+    """Fraction of the documents with exactly one image that are dropped, the paper's filter; 0 keeps
+    them all."""
     seed: int = 0
     """Seed of the single-image drop (combined with the document key)."""
     sim_threshold: float | None = None
-    """MMC4: drop images whose ``matched_sim`` is under this."""
+    """MMC4: drop images whose ``matched_sim`` is under this (unset: all are kept)."""
     joiner: str = "\n\n"
     """How adjacent text pieces are merged."""
 
@@ -84,6 +67,10 @@ class DocOptions:
             raise ValueError(f"max_images must be >= 0, got {self.max_images}")
         if not 0.0 <= self.single_image_drop <= 1.0:
             raise ValueError(f"single_image_drop must be in [0, 1], got {self.single_image_drop}")
+
+
+DOC_OPTIONS = OptionSpec(DocOptions, exclude=("image", "joiner"))
+"""The document options on the command line (``joiner`` follows ``--format``)."""
 
 
 # ------------------------------------------------------------------------------- image lookup
@@ -96,7 +83,7 @@ class ImageIndex:
         self.root = root
         self.refs: dict[str, ImageRef] = {}
         self.images = 0
-        wanted = IMAGE_EXTS + (".json", ".tar")
+        wanted = IMAGE_SUFFIXES + (".json", ".tar")
         for p in list_files(root, lambda p: p.suffix.lower() in wanted or not p.suffix):
             suffix = p.suffix.lower()
             if suffix == ".tar":
@@ -114,34 +101,28 @@ class ImageIndex:
         url = _json_url(p.read_bytes())
         if url is None:
             return
-        for ext in IMAGE_EXTS:
+        for ext in IMAGE_SUFFIXES:
             img = p.with_suffix(ext)
             if img.is_file():
                 self.refs.setdefault("url:" + url, ImageRef(str(img)))
                 return
 
     def _add_tar(self, p: Path) -> None:
-        groups: dict[str, dict] = {}
-        try:
-            with tarfile.open(p, "r:") as tar:
-                for m in tar:
-                    if not m.isfile() or "." not in m.name.rsplit("/", 1)[-1]:
-                        continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-                    ext = base.split(".", 1)[1].lower()
-                    g = groups.setdefault(key, {})
-                    if ext == "json":
-                        f = tar.extractfile(m)
-                        g["url"] = _json_url(f.read() if f else b"")
-                    elif "." + ext in IMAGE_EXTS:
-                        g["ref"] = ImageRef(str(p), m.offset_data, m.size)
-        except (tarfile.TarError, OSError) as e:
-            print(f"warning: images tar {p} is broken ({e}); using what was read", file=sys.stderr)
-        for g in groups.values():
-            if g.get("url") and "ref" in g:
+        broken: Counter = Counter()
+        errors: list[str] = []
+        for sample in iter_tar(p, broken, read=lambda f: f == JSON_FIELD, errors=errors):
+            if sample.cut:  # its image may be cut short
+                continue
+            meta = sample.files.get(JSON_FIELD)
+            url = _json_url(meta) if isinstance(meta, bytes) else None
+            span = next((v for f, v in reversed(sample.files.items())
+                         if isinstance(v, TarSpan) and "." + f in IMAGE_SUFFIXES), None)
+            if url and span is not None:
                 self.images += 1
-                self.refs.setdefault("url:" + g["url"], g["ref"])
+                self.refs.setdefault("url:" + url, ImageRef(str(p), span.offset, span.size))
+        if broken["broken_shard"] or broken["truncated_shard"]:
+            why = "; ".join(errors) or "no end-of-archive blocks"
+            print(f"warning: images tar {p} is broken ({why}); using what was read", file=sys.stderr)
 
     def by_url(self, url: str | None) -> ImageRef | None:
         if not url:
@@ -202,7 +183,7 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
             except Skip as s:
                 skips[s.reason] += 1
                 continue
-            name = f"img{n}.jpg"
+            name = image_field(n)
             files[name] = jpg
             segments.append({"image": name})
             n += 1
@@ -214,7 +195,7 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
         if random.Random(f"{opts.seed}:{item.key}").random() < opts.single_image_drop:
             raise Skip("single_image_dropped", image_skips=skips)
     doc = {"segments": segments, "meta": item.payload.get("meta") or {}}
-    files["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    files[JSON_FIELD] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
     sample = Sample(files=files, images=n)
     sample.image_skips = skips
     return sample
@@ -380,16 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", required=True, type=Path,
                    help="a .jsonl(.gz)/.parquet file or a folder of them")
     p.add_argument("--images-root", required=True, type=Path, help="folder holding the documents' images")
-    g = p.add_argument_group("documents")
-    g.add_argument("--max-images", type=int, default=5,
-                   help="keep at most this many images per document, the paper's filter; "
-                   "0 keeps all (default 5)")
-    g.add_argument("--single-image-drop", type=float, default=0.5,
-                   help="fraction of single-image documents dropped, the paper's filter; "
-                   "0 keeps all (default 0.5)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the single-image drop (default 0)")
-    g.add_argument("--sim-threshold", type=float, default=None,
-                   help="mmc4: drop images whose matched_sim is under this (default: keep all)")
+    DOC_OPTIONS.add_to(p.add_argument_group("documents"))
     add_common_args(p)
     return p
 
@@ -399,10 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
 
     def run() -> None:
-        dopts = DocOptions(image=common.image_options(a), max_images=a.max_images,
-                           single_image_drop=a.single_image_drop, seed=a.seed, sim_threshold=a.sim_threshold)
+        dopts = DOC_OPTIONS.from_args(a, image=cli.image_options(a))
         convert_interleaved(a.format, a.input, a.images_root, a.output, doc_options=dopts,
-                            shard_options=common.shard_options(a), dry_run=a.dry_run)
+                            shard_options=cli.shard_options(a), dry_run=a.dry_run)
 
     return run_cli(run)
 

@@ -20,25 +20,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_tools import common
-from data_tools.common import (
-    Conversion,
-    ConversionError,
-    Item,
-    Sample,
-    ShardOptions,
-    Skip,
-    Skipped,
-    add_common_args,
-    check_readable,
-    decode_text,
-    iter_table,
-    list_files,
-    options_dict,
-    run_cli,
-    run_conversion,
-    table_kind,
-)
+from data_tools import cli
+from data_tools.cli import add_common_args, run_cli
+from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
+from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
+from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
 
 
 def make_text_sample(item: Item, ctx: None = None) -> Sample:
@@ -151,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 for a usage or input error)."""
     a = build_parser().parse_args(argv)
     return run_cli(lambda: convert_text(a.input, a.output, text_field=a.text_field, id_field=a.id_field,
-                                        shard_options=common.shard_options(a), dry_run=a.dry_run))
+                                        shard_options=cli.shard_options(a), dry_run=a.dry_run))
 
 
 if __name__ == "__main__":

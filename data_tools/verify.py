@@ -3,8 +3,10 @@
     python -m data_tools.verify shards/coco
 
 Prints one line per shard (samples, problems) and a closing summary. Images must decode, ``.txt``
-must be UTF-8, ``.json`` must parse, interleaved samples must hold the images their segments
-name, caption samples need an image and a caption, and the counts must match ``manifest.json``.
+must be UTF-8, ``.json`` must parse, every sample must be one the training reader accepts (the shard
+format of ``kosmos.data.format``: interleaved samples hold the images their segments name, caption
+samples have an image and a non-empty caption, ...), the tar must be complete and the counts must
+match ``manifest.json``.
 Exits 1 when any shard is corrupt or disagrees with the manifest, 2 when the folder cannot be read.
 """
 
@@ -14,13 +16,11 @@ import argparse
 import io
 import json
 import sys
-import tarfile
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
+from kosmos.data.format import JSON_FIELD, KINDS, BadSample, is_image_field, iter_tar, parse_sample
 
 @dataclass
 class ShardReport:
@@ -30,28 +30,6 @@ class ShardReport:
     samples: int = 0
     images: int = 0
     problems: list[str] = field(default_factory=list)
-
-
-def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` in tar order, grouping consecutive members as webdataset does."""
-    key, group = None, {}
-    with tarfile.open(path, "r:*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            k = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
-            ext = base.split(".", 1)[1]
-            if k != key:
-                if key is not None:
-                    yield key, group
-                key, group = k, {}
-            f = tar.extractfile(m)
-            group[ext] = f.read() if f else b""
-    if key is not None:
-        yield key, group
 
 
 def _check_image(data: bytes) -> str | None:
@@ -66,13 +44,13 @@ def _check_image(data: bytes) -> str | None:
 
 
 def check_sample(key: str, files: dict[str, bytes], kind: str | None) -> tuple[list[str], int]:
-    """Problems of one sample, and its number of images."""
+    """Problems of one sample, and its number of images: every member must decode, and the sample must be
+    one the training reader accepts (`kosmos.data.format.parse_sample`)."""
     problems: list[str] = []
     images = 0
-    doc = None
     for ext, data in sorted(files.items()):
-        last = ext.rsplit(".", 1)[-1].lower()
-        if last in IMAGE_EXTS:
+        last = ext.rsplit(".", 1)[-1]
+        if is_image_field(ext):
             images += 1
             err = _check_image(data)
             if err:
@@ -84,46 +62,50 @@ def check_sample(key: str, files: dict[str, bytes], kind: str | None) -> tuple[l
                 problems.append(f"{key}.{ext}: not UTF-8")
         elif last == "json":
             try:
-                obj = json.loads(data.decode("utf-8"))
-                if ext == "json":
-                    doc = obj
+                json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 problems.append(f"{key}.{ext}: bad JSON ({e})")
-    if kind == "captions":
-        if not any(e in files for e in IMAGE_EXTS):
-            problems.append(f"{key}: caption sample without an image")
-        if "txt" not in files:
-            problems.append(f"{key}: caption sample without a caption")
-    elif kind == "text" and "txt" not in files:
-        problems.append(f"{key}: text sample without .txt")
-    elif kind == "interleaved":
-        segs = doc.get("segments") if isinstance(doc, dict) else None
-        if not isinstance(segs, list):
-            problems.append(f"{key}: interleaved sample without json segments")
-        else:
-            for s in segs:
-                if isinstance(s, dict) and "image" in s and s["image"] not in files:
-                    problems.append(f"{key}: segment names missing image {s['image']}")
-                elif not isinstance(s, dict) or not ({"text", "image"} & set(s)):
-                    problems.append(f"{key}: bad segment {s!r}")
+    if kind in KINDS:
+        try:
+            parse_sample(kind, files)
+        except BadSample as e:
+            detail = f" {e.detail}" if e.detail else ""
+            problems.append(f"{key}: the reader rejects this {kind} sample: {e.reason}{detail}")
+    if kind == "interleaved" and JSON_FIELD in files:
+        try:
+            segs = json.loads(files[JSON_FIELD].decode("utf-8")).get("segments")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            segs = None
+        for s in segs if isinstance(segs, list) else []:
+            if isinstance(s, dict) and not ({"text", "image"} & set(s)):
+                problems.append(f"{key}: bad segment {s!r}")
     return problems, images
 
 
 def verify_shard(path: Path, kind: str | None = None) -> ShardReport:
-    """Decode every sample of one shard."""
+    """Decode every sample of one shard (members grouped by `kosmos.data.format.iter_tar`)."""
     rep = ShardReport(path.name)
     seen: set[str] = set()
-    try:
-        for key, files in iter_samples(path):
-            rep.samples += 1
-            if key in seen:
-                rep.problems.append(f"{key}: duplicate key")
-            seen.add(key)
-            problems, images = check_sample(key, files, kind)
-            rep.images += images
-            rep.problems.extend(problems)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        rep.problems.append(f"corrupt tar after {rep.samples} samples: {type(e).__name__}: {e}")
+    skipped: Counter = Counter()
+    errors: list[str] = []
+    for sample in iter_tar(path, skipped, errors=errors):
+        if sample.cut:  # the tar broke inside this sample: reported below
+            continue
+        key, files = sample.key, sample.files
+        rep.samples += 1
+        if key in seen:
+            rep.problems.append(f"{key}: duplicate key")
+        seen.add(key)
+        problems, images = check_sample(key, files, kind)
+        rep.images += images
+        rep.problems.extend(problems)
+    if skipped["broken_shard"]:
+        rep.problems.append(f"corrupt tar after {rep.samples} samples: {'; '.join(errors)}")
+    if skipped["truncated_shard"]:
+        rep.problems.append(f"truncated tar after {rep.samples} samples: it ends without the end-of-archive "
+                            "blocks")
+    if skipped["duplicate_member"]:
+        rep.problems.append(f"{skipped['duplicate_member']} duplicate members (a sample with a field twice)")
     return rep
 
 

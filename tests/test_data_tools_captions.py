@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import common
+from data_tools import conversion
 from data_tools.captions import convert_captions, main
-from data_tools.common import ConversionError, ImageOptions, ShardOptions
+from data_tools.conversion import ShardOptions
+from data_tools.images import ImageOptions
+from data_tools.records import ConversionError
 from data_tools.verify import verify
 from tests.shard_helpers import (
     BAD_REASONS,
@@ -278,7 +280,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     class Killed(Exception):
         pass
 
-    real = common.convert_chunk
+    real = conversion.convert_chunk
     calls: list[int] = []
     resumed = False
 
@@ -291,7 +293,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
             raise Killed
         return real(handler, ctx, chunk, items, output, max_bytes)
 
-    monkeypatch.setattr(common, "convert_chunk", dies_on_third_chunk)
+    monkeypatch.setattr(conversion, "convert_chunk", dies_on_third_chunk)
     with pytest.raises(Killed):
         convert_captions("folder", src, part, shard_options=_opts(part, samples_per_shard=2))
     assert not (part / "manifest.json").exists()

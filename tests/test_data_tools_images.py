@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.common import ImageOptions, Skip, normalize_image, sanitize_key
+from data_tools.images import ImageOptions, normalize_image
+from data_tools.records import Skip
+from data_tools.writer import sanitize_key
 from tests.shard_helpers import BAD_REASONS, bad_image, image_size, photo
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.common import ConversionError, ImageOptions, ShardOptions, url_hashes
+from data_tools.conversion import ShardOptions
+from data_tools.images import ImageOptions, url_hashes
 from data_tools.interleaved import DocOptions, convert_interleaved, main
+from data_tools.records import ConversionError
 from data_tools.verify import verify
 from tests.shard_helpers import bad_image, image_size, photo, read_tar, read_wds, write
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.common import ConversionError, ShardOptions
+from data_tools.conversion import ShardOptions
+from data_tools.records import ConversionError
 from data_tools.text import convert_text, main
 from data_tools.verify import verify
 from tests.shard_helpers import manifest, read_tar, read_wds, shard_bytes, write

@@ -8,7 +8,7 @@ from pathlib import Path
 from data_tools import inspect as shard_inspect
 from data_tools import verify as shard_verify
 from data_tools.captions import convert_captions
-from data_tools.common import ShardOptions
+from data_tools.conversion import ShardOptions
 from tests.shard_helpers import photo, write
 
 

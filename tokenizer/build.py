@@ -3,7 +3,8 @@
     python -m tokenizer.build --input corpus/ more.jsonl.gz --vocab-size 64007 --output tok/
 
 Inputs are ``.txt`` (one line per sentence), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line,
-its text field a document), text webdataset shards ``.tar`` (each ``KEY.txt`` member a document)
+its text field a document), text webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document;
+members grouped as ``kosmos.data.format`` does)
 and folders of these, searched recursively. The inputs are streamed once: every non-empty line is
 offered to a reservoir sample of ``--sample-sentences`` lines (seeded), so a corpus larger than
 memory is sampled, never loaded whole. Lines that are not UTF-8 and jsonl lines that are not JSON
@@ -23,7 +24,6 @@ import os
 import random
 import re
 import sys
-import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kosmos.data.format import TEXT_FIELD, iter_tar
 from tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -127,17 +128,18 @@ def _read_documents(
             last = pos
 
         if name.endswith((".tar", ".tar.gz", ".tgz")):
-            try:
-                with tarfile.open(fileobj=raw, mode="r|*") as tar:
-                    for member in tar:
-                        if member.isfile() and member.name.endswith(".txt"):
-                            text = _decode(tar.extractfile(member).read(), stats)
-                            if text is not None:
-                                yield text
-                            progress()
-            except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as e:
-                stats.skip("broken tar")  # keep the documents read before the damage
-                stats.errors.append(f"broken tar after {stats.documents} documents: {e}")
+            broken: Counter = Counter()
+            errors: list[str] = []
+            for sample in iter_tar(raw, broken, read=lambda f: f == TEXT_FIELD, errors=errors):
+                data = sample.files.get(TEXT_FIELD)
+                if isinstance(data, bytes):
+                    text = _decode(data, stats)
+                    if text is not None:
+                        yield text
+                progress()
+            if broken["broken_shard"]:  # the documents read before the damage are kept
+                stats.skip("broken tar")
+                stats.errors.append(f"broken tar after {stats.documents} documents: {'; '.join(errors)}")
         else:
             stream = gzip.open(raw) if name.endswith(".gz") else raw
             jsonl = name.endswith((".jsonl", ".jsonl.gz"))

@@ -1,13 +1,39 @@
 """The streaming data pipeline: webdataset shards of three sources -> packed, mixed micro-batches.
 
+    format.py   the shard format (torch-free): source kinds, member names, tar members -> samples,
+                a sample's files -> text and image segments; shared with data_tools
     shards.py   shard lists (paths, dirs, globs, brace patterns) and tar reading
     samples.py  raw sample -> token ids, image slots and images (per source kind); bad samples counted
     packing.py  samples -> fixed-length rows; rows -> micro-batches
     stream.py   per source: split by rank and worker, shuffle, pack; exact resume
     mixture.py  token budget per source per step -> micro-batches per source
+
+Importing this package imports no torch: the names below are loaded from `mixture.py` and `stream.py`
+when first used.
 """
 
-from kosmos.data.mixture import Mixture, build_loader, build_mixture, plan
-from kosmos.data.stream import SourceDataset, SourceLoader
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kosmos.data.mixture import Mixture, build_loader, build_mixture, plan
+    from kosmos.data.stream import SourceDataset, SourceLoader
+
+_LAZY = {"Mixture": "mixture", "build_loader": "mixture", "build_mixture": "mixture", "plan": "mixture",
+         "SourceDataset": "stream", "SourceLoader": "stream"}
 
 __all__ = ["Mixture", "SourceDataset", "SourceLoader", "build_loader", "build_mixture", "plan"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"kosmos.data.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,4 +1,5 @@
-"""Raw shard samples -> token sequences with their images, per source kind.
+"""Raw shard samples -> token sequences with their images, per source kind (the format and its parsing:
+`kosmos.data.format`; here images are decoded and the segments tokenized).
 
     text         KEY.txt                                 <s> text </s>
     captions     KEY.jpg|png|webp|jpeg + KEY.txt          <s> <image> [slots] </image> caption </s>
@@ -10,23 +11,13 @@ A sample that cannot be used raises `BadSample(reason)`; the stream skips it and
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 
 import torch
 
+from kosmos.data.format import BadSample, ImageSegment, parse_sample
 from kosmos.image import clip_resize_crop
 from kosmos.sequence import SequenceEncoder
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-KINDS = ("text", "captions", "interleaved")
-
-
-class BadSample(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
 
 @dataclass
 class Encoded:
@@ -42,18 +33,6 @@ class Encoded:
     """Index of each image's `<image>` token in `ids`."""
     start: int = 0
     """Tokens already placed in earlier rows (a document longer than a row continues)."""
-
-
-def _text(raw: dict, key: str, reason: str) -> str:
-    if key not in raw:
-        raise BadSample(f"missing_{reason}")
-    try:
-        text = raw[key].decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadSample("not_utf8") from None
-    if not text.strip():
-        raise BadSample(f"empty_{reason}")
-    return text
 
 
 def _image(data: bytes, size: int) -> torch.Tensor:
@@ -73,38 +52,8 @@ def _image(data: bytes, size: int) -> torch.Tensor:
 
 def sample_segments(kind: str, raw: dict, image_size: int) -> list:
     """The sample's segments: strings and uint8 image tensors, in order."""
-    if kind == "text":
-        return [_text(raw, "txt", "text")]
-    if kind == "captions":
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None:
-            raise BadSample("missing_image")
-        caption = _text(raw, "txt", "caption")
-        return [_image(raw[ext], image_size), caption.strip()]
-    if kind == "interleaved":
-        if "json" not in raw:
-            raise BadSample("missing_json")
-        try:
-            doc = json.loads(raw["json"].decode("utf-8"))
-            segments = doc["segments"]
-            assert isinstance(segments, list)
-        except Exception:  # noqa: BLE001
-            raise BadSample("bad_json") from None
-        out: list = []
-        for seg in segments:
-            if not isinstance(seg, dict):
-                raise BadSample("bad_json")
-            if seg.get("text"):
-                out.append(str(seg["text"]))
-            elif seg.get("image"):
-                name = str(seg["image"]).lower()
-                if name not in raw:
-                    raise BadSample("missing_image")
-                out.append(_image(raw[name], image_size))
-        if not out:
-            raise BadSample("empty_document")
-        return out
-    raise ValueError(f"unknown source kind {kind!r} (expected one of {KINDS})")
+    segments = parse_sample(kind, raw)
+    return [_image(s.data, image_size) if isinstance(s, ImageSegment) else s for s in segments]
 
 
 def encode_sample(kind: str, raw: dict, pos: tuple[int, int], encoder: SequenceEncoder) -> Encoded:

@@ -1,6 +1,6 @@
 """Shard lists and shard reading.
 
-Tar members are read and grouped into samples by webdataset's own tar iterator (`KEY.ext` members with
+Tar members are read and grouped into samples by `kosmos.data.format.iter_tar` (`KEY.ext` members with
 the same KEY form one sample; `KEY.img0.jpg` gives the field `img0.jpg`). Which worker reads which shard,
 in which order, and where it stands, is decided here and in `stream.py`, because that position must be
 saved and restored exactly (webdataset's own shuffling and resampling cannot resume).
@@ -16,6 +16,8 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+
+from kosmos.data.format import iter_tar
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
@@ -41,49 +43,14 @@ def expand_shards(patterns: list[str]) -> list[str]:
 
 
 def read_shard(path: str, skipped: Counter, max_offset: int | None = None) -> Iterator[tuple[int, dict]]:
-    """(offset, raw sample) for each sample of the shard, in order. Members `KEY.ext` are grouped by KEY
-    with webdataset's naming rule. A broken or truncated tar ends the shard early and is counted in
-    `skipped`; the sample cut by the break comes out incomplete and is rejected (and counted) when decoded.
-    Stops after `max_offset` when given."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    current: dict | None = None
-    offset = 0
-    try:
-        with open(path, "rb") as f:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    key, ext = base_plus_ext(info.name)
-                    if key is None or info.name.startswith("__"):
-                        continue
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
-                    if current is not None and key != current["__key__"]:
-                        yield offset, current
-                        if max_offset is not None and offset >= max_offset:
-                            return
-                        offset, current = offset + 1, None
-                    if current is None:
-                        current = {"__key__": key, "__url__": path}
-                    ext = ext.lower()
-                    if ext in current:
-                        skipped["duplicate_member"] += 1
-                        continue
-                    current[ext] = data
-                    tar.members = []  # streaming: do not keep every header in memory
-            # tarfile stops quietly at a cut that falls on a member boundary; a complete archive ends
-            # with zero blocks.
-            if f.seek(0, 2) < 1024 or (f.seek(-1024, 2) and f.read(1024) != bytes(1024)):
-                skipped["truncated_shard"] += 1
-    except (tarfile.TarError, EOFError, OSError):
-        skipped["broken_shard"] += 1
-    if current is not None:
-        yield offset, current
+    """(offset, raw sample) for each sample of the shard, in order: ``{"__key__", "__url__", field: bytes}``
+    with members grouped by `kosmos.data.format.iter_tar`. A broken or truncated tar ends the shard early and
+    is counted in `skipped`; the sample cut by the break comes out incomplete and is rejected (and counted)
+    when decoded. Stops after `max_offset` when given."""
+    for offset, sample in enumerate(iter_tar(path, skipped)):
+        yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
+        if max_offset is not None and offset >= max_offset:
+            return
 
 
 def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter) -> dict:

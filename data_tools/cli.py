@@ -1,0 +1,170 @@
+"""The converters' command lines.
+
+The options every converter shares are generated from the option dataclasses (``ShardOptions``,
+``ImageOptions``, and ``DocOptions`` for the interleaved converter): an ``OptionSpec`` turns each field into
+``--field-name`` with the field's default and its attribute docstring (the string right below the field) as
+help, so a default and its description are stated once, in the dataclass. The spec only says what the
+dataclass cannot: short aliases, flags spelled otherwise, fields left off the command line and parsers for
+values such as sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import re
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from data_tools.conversion import ShardOptions
+from data_tools.images import ImageOptions
+from data_tools.records import ConversionError
+
+
+def parse_size(text: str) -> int:
+    """``"500MB"``, ``"1G"``, ``"1e9"`` or ``"4096"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500MB, 1G or 1000000)")
+    mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a class and its bases: field name -> the string literal right below the
+    field's annotated assignment, as one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source (built in, or defined interactively)
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
+def _help(doc: str) -> str:
+    """A docstring as argparse help: reST literals unquoted, ``%`` escaped."""
+    return doc.replace("``", "").replace("%", "%%")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """Command-line options generated from the fields of an options dataclass.
+
+    Each field ``name`` becomes ``--name-with-dashes`` (dest ``name``) with the field's default (a field
+    without one is required) and its docstring as help; the type comes from the annotation. A bool field
+    is a flag: off by default, ``--name`` turns it on; on by default, ``--no-name`` (or its ``names``
+    entry) turns it off.
+    """
+
+    cls: type
+    exclude: tuple[str, ...] = ()
+    """Fields left off the command line (they keep their defaults)."""
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Option strings of a field when ``--name-with-dashes`` (``--no-...`` for a flag that is on by
+    default) will not do."""
+    parsers: dict[str, Callable[[str], Any]] = field(default_factory=dict)
+    """Argument parser of a field when its annotated type will not do (e.g. ``parse_size``)."""
+
+    def fields(self) -> list[dataclasses.Field]:
+        """The fields that are options, in declaration order."""
+        return [f for f in dataclasses.fields(self.cls) if f.name not in self.exclude]
+
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        """Add one option per field to ``parser`` (a parser or an argument group)."""
+        docs = field_docs(self.cls)
+        hints = typing.get_type_hints(self.cls)
+        for f in self.fields():
+            dashed = f.name.replace("_", "-")
+            doc = _help(docs.get(f.name, ""))
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = None if required else (f.default if f.default is not dataclasses.MISSING
+                                              else f.default_factory())
+            kind = _base_type(hints[f.name])
+            if kind is bool:
+                if default:
+                    names = self.names.get(f.name, (f"--no-{dashed}",))
+                    parser.add_argument(*names, dest=f.name, action="store_false", default=True,
+                                        help=f"{doc} On by default; this option turns it off.")
+                else:
+                    names = self.names.get(f.name, (f"--{dashed}",))
+                    parser.add_argument(*names, dest=f.name, action="store_true", default=False, help=doc)
+                continue
+            names = self.names.get(f.name, (f"--{dashed}",))
+            if not (required or default is None):
+                doc = doc.rstrip(".") + " (default %(default)s)."
+            parser.add_argument(*names, dest=f.name, type=self.parsers.get(f.name, kind), default=default,
+                                required=required, help=doc)
+
+    def from_args(self, args: argparse.Namespace, **overrides: Any) -> Any:
+        """The dataclass built from parsed options (fields left off keep their defaults)."""
+        values = {f.name: getattr(args, f.name) for f in self.fields()}
+        return self.cls(**{**values, **overrides})
+
+
+def _base_type(hint: Any) -> Any:
+    """``int`` for ``int | None``; the hint itself otherwise."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return hint
+
+
+SHARD_OPTIONS = OptionSpec(
+    ShardOptions,
+    names={"output": ("--output", "-o"), "workers": ("--workers", "-j"), "progress": ("--no-progress",)},
+    parsers={"max_shard_bytes": parse_size},
+)
+IMAGE_OPTIONS = OptionSpec(
+    ImageOptions,
+    exclude=("jpeg_draft_gap",),  # a speed knob for benchmarks; the default suits conversions
+    names={"drop_single_colour": ("--keep-single-colour",)},
+)
+
+
+def add_common_args(p: argparse.ArgumentParser, images: bool = True) -> None:
+    """The options every converter shares: ``ShardOptions`` and ``--dry-run`` (group "shards"), and
+    ``ImageOptions`` (group "images") for converters that store images."""
+    g = p.add_argument_group("shards")
+    SHARD_OPTIONS.add_to(g)
+    g.add_argument("--dry-run", action="store_true", help="read and count the inputs, write nothing")
+    if images:
+        IMAGE_OPTIONS.add_to(p.add_argument_group("images"))
+
+
+def image_options(a: argparse.Namespace) -> ImageOptions:
+    """``ImageOptions`` from options added by ``add_common_args``."""
+    return IMAGE_OPTIONS.from_args(a)
+
+
+def shard_options(a: argparse.Namespace) -> ShardOptions:
+    """``ShardOptions`` from options added by ``add_common_args``."""
+    return SHARD_OPTIONS.from_args(a)
+
+
+def run_cli(fn: Callable[[], Any]) -> int:
+    """Run a converter, turning ``ConversionError``/``ValueError`` into a one-line message and exit 2."""
+    try:
+        fn()
+    except (ConversionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

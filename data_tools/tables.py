@@ -1,0 +1,134 @@
+"""Reading the converters' inputs: tables (jsonl(.gz), parquet, csv, tsv) row by row, files under a folder,
+text fields. A row or a field that cannot be used gives a ``Skip`` with its reason instead of stopping the
+run; an input that cannot be read at all raises ``ConversionError`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from data_tools.records import ConversionError, Skip
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | Skip]]:
+    """``(line number, record)`` for each line of a ``.jsonl``/``.jsonl.gz`` file.
+
+    A line that is not UTF-8 or not a JSON object gives a ``Skip`` instead of the record.
+    """
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for i, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield i, Skip("non_utf8_text")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                yield i, Skip("malformed_json")
+                continue
+            yield i, rec if isinstance(rec, dict) else Skip("malformed_json")
+
+
+def iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | Skip]]:
+    """``(row number, record)`` for each row of a CSV/TSV file with a header line."""
+    import csv
+
+    csv.field_size_limit(1 << 30)
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        for i, row in enumerate(reader):
+            try:
+                for v in row.values():
+                    if isinstance(v, str):
+                        v.encode("utf-8")
+            except UnicodeEncodeError:
+                yield i, Skip("non_utf8_text")
+                continue
+            if None in row:  # more fields than header columns
+                yield i, Skip("malformed_row")
+                continue
+            yield i, row
+
+
+def iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(row number, record)`` for each row of a parquet file, read in batches."""
+    import pyarrow.parquet as pq
+
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            yield i, rec
+            i += 1
+
+
+TABLE_SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet",
+                  ".csv": "csv", ".tsv": "tsv"}
+
+
+def table_kind(path: Path) -> str | None:
+    """``jsonl``, ``parquet``, ``csv`` or ``tsv`` from the file name, or None."""
+    name = path.name.lower()
+    for suffix, kind in TABLE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def iter_table(path: Path, kind: str | None = None) -> Iterator[tuple[int, dict | Skip]]:
+    """Rows of a jsonl(.gz), parquet, csv or tsv file."""
+    kind = kind or table_kind(path)
+    if kind == "jsonl":
+        return iter_jsonl(path)
+    if kind == "parquet":
+        return iter_parquet(path)
+    if kind in ("csv", "tsv"):
+        return iter_csv(path, "," if kind == "csv" else "\t")
+    raise ConversionError(f"{path}: not a table (expected .jsonl, .jsonl.gz, .parquet, .csv or .tsv)")
+
+
+def list_files(root: Path, accept: Callable[[Path], bool]) -> list[Path]:
+    """Files under ``root`` (or ``root`` itself) that ``accept`` takes, sorted by relative path."""
+    if root.is_file():
+        return [root]
+    out = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and accept(p)]
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def check_readable(path: Path, what: str = "input", want_dir: bool | None = None) -> Path:
+    """``path`` if it exists and is readable, else ``ConversionError`` (raised before any writing)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{what} {path} does not exist")
+    if want_dir is True and not path.is_dir():
+        raise ConversionError(f"{what} {path} is not a folder")
+    if want_dir is False and not path.is_file():
+        raise ConversionError(f"{what} {path} is not a file")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ConversionError(f"{what} {path} is not readable")
+    return path
+
+
+def decode_text(value: Any) -> str:
+    """A str from a str/bytes field; ``Skip('non_utf8_text')`` for invalid UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Skip("non_utf8_text") from None
+    if not isinstance(value, str):
+        raise Skip("text_not_a_string", type(value).__name__)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Skip("non_utf8_text") from None
+    return value

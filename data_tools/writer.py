@@ -1,0 +1,150 @@
+"""Shard writing with chunk resume.
+
+Resume unit: the chunk. Valid inputs, in their sorted order, are cut into consecutive chunks of
+``samples_per_shard`` inputs; chunk ``i`` becomes ``shard-{i:06d}-000.tar`` (and ``-001`` ... when the bytes
+limit splits it), written by ``convert_chunk`` (in a worker process) with deterministic tar members (mtime 0,
+uid/gid 0, no user names, named by ``kosmos.data.format.member_name``) under a temporary name, renamed when
+complete. When all of a chunk's shards have their final names a small state file
+``.convert_state/chunk-{i:06d}.json`` records what it holds. A rerun skips every chunk whose state file
+exists and whose shards are all present (``chunk_done``), and redoes the others, so an interrupted run, run
+again, ends with exactly the shards of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from data_tools.records import Handler, Item, Skip
+from kosmos.data.format import member_name
+
+STATE_DIR = ".convert_state"
+MAX_EXAMPLES = 10  # input names kept per skip reason in the manifest
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sanitize_key(raw: str) -> str:
+    """A webdataset-safe key: no dots or slashes (they would split the key), ASCII only."""
+    key = _KEY_BAD.sub("_", str(raw)).strip("_")
+    return key or "_"
+
+
+def _tar_size(files: dict[str, bytes]) -> int:
+    return sum(512 + (len(b) + 511) // 512 * 512 for b in files.values())
+
+
+def _tar_file_size(members: int) -> int:
+    """Size of a tar holding ``members`` bytes of headers+data: end blocks, padded to tarfile.RECORDSIZE."""
+    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def shard_name(chunk: int, part: int) -> str:
+    """File name of part ``part`` of chunk ``chunk``'s shard."""
+    return f"shard-{chunk:06d}-{part:03d}.tar"
+
+
+def _chunk_state_path(output: Path, chunk: int) -> Path:
+    return output / STATE_DIR / f"chunk-{chunk:06d}.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to a temporary file and rename it to ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], output: str,
+                  max_shard_bytes: int) -> dict:
+    """Turn one chunk of items into its shard(s); runs in a worker process.
+
+    Shards are written as ``NAME.tmp`` and renamed when complete; the chunk's state file is
+    written last, so its presence means every shard of the chunk is final.
+    """
+    out = Path(output)
+    skipped: Counter = Counter()
+    image_skips: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    shards: list[dict] = []
+    tar = None
+    cur: dict = {}
+
+    def close() -> None:
+        nonlocal tar
+        if tar is not None:
+            tar.close()
+            tar = None
+            cur["bytes"] = (out / (cur["name"] + ".tmp")).stat().st_size
+            shards.append(dict(cur))
+
+    for item in items:
+        try:
+            sample = handler(item, ctx)
+        except Exception as e:  # noqa: BLE001 - one bad input never stops the run; it is counted
+            reason = e.reason if isinstance(e, Skip) else f"unexpected_error_{type(e).__name__}"
+            if isinstance(e, Skip):
+                image_skips.update(e.image_skips)
+            skipped[reason] += 1
+            ex = examples.setdefault(reason, [])
+            if len(ex) < MAX_EXAMPLES:
+                ex.append(item.source if isinstance(e, Skip) else f"{item.source}: {e}")
+            continue
+        image_skips.update(sample.image_skips)
+        files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}
+        size = _tar_size(files)
+        if tar is not None and cur["samples"] and _tar_file_size(cur["est"] + size) > max_shard_bytes:
+            close()
+        if tar is None:
+            name = shard_name(chunk, len(shards))
+            tar = tarfile.open(out / (name + ".tmp"), "w", format=tarfile.GNU_FORMAT)
+            cur = {"name": name, "samples": 0, "images": 0, "est": 0}
+        for name, data in files.items():
+            _add_member(tar, name, data)
+        cur["samples"] += 1
+        cur["images"] += sample.images
+        cur["est"] += size
+    close()
+    for s in shards:
+        del s["est"]
+        os.replace(out / (s["name"] + ".tmp"), out / s["name"])
+    state = {"chunk": chunk, "inputs": len(items), "shards": shards, "skipped": dict(skipped),
+             "examples": examples, "image_skips": dict(image_skips)}
+    write_json_atomic(_chunk_state_path(out, chunk), state)
+    return state
+
+
+def chunk_done(output: Path, chunk: int) -> dict | None:
+    """The state of a finished chunk (its state file and every shard it lists, at the right size), or None."""
+    path = _chunk_state_path(output, chunk)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    for s in state.get("shards", []):
+        p = output / s["name"]
+        if not p.is_file() or p.stat().st_size != s["bytes"]:
+            return None
+    return state
+
+
+def clean_chunk(output: Path, chunk: int) -> None:
+    """Remove what an unfinished run left of a chunk (its shards, finished or not, and its state file)."""
+    for p in output.glob(f"shard-{chunk:06d}-*.tar*"):
+        p.unlink()
+    _chunk_state_path(output, chunk).unlink(missing_ok=True)

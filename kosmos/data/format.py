@@ -1,0 +1,237 @@
+"""The shard format, in one torch-free place: what a sample of each source kind holds, how tar members are
+named and grouped into samples, and how a sample's files are parsed.
+
+    text         KEY.txt                                   the document (UTF-8)
+    captions     KEY.jpg|jpeg|png|webp + KEY.txt            the image and its caption
+    interleaved  KEY.json {"segments": [...]} + KEY.imgN.jpg  text and image segments in order
+
+Converters also write `KEY.json` metadata beside text and caption samples; readers ignore it.
+
+A member `dir/KEY.EXT` belongs to the sample `dir/KEY` and gives it the field `EXT` (everything after the
+first dot of the file name, lowercased: `KEY.img0.jpg` gives `img0.jpg`); consecutive members with the same
+key form one sample, as webdataset groups them. Interleaved image names in the JSON are lowercased the same
+way before they are looked up.
+
+Used by the training reader (`kosmos.data.shards`, `kosmos.data.samples`), the converters that write shards
+and the tools that check them (`data_tools`); this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+KINDS = ("text", "captions", "interleaved")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+"""Image fields of a caption sample, in the order they are looked for."""
+TEXT_FIELD = "txt"
+"""A text sample's document; a caption sample's caption."""
+JSON_FIELD = "json"
+"""An interleaved sample's document; metadata beside the other kinds."""
+IMAGE_FIELD = "jpg"
+"""The image of a caption sample as the converters write it."""
+
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext rule
+
+
+class BadSample(Exception):
+    """A sample the reader cannot use; ``reason`` is a short machine word counted by the stream."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+        """What exactly (a member name), for messages; not part of the reason."""
+
+
+def member_name(key: str, field: str) -> str:
+    """The tar member name of a sample's field: ``member_name("k", "img0.jpg") == "k.img0.jpg"``."""
+    return f"{key}.{field}"
+
+
+def image_field(index: int) -> str:
+    """The field of an interleaved document's ``index``-th image (``img0.jpg``, ``img1.jpg``, ...)."""
+    return f"img{index}.jpg"
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """``(key, field)`` of a member name, the field lowercased; None for a name that is no sample member
+    (no dot in its file name, or a webdataset-internal name starting with ``__``)."""
+    m = _MEMBER.match(name)
+    if m is None or name.startswith("__"):
+        return None
+    return m.group(1), m.group(2).lower()
+
+
+def is_image_field(field: str) -> bool:
+    """Whether a field holds an image (``jpg``, ``img0.jpg``, ...)."""
+    return field.rsplit(".", 1)[-1] in IMAGE_EXTS
+
+
+# ------------------------------------------------------------------------------------- tar reading
+
+
+@dataclass(frozen=True)
+class TarSpan:
+    """A member left unread: its bytes are ``size`` bytes at ``offset`` of the (uncompressed) tar file."""
+
+    offset: int
+    size: int
+
+
+@dataclass
+class TarSample:
+    """The members of one sample."""
+
+    key: str
+    files: dict[str, bytes | TarSpan] = field(default_factory=dict)
+    """Field -> bytes (or `TarSpan` for a field the reader chose not to read)."""
+    cut: bool = False
+    """The tar broke while this sample was read: members after the break are missing."""
+
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
+             read: Callable[[str], bool] | None = None,
+             errors: list[str] | None = None) -> Iterator[TarSample]:
+    """The samples of a tar (a path or a seekable binary file; gzip/bz2/xz compressed tars too), in order,
+    streamed: regular members grouped by key (see the module docstring), other members ignored.
+
+    A field seen twice in one sample keeps its first bytes and counts ``duplicate_member`` in ``skipped``.
+    A tar that breaks (bad header, data cut inside a member, corrupt compression) ends early and counts
+    ``broken_shard``; the sample being read then comes out with ``cut`` set. An uncompressed tar that ends
+    quietly at a member boundary without the end-of-archive blocks counts ``truncated_shard``. The
+    exception text of a break is appended to ``errors`` when given.
+
+    With ``read``, fields for which it is false are not read but given as `TarSpan` byte ranges (only for
+    an uncompressed tar; a compressed one is read whole).
+    """
+    skipped = skipped if skipped is not None else Counter()
+    own = isinstance(source, str | Path)
+    f: BinaryIO = open(source, "rb") if own else source  # closed below
+    current: TarSample | None = None
+    try:
+        start = f.tell()
+        compressed = f.read(6).startswith(_COMPRESSED)
+        f.seek(start)
+        try:
+            with tarfile.open(fileobj=f, mode="r|*" if compressed else "r|") as tar:
+                for info in tar:
+                    tar.members = []  # streaming: do not keep every header in memory
+                    if not info.isreg():
+                        continue
+                    parts = split_member(info.name)
+                    if parts is None:
+                        continue
+                    key, name = parts
+                    if current is not None and key != current.key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = TarSample(key)
+                    if name in current.files:
+                        skipped["duplicate_member"] += 1
+                        continue
+                    if read is not None and not compressed and not read(name):
+                        current.files[name] = TarSpan(info.offset_data, info.size)
+                        continue
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
+                    current.files[name] = data
+            # tarfile stops quietly at a cut that falls on a member boundary; a complete archive ends
+            # with zero blocks.
+            if not compressed:
+                end = f.seek(0, 2)
+                if end - start < 1024 or (f.seek(end - 1024) is not None and f.read(1024) != bytes(1024)):
+                    skipped["truncated_shard"] += 1
+        except (tarfile.TarError, EOFError, OSError) as e:
+            skipped["broken_shard"] += 1
+            if errors is not None:
+                errors.append(f"{type(e).__name__}: {e}")
+            if current is not None:
+                current.cut = True
+        if current is not None:
+            yield current
+    finally:
+        if own:
+            f.close()
+
+
+# ------------------------------------------------------------------------------------ sample parsing
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    """An image of a sample, undecoded."""
+
+    name: str
+    """Its field (``jpg``, ``img0.jpg``, ...)."""
+    data: bytes
+
+
+Segment = str | ImageSegment
+
+
+def _text(files: Mapping[str, object], what: str) -> str:
+    data = files.get(TEXT_FIELD)
+    if not isinstance(data, bytes):
+        raise BadSample(f"missing_{what}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadSample("not_utf8") from None
+    if not text.strip():
+        raise BadSample(f"empty_{what}")
+    return text
+
+
+def parse_sample(kind: str, files: Mapping[str, object]) -> list[Segment]:
+    """A sample's segments in order: text strings and `ImageSegment`s (bytes undecoded).
+
+    ``files`` maps fields to bytes (other entries, such as ``__key__``, are ignored). Raises
+    ``BadSample(reason)`` for a sample the reader cannot use: ``missing_text``, ``empty_text``,
+    ``missing_caption``, ``empty_caption``, ``not_utf8``, ``missing_image``, ``missing_json``, ``bad_json``
+    or ``empty_document``. Interleaved segments that are neither text nor image are ignored.
+    """
+    if kind == "text":
+        return [_text(files, "text")]
+    if kind == "captions":
+        ext = next((e for e in IMAGE_EXTS if isinstance(files.get(e), bytes)), None)
+        if ext is None:
+            raise BadSample("missing_image")
+        caption = _text(files, "caption")
+        return [ImageSegment(ext, files[ext]), caption.strip()]
+    if kind == "interleaved":
+        raw = files.get(JSON_FIELD)
+        if not isinstance(raw, bytes):
+            raise BadSample("missing_json")
+        try:
+            segments = json.loads(raw.decode("utf-8"))["segments"]
+            assert isinstance(segments, list)
+        except Exception:  # noqa: BLE001 - not UTF-8, not JSON, not an object, no list of segments
+            raise BadSample("bad_json") from None
+        out: list[Segment] = []
+        for seg in segments:
+            if not isinstance(seg, dict):
+                raise BadSample("bad_json")
+            if seg.get("text"):
+                out.append(str(seg["text"]))
+            elif seg.get("image"):
+                name = str(seg["image"]).lower()
+                data = files.get(name)
+                if not isinstance(data, bytes):
+                    raise BadSample("missing_image", name)
+                out.append(ImageSegment(name, data))
+        if not out:
+            raise BadSample("empty_document")
+        return out
+    raise ValueError(f"unknown source kind {kind!r} (expected one of {KINDS})")

@@ -1,0 +1,201 @@
+"""The shard format module: member grouping with its error accounting, parse_sample per kind, no torch."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kosmos.data.format import (
+    BadSample,
+    ImageSegment,
+    TarSpan,
+    image_field,
+    iter_tar,
+    member_name,
+    parse_sample,
+    split_member,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w", dirs: tuple[str, ...] = ()) -> Path:
+    with tarfile.open(path, mode) as tar:
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _samples(path, **kw) -> tuple[list[tuple[str, dict, bool]], Counter]:
+    skipped: Counter = Counter()
+    out = [(s.key, s.files, s.cut) for s in iter_tar(path, skipped, **kw)]
+    return out, skipped
+
+
+def test_member_names_round_trip():
+    assert member_name("k1", "img0.jpg") == "k1.img0.jpg" and image_field(3) == "img3.jpg"
+    assert split_member("dir/k1.img0.JPG") == ("dir/k1", "img0.jpg")
+    assert split_member("a.b/c") is None and split_member("__index__.json") is None
+    assert split_member(member_name("x-1_y", image_field(0))) == ("x-1_y", "img0.jpg")
+
+
+def test_iter_tar_groups_consecutive_members(tmp_path):
+    path = _tar(tmp_path / "s.tar", [("a.txt", b"A"), ("a.json", b"{}"), ("sub/b.TXT", b"B"),
+                                     ("sub/b.img0.jpg", b"I"), ("sub/b.txt", b"again"), ("c.txt", b"C")],
+                dirs=("sub",))
+    samples, skipped = _samples(path)
+    assert samples == [("a", {"txt": b"A", "json": b"{}"}, False),
+                       ("sub/b", {"txt": b"B", "img0.jpg": b"I"}, False), ("c", {"txt": b"C"}, False)]
+    assert skipped == {"duplicate_member": 1}  # the directory member is no sample and no error
+
+
+def test_iter_tar_ignores_non_regular_members(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.txt", b"A"), ("b.txt", b"B")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            link = tarfile.TarInfo(name.replace(".txt", ".jpg"))
+            link.type, link.linkname = tarfile.SYMTYPE, "elsewhere.jpg"
+            tar.addfile(link)
+    samples, skipped = _samples(path)
+    assert samples == [("a", {"txt": b"A"}, False), ("b", {"txt": b"B"}, False)] and not skipped
+
+
+def test_iter_tar_counts_cut_and_broken_tars(tmp_path):
+    members = [(f"k{i}.{ext}", bytes([65 + i]) * 700) for i in range(3) for ext in ("txt", "json")]
+    full = _tar(tmp_path / "full.tar", members).read_bytes()
+    header = 512 + 1024  # one member: header + 700 bytes padded to 1024
+    cases = {
+        2 * header: ("truncated_shard", 1, False),  # cut at a member boundary: no end blocks
+        2 * header + 600: ("broken_shard", 2, True),  # cut inside k1.txt: k1 comes out cut (and empty)
+        3 * header + 512 + 100: ("broken_shard", 2, True),  # cut inside k1.json: k1 has its txt only
+        3 * header + 100: ("truncated_shard", 2, False),  # cut inside a header: tarfile stops quietly
+    }
+    for cut, (reason, n, was_cut) in cases.items():
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(full[:cut])
+        errors: list[str] = []
+        samples, skipped = _samples(path, errors=errors)
+        assert skipped == {reason: 1}, cut
+        assert len(samples) == n and samples[0] == ("k0", {"txt": b"A" * 700, "json": b"A" * 700}, False)
+        assert samples[-1][2] is was_cut and bool(errors) is was_cut
+    (tmp_path / "junk.tar").write_bytes(b"\x07" * 5000)
+    assert _samples(tmp_path / "junk.tar") == ([], Counter(broken_shard=1))
+    samples, skipped = _samples(tmp_path / "full.tar")
+    assert len(samples) == 3 and not skipped
+
+
+def test_iter_tar_spans_and_compressed(tmp_path):
+    members = [("k0.jpg", b"J" * 1000), ("k0.txt", b"T"), ("k1.jpg", b"K" * 10), ("k1.txt", b"U")]
+    plain = _tar(tmp_path / "s.tar", members)
+    samples, _ = _samples(plain, read=lambda f: f != "jpg")
+    span = samples[0][1]["jpg"]
+    assert isinstance(span, TarSpan) and samples[0][1]["txt"] == b"T"
+    with open(plain, "rb") as f:
+        f.seek(span.offset)
+        assert f.read(span.size) == b"J" * 1000
+    gz = _tar(tmp_path / "s.tar.gz", members, mode="w:gz")
+    samples, skipped = _samples(gz, read=lambda f: f != "jpg")  # compressed: read whole
+    assert [s[1] for s in samples] == [{"jpg": b"J" * 1000, "txt": b"T"}, {"jpg": b"K" * 10, "txt": b"U"}]
+    assert not skipped
+    gz.write_bytes(gz.read_bytes()[:-30])
+    assert _samples(gz)[1] == {"broken_shard": 1}
+
+
+def _doc(segments) -> bytes:
+    return json.dumps({"segments": segments, "meta": {}}).encode()
+
+
+@pytest.mark.parametrize("kind, files, want", [
+    ("text", {"txt": b" doc \n", "json": b"{}"}, [" doc \n"]),
+    ("captions", {"png": b"P", "txt": b" a cat \n"}, [ImageSegment("png", b"P"), "a cat"]),
+    ("captions", {"webp": b"W", "jpg": b"J", "txt": b"x"}, [ImageSegment("jpg", b"J"), "x"]),
+    ("interleaved", {"json": _doc([{"text": "a"}, {"image": "img0.jpg"}, {"other": 1}, {"text": "b"}]),
+                     "img0.jpg": b"I"}, ["a", ImageSegment("img0.jpg", b"I"), "b"]),
+])
+def test_parse_sample(kind, files, want):
+    assert parse_sample(kind, {"__key__": "k", "__url__": "u.tar", **files}) == want
+
+
+@pytest.mark.parametrize("kind, files, reason", [
+    ("text", {"json": b"{}"}, "missing_text"),
+    ("text", {"txt": b" \n "}, "empty_text"),
+    ("text", {"txt": b"\xff\xfe"}, "not_utf8"),
+    ("captions", {"txt": b"a cat"}, "missing_image"),
+    ("captions", {"jpg": b"J"}, "missing_caption"),
+    ("captions", {"jpg": b"J", "txt": b"  "}, "empty_caption"),
+    ("captions", {"jpg": b"J", "txt": b"\xff"}, "not_utf8"),
+    ("interleaved", {"txt": b"x"}, "missing_json"),
+    ("interleaved", {"json": b"{not json"}, "bad_json"),
+    ("interleaved", {"json": b'{"segments": "no list"}'}, "bad_json"),
+    ("interleaved", {"json": _doc(["a string"])}, "bad_json"),
+    ("interleaved", {"json": _doc([{"text": "a"}, {"image": "img1.jpg"}]), "img0.jpg": b"I"},
+     "missing_image"),
+    ("interleaved", {"json": _doc([{"text": ""}, {"other": 1}])}, "empty_document"),
+])
+def test_parse_sample_rejects(kind, files, reason):
+    with pytest.raises(BadSample) as e:
+        parse_sample(kind, files)
+    assert e.value.reason == reason == str(e.value)
+
+
+def test_parse_sample_unknown_kind():
+    with pytest.raises(ValueError, match="unknown source kind"):
+        parse_sample("audio", {})
+
+
+def test_uppercase_image_names_found_alike_by_reader_and_verify(tmp_path, tiny_tokenizer):
+    """Interleaved image names are case-insensitive the same way for training and for verify."""
+    from _shards import jpeg
+
+    from data_tools.verify import verify_shard
+    from kosmos.data.samples import encode_sample
+    from kosmos.data.shards import read_shard
+
+    doc = _doc([{"text": "a red circle"}, {"image": "IMG0.JPG"}, {"text": "and"}, {"image": "Img1.jpg"}])
+    path = _tar(tmp_path / "doc-000000.tar", [("Doc1.json", doc), ("Doc1.IMG0.JPG", jpeg(1)),
+                                               ("Doc1.img1.jpg", jpeg(2))])
+    raw = next(read_shard(str(path), Counter()))[1]
+    assert raw["__key__"] == "Doc1" and set(raw) == {"__key__", "__url__", "json", "img0.jpg", "img1.jpg"}
+    enc = encode_sample("interleaved", raw, (0, 0), tiny_tokenizer, 4, 32)
+    assert len(enc.images) == 2
+    rep = verify_shard(path, "interleaved")
+    assert rep.samples == 1 and rep.images == 2 and rep.problems == []
+    # one name that neither finds: both reject it
+    bad = _tar(tmp_path / "doc-000001.tar", [("d.json", _doc([{"text": "a"}, {"image": "img2.jpg"}])),
+                                              ("d.img0.jpg", jpeg(1))])
+    with pytest.raises(BadSample, match="missing_image"):
+        encode_sample("interleaved", next(read_shard(str(bad), Counter()))[1], (0, 0), tiny_tokenizer, 4, 32)
+    assert any("missing_image" in p and "img2.jpg" in p for p in verify_shard(bad, "interleaved").problems)
+
+
+def test_format_imports_no_torch():
+    code = ("import sys; import kosmos.data.format, kosmos.data.shards, kosmos.data; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_lazy_package_names_still_import():
+    from kosmos.data import Mixture, SourceDataset, SourceLoader, build_loader, build_mixture, plan
+
+    assert callable(plan) and callable(build_mixture) and callable(build_loader)
+    assert Mixture.__name__ == "Mixture" and SourceDataset and SourceLoader
+    with pytest.raises(AttributeError):
+        import kosmos.data
+
+        kosmos.data.nothing_like_this  # noqa: B018
