@@ -166,13 +166,14 @@ def test_uppercase_image_names_found_alike_by_reader_and_verify(tmp_path, tiny_t
     from data_tools.verify import verify_shard
     from kosmos.data.samples import encode_sample
     from kosmos.data.shards import read_shard
+    from kosmos.sequence import SequenceEncoder
 
     doc = _doc([{"text": "a red circle"}, {"image": "IMG0.JPG"}, {"text": "and"}, {"image": "Img1.jpg"}])
     path = _tar(tmp_path / "doc-000000.tar", [("Doc1.json", doc), ("Doc1.IMG0.JPG", jpeg(1)),
                                                ("Doc1.img1.jpg", jpeg(2))])
     raw = next(read_shard(str(path), Counter()))[1]
     assert raw["__key__"] == "Doc1" and set(raw) == {"__key__", "__url__", "json", "img0.jpg", "img1.jpg"}
-    enc = encode_sample("interleaved", raw, (0, 0), tiny_tokenizer, 4, 32)
+    enc = encode_sample("interleaved", raw, (0, 0), SequenceEncoder(tiny_tokenizer, 4, 32))
     assert len(enc.images) == 2
     rep = verify_shard(path, "interleaved")
     assert rep.samples == 1 and rep.images == 2 and rep.problems == []
@@ -180,7 +181,8 @@ def test_uppercase_image_names_found_alike_by_reader_and_verify(tmp_path, tiny_t
     bad = _tar(tmp_path / "doc-000001.tar", [("d.json", _doc([{"text": "a"}, {"image": "img2.jpg"}])),
                                               ("d.img0.jpg", jpeg(1))])
     with pytest.raises(BadSample, match="missing_image"):
-        encode_sample("interleaved", next(read_shard(str(bad), Counter()))[1], (0, 0), tiny_tokenizer, 4, 32)
+        encode_sample("interleaved", next(read_shard(str(bad), Counter()))[1], (0, 0),
+                      SequenceEncoder(tiny_tokenizer, 4, 32))
     assert any("missing_image" in p and "img2.jpg" in p for p in verify_shard(bad, "interleaved").problems)
 
 
