@@ -24,13 +24,9 @@ def tiny_run(tmp_path_factory, tiny_tokenizer):
     """Shards of all three sources for training configs/tiny.yaml, and the overrides that point at them:
     generated shapes with captions (through data_tools.captions), MMC4-style documents about them (through
     data_tools.interleaved) and short text documents."""
-    import sys
-
     from data_tools import captions, interleaved
     from data_tools.shapes import make_shapes
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _shards import text_shards
+    from tests.helpers import text_shards
 
     root = tmp_path_factory.mktemp("tiny_run")
     make_shapes(root / "shapes", 400, size=64, seed=0, docs=60)

@@ -3,7 +3,7 @@ not, training or cached decoding), correct xPos in bf16 at the paper's length, a
 
 import pytest
 import torch
-from _tiny import make_row, random_images, tiny_config, tiny_model
+from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 from kosmos.decoder import apply_xpos, build_decoder
 

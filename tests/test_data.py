@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 import torch
-from _shards import caption_shards, interleaved_shards, jpeg, text_shards, write_tar
+from tests.helpers import caption_shards, interleaved_shards, jpeg, text_shards, write_tar
 
 from kosmos.config import load_config
 from kosmos.data import SourceDataset, SourceLoader, plan

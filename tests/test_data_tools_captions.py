@@ -15,7 +15,7 @@ from data_tools.conversion import ShardOptions
 from data_tools.images import ImageOptions
 from data_tools.records import ConversionError
 from data_tools.verify import verify
-from tests.shard_helpers import (
+from tests.helpers import (
     BAD_REASONS,
     bad_image,
     image_size,

@@ -11,7 +11,7 @@ from PIL import Image
 from data_tools.images import ImageOptions, normalize_image
 from data_tools.records import Skip
 from data_tools.writer import sanitize_key
-from tests.shard_helpers import BAD_REASONS, bad_image, image_size, photo
+from tests.helpers import BAD_REASONS, bad_image, image_size, photo
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

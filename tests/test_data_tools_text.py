@@ -12,7 +12,7 @@ from data_tools.conversion import ShardOptions
 from data_tools.records import ConversionError
 from data_tools.text import convert_text, main
 from data_tools.verify import verify
-from tests.shard_helpers import manifest, read_tar, read_wds, shard_bytes, write
+from tests.helpers import manifest, read_tar, read_wds, shard_bytes, write
 
 
 def _opts(out: Path, **kw) -> ShardOptions:

@@ -9,7 +9,7 @@ from data_tools import inspect as shard_inspect
 from data_tools import verify as shard_verify
 from data_tools.captions import convert_captions
 from data_tools.conversion import ShardOptions
-from tests.shard_helpers import photo, write
+from tests.helpers import photo, write
 
 
 def _shards(tmp_path: Path, n: int = 4, per_shard: int = 2) -> Path:

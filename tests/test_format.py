@@ -161,7 +161,7 @@ def test_parse_sample_unknown_kind():
 
 def test_uppercase_image_names_found_alike_by_reader_and_verify(tmp_path, tiny_tokenizer):
     """Interleaved image names are case-insensitive the same way for training and for verify."""
-    from _shards import jpeg
+    from tests.helpers import jpeg
 
     from data_tools.verify import verify_shard
     from kosmos.data.samples import encode_sample

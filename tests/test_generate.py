@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import torch
-from _tiny import checkpoint_dir, make_row, random_images, tiny_model
+from tests.helpers import checkpoint_dir, make_row, random_images, tiny_model
 
 from kosmos.generate import GenerationConfig, Prompt, filter_logits, generate
 
@@ -119,7 +119,7 @@ def test_several_images_in_one_prompt():
 
 
 def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
-    from _tiny import ROOT
+    from tests.helpers import ROOT
     from safetensors.torch import save_model
 
     from kosmos.generate import main
@@ -146,7 +146,7 @@ def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
 
 
 def test_a_checkpoint_directory_is_all_generation_needs(tmp_path, tiny_tokenizer, monkeypatch, capsys):
-    from _tiny import ROOT
+    from tests.helpers import ROOT
 
     from kosmos.generate import main
     from kosmos.model import Kosmos
@@ -193,7 +193,7 @@ def test_model_normalises_uint8_pixels_and_refuses_floats():
 
 
 def test_summary_cli(capsys):
-    from _tiny import TINY
+    from tests.helpers import TINY
 
     from kosmos.summary import main
 

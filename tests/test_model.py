@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from _tiny import make_row, random_images, tiny_config, tiny_model
+from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 from kosmos.decoder import apply_xpos
 from kosmos.model import Kosmos
@@ -182,7 +182,7 @@ def test_vision_weights_load_from_local_files_without_pickle(tmp_path):
 
 
 def test_paper_model_size_on_meta_device():
-    from _tiny import ROOT
+    from tests.helpers import ROOT
 
     from kosmos.config import load_config
     from kosmos.summary import summarize

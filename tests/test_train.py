@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from _tiny import ROOT, tiny_model
+from tests.helpers import ROOT, tiny_model
 
 import train_kosmos
 from kosmos import checkpoint as ck

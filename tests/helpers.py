@@ -1,0 +1,258 @@
+"""Helpers shared by the tests: tiny models, tiny shards made in the test, planted bad inputs.
+
+    tiny models     configs/tiny.yaml with overrides, randomly initialised, CPU, fp32
+    tiny shards     webdataset shards of the three source kinds, in the training format
+    converter I/O   real photos from assets/images, planted bad files, reading converter output back
+
+Imported as `from tests.helpers import ...` (the repository root is on pytest's path).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import struct
+import tarfile
+import warnings
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from kosmos.config import Config, load_config
+from kosmos.model import Kosmos
+
+# ----------------------------------------------------------------------------- tiny models
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(TINY, list(overrides))
+
+
+def tiny_model(*overrides: str, seed: int = 0) -> Kosmos:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "randomly initialised" is expected here
+        return Kosmos(tiny_config(*overrides))
+
+
+def random_images(model: Kosmos, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    s = model.vision.image_size
+    return torch.randint(0, 256, (n, 3, s, s), generator=g, dtype=torch.uint8)  # the model normalises pixels
+
+
+def make_row(model: Kosmos, text_before: int, n_images: int, text_after: int, seed: int = 0,
+             image_id: int = 4, image_end_id: int = 5, pad_id: int = 0):
+    """ids and image mask for `<s> text <image> slots </image> ... text`: a single row (1, L)."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.cfg.decoder.vocab_size
+    n = model.num_latents
+
+    def text(k):
+        return torch.randint(10, V, (k,), generator=g).tolist()
+
+    ids, mask = [2] + text(text_before), [False] * (1 + text_before)
+    for _ in range(n_images):
+        ids += [image_id] + [pad_id] * n + [image_end_id]
+        mask += [False] + [True] * n + [False]
+    ids += text(text_after)
+    mask += [False] * text_after
+    return torch.tensor([ids]), torch.tensor([mask])
+
+
+def checkpoint_dir(run: Path, tokenizer_dir: Path, model: Kosmos, step: int = 7) -> Path:
+    """A checkpoint as the trainer writes it, for inference: weights, the resolved config, the tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from kosmos.config import save_config
+
+    ckpt = run / "checkpoints" / f"step_{step:08d}"
+    (ckpt / "tokenizer").mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    save_config(model.cfg, ckpt / "config.yaml")
+    (ckpt / "trainer_state.json").write_text("{}")
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, ckpt / "tokenizer" / f.name)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- tiny shards
+
+WORDS = "a red blue green small large circle square triangle on the left right top bottom of image".split()
+
+
+def jpeg(seed: int, size: int = 40) -> bytes:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    im = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    ImageDraw.Draw(im).ellipse((5, 5, 25, 25), fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes]]) -> Path:
+    """samples: {"__key__": key, ext: bytes, ...} each."""
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            for ext, data in s.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def text_shards(root: Path, n_shards: int, per_shard: int, words=(3, 30), seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = [{"__key__": f"t{s:02d}_{i:03d}", "txt": sentence(rng, rng.randint(*words)).encode()}
+                   for i in range(per_shard)]
+        paths.append(str(write_tar(root / f"text-{s:06d}.tar", samples)))
+    return paths
+
+
+def caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = [{"__key__": f"c{s:02d}_{i:03d}", "jpg": jpeg(s * 1000 + i),
+                    "txt": sentence(rng, rng.randint(3, 12)).encode()} for i in range(per_shard)]
+        paths.append(str(write_tar(root / f"cap-{s:06d}.tar", samples)))
+    return paths
+
+
+def interleaved_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0, max_images: int = 3,
+                       words=(5, 40)) -> list[str]:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            sample: dict = {"__key__": f"d{s:02d}_{i:03d}"}
+            segments = []
+            for j in range(rng.randint(1, max_images)):
+                segments.append({"text": sentence(rng, rng.randint(*words))})
+                segments.append({"image": f"img{j}.jpg"})
+                sample[f"img{j}.jpg"] = jpeg(rng.randrange(10**6))
+            segments.append({"text": sentence(rng, rng.randint(*words))})
+            sample["json"] = json.dumps({"segments": segments, "meta": {}}).encode()
+            samples.append(sample)
+        paths.append(str(write_tar(root / f"doc-{s:06d}.tar", samples)))
+    return paths
+
+
+# ----------------------------------------------------------------------------- converter inputs and outputs
+
+ASSETS = ROOT / "assets" / "images"
+PHOTOS = sorted(ASSETS.glob("*.jpg"))
+
+
+@lru_cache(maxsize=64)
+def photo(i: int, size: tuple[int, int] = (120, 96), fmt: str = "JPEG") -> bytes:
+    """A real photo from assets/images (index ``i`` modulo 16) resized to ``size``, encoded as ``fmt``."""
+    with Image.open(PHOTOS[i % len(PHOTOS)]) as im:
+        im = im.convert("RGB").resize(size)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def single_colour(size: tuple[int, int] = (100, 100)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_REASONS = ("corrupt_image", "empty_image", "decompression_bomb", "truncated_image", "image_too_small",
+               "single_colour_image")
+
+
+def bad_image(reason: str) -> bytes:
+    """Bytes that ``normalize_image`` rejects with ``reason``."""
+    if reason == "corrupt_image":
+        return b"this is not an image at all" * 10
+    if reason == "empty_image":
+        return b""
+    if reason == "decompression_bomb":
+        return bomb_png()
+    if reason == "truncated_image":
+        data = photo(3, (200, 160))
+        return data[: len(data) // 2]
+    if reason == "image_too_small":
+        return photo(4, (40, 30))
+    if reason == "single_colour_image":
+        return single_colour()
+    raise KeyError(reason)
+
+
+def shard_paths(folder: Path) -> list[str]:
+    return [str(p) for p in sorted(Path(folder).glob("*.tar"))]
+
+
+def read_wds(folder: Path) -> list[dict]:
+    """All samples via plain ``webdataset.WebDataset`` (no shuffling), in shard order."""
+    import webdataset as wds
+
+    return list(wds.WebDataset(shard_paths(folder), shardshuffle=False, empty_check=False))
+
+
+def read_tar(folder: Path) -> dict[str, dict[str, bytes]]:
+    """All samples via ``tarfile``: {key: {ext: bytes}}; asserts deterministic member headers."""
+    out: dict[str, dict[str, bytes]] = {}
+    for p in shard_paths(folder):
+        with tarfile.open(p) as tar:
+            for m in tar:
+                assert m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.isfile(), m
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((Path(folder) / "manifest.json").read_text())
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {Path(p).name: Path(p).read_bytes() for p in shard_paths(folder)}
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
