@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench._perf import fmt_bytes, peak_memory, time_interleaved  # noqa: E402
 from kosmos.config import DecoderConfig, load_config  # noqa: E402
 from kosmos.decoder import build_decoder  # noqa: E402
-from bench._perf import fmt_bytes, peak_memory, time_interleaved  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench._perf import synchronize  # noqa: E402
 from bench.attention import DTYPES, decoder_overrides, describe, resolve_dtype  # noqa: E402
 from kosmos.config import load_config  # noqa: E402
-from bench._perf import synchronize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

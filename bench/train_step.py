@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench._perf import fmt_bytes, peak_memory, time_interleaved  # noqa: E402
 from bench.attention import add_common_args, decoder_overrides, describe, resolve_dtype  # noqa: E402
 from kosmos.config import load_config  # noqa: E402
-from bench._perf import fmt_bytes, peak_memory, time_interleaved  # noqa: E402
 
 IMAGE, IMAGE_END = 4, 5  # <image>, </image> ids of the project's tokenizer
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kosmos.data.format import JSON_FIELD, KINDS, BadSample, is_image_field, iter_tar, parse_sample
 
+
 @dataclass
 class ShardReport:
     """What ``verify_shard`` found in one shard."""

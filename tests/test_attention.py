@@ -3,9 +3,9 @@ not, training or cached decoding), correct xPos in bf16 at the paper's length, a
 
 import pytest
 import torch
-from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 from kosmos.decoder import apply_xpos, build_decoder
+from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 
 def _decoders(*overrides: str, seed: int = 0):

@@ -88,7 +88,7 @@ def test_vision_sizes_are_resolved_in_the_config_without_torch():
     tiny = load_config(CONFIGS[0].parent / "tiny.yaml")
     assert (tiny.vision.input_size, tiny.vision.num_patches) == (64, 64)
     with pytest.raises(ConfigError, match="vision.model_name.*ViT-Q-99"):
-        load_config(None, ["vision.model_name=ViT-Q-99"]).vision.input_size
+        _ = load_config(None, ["vision.model_name=ViT-Q-99"]).vision.input_size
 
 
 def test_image_flops_sit_beside_token_flops():

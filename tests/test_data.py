@@ -3,7 +3,6 @@ from collections import Counter
 
 import pytest
 import torch
-from tests.helpers import caption_shards, interleaved_shards, jpeg, text_shards, write_tar
 
 from kosmos.config import load_config
 from kosmos.data import SourceDataset, SourceLoader, plan
@@ -12,6 +11,7 @@ from kosmos.data.samples import encode_sample
 from kosmos.data.shards import expand_shards
 from kosmos.model import IGNORE_INDEX
 from kosmos.sequence import SequenceEncoder
+from tests.helpers import caption_shards, interleaved_shards, jpeg, text_shards, write_tar
 
 NL = 4  # image slots per image in these tests
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from tests.helpers import caption_shards, text_shards
-from tests.helpers import checkpoint_dir, tiny_model
+
+from tests.helpers import caption_shards, checkpoint_dir, text_shards, tiny_model
 
 
 def test_eval_cli_reports_the_token_mean_loss_per_source(tmp_path, tiny_tokenizer, monkeypatch, capsys):

@@ -2,9 +2,9 @@ import itertools
 
 import pytest
 import torch
-from tests.helpers import checkpoint_dir, make_row, random_images, tiny_model
 
 from kosmos.generate import GenerationConfig, Prompt, filter_logits, generate
+from tests.helpers import checkpoint_dir, make_row, random_images, tiny_model
 
 
 def _prompt(model, before, n_images, after, seed):
@@ -119,10 +119,10 @@ def test_several_images_in_one_prompt():
 
 
 def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
-    from tests.helpers import ROOT
     from safetensors.torch import save_model
 
     from kosmos.generate import main
+    from tests.helpers import ROOT
 
     model = tiny_model()
     ckpt = tmp_path / "step_00000001"
@@ -146,11 +146,10 @@ def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
 
 
 def test_a_checkpoint_directory_is_all_generation_needs(tmp_path, tiny_tokenizer, monkeypatch, capsys):
-    from tests.helpers import ROOT
-
     from kosmos.generate import main
     from kosmos.model import Kosmos
     from kosmos.sequence import SequenceEncoder
+    from tests.helpers import ROOT
 
     model = tiny_model("tokenizer.path=/nowhere/tokenizer")  # the path at training time is gone now
     ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, model)
@@ -193,9 +192,8 @@ def test_model_normalises_uint8_pixels_and_refuses_floats():
 
 
 def test_summary_cli(capsys):
-    from tests.helpers import TINY
-
     from kosmos.summary import main
+    from tests.helpers import TINY
 
     counts = main([str(TINY), "decoder.layers=3"])
     text = capsys.readouterr().out

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 from kosmos.decoder import apply_xpos
 from kosmos.model import Kosmos
 from kosmos.vision import VisionEncoder
+from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 
 def test_forward_shapes_and_loss():
@@ -182,10 +182,9 @@ def test_vision_weights_load_from_local_files_without_pickle(tmp_path):
 
 
 def test_paper_model_size_on_meta_device():
-    from tests.helpers import ROOT
-
     from kosmos.config import load_config
     from kosmos.summary import summarize
+    from tests.helpers import ROOT
 
     counts = summarize(load_config(ROOT / "configs" / "kosmos1.yaml"))
     assert 1.5e9 < counts["total"] < 1.75e9

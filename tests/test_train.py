@@ -6,12 +6,12 @@ import time
 
 import pytest
 import torch
-from tests.helpers import ROOT, tiny_model
 
 import train_kosmos
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
+from tests.helpers import ROOT, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 

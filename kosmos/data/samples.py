@@ -19,6 +19,7 @@ from kosmos.data.format import BadSample, ImageSegment, parse_sample
 from kosmos.image import clip_resize_crop
 from kosmos.sequence import SequenceEncoder
 
+
 @dataclass
 class Encoded:
     """A sample ready to pack."""
