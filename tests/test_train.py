@@ -77,6 +77,77 @@ def test_missing_shards_are_named(tiny_tokenizer, tmp_path, capsys):
     assert "data.captions.shards" in capsys.readouterr().err
 
 
+class _TwoRanks:
+    """An accelerator stand-in: one process playing two identical ranks (a sum over ranks doubles)."""
+
+    device = torch.device("cpu")
+    num_processes = 2
+
+    def __init__(self, main: bool = True):
+        self.is_main_process = main
+        self.reduced = 0
+
+    def reduce(self, t, reduction):
+        assert reduction == "sum"
+        self.reduced += 1
+        return t * 2
+
+
+def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from kosmos import metrics
+    from kosmos.training import StepResult
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    model = SimpleNamespace(cfg=SimpleNamespace(decoder=SimpleNamespace(flops_per_token=lambda: 100.0)),
+                            vision=SimpleNamespace(parameters=lambda: [torch.zeros(10)], num_patches=3))
+    acc = _TwoRanks()
+    meter = metrics.Meter(acc, model, peak_flops=10_000.0)
+    stat = lambda mean, n: torch.tensor([mean * n, float(n)])  # noqa: E731  (loss sum, tokens)
+    meter.add(StepResult(True, 1.0, {"captions": stat(2.0, 10), "text": stat(3.0, 30)}, rows=64, real=40, images=2))
+    meter.add(StepResult(False, float("nan"), {"captions": stat(float("nan"), 10)}, rows=64, real=40, images=2))
+    meter.add(StepResult(True, 1.5, {"captions": stat(4.0, 30)}, rows=64, real=40, images=2))
+    clock[0] += 2.0
+    report = meter.report(10, lr=1e-4, gnorm=1.5, bad_steps=1,
+                          skipped={"captions": {"bad_image": 3}, "text": {}})
+    m = report.metrics
+    # losses: token-weighted over the applied steps only (the skipped step's NaN is left out)
+    assert m["train/captions_loss"] == pytest.approx(3.5) and m["train/text_loss"] == pytest.approx(3.0)
+    assert m["train/loss"] == pytest.approx(230 / 70)
+    # counts: every computed step, summed over the two ranks
+    assert report.tokens == 240 and m["train/tokens_per_s"] == pytest.approx(120)
+    assert m["train/padding"] == pytest.approx(1 - 240 / 384)
+    assert m["train/mfu"] == pytest.approx((384 * 100 + 12 * 2 * 10 * 4) / 2.0 / (10_000 * 2))
+    assert m["train/skipped_samples"] == 6 and m["train/skipped/captions/bad_image"] == 3  # all ranks; this one
+    assert m["train/lr"] == 1e-4 and m["train/grad_norm"] == 1.5 and m["train/bad_steps"] == 1
+    assert acc.reduced == 4  # counts, two sources, skipped: a fixed number of collectives per log line
+    head, mem = report.line.rsplit(" | ", 1)
+    assert head == ("step     10 | loss 3.2857 | captions 3.500 | text 3.000 | lr 1.00e-04 | gnorm 1.500 | "
+                    "tok/s 120 | mfu 98.4% | pad 37.5% | skipped 6 | bad 1")
+    assert mem.startswith("mem ") and mem.endswith("GiB")
+    assert meter.losses == {} and meter.rows == meter.real == meter.images == 0  # a new window
+
+    meter = metrics.Meter(acc, model, peak_flops=None)
+    meter.add(StepResult(True, 1.0, {"text": stat(3.0, 30)}, rows=64, real=40, images=0))
+    clock[0] += 1.0
+    assert "| mfu n/a |" in meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={}).line
+
+
+def test_run_log_prints_on_the_main_process_only(capsys):
+    from kosmos.metrics import RunLog, eval_line
+
+    for main in (True, False):
+        log = RunLog(_TwoRanks(main))
+        log.start_bar(10, 0)
+        log.info(eval_line({"eval/captions_loss": 2.0, "eval/captions_ppl": 7.389}))
+        log.advance()
+        log.close()
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["eval captions_loss 2.000 captions_ppl 7.389"]
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
