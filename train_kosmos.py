@@ -8,6 +8,7 @@ Each optimizer step takes data.<source>.tokens_per_step tokens from every source
 (per-source mean losses weighted by the budgets), clips, and steps 8-bit AdamW on the warmup/linear-decay
 schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete
 one with its optimizer, schedule, RNG and data position. SIGTERM or Ctrl-C saves a checkpoint and exits.
+Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 
 The pieces: kosmos/training.py (builders, train_step, evaluate), kosmos/metrics.py (log window, log line),
 kosmos/checkpoint.py (save, load, resume, the stop signal).
@@ -26,11 +27,12 @@ def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
     ap.add_argument("--resume", help="`latest` (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
 
-def train(cfg, resume: str | None = None, on_step=None) -> dict:
+def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -> dict:
     """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
     called after every optimizer step with the (source, shard, offset) of the samples it started (tests)."""
     from kosmos import checkpoint as ck
@@ -42,7 +44,7 @@ def train(cfg, resume: str | None = None, on_step=None) -> dict:
     out_dir = Path(cfg.train.output_dir)
     path = ck.resolve_resume(resume, out_dir) if resume else None
     acc = build_accelerator(cfg)
-    log = RunLog(acc)
+    log = RunLog(acc, out_dir / "train.log", progress=progress)
     tok, model, optimizer, scheduler, mixture = setup(acc, cfg)
 
     # ---- resume
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:  # before any heavy work: one clear line
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(cfg, resume=args.resume)
+    return train(cfg, resume=args.resume, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

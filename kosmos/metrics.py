@@ -3,13 +3,14 @@
 `Meter` keeps one log window of steps on the device (no sync per step), reduces it over the ranks once per
 log line and turns it into tracker metrics (losses, lr, tokens/s, padding, MFU, memory, skipped samples)
 and the log line. `RunLog` writes the lines people read: through the progress bar's writer, so that they
-never break the bar.
+never break the bar, and into `train.output_dir/train.log`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -109,23 +110,31 @@ def eval_line(results: dict[str, float]) -> str:
 
 
 class RunLog:
-    """The lines people read (log lines, eval lines, what the run is doing), from the main process only,
-    printed through tqdm.write so that they never break the progress bar. Also owns the progress bar."""
+    """The lines people read (log lines, eval lines, what the run is doing), from the main process only:
+    printed through tqdm.write, so that they never break the progress bar, and appended to `path`
+    (train.output_dir/train.log; a resumed run continues the file). Also owns the progress bar."""
 
-    def __init__(self, acc):
+    def __init__(self, acc, path: str | Path, progress: bool = True):
         self.main = acc.is_main_process
+        self.progress = progress
         self.bar = None
+        self.file = None
+        if self.main:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1)  # line-buffered: a killed run keeps every line it wrote
 
     def info(self, line: str) -> None:
         from tqdm.auto import tqdm
 
         if self.main:
             tqdm.write(line)
+            self.file.write(line + "\n")
 
     def start_bar(self, total: int, initial: int) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, disable=not self.main, desc="train", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, disable=not (self.main and self.progress), desc="train",
+                        dynamic_ncols=True)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -134,3 +143,6 @@ class RunLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None

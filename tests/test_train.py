@@ -135,17 +135,26 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     assert "| mfu n/a |" in meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={}).line
 
 
-def test_run_log_prints_on_the_main_process_only(capsys):
+def test_run_log_prints_and_appends_to_train_log_on_the_main_process_only(tmp_path, capsys):
     from kosmos.metrics import RunLog, eval_line
 
-    for main in (True, False):
-        log = RunLog(_TwoRanks(main))
+    out = []
+    for main, progress in ((True, True), (False, True), (True, False)):
+        log = RunLog(_TwoRanks(main), tmp_path / f"main{main}" / "train.log", progress=progress)
         log.start_bar(10, 0)
         log.info(eval_line({"eval/captions_loss": 2.0, "eval/captions_ppl": 7.389}))
         log.advance()
         log.close()
-    out = capsys.readouterr().out
-    assert out.splitlines() == ["eval captions_loss 2.000 captions_ppl 7.389"]
+        cap = capsys.readouterr()
+        out += cap.out.splitlines()
+        assert ("train:" in cap.err) == (main and progress)  # the bar
+    assert out == ["eval captions_loss 2.000 captions_ppl 7.389"] * 2
+    assert not (tmp_path / "mainFalse").exists()
+    log = RunLog(_TwoRanks(), tmp_path / "mainTrue" / "train.log")  # a resumed run appends
+    log.info("resumed from here")
+    log.close()
+    assert (tmp_path / "mainTrue" / "train.log").read_text().splitlines() == [
+        "eval captions_loss 2.000 captions_ppl 7.389"] * 2 + ["resumed from here"]
 
 
 # ----------------------------------------------------------------------------- end to end (slow)
@@ -222,6 +231,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_run, tmp_path):
         assert _run(_overrides(tiny_run, cut_dir, steps, **{"train.save_every": 4}) + ["--resume", "latest"],
                     log).wait(300) == 0
     assert "resumed from" in (tmp_path / "resume.log").read_text()
+    train_log = (cut_dir / "train.log").read_text()  # appended by the resumed run
+    assert train_log.count("mixture per step") == 2 and f"resumed from {ck.checkpoint_dir(cut_dir)}" in train_log
 
     a, b = ck.list_checkpoints(full_dir)[-1], ck.list_checkpoints(cut_dir)[-1]
     assert a.name == b.name == f"step_{steps:08d}"
@@ -248,6 +259,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
         assert proc.wait(120) == 0
     assert "stopped by signal" in (tmp_path / "log").read_text()
     assert ck.list_checkpoints(out), "no checkpoint written on SIGTERM"
+    lines = (out / "train.log").read_text().splitlines()  # the printed lines, the bar left out
+    assert lines[0].startswith("mixture per step: ") and any(x.startswith("step      5 | loss ") for x in lines)
+    assert lines[-2].startswith("saved ") and lines[-1].startswith("stopped by signal at step ")
 
 
 @pytest.mark.slow
