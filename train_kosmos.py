@@ -54,8 +54,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
         log.info(f"resumed from {path} at step {state['step']}")
     elif resume:
         log.info(f"--resume {resume}: no checkpoint in {out_dir}, starting from scratch")
-    if cfg.train.tracker != "none":
-        acc.init_trackers("kosmos", config=flat_config(cfg))
+    if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
+        acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
     log.info(describe_mixture(acc, mixture))
 
     # ---- the loop: step, log, evaluate, save

@@ -204,6 +204,24 @@ def test_periodic_evaluation_reports_loss_and_perplexity(tiny_run, tmp_path, cap
     assert 0 < loss < 20 and ppl == pytest.approx(2.718281828**loss, rel=1e-2)
 
 
+@pytest.mark.slow
+def test_resume_appends_to_one_tensorboard_run_without_a_new_hparams_folder(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--config", TINY, "--no-progress", *_overrides(tiny_run, out, 2, **{"train.tracker": "tensorboard"})]
+    workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
+    assert train_kosmos.main(args + workers)["step"] == 2
+    runs = out / "kosmos"  # accelerate's TensorBoard run; add_hparams makes timestamped subfolders
+    folders = sorted(p for p in runs.rglob("*") if p.is_dir())
+    assert folders and len(list(runs.rglob("hparams.yml"))) == 1 and len(list(runs.glob("events.*"))) == 1
+    assert train_kosmos.main(args + workers + ["train.max_steps=3", "--resume", "latest"])["step"] == 3
+    assert sorted(p for p in runs.rglob("*") if p.is_dir()) == folders  # no hparams folder for the resume
+    assert len(list(runs.glob("events.*"))) == 2  # one event file per process start, read as one run
+    cap = capsys.readouterr()
+    assert "%|" not in cap.err and "step      2 | loss " in cap.out  # --no-progress: lines but no bar
+    lines = (out / "train.log").read_text().splitlines()
+    assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and "resumed from" in lines[-4]
+
+
 def _run(args, out_file, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "train_kosmos.py"), "--config", TINY, *args], cwd=ROOT,
