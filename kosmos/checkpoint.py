@@ -7,10 +7,13 @@
         rng_rank{R}.pt          torch/CUDA/python/numpy RNG of each rank (same)
         data_rank{R}.json       each rank's data position (kosmos.data.stream explains it)
         trainer_state.json      step, counters, world size, the resolved config
+        config.yaml             the resolved config (kosmos.config.save_config)
+        tokenizer/              a copy of the tokenizer files (tokenizer.model, tokenizer.vocab, ...)
         sharded/                FSDP / DeepSpeed only: accelerate's sharded model and optimizer state
 
 Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` once complete: a run killed
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
+A checkpoint directory is all that inference needs: weights, config and tokenizer.
 """
 
 from __future__ import annotations
@@ -137,10 +140,20 @@ def _sharded(acc) -> bool:
     return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    """Copy every regular file of the tokenizer directory (model, vocab, config) into `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
 def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict) -> Path | None:
     """Write the checkpoint of `state["step"]` from every rank; returns its path on the main process (else
     None). All ranks must call it: it synchronises them."""
     from safetensors.torch import save_model
+
+    from kosmos.config import save_config
 
     step = state["step"]
     tmp = tmp_path_for(cfg.train.output_dir, step)
@@ -165,6 +178,8 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
         save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
     if acc.is_main_process:
         save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_config(cfg, tmp / "config.yaml")  # with tokenizer/: a checkpoint is all inference needs
+        copy_tokenizer(cfg.tokenizer.path, tmp / "tokenizer")
     save_torch(rng_state(), tmp / f"rng_rank{acc.process_index}.pt")
     write_json(mixture.state_dict(), tmp / f"data_rank{acc.process_index}.json")
     acc.wait_for_everyone()

@@ -60,6 +60,50 @@ def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
         ck.resolve_resume(str(ck.checkpoint_dir(tmp_path) / "step_00000020.tmp"), tmp_path)
 
 
+class _Data:
+    """A mixture stand-in: just a data position."""
+
+    def __init__(self, pos: int):
+        self.pos = pos
+
+    def state_dict(self) -> dict:
+        return {"captions": {"pos": self.pos}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.pos = sd["captions"]["pos"]
+
+
+def test_checkpoint_carries_config_and_tokenizer_and_loads_back(tiny_tokenizer, tmp_path):
+    from pathlib import Path
+
+    from kosmos.optim import build_optimizer, build_scheduler
+    from kosmos.training import build_accelerator
+    from tokenizer import KosmosTokenizer
+
+    cfg = load_config(TINY, [f"tokenizer.path={tiny_tokenizer.path}", f"train.output_dir={tmp_path}",
+                             "train.tracker=none"])
+    acc = build_accelerator(cfg)
+
+    def objects(seed):
+        model = tiny_model(seed=seed)
+        opt = build_optimizer(model, cfg.optim)
+        return model, opt, build_scheduler(opt, cfg.optim), _Data(seed)
+
+    model, opt, sched, data = objects(0)
+    state = {"step": 3, "tokens": 10, "bad_steps": 1, "samples": 5}
+    path = ck.save_checkpoint(acc, cfg, model, opt, sched, data, state)
+    assert path == ck.checkpoint_dir(tmp_path) / "step_00000003" and not list(tmp_path.rglob("*.tmp"))
+    assert load_config(path / "config.yaml") == cfg  # the resolved config, loadable as it is
+    files = sorted(f.name for f in Path(tiny_tokenizer.path).iterdir() if f.is_file())
+    assert "tokenizer.model" in files and sorted(f.name for f in (path / "tokenizer").iterdir()) == files
+    text = "a red circle on the left"
+    assert KosmosTokenizer.from_dir(path / "tokenizer").encode(text) == tiny_tokenizer.encode(text)
+
+    model2, opt2, sched2, data2 = objects(1)
+    assert ck.load_checkpoint(acc, path, model2, opt2, sched2, data2) == state and data2.pos == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
 def test_config_errors_name_the_key_before_heavy_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_kosmos.main(["--config", TINY, f"tokenizer.path={tmp_path}"])
@@ -220,6 +264,8 @@ def test_resume_appends_to_one_tensorboard_run_without_a_new_hparams_folder(tiny
     assert "%|" not in cap.err and "step      2 | loss " in cap.out  # --no-progress: lines but no bar
     lines = (out / "train.log").read_text().splitlines()
     assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and "resumed from" in lines[-4]
+    last = ck.list_checkpoints(out)[-1]  # a checkpoint is all inference needs
+    assert (last / "config.yaml").is_file() and (last / "tokenizer" / "tokenizer.model").is_file()
 
 
 def _run(args, out_file, **kw):
