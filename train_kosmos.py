@@ -8,7 +8,8 @@ Each optimizer step takes data.<source>.tokens_per_step tokens from every source
 (per-source mean losses weighted by the budgets), clips, and steps 8-bit AdamW on the warmup/linear-decay
 schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete
 one with its optimizer, schedule, RNG and data position. SIGTERM or Ctrl-C saves a checkpoint and exits.
-Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
+`train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another
+number of processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 
 The pieces: kosmos/training.py (builders, train_step, evaluate), kosmos/metrics.py (log window, log line),
 kosmos/checkpoint.py (save, load, resume, the stop signal).
@@ -40,12 +41,12 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
     from kosmos.training import (BadSteps, build_accelerator, describe_mixture, evaluate, flat_config, peak_flops,
                                  setup, train_step)
 
-    # ---- setup
+    # ---- setup: the weights come from the checkpoint to resume, else from train.init_from, else the seed
     out_dir = Path(cfg.train.output_dir)
-    path = ck.resolve_resume(resume, out_dir) if resume else None
+    path, init_from = ck.start_point(resume, out_dir, cfg.train.init_from)
     acc = build_accelerator(cfg)
     log = RunLog(acc, out_dir / "train.log", progress=progress)
-    tok, model, optimizer, scheduler, mixture = setup(acc, cfg)
+    tok, model, optimizer, scheduler, mixture = setup(acc, cfg, init_from)
 
     # ---- resume
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "samples": 0}
@@ -53,7 +54,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
         state = ck.load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
         log.info(f"resumed from {path} at step {state['step']}")
     elif resume:
-        log.info(f"--resume {resume}: no checkpoint in {out_dir}, starting from scratch")
+        log.info(f"--resume {resume}: no checkpoint in {out_dir}, starting a new run")
+    if init_from is not None:
+        log.info(f"initialised from {init_from}: model weights only; new optimizer, schedule and data")
     if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
         acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
     log.info(describe_mixture(acc, mixture))

@@ -196,7 +196,8 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     state = read_json(path / "trainer_state.json")
     if state["world_size"] != acc.num_processes:
         raise RuntimeError(f"{path} was written by {state['world_size']} processes, this run has "
-                           f"{acc.num_processes}; the data position is per rank, so resume with the same number")
+                           f"{acc.num_processes}; the data position is per rank, so resume with the same number "
+                           "(or start a new run from its weights with train.init_from)")
     if _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:
@@ -208,6 +209,17 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     state.pop("config", None)
     state.pop("world_size", None)
     return state
+
+
+def start_point(resume: str | None, output_dir: str | Path,
+                init_from: str | None) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume, weights to start from): at most one is set. `--resume` wins over
+    `train.init_from` when there is a checkpoint to resume, so that a killed fine-tuning run continues
+    instead of starting over from its initial weights."""
+    path = resolve_resume(resume, output_dir) if resume else None
+    if path is not None or not init_from:
+        return path, None
+    return None, Path(init_from)
 
 
 class StopFlag:

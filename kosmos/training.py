@@ -18,13 +18,18 @@ from kosmos.config import Config, ConfigError
 
 
 def check_config(cfg: Config) -> None:
-    """Fail on what would otherwise fail late: missing tokenizer or shards, a vocabulary mismatch."""
+    """Fail on what would otherwise fail late: missing tokenizer, shards or init weights, a vocabulary
+    mismatch."""
     from kosmos.data import plan
     from kosmos.data.shards import expand_shards
 
     if not cfg.tokenizer.path or not (Path(cfg.tokenizer.path) / "tokenizer.model").is_file():
         raise ConfigError(f"config key 'tokenizer.path': no tokenizer.model in {cfg.tokenizer.path!r} "
                           "(build one with `python -m tokenizer.build`)")
+    init = cfg.train.init_from
+    if init and not (Path(init).is_file() or (Path(init) / "model.safetensors").is_file()):
+        raise ConfigError(f"config key 'train.init_from': no model.safetensors at {init!r} "
+                          "(give a checkpoint directory or a .safetensors file)")
     try:
         plan(cfg)
     except ValueError as e:
@@ -61,15 +66,26 @@ def build_tokenizer(cfg: Config):
     return tok
 
 
-def build_model(cfg: Config):
+def build_model(cfg: Config, init_from: str | Path | None = None):
+    """The model, with the weights of `init_from` (a checkpoint dir or .safetensors file) if given; loaded
+    before accelerate wraps (and, under FSDP, shards) it, so the same code serves every distributed type."""
+    import warnings
+
+    from kosmos.checkpoint import load_model_weights
     from kosmos.model import Kosmos
 
-    return Kosmos(cfg)  # decoder.compile is applied inside (kosmos/decoder.py)
+    if init_from is None:
+        return Kosmos(cfg)  # decoder.compile is applied inside (kosmos/decoder.py)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "randomly initialised": the checkpoint brings the vision weights
+        model = Kosmos(cfg, load_vision_weights=False)
+    load_model_weights(model, init_from)
+    return model
 
 
-def setup(acc, cfg: Config):
-    """Tokenizer, model, optimizer, schedule and data mixture, prepared for `acc`; the resolved config goes
-    to train.output_dir/config.yaml."""
+def setup(acc, cfg: Config, init_from: str | Path | None = None):
+    """Tokenizer, model (with `init_from`'s weights if given), optimizer, schedule and data mixture, prepared
+    for `acc`; the resolved config goes to train.output_dir/config.yaml."""
     from accelerate.utils import set_seed
 
     from kosmos.config import save_config
@@ -81,7 +97,7 @@ def setup(acc, cfg: Config):
         save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
     set_seed(cfg.seed)  # the same initial weights on every rank
     tok = build_tokenizer(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, init_from)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = acc.prepare(model, optimizer)
     # The scheduler stays unwrapped: accelerate's wrapper steps it once per process per call.

@@ -204,6 +204,35 @@ def test_run_log_prints_and_appends_to_train_log_on_the_main_process_only(tmp_pa
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_weights_only_and_resume_wins(tiny_run, tiny_tokenizer, tmp_path, capsys):
+    from safetensors.torch import load_file, save_model
+
+    with pytest.raises(SystemExit):  # a wrong path fails before anything heavy
+        train_kosmos.main(["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}",
+                           f"train.init_from={tmp_path / 'none'}"])
+    assert "train.init_from" in capsys.readouterr().err
+
+    src = tmp_path / "src"  # weights no new run has: another seed
+    src.mkdir()
+    save_model(tiny_model(seed=7), str(src / "model.safetensors"))
+    out = tmp_path / "run"
+    extra = {"train.init_from": src, "optim.lr": "1.0e-9", "data.text.tokens_per_step": 0,
+             "data.interleaved.tokens_per_step": 0, "data.captions.workers": 0}
+    # --resume latest finds nothing yet: the run starts from init_from
+    args = ["--config", TINY, "--no-progress", "--resume", "latest", *_overrides(tiny_run, out, 1, **extra)]
+    assert train_kosmos.main(args)["step"] == 1
+    first = ck.list_checkpoints(out)[-1]
+    w0, w1 = load_file(src / "model.safetensors"), load_file(first / "model.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)  # one tiny step
+    assert ck.load_torch(first / "scheduler.pt")["last_epoch"] == 1  # a new schedule (and optimizer)
+
+    # killed and restarted with the same command: it resumes, it does not start over from init_from
+    assert train_kosmos.main([*args, "train.max_steps=2"])["step"] == 2
+    log = (out / "train.log").read_text()
+    assert log.count(f"initialised from {src}") == 1 and f"resumed from {first} at step 1" in log
+
+
 def _overrides(tiny_run, out, steps, **extra):
     o = [*tiny_run, f"train.output_dir={out}", f"train.max_steps={steps}", f"optim.total_steps={max(steps, 30)}",
          "optim.warmup_steps=5"]
