@@ -38,8 +38,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
     called after every optimizer step with the (source, shard, offset) of the samples it started (tests)."""
     from kosmos import checkpoint as ck
     from kosmos.metrics import Meter, RunLog, eval_line
-    from kosmos.training import (BadSteps, build_accelerator, describe_mixture, evaluate, flat_config, peak_flops,
-                                 setup, train_step)
+    from kosmos.training import (BadSteps, build_accelerator, describe_mixture, evaluate, flat_config,
+                                 peak_flops, setup, train_step)
 
     # ---- setup: the weights come from the checkpoint to resume, else from train.init_from, else the seed
     out_dir = Path(cfg.train.output_dir)
@@ -105,9 +105,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from kosmos.training import check_config
-
     args = parse_args(argv)
+    from kosmos.training import check_config  # after --help
+
     try:
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)

@@ -185,7 +185,8 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
     acc.wait_for_everyone()
     final = None
     if acc.is_main_process:
-        write_json({**state, "world_size": acc.num_processes, "config": cfg.to_dict()}, tmp / "trainer_state.json")
+        write_json({**state, "world_size": acc.num_processes, "config": cfg.to_dict()},
+                   tmp / "trainer_state.json")
         final = finalize(cfg.train.output_dir, step, cfg.train.keep_last)
     acc.wait_for_everyone()
     return final
@@ -196,8 +197,8 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     state = read_json(path / "trainer_state.json")
     if state["world_size"] != acc.num_processes:
         raise RuntimeError(f"{path} was written by {state['world_size']} processes, this run has "
-                           f"{acc.num_processes}; the data position is per rank, so resume with the same number "
-                           "(or start a new run from its weights with train.init_from)")
+                           f"{acc.num_processes}; the data position is per rank, so resume with the same "
+                           "number (or start a new run from its weights with train.init_from)")
     if _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:

@@ -113,15 +113,16 @@ def check_deepspeed(acc, mixture) -> None:
     n_micro = sum(p.micro_batches for p in mixture.plans.values())
     ds = acc.state.deepspeed_plugin
     if ds is not None and ds.deepspeed_config.get("gradient_accumulation_steps") != n_micro:
-        raise ConfigError(f"DeepSpeed steps the optimizer every gradient_accumulation_steps backward passes: set "
-                          f"it to {n_micro} (the micro-batches of one step) in the accelerate config")
+        raise ConfigError(f"DeepSpeed steps the optimizer every gradient_accumulation_steps backward passes: "
+                          f"set it to {n_micro} (the micro-batches of one step) in the accelerate config")
 
 
 def describe_mixture(acc, mixture) -> str:
     """What one step really trains on (the budgets rounded to whole micro-batches)."""
     sources = ", ".join(f"{p.name} {p.micro_batches}x{p.micro_batch_size} rows ({p.tokens_per_step:,} tok)"
                         for p in mixture.plans.values())
-    return f"mixture per step: {sources}; {acc.num_processes} process(es), mixed precision {acc.mixed_precision}"
+    return (f"mixture per step: {sources}; {acc.num_processes} process(es), "
+            f"mixed precision {acc.mixed_precision}")
 
 
 def peak_flops(cfg: Config, device) -> float | None:
@@ -139,6 +140,7 @@ def peak_flops(cfg: Config, device) -> float | None:
 
 def flat_config(cfg: Config) -> dict:
     """The config as flat `section.key` scalars, for trackers' hyperparameters."""
+
     def flat(d: dict, prefix: str) -> dict:
         out = {}
         for k, v in d.items():
@@ -231,8 +233,8 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float) -> S
 
 
 class BadSteps:
-    """A step with a NaN/inf loss or gradient is skipped and counted (state["bad_steps"], kept in checkpoints);
-    `limit` in a row stop the run: by then the model has usually diverged."""
+    """A step with a NaN/inf loss or gradient is skipped and counted (state["bad_steps"], kept in
+    checkpoints); `limit` in a row stop the run: by then the model has usually diverged."""
 
     def __init__(self, limit: int, info):
         self.limit, self.info, self.in_row = limit, info, 0
@@ -260,7 +262,8 @@ def evaluate(acc, cfg: Config, model, tok) -> dict[str, float]:
     for name, src in cfg.data.sources().items():
         if not src.eval_shards:
             continue
-        loader = build_loader(cfg, name, tok, rank=acc.process_index, world_size=acc.num_processes, train=False)
+        loader = build_loader(cfg, name, tok, rank=acc.process_index, world_size=acc.num_processes,
+                              train=False)
         total = torch.zeros(2, device=acc.device)  # loss sum, tokens
         with torch.no_grad(), acc.autocast():
             for i, batch in enumerate(loader):

@@ -150,9 +150,10 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     acc = _TwoRanks()
     meter = metrics.Meter(acc, model, peak_flops=10_000.0)
     stat = lambda mean, n: torch.tensor([mean * n, float(n)])  # noqa: E731  (loss sum, tokens)
-    meter.add(StepResult(True, 1.0, {"captions": stat(2.0, 10), "text": stat(3.0, 30)}, rows=64, real=40, images=2))
-    meter.add(StepResult(False, float("nan"), {"captions": stat(float("nan"), 10)}, rows=64, real=40, images=2))
-    meter.add(StepResult(True, 1.5, {"captions": stat(4.0, 30)}, rows=64, real=40, images=2))
+    counts = {"rows": 64, "real": 40, "images": 2}
+    meter.add(StepResult(True, 1.0, {"captions": stat(2.0, 10), "text": stat(3.0, 30)}, **counts))
+    meter.add(StepResult(False, float("nan"), {"captions": stat(float("nan"), 10)}, **counts))
+    meter.add(StepResult(True, 1.5, {"captions": stat(4.0, 30)}, **counts))
     clock[0] += 2.0
     report = meter.report(10, lr=1e-4, gnorm=1.5, bad_steps=1,
                           skipped={"captions": {"bad_image": 3}, "text": {}})
@@ -164,7 +165,8 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     assert report.tokens == 240 and m["train/tokens_per_s"] == pytest.approx(120)
     assert m["train/padding"] == pytest.approx(1 - 240 / 384)
     assert m["train/mfu"] == pytest.approx((384 * 100 + 12 * 2 * 10 * 4) / 2.0 / (10_000 * 2))
-    assert m["train/skipped_samples"] == 6 and m["train/skipped/captions/bad_image"] == 3  # all ranks; this one
+    assert m["train/skipped_samples"] == 6  # all ranks
+    assert m["train/skipped/captions/bad_image"] == 3  # this rank, by reason
     assert m["train/lr"] == 1e-4 and m["train/grad_norm"] == 1.5 and m["train/bad_steps"] == 1
     assert acc.reduced == 4  # counts, two sources, skipped: a fixed number of collectives per log line
     head, mem = report.line.rsplit(" | ", 1)
@@ -205,7 +207,8 @@ def test_run_log_prints_and_appends_to_train_log_on_the_main_process_only(tmp_pa
 
 
 @pytest.mark.slow
-def test_init_from_starts_a_new_run_from_weights_only_and_resume_wins(tiny_run, tiny_tokenizer, tmp_path, capsys):
+def test_init_from_starts_a_new_run_from_weights_only_and_resume_wins(tiny_run, tiny_tokenizer, tmp_path,
+                                                                       capsys):
     from safetensors.torch import load_file, save_model
 
     with pytest.raises(SystemExit):  # a wrong path fails before anything heavy
@@ -224,7 +227,8 @@ def test_init_from_starts_a_new_run_from_weights_only_and_resume_wins(tiny_run, 
     assert train_kosmos.main(args)["step"] == 1
     first = ck.list_checkpoints(out)[-1]
     w0, w1 = load_file(src / "model.safetensors"), load_file(first / "model.safetensors")
-    assert w0.keys() == w1.keys() and all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)  # one tiny step
+    assert w0.keys() == w1.keys()
+    assert all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)  # one step at a tiny lr
     assert ck.load_torch(first / "scheduler.pt")["last_epoch"] == 1  # a new schedule (and optimizer)
 
     # killed and restarted with the same command: it resumes, it does not start over from init_from
@@ -280,7 +284,8 @@ def test_periodic_evaluation_reports_loss_and_perplexity(tiny_run, tmp_path, cap
 @pytest.mark.slow
 def test_resume_appends_to_one_tensorboard_run_without_a_new_hparams_folder(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--config", TINY, "--no-progress", *_overrides(tiny_run, out, 2, **{"train.tracker": "tensorboard"})]
+    tensorboard = {"train.tracker": "tensorboard"}
+    args = ["--config", TINY, "--no-progress", *_overrides(tiny_run, out, 2, **tensorboard)]
     workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
     assert train_kosmos.main(args + workers)["step"] == 2
     runs = out / "kosmos"  # accelerate's TensorBoard run; add_hparams makes timestamped subfolders
@@ -325,7 +330,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_run, tmp_path):
                     log).wait(300) == 0
     assert "resumed from" in (tmp_path / "resume.log").read_text()
     train_log = (cut_dir / "train.log").read_text()  # appended by the resumed run
-    assert train_log.count("mixture per step") == 2 and f"resumed from {ck.checkpoint_dir(cut_dir)}" in train_log
+    assert train_log.count("mixture per step") == 2
+    assert f"resumed from {ck.checkpoint_dir(cut_dir)}" in train_log
 
     a, b = ck.list_checkpoints(full_dir)[-1], ck.list_checkpoints(cut_dir)[-1]
     assert a.name == b.name == f"step_{steps:08d}"
@@ -353,7 +359,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
     assert "stopped by signal" in (tmp_path / "log").read_text()
     assert ck.list_checkpoints(out), "no checkpoint written on SIGTERM"
     lines = (out / "train.log").read_text().splitlines()  # the printed lines, the bar left out
-    assert lines[0].startswith("mixture per step: ") and any(x.startswith("step      5 | loss ") for x in lines)
+    assert lines[0].startswith("mixture per step: ")
+    assert any(x.startswith("step      5 | loss ") for x in lines)
     assert lines[-2].startswith("saved ") and lines[-1].startswith("stopped by signal at step ")
 
 
