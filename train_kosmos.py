@@ -68,7 +68,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
     model.train()
-    with ck.StopFlag() as stop:
+    with log, ck.StopFlag() as stop:
         while state["step"] < max_steps:
             res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip)
             meter.add(res)
@@ -98,7 +98,6 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
             if stop_now:
                 log.info(f"stopped by signal at step {step}; resume with --resume latest")
                 break
-    log.close()
     acc.end_training()
     state["last_saved"] = last_saved
     return state

@@ -112,7 +112,8 @@ def eval_line(results: dict[str, float]) -> str:
 class RunLog:
     """The lines people read (log lines, eval lines, what the run is doing), from the main process only:
     printed through tqdm.write, so that they never break the progress bar, and appended to `path`
-    (train.output_dir/train.log; a resumed run continues the file). Also owns the progress bar."""
+    (train.output_dir/train.log; a resumed run continues the file). Also owns the progress bar; as a
+    context manager, closes both on the way out, an exception included."""
 
     def __init__(self, acc, path: str | Path, progress: bool = True):
         self.main = acc.is_main_process
@@ -140,9 +141,16 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
 
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.file is not None:
             self.file.close()
             self.file = None
