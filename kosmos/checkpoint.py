@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read without unpickling code.
+"""Checkpoints: written atomically, read without unpickling code; resume; the stop signal.
 
     OUTPUT/checkpoints/step_00001000/
         model.safetensors       model weights (tied embedding stored once)
@@ -7,9 +7,13 @@
         rng_rank{R}.pt          torch/CUDA/python/numpy RNG of each rank (same)
         data_rank{R}.json       each rank's data position (kosmos.data.stream explains it)
         trainer_state.json      step, counters, world size, the resolved config
+        config.yaml             the resolved config (kosmos.config.save_config)
+        tokenizer/              a copy of the tokenizer files (tokenizer.model, tokenizer.vocab, ...)
+        sharded/                FSDP / DeepSpeed only: accelerate's sharded model and optimizer state
 
 Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` once complete: a run killed
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
+A checkpoint directory is all that inference needs: weights, config and tokenizer.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +142,124 @@ def find_checkpoint(path: str | Path) -> Path:
             return list_checkpoints(root)[-1]
     raise FileNotFoundError(f"{path}: neither a checkpoint (no model.safetensors) nor a run directory with "
                             "complete checkpoints in checkpoints/")
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+
+def _sharded(acc) -> bool:
+    from accelerate import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    """Copy every regular file of the tokenizer directory (model, vocab, config) into `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict) -> Path | None:
+    """Write the checkpoint of `state["step"]` from every rank; returns its path on the main process (else
+    None). All ranks must call it: it synchronises them."""
+    from safetensors.torch import save_model
+
+    from kosmos.config import save_config
+
+    step = state["step"]
+    tmp = tmp_path_for(cfg.train.output_dir, step)
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    if _sharded(acc):
+        # FSDP / DeepSpeed (not exercised in this project's CI, which has no GPUs): accelerate writes the
+        # sharded model and optimizer itself (and reads them back with weights_only=True); we add a full
+        # model.safetensors for generation.
+        acc.save_state(str(tmp / "sharded"))
+        full = acc.get_state_dict(model)
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            if cfg.decoder.share_embeddings:  # stored once, as in the unsharded path
+                full.pop("decoder.output_projection.weight", None)
+            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
+    elif acc.is_main_process:
+        save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
+        save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+    if acc.is_main_process:
+        save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_config(cfg, tmp / "config.yaml")  # with tokenizer/: a checkpoint is all inference needs
+        copy_tokenizer(cfg.tokenizer.path, tmp / "tokenizer")
+    save_torch(rng_state(), tmp / f"rng_rank{acc.process_index}.pt")
+    write_json(mixture.state_dict(), tmp / f"data_rank{acc.process_index}.json")
+    acc.wait_for_everyone()
+    final = None
+    if acc.is_main_process:
+        write_json({**state, "world_size": acc.num_processes, "config": cfg.to_dict()},
+                   tmp / "trainer_state.json")
+        final = finalize(cfg.train.output_dir, step, cfg.train.keep_last)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> dict:
+    """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state."""
+    state = read_json(path / "trainer_state.json")
+    if state["world_size"] != acc.num_processes:
+        raise RuntimeError(f"{path} was written by {state['world_size']} processes, this run has "
+                           f"{acc.num_processes}; the data position is per rank, so resume with the same "
+                           "number (or start a new run from its weights with train.init_from)")
+    if _sharded(acc):
+        acc.load_state(str(path / "sharded"))
+    else:
+        load_model_weights(acc.unwrap_model(model), path)
+        optimizer.load_state_dict(load_torch(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
+    set_rng_state(load_torch(path / f"rng_rank{acc.process_index}.pt"))
+    mixture.load_state_dict(read_json(path / f"data_rank{acc.process_index}.json"))
+    state.pop("config", None)
+    state.pop("world_size", None)
+    return state
+
+
+def start_point(resume: str | None, output_dir: str | Path,
+                init_from: str | None) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume, weights to start from): at most one is set. `--resume` wins over
+    `train.init_from` when there is a checkpoint to resume, so that a killed fine-tuning run continues
+    instead of starting over from its initial weights."""
+    path = resolve_resume(resume, output_dir) if resume else None
+    if path is not None or not init_from:
+        return path, None
+    return None, Path(init_from)
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step. A context
+    manager: the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+    def any_rank(self, acc) -> bool:
+        if acc.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)  # sync point, once per step

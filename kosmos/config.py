@@ -355,6 +355,11 @@ class TrainConfig:
     """Peak FLOP/s of one device for the MFU figure (null: known GPUs are detected; otherwise no MFU)."""
     max_bad_steps: int = 5
     """Stop when this many steps in a row have a NaN/inf loss or gradient (each is skipped and counted)."""
+    init_from: str | None = None
+    """A checkpoint directory (or its model.safetensors) whose model weights start a new run, with a fresh
+    optimizer, schedule and data position: for fine-tuning, or to go on with another number of processes
+    (a resume needs the same number). Weights only, never unpickled. `--resume` wins when train.output_dir
+    has a checkpoint to resume, so a killed fine-tuning run continues instead of starting over."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive or null")

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     from kosmos.generate import GenerationConfig, build_prompt, generate, load_for_inference
 
     latest = list_checkpoints(out / "run")[-1]
-    model, enc = load_for_inference(str(latest), "configs/tiny.yaml", str(out / "tokenizer"))
+    model, enc = load_for_inference(str(latest))  # the checkpoint carries its config and tokenizer
     tok = enc.tokenizer
     rng = random.Random(1234)  # shapes drawn afresh: not in the training set
     tests = []
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"\non {len(combos)} fresh shapes: " + ", ".join(f"{k} {v}/{len(combos)}" for k, v in hits.items())
           + " (chance: colour 12, shape 16, place 12)")
-    print(f"\nsample yourself: python -m kosmos.generate --config configs/tiny.yaml --checkpoint {latest} "
-          f"--image {tests[0][0]}")
+    print(f"\nsample yourself: python -m kosmos.generate --checkpoint {out / 'run'} --image {tests[0][0]}")
 
 
 if __name__ == "__main__":

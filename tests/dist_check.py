@@ -8,10 +8,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import train_kosmos  # noqa: E402
-from kosmos.config import load_config  # noqa: E402
+import train_kosmos  # the checkout's: the test puts it on PYTHONPATH
+from kosmos.config import load_config
 
 
 def main():

@@ -60,6 +60,59 @@ def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
         ck.resolve_resume(str(ck.checkpoint_dir(tmp_path) / "step_00000020.tmp"), tmp_path)
 
 
+class _Data:
+    """A mixture stand-in: just a data position."""
+
+    def __init__(self, pos: int):
+        self.pos = pos
+
+    def state_dict(self) -> dict:
+        return {"captions": {"pos": self.pos}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.pos = sd["captions"]["pos"]
+
+
+def test_checkpoint_carries_config_and_tokenizer_and_loads_back(tiny_tokenizer, tmp_path):
+    from pathlib import Path
+
+    from kosmos.optim import build_optimizer, build_scheduler
+    from kosmos.training import build_accelerator
+    from tokenizer import KosmosTokenizer
+
+    cfg = load_config(TINY, [f"tokenizer.path={tiny_tokenizer.path}", f"train.output_dir={tmp_path}",
+                             "train.tracker=none"])
+    acc = build_accelerator(cfg)
+
+    def objects(seed):
+        model = tiny_model(seed=seed)
+        opt = build_optimizer(model, cfg.optim)
+        return model, opt, build_scheduler(opt, cfg.optim), _Data(seed)
+
+    model, opt, sched, data = objects(0)
+    state = {"step": 3, "tokens": 10, "bad_steps": 1, "samples": 5}
+    path = ck.save_checkpoint(acc, cfg, model, opt, sched, data, state)
+    assert path == ck.checkpoint_dir(tmp_path) / "step_00000003" and not list(tmp_path.rglob("*.tmp"))
+    assert load_config(path / "config.yaml") == cfg  # the resolved config, loadable as it is
+    files = sorted(f.name for f in Path(tiny_tokenizer.path).iterdir() if f.is_file())
+    assert "tokenizer.model" in files and sorted(f.name for f in (path / "tokenizer").iterdir()) == files
+    text = "a red circle on the left"
+    assert KosmosTokenizer.from_dir(path / "tokenizer").encode(text) == tiny_tokenizer.encode(text)
+
+    model2, opt2, sched2, data2 = objects(1)
+    assert ck.load_checkpoint(acc, path, model2, opt2, sched2, data2) == state and data2.pos == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+    # the directory alone is a usable model: its config, its weights, its tokenizer copy
+    from kosmos.model import Kosmos
+    from kosmos.sequence import SequenceEncoder
+
+    model3 = Kosmos.from_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model3.state_dict().values()))
+    assert Path(model3.cfg.tokenizer.path) == (path / "tokenizer").resolve()
+    assert SequenceEncoder.from_config(model3.cfg).tokenizer.encode(text) == tiny_tokenizer.encode(text)
+
+
 def test_config_errors_name_the_key_before_heavy_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_kosmos.main(["--config", TINY, f"tokenizer.path={tmp_path}"])
@@ -77,7 +130,120 @@ def test_missing_shards_are_named(tiny_tokenizer, tmp_path, capsys):
     assert "data.captions.shards" in capsys.readouterr().err
 
 
+class _TwoRanks:
+    """An accelerator stand-in: one process playing two identical ranks (a sum over ranks doubles)."""
+
+    device = torch.device("cpu")
+    num_processes = 2
+
+    def __init__(self, main: bool = True):
+        self.is_main_process = main
+        self.reduced = 0
+
+    def reduce(self, t, reduction):
+        assert reduction == "sum"
+        self.reduced += 1
+        return t * 2
+
+
+def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from kosmos import metrics
+    from kosmos.training import StepResult
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    # 100 FLOPs per token, 2 x 10 x 4 per image (a forward of 10 parameters over 3 patches + 1 class token)
+    model = SimpleNamespace(cfg=SimpleNamespace(flops_per_token=lambda: 100.0, flops_per_image=lambda: 2 * 10 * 4))
+    acc = _TwoRanks()
+    meter = metrics.Meter(acc, model, peak_flops=10_000.0)
+    stat = lambda mean, n: torch.tensor([mean * n, float(n)])  # noqa: E731  (loss sum, tokens)
+    counts = {"rows": 64, "real": 40, "images": 2}
+    meter.add(StepResult(True, 1.0, {"captions": stat(2.0, 10), "text": stat(3.0, 30)}, **counts))
+    meter.add(StepResult(False, float("nan"), {"captions": stat(float("nan"), 10)}, **counts))
+    meter.add(StepResult(True, 1.5, {"captions": stat(4.0, 30)}, **counts))
+    clock[0] += 2.0
+    report = meter.report(10, lr=1e-4, gnorm=1.5, bad_steps=1,
+                          skipped={"captions": {"bad_image": 3}, "text": {}})
+    m = report.metrics
+    # losses: token-weighted over the applied steps only (the skipped step's NaN is left out)
+    assert m["train/captions_loss"] == pytest.approx(3.5) and m["train/text_loss"] == pytest.approx(3.0)
+    assert m["train/loss"] == pytest.approx(230 / 70)
+    # counts: every computed step, summed over the two ranks
+    assert report.tokens == 240 and m["train/tokens_per_s"] == pytest.approx(120)
+    assert m["train/padding"] == pytest.approx(1 - 240 / 384)
+    assert m["train/mfu"] == pytest.approx((384 * 100 + 12 * 2 * 10 * 4) / 2.0 / (10_000 * 2))
+    assert m["train/skipped_samples"] == 6  # all ranks
+    assert m["train/skipped/captions/bad_image"] == 3  # this rank, by reason
+    assert m["train/lr"] == 1e-4 and m["train/grad_norm"] == 1.5 and m["train/bad_steps"] == 1
+    assert acc.reduced == 4  # counts, two sources, skipped: a fixed number of collectives per log line
+    head, mem = report.line.rsplit(" | ", 1)
+    assert head == ("step     10 | loss 3.2857 | captions 3.500 | text 3.000 | lr 1.00e-04 | gnorm 1.500 | "
+                    "tok/s 120 | mfu 98.4% | pad 37.5% | skipped 6 | bad 1")
+    assert mem.startswith("mem ") and mem.endswith("GiB")
+    assert meter.losses == {} and meter.rows == meter.real == meter.images == 0  # a new window
+
+    meter = metrics.Meter(acc, model, peak_flops=None)
+    meter.add(StepResult(True, 1.0, {"text": stat(3.0, 30)}, rows=64, real=40, images=0))
+    clock[0] += 1.0
+    assert "| mfu n/a |" in meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={}).line
+
+
+def test_run_log_prints_and_appends_to_train_log_on_the_main_process_only(tmp_path, capsys):
+    from kosmos.metrics import RunLog, eval_line
+
+    out = []
+    for main, progress in ((True, True), (False, True), (True, False)):
+        log = RunLog(_TwoRanks(main), tmp_path / f"main{main}" / "train.log", progress=progress)
+        log.start_bar(10, 0)
+        log.info(eval_line({"eval/captions_loss": 2.0, "eval/captions_ppl": 7.389}))
+        log.advance()
+        log.close()
+        cap = capsys.readouterr()
+        out += cap.out.splitlines()
+        assert ("train:" in cap.err) == (main and progress)  # the bar
+    assert out == ["eval captions_loss 2.000 captions_ppl 7.389"] * 2
+    assert not (tmp_path / "mainFalse").exists()
+    log = RunLog(_TwoRanks(), tmp_path / "mainTrue" / "train.log")  # a resumed run appends
+    log.info("resumed from here")
+    log.close()
+    assert (tmp_path / "mainTrue" / "train.log").read_text().splitlines() == [
+        "eval captions_loss 2.000 captions_ppl 7.389"] * 2 + ["resumed from here"]
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_weights_only_and_resume_wins(tiny_run, tiny_tokenizer, tmp_path,
+                                                                       capsys):
+    from safetensors.torch import load_file, save_model
+
+    with pytest.raises(SystemExit):  # a wrong path fails before anything heavy
+        train_kosmos.main(["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}",
+                           f"train.init_from={tmp_path / 'none'}"])
+    assert "train.init_from" in capsys.readouterr().err
+
+    src = tmp_path / "src"  # weights no new run has: another seed
+    src.mkdir()
+    save_model(tiny_model(seed=7), str(src / "model.safetensors"))
+    out = tmp_path / "run"
+    extra = {"train.init_from": src, "optim.lr": "1.0e-9", "data.text.tokens_per_step": 0,
+             "data.interleaved.tokens_per_step": 0, "data.captions.workers": 0}
+    # --resume latest finds nothing yet: the run starts from init_from
+    args = ["--config", TINY, "--no-progress", "--resume", "latest", *_overrides(tiny_run, out, 1, **extra)]
+    assert train_kosmos.main(args)["step"] == 1
+    first = ck.list_checkpoints(out)[-1]
+    w0, w1 = load_file(src / "model.safetensors"), load_file(first / "model.safetensors")
+    assert w0.keys() == w1.keys()
+    assert all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)  # one step at a tiny lr
+    assert ck.load_torch(first / "scheduler.pt")["last_epoch"] == 1  # a new schedule (and optimizer)
+
+    # killed and restarted with the same command: it resumes, it does not start over from init_from
+    assert train_kosmos.main([*args, "train.max_steps=2"])["step"] == 2
+    log = (out / "train.log").read_text()
+    assert log.count(f"initialised from {src}") == 1 and f"resumed from {first} at step 1" in log
 
 
 def _overrides(tiny_run, out, steps, **extra):
@@ -124,6 +290,27 @@ def test_periodic_evaluation_reports_loss_and_perplexity(tiny_run, tmp_path, cap
     assert 0 < loss < 20 and ppl == pytest.approx(2.718281828**loss, rel=1e-2)
 
 
+@pytest.mark.slow
+def test_resume_appends_to_one_tensorboard_run_without_a_new_hparams_folder(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    tensorboard = {"train.tracker": "tensorboard"}
+    args = ["--config", TINY, "--no-progress", *_overrides(tiny_run, out, 2, **tensorboard)]
+    workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
+    assert train_kosmos.main(args + workers)["step"] == 2
+    runs = out / "kosmos"  # accelerate's TensorBoard run; add_hparams makes timestamped subfolders
+    folders = sorted(p for p in runs.rglob("*") if p.is_dir())
+    assert folders and len(list(runs.rglob("hparams.yml"))) == 1 and len(list(runs.glob("events.*"))) == 1
+    assert train_kosmos.main(args + workers + ["train.max_steps=3", "--resume", "latest"])["step"] == 3
+    assert sorted(p for p in runs.rglob("*") if p.is_dir()) == folders  # no hparams folder for the resume
+    assert len(list(runs.glob("events.*"))) == 2  # one event file per process start, read as one run
+    cap = capsys.readouterr()
+    assert "%|" not in cap.err and "step      2 | loss " in cap.out  # --no-progress: lines but no bar
+    lines = (out / "train.log").read_text().splitlines()
+    assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and "resumed from" in lines[-4]
+    last = ck.list_checkpoints(out)[-1]  # a checkpoint is all inference needs
+    assert (last / "config.yaml").is_file() and (last / "tokenizer" / "tokenizer.model").is_file()
+
+
 def _run(args, out_file, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "train_kosmos.py"), "--config", TINY, *args], cwd=ROOT,
@@ -151,6 +338,9 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_run, tmp_path):
         assert _run(_overrides(tiny_run, cut_dir, steps, **{"train.save_every": 4}) + ["--resume", "latest"],
                     log).wait(300) == 0
     assert "resumed from" in (tmp_path / "resume.log").read_text()
+    train_log = (cut_dir / "train.log").read_text()  # appended by the resumed run
+    assert train_log.count("mixture per step") == 2
+    assert f"resumed from {ck.checkpoint_dir(cut_dir)}" in train_log
 
     a, b = ck.list_checkpoints(full_dir)[-1], ck.list_checkpoints(cut_dir)[-1]
     assert a.name == b.name == f"step_{steps:08d}"
@@ -177,6 +367,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
         assert proc.wait(120) == 0
     assert "stopped by signal" in (tmp_path / "log").read_text()
     assert ck.list_checkpoints(out), "no checkpoint written on SIGTERM"
+    lines = (out / "train.log").read_text().splitlines()  # the printed lines, the bar left out
+    assert lines[0].startswith("mixture per step: ")
+    assert any(x.startswith("step      5 | loss ") for x in lines)
+    assert lines[-2].startswith("saved ") and lines[-1].startswith("stopped by signal at step ")
 
 
 @pytest.mark.slow
@@ -186,7 +380,8 @@ def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path)
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
            str(ROOT / "tests" / "dist_check.py"), *_overrides(tiny_run, tmp_path / "run", 3),
@@ -214,8 +409,7 @@ def test_image_pathway_learns(tiny_run, tmp_path):
              "optim.lr": 3e-3, "optim.warmup_steps": 10}
     cfg = load_config(TINY, _overrides(tiny_run, tmp_path / "run", steps, **extra))
     train_kosmos.train(cfg)
-    model, enc = load_for_inference(str(ck.list_checkpoints(tmp_path / "run")[-1]), config=str(TINY),
-                                    tokenizer=cfg.tokenizer.path)
+    model, enc = load_for_inference(str(tmp_path / "run"))  # the run's newest checkpoint, nothing else
     tok = enc.tokenizer
     rng = random.Random(99)
     combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
