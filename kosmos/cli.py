@@ -8,7 +8,7 @@ with no argv parses sys.argv) and return 0; failures still exit non-zero through
 ``SystemExit`` the mains raise (argparse errors exit 2, a bad config exits 2).
 
     kosmos-train --config configs/tiny.yaml train.max_steps=50      # = python train_kosmos.py ...
-    kosmos-generate --config configs/tiny.yaml --checkpoint CKPT --image a.png
+    kosmos-generate --checkpoint runs/tiny --image a.png           # a checkpoint dir (or a run dir) is enough
     kosmos-summary configs/kosmos1.yaml
 """
 

@@ -91,11 +91,10 @@ class VisionEncoder(nn.Module):
                 f"{self.width}, but the config resolves to {cfg.input_size} px, {cfg.num_patches} x "
                 f"{cfg.feature_width}")
         # Pixels come in as uint8; the model normalises them with the statistics the tower was trained with
-        # (open_clip sets them for pretrained tags; CLIP's otherwise). Buffers, not parameters: not saved.
-        mean = getattr(visual, "image_mean", None) or CLIP_MEAN
-        std = getattr(visual, "image_std", None) or CLIP_STD
-        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # (open_clip sets them for pretrained tags; CLIP's otherwise). Plain floats, not buffers: nothing to
+        # save, and a model cast to bf16 still normalises in fp32.
+        self.pixel_mean = tuple(float(m) for m in (getattr(visual, "image_mean", None) or CLIP_MEAN))
+        self.pixel_std = tuple(float(s) for s in (getattr(visual, "image_std", None) or CLIP_STD))
         self.freeze(cfg.trainable_blocks)
 
     @staticmethod
@@ -130,8 +129,9 @@ class VisionEncoder(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"images must be (N, 3, {self.image_size}, {self.image_size}), got "
                              f"{tuple(images.shape)}; resize with kosmos.image.clip_resize_crop")
-        x = images.float() / 255.0
-        x = (x - self.pixel_mean) / self.pixel_std
+        mean = torch.tensor(self.pixel_mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.pixel_std, device=images.device).view(1, 3, 1, 1)
+        x = (images.float() / 255.0 - mean) / std  # fp32, then the tower's dtype
         return x.to(self.pixel_dtype)
 
     @property

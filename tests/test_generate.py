@@ -184,6 +184,9 @@ def test_model_normalises_uint8_pixels_and_refuses_floats():
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert torch.allclose(x, (pixels.float() / 255 - mean) / std)
+    # a model cast to bf16 normalises in fp32 and only then rounds (CLIP's statistics are not rounded first)
+    assert torch.equal(model.to(torch.bfloat16).vision.normalize(pixels), x.to(torch.bfloat16))
+    model.float()
     with pytest.raises(TypeError, match="uint8"):
         model.encode_images(x)
     s = model.vision.image_size
