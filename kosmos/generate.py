@@ -261,10 +261,12 @@ def load_for_inference(checkpoint: str | None = None, config: str | None = None,
 
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="checkpoint directory, or a run's output dir (its newest checkpoint); "
-                                         "its config.yaml and tokenizer/ are used")
-    ap.add_argument("--config", help="YAML config instead of the checkpoint's (random weights without --checkpoint)")
-    ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's copy, or tokenizer.path)")
+    ap.add_argument("--checkpoint", help="checkpoint directory, or a run's output dir (its newest "
+                                         "checkpoint); its config.yaml and tokenizer/ are used")
+    ap.add_argument("--config", help="YAML config instead of the checkpoint's "
+                                     "(random weights without --checkpoint)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's copy, "
+                                        "or tokenizer.path)")
     ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     ap.add_argument("--prompt", action="append", default=None,
                     help="prompt text; `{image}` marks where each image goes (default: images first). "

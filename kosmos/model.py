@@ -150,10 +150,12 @@ def checkpoint_config(ckpt: str | Path, overrides: list[str] | None = None) -> C
     from kosmos.config import ConfigError, config_from_dict
 
     ckpt = Path(ckpt)
+    state = ckpt / "trainer_state.json"
+    old = json.loads(state.read_text()).get("config") if state.is_file() else None
     if (ckpt / "config.yaml").is_file():
         cfg = load_config(ckpt / "config.yaml", overrides)
-    elif (ckpt / "trainer_state.json").is_file() and "config" in json.loads((ckpt / "trainer_state.json").read_text()):
-        cfg = config_from_dict(json.loads((ckpt / "trainer_state.json").read_text())["config"], overrides)
+    elif isinstance(old, dict):
+        cfg = config_from_dict(old, overrides)
     else:
         raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint; pass the config it was trained with")
     if (ckpt / "tokenizer" / "tokenizer.model").is_file():

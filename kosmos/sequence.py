@@ -82,7 +82,8 @@ class SequenceEncoder:
             from tokenizer import KosmosTokenizer
 
             if not cfg.tokenizer.path:
-                raise ValueError("no tokenizer: set tokenizer.path (build one with `python -m tokenizer.build`)")
+                raise ValueError("no tokenizer: set tokenizer.path "
+                                 "(build one with `python -m tokenizer.build`)")
             tokenizer = KosmosTokenizer.from_dir(cfg.tokenizer.path)
         return cls(tokenizer, cfg.connector.num_latents, cfg.vision.input_size)
 
@@ -119,8 +120,8 @@ class SequenceEncoder:
             segments: list = [*images, text] if text else list(images)
         else:
             if len(parts) - 1 != len(images):
-                raise ValueError(f"the prompt has {len(parts) - 1} {{image}} markers but {len(images)} images "
-                                 "were given")
+                raise ValueError(f"the prompt has {len(parts) - 1} {{image}} markers but {len(images)} "
+                                 "images were given")
             segments = []
             for i, part in enumerate(parts):
                 if part:

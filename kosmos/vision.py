@@ -85,7 +85,8 @@ class VisionEncoder(nn.Module):
         grid = visual.grid_size
         self.num_patches = grid[0] * grid[1]
         self.image_size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
-        if (self.image_size, self.num_patches, self.width) != (cfg.input_size, cfg.num_patches, cfg.feature_width):
+        resolved = (cfg.input_size, cfg.num_patches, cfg.feature_width)
+        if (self.image_size, self.num_patches, self.width) != resolved:
             raise ValueError(  # the data pipeline sizes images by the config: both must agree
                 f"the {cfg.model_name} tower reads {self.image_size} px, {self.num_patches} patches of width "
                 f"{self.width}, but the config resolves to {cfg.input_size} px, {cfg.num_patches} x "

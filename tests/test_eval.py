@@ -39,7 +39,8 @@ def test_eval_cli_reports_the_token_mean_loss_per_source(tmp_path, tiny_tokenize
             tokens += int(o.n_tokens)
     assert results["captions"]["tokens"] == tokens > 0
     assert results["captions"]["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
-    loss, n = source_loss(loaded, build_loader(loaded.cfg, "captions", enc, train=False), "cpu", max_batches=1)
+    loader = build_loader(loaded.cfg, "captions", enc, train=False)
+    loss, n = source_loss(loaded, loader, "cpu", max_batches=1)
     assert 0 < n < tokens
 
 

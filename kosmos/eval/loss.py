@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batches", type=int, default=None, help="micro-batches per source (default: all)")
     ap.add_argument("--output", help="also write the results to this JSON file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.captions.micro_batch_size=4")
+    ap.add_argument("overrides", nargs="*",
+                    help="config overrides key=value, e.g. data.captions.micro_batch_size=4")
     args = ap.parse_args(argv)
 
     from kosmos.config import SOURCES
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.exit(2, f"error: data.{name}.eval_shards: {e}\n")
         loss, tokens = source_loss(model, loader, args.device, args.max_batches)
         results[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
-        print(f"{name:<12} loss {loss:.4f}  ppl {perplexity(loss):10.3f}  ({tokens:,} target tokens)", flush=True)
+        print(f"{name:<12} loss {loss:.4f}  ppl {perplexity(loss):10.3f}  ({tokens:,} target tokens)",
+              flush=True)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)
