@@ -65,6 +65,10 @@ class DecoderConfig:
     compile: bool = False
     """Compile each decoder layer with torch.compile (in place: parameter names and checkpoints are the
     same as without). The first steps are slow while it compiles; needs a C++ compiler on CPU."""
+    document_mask: bool = False
+    """Beyond the paper: attention stops at document boundaries inside a packed row and xPos positions
+    restart at each document (the packer's `doc_ids`). False is the paper's plain stream packing. Needs
+    `attention: sdpa`; its boolean mask rules out the flash kernel on GPU. No new parameters."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "layers", "dim", "ffn_dim", "heads", "max_len", "xpos_scale_base"):
@@ -78,6 +82,11 @@ class DecoderConfig:
             _check(0.0 <= v < 1.0, f"decoder.{name}", f"must be in [0, 1), got {v}")
         _check(self.attention in ("sdpa", "torchscale"), "decoder.attention",
                f"must be 'sdpa' or 'torchscale', got {self.attention!r}")
+        _check(isinstance(self.document_mask, bool), "decoder.document_mask",
+               f"must be true or false, got {self.document_mask!r}")
+        _check(not self.document_mask or self.attention == "sdpa", "decoder.document_mask",
+               f"needs decoder.attention=sdpa (the torchscale path has no document mask), "
+               f"got {self.attention!r}")
 
     @property
     def head_dim(self) -> int:

@@ -21,6 +21,7 @@ replace two things:
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,32 +60,69 @@ def _xpos_complex_tables(total: int, head_dim: int, scale_base: int, device: tor
         return torch.polar(scale, angles), torch.polar(1.0 / scale, angles)
 
 
-def apply_xpos(x: torch.Tensor, offset: int, downscale: bool, scale_base: int) -> torch.Tensor:
+def apply_xpos(x: torch.Tensor, offset: int, downscale: bool, scale_base: int,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
     """xPos (Sun et al., 2022) on x (..., T, head_dim) at positions offset..offset+T-1, in fp32 whatever
     x's dtype (bf16 cannot even hold the positions: near 2048 it rounds them to multiples of 8).
     Queries are scaled by zeta^n, keys by zeta^-m, so q.k depends on n - m only.
+
+    `positions` (B, T) int, for x (B, H, T, head_dim) and offset 0: each token's own position instead
+    (document masking restarts them at every document). They index the same length-T tables, so queries
+    and keys of one row share the decay's centre and q.k still depends on n - m only: a document gets the
+    scores it would get alone.
 
     Each channel pair (x0, x1) is rotated by the position's angle and scaled, which is the complex
     product (x0 + i x1) * scale * e^(i angle): one kernel in eager mode with a cached table. Under
     torch.compile the same product is written out in real numbers (inductor generates no complex code)."""
     T, hd = x.shape[-2], x.shape[-1]
+    if positions is not None and offset:
+        raise ValueError("apply_xpos: per-token positions are absolute; give offset 0 with them")
     xf = x.float()
     if torch.compiler.is_compiling():
         angles, scale = _xpos_angles_and_scale(T + offset, hd, scale_base, x.device)
-        angles, scale = angles[-T:], scale[-T:]
+        if positions is None:
+            angles, scale = angles[-T:], scale[-T:]  # (T, hd/2)
+        else:
+            angles, scale = angles[positions][:, None], scale[positions][:, None]  # (B, 1, T, hd/2)
         if downscale:
             scale = 1.0 / scale
-        cos, sin = torch.cos(angles) * scale, torch.sin(angles) * scale  # (T, hd/2)
+        cos, sin = torch.cos(angles) * scale, torch.sin(angles) * scale
         x0, x1 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
         return out.to(x.dtype)
     up, down = _xpos_complex_tables(T + offset, hd, scale_base, x.device)
-    table = (down if downscale else up)[-T:]  # (T, hd/2) complex
+    table = down if downscale else up  # (T + offset, hd/2) complex
+    table = table[-T:] if positions is None else table[positions][:, None]  # (T, hd/2) or (B, 1, T, hd/2)
     pairs = xf.unflatten(-1, (-1, 2))  # (..., T, hd/2, 2)
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-2]):
         pairs = pairs.contiguous()  # view_as_complex needs (real, imag) adjacent and aligned
     xc = torch.view_as_complex(pairs)
     return torch.view_as_real(xc * table).flatten(-2).to(x.dtype)
+
+
+class DocumentMask(NamedTuple):
+    """What document masking needs in every layer, built once per forward from the row's document ids.
+    It travels to `KosmosAttention` in torchscale's `attn_mask` argument (the layer passes that through
+    unchanged), so torchscale's DecoderLayer.forward need not be copied."""
+
+    mask: torch.Tensor
+    """(B, 1, T, T) bool, True where query i may see key j: same document and j <= i."""
+    positions: torch.Tensor
+    """(B, T) long: each token's position within its document (0 at the document's first token)."""
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids: torch.Tensor) -> DocumentMask:
+        """doc_ids (B, T) int: each run of consecutive equal ids is one document (so only changes of id
+        matter; padding, with an id of its own, sees only padding and never gives an all-masked, NaN
+        row)."""
+        B, T = doc_ids.shape
+        idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+        new = torch.ones_like(doc_ids, dtype=torch.bool)
+        new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T) True at each document's first token
+        first = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values  # its document's start
+        same = first[:, :, None] == first[:, None, :]  # (B, T, T): same document
+        causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+        return cls(mask=(same & causal)[:, None], positions=idx - first)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -105,7 +143,10 @@ class KosmosAttention(MultiheadAttention):
                                    key_padding_mask=key_padding_mask, attn_mask=attn_mask, rel_pos=rel_pos,
                                    is_first_step=is_first_step)
         assert rel_pos is None, "relative position bias is not used by KOSMOS (xPos is)"
-        assert attn_mask is None, "the sdpa path builds its own mask (causal, cache offset, padding)"
+        doc = attn_mask
+        assert doc is None or isinstance(doc, DocumentMask), \
+            "the sdpa path builds its own mask (causal, cache offset, padding) or takes a DocumentMask"
+        assert doc is None or incremental_state is None, "document masking is for full rows, not the cache"
         B, T, E = query.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q_proj(query).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -122,11 +163,18 @@ class KosmosAttention(MultiheadAttention):
 
         if self.xpos is not None:
             scale_base = self.xpos.scale_base
-            k = apply_xpos(k, offset=0, downscale=True, scale_base=scale_base)
-            q = apply_xpos(q, offset=S - T, downscale=False, scale_base=scale_base)
+            pos = None if doc is None else doc.positions
+            k = apply_xpos(k, offset=0, downscale=True, scale_base=scale_base, positions=pos)
+            q = apply_xpos(q, offset=S - T, downscale=False, scale_base=scale_base, positions=pos)
 
         mask, causal = None, False
-        if key_padding_mask is not None or (T > 1 and T != S):
+        if doc is not None:
+            # Block-diagonal and causal; padding is its own document, so every query sees itself.
+            mask = doc.mask  # (B, 1, T, T)
+            if key_padding_mask is not None:
+                diag = torch.eye(T, dtype=torch.bool, device=q.device)
+                mask = mask & (~key_padding_mask.to(torch.bool)[:, None, None, :] | diag)
+        elif key_padding_mask is not None or (T > 1 and T != S):
             # Query i sits at absolute position S - T + i and may see keys 0..S-T+i that are not padding.
             qpos = torch.arange(S - T, S, device=q.device)[:, None]
             kpos = torch.arange(S, device=q.device)[None, :]
@@ -161,10 +209,15 @@ class KosmosDecoder(Decoder):
         return KosmosDecoderLayer(args, depth, is_moe_layer=is_moe_layer, is_encoder_decoder=is_encoder_decoder)
 
     def forward(self, token_embeddings: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                incremental_state: dict | None = None, features_only: bool = False) -> torch.Tensor:
+                incremental_state: dict | None = None, features_only: bool = False,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """token_embeddings (B, T, D); padding_mask (B, S) True at padding keys (S = cached + T), only
         needed for left-padded batches (right padding is harmless under a causal mask); incremental_state
-        a dict kept between calls for the KV cache, with "is_first_step" True for the prefill."""
+        a dict kept between calls for the KV cache, with "is_first_step" True for the prefill.
+
+        doc_ids (B, T) int, for document masking: each run of equal ids is a document that attends only
+        to itself, with xPos positions from 0 at its first token. Whole rows only (no KV cache), sdpa
+        path only."""
         first = bool(incremental_state is not None and incremental_state.get("is_first_step", False))
         x = self.embed_scale * token_embeddings
         if self.layernorm_embedding is not None:
@@ -172,17 +225,25 @@ class KosmosDecoder(Decoder):
         x = self.dropout_module(x)
         T = x.size(1)
 
-        stock_mask = None
-        if self.args.kosmos_attention == "torchscale" and T > 1:
+        attn_mask = None
+        if doc_ids is not None:
+            if self.args.kosmos_attention != "sdpa" or incremental_state is not None:
+                raise ValueError("document masking (doc_ids) needs decoder.attention=sdpa and no KV cache")
+            if doc_ids.shape != x.shape[:2]:
+                raise ValueError(f"doc_ids {tuple(doc_ids.shape)} does not match the tokens "
+                                 f"{tuple(x.shape[:2])}")
+            attn_mask = DocumentMask.from_doc_ids(doc_ids)  # built once, shared by the layers
+        elif self.args.kosmos_attention == "torchscale" and T > 1:
             # torchscale builds this (T, T) additive mask inside every layer; once is enough.
-            stock_mask = torch.triu(torch.full((T, T), float("-inf"), device=x.device, dtype=x.dtype), 1)
+            attn_mask = torch.triu(torch.full((T, T), float("-inf"), device=x.device, dtype=x.dtype), 1)
 
         for idx, layer in enumerate(self.layers):
             state = incremental_state.setdefault(idx, {}) if incremental_state is not None else None
             if self.args.kosmos_checkpoint and self.training and state is None:
-                x = checkpoint(_run_layer, layer, x, stock_mask, padding_mask, None, False, use_reentrant=False)
+                x = checkpoint(_run_layer, layer, x, attn_mask, padding_mask, None, False,
+                               use_reentrant=False)
             else:
-                x = _run_layer(layer, x, stock_mask, padding_mask, state, first)
+                x = _run_layer(layer, x, attn_mask, padding_mask, state, first)
 
         if self.layer_norm is not None:
             x = self.layer_norm(x)

@@ -119,12 +119,15 @@ class Kosmos(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None) -> KosmosOutput:
+                padding_mask: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> KosmosOutput:
         """input_ids (B, L); images uint8 (N, 3, S, S); image_mask (B, L) True at image slots; labels (B, L)
         aligned with input_ids (the model shifts them), IGNORE_INDEX where no loss; padding_mask (B, L)
-        True at padding. Rows are right-padded: the causal mask already keeps padding out of attention."""
+        True at padding. Rows are right-padded: the causal mask already keeps padding out of attention.
+        doc_ids (B, L) int, the packer's document of each token: used only with `decoder.document_mask`
+        (otherwise ignored, so the same batches serve both settings)."""
         x = self.embed(input_ids, images, image_mask)
-        logits = self.decoder(x)  # (B, L, V)
+        logits = self.decoder(x, doc_ids=doc_ids if self.cfg.decoder.document_mask else None)  # (B, L, V)
         if labels is None:
             return KosmosOutput(logits=logits)
         # Loss on discrete tokens only, whatever the caller put at image slots or padding.

@@ -235,3 +235,106 @@ def test_compile_gives_same_outputs_and_grads_as_eager():
     a.loss.backward()
     b.loss.backward()
     _assert_close_grads(_grads(eager), _grads(compiled))
+
+
+# ----------------------------------------------------------------------------- document masking
+
+
+def _packed_documents(model, docs: list[tuple[int, int, int, int]], pad: int):
+    """Documents (text before, images, text after, seed) packed into one row (1, L) with `pad` padding
+    tokens at its tail: ids, image mask, images, doc ids (1, 2, ..., 0 at padding), and each document
+    alone as (ids, mask, images)."""
+    alone, ids, mask, doc_ids, images = [], [], [], [], []
+    for d, (before, n_images, after, seed) in enumerate(docs, start=1):
+        i, m = make_row(model, before, n_images, after, seed=seed)
+        imgs = random_images(model, n_images, seed=seed) if n_images else None
+        alone.append((i, m, imgs))
+        ids.append(i[0])
+        mask.append(m[0])
+        doc_ids.append(torch.full((i.shape[1],), d))
+        if imgs is not None:
+            images.append(imgs)
+    ids.append(torch.zeros(pad, dtype=torch.long))
+    mask.append(torch.zeros(pad, dtype=torch.bool))
+    doc_ids.append(torch.zeros(pad, dtype=torch.long))
+    cat = [torch.cat(t)[None] for t in (ids, mask, doc_ids)]
+    return cat[0], cat[1], torch.cat(images) if images else None, cat[2], alone
+
+
+def test_document_mask_gives_each_document_its_logits_alone():
+    # two documents with images and a text-only one in a packed row: with the mask, each one's logits
+    # are those it gets alone (attention stops at the boundary, xPos restarts); without, later ones differ
+    masked = tiny_model("decoder.document_mask=true").eval()
+    plain = tiny_model().eval()
+    plain.load_state_dict(masked.state_dict())
+    ids, mask, imgs, doc_ids, alone = _packed_documents(masked, [(3, 1, 4, 0), (2, 2, 5, 1), (6, 0, 0, 2)], 4)
+    with torch.no_grad():
+        packed = masked(ids, imgs, mask, doc_ids=doc_ids).logits[0]
+        unmasked = plain(ids, imgs, mask, doc_ids=doc_ids).logits[0]  # the flag off: doc_ids are ignored
+        assert torch.equal(unmasked, plain(ids, imgs, mask).logits[0])
+        assert torch.isfinite(packed).all()  # padding too (its own document)
+        pos = 0
+        for k, (i, m, im) in enumerate(alone):
+            ref = masked(i, im, m).logits[0]
+            n = i.shape[1]
+            assert torch.allclose(packed[pos:pos + n], ref, atol=1e-5), k
+            if k:  # the first document sees nothing before it either way
+                assert not torch.allclose(unmasked[pos:pos + n], ref, atol=1e-3), k
+            pos += n
+
+
+def test_document_mask_gradients_equal_documents_alone():
+    # training: the packed row's gradients are the sum of each document's gradients alone
+    model = tiny_model("decoder.document_mask=true").train()
+    ids, mask, imgs, doc_ids, alone = _packed_documents(model, [(4, 1, 3, 3), (5, 0, 2, 4)], 3)
+    labels = ids.masked_fill(doc_ids == 0, -100)
+    out = model(ids, imgs, mask, labels=labels, doc_ids=doc_ids)
+    (out.loss * out.n_tokens).backward()
+    packed = _grads(model)
+    model.zero_grad()
+    for i, m, im in alone:
+        o = model(i, im, m, labels=i)
+        (o.loss * o.n_tokens).backward()
+    # the packed loss also has the target crossing the boundary (doc 1's last token predicts doc 2's <s>)
+    cross = model(ids[:, : alone[0][0].shape[1] + 1], imgs[:1], mask[:, : alone[0][0].shape[1] + 1],
+                  doc_ids=doc_ids[:, : alone[0][0].shape[1] + 1]).logits[0, -2].float().log_softmax(-1)
+    (-cross[ids[0, alone[0][0].shape[1]]]).backward()
+    _assert_close_grads(packed, _grads(model), rel=1e-4)
+
+
+def test_document_positions_and_mask():
+    from kosmos.decoder import DocumentMask
+
+    doc = DocumentMask.from_doc_ids(torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 1, 1]]))
+    assert doc.positions.tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 0, 1, 2, 0, 0, 1]]
+    m = doc.mask[0, 0]
+    assert m[4].tolist() == [False, False, False, True, True, False, False]
+    assert m[6].tolist() == [False, False, False, False, False, True, True]
+    # a later run reusing an id is still a document of its own
+    assert doc.mask[1, 0, 6].tolist() == [False] * 5 + [True, True]
+
+
+def test_xpos_positions_in_eager_and_compiled_forms(monkeypatch):
+    # per-token positions: gathered from the tables in eager mode, recomputed under torch.compile
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 16)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    eager = apply_xpos(x, 0, True, 512, positions=pos)
+    assert torch.allclose(eager[1], apply_xpos(x[1], 0, True, 512))  # 0..T-1: the plain rotation
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.allclose(apply_xpos(x, 0, True, 512, positions=pos), eager, atol=1e-6)
+
+
+def test_document_mask_needs_sdpa_and_full_rows():
+    from kosmos.config import ConfigError
+
+    with pytest.raises(ConfigError, match="decoder.document_mask"):
+        tiny_config("decoder.document_mask=true", "decoder.attention=torchscale")
+    with pytest.raises(ConfigError, match="decoder.document_mask"):
+        tiny_config("decoder.document_mask=maybe")
+    sdpa, stock = _decoders()
+    x, doc_ids = torch.randn(1, 5, sdpa.embed_dim), torch.tensor([[1, 1, 2, 2, 2]])
+    with pytest.raises(ValueError, match="document masking"):
+        stock(x, doc_ids=doc_ids)
+    with pytest.raises(ValueError, match="document masking"):
+        sdpa(x, doc_ids=doc_ids, incremental_state={"is_first_step": True})
