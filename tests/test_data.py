@@ -194,3 +194,25 @@ def test_mixture_plan_scales_the_paper_budgets():
     assert p["text"].tokens_per_step == 4 * 8 * 2048 * 8
     cfg = load_config(None, ["data.captions.shards=[x]"])
     assert list(plan(cfg)) == ["captions"]  # any source may be left out
+
+
+def test_packer_numbers_documents_per_row():
+    # doc_ids: 1, 2, ... per piece of document in a row, 0 at padding; a document continued from the
+    # previous row is that row's first piece; collate passes them on as (B, L)
+    from kosmos.data.packing import collate
+    from kosmos.data.samples import Encoded
+
+    p = Packer(max_len=10, num_latents=2, pad_id=0)
+    items = [Encoded(pos=(0, i), ids=[1] * n, image_mask=[False] * n) for i, n in enumerate([4, 5, 3, 14, 2])]
+    rows = [r for r, _ in p.pack(items)]
+    assert [r.doc_ids for r in rows] == [
+        [1] * 4 + [2] * 5 + [0],
+        [1] * 3 + [2] * 7,  # 14 is longer than a row: it fills this one up and goes on
+        [1] * 7 + [2] * 2 + [0],
+    ]
+    batch = collate(rows, image_size=8)
+    assert batch["doc_ids"].shape == batch["input_ids"].shape
+    assert torch.equal(batch["doc_ids"] == 0, batch["padding_mask"])
+    from kosmos.eval.loss import to_device  # the trainer's and evaluation's way to the model
+
+    assert torch.equal(to_device(batch, "cpu")["doc_ids"], batch["doc_ids"])

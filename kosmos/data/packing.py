@@ -4,6 +4,10 @@
   is closed and padded at its tail, and the sample starts the next row.
 * A document longer than a row fills the rest of the current row and goes on in the next rows.
 * An image span `<image> [slots] </image>` is never cut: a cut that would fall inside one moves before it.
+* Each row numbers its pieces of documents 1, 2, ... (`doc_ids`, 0 at the tail padding), for the optional
+  document-masked attention (`decoder.document_mask`). A document continued from the previous row is the
+  row's piece 1, a segment of its own: the model never sees the previous row anyway, so its positions
+  restart at 0 there.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class Row:
     """Tokens before the tail padding."""
     starts: list[tuple[int, int]] = field(default_factory=list)
     """Positions of the samples whose first token is in this row."""
+    doc_ids: list[int] = field(default_factory=list)
+    """Per token: which piece of a document it belongs to (1, 2, ... in row order; 0 at padding)."""
 
 
 class Packer:
@@ -45,6 +51,7 @@ class Packer:
         start = item.start
         if start == 0:
             row.starts.append(item.pos)
+        row.doc_ids += [(row.doc_ids[-1] if row.doc_ids else 0) + 1] * (end - start)
         row.ids += item.ids[start:end]
         row.image_mask += item.image_mask[start:end]
         row.images += [img for s, img in zip(item.image_starts, item.images) if start <= s < end]
@@ -55,6 +62,7 @@ class Packer:
         pad = self.max_len - row.n_real
         row.ids += [self.pad_id] * pad
         row.image_mask += [False] * pad
+        row.doc_ids += [0] * pad
         return row
 
     def pack(self, items: Iterable[Encoded]) -> Iterator[tuple[Row, Encoded | None]]:
@@ -79,7 +87,8 @@ class Packer:
 
 
 def collate(rows: list[Row], image_size: int) -> dict[str, torch.Tensor]:
-    """Rows -> a micro-batch: ids, labels (IGNORE_INDEX at image slots and padding), masks, uint8 images."""
+    """Rows -> a micro-batch: ids, labels (IGNORE_INDEX at image slots and padding), masks, uint8 images,
+    and doc_ids (B, L) (the model uses them only with `decoder.document_mask`)."""
     ids = torch.tensor([r.ids for r in rows], dtype=torch.long)  # (B, L)
     image_mask = torch.tensor([r.image_mask for r in rows], dtype=torch.bool)
     L = ids.shape[1]
@@ -92,5 +101,6 @@ def collate(rows: list[Row], image_size: int) -> dict[str, torch.Tensor]:
         "labels": labels,
         "image_mask": image_mask,
         "padding_mask": padding_mask,
+        "doc_ids": torch.tensor([r.doc_ids for r in rows], dtype=torch.long),  # (B, L)
         "images": torch.stack(images) if images else torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8),
     }
