@@ -8,6 +8,10 @@ For each length: median time of forward + backward of the decoder layers (no emb
 projection), and the peak memory of tensors allocated during one step (CUDA: max_memory_allocated;
 CPU: live tensor storages counted by bench._perf.PeakMemory). Ratios are stock / sdpa: above 1 means the
 SDPA path is faster or smaller.
+
+`sdpa+docmask` is the sdpa path with document masking (`decoder.document_mask`: a row of documents of
+`--doc-len` tokens, a block-diagonal boolean mask and per-document xPos positions); a last line per
+length gives its cost against plain sdpa. On GPU the boolean mask rules out the flash kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def add_common_args(ap: argparse.ArgumentParser, cpu_layers: int = 4, cpu_dim: i
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--compile", action="store_true", help="also measure sdpa with decoder.compile=true")
+    ap.add_argument("--doc-len", type=int, default=256,
+                    help="document length in the document-masked rows (sdpa+docmask)")
 
 
 def decoder_overrides(args, small_vocab: int = 1024, cpu_layers: int = 4, cpu_dim: int = 512) -> list[str]:
@@ -74,12 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     dtype, device = resolve_dtype(args), torch.device(args.device)
     base = load_config(args.config, decoder_overrides(args))
-    variants = ["torchscale", "sdpa"] + (["sdpa+compile"] if args.compile else [])
+    variants = ["torchscale", "sdpa"] + (["sdpa+compile"] if args.compile else []) + ["sdpa+docmask"]
 
     decoders = {}
     for name in variants:
         d = load_config(args.config, decoder_overrides(args) + [
-            f"decoder.attention={name.split('+')[0]}", f"decoder.compile={'compile' in name}"]).decoder
+            f"decoder.attention={name.split('+')[0]}", f"decoder.compile={'compile' in name}",
+            f"decoder.document_mask={'docmask' in name}"]).decoder
         torch.manual_seed(0)
         dec = build_decoder(d, torch.nn.Embedding(d.vocab_size, d.dim))
         dec.to(device=device, dtype=dtype).train()
@@ -98,13 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
         g = torch.Generator().manual_seed(L)
         x = torch.randn(args.batch, L, base.decoder.dim, generator=g).to(device=device, dtype=dtype)
         x.requires_grad_(True)
+        # documents of --doc-len tokens one after another, as the packer numbers them (1, 2, ...)
+        doc_ids = (torch.arange(L, device=device) // args.doc_len + 1).expand(args.batch, L)
         steps = {}
         for name, dec in decoders.items():
-            def step(dec=dec):
+            def step(dec=dec, docs=doc_ids if "docmask" in name else None):
                 for p in dec.parameters():
                     p.grad = None
                 x.grad = None
-                out = dec(x, features_only=True)  # (B, L, D)
+                out = dec(x, features_only=True, doc_ids=docs)  # (B, L, D)
                 out.float().square().mean().backward()
 
             steps[name] = step
@@ -114,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (t, mem) in row.items():
             print(f"{L:>6} {name:>13} {t:>9.3f} {fmt_bytes(mem):>11} {t0 / t:>7.2f}x {m0 / mem:>8.2f}x",
                   flush=True)
+        (ts, ms), (td, md) = row["sdpa"], row["sdpa+docmask"]
+        print(f"# {L}: document mask ({args.doc_len}-token documents) costs {td / ts:.2f}x the time and "
+              f"{md / ms:.2f}x the memory of plain sdpa", flush=True)
         results[L] = row
     return results
 
