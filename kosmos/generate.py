@@ -8,13 +8,19 @@ directory stands for its newest checkpoint.
 Prompts of different lengths are left-padded into one batch; the padding is masked out of attention, and
 xPos is relative, so every prompt decodes as it would alone. The prefill runs with
 `incremental_state["is_first_step"] = True` (without it torchscale keeps only the last prompt token).
+A prompt is one document: the KV cache path never uses document masking (`decoder.document_mask`).
+
+Control tokens are never generated: `GenerationConfig.for_tokenizer` (which the CLI uses) bans `<pad>`,
+`<s>`, `<image>` and `</image>` (an image is never generated; eos stays allowed) in greedy, sampling and
+beam search alike. `stop` strings (`--stop`) end a sequence once its decoded text contains one.
 """
 
 from __future__ import annotations
 
 import argparse
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +56,64 @@ class GenerationConfig:
     pad_id: int = 0
     use_cache: bool = True
     """Decode with the KV cache (False recomputes the whole sequence each step: for tests and benches)."""
+    suppress_ids: list[int] = field(default_factory=list)
+    """Token ids never generated: their logits are -inf before greedy, sampling and beam search pick.
+    `for_tokenizer` fills it with the control tokens (a model that has seen `<image>` after "Here is a
+    picture:" would otherwise print it, though an image can never be generated). `eos_id` stays allowed
+    even when listed."""
+    stop: list[str] = field(default_factory=list)
+    """Stop a sequence once its generated text (by `decode`) contains one of these strings. Its output
+    then ends with the token that completed the stop string (a string may end inside a token, so the cut
+    belongs to the text: `cut_at_stop`)."""
+    decode: Callable[[list[int]], str] | None = None
+    """Token ids -> text (the tokenizer's `decode`); needed by `stop` only."""
+
+    def __post_init__(self) -> None:
+        if self.stop and self.decode is None:
+            raise ValueError("GenerationConfig.stop needs decode (token ids -> text), e.g. tokenizer.decode")
+        if any(not s for s in self.stop):
+            raise ValueError("GenerationConfig.stop: an empty stop string would stop at once")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **kwargs) -> GenerationConfig:
+        """A config for a model trained with `tokenizer`: its eos and pad ids, its decode (for `stop`) and
+        its control tokens suppressed (`control_ids`). Keyword arguments set or override any field."""
+        defaults = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, suppress_ids=control_ids(tokenizer),
+                        decode=tokenizer.decode)
+        return cls(**{**defaults, **kwargs})
+
+
+def control_ids(tokenizer) -> list[int]:
+    """The ids a model must never generate: `<pad>`, `<s>`, `<image>`, `</image>` (eos is not one)."""
+    return sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id, tokenizer.image_end_id}
+                  - {tokenizer.eos_id})
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """`text` up to its earliest stop string (the stop string itself left out)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _suppress_mask(gen: GenerationConfig, vocab_size: int, device) -> torch.Tensor | None:
+    """(V,) bool, True at the ids never to generate (eos excepted), or None when there are none."""
+    ids = sorted(set(gen.suppress_ids) - {gen.eos_id})
+    if not ids:
+        return None
+    if ids[0] < 0 or ids[-1] >= vocab_size:
+        raise ValueError(f"GenerationConfig.suppress_ids: ids must be in [0, {vocab_size}), got {ids}")
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[ids] = True
+    return mask.to(device)
+
+
+def _hits_stop(gen: GenerationConfig, ids: list[int]) -> bool:
+    """Whether the generated ids' text contains a stop string (decoded whole: a stop string may span
+    tokens, and decoding a suffix alone can differ at its first token)."""
+    if not gen.stop:
+        return False
+    text = gen.decode(ids)
+    return any(s in text for s in gen.stop)
 
 
 def _batch_prompts(prompts: list[Prompt], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -156,7 +220,10 @@ def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator) -> list[lis
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     logits = dec.first()
+    banned = _suppress_mask(gen, logits.size(-1), logits.device)
     for step in range(gen.max_new_tokens):
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))  # before temperature, top-k and top-p
         if gen.do_sample:
             scaled = filter_logits(logits / max(gen.temperature, 1e-5), gen.top_k, gen.top_p)
             probs = scaled.softmax(-1)
@@ -170,6 +237,7 @@ def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator) -> list[lis
                 done[i] = True
             else:
                 out[i].append(t)
+                done[i] = _hits_stop(gen, out[i])
         if bool(done.all()) or step == gen.max_new_tokens - 1:
             break
         tokens = tokens.masked_fill(done.to(tokens.device), gen.pad_id)
@@ -182,6 +250,7 @@ def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]
     logits = dec.first()  # (B, V)
     V = logits.size(-1)
     device = logits.device
+    banned = _suppress_mask(gen, V, device)
     # Every beam starts from its prompt; only beam 0 is live at first so the K beams differ.
     dec.reorder(torch.arange(B, device=device).repeat_interleave(K))
     logits = logits.repeat_interleave(K, dim=0)  # (B*K, V)
@@ -191,6 +260,8 @@ def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]
     finished = torch.zeros(B * K, dtype=torch.bool, device=device)
     lengths = torch.zeros(B * K, device=device)
     for step in range(gen.max_new_tokens):
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))  # scores over the allowed tokens only
         logp = logits.log_softmax(-1)  # (B*K, V)
         # A finished beam stays as it is: one continuation (pad) at no cost.
         frozen = torch.full_like(logp, float("-inf"))
@@ -205,6 +276,12 @@ def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]
         seqs = torch.cat([seqs.index_select(0, beam), token[:, None]], dim=1)
         lengths = lengths.index_select(0, beam) + (~was_finished).float()
         finished = was_finished | (token == gen.eos_id if gen.eos_id is not None else torch.zeros_like(was_finished))
+        if gen.stop:  # a beam whose text now holds a stop string is finished (host sync: stop only)
+            live = (~finished).nonzero().flatten().tolist()
+            n = lengths.long().tolist()
+            rows = seqs.tolist()
+            hits = [r for r in live if _hits_stop(gen, rows[r][: n[r]])]
+            finished[hits] = True
         scores = top
         if bool(finished.all()) or step == gen.max_new_tokens - 1:
             break
@@ -214,7 +291,7 @@ def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]
     best = norm.view(B, K).argmax(-1) + torch.arange(B, device=device) * K
     out = []
     for row in best.tolist():
-        toks = seqs[row].tolist()
+        toks = seqs[row, : int(lengths[row])].tolist()  # a finished beam's pad continuation left out
         if gen.eos_id is not None and gen.eos_id in toks:
             toks = toks[: toks.index(gen.eos_id)]
         out.append(toks)
@@ -277,6 +354,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    ap.add_argument("--stop", action="append", default=[],
+                    help="stop a sequence when its text contains this string (printed without it); "
+                         "repeat for several")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -289,14 +369,14 @@ def main(argv: list[str] | None = None) -> list[str]:
     images = [enc.load_image(p) for p in args.image]
     tok = enc.tokenizer
     prompts = [build_prompt(enc, text, images) for text in (args.prompt or [""])]
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, num_beams=args.beams, eos_id=tok.eos_id,
-                           pad_id=tok.pad_id)
+    gen = GenerationConfig.for_tokenizer(tok, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         num_beams=args.beams, stop=args.stop)
     g = torch.Generator().manual_seed(args.seed)
     outs = generate(model, prompts, gen, generator=g)
     texts = []
     for text, ids in zip(args.prompt or [""], outs):
-        texts.append(tok.decode(ids))
+        texts.append(cut_at_stop(tok.decode(ids), args.stop))
         print(f"{text}{texts[-1]}")
     return texts
 

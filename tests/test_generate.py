@@ -1,4 +1,5 @@
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,3 +203,116 @@ def test_summary_cli(capsys):
     text = capsys.readouterr().out
     assert "decoder 3 layers" in text and "total" in text
     assert counts["total"] == sum(counts[k] for k in ("vision", "resampler", "projection", "decoder", "embeddings"))
+
+
+# ------------------------------------------------------------------------ control tokens and stop strings
+
+# The tiny tokenizer's special ids (tokenizer/build.py), as make_row uses them
+SPECIAL = SimpleNamespace(pad_id=0, bos_id=2, eos_id=3, image_id=4, image_end_id=5,
+                          decode=lambda ids: "".join(f"<{i}>" for i in ids))
+CONTROL = {0, 2, 4, 5}
+
+
+def _rig(model, bias: dict[int, float]):
+    """Add `bias` to the model's output logits (a forward hook on the output projection)."""
+    b = torch.zeros(model.cfg.decoder.vocab_size)
+    for i, v in bias.items():
+        b[i] = v
+    return model.decoder.output_projection.register_forward_hook(lambda mod, inp, out: out + b.to(out.dtype))
+
+
+_MODES = {
+    "greedy": {},
+    "sample": {"do_sample": True, "temperature": 1.5},
+    "top_k": {"do_sample": True, "top_k": 3},
+    "beam": {"num_beams": 3},
+}
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+def test_control_tokens_are_never_generated(mode):
+    model = tiny_model()
+    prompt = _prompt(model, 3, 1, 2, seed=6)
+    # a model that strongly prefers <image>, then </image>, <pad>, <s> (the demo's "<image> of<image> of")
+    _rig(model, {4: 100.0, 5: 90.0, 0: 80.0, 2: 70.0})
+    kw = _MODES[mode]
+    g = torch.Generator().manual_seed(0)
+    raw = generate(model, [prompt], GenerationConfig(max_new_tokens=8, **kw), generator=g)[0]
+    assert 4 in raw  # the rig works: without suppression it is generated
+    gen = GenerationConfig.for_tokenizer(SPECIAL, max_new_tokens=8, **kw)
+    assert set(gen.suppress_ids) == CONTROL
+    for batch in ([prompt], [prompt, Prompt(ids=[2, 40, 41])]):
+        outs = generate(model, batch, gen, generator=torch.Generator().manual_seed(0))
+        for out in outs:
+            assert len(out) == 8 and not CONTROL & set(out), out
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+def test_eos_stays_allowed_when_control_tokens_are_suppressed(mode):
+    model = tiny_model()
+    prompt = _prompt(model, 3, 1, 2, seed=7)
+    _rig(model, {4: 100.0, 3: 50.0})  # <image> first, then eos
+    gen = GenerationConfig.for_tokenizer(SPECIAL, max_new_tokens=8, suppress_ids=[0, 2, 3, 4, 5],
+                                         **_MODES[mode])  # eos listed too: it stays allowed
+    assert generate(model, [prompt], gen, generator=torch.Generator().manual_seed(0)) == [[]]
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+def test_stop_strings_cut_the_output(mode):
+    model = tiny_model()
+    prompt = _prompt(model, 2, 1, 3, seed=8)
+    _rig(model, {7: 100.0})  # every mode then generates 7 7 7 ...
+    kw = _MODES[mode]
+    free = generate(model, [prompt], GenerationConfig.for_tokenizer(SPECIAL, max_new_tokens=6, **kw),
+                    generator=torch.Generator().manual_seed(0))
+    assert free == [[7] * 6]
+    for stop, n in ((["<7><7>"], 2), (["7>"], 1), (["<9>", "<7><7><7>"], 3)):
+        gen = GenerationConfig.for_tokenizer(SPECIAL, max_new_tokens=6, stop=stop, **kw)
+        assert generate(model, [prompt], gen, generator=torch.Generator().manual_seed(0)) == [[7] * n], stop
+
+
+def test_stop_strings_in_a_batch_stop_each_row_alone():
+    model = tiny_model()
+    prompts = [_prompt(model, 2, 1, 3, seed=9), Prompt(ids=[2, 40, 41, 42])]
+    gen = GenerationConfig.for_tokenizer(SPECIAL, max_new_tokens=10)
+    free = generate(model, prompts, gen)
+    stop = SPECIAL.decode([free[0][3]])
+    cut = [next(n for n in range(1, len(f) + 1) if stop in SPECIAL.decode(f[:n])) if stop in SPECIAL.decode(f)
+           else len(f) for f in free]
+    stopped = generate(model, prompts,
+                       GenerationConfig.for_tokenizer(SPECIAL, max_new_tokens=10, stop=[stop]))
+    assert stopped == [f[:n] for f, n in zip(free, cut)]
+    assert cut[0] <= 4
+
+
+def test_stop_needs_decode_and_cut_at_stop():
+    from kosmos.generate import control_ids, cut_at_stop
+
+    with pytest.raises(ValueError, match="decode"):
+        GenerationConfig(stop=["."])
+    assert control_ids(SPECIAL) == [0, 2, 4, 5]
+    assert cut_at_stop("a cat. A dog\n", [".", "\n"]) == "a cat"
+    assert cut_at_stop("a cat", ["."]) == "a cat"
+
+
+def test_generate_cli_stop_and_no_control_tokens(tmp_path, tiny_tokenizer, monkeypatch):
+    import kosmos.generate
+    from kosmos.generate import main
+    from tests.helpers import ROOT
+
+    ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, tiny_model())
+    load = kosmos.generate.load_for_inference
+
+    def rigged_load(*a, **kw):  # the loaded model prefers <image> above all
+        model, enc = load(*a, **kw)
+        _rig(model, {enc.tokenizer.image_id: 100.0, enc.tokenizer.image_end_id: 90.0})
+        return model, enc
+
+    monkeypatch.setattr(kosmos.generate, "load_for_inference", rigged_load)
+    img = ROOT / "assets" / "images" / "coffee.jpg"
+    args = ["--checkpoint", str(ckpt), "--image", str(img), "--prompt", "Here is a picture:",
+            "--max-new-tokens", "8"]
+    free = main(args)[0]
+    assert free and not any(t in free for t in ("<image>", "</image>", "<pad>", "<s>")), free
+    stop = free.strip()[:2]
+    assert stop and main([*args, "--stop", stop]) == [free[: free.index(stop)]]
