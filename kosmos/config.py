@@ -124,6 +124,11 @@ class VisionConfig:
     """ViT depth; null takes the architecture's (24 for ViT-L/14)."""
     head_width: int | None = None
     """Width per attention head; null takes the architecture's (64)."""
+    quick_gelu: bool | None = None
+    """The tower's activation: true for QuickGELU (OpenAI's CLIP), false for GELU, null to decide from the
+    weights' origin: QuickGELU for a `-quickgelu` model name or a tag open_clip's pretrained config marks
+    (`openai`), GELU otherwise, a local file included (set true for OpenAI weights saved to a file). Not
+    stored in the weights, and a wrong one raises no error: it silently shifts every frozen block's output."""
     trainable_blocks: int = 1
     """How many of the last ViT blocks are trained (the paper: all frozen but the last). 0 freezes all;
     all of them (= vision.layers) trains the whole tower, patch embedding included."""
@@ -132,6 +137,8 @@ class VisionConfig:
         for name in ("image_size", "patch_size", "width", "layers", "head_width"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"vision.{name}", f"must be positive or null, got {v}")
+        _check(self.quick_gelu in (None, True, False), "vision.quick_gelu",
+               f"must be true, false or null (auto), got {self.quick_gelu!r}")
         _check(self.trainable_blocks >= 0, "vision.trainable_blocks", "must be >= 0")
         if self.layers is not None:
             _check(self.trainable_blocks <= self.layers, "vision.trainable_blocks",
@@ -524,26 +531,53 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     return _build(Config, data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a YAML config file, not yet checked."""
     import yaml
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, legacy: bool = False) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides. `legacy`:
+    the file is a checkpoint's saved config, whose missing keys mean the behaviour it was trained with
+    (:func:`fill_legacy_keys`), not today's defaults."""
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
+    if legacy:
+        data = fill_legacy_keys(data)
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+def fill_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config (nested dict) with every key it predates set to the behaviour it was
+    trained with, where that differs from the key's default today. A checkpoint's config.yaml lists every
+    key its code knew, so a missing key means older code: filling in today's default instead would
+    silently change what the weights compute. Applied to checkpoints only (`kosmos.model.checkpoint_config`,
+    and the check in `kosmos.checkpoint.load_model_weights`), never to configs written by hand.
+
+    * `vision.quick_gelu`: older code took the architecture's activation whatever the tag, so GELU for
+      `ViT-L-14` with `openai` weights (QuickGELU only for `-quickgelu` model names)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    vision = data.setdefault("vision", {})
+    if isinstance(vision, dict) and "quick_gelu" not in vision:
+        name = vision.get("model_name", VisionConfig.model_name)
+        vision["quick_gelu"] = bool(open_clip_architecture(name).get("quick_gelu", False))
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

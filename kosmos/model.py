@@ -144,23 +144,50 @@ class Kosmos(nn.Module):
 def checkpoint_config(ckpt: str | Path, overrides: list[str] | None = None) -> Config:
     """The config a checkpoint was trained with: its `config.yaml` (or, in checkpoints from before that
     file existed, the copy in `trainer_state.json`), with the tokenizer path pointed at the checkpoint's own
-    copy of the tokenizer when it has one."""
+    copy of the tokenizer when it has one. Keys the saved config predates take the behaviour the checkpoint
+    was trained with, not today's default (`kosmos.config.fill_legacy_keys`)."""
     import json
 
-    from kosmos.config import ConfigError, config_from_dict
+    from kosmos.config import ConfigError, config_from_dict, fill_legacy_keys
 
     ckpt = Path(ckpt)
     state = ckpt / "trainer_state.json"
     old = json.loads(state.read_text()).get("config") if state.is_file() else None
     if (ckpt / "config.yaml").is_file():
-        cfg = load_config(ckpt / "config.yaml", overrides)
+        cfg = load_config(ckpt / "config.yaml", overrides, legacy=True)
     elif isinstance(old, dict):
-        cfg = config_from_dict(old, overrides)
+        cfg = config_from_dict(fill_legacy_keys(old), overrides)
     else:
         raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint; pass the config it was trained with")
     if (ckpt / "tokenizer" / "tokenizer.model").is_file():
         cfg.tokenizer.path = str((ckpt / "tokenizer").resolve())
     return cfg
+
+
+def check_checkpoint_fits(model: nn.Module, ckpt: str | Path) -> None:
+    """Refuse the weights of checkpoint directory `ckpt` for a model whose config computes something else
+    with them although every shape fits: settings that the weights do not record (the CLIP activation, the
+    token embedding scale). Checkpoints without a saved config are not checked."""
+    from kosmos.config import ConfigError
+    from kosmos.vision import resolve_quick_gelu
+
+    cfg = getattr(model, "cfg", None)
+    ckpt = Path(ckpt)
+    if not isinstance(cfg, Config) or not ((ckpt / "config.yaml").is_file()
+                                           or (ckpt / "trainer_state.json").is_file()):
+        return
+    try:
+        saved = checkpoint_config(ckpt)
+    except (ConfigError, ValueError):  # a config this code cannot read: only the shapes are checked
+        return
+    wanted = {"vision.quick_gelu": (resolve_quick_gelu(saved.vision), resolve_quick_gelu(cfg.vision))}
+    for key, (theirs, ours) in wanted.items():
+        if theirs != ours:
+            theirs, ours = str(theirs).lower(), str(ours).lower()
+            raise ValueError(
+                f"{ckpt} was trained with {key}={theirs} but this model has {ours}; the weights would compute "
+                f"something else: set {key}={theirs} (a checkpoint whose config.yaml lacks the key predates "
+                "it and keeps the old behaviour)")
 
 
 def count_parameters(model: Kosmos) -> dict[str, int]:

@@ -199,3 +199,130 @@ def test_all_blocks_trainable_trains_the_whole_tower():
     model(ids, random_images(model, 1), mask, labels=ids).loss.backward()
     frozen = [n for n, p in model.vision.named_parameters() if not p.requires_grad or p.grad is None]
     assert not frozen
+
+
+# ----------------------------------------------------------------------------- QuickGELU (OpenAI CLIP)
+
+TINY_B32 = ("vision.model_name=ViT-B-32",)  # a small text tower for open_clip's full CLIP; tiny.yaml's tower
+
+
+def _random_clip(vision_cfg, quick_gelu: bool, seed: int = 3):
+    """A randomly initialised full open_clip CLIP with `vision_cfg`'s (tiny) tower."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.create_model(vision_cfg.model_name, quick_gelu=quick_gelu,
+                                  vision_cfg=vision_cfg.resolved()).eval()
+
+
+def _open_clip_tokens(visual, enc, images):
+    """open_clip's own patch tokens (its forward: ln_post, class token dropped), same pixels as `enc`."""
+    visual.output_tokens = True
+    with torch.no_grad():
+        return visual(enc.normalize(images))[1]
+
+
+def test_openai_tag_builds_quickgelu_and_matches_open_clip(tmp_path, monkeypatch):
+    """`vision.pretrained=openai`: open_clip's pretrained config says QuickGELU, so the tower must use it
+    (open_clip 2.32's create_model builds GELU for it and only warns). The download is replaced by a saved
+    random QuickGELU CLIP; our patch tokens must be open_clip's own, and a GELU tower's are not."""
+    import open_clip.factory
+    from torch import nn
+
+    cfg = tiny_config(*TINY_B32, "vision.pretrained=openai").vision
+    ref = _random_clip(cfg, quick_gelu=True)
+    torch.save(ref.state_dict(), tmp_path / "openai.bin")
+    fetched = []
+
+    def fake_download(pretrained_cfg, *args, **kwargs):
+        fetched.append(pretrained_cfg)
+        return str(tmp_path / "openai.bin")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", fake_download)
+    enc = VisionEncoder(cfg).eval()
+    assert fetched and fetched[0]["quick_gelu"] is True
+    assert enc.quick_gelu is True
+    assert isinstance(enc.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+    images = torch.randint(0, 256, (2, 3, enc.image_size, enc.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = enc(images)
+    want = _open_clip_tokens(ref.visual, enc, images)
+    assert ours.shape == want.shape == (2, enc.num_patches, enc.width)
+    assert (ours - want).abs().max() < 1e-5
+
+    gelu = _random_clip(cfg, quick_gelu=False)
+    gelu.load_state_dict(ref.state_dict())
+    assert isinstance(gelu.visual.transformer.resblocks[0].mlp.gelu, nn.GELU)
+    assert (_open_clip_tokens(gelu.visual, enc, images) - want).abs().max() > 1e-3  # the test can fail
+
+
+def test_quick_gelu_resolution():
+    from kosmos.vision import resolve_quick_gelu
+
+    def resolve(*overrides):
+        return resolve_quick_gelu(tiny_config(*overrides).vision)
+
+    assert resolve("vision.pretrained=openai") is True
+    assert resolve("vision.pretrained=laion2b_s32b_b82k") is False
+    assert resolve("vision.model_name=ViT-B-32-quickgelu") is True  # from the architecture's name
+    assert resolve() is False  # random tower
+    assert resolve("vision.pretrained=/some/file.safetensors") is False  # nothing tells: documented default
+    assert resolve("vision.pretrained=/some/file.safetensors", "vision.quick_gelu=true") is True
+    assert resolve("vision.pretrained=openai", "vision.quick_gelu=false") is False  # forced
+    with pytest.raises(ValueError, match="no_such_tag"):
+        resolve("vision.pretrained=no_such_tag")
+
+
+def test_local_openai_weights_with_quick_gelu_true(tmp_path):
+    """A local file carries no activation: `vision.quick_gelu=true` gives open_clip's QuickGELU tokens."""
+    cfg = tiny_config(*TINY_B32).vision
+    ref = _random_clip(cfg, quick_gelu=True)
+    torch.save(ref.state_dict(), tmp_path / "clip.pt")
+    cfg = tiny_config(*TINY_B32, f"vision.pretrained={tmp_path / 'clip.pt'}", "vision.quick_gelu=true").vision
+    enc = VisionEncoder(cfg).eval()
+    assert enc.quick_gelu is True
+    images = torch.randint(0, 256, (2, 3, enc.image_size, enc.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = enc(images)
+    want = _open_clip_tokens(ref.visual, enc, images)
+    assert (ours - want).abs().max() < 1e-5
+    cfg.quick_gelu = False
+    with torch.no_grad():
+        gelu_tokens = VisionEncoder(cfg).eval()(images)
+    assert (gelu_tokens - want).abs().max() > 1e-3
+
+
+def _saved_checkpoint(tmp_path, model, drop: dict[str, list[str]], set_: dict[str, dict] | None = None):
+    """A checkpoint of `model` whose config.yaml lacks the keys in `drop` (as written by older code)."""
+    import yaml
+
+    from tests.helpers import checkpoint_dir
+
+    (tmp_path / "tok").mkdir()
+    ckpt = checkpoint_dir(tmp_path / "run", tmp_path / "tok", model)
+    data = yaml.safe_load((ckpt / "config.yaml").read_text())
+    for section, keys in drop.items():
+        for k in keys:
+            del data[section][k]
+    for section, values in (set_ or {}).items():
+        data[section].update(values)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return ckpt
+
+
+def test_checkpoint_predating_quick_gelu_keeps_gelu(tmp_path):
+    """Before vision.quick_gelu, `openai` weights ran with GELU: such a checkpoint is rebuilt with GELU
+    (what it was trained with), and its weights are refused by a model that would run QuickGELU."""
+    from kosmos.checkpoint import load_model_weights
+    from kosmos.model import checkpoint_config
+
+    ckpt = _saved_checkpoint(tmp_path, tiny_model(), drop={"vision": ["quick_gelu"]},
+                             set_={"vision": {"pretrained": "openai"}})
+    assert checkpoint_config(ckpt).vision.quick_gelu is False
+    assert Kosmos.from_checkpoint(ckpt).vision.quick_gelu is False  # no download: weights from the checkpoint
+    with pytest.raises(ValueError, match=r"vision\.quick_gelu=false"):
+        load_model_weights(tiny_model("vision.quick_gelu=true"), ckpt)
+    load_model_weights(tiny_model("vision.quick_gelu=false"), ckpt)
