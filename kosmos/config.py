@@ -57,6 +57,12 @@ class DecoderConfig:
     """LayerNorm epsilon."""
     share_embeddings: bool = True
     """Tie the input embedding and the output projection (the paper's ~1.3B decoder)."""
+    scale_embedding: bool = True
+    """Multiply token embeddings by sqrt(dim) (fairseq's `embed_scale`, on unless `no_scale_embedding`), so
+    that with their N(0, dim^-1/2) init tokens enter the decoder at RMS 1, the scale of the projected image
+    latents (~1.1), instead of 50x below them. Only the lookup is scaled, not the tied output projection nor
+    the image latents. Checkpoints whose config.yaml predates this key were trained without it and load
+    with false (`kosmos.config.LEGACY_DEFAULTS`)."""
     attention: str = "sdpa"
     """Attention kernel: `sdpa` (torch scaled_dot_product_attention, fp32 xPos) or `torchscale`
     (the stock bmm path, kept for comparison). Both have the same parameters."""
@@ -76,6 +82,8 @@ class DecoderConfig:
         for name in ("dropout", "attention_dropout"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"decoder.{name}", f"must be in [0, 1), got {v}")
+        _check(isinstance(self.scale_embedding, bool), "decoder.scale_embedding",
+               f"must be true or false, got {self.scale_embedding!r}")
         _check(self.attention in ("sdpa", "torchscale"), "decoder.attention",
                f"must be 'sdpa' or 'torchscale', got {self.attention!r}")
 
@@ -569,7 +577,8 @@ def fill_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     and the check in `kosmos.checkpoint.load_model_weights`), never to configs written by hand.
 
     * `vision.quick_gelu`: older code took the architecture's activation whatever the tag, so GELU for
-      `ViT-L-14` with `openai` weights (QuickGELU only for `-quickgelu` model names)."""
+      `ViT-L-14` with `openai` weights (QuickGELU only for `-quickgelu` model names).
+    * `decoder.scale_embedding`: older code did not scale token embeddings (false)."""
     import copy
 
     data = copy.deepcopy(data)
@@ -577,6 +586,9 @@ def fill_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(vision, dict) and "quick_gelu" not in vision:
         name = vision.get("model_name", VisionConfig.model_name)
         vision["quick_gelu"] = bool(open_clip_architecture(name).get("quick_gelu", False))
+    decoder = data.setdefault("decoder", {})
+    if isinstance(decoder, dict) and "scale_embedding" not in decoder:
+        decoder["scale_embedding"] = False
     return data
 
 

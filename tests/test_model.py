@@ -326,3 +326,90 @@ def test_checkpoint_predating_quick_gelu_keeps_gelu(tmp_path):
     with pytest.raises(ValueError, match=r"vision\.quick_gelu=false"):
         load_model_weights(tiny_model("vision.quick_gelu=true"), ckpt)
     load_model_weights(tiny_model("vision.quick_gelu=false"), ckpt)
+
+
+# ----------------------------------------------------------------------------- embedding scales
+
+
+def _rms(x: torch.Tensor) -> float:
+    return x.float().pow(2).mean().sqrt().item()
+
+
+def _paper_embedding_rms(*overrides: str) -> tuple[float, float]:
+    """(token RMS, image RMS) at init with configs/kosmos1.yaml's dims, from the model's own builders: the
+    token embedding (dim 2048; a 4096-row vocabulary, as the RMS does not depend on the row count) and the
+    connector (ViT-L/14 width 1024, 64 latents, 2048 out, Magneto gain of the 24 decoder layers), fed by a
+    random ViT-L/14 tower at 224 px cut to 1 block: its patch tokens leave `ln_post`, so their RMS is 1
+    whatever the depth. The 24-layer decoder itself is not built (it is what makes it slow, and nothing in
+    it acts before the first layer: `embed_scale` is 1 and there is no embedding LayerNorm)."""
+    from kosmos.config import load_config
+    from kosmos.model import build_connector, build_token_embedding
+    from tests.helpers import ROOT
+
+    cfg = load_config(ROOT / "configs" / "kosmos1.yaml", ["decoder.vocab_size=4096", *overrides])
+    torch.manual_seed(0)
+    embed = build_token_embedding(cfg.decoder)
+    ids = torch.randint(0, cfg.decoder.vocab_size, (4, 256))
+    cfg_vision = load_config(ROOT / "configs" / "kosmos1.yaml", ["vision.layers=1"]).vision
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        tower = VisionEncoder(cfg_vision).eval()
+    resampler, proj = build_connector(cfg, tower.width)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        patches = tower(images)
+        assert patches.shape == (2, 256, 1024)
+        image_embeds = proj(resampler(patches).squeeze(1))
+        assert image_embeds.shape == (2, 64, 2048)
+        return _rms(embed(ids)), _rms(image_embeds)
+
+
+def test_token_and_image_embeddings_enter_at_comparable_scale_paper_dims():
+    """At init, with the paper's dims, token embeddings and projected image latents enter the decoder
+    within 2x of each other (before decoder.scale_embedding: 0.022 vs 1.14, 52x apart)."""
+    tokens, images = _paper_embedding_rms()
+    assert tokens == pytest.approx(1.0, rel=0.02)
+    assert 0.5 < tokens / images < 2.0, (tokens, images)
+    old_tokens, old_images = _paper_embedding_rms("decoder.scale_embedding=false")
+    assert old_tokens == pytest.approx(2048**-0.5, rel=0.02)
+    assert old_images / old_tokens > 20  # the old imbalance, so this test can fail
+
+
+def test_first_layer_sees_tokens_and_images_at_comparable_scale():
+    """What the first decoder layer receives in the tiny model: text and image positions within 2x; the
+    scale is in the lookup only, so the tied output projection is unscaled and decoding steps that call
+    `decoder.embed_tokens` get the same scale as the prompt."""
+    model = tiny_model().eval()
+    ids, mask = make_row(model, 20, 2, 20)
+    seen = {}
+    model.decoder.layers[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        logits = model(ids, random_images(model, 2), mask).logits
+    x = seen["x"][0]
+    text, image = _rms(x[~mask[0]]), _rms(x[mask[0]])
+    assert text == pytest.approx(1.0, rel=0.1)
+    assert 0.5 < text / image < 2.0, (text, image)
+    emb = model.decoder.embed_tokens
+    assert emb.scale == pytest.approx(math.sqrt(model.cfg.decoder.dim))
+    assert model.decoder.output_projection.weight is emb.weight
+    h = model.decoder(model.embed(ids, random_images(model, 2), mask), features_only=True)
+    assert torch.allclose(logits, h @ emb.weight.T, atol=1e-5)
+
+
+def test_checkpoint_predating_scale_embedding_loads_unscaled(tmp_path):
+    """A checkpoint whose config.yaml lacks decoder.scale_embedding was trained without the scale: it is
+    rebuilt without it (same logits as the model that was saved), and a scaled model refuses its weights."""
+    from kosmos.checkpoint import load_model_weights
+    from kosmos.model import checkpoint_config
+
+    old = tiny_model("decoder.scale_embedding=false").eval()
+    ckpt = _saved_checkpoint(tmp_path, old, drop={"decoder": ["scale_embedding"]})
+    assert checkpoint_config(ckpt).decoder.scale_embedding is False
+    loaded = Kosmos.from_checkpoint(ckpt)
+    assert loaded.decoder.embed_tokens.scale == 1.0
+    ids, mask = make_row(old, 3, 1, 4)
+    images = random_images(old, 1)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids, images, mask).logits, old(ids, images, mask).logits, atol=1e-5)
+    with pytest.raises(ValueError, match=r"decoder\.scale_embedding=false"):
+        load_model_weights(tiny_model(), ckpt)
