@@ -93,7 +93,9 @@ class DecoderConfig:
 
     @property
     def magneto_init_scale(self) -> float:
-        """Magneto's gain sqrt(log 2N) applied to fc1/fc2/out_proj/v_proj (decoder-only)."""
+        """Magneto's gain sqrt(log 2N) for a decoder-only model of N layers: torchscale multiplies PyTorch's
+        default init of fc1/fc2/out_proj/v_proj (weights and biases) by it; we give it to the image
+        projection's weight too."""
         return math.sqrt(math.log(2 * self.layers))
 
     def non_embedding_params(self) -> int:
@@ -323,7 +325,8 @@ class OptimConfig:
     eps: float = 1e-6
     """Adam epsilon."""
     weight_decay: float = 0.01
-    """Weight decay; never applied to norms, biases or embeddings."""
+    """Weight decay on the weights of linear maps only; never on norms, biases, embeddings or learned
+    tokens and positions (`kosmos.optim.param_groups`)."""
     warmup_steps: int = 375
     """Linear warmup from 0 to `lr`."""
     total_steps: int = 300_000
