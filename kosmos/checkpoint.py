@@ -104,7 +104,8 @@ def set_rng_state(st: dict) -> None:
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load `model.safetensors` (the file, or a checkpoint directory holding it) into `model`. Never
-    unpickles; weights that do not fit the model fail with the file and the first mismatches named."""
+    unpickles; weights that do not fit the model fail with the file and the first mismatches named, and so
+    do saved settings that the weights do not record (`kosmos.model.check_checkpoint_fits`)."""
     from safetensors.torch import load_model
 
     path = Path(path)
@@ -112,6 +113,9 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
         path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no model weights at {path} (expected a .safetensors file or a checkpoint dir)")
+    from kosmos.model import check_checkpoint_fits
+
+    check_checkpoint_fits(model, path.parent)  # settings the weights do not record must agree too
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except RuntimeError as e:

@@ -57,6 +57,12 @@ class DecoderConfig:
     """LayerNorm epsilon."""
     share_embeddings: bool = True
     """Tie the input embedding and the output projection (the paper's ~1.3B decoder)."""
+    scale_embedding: bool = True
+    """Multiply token embeddings by sqrt(dim) (fairseq's `embed_scale`, on unless `no_scale_embedding`), so
+    that with their N(0, dim^-1/2) init tokens enter the decoder at RMS 1, the scale of the projected image
+    latents (~1.1), instead of 50x below them. Only the lookup is scaled, not the tied output projection nor
+    the image latents. Checkpoints whose config.yaml predates this key were trained without it and load
+    with false (`kosmos.config.LEGACY_DEFAULTS`)."""
     attention: str = "sdpa"
     """Attention kernel: `sdpa` (torch scaled_dot_product_attention, fp32 xPos) or `torchscale`
     (the stock bmm path, kept for comparison). Both have the same parameters."""
@@ -80,6 +86,8 @@ class DecoderConfig:
         for name in ("dropout", "attention_dropout"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"decoder.{name}", f"must be in [0, 1), got {v}")
+        _check(isinstance(self.scale_embedding, bool), "decoder.scale_embedding",
+               f"must be true or false, got {self.scale_embedding!r}")
         _check(self.attention in ("sdpa", "torchscale"), "decoder.attention",
                f"must be 'sdpa' or 'torchscale', got {self.attention!r}")
         _check(isinstance(self.document_mask, bool), "decoder.document_mask",
@@ -94,7 +102,9 @@ class DecoderConfig:
 
     @property
     def magneto_init_scale(self) -> float:
-        """Magneto's gain sqrt(log 2N) applied to fc1/fc2/out_proj/v_proj (decoder-only)."""
+        """Magneto's gain sqrt(log 2N) for a decoder-only model of N layers: torchscale multiplies PyTorch's
+        default init of fc1/fc2/out_proj/v_proj (weights and biases) by it; we give it to the image
+        projection's weight too."""
         return math.sqrt(math.log(2 * self.layers))
 
     def non_embedding_params(self) -> int:
@@ -133,6 +143,11 @@ class VisionConfig:
     """ViT depth; null takes the architecture's (24 for ViT-L/14)."""
     head_width: int | None = None
     """Width per attention head; null takes the architecture's (64)."""
+    quick_gelu: bool | None = None
+    """The tower's activation: true for QuickGELU (OpenAI's CLIP), false for GELU, null to decide from the
+    weights' origin: QuickGELU for a `-quickgelu` model name or a tag open_clip's pretrained config marks
+    (`openai`), GELU otherwise, a local file included (set true for OpenAI weights saved to a file). Not
+    stored in the weights, and a wrong one raises no error: it silently shifts every frozen block's output."""
     trainable_blocks: int = 1
     """How many of the last ViT blocks are trained (the paper: all frozen but the last). 0 freezes all;
     all of them (= vision.layers) trains the whole tower, patch embedding included."""
@@ -141,6 +156,8 @@ class VisionConfig:
         for name in ("image_size", "patch_size", "width", "layers", "head_width"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"vision.{name}", f"must be positive or null, got {v}")
+        _check(self.quick_gelu in (None, True, False), "vision.quick_gelu",
+               f"must be true, false or null (auto), got {self.quick_gelu!r}")
         _check(self.trainable_blocks >= 0, "vision.trainable_blocks", "must be >= 0")
         if self.layers is not None:
             _check(self.trainable_blocks <= self.layers, "vision.trainable_blocks",
@@ -317,7 +334,8 @@ class OptimConfig:
     eps: float = 1e-6
     """Adam epsilon."""
     weight_decay: float = 0.01
-    """Weight decay; never applied to norms, biases or embeddings."""
+    """Weight decay on the weights of linear maps only; never on norms, biases, embeddings or learned
+    tokens and positions (`kosmos.optim.param_groups`)."""
     warmup_steps: int = 375
     """Linear warmup from 0 to `lr`."""
     total_steps: int = 300_000
@@ -533,26 +551,57 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     return _build(Config, data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict of a YAML config file, not yet checked."""
     import yaml
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, legacy: bool = False) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides. `legacy`:
+    the file is a checkpoint's saved config, whose missing keys mean the behaviour it was trained with
+    (:func:`fill_legacy_keys`), not today's defaults."""
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
+    if legacy:
+        data = fill_legacy_keys(data)
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+def fill_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config (nested dict) with every key it predates set to the behaviour it was
+    trained with, where that differs from the key's default today. A checkpoint's config.yaml lists every
+    key its code knew, so a missing key means older code: filling in today's default instead would
+    silently change what the weights compute. Applied to checkpoints only (`kosmos.model.checkpoint_config`,
+    and the check in `kosmos.checkpoint.load_model_weights`), never to configs written by hand.
+
+    * `vision.quick_gelu`: older code took the architecture's activation whatever the tag, so GELU for
+      `ViT-L-14` with `openai` weights (QuickGELU only for `-quickgelu` model names).
+    * `decoder.scale_embedding`: older code did not scale token embeddings (false)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    vision = data.setdefault("vision", {})
+    if isinstance(vision, dict) and "quick_gelu" not in vision:
+        name = vision.get("model_name", VisionConfig.model_name)
+        vision["quick_gelu"] = bool(open_clip_architecture(name).get("quick_gelu", False))
+    decoder = data.setdefault("decoder", {})
+    if isinstance(decoder, dict) and "scale_embedding" not in decoder:
+        decoder["scale_embedding"] = False
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,8 +1,14 @@
 """The language decoder: torchscale's Magneto (sub-LN) Decoder with xPos, and a faster attention path.
 
-We keep torchscale's modules, parameter names and initialisation (Magneto's sqrt(log 2N) gain on
-fc1/fc2/out_proj/v_proj is applied inside torchscale's constructor; nothing here re-initialises it), and
-replace two things:
+We keep torchscale's modules, parameter names and initialisation. That initialisation is PyTorch's
+default (`nn.Linear`: U(+-1/sqrt(fan_in)) for weights and biases), with Magneto's gain sqrt(log 2N)
+multiplied into fc1/fc2/out_proj/v_proj (weights and biases) inside torchscale's constructor; q_proj and
+k_proj keep the default (torchscale 0.3.0 never calls its attention's xavier `reset_parameters`). Nothing
+here re-initialises after it. Token embeddings come from the caller (`kosmos.model.build_token_embedding`)
+and `embed_scale` stays 1 (`no_scale_embedding=True`): any scale is the embedding's own
+(`decoder.scale_embedding`).
+
+What we replace:
 
 * `KosmosAttention`: a subclass of torchscale's MultiheadAttention (same parameters, so checkpoints load in
   either path) whose `sdpa` path uses `F.scaled_dot_product_attention`, computes xPos in fp32 whatever the

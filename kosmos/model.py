@@ -14,6 +14,7 @@ A decoder-only Transformer reads text in which every image is a span `<image> [n
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kosmos.config import Config, load_config
+from kosmos.config import Config, DecoderConfig, load_config
 from kosmos.decoder import build_decoder
 from kosmos.sequence import IGNORE_INDEX
 from kosmos.vision import VisionEncoder
@@ -38,27 +39,64 @@ class KosmosOutput:
     """How many target tokens the loss averages over (for token-weighted accumulation)."""
 
 
+class TokenEmbedding(nn.Embedding):
+    """nn.Embedding whose lookup is multiplied by `scale` (fairseq's `embed_scale`, sqrt(dim) with
+    `decoder.scale_embedding`). The scale lives in the lookup, not in the decoder's forward, so that every
+    caller of `decoder.embed_tokens` (training, the KV-cache decoding step) gets it, while the image latents
+    written into the image slots and the tied output projection (which reads `.weight`) do not."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float = 1.0):
+        super().__init__(num_embeddings, embedding_dim)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(input_ids)
+        return x * self.scale if self.scale != 1.0 else x
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale:g}"
+
+
+def build_token_embedding(d: DecoderConfig) -> TokenEmbedding:
+    """The token embedding, N(0, dim^-1/2) as fairseq/torchscale initialise it (the tied output projection
+    then starts with logits of RMS ~1). With `decoder.scale_embedding` the lookup is scaled by sqrt(dim),
+    so tokens enter the decoder at RMS 1 (fairseq's default, `no_scale_embedding=False`); without, at
+    dim^-1/2 (0.022 for dim 2048), 50x below the image latents."""
+    scale = math.sqrt(d.dim) if d.scale_embedding else 1.0
+    embed = TokenEmbedding(d.vocab_size, d.dim, scale=scale)
+    nn.init.normal_(embed.weight, mean=0.0, std=d.dim**-0.5)
+    return embed
+
+
+def build_connector(cfg: Config, vision_width: int) -> tuple[nn.Module, nn.Linear]:
+    """Perceiver resampler (flamingo-pytorch, one image per call: each image is its own span in the
+    sequence) and the linear projection into the decoder's width. The resampler ends in a LayerNorm, so its
+    latents have RMS ~1; the projection's PyTorch default init (U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in))
+    times Magneto's gain sqrt(log 2N) (as torchscale gives v_proj/out_proj/fc1/fc2) puts the image
+    embeddings at RMS ~ gain/sqrt(3): 1.14 for the paper's 24 layers."""
+    from flamingo_pytorch import PerceiverResampler
+
+    c, d = cfg.connector, cfg.decoder
+    resampler = PerceiverResampler(dim=vision_width, depth=c.depth, dim_head=c.dim_head, heads=c.heads,
+                                   num_latents=c.num_latents, num_media_embeds=1, ff_mult=c.ff_mult)
+    proj = nn.Linear(vision_width, d.dim)
+    with torch.no_grad():
+        proj.weight.mul_(d.magneto_init_scale)
+    return resampler, proj
+
+
 class Kosmos(nn.Module):
     def __init__(self, cfg: Config, load_vision_weights: bool = True):
         super().__init__()
-        from flamingo_pytorch import PerceiverResampler
-
         self.cfg = cfg
         d = cfg.decoder
         self.vision = VisionEncoder(cfg.vision, load_weights=load_vision_weights)
         c = cfg.connector
         # One image per call (num_media_embeds=1): each image is its own span in the sequence.
-        self.resampler = PerceiverResampler(dim=self.vision.width, depth=c.depth, dim_head=c.dim_head,
-                                            heads=c.heads, num_latents=c.num_latents, num_media_embeds=1,
-                                            ff_mult=c.ff_mult)
-        self.proj = nn.Linear(self.vision.width, d.dim)
-        with torch.no_grad():  # Magneto-style gain, as on the decoder's value/output projections
-            self.proj.weight.mul_(d.magneto_init_scale)
-
-        embed = nn.Embedding(d.vocab_size, d.dim)
-        nn.init.normal_(embed.weight, mean=0.0, std=d.dim**-0.5)
-        # torchscale applies Magneto's initialisation in this constructor; we never re-initialise after it.
-        self.decoder = build_decoder(d, embed)
+        self.resampler, self.proj = build_connector(cfg, self.vision.width)
+        # torchscale applies Magneto's initialisation in this constructor (its gain times PyTorch's default
+        # init of each nn.Linear); we never re-initialise after it.
+        self.decoder = build_decoder(d, build_token_embedding(d))
         self.num_latents = c.num_latents
 
     @classmethod
@@ -147,23 +185,51 @@ class Kosmos(nn.Module):
 def checkpoint_config(ckpt: str | Path, overrides: list[str] | None = None) -> Config:
     """The config a checkpoint was trained with: its `config.yaml` (or, in checkpoints from before that
     file existed, the copy in `trainer_state.json`), with the tokenizer path pointed at the checkpoint's own
-    copy of the tokenizer when it has one."""
+    copy of the tokenizer when it has one. Keys the saved config predates take the behaviour the checkpoint
+    was trained with, not today's default (`kosmos.config.fill_legacy_keys`)."""
     import json
 
-    from kosmos.config import ConfigError, config_from_dict
+    from kosmos.config import ConfigError, config_from_dict, fill_legacy_keys
 
     ckpt = Path(ckpt)
     state = ckpt / "trainer_state.json"
     old = json.loads(state.read_text()).get("config") if state.is_file() else None
     if (ckpt / "config.yaml").is_file():
-        cfg = load_config(ckpt / "config.yaml", overrides)
+        cfg = load_config(ckpt / "config.yaml", overrides, legacy=True)
     elif isinstance(old, dict):
-        cfg = config_from_dict(old, overrides)
+        cfg = config_from_dict(fill_legacy_keys(old), overrides)
     else:
         raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint; pass the config it was trained with")
     if (ckpt / "tokenizer" / "tokenizer.model").is_file():
         cfg.tokenizer.path = str((ckpt / "tokenizer").resolve())
     return cfg
+
+
+def check_checkpoint_fits(model: nn.Module, ckpt: str | Path) -> None:
+    """Refuse the weights of checkpoint directory `ckpt` for a model whose config computes something else
+    with them although every shape fits: settings that the weights do not record (the CLIP activation, the
+    token embedding scale). Checkpoints without a saved config are not checked."""
+    from kosmos.config import ConfigError
+    from kosmos.vision import resolve_quick_gelu
+
+    cfg = getattr(model, "cfg", None)
+    ckpt = Path(ckpt)
+    if not isinstance(cfg, Config) or not ((ckpt / "config.yaml").is_file()
+                                           or (ckpt / "trainer_state.json").is_file()):
+        return
+    try:
+        saved = checkpoint_config(ckpt)
+    except (ConfigError, ValueError):  # a config this code cannot read: only the shapes are checked
+        return
+    wanted = {"vision.quick_gelu": (resolve_quick_gelu(saved.vision), resolve_quick_gelu(cfg.vision)),
+              "decoder.scale_embedding": (saved.decoder.scale_embedding, cfg.decoder.scale_embedding)}
+    for key, (theirs, ours) in wanted.items():
+        if theirs != ours:
+            theirs, ours = str(theirs).lower(), str(ours).lower()
+            raise ValueError(
+                f"{ckpt} was trained with {key}={theirs} but this model has {ours}; the weights would compute "
+                f"something else: set {key}={theirs} (a checkpoint whose config.yaml lacks the key predates "
+                "it and keeps the old behaviour)")
 
 
 def count_parameters(model: Kosmos) -> dict[str, int]:

@@ -1,8 +1,10 @@
 """Optimizer and schedule (KOSMOS-1, Sec. 3.1 and Table 17).
 
-AdamW 8-bit (bitsandbytes) with betas (0.9, 0.98), eps 1e-6, weight decay 0.01 on weight matrices only:
-no decay on norms, biases or embeddings, and the frozen CLIP parameters are not given to the optimizer at
-all. The learning rate warms up linearly for 375 steps to 2e-4, then decays linearly to 0 at 300k steps.
+AdamW 8-bit (bitsandbytes) with betas (0.9, 0.98), eps 1e-6, weight decay 0.01 on the weights of linear
+maps only (`param_groups`): no decay on norms, biases, embeddings or learned tokens and positions (the
+resampler's latents and media position embedding), and the frozen CLIP parameters are not given to the
+optimizer at all. The learning rate warms up linearly for 375 steps to 2e-4, then decays linearly to 0 at
+300k steps.
 """
 
 from __future__ import annotations
@@ -14,21 +16,30 @@ from kosmos.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed (matrices) and not decayed (norms, biases, embeddings)."""
-    no_decay_ids = set()
+    """Trainable parameters in two groups: [decayed, not decayed].
+
+    Decayed: the weight matrices of linear maps, i.e. the `weight` of nn.Linear and convolutions and the
+    in-projection of nn.MultiheadAttention (CLIP's blocks). Everything else is not decayed: norm gains and
+    biases, all biases, the token embedding (also when tied to the output projection, an nn.Linear), and
+    learned vectors that are not maps (the resampler's latents and media position embedding, CLIP's class
+    token and position embedding when trainable), which decay would pull towards zero for no reason. The
+    rule is by module type, not by shape, since learned tokens are matrices too. Frozen parameters are in
+    neither group; a shared parameter is listed once."""
+    matrices, embeddings = set(), set()
     for module in model.modules():
-        if isinstance(module, (nn.LayerNorm, nn.Embedding)) or "Norm" in type(module).__name__:
-            no_decay_ids |= {id(p) for p in module.parameters(recurse=False)}
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            matrices.add(id(module.weight))
+        elif isinstance(module, nn.MultiheadAttention):
+            own = module.named_parameters(recurse=False)
+            matrices |= {id(p) for n, p in own if n.endswith("proj_weight")}  # in_proj_weight (or q/k/v)
+        elif isinstance(module, nn.Embedding):
+            embeddings.add(id(module.weight))
     decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
+    for p in model.parameters():  # each parameter once, even when shared
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        # 1-D tensors are biases, norm gains or learned tokens (resampler latents, CLIP class token)
-        if id(p) in no_decay_ids or p.ndim < 2 or name.endswith(".bias") or "embed" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        (decay if id(p) in matrices and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -2,7 +2,8 @@
 
 KOSMOS-1 (Sec. 2.2, 3.1) encodes each image with a pretrained CLIP ViT-L/14 at 224 px and keeps every
 CLIP parameter frozen except the last layer. We return the 256 patch tokens (after `ln_post`, before the
-contrastive projection), which the Perceiver resampler pools to 64 latents.
+contrastive projection), which the Perceiver resampler pools to 64 latents. OpenAI's CLIP weights were
+trained with QuickGELU: `resolve_quick_gelu` picks the activation, which the weights do not record.
 """
 
 from __future__ import annotations
@@ -47,6 +48,32 @@ def _is_local_file(spec: str) -> bool:
     return spec.endswith(WEIGHT_SUFFIXES) or os.sep in spec or Path(spec).exists()
 
 
+def resolve_quick_gelu(cfg: VisionConfig) -> bool:
+    """Whether the tower uses QuickGELU (x * sigmoid(1.702 x), OpenAI CLIP's activation) instead of GELU.
+
+    The activation is not stored in the weights, and loading OpenAI's weights into a GELU tower raises no
+    error: every block silently computes something else. So: `vision.quick_gelu` when set; else true when
+    the architecture says so (open_clip's `-quickgelu` model names) or when open_clip's pretrained config
+    of the tag does (`openai` and the other QuickGELU-trained tags); else false, which is also what a local
+    weights file gets, since nothing in a state dict tells (OpenAI weights need `vision.quick_gelu=true`)."""
+    if cfg.quick_gelu is not None:
+        return cfg.quick_gelu
+    from kosmos.config import open_clip_architecture
+
+    if open_clip_architecture(cfg.model_name).get("quick_gelu", False):
+        return True
+    if cfg.pretrained and not _is_local_file(cfg.pretrained):
+        from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+        tag_cfg = get_pretrained_cfg(cfg.model_name, cfg.pretrained)
+        if not tag_cfg:
+            tags = list_pretrained_tags_by_model(cfg.model_name)
+            raise ValueError(f"vision.pretrained={cfg.pretrained!r} is neither an existing file nor an "
+                             f"open_clip tag of {cfg.model_name} (its tags: {tags})")
+        return bool(tag_cfg.get("quick_gelu", False))
+    return False
+
+
 class VisionEncoder(nn.Module):
     """open_clip VisionTransformer -> patch tokens (N, num_patches, width)."""
 
@@ -57,17 +84,23 @@ class VisionEncoder(nn.Module):
 
         self.cfg = cfg
         spec = cfg.pretrained if load_weights else None
+        # The activation is not in the weights: resolved from the config and the tag (not from whether
+        # weights are loaded now), so a model rebuilt from a checkpoint runs the activation it trained with.
+        self.quick_gelu = resolve_quick_gelu(cfg)
         if spec and not _is_local_file(spec):
-            # A named open_clip tag: open_clip builds the right variant (e.g. QuickGELU for `openai`)
-            # and fetches the weights (this is the only place anything may be downloaded).
-            clip = open_clip.create_model(cfg.model_name, pretrained=spec)
+            # A named open_clip tag: open_clip fetches and loads the weights (the only place anything may be
+            # downloaded). open_clip 2.32 builds the architecture's activation whatever the tag (for
+            # `openai` it builds nn.GELU and only warns), so we pass the resolved one, and our vision.*
+            # overrides with it (open_clip resizes the position embedding to a changed image_size).
+            clip = open_clip.create_model(cfg.model_name, pretrained=spec, quick_gelu=self.quick_gelu,
+                                          vision_cfg=cfg.resolved())
             visual = clip.visual
             del clip
         else:
             from kosmos.config import open_clip_architecture
 
             arch = open_clip_architecture(cfg.model_name)
-            visual = _build_vision_tower(arch["embed_dim"], cfg.resolved(), quick_gelu=arch.get("quick_gelu", False))
+            visual = _build_vision_tower(arch["embed_dim"], cfg.resolved(), quick_gelu=self.quick_gelu)
             if spec:
                 self._load_local(visual, spec)
             elif load_weights:

@@ -199,3 +199,217 @@ def test_all_blocks_trainable_trains_the_whole_tower():
     model(ids, random_images(model, 1), mask, labels=ids).loss.backward()
     frozen = [n for n, p in model.vision.named_parameters() if not p.requires_grad or p.grad is None]
     assert not frozen
+
+
+# ----------------------------------------------------------------------------- QuickGELU (OpenAI CLIP)
+
+TINY_B32 = ("vision.model_name=ViT-B-32",)  # a small text tower for open_clip's full CLIP; tiny.yaml's tower
+
+
+def _random_clip(vision_cfg, quick_gelu: bool, seed: int = 3):
+    """A randomly initialised full open_clip CLIP with `vision_cfg`'s (tiny) tower."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.create_model(vision_cfg.model_name, quick_gelu=quick_gelu,
+                                  vision_cfg=vision_cfg.resolved()).eval()
+
+
+def _open_clip_tokens(visual, enc, images):
+    """open_clip's own patch tokens (its forward: ln_post, class token dropped), same pixels as `enc`."""
+    visual.output_tokens = True
+    with torch.no_grad():
+        return visual(enc.normalize(images))[1]
+
+
+def test_openai_tag_builds_quickgelu_and_matches_open_clip(tmp_path, monkeypatch):
+    """`vision.pretrained=openai`: open_clip's pretrained config says QuickGELU, so the tower must use it
+    (open_clip 2.32's create_model builds GELU for it and only warns). The download is replaced by a saved
+    random QuickGELU CLIP; our patch tokens must be open_clip's own, and a GELU tower's are not."""
+    import open_clip.factory
+    from torch import nn
+
+    cfg = tiny_config(*TINY_B32, "vision.pretrained=openai").vision
+    ref = _random_clip(cfg, quick_gelu=True)
+    torch.save(ref.state_dict(), tmp_path / "openai.bin")
+    fetched = []
+
+    def fake_download(pretrained_cfg, *args, **kwargs):
+        fetched.append(pretrained_cfg)
+        return str(tmp_path / "openai.bin")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", fake_download)
+    enc = VisionEncoder(cfg).eval()
+    assert fetched and fetched[0]["quick_gelu"] is True
+    assert enc.quick_gelu is True
+    assert isinstance(enc.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+    images = torch.randint(0, 256, (2, 3, enc.image_size, enc.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = enc(images)
+    want = _open_clip_tokens(ref.visual, enc, images)
+    assert ours.shape == want.shape == (2, enc.num_patches, enc.width)
+    assert (ours - want).abs().max() < 1e-5
+
+    gelu = _random_clip(cfg, quick_gelu=False)
+    gelu.load_state_dict(ref.state_dict())
+    assert isinstance(gelu.visual.transformer.resblocks[0].mlp.gelu, nn.GELU)
+    assert (_open_clip_tokens(gelu.visual, enc, images) - want).abs().max() > 1e-3  # the test can fail
+
+
+def test_quick_gelu_resolution():
+    from kosmos.vision import resolve_quick_gelu
+
+    def resolve(*overrides):
+        return resolve_quick_gelu(tiny_config(*overrides).vision)
+
+    assert resolve("vision.pretrained=openai") is True
+    assert resolve("vision.pretrained=laion2b_s32b_b82k") is False
+    assert resolve("vision.model_name=ViT-B-32-quickgelu") is True  # from the architecture's name
+    assert resolve() is False  # random tower
+    assert resolve("vision.pretrained=/some/file.safetensors") is False  # nothing tells: documented default
+    assert resolve("vision.pretrained=/some/file.safetensors", "vision.quick_gelu=true") is True
+    assert resolve("vision.pretrained=openai", "vision.quick_gelu=false") is False  # forced
+    with pytest.raises(ValueError, match="no_such_tag"):
+        resolve("vision.pretrained=no_such_tag")
+
+
+def test_local_openai_weights_with_quick_gelu_true(tmp_path):
+    """A local file carries no activation: `vision.quick_gelu=true` gives open_clip's QuickGELU tokens."""
+    cfg = tiny_config(*TINY_B32).vision
+    ref = _random_clip(cfg, quick_gelu=True)
+    torch.save(ref.state_dict(), tmp_path / "clip.pt")
+    cfg = tiny_config(*TINY_B32, f"vision.pretrained={tmp_path / 'clip.pt'}", "vision.quick_gelu=true").vision
+    enc = VisionEncoder(cfg).eval()
+    assert enc.quick_gelu is True
+    images = torch.randint(0, 256, (2, 3, enc.image_size, enc.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = enc(images)
+    want = _open_clip_tokens(ref.visual, enc, images)
+    assert (ours - want).abs().max() < 1e-5
+    cfg.quick_gelu = False
+    with torch.no_grad():
+        gelu_tokens = VisionEncoder(cfg).eval()(images)
+    assert (gelu_tokens - want).abs().max() > 1e-3
+
+
+def _saved_checkpoint(tmp_path, model, drop: dict[str, list[str]], set_: dict[str, dict] | None = None):
+    """A checkpoint of `model` whose config.yaml lacks the keys in `drop` (as written by older code)."""
+    import yaml
+
+    from tests.helpers import checkpoint_dir
+
+    (tmp_path / "tok").mkdir()
+    ckpt = checkpoint_dir(tmp_path / "run", tmp_path / "tok", model)
+    data = yaml.safe_load((ckpt / "config.yaml").read_text())
+    for section, keys in drop.items():
+        for k in keys:
+            del data[section][k]
+    for section, values in (set_ or {}).items():
+        data[section].update(values)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return ckpt
+
+
+def test_checkpoint_predating_quick_gelu_keeps_gelu(tmp_path):
+    """Before vision.quick_gelu, `openai` weights ran with GELU: such a checkpoint is rebuilt with GELU
+    (what it was trained with), and its weights are refused by a model that would run QuickGELU."""
+    from kosmos.checkpoint import load_model_weights
+    from kosmos.model import checkpoint_config
+
+    ckpt = _saved_checkpoint(tmp_path, tiny_model(), drop={"vision": ["quick_gelu"]},
+                             set_={"vision": {"pretrained": "openai"}})
+    assert checkpoint_config(ckpt).vision.quick_gelu is False
+    assert Kosmos.from_checkpoint(ckpt).vision.quick_gelu is False  # no download: weights from the checkpoint
+    with pytest.raises(ValueError, match=r"vision\.quick_gelu=false"):
+        load_model_weights(tiny_model("vision.quick_gelu=true"), ckpt)
+    load_model_weights(tiny_model("vision.quick_gelu=false"), ckpt)
+
+
+# ----------------------------------------------------------------------------- embedding scales
+
+
+def _rms(x: torch.Tensor) -> float:
+    return x.float().pow(2).mean().sqrt().item()
+
+
+def _paper_embedding_rms(*overrides: str) -> tuple[float, float]:
+    """(token RMS, image RMS) at init with configs/kosmos1.yaml's dims, from the model's own builders: the
+    token embedding (dim 2048; a 4096-row vocabulary, as the RMS does not depend on the row count) and the
+    connector (ViT-L/14 width 1024, 64 latents, 2048 out, Magneto gain of the 24 decoder layers), fed by a
+    random ViT-L/14 tower at 224 px cut to 1 block: its patch tokens leave `ln_post`, so their RMS is 1
+    whatever the depth. The 24-layer decoder itself is not built (it is what makes it slow, and nothing in
+    it acts before the first layer: `embed_scale` is 1 and there is no embedding LayerNorm)."""
+    from kosmos.config import load_config
+    from kosmos.model import build_connector, build_token_embedding
+    from tests.helpers import ROOT
+
+    cfg = load_config(ROOT / "configs" / "kosmos1.yaml", ["decoder.vocab_size=4096", *overrides])
+    torch.manual_seed(0)
+    embed = build_token_embedding(cfg.decoder)
+    ids = torch.randint(0, cfg.decoder.vocab_size, (4, 256))
+    cfg_vision = load_config(ROOT / "configs" / "kosmos1.yaml", ["vision.layers=1"]).vision
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        tower = VisionEncoder(cfg_vision).eval()
+    resampler, proj = build_connector(cfg, tower.width)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        patches = tower(images)
+        assert patches.shape == (2, 256, 1024)
+        image_embeds = proj(resampler(patches).squeeze(1))
+        assert image_embeds.shape == (2, 64, 2048)
+        return _rms(embed(ids)), _rms(image_embeds)
+
+
+def test_token_and_image_embeddings_enter_at_comparable_scale_paper_dims():
+    """At init, with the paper's dims, token embeddings and projected image latents enter the decoder
+    within 2x of each other (before decoder.scale_embedding: 0.022 vs 1.14, 52x apart)."""
+    tokens, images = _paper_embedding_rms()
+    assert tokens == pytest.approx(1.0, rel=0.02)
+    assert 0.5 < tokens / images < 2.0, (tokens, images)
+    old_tokens, old_images = _paper_embedding_rms("decoder.scale_embedding=false")
+    assert old_tokens == pytest.approx(2048**-0.5, rel=0.02)
+    assert old_images / old_tokens > 20  # the old imbalance, so this test can fail
+
+
+def test_first_layer_sees_tokens_and_images_at_comparable_scale():
+    """What the first decoder layer receives in the tiny model: text and image positions within 2x; the
+    scale is in the lookup only, so the tied output projection is unscaled and decoding steps that call
+    `decoder.embed_tokens` get the same scale as the prompt."""
+    model = tiny_model().eval()
+    ids, mask = make_row(model, 20, 2, 20)
+    seen = {}
+    model.decoder.layers[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        logits = model(ids, random_images(model, 2), mask).logits
+    x = seen["x"][0]
+    text, image = _rms(x[~mask[0]]), _rms(x[mask[0]])
+    assert text == pytest.approx(1.0, rel=0.1)
+    assert 0.5 < text / image < 2.0, (text, image)
+    emb = model.decoder.embed_tokens
+    assert emb.scale == pytest.approx(math.sqrt(model.cfg.decoder.dim))
+    assert model.decoder.output_projection.weight is emb.weight
+    h = model.decoder(model.embed(ids, random_images(model, 2), mask), features_only=True)
+    assert torch.allclose(logits, h @ emb.weight.T, atol=1e-5)
+
+
+def test_checkpoint_predating_scale_embedding_loads_unscaled(tmp_path):
+    """A checkpoint whose config.yaml lacks decoder.scale_embedding was trained without the scale: it is
+    rebuilt without it (same logits as the model that was saved), and a scaled model refuses its weights."""
+    from kosmos.checkpoint import load_model_weights
+    from kosmos.model import checkpoint_config
+
+    old = tiny_model("decoder.scale_embedding=false").eval()
+    ckpt = _saved_checkpoint(tmp_path, old, drop={"decoder": ["scale_embedding"]})
+    assert checkpoint_config(ckpt).decoder.scale_embedding is False
+    loaded = Kosmos.from_checkpoint(ckpt)
+    assert loaded.decoder.embed_tokens.scale == 1.0
+    ids, mask = make_row(old, 3, 1, 4)
+    images = random_images(old, 1)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids, images, mask).logits, old(ids, images, mask).logits, atol=1e-5)
+    with pytest.raises(ValueError, match=r"decoder\.scale_embedding=false"):
+        load_model_weights(tiny_model(), ckpt)
