@@ -107,15 +107,23 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
     scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.optim)
     encoder = SequenceEncoder.from_config(cfg, tok)
     mixture = build_mixture(cfg, encoder, rank=acc.process_index, world_size=acc.num_processes)
-    check_deepspeed(acc, mixture)
+    check_passes(acc, cfg, mixture)
     return encoder, model, optimizer, scheduler, mixture
 
 
-def check_deepspeed(acc, mixture) -> None:
+def check_passes(acc, cfg: Config, mixture) -> None:
     """train_step decides when a step ends; DeepSpeed (and FSDP, whose every pass is a collective) must see
-    the same number of passes on every rank, and DeepSpeed must agree on it or it steps at other times."""
+    the same number of passes on every rank, and DeepSpeed must agree on it or it steps at other times.
+    DeepSpeed steps inside the last backward, before train_step could rescale the gradients by the step's
+    token count: the token objective is refused there."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.train.loss_weighting == "tokens":
+        raise ConfigError("config key 'train.loss_weighting': `tokens` rescales the gradients after the last "
+                          "micro-batch, which DeepSpeed does not allow (it steps inside backward); use "
+                          "`budget` with DeepSpeed, or DDP/FSDP")
     lo, hi = mixture.plan.passes()
-    sharded = acc.state.deepspeed_plugin is not None or acc.state.fsdp_plugin is not None
+    sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     if sharded and lo != hi:
         raise ConfigError(f"config key 'data.mixture_tolerance': the mixture gives ranks {lo} to {hi} passes "
                           f"per step; DeepSpeed and FSDP need the same number on every rank: change the "
@@ -135,20 +143,21 @@ def default_budgets(cfg: Config, mixture) -> list[str]:
 def describe_mixture(acc, cfg: Config, mixture) -> str:
     """What one step really trains on (the budgets rounded to whole micro-batches), as a block of lines:
     per source the micro-batches per rank and over all ranks, rows, tokens and share against the budget;
-    then warnings for drift beyond nothing, defaults used and idle ranks."""
+    then the ranks' pass counts when they differ, and warnings: drift beyond the tolerance (allowed), budgets
+    left at their defaults."""
     from kosmos.data.mixture import ratio
 
     p = mixture.plan
     L = cfg.decoder.max_len
     W = p.world_size
-    per_rank = {n: sorted({s[n] for s in p.slots}) for n in p.sources}
+    per_rank = {n: (min(s[n] for s in p.slots), max(s[n] for s in p.slots)) for n in p.sources}
     target = p.target_shares()
     lines = [f"mixture per step: {W} process(es), {p.tokens:,} tokens (budget {p.budget:,}), ratio "
              f"{ratio(p)} (target {ratio(p, target=True)}), objective {cfg.train.loss_weighting}, "
              f"mixed precision {acc.mixed_precision}"]
     for n, s in p.sources.items():
-        r = "-".join(str(x) for x in (per_rank[n][0], per_rank[n][-1]) if len(per_rank[n]) > 1) \
-            or str(per_rank[n][0])
+        lo, hi = per_rank[n]
+        r = f"{lo}-{hi}" if lo != hi else str(lo)
         lines.append(f"  {n:<12} {r:>5} micro-batches/rank, {s.micro_batches:>4} in all x {s.micro_batch_size} "
                      f"rows x {L} = {s.tokens_per_step:>11,} tokens, share {p.shares()[n]:.3f} "
                      f"(budget {s.budget:,}, {target[n]:.3f})")

@@ -247,7 +247,7 @@ def test_mixture_rotates_slots_and_restores_the_rotation_from_its_state():
 
     m0, m1 = mixture(0), mixture(1)
     steps = [([n for n, _ in m0.step()], [n for n, _ in m1.step()]) for _ in range(4)]
-    assert steps[0] == (["text", "interleaved"], ["text", "captions"]) and steps[1] == steps[0][::-1]
+    assert steps[0] == (["text", "captions"], ["text", "interleaved"]) and steps[1] == steps[0][::-1]
     assert steps[2] == steps[0] and steps[3] == steps[1]
     sd = m0.state_dict()
     again = mixture(0)

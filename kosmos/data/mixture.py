@@ -98,17 +98,14 @@ def _largest_remainder(x: dict[str, float], total: int) -> dict[str, int]:
 
 
 def _deal(counts: dict[str, int], world_size: int) -> list[dict[str, int]]:
-    """Deal the step's micro-batches, sources taking turns, to `world_size` slots in turn: slot totals and
-    each source's per-slot counts differ by at most one."""
-    order, left = [], dict(counts)
-    while any(left.values()):
-        for n in counts:
-            if left[n]:
-                left[n] -= 1
-                order.append(n)
+    """Deal the step's micro-batches, source after source, to `world_size` slots in turn (the count going on
+    from one source to the next): slot totals, and each source's per-slot counts, differ by at most one."""
     slots = [dict.fromkeys(counts, 0) for _ in range(world_size)]
-    for i, n in enumerate(order):
-        slots[i % world_size][n] += 1
+    k = 0
+    for n, c in counts.items():
+        for _ in range(c):
+            slots[k % world_size][n] += 1
+            k += 1
     return slots
 
 
