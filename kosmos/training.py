@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def check_config(cfg: Config) -> None:
     if init and not (Path(init).is_file() or (Path(init) / "model.safetensors").is_file()):
         raise ConfigError(f"config key 'train.init_from': no model.safetensors at {init!r} "
                           "(give a checkpoint directory or a .safetensors file)")
-    try:
-        plan(cfg)
+    try:  # at the launch's world size (accelerate launch sets WORLD_SIZE): the plan depends on it
+        plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for name, src in cfg.data.sources().items():

@@ -282,6 +282,20 @@ def test_step_gradient_is_the_token_mean_over_the_whole_step(weighting):
             assert torch.allclose(grads[n], q.grad, rtol=1e-4, atol=1e-7), n
 
 
+def test_objective_and_mixture_keys_are_checked_by_name(tiny_tokenizer, monkeypatch, capsys):
+    from kosmos.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.loss_weighting"):
+        load_config(TINY, ["train.loss_weighting=mean"])
+    with pytest.raises(ConfigError, match="data.mixture_tolerance"):
+        load_config(TINY, ["data.mixture_tolerance=1.5"])
+    # 3 micro-batches of unequal sizes cannot be split evenly over 4 ranks: refused before anything heavy
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        train_kosmos.main(["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}"])
+    assert "data.mixture_tolerance" in capsys.readouterr().err
+
+
 def test_mixture_block_shows_the_plan_and_warns_about_default_budgets():
     from types import SimpleNamespace
 
