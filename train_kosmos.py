@@ -6,8 +6,9 @@
 Each optimizer step takes data.<source>.tokens_per_step tokens from every source (the paper: 0.5M text,
 0.5M image-caption, 0.2M interleaved), planned over all ranks together, as micro-batches of packed rows,
 accumulates their gradients (the step's loss: every target token of every source and rank weighs the same),
-clips, and steps 8-bit AdamW on the warmup/linear-decay schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete
-one with its optimizer, schedule, RNG and data position. SIGTERM or Ctrl-C saves a checkpoint and exits.
+clips, and steps 8-bit AdamW on the warmup/linear-decay schedule. Checkpoints go to
+train.output_dir/checkpoints; `--resume latest` picks up the newest complete one with its optimizer,
+schedule, RNG and data position. SIGTERM or Ctrl-C saves a checkpoint and exits.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another
 number of processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 

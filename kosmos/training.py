@@ -159,9 +159,9 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     for n, s in p.sources.items():
         lo, hi = per_rank[n]
         r = f"{lo}-{hi}" if lo != hi else str(lo)
-        lines.append(f"  {n:<12} {r:>5} micro-batches/rank, {s.micro_batches:>4} in all x {s.micro_batch_size} "
-                     f"rows x {L} = {s.tokens_per_step:>11,} tokens, share {p.shares()[n]:.3f} "
-                     f"(budget {s.budget:,}, {target[n]:.3f})")
+        lines.append(f"  {n:<12} {r:>5} micro-batches/rank, {s.micro_batches:>4} in all "
+                     f"x {s.micro_batch_size} rows x {L} = {s.tokens_per_step:>11,} tokens, "
+                     f"share {p.shares()[n]:.3f} (budget {s.budget:,}, {target[n]:.3f})")
     lo, hi = p.passes()
     if lo != hi:
         idle = 1 - sum(s.micro_batches for s in p.sources.values()) / (hi * W)

@@ -199,19 +199,19 @@ def test_mixture_plan_keeps_the_paper_ratio_and_total_at_any_world_size(world_si
         assert p.sources[name].tokens_per_step == p.sources[name].micro_batches * 8 * 2048
     # one slot per rank; together the slots are the step, every rank runs at least one pass
     assert len(p.slots) == world_size
-    assert {n: sum(s[n] for s in p.slots) for n in p.sources} == {n: s.micro_batches for n, s in p.sources.items()}
+    planned = {n: s.micro_batches for n, s in p.sources.items()}
+    assert {n: sum(s[n] for s in p.slots) for n in p.sources} == planned
     lo, hi = p.passes()
     assert 1 <= lo and hi - lo <= 1
     if world_size <= 8:  # an even split is within the tolerance there: no rank waits
         assert lo == hi
     # rotating the slots, every rank reads every source equally over world_size steps
     for r in range(world_size):
-        assert {n: sum(p.counts(r, t)[n] for t in range(world_size)) for n in p.sources} == \
-            {n: s.micro_batches for n, s in p.sources.items()}
+        assert {n: sum(p.counts(r, t)[n] for t in range(world_size)) for n in p.sources} == planned
 
 
 def test_mixture_plan_refuses_drift_beyond_the_tolerance_unless_allowed():
-    over = [*PAPER, "data.interleaved.tokens_per_step=8000"]  # half a micro-batch, rounded up: twice the share
+    over = [*PAPER, "data.interleaved.tokens_per_step=8000"]  # half a micro-batch, rounded up: twice it
     with pytest.raises(ValueError, match="data.mixture_tolerance.*data.allow_mixture_drift"):
         plan(load_config(ROOT / "configs" / "kosmos1.yaml", over), world_size=8)
     p = plan(load_config(ROOT / "configs" / "kosmos1.yaml", [*over, "data.allow_mixture_drift=true"]), 8)

@@ -12,7 +12,7 @@ all ranks together, so that neither the ratio nor the total depends on the numbe
   (r + t) mod world_size, so that over world_size steps every rank reads every source equally (each rank
   reads its own part of every source's shards, see kosmos/data/stream.py).
 * The ratio or total off by more than `data.mixture_tolerance` (relative) is refused unless
-  `data.allow_mixture_drift`; within it, the effective numbers are printed at start (training.describe_mixture).
+  `data.allow_mixture_drift`; the effective numbers are printed at start (training.describe_mixture).
 
 Every rank makes the same plan from the config; only the slot it takes differs. The slot rotation counter is
 part of each rank's data state, so a resumed run deals the same micro-batches as an uninterrupted one.
@@ -143,8 +143,8 @@ def plan(cfg: Config, world_size: int = 1) -> MixturePlan:
         raise ValueError(
             f"config key 'data.mixture_tolerance': on {world_size} process(es) the mixture can be at best "
             f"{ratio(best)} with {best.tokens:,} tokens per step, {best.drift():.1%} off the budgets "
-            f"({ratio(best, target=True)}, {best.budget:,} tokens) and beyond the tolerance {tol:.1%}; change "
-            f"data.<source>.tokens_per_step or micro_batch_size, or set data.allow_mixture_drift=true")
+            f"({ratio(best, target=True)}, {best.budget:,} tokens) and beyond the tolerance {tol:.1%}; "
+            f"change data.<source>.tokens_per_step or micro_batch_size, or set data.allow_mixture_drift=true")
     return best
 
 
@@ -211,8 +211,8 @@ class Mixture:
                 loader.load_state_dict(sd[name])
         own = sd.get(self.STATE_KEY)
         if own is None:  # a checkpoint from before the whole-step plan: per-rank counts, no rotation
-            self.resume_note = ("the checkpoint predates the whole-step mixture plan: data positions restored, "
-                                "the mixture from here on follows this run's plan (printed below)")
+            self.resume_note = ("the checkpoint predates the whole-step mixture plan: data positions "
+                                "restored, the mixture from here on follows this run's plan (printed below)")
             return
         self.steps = int(own["steps"])
         if own["micro_batches"] != self._plan_state():
