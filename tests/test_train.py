@@ -426,7 +426,9 @@ def test_resume_appends_to_one_tensorboard_run_without_a_new_hparams_folder(tiny
     cap = capsys.readouterr()
     assert "%|" not in cap.err and "step      2 | loss " in cap.out  # --no-progress: lines but no bar
     lines = (out / "train.log").read_text().splitlines()
-    assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and "resumed from" in lines[-4]
+    resumed = [i for i, x in enumerate(lines) if x.startswith("resumed from")]
+    assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and len(resumed) == 1
+    assert lines[resumed[0] + 1].startswith("mixture per step: ")  # the plan printed again, as a block
     last = ck.list_checkpoints(out)[-1]  # a checkpoint is all inference needs
     assert (last / "config.yaml").is_file() and (last / "tokenizer" / "tokenizer.model").is_file()
 
