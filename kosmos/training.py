@@ -154,7 +154,7 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     per_rank = {n: (min(s[n] for s in p.slots), max(s[n] for s in p.slots)) for n in p.sources}
     target = p.target_shares()
     lines = [f"mixture per step: {W} process(es), {p.tokens:,} tokens (budget {p.budget:,}), ratio "
-             f"{ratio(p)} (target {ratio(p, target=True)}), objective {cfg.train.loss_weighting}, "
+             f"{ratio(p)} (target {ratio(p, target=True).split()[1]}), objective {cfg.train.loss_weighting}, "
              f"mixed precision {acc.mixed_precision}"]
     for n, s in p.sources.items():
         lo, hi = per_rank[n]

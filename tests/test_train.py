@@ -324,7 +324,8 @@ def test_mixture_block_shows_the_plan_and_warns_about_default_budgets():
         *[f"data.{s}.tokens_per_step={n}" for s, n in (("text", 500_000), ("captions", 500_000),
                                                         ("interleaved", 200_000))]]), 32).splitlines()
     assert lines[0].startswith("mixture per step: 32 process(es), 1,212,416 tokens (budget 1,200,000), ratio "
-                               "0.419:0.419:0.162 (target 0.417:0.417:0.167), objective tokens")
+                               "text:captions:interleaved 0.419:0.419:0.162 (target 0.417:0.417:0.167), "
+                               "objective tokens")
     assert lines[1].split() == ["text", "0-1", "micro-batches/rank,", "31", "in", "all", "x", "8", "rows",
                                 "x", "2048", "=", "507,904", "tokens,", "share", "0.419", "(budget",
                                 "500,000,", "0.417)"]
