@@ -497,7 +497,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path):
+@pytest.mark.parametrize("captions_rows", [2, 8])
+def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path, captions_rows):
+    """Captions in micro-batches of 2 rows: 4 + 1 + 1 micro-batches per step, 3 passes on each rank. Of 8: one
+    micro-batch per source, so the ranks run 2 and 1 passes (rotating): DDP still syncs once per step."""
     import socket
 
     with socket.socket() as sock:  # a free port for the rendezvous
@@ -511,10 +514,11 @@ def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path)
            # Small buffers and batches so that 3 steps stay inside each rank's first epoch: ranks read disjoint
            # shares of an epoch, but a rank already in its next epoch may meet a sample another rank has now.
            *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")],
-           "data.captions.micro_batch_size=2"]
+           f"data.captions.micro_batch_size={captions_rows}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("DIST_OK") == 2 and "[1, 2, 3]" in res.stdout, res.stdout[-2000:]
+    assert ("ranks run 1 or 2 passes per step" in res.stdout) == (captions_rows == 8), res.stdout[-2000:]
 
 
 @pytest.mark.slow
