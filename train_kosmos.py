@@ -4,10 +4,11 @@
     python train_kosmos.py --config configs/tiny.yaml train.max_steps=50     # one process
 
 Each optimizer step takes data.<source>.tokens_per_step tokens from every source (the paper: 0.5M text,
-0.5M image-caption, 0.2M interleaved) as micro-batches of packed rows, accumulates their gradients
-(per-source mean losses weighted by the budgets), clips, and steps 8-bit AdamW on the warmup/linear-decay
-schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete
-one with its optimizer, schedule, RNG and data position. SIGTERM or Ctrl-C saves a checkpoint and exits.
+0.5M image-caption, 0.2M interleaved), planned over all ranks together, as micro-batches of packed rows,
+accumulates their gradients (the step's loss: every target token of every source and rank weighs the same),
+clips, and steps 8-bit AdamW on the warmup/linear-decay schedule. Checkpoints go to
+train.output_dir/checkpoints; `--resume latest` picks up the newest complete one with its optimizer,
+schedule, RNG and data position. SIGTERM or Ctrl-C saves a checkpoint and exits.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another
 number of processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 
@@ -61,13 +62,15 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
     if path is not None:
         state = ck.load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
         log.info(f"resumed from {path} at step {state['step']}")
+        if mixture.resume_note:
+            log.info(mixture.resume_note)
     elif resume:
         log.info(f"--resume {resume}: no checkpoint in {out_dir}, starting a new run")
     if init_from is not None:
         log.info(f"initialised from {init_from}: model weights only; new optimizer, schedule and data")
     if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
         acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
-    log.info(describe_mixture(acc, mixture))
+    log.info(describe_mixture(acc, cfg, mixture))
 
     # ---- the loop: step, log, evaluate, save
     max_steps = cfg.train.max_steps or cfg.optim.total_steps
@@ -78,7 +81,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
     model.train()
     with log, ck.StopFlag() as stop:
         while state["step"] < max_steps:
-            res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip)
+            res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip,
+                             cfg.train.loss_weighting)
             meter.add(res)
             if not bad.passed(res, state):  # skipped: counted and logged; too many in a row raise
                 continue

@@ -306,6 +306,11 @@ class DataConfig:
     """Image-caption pairs: img2dataset-style `KEY.jpg` + `KEY.txt`."""
     interleaved: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=200_000))
     """Interleaved image-text documents: `KEY.json` segments + `KEY.imgN.jpg`."""
+    mixture_tolerance: float = 0.05
+    """How far (relative) the step's total tokens or a source's share of them may be from the budgets once
+    rounded to whole micro-batches (kosmos/data/mixture.py); beyond it the run is refused."""
+    allow_mixture_drift: bool = False
+    """Run anyway when the mixture is beyond `mixture_tolerance` (the effective numbers are still printed)."""
 
     def __post_init__(self) -> None:
         for name in SOURCES:
@@ -314,6 +319,8 @@ class DataConfig:
             _check(src.micro_batch_size > 0, f"data.{name}.micro_batch_size", "must be positive")
             _check(src.workers >= 0, f"data.{name}.workers", "must be >= 0")
             _check(src.shuffle_buffer >= 0, f"data.{name}.shuffle_buffer", "must be >= 0")
+        _check(0 <= self.mixture_tolerance < 1, "data.mixture_tolerance",
+               f"must be in [0, 1), got {self.mixture_tolerance}")
 
     def sources(self) -> dict[str, SourceConfig]:
         """The sources that take part: with shards and a positive budget."""
@@ -380,6 +387,12 @@ class TrainConfig:
     """`tensorboard`, `wandb` or `none`."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for the MFU figure (null: known GPUs are detected; otherwise no MFU)."""
+    loss_weighting: str = "tokens"
+    """The step's objective. `tokens`: the sum of the token losses of all micro-batches of all ranks divided
+    by the step's loss tokens, so every target token weighs the same (fairseq's). `budget`: the older
+    objective, the sum of per-source mean losses weighted by the budget shares (a caption token, with image
+    slots carrying no loss, then weighs about 1/0.21 = 4.8 times a text token); the logged `loss` stays the
+    token mean, so with `budget` it is not the objective optimised."""
     max_bad_steps: int = 5
     """Stop when this many steps in a row have a NaN/inf loss or gradient (each is skipped and counted)."""
     init_from: str | None = None
@@ -397,6 +410,8 @@ class TrainConfig:
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.tracker in ("tensorboard", "wandb", "none"), "train.tracker",
                f"must be tensorboard, wandb or none, got {self.tracker!r}")
+        _check(self.loss_weighting in ("tokens", "budget"), "train.loss_weighting",
+               f"must be tokens or budget, got {self.loss_weighting!r}")
 
 
 @dataclass
@@ -415,6 +430,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def given(self, key: str) -> bool:
+        """Whether the dotted `key` was set by the YAML file or an override (not a default). A config built
+        in code, not by load_config, counts every key as given."""
+        keys = getattr(self, "_given", None)
+        return keys is None or any(key == k or key.startswith(k + ".") for k in keys)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per decoder token (forward + backward), see `DecoderConfig.flops_per_token`."""
@@ -548,7 +569,23 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     data = dict(data or {})
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
-    return _build(Config, data)
+    cfg = _build(Config, data)
+    # Which keys the user set, for warnings about defaults that matter (Config.given); not a field, so it
+    # is neither saved nor compared.
+    object.__setattr__(cfg, "_given", frozenset(_dotted_keys(data)))
+    return cfg
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of the leaves of a nested dict (`{"data": {"text": {"shards": [...]}}}` gives
+    `data.text.shards`)."""
+    out = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out += _dotted_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 `Meter` keeps one log window of steps on the device (no sync per step), reduces it over the ranks once per
 log line and turns it into tracker metrics (losses, lr, tokens/s, padding, MFU, memory, skipped samples)
-and the log line. `RunLog` writes the lines people read: through the progress bar's writer, so that they
+and the log line. `train/loss` is the mean over every loss token of the window, all sources and ranks: the
+objective that train_step optimises (with the default `train.loss_weighting: tokens`); `train/<source>_loss`
+the same per source. `RunLog` writes the lines people read: through the progress bar's writer, so that they
 never break the bar, and into `train.output_dir/train.log`.
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def check_config(cfg: Config) -> None:
     if init and not (Path(init).is_file() or (Path(init) / "model.safetensors").is_file()):
         raise ConfigError(f"config key 'train.init_from': no model.safetensors at {init!r} "
                           "(give a checkpoint directory or a .safetensors file)")
-    try:
-        plan(cfg)
+    try:  # at the launch's world size (accelerate launch sets WORLD_SIZE): the plan depends on it
+        plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for name, src in cfg.data.sources().items():
@@ -107,25 +108,72 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
     scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.optim)
     encoder = SequenceEncoder.from_config(cfg, tok)
     mixture = build_mixture(cfg, encoder, rank=acc.process_index, world_size=acc.num_processes)
-    check_deepspeed(acc, mixture)
+    check_passes(acc, cfg, mixture)
     return encoder, model, optimizer, scheduler, mixture
 
 
-def check_deepspeed(acc, mixture) -> None:
-    """train_step decides when a step ends; DeepSpeed must agree or it steps at other times."""
-    n_micro = sum(p.micro_batches for p in mixture.plans.values())
+def check_passes(acc, cfg: Config, mixture) -> None:
+    """train_step decides when a step ends; DeepSpeed (and FSDP, whose every pass is a collective) must see
+    the same number of passes on every rank, and DeepSpeed must agree on it or it steps at other times.
+    DeepSpeed steps inside the last backward, before train_step could rescale the gradients by the step's
+    token count: the token objective is refused there."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.train.loss_weighting == "tokens":
+        raise ConfigError("config key 'train.loss_weighting': `tokens` rescales the gradients after the last "
+                          "micro-batch, which DeepSpeed does not allow (it steps inside backward); use "
+                          "`budget` with DeepSpeed, or DDP/FSDP")
+    lo, hi = mixture.plan.passes()
+    sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if sharded and lo != hi:
+        raise ConfigError(f"config key 'data.mixture_tolerance': the mixture gives ranks {lo} to {hi} passes "
+                          f"per step; DeepSpeed and FSDP need the same number on every rank: change the "
+                          f"budgets or micro_batch_size, or allow a larger tolerance")
     ds = acc.state.deepspeed_plugin
-    if ds is not None and ds.deepspeed_config.get("gradient_accumulation_steps") != n_micro:
+    if ds is not None and ds.deepspeed_config.get("gradient_accumulation_steps") != hi:
         raise ConfigError(f"DeepSpeed steps the optimizer every gradient_accumulation_steps backward passes: "
-                          f"set it to {n_micro} (the micro-batches of one step) in the accelerate config")
+                          f"set it to {hi} (the micro-batches of one step) in the accelerate config")
 
 
-def describe_mixture(acc, mixture) -> str:
-    """What one step really trains on (the budgets rounded to whole micro-batches)."""
-    sources = ", ".join(f"{p.name} {p.micro_batches}x{p.micro_batch_size} rows ({p.tokens_per_step:,} tok)"
-                        for p in mixture.plans.values())
-    return (f"mixture per step: {sources}; {acc.num_processes} process(es), "
-            f"mixed precision {acc.mixed_precision}")
+def default_budgets(cfg: Config, mixture) -> list[str]:
+    """Sources whose token budget is the default, not set in the YAML or an override: the paper's 0.5M
+    tokens for a toy data set is an easy mistake to make and costly to notice late."""
+    return [n for n in mixture.plans if not cfg.given(f"data.{n}.tokens_per_step")]
+
+
+def describe_mixture(acc, cfg: Config, mixture) -> str:
+    """What one step really trains on (the budgets rounded to whole micro-batches), as a block of lines:
+    per source the micro-batches per rank and over all ranks, rows, tokens and share against the budget;
+    then the ranks' pass counts when they differ, and warnings: drift beyond the tolerance (allowed), budgets
+    left at their defaults."""
+    from kosmos.data.mixture import ratio
+
+    p = mixture.plan
+    L = cfg.decoder.max_len
+    W = p.world_size
+    per_rank = {n: (min(s[n] for s in p.slots), max(s[n] for s in p.slots)) for n in p.sources}
+    target = p.target_shares()
+    lines = [f"mixture per step: {W} process(es), {p.tokens:,} tokens (budget {p.budget:,}), ratio "
+             f"{ratio(p)} (target {ratio(p, target=True).split()[1]}), objective {cfg.train.loss_weighting}, "
+             f"mixed precision {acc.mixed_precision}"]
+    for n, s in p.sources.items():
+        lo, hi = per_rank[n]
+        r = f"{lo}-{hi}" if lo != hi else str(lo)
+        lines.append(f"  {n:<12} {r:>5} micro-batches/rank, {s.micro_batches:>4} in all "
+                     f"x {s.micro_batch_size} rows x {L} = {s.tokens_per_step:>11,} tokens, "
+                     f"share {p.shares()[n]:.3f} (budget {s.budget:,}, {target[n]:.3f})")
+    lo, hi = p.passes()
+    if lo != hi:
+        idle = 1 - sum(s.micro_batches for s in p.sources.values()) / (hi * W)
+        lines.append(f"  ranks run {lo} or {hi} passes per step (rotating): {idle:.0%} of pass slots wait at "
+                     f"the gradient sync")
+    if p.drift() > cfg.data.mixture_tolerance:
+        lines.append(f"  WARNING: {p.drift():.1%} off the budgets, beyond data.mixture_tolerance="
+                     f"{cfg.data.mixture_tolerance} (allowed by data.allow_mixture_drift)")
+    for n in default_budgets(cfg, mixture):
+        lines.append(f"  WARNING: data.{n}.tokens_per_step not set: the default budget "
+                     f"{p.sources[n].budget:,} tokens per step is used (the paper's); set it for your data")
+    return "\n".join(lines)
 
 
 def peak_flops(cfg: Config, device) -> float | None:
@@ -183,21 +231,33 @@ class StepResult:
     """(source, shard, offset) of every sample the step started on this rank."""
 
 
-def loss_weights(mixture) -> dict[str, float]:
-    """Per source, the weight of one micro-batch's mean loss: the source's share of the step's token budget,
-    split over its micro-batches (so the step's loss is the budget-weighted sum of per-source mean losses)."""
-    plans = mixture.plans
-    budget = sum(p.tokens_per_step for p in plans.values())
-    return {name: p.tokens_per_step / budget / p.micro_batches for name, p in plans.items()}
+def budget_weights(mixture) -> dict[str, float]:
+    """`train.loss_weighting: budget`: per source, the weight of one micro-batch's mean loss, so that the
+    step's loss is the budget-weighted sum of per-source mean losses. DDP averages over the ranks, so a
+    micro-batch counts world_size / (micro-batches of its source over all ranks) of its source's share."""
+    p = mixture.plan
+    return {n: s.budget / p.budget * p.world_size / s.micro_batches for n, s in p.sources.items()}
 
 
-def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float) -> StepResult:
-    """One optimizer step: the planned micro-batches of every source (gradients synchronised over the ranks
-    only on the last), clipping, then the optimizer and schedule step, unless the loss or the gradient is not
-    finite: then the gradients are dropped and `ok` is False (the caller counts it)."""
-    weights = loss_weights(mixture)
-    n_micro = sum(p.micro_batches for p in mixture.plans.values())
+def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
+               loss_weighting: str = "tokens") -> StepResult:
+    """One optimizer step: this rank's planned micro-batches (gradients synchronised over the ranks only on
+    its last; ranks may run different numbers), clipping, then the optimizer and schedule step, unless the
+    loss or the gradient is not finite: then the gradients are dropped and `ok` is False (the caller counts
+    it).
+
+    The objective (`tokens`) is the sum of the token losses of the whole step, all micro-batches of all
+    ranks, over the step's loss-token count. That count is known only after the last micro-batch, so each
+    micro-batch backpropagates its loss sum / the planned row slots of the step (a constant: gradients keep
+    the size of a mean loss, which fp16 needs), and the gradients are then rescaled by
+    slots * world_size / (loss tokens of the step): one all-reduce of the count per step, batches never held
+    back, and world_size undoes DDP's mean over the ranks. Counting the labels of all micro-batches first
+    would need the whole step's batches (images included) in host memory at once."""
+    n_micro = sum(mixture.counts().values())
+    slots = mixture.plan.tokens
+    weights = budget_weights(mixture) if loss_weighting == "budget" else None
     res = StepResult(ok=True, gnorm=0.0)
+    n_tokens = torch.zeros((), device=acc.device, dtype=torch.long)
     for i, (name, batch) in enumerate(mixture.step()):
         res.samples += [(name, *pos) for pos in batch["sample_positions"]]
         res.rows += batch["input_ids"].numel()
@@ -207,9 +267,18 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float) -> S
         ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(model)
         with ctx:
             out = forward(acc, model, batch)
-            acc.backward(out.loss * weights[name])
+            if weights is None:
+                acc.backward(out.loss * out.n_tokens / slots)
+            else:
+                acc.backward(out.loss * weights[name])
+        n_tokens += out.n_tokens
         s = torch.stack([out.loss.detach().float() * out.n_tokens, out.n_tokens.float()])
         res.losses[name] = res.losses[name] + s if name in res.losses else s
+    if weights is None:
+        total = acc.reduce(n_tokens, reduction="sum") if acc.num_processes > 1 else n_tokens
+        scale = (slots * acc.num_processes / total.clamp(min=1)).float()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, scale)
     if grad_clip > 0:
         gnorm = acc.clip_grad_norm_(model.parameters(), grad_clip)
     else:

@@ -11,7 +11,7 @@ from kosmos.data.samples import encode_sample
 from kosmos.data.shards import expand_shards
 from kosmos.model import IGNORE_INDEX
 from kosmos.sequence import SequenceEncoder
-from tests.helpers import caption_shards, interleaved_shards, jpeg, text_shards, write_tar
+from tests.helpers import ROOT, caption_shards, interleaved_shards, jpeg, text_shards, write_tar
 
 NL = 4  # image slots per image in these tests
 
@@ -184,16 +184,80 @@ def test_expand_shards(tmp_path):
         expand_shards([str(tmp_path / "nothing-*.tar")])
 
 
-def test_mixture_plan_scales_the_paper_budgets():
-    cfg = load_config(None, ["data.text.shards=[x]", "data.captions.shards=[x]", "data.interleaved.shards=[x]",
-                             "data.text.micro_batch_size=8", "data.captions.micro_batch_size=8",
-                             "data.interleaved.micro_batch_size=8"])
-    p = plan(cfg, world_size=8)
-    # 0.5M / (2048 * 8 * 8) = 3.8 -> 4 micro-batches; 0.2M -> 1.5 -> 2
-    assert {k: v.micro_batches for k, v in p.items()} == {"text": 4, "captions": 4, "interleaved": 2}
-    assert p["text"].tokens_per_step == 4 * 8 * 2048 * 8
+PAPER = ["data.text.shards=[x]", "data.captions.shards=[x]", "data.interleaved.shards=[x]"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8, 32, 64])
+def test_mixture_plan_keeps_the_paper_ratio_and_total_at_any_world_size(world_size):
+    cfg = load_config(ROOT / "configs" / "kosmos1.yaml", PAPER)  # 0.5M/0.5M/0.2M, rows of 2048, 8 per pass
+    p = plan(cfg, world_size=world_size)
+    assert list(p.sources) == ["text", "captions", "interleaved"]
+    assert abs(p.tokens / 1_200_000 - 1) <= 0.05 and p.drift() <= cfg.data.mixture_tolerance
+    shares = p.shares()
+    for name, target in (("text", 5 / 12), ("captions", 5 / 12), ("interleaved", 2 / 12)):
+        assert shares[name] == pytest.approx(target, rel=0.05), (world_size, shares)
+        assert p.sources[name].tokens_per_step == p.sources[name].micro_batches * 8 * 2048
+    # one slot per rank; together the slots are the step, every rank runs at least one pass
+    assert len(p.slots) == world_size
+    planned = {n: s.micro_batches for n, s in p.sources.items()}
+    assert {n: sum(s[n] for s in p.slots) for n in p.sources} == planned
+    lo, hi = p.passes()
+    assert 1 <= lo and hi - lo <= 1
+    if world_size <= 8:  # an even split is within the tolerance there: no rank waits
+        assert lo == hi
+    # rotating the slots, every rank reads every source equally over world_size steps
+    for r in range(world_size):
+        assert {n: sum(p.counts(r, t)[n] for t in range(world_size)) for n in p.sources} == planned
+
+
+def test_mixture_plan_refuses_drift_beyond_the_tolerance_unless_allowed():
+    over = [*PAPER, "data.interleaved.tokens_per_step=8000"]  # half a micro-batch, rounded up: twice it
+    with pytest.raises(ValueError, match="data.mixture_tolerance.*data.allow_mixture_drift"):
+        plan(load_config(ROOT / "configs" / "kosmos1.yaml", over), world_size=8)
+    p = plan(load_config(ROOT / "configs" / "kosmos1.yaml", [*over, "data.allow_mixture_drift=true"]), 8)
+    assert p.drift() > 0.05 and p.sources["interleaved"].micro_batches == 1
     cfg = load_config(None, ["data.captions.shards=[x]"])
-    assert list(plan(cfg)) == ["captions"]  # any source may be left out
+    assert list(plan(cfg).sources) == ["captions"]  # any source may be left out
+
+
+def test_mixture_rotates_slots_and_restores_the_rotation_from_its_state():
+    from kosmos.data.mixture import Mixture
+
+    class Stream:
+        def __init__(self):
+            self.n = 0
+
+        def __next__(self):
+            self.n += 1
+            return self.n
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, sd):
+            self.n = sd["n"]
+
+    cfg = load_config(None, [*PAPER, "data.text.tokens_per_step=4096", "data.captions.tokens_per_step=2048",
+                             "data.interleaved.tokens_per_step=2048", "decoder.max_len=256"])
+    p = plan(cfg, world_size=2)  # 2 + 1 + 1 micro-batches: 2 passes per rank
+    assert p.balanced and p.passes() == (2, 2)
+
+    def mixture(rank):
+        return Mixture({n: Stream() for n in p.sources}, p, rank)
+
+    m0, m1 = mixture(0), mixture(1)
+    steps = [([n for n, _ in m0.step()], [n for n, _ in m1.step()]) for _ in range(4)]
+    assert steps[0] == (["text", "captions"], ["text", "interleaved"]) and steps[1] == steps[0][::-1]
+    assert steps[2] == steps[0] and steps[3] == steps[1]
+    sd = m0.state_dict()
+    again = mixture(0)
+    again.load_state_dict(sd)
+    assert again.resume_note is None and again.steps == 4
+    assert [n for n, _ in again.step()] == [n for n, _ in m0.step()]  # the same slot, the same data
+    old = {n: v for n, v in sd.items() if n != Mixture.STATE_KEY}  # a checkpoint from before the plan
+    again = mixture(0)
+    again.load_state_dict(old)
+    assert "predates" in again.resume_note and again.loaders["text"].n == m0.loaders["text"].n - 1
 
 
 def test_packer_numbers_documents_per_row():

@@ -212,6 +212,127 @@ def test_run_log_prints_and_appends_to_train_log_on_the_main_process_only(tmp_pa
         "eval captions_loss 2.000 captions_ppl 7.389"] * 2 + ["resumed from here"]
 
 
+def _micro_batch(model, specs, L: int, seed: int) -> dict:
+    """A micro-batch of right-padded rows `(text_before, images, text_after)`, labelled like the packer's:
+    -100 at image slots and padding."""
+    from tests.helpers import make_row, random_images
+
+    rows = [make_row(model, *spec, seed=seed + i) for i, spec in enumerate(specs)]
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    padding = torch.ones(len(rows), L, dtype=torch.bool)
+    for i, (r, m) in enumerate(rows):
+        n = r.shape[1]
+        ids[i, :n], mask[i, :n], padding[i, :n] = r[0], m[0], False
+    labels = ids.masked_fill(mask | padding, -100)
+    n_images = sum(spec[1] for spec in specs)
+    return {"input_ids": ids, "labels": labels, "image_mask": mask, "padding_mask": padding,
+            "images": random_images(model, n_images, seed=seed), "n_real": (~padding).sum(),
+            "sample_positions": []}
+
+
+@pytest.mark.parametrize("weighting", ["tokens", "budget"])
+def test_step_gradient_is_the_token_mean_over_the_whole_step(weighting):
+    """`tokens`: one step's gradient is the gradient of the mean token loss of all its micro-batches taken
+    as one batch, whatever source each token comes from (a caption row, mostly image slots, has few loss
+    tokens). `budget`: the older objective, the budget-weighted sum of the per-source mean losses."""
+    from types import SimpleNamespace
+
+    from kosmos.data.mixture import Mixture, plan
+    from kosmos.training import build_accelerator, train_step
+
+    shards = [f"data.{s}.shards=[x]" for s in ("text", "captions", "interleaved")]
+    cfg = load_config(TINY, [*shards, "data.text.tokens_per_step=2048", "train.tracker=none"])
+    p = plan(cfg)
+    assert {n: s.micro_batches for n, s in p.sources.items()} == {"text": 2, "captions": 1, "interleaved": 1}
+    model = tiny_model()
+    L = 40
+    batches = {"captions": [_micro_batch(model, [(0, 1, 6), (0, 1, 3), (0, 2, 2)], L, seed=1)],
+               "text": [_micro_batch(model, [(L - 1, 0, 0), (20, 0, 0)], L, seed=2),
+                        _micro_batch(model, [(L - 1, 0, 0)], L, seed=3)],
+               "interleaved": [_micro_batch(model, [(5, 1, 4), (3, 2, 10)], L, seed=4)]}
+    mixture = Mixture({n: iter(b) for n, b in batches.items()}, p)
+    grads = {}
+
+    def snapshot():
+        grads.update({n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+
+    optimizer = SimpleNamespace(step=snapshot, zero_grad=lambda set_to_none: model.zero_grad())
+    acc = build_accelerator(cfg)
+    res = train_step(acc, model, optimizer, SimpleNamespace(step=lambda: None), mixture, 0.0, weighting)
+    assert res.ok and grads
+
+    every = [b for bs in batches.values() for b in bs]
+    if weighting == "tokens":
+        keys = ("input_ids", "labels", "image_mask", "padding_mask", "images")
+        step = {k: torch.cat([b[k] for b in every]) for k in keys}
+        out = model(**step)
+        loss = out.loss
+        tokens = sum(float(s[1]) for s in res.losses.values())
+        assert tokens == out.n_tokens and sum(float(s[0]) for s in res.losses.values()) / tokens == \
+            pytest.approx(loss.item(), rel=1e-5)  # the logged loss is the objective
+    else:
+        share = {n: s.budget / p.budget for n, s in p.sources.items()}
+        skip = ("n_real", "sample_positions")
+        loss = sum(share[n] * model(**{k: v for k, v in b.items() if k not in skip}).loss / len(bs)
+                   for n, bs in batches.items() for b in bs)
+    model.zero_grad()
+    loss.backward()
+    assert grads.keys() == {n for n, q in model.named_parameters() if q.grad is not None}
+    for n, q in model.named_parameters():
+        if q.grad is not None:
+            assert torch.allclose(grads[n], q.grad, rtol=1e-4, atol=1e-7), n
+
+
+def test_objective_and_mixture_keys_are_checked_by_name(tiny_tokenizer, monkeypatch, capsys):
+    from kosmos.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.loss_weighting"):
+        load_config(TINY, ["train.loss_weighting=mean"])
+    with pytest.raises(ConfigError, match="data.mixture_tolerance"):
+        load_config(TINY, ["data.mixture_tolerance=1.5"])
+    # 3 micro-batches of unequal sizes cannot be split evenly over 4 ranks: refused before anything heavy
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit):
+        train_kosmos.main(["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}"])
+    assert "data.mixture_tolerance" in capsys.readouterr().err
+
+
+def test_mixture_block_shows_the_plan_and_warns_about_default_budgets():
+    from types import SimpleNamespace
+
+    from kosmos.config import Config
+    from kosmos.data.mixture import Mixture, plan
+    from kosmos.training import describe_mixture
+
+    acc = SimpleNamespace(mixed_precision="bf16")
+
+    def block(cfg, world_size=1):
+        return describe_mixture(acc, cfg, Mixture({}, plan(cfg, world_size)))
+
+    # only the shards given: the paper's 0.5M-token caption budget, silently, before
+    text = block(load_config(None, ["data.captions.shards=[x]"]))
+    assert "WARNING: data.captions.tokens_per_step not set: the default budget 500,000" in text
+    assert block(load_config(None, ["data.captions.shards=[x]", "data.captions.tokens_per_step=500000"])) \
+        .count("WARNING") == 0
+    assert Config().given("data.text.tokens_per_step")  # a config built in code: everything counts as set
+    tiny = load_config(TINY)
+    assert tiny.given("data.text.tokens_per_step") and not tiny.given("data.mixture_tolerance")
+
+    lines = block(load_config(ROOT / "configs" / "kosmos1.yaml", [
+        *[f"data.{s}.shards=[x]" for s in ("text", "captions", "interleaved")],
+        *[f"data.{s}.tokens_per_step={n}" for s, n in (("text", 500_000), ("captions", 500_000),
+                                                        ("interleaved", 200_000))]]), 32).splitlines()
+    assert lines[0].startswith("mixture per step: 32 process(es), 1,212,416 tokens (budget 1,200,000), ratio "
+                               "text:captions:interleaved 0.419:0.419:0.162 (target 0.417:0.417:0.167), "
+                               "objective tokens")
+    assert lines[1].split() == ["text", "0-1", "micro-batches/rank,", "31", "in", "all", "x", "8", "rows",
+                                "x", "2048", "=", "507,904", "tokens,", "share", "0.419", "(budget",
+                                "500,000,", "0.417)"]
+    assert lines[4].startswith("  ranks run 2 or 3 passes per step (rotating): 23% of pass slots wait")
+    assert len(lines) == 5
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
@@ -306,7 +427,9 @@ def test_resume_appends_to_one_tensorboard_run_without_a_new_hparams_folder(tiny
     cap = capsys.readouterr()
     assert "%|" not in cap.err and "step      2 | loss " in cap.out  # --no-progress: lines but no bar
     lines = (out / "train.log").read_text().splitlines()
-    assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and "resumed from" in lines[-4]
+    resumed = [i for i, x in enumerate(lines) if x.startswith("resumed from")]
+    assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and len(resumed) == 1
+    assert lines[resumed[0] + 1].startswith("mixture per step: ")  # the plan printed again, as a block
     last = ck.list_checkpoints(out)[-1]  # a checkpoint is all inference needs
     assert (last / "config.yaml").is_file() and (last / "tokenizer" / "tokenizer.model").is_file()
 
@@ -374,7 +497,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path):
+@pytest.mark.parametrize("captions_rows", [2, 8])
+def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path, captions_rows):
+    """Captions in micro-batches of 2 rows: 4 + 1 + 1 micro-batches per step, 3 passes on each rank. Of 8: one
+    micro-batch per source, so the ranks run 2 and 1 passes (rotating): DDP still syncs once per step."""
     import socket
 
     with socket.socket() as sock:  # a free port for the rendezvous
@@ -388,10 +514,11 @@ def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path)
            # Small buffers and batches so that 3 steps stay inside each rank's first epoch: ranks read disjoint
            # shares of an epoch, but a rank already in its next epoch may meet a sample another rank has now.
            *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")],
-           "data.captions.micro_batch_size=2"]
+           f"data.captions.micro_batch_size={captions_rows}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("DIST_OK") == 2 and "[1, 2, 3]" in res.stdout, res.stdout[-2000:]
+    assert ("ranks run 1 or 2 passes per step" in res.stdout) == (captions_rows == 8), res.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -1,15 +1,28 @@
 """The mixture: a token budget per source per optimizer step, turned into per-source micro-batches.
 
-The paper's batch is 1.2M tokens: 0.5M text, 0.5M image-caption, 0.2M interleaved. With rows of `max_len`
-tokens, `world_size` ranks and `micro_batch_size` rows per forward pass, a source gets
-round(tokens_per_step / (max_len * micro_batch_size * world_size)) micro-batches per rank per step (at least
-one). `plan()` reports the effective budgets so that a run says what it really trains on.
+The paper's batch is 1.2M tokens: 0.5M text, 0.5M image-caption, 0.2M interleaved, a 5:5:2 ratio. A
+micro-batch of a source is `micro_batch_size` rows of `max_len` tokens. The plan is made for the whole step,
+all ranks together, so that neither the ratio nor the total depends on the number of processes:
+
+* Each source gets about `tokens_per_step / (max_len * micro_batch_size)` micro-batches per step over all
+  ranks. When a step's micro-batches can be dealt out evenly (every rank the same number of passes, within
+  `data.mixture_tolerance`), that plan wins: no rank waits for another. Otherwise every source is rounded on
+  its own and the ranks' pass counts differ by at most one (the others wait at the gradient sync).
+* The step's micro-batches are dealt to the ranks in turn; rank r at step t takes the share of slot
+  (r + t) mod world_size, so that over world_size steps every rank reads every source equally (each rank
+  reads its own part of every source's shards, see kosmos/data/stream.py).
+* The ratio or total off by more than `data.mixture_tolerance` (relative) is refused unless
+  `data.allow_mixture_drift`; the effective numbers are printed at start (training.describe_mixture).
+
+Every rank makes the same plan from the config; only the slot it takes differs. The slot rotation counter is
+part of each rank's data state, so a resumed run deals the same micro-batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kosmos.config import Config
 from kosmos.data.shards import expand_shards
@@ -21,22 +34,124 @@ from kosmos.sequence import SequenceEncoder
 class SourcePlan:
     name: str
     micro_batches: int
-    """Micro-batches per rank per optimizer step."""
+    """Micro-batches per optimizer step over all ranks."""
     micro_batch_size: int
     tokens_per_step: int
-    """Effective tokens per step over all ranks (padding included)."""
+    """Effective tokens per step over all ranks (row slots, padding and image slots included)."""
+    budget: int
+    """The configured `data.<name>.tokens_per_step`."""
 
 
-def plan(cfg: Config, world_size: int = 1) -> dict[str, SourcePlan]:
+@dataclass
+class MixturePlan:
+    """One step's micro-batches per source over all ranks, and which rank takes which."""
+
+    sources: dict[str, SourcePlan]
+    world_size: int
+    slots: list[dict[str, int]] = field(default_factory=list)
+    """Per slot (one per rank), micro-batches of each source; rank r takes slot (r + step) % world_size."""
+
+    def counts(self, rank: int, step: int) -> dict[str, int]:
+        """Micro-batches of each source that `rank` runs at its `step`-th mixture step."""
+        return self.slots[(rank + step) % self.world_size]
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens_per_step for p in self.sources.values())
+
+    @property
+    def budget(self) -> int:
+        return sum(p.budget for p in self.sources.values())
+
+    def shares(self) -> dict[str, float]:
+        return {n: p.tokens_per_step / self.tokens for n, p in self.sources.items()}
+
+    def target_shares(self) -> dict[str, float]:
+        return {n: p.budget / self.budget for n, p in self.sources.items()}
+
+    def drift(self) -> float:
+        """The largest relative error of the total or of a source's share of the step."""
+        target = self.target_shares()
+        errors = [abs(self.tokens / self.budget - 1)]
+        errors += [abs(s / target[n] - 1) for n, s in self.shares().items()]
+        return max(errors)
+
+    def passes(self) -> tuple[int, int]:
+        """Fewest and most forward/backward passes of a rank in one step."""
+        totals = [sum(s.values()) for s in self.slots]
+        return min(totals), max(totals)
+
+    @property
+    def balanced(self) -> bool:
+        lo, hi = self.passes()
+        return lo == hi
+
+
+def _largest_remainder(x: dict[str, float], total: int) -> dict[str, int]:
+    """Integers summing to `total`, proportional to `x` (ties to the first source)."""
+    s = sum(x.values())
+    exact = {n: v * total / s for n, v in x.items()}
+    out = {n: math.floor(v) for n, v in exact.items()}
+    for n in sorted(x, key=lambda n: out[n] - exact[n])[: total - sum(out.values())]:
+        out[n] += 1
+    return out
+
+
+def _deal(counts: dict[str, int], world_size: int) -> list[dict[str, int]]:
+    """Deal the step's micro-batches, source after source, to `world_size` slots in turn (the count going on
+    from one source to the next): slot totals, and each source's per-slot counts, differ by at most one."""
+    slots = [dict.fromkeys(counts, 0) for _ in range(world_size)]
+    k = 0
+    for n, c in counts.items():
+        for _ in range(c):
+            slots[k % world_size][n] += 1
+            k += 1
+    return slots
+
+
+def plan(cfg: Config, world_size: int = 1) -> MixturePlan:
+    """The step's mixture for `world_size` ranks (see the module docstring); ValueError, naming the config
+    key, when no source takes part or the ratio or total drifts beyond `data.mixture_tolerance`."""
     L = cfg.decoder.max_len
-    out = {}
-    for name, src in cfg.data.sources().items():
-        n = max(1, round(src.tokens_per_step / (L * src.micro_batch_size * world_size)))
-        out[name] = SourcePlan(name, n, src.micro_batch_size, n * src.micro_batch_size * L * world_size)
-    if not out:
+    sources = cfg.data.sources()
+    if not sources:
         raise ValueError("no data: give at least one of data.text/captions/interleaved shards and a "
                          "positive tokens_per_step")
-    return out
+    mbs = {n: s.micro_batch_size for n, s in sources.items()}
+    ideal = {n: s.tokens_per_step / (L * mbs[n]) for n, s in sources.items()}
+
+    def make(counts: dict[str, int]) -> MixturePlan:
+        plans = {n: SourcePlan(n, c, mbs[n], c * mbs[n] * L, sources[n].tokens_per_step)
+                 for n, c in counts.items()}
+        return MixturePlan(plans, world_size, _deal(counts, world_size))
+
+    # Every source rounded on its own, at least one micro-batch, and at least one pass per rank.
+    free = {n: max(1, round(v)) for n, v in ideal.items()}
+    if sum(free.values()) < world_size:
+        free = _largest_remainder(ideal, world_size)
+    candidates = [make(free)]
+    # Balanced: N passes on every rank, the step's N * world_size micro-batches split by the budgets.
+    n_ideal = sum(ideal.values()) / world_size
+    for n in {max(1, math.floor(n_ideal)), max(1, math.ceil(n_ideal))}:
+        counts = _largest_remainder(ideal, n * world_size)
+        if all(counts.values()):
+            candidates.append(make(counts))
+    tol = cfg.data.mixture_tolerance
+    balanced = [p for p in candidates if p.balanced and p.drift() <= tol]
+    best = min(balanced or candidates, key=MixturePlan.drift)
+    if best.drift() > tol and not cfg.data.allow_mixture_drift:
+        raise ValueError(
+            f"config key 'data.mixture_tolerance': on {world_size} process(es) the mixture can be at best "
+            f"{ratio(best)} with {best.tokens:,} tokens per step, {best.drift():.1%} off the budgets "
+            f"(target {ratio(best, target=True).split()[1]}, {best.budget:,} tokens) and beyond the tolerance {tol:.1%}; "
+            f"change data.<source>.tokens_per_step or micro_batch_size, or set data.allow_mixture_drift=true")
+    return best
+
+
+def ratio(p: MixturePlan, target: bool = False) -> str:
+    """`text:captions:interleaved 0.419:0.419:0.162`: the shares of the step's tokens (or of the budgets)."""
+    shares = p.target_shares() if target else p.shares()
+    return f"{':'.join(shares)} {':'.join(f'{s:.3f}' for s in shares.values())}"
 
 
 def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1,
@@ -52,27 +167,57 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
 
 
 class Mixture:
-    """Per optimizer step, the planned number of micro-batches from each source, interleaved."""
+    """Per optimizer step, this rank's share of the planned micro-batches of every source, interleaved."""
 
-    def __init__(self, loaders: dict[str, SourceLoader], plans: dict[str, SourcePlan]):
-        self.loaders, self.plans = loaders, plans
+    STATE_KEY = "_mixture"
+    """The data state's entry for the mixture itself (not a source name)."""
+
+    def __init__(self, loaders: dict[str, SourceLoader], plan: MixturePlan, rank: int = 0):
+        self.loaders, self.plan, self.rank = loaders, plan, rank
+        self.steps = 0
+        """Mixture steps taken (skipped optimizer steps included): which slot this rank takes next."""
+        self.resume_note: str | None = None
+        """Set by load_state_dict when the checkpoint's mixture differs from this run's: for the log."""
+
+    @property
+    def plans(self) -> dict[str, SourcePlan]:
+        return self.plan.sources
+
+    def counts(self) -> dict[str, int]:
+        """This rank's micro-batches per source in the next step."""
+        return self.plan.counts(self.rank, self.steps)
 
     def step(self) -> Iterator[tuple[str, dict]]:
-        """(source, micro-batch) pairs for one optimizer step, sources taking turns."""
-        left = {name: p.micro_batches for name, p in self.plans.items()}
+        """(source, micro-batch) pairs of this rank for one optimizer step, sources taking turns."""
+        left = dict(self.counts())
+        self.steps += 1
         while any(left.values()):
             for name in self.plans:
                 if left[name]:
                     left[name] -= 1
                     yield name, next(self.loaders[name])
 
+    def _plan_state(self) -> dict[str, int]:
+        return {n: p.micro_batches for n, p in self.plans.items()}
+
     def state_dict(self) -> dict:
-        return {name: loader.state_dict() for name, loader in self.loaders.items()}
+        sd = {name: loader.state_dict() for name, loader in self.loaders.items()}
+        sd[self.STATE_KEY] = {"steps": self.steps, "micro_batches": self._plan_state()}
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         for name, loader in self.loaders.items():
             if name in sd:
                 loader.load_state_dict(sd[name])
+        own = sd.get(self.STATE_KEY)
+        if own is None:  # a checkpoint from before the whole-step plan: per-rank counts, no rotation
+            self.resume_note = ("the checkpoint predates the whole-step mixture plan: data positions "
+                                "restored, the mixture from here on follows this run's plan (printed below)")
+            return
+        self.steps = int(own["steps"])
+        if own["micro_batches"] != self._plan_state():
+            self.resume_note = (f"the mixture changed since the checkpoint: micro-batches per step were "
+                                f"{own['micro_batches']}, now {self._plan_state()}")
 
     def samples_seen(self) -> int:
         """Samples this rank has started packing, over all sources."""
@@ -83,6 +228,6 @@ class Mixture:
 
 
 def build_mixture(cfg: Config, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1) -> Mixture:
-    plans = plan(cfg, world_size)
-    loaders = {name: build_loader(cfg, name, encoder, rank=rank, world_size=world_size) for name in plans}
-    return Mixture(loaders, plans)
+    p = plan(cfg, world_size)
+    loaders = {name: build_loader(cfg, name, encoder, rank=rank, world_size=world_size) for name in p.sources}
+    return Mixture(loaders, p, rank)
