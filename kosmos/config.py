@@ -177,21 +177,23 @@ class VisionConfig:
     # Derived values: resolved here, once, so that training, evaluation and generation agree (the data
     # pipeline resizes images to `input_size`; the model checks that it is given that size).
 
+    def _side(self, name: str) -> int:
+        """`image_size` or `patch_size` of the resolved architecture as one side (open_clip allows pairs)."""
+        value = self.resolved()[name]
+        if isinstance(value, (list, tuple)):
+            _check(value[0] == value[1], f"vision.{name}", f"only square sizes are supported, got {value}")
+            value = value[0]
+        return int(value)
+
     @property
     def input_size(self) -> int:
         """Pixels per side of the images the tower reads (`image_size`, or the architecture's)."""
-        size = self.resolved()["image_size"]
-        if isinstance(size, (list, tuple)):
-            _check(size[0] == size[1], "vision.image_size", f"only square inputs are supported, got {size}")
-            size = size[0]
-        return int(size)
+        return self._side("image_size")
 
     @property
     def grid(self) -> int:
         """Patches per side."""
-        patch = self.resolved()["patch_size"]
-        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-        return self.input_size // int(patch)
+        return self.input_size // self._side("patch_size")
 
     @property
     def num_patches(self) -> int:
@@ -209,7 +211,7 @@ class VisionConfig:
         v = self.resolved()
         w, n_layers = self.feature_width, int(v["layers"])
         mlp = w * float(v.get("mlp_ratio", 4.0))
-        patch = v["patch_size"][0] if isinstance(v["patch_size"], (list, tuple)) else v["patch_size"]
+        patch = self._side("patch_size")
         P = self.num_patches
         T = P + 1  # class token
         block = 2 * T * (4 * w * w + 2 * w * mlp) + 2 * 2 * T * T * w  # qkv+out and mlp; QK^T and AV

@@ -91,13 +91,11 @@ class Kosmos(nn.Module):
         self.cfg = cfg
         d = cfg.decoder
         self.vision = VisionEncoder(cfg.vision, load_weights=load_vision_weights)
-        c = cfg.connector
-        # One image per call (num_media_embeds=1): each image is its own span in the sequence.
         self.resampler, self.proj = build_connector(cfg, self.vision.width)
         # torchscale applies Magneto's initialisation in this constructor (its gain times PyTorch's default
         # init of each nn.Linear); we never re-initialise after it.
         self.decoder = build_decoder(d, build_token_embedding(d))
-        self.num_latents = c.num_latents
+        self.num_latents = cfg.connector.num_latents
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",

@@ -107,10 +107,9 @@ class SequenceEncoder:
 
     def load_image(self, path: str | Path):
         """An image file -> uint8 (3, S, S) pixels."""
-        from PIL import Image
+        from kosmos.image import load_image
 
-        with Image.open(path) as im:
-            return self.image(im)
+        return load_image(path, self.image_size)
 
     def prompt(self, text: str, images: list) -> Sequence:
         """A generation prompt: `{image}` in `text` marks where each image goes; without it the images come

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kosmos.config import Config, ConfigError
+from kosmos.eval.loss import to_device
 
 
 def check_config(cfg: Config) -> None:
@@ -154,7 +155,7 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     per_rank = {n: (min(s[n] for s in p.slots), max(s[n] for s in p.slots)) for n in p.sources}
     target = p.target_shares()
     lines = [f"mixture per step: {W} process(es), {p.tokens:,} tokens (budget {p.budget:,}), ratio "
-             f"{ratio(p)} (target {ratio(p, target=True).split()[1]}), objective {cfg.train.loss_weighting}, "
+             f"{ratio(p)} (target {ratio(p, target=True, names=False)}), objective {cfg.train.loss_weighting}, "
              f"mixed precision {acc.mixed_precision}"]
     for n, s in p.sources.items():
         lo, hi = per_rank[n]
@@ -209,8 +210,6 @@ def flat_config(cfg: Config) -> dict:
 
 def forward(acc, model, batch: dict):
     """The model on one micro-batch (uint8 images: the model normalises them)."""
-    from kosmos.eval.loss import to_device
-
     return model(**to_device(batch, acc.device))
 
 

@@ -143,15 +143,18 @@ def plan(cfg: Config, world_size: int = 1) -> MixturePlan:
         raise ValueError(
             f"config key 'data.mixture_tolerance': on {world_size} process(es) the mixture can be at best "
             f"{ratio(best)} with {best.tokens:,} tokens per step, {best.drift():.1%} off the budgets "
-            f"(target {ratio(best, target=True).split()[1]}, {best.budget:,} tokens) and beyond the tolerance {tol:.1%}; "
+            f"(target {ratio(best, target=True, names=False)}, {best.budget:,} tokens) and beyond the "
+            f"tolerance {tol:.1%}; "
             f"change data.<source>.tokens_per_step or micro_batch_size, or set data.allow_mixture_drift=true")
     return best
 
 
-def ratio(p: MixturePlan, target: bool = False) -> str:
-    """`text:captions:interleaved 0.419:0.419:0.162`: the shares of the step's tokens (or of the budgets)."""
+def ratio(p: MixturePlan, target: bool = False, names: bool = True) -> str:
+    """`text:captions:interleaved 0.419:0.419:0.162`: the shares of the step's tokens (or of the budgets);
+    without `names`, the numbers only."""
     shares = p.target_shares() if target else p.shares()
-    return f"{':'.join(shares)} {':'.join(f'{s:.3f}' for s in shares.values())}"
+    numbers = ":".join(f"{s:.3f}" for s in shares.values())
+    return f"{':'.join(shares)} {numbers}" if names else numbers
 
 
 def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1,
