@@ -97,7 +97,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
                 log.info(report.line)
                 acc.log(report.metrics, step=step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                if ev := evaluate(acc, cfg, model, encoder):
+                if ev := evaluate(acc, cfg, model, encoder, step):
                     acc.log(ev, step=step)
                     log.info(eval_line(ev))
             stop_now = stop.any_rank(acc)

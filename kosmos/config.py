@@ -365,6 +365,25 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
+EVAL_TASK_OPTIONS = ("task", "data", "annotations", "images", "split", "classnames", "shots", "support",
+                     "support_annotations", "retrieval", "seed", "limit")
+
+
+def _check_eval_task(task: Any, key: str) -> None:
+    """One `train.eval_tasks` entry: a known task, its data, known options and task settings."""
+    from kosmos.eval.tasks import TASKS, TaskSpec
+
+    _check(isinstance(task, dict), key, f"must be a mapping with task and data, got {task!r}")
+    _check("task" in task and "data" in task, key, f"needs task and data, got {sorted(task)}")
+    _check(task["task"] in TASKS, f"{key}.task", f"unknown task {task['task']!r}; tasks: {', '.join(TASKS)}")
+    settings = {f.name for f in dataclasses.fields(TaskSpec)}
+    unknown = sorted(set(task) - set(EVAL_TASK_OPTIONS) - settings)
+    _check(not unknown, key, f"unknown option(s) {', '.join(unknown)}; options: "
+           f"{', '.join(EVAL_TASK_OPTIONS)} and the task settings {', '.join(sorted(settings))}")
+    _check(isinstance(task.get("shots", 0), int) and task.get("shots", 0) >= 0, f"{key}.shots",
+           "must be one number >= 0")
+
+
 @dataclass
 class TrainConfig:
     """The training run: precision, logging, evaluation, checkpoints."""
@@ -381,6 +400,12 @@ class TrainConfig:
     """Steps between evaluations on data.*.eval_shards (0: never)."""
     eval_batches: int = 20
     """Micro-batches per source per evaluation (at most; a pass ends sooner if the shards do)."""
+    eval_tasks: list[dict] = field(default_factory=list)
+    """Benchmarks run every eval_every steps beside the held-out loss, their metrics logged to the tracker
+    as `eval/TASK/METRIC`: a list of `{task, data, ...}` with the options of `python -m kosmos.eval run`
+    (`annotations`, `images`, `split`, `classnames`, `shots` (one number), `support`, `retrieval`, `seed`)
+    and any task setting (`num_beams`, `max_new_tokens`, `prompt`, ...); `limit` caps the items (default
+    200). Predictions go to train.output_dir/eval/step_XXXXXXXX/."""
     save_every: int = 1000
     """Steps between checkpoints (one is always written at the end and on SIGTERM/Ctrl-C)."""
     keep_last: int = 3
@@ -414,6 +439,8 @@ class TrainConfig:
                f"must be tensorboard, wandb or none, got {self.tracker!r}")
         _check(self.loss_weighting in ("tokens", "budget"), "train.loss_weighting",
                f"must be tokens or budget, got {self.loss_weighting!r}")
+        for i, task in enumerate(self.eval_tasks):
+            _check_eval_task(task, f"train.eval_tasks[{i}]")
 
 
 @dataclass

@@ -105,8 +105,9 @@ def log_line(step: int, m: dict, losses: dict) -> str:
 
 
 def eval_line(results: dict[str, float]) -> str:
-    """`eval captions_loss 2.345 captions_ppl 10.432 ...` from evaluate()'s `eval/...` results."""
-    return "eval " + " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in results.items())
+    """`eval captions_loss 2.345 captions_ppl 10.432 coco_captioning/CIDEr 12.345 ...` from evaluate()'s
+    `eval/...` results."""
+    return "eval " + " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in results.items())
 
 
 class RunLog:

@@ -313,9 +313,11 @@ class BadSteps:
         return False
 
 
-def evaluate(acc, cfg: Config, model, encoder) -> dict[str, float]:
+def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float]:
     """Loss and perplexity per source on its eval shards (at most train.eval_batches micro-batches each, per
-    rank), summed over the ranks: the numbers `python -m kosmos.eval` gives for a checkpoint."""
+    rank), summed over the ranks: the numbers `python -m kosmos.eval loss` gives for a checkpoint; then the
+    benchmarks of train.eval_tasks (`python -m kosmos.eval run`), their predictions under
+    train.output_dir/eval/step_XXXXXXXX/."""
     from kosmos.data import build_loader
     from kosmos.eval.loss import perplexity, source_loss
 
@@ -330,4 +332,10 @@ def evaluate(acc, cfg: Config, model, encoder) -> dict[str, float]:
                                   reduce=lambda t: acc.reduce(t, reduction="sum"))
         results[f"eval/{name}_loss"] = loss
         results[f"eval/{name}_ppl"] = perplexity(loss)
+    if cfg.train.eval_tasks:
+        from kosmos.eval.run import evaluate_tasks
+
+        out = Path(cfg.train.output_dir) / "eval" / f"step_{step:08d}"
+        with acc.autocast():
+            results.update(evaluate_tasks(acc, cfg.train.eval_tasks, acc.unwrap_model(model), encoder, out))
     return results

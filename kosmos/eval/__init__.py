@@ -1,12 +1,50 @@
-"""Evaluation of a trained model.
+"""Evaluation of a trained model: the paper's benchmarks and held-out loss.
 
-    python -m kosmos.eval --checkpoint runs/kosmos [--shards captions=shards/coco_val ...] [--max-batches 50]
+    python -m kosmos.eval run --checkpoint runs/kosmos --task coco_captioning --data dataset_coco.json \\
+        --images coco/ [--shots 0,4,8] [--out results/]
+    python -m kosmos.eval score captioning --annotations REFS.json --predictions PREDS.json
+    python -m kosmos.eval score vqa --questions Q.json --annotations A.json --predictions PREDS.json
+    python -m kosmos.eval loss --checkpoint runs/kosmos [--shards captions=shards/coco_val ...]
 
-Today: loss and perplexity per source on held-out shards (the same numbers the trainer logs every
-`train.eval_every` steps). The paper's benchmarks (captioning, VQA, zero-shot classification, few-shot)
-build on the same pieces: `Kosmos.from_checkpoint`, `SequenceEncoder`, `kosmos.generate`.
+`run` (kosmos.eval.run) predicts and scores a task (protocols in kosmos.eval.tasks); `score`
+(kosmos.eval.score) scores an existing predictions file with the reference tools' metrics; `loss`
+(kosmos.eval.loss) gives loss and perplexity per source on held-out shards, the numbers the trainer logs.
+`python -m kosmos.eval --checkpoint ...` without a command is `loss`, as before.
 """
 
-from kosmos.eval.loss import main, source_loss
+from __future__ import annotations
 
-__all__ = ["main", "source_loss"]
+import sys
+
+COMMANDS = ("run", "score", "loss")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to `run`, `score` or `loss` (the default, for `python -m kosmos.eval --checkpoint ...`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command = argv.pop(0) if argv[0] in COMMANDS else "loss"
+    if command == "run":
+        from kosmos.eval.run import main as run_main
+
+        return run_main(argv)
+    if command == "score":
+        from kosmos.eval.score import main as score_main
+
+        return score_main(argv)
+    from kosmos.eval.loss import main as loss_main
+
+    return loss_main(argv)
+
+
+def __getattr__(name: str):
+    if name == "source_loss":  # lazily: kosmos.eval.tasks stays importable without torch (kosmos.config uses it)
+        from kosmos.eval.loss import source_loss
+
+        return source_loss
+    raise AttributeError(name)
+
+
+__all__ = ["COMMANDS", "main", "source_loss"]

@@ -1,5 +1,5 @@
 import sys
 
-from kosmos.eval.loss import main
+from kosmos.eval import main
 
 sys.exit(main())

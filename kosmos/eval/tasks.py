@@ -1,0 +1,116 @@
+"""The benchmark tasks and their protocols: prompts, decoding and metrics, in one place.
+
+Every default here is the KOSMOS-1 paper's protocol (Huang et al., 2023, sections 4.1-4.5), and every
+field can be changed per run (`python -m kosmos.eval run --prompt ... --num-beams ...`, or a task dict in
+`train.eval_tasks`):
+
+    task                  kind            prompt                                   decoding           metric
+    coco_captioning       captioning      <image>An image of                       beam 5, 20 tokens  CIDEr ...
+    flickr30k_captioning  captioning      <image>An image of                       beam 5, 20 tokens  CIDEr ...
+    captioning            captioning      (any images; references optional)       beam 5, 20 tokens  CIDEr ...
+    vqav2, okvqa, vizwiz  vqa             <image>Question: {question} Answer:      greedy, 10 tokens  VQA accuracy
+    vqa                   vqa             (any questions; answers optional)        greedy, 10 tokens  VQA accuracy
+    imagenet              classification  <image>The photo of the                  ranked classes     top-1/top-5
+    choice                choice          {text}{candidate} Is it correct?          P("Yes")           accuracy
+    labels                labels          <image>The objects in this image are:    greedy, 30 tokens  P/R/F1
+
+Generation stops at `</s>` (always) and at the task's stop strings (a newline for VQA, so a model that
+goes on with the next "Question:" is cut there). `{image}` marks where an image goes in a prompt.
+
+Few-shot (`--shots 2,4,8`): k demonstrations, each the prompt filled with a support item and its answer
+(`demo`), joined by `separator` before the query. They are drawn at random with a seed from the support
+set (as the paper), the same for an item whatever the batch or the number of processes; `--retrieval`
+picks the k support images most similar to the query instead (cosine of mean-pooled CLIP features of the
+model's own vision tower, as OpenFlamingo's RICES).
+
+The published numbers (`PAPER`) are what `python -m kosmos.eval run` prints beside its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+KINDS = ("captioning", "vqa", "classification", "choice", "labels")
+
+
+@dataclass
+class TaskSpec:
+    """One benchmark's protocol. `{image}` marks an image in a template."""
+
+    kind: str
+    """captioning | vqa | classification | choice | labels: which reader, decoding and metric."""
+    prompt: str
+    """The query. captioning/classification/labels: `{image}` only; vqa: `{question}` too; choice:
+    `{text}` (the item's context, `<image>` placeholders for its images) and `{candidate}`."""
+    demo: str = ""
+    """One demonstration for few-shot: the prompt with the answer (`{answer}`). Empty: no few-shot."""
+    separator: str = "\n"
+    """Between demonstrations, and between the last one and the query."""
+    num_beams: int = 1
+    max_new_tokens: int = 20
+    length_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a generation (besides `</s>`); the text is cut before them."""
+    mode: str = "constrained"
+    """classification only: `constrained` ranks every class name by its length-normalised log-likelihood
+    after the prompt; `unconstrained` generates (beam 2 in the paper) and takes an exact match."""
+    answer: str = "Yes"
+    """choice only: the word whose probability after each candidate picks the answer."""
+    top_k: int = 5
+    """labels only: the generated labels kept (split at commas and "and"); classification: top-k accuracy."""
+    batch_size: int = 8
+    """Queries per batch (per process)."""
+    metrics: list[str] = field(default_factory=list)
+    """captioning only: which of BLEU, METEOR, ROUGE-L, CIDEr, SPICE (empty: all but SPICE, which needs
+    Stanford models that pycocoevalcap downloads; METEOR's Java start takes ~13 s)."""
+    description: str = ""
+
+    def replace(self, **changes) -> TaskSpec:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown task setting(s) {', '.join(unknown)}; settings: "
+                             + ", ".join(f.name for f in dataclasses.fields(self)))
+        return dataclasses.replace(self, **changes)
+
+
+_CAPTION = TaskSpec("captioning", prompt="{image}An image of", demo="{image}An image of {answer}",
+                    num_beams=5, max_new_tokens=20,
+                    description="image captioning (references optional: without them, predictions only)")
+_VQA = TaskSpec("vqa", prompt="{image}Question: {question} Answer:",
+                demo="{image}Question: {question} Answer: {answer}", num_beams=1, max_new_tokens=10,
+                stop=["\n"], description="visual question answering, short answers")
+
+TASKS: dict[str, TaskSpec] = {
+    "coco_captioning": _CAPTION.replace(description="COCO Karpathy test split (5000 images)"),
+    "flickr30k_captioning": _CAPTION.replace(description="Flickr30k Karpathy test split (1000 images)"),
+    "captioning": _CAPTION,
+    "vqav2": _VQA.replace(description="VQAv2 (official question/annotation JSON; test-dev through EvalAI)"),
+    "okvqa": _VQA.replace(description="OK-VQA (VQA-format question/annotation JSON)"),
+    "vizwiz": _VQA.replace(description="VizWiz (its official single-file JSON)"),
+    "vqa": _VQA,
+    "imagenet": TaskSpec("classification", prompt="{image}The photo of the", num_beams=2, max_new_tokens=10,
+                         description="zero-shot classification: folder per class, or CSV + class names"),
+    "classification": TaskSpec("classification", prompt="{image}The photo of the", num_beams=2,
+                               max_new_tokens=10, description="zero-shot classification (any classes)"),
+    "choice": TaskSpec("choice", prompt="{text}{candidate} Is it correct?", max_new_tokens=1,
+                       description="yes/no and multiple choice (Raven IQ protocol): JSONL"),
+    "labels": TaskSpec("labels", prompt="{image}The objects in this image are:", max_new_tokens=30,
+                       description="open-vocabulary labels (NxTP): JSONL with reference labels"),
+}
+
+PAPER: dict[tuple[str, int], dict[str, float]] = {
+    # KOSMOS-1 (1.6B) as the paper reports it (Tables 2 and 3): Karpathy test splits; VQAv2 test-dev.
+    ("coco_captioning", 0): {"CIDEr": 84.7},
+    ("flickr30k_captioning", 0): {"CIDEr": 67.1},
+    ("vqav2", 0): {"accuracy": 51.0},
+    ("vizwiz", 0): {"accuracy": 29.2},
+    ("vqav2", 4): {"accuracy": 51.8},
+}
+
+
+def get_task(name: str, **changes) -> TaskSpec:
+    """The task's protocol with `changes` applied; a one-line ValueError names an unknown task or setting."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[name].replace(**changes) if changes else TASKS[name]

@@ -1,0 +1,312 @@
+"""`python -m kosmos.eval run`: every task end to end on tiny fixture sets made from the shipped photos, with
+a tiny random model: official result files, metrics, determinism, resume, skips, few-shot, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import PHOTOS, ROOT, checkpoint_dir, tiny_model
+
+FAST = ["--no-progress", "--max-new-tokens", "4", "--metrics", "BLEU,ROUGE-L,CIDEr"]  # METEOR: ~13 s
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_tokenizer):
+    return checkpoint_dir(tmp_path_factory.mktemp("eval_run") / "run", tiny_tokenizer.path, tiny_model(seed=3))
+
+
+def make_sets(root: Path) -> dict[str, Path]:
+    """Tiny benchmark files in the official formats, images from assets/images."""
+    coco = root / "coco" / "val2014"
+    coco.mkdir(parents=True)
+    for i in range(1, 8):
+        shutil.copy(PHOTOS[i], coco / f"COCO_val2014_{i:012d}.jpg")
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "imgid": i - 1, "cocoid": i,
+         "split": "test" if i <= 4 else "train",
+         "sentences": [{"raw": f"A photo number {i}."}, {"raw": f"Picture {i} of something."}]}
+        for i in range(1, 8)]}
+    (root / "dataset_coco.json").write_text(json.dumps(karpathy))
+    questions = {"data_subtype": "val2014", "questions": [
+        {"image_id": i, "question": f"What is in picture {i}?", "question_id": 100 + i} for i in range(1, 5)]}
+    answers = ["cat"] * 6 + ["a cat"] * 2 + ["dog"] * 2
+    annotations = {"annotations": [
+        {"question_id": 100 + i, "image_id": i, "answer_type": "other", "question_type": "what is",
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers)]}
+        for i in range(1, 5)]}
+    (root / "questions.json").write_text(json.dumps(questions))
+    (root / "annotations.json").write_text(json.dumps(annotations))
+    for c, name in enumerate(("cat", "rocket", "coffee cup")):
+        d = root / "classes" / name.replace(" ", "_")
+        d.mkdir(parents=True)
+        for j in range(2):
+            shutil.copy(PHOTOS[(3 * c + j) % len(PHOTOS)], d / f"{j}.jpg")
+    imgs = root / "coco" / "val2014"
+    choice = [{"id": f"c{i}", "images": [str(imgs / f"COCO_val2014_{i:012d}.jpg")],
+               "text": "<image>This picture shows", "candidates": [" a cat.", " a rocket.", " coffee."],
+               "answer": i % 3} for i in range(1, 4)]
+    (root / "choice.jsonl").write_text("\n".join(json.dumps(r) for r in choice) + "\n")
+    labels = [{"id": f"l{i}", "image": f"coco/val2014/COCO_val2014_{i:012d}.jpg", "labels": ["cat", "animal"]}
+              for i in range(1, 4)]
+    (root / "labels.jsonl").write_text("\n".join(json.dumps(r) for r in labels) + "\n")
+    return {"karpathy": root / "dataset_coco.json", "coco_root": root / "coco", "vqa_root": coco,
+            "questions": root / "questions.json", "annotations": root / "annotations.json",
+            "classes": root / "classes", "choice": root / "choice.jsonl", "labels": root / "labels.jsonl"}
+
+
+@pytest.fixture()
+def sets(tmp_path):
+    return make_sets(tmp_path / "data")
+
+
+def run(ckpt, *args) -> int:
+    from kosmos.eval import main
+
+    return main(["run", "--checkpoint", str(ckpt), *args])
+
+
+def results(out: Path, task: str, shots: int = 0):
+    folder = out / task / f"{shots}shot"
+    return json.loads((folder / "results.json").read_text()), json.loads((folder / "metrics.json").read_text())
+
+
+def test_captioning_writes_coco_results_metrics_and_a_table(ckpt, sets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images",
+               str(sets["coco_root"]), "--out", str(out), "--num-beams", "2", *FAST) == 0
+    res, metrics = results(out, "coco_captioning")
+    assert sorted(r["image_id"] for r in res) == [1, 2, 3, 4]  # the test split, COCO ids
+    assert all(isinstance(r["caption"], str) for r in res)
+    m = metrics["metrics"]
+    assert {"CIDEr", "BLEU-4", "ROUGE-L"} <= set(m) and metrics["predicted"] == 4
+    assert metrics["paper"] == {"CIDEr": 84.7} and metrics["protocol"]["num_beams"] == 2
+    table = (out / "results.md").read_text()
+    assert "| coco_captioning | 0 | 4 |" in table and "CIDEr 84.7" in table
+    last = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("{") and json.loads(line)["task"] == "coco_captioning" for line in last)
+
+    # deterministic: the same predictions again, into another folder
+    out2 = tmp_path / "out2"
+    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+        "--out", str(out2), "--num-beams", "2", *FAST)
+    assert results(out2, "coco_captioning")[0] == res
+
+
+def test_a_rerun_predicts_only_what_is_missing(ckpt, sets, tmp_path, monkeypatch):
+    from kosmos.eval import run as run_mod
+
+    out = tmp_path / "out"
+    args = ["--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+            "--out", str(out), "--batch-size", "1", *FAST]
+    run(ckpt, *args)
+    first, _ = results(out, "coco_captioning")
+    pred_file = out / "coco_captioning" / "0shot" / "predictions.rank0.jsonl"
+    lines = pred_file.read_text().splitlines()
+    pred_file.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # two kept, a third cut by a "crash"
+    seen = []
+    original = run_mod.Predictor.__call__
+
+    def counting(self, items):
+        seen.extend(it.id for it in items)
+        return original(self, items)
+
+    monkeypatch.setattr(run_mod.Predictor, "__call__", counting)
+    run(ckpt, *args)
+    assert sorted(seen) == [3, 4]
+    assert results(out, "coco_captioning")[0] == first
+
+
+def test_a_missing_image_is_skipped_counted_and_named(ckpt, sets, tmp_path, caplog):
+    (sets["coco_root"] / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images",
+                   str(sets["coco_root"]), "--out", str(out), *FAST) == 0
+    res, metrics = results(out, "coco_captioning")
+    assert sorted(r["image_id"] for r in res) == [1, 3, 4]
+    assert metrics["skipped"] == {"missing_image": 1}
+    assert "COCO_val2014_000000000002.jpg" in caplog.text
+
+
+def test_vqa_writes_question_ids_and_scores_accuracy(ckpt, sets, tmp_path):
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations",
+               str(sets["annotations"]), "--images", str(sets["vqa_root"]), "--out", str(out), *FAST) == 0
+    res, metrics = results(out, "vqav2")
+    assert sorted(r["question_id"] for r in res) == [101, 102, 103, 104]
+    assert all("\n" not in r["answer"] for r in res)
+    assert 0 <= metrics["metrics"]["accuracy"] <= 100 and "per_answer_type" in metrics["metrics"]
+
+
+def test_vqa_few_shot_prompts_carry_k_demonstrations_never_the_query(ckpt, sets):
+    from kosmos.eval.run import Shots, load_task_data, query_text
+    from kosmos.eval.tasks import get_task
+
+    spec = get_task("vqav2")
+    data = load_task_data(spec, str(sets["questions"]), str(sets["annotations"]), str(sets["vqa_root"]))
+    shots = Shots(2, data.items, seed=5)
+    for item in data.items:
+        demos = shots.pick(item)
+        assert len(demos) == 2 and item.id not in [d.id for d in demos]
+        assert shots.pick(item) == demos  # seeded by the item: the same in any batch or process
+        text, images = query_text(spec, item, demos)
+        assert text.count("{image}") == 3 == len(images)
+        assert text.count("Answer: cat") == 2  # the most common annotator answer of each demonstration
+        assert text.endswith(f"Question: {item.fields['question']} Answer:")
+
+
+def test_captioning_few_shot_runs_from_the_karpathy_train_split(ckpt, sets, tmp_path):
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images",
+               str(sets["coco_root"]), "--out", str(out), "--shots", "0,2", *FAST) == 0
+    for k in (0, 2):
+        res, metrics = results(out, "coco_captioning", k)
+        assert len(res) == 4 and metrics["shots"] == k
+    table = (out / "results.md").read_text()
+    assert "| coco_captioning | 0 |" in table and "| coco_captioning | 2 |" in table
+
+
+def test_retrieval_few_shot_picks_the_most_similar_support_image(ckpt, sets):
+    from kosmos.eval.run import build_shots, load_task_data
+    from kosmos.eval.tasks import get_task
+    from kosmos.generate import load_for_inference
+
+    model, enc = load_for_inference(str(ckpt))
+    spec = get_task("coco_captioning")
+    data = load_task_data(spec, str(sets["karpathy"]), images=str(sets["coco_root"]))
+    shots = build_shots(model, enc, spec, data, 1, retrieval=True)
+    # the support set is the evaluated items: a query's own image is the most similar, and is never picked
+    picked = [shots.pick(item)[0].id for item in data.items]
+    assert all(p != item.id for p, item in zip(picked, data.items))
+    assert shots.similar(data.items[0], 1) == [0]
+
+
+@pytest.mark.parametrize("mode", ["constrained", "unconstrained"])
+def test_zero_shot_classification(ckpt, sets, tmp_path, mode):
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "imagenet", "--data", str(sets["classes"]), "--out", str(out), "--mode", mode,
+               *FAST) == 0
+    res, metrics = results(out, "imagenet")
+    assert len(res) == 6
+    assert 0 <= metrics["metrics"]["top1"] <= 100
+    if mode == "constrained":
+        assert all(r["prediction"] in ("cat", "rocket", "coffee cup") for r in res)
+        assert all(len(r["top"]) == 3 for r in res)  # top-5 of three classes
+    else:
+        assert "top5" not in metrics["metrics"]
+
+
+def test_multiple_choice_picks_the_candidate_with_the_highest_p_yes(ckpt, sets, tmp_path):
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "choice", "--data", str(sets["choice"]), "--out", str(out), *FAST) == 0
+    res, metrics = results(out, "choice")
+    assert len(res) == 3 and all(r["prediction"] in (0, 1, 2) for r in res)
+    recs = [json.loads(x) for x in (out / "choice" / "0shot" / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert all(r["prediction"] == max(range(3), key=r["scores"].__getitem__) for r in recs)
+    assert "accuracy" in metrics["metrics"]
+
+
+def test_open_vocabulary_labels(ckpt, sets, tmp_path):
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "labels", "--data", str(sets["labels"]), "--out", str(out), "--set",
+               "top_k=3", *FAST) == 0
+    res, metrics = results(out, "labels")
+    assert len(res) == 3 and all(isinstance(r["prediction"], list) and len(r["prediction"]) <= 3 for r in res)
+    assert metrics["metrics"]  # exact (and semantic) precision/recall/F1
+
+
+def test_predictions_only_over_a_folder_of_images(ckpt, sets, tmp_path):
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "captioning", "--data", str(sets["vqa_root"]), "--out", str(out), *FAST) == 0
+    res, metrics = results(out, "captioning")
+    assert len(res) == 7 and metrics["metrics"] == {}
+    assert "(predictions only)" in (out / "results.md").read_text()
+
+
+def test_captioning_over_caption_shards_scores_against_their_captions(ckpt, tmp_path):
+    from tests.helpers import caption_shards
+
+    shards = caption_shards(tmp_path / "cap", 1, 5)
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "captioning", "--data", shards[0], "--out", str(out), *FAST) == 0
+    res, metrics = results(out, "captioning")
+    assert len(res) == 5 and "CIDEr" in metrics["metrics"]
+
+
+def test_bad_input_is_one_line_naming_the_file(ckpt, sets, tmp_path, capsys):
+    sets["annotations"].write_text('{"annotations": [{"question_id": 101}]}')
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations", str(sets["annotations"]),
+            "--images", str(sets["vqa_root"]), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "annotations.json" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, "--task", "coco_captioning", "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"))
+    assert e.value.code == 2 and "nope.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, "--task", "imagenet", "--data", str(sets["classes"]), "--shots", "2", "--out", str(tmp_path / "o"))
+    assert e.value.code == 2 and "few-shot" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--set", "beams=3")
+    assert e.value.code == 2 and "beams" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_predictions_and_metrics_of_one(ckpt, sets, tmp_path):
+    args = ["--checkpoint", str(ckpt), "--task", "vqav2", "--data", str(sets["questions"]), "--annotations",
+            str(sets["annotations"]), "--images", str(sets["vqa_root"]), "--batch-size", "1", *FAST]
+    one = tmp_path / "one"
+    run(ckpt, *args[2:], "--out", str(one))
+    two = tmp_path / "two"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kosmos.eval", "run",
+           *args, "--out", str(two)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in (two / "vqav2" / "0shot").glob("predictions.*.jsonl"))
+    assert files == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]  # both processes worked
+    assert results(two, "vqav2") [0] == results(one, "vqav2")[0]
+    assert results(two, "vqav2")[1]["metrics"] == results(one, "vqav2")[1]["metrics"]
+
+
+def test_train_eval_tasks_are_checked_with_the_key_named():
+    from kosmos.config import ConfigError
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config("train.eval_tasks=[{task: coco_captioning, data: x.json, limit: 5, num_beams: 2}]")
+    assert cfg.train.eval_tasks[0]["num_beams"] == 2
+    for bad, words in (("[{task: cocoo, data: x}]", "train.eval_tasks[0].task"),
+                       ("[{task: vqav2}]", "needs task and data"),
+                       ("[{task: vqav2, data: x, beams: 2}]", "beams"),
+                       ("[{task: vqav2, data: x, shots: [0, 4]}]", "shots")):
+        with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            tiny_config(f"train.eval_tasks={bad}")
+
+
+@pytest.mark.slow
+def test_training_runs_its_eval_tasks_and_logs_their_metrics(tiny_run, tmp_path, capsys):
+    import train_kosmos
+    from kosmos.config import load_config
+    from tests.helpers import TINY
+
+    captions = next(o.split("=", 1)[1] for o in tiny_run if o.startswith("data.captions.shards="))
+    shard = sorted(Path(captions.strip("[]")).glob("*.tar"))[0]
+    out = tmp_path / "run"
+    task = f"[{{task: captioning, data: '{shard}', limit: 3, max_new_tokens: 3, metrics: [BLEU, CIDEr]}}]"
+    cfg = load_config(TINY, [*tiny_run, f"train.output_dir={out}", "train.max_steps=2", "optim.total_steps=30",
+                             "optim.warmup_steps=5", "train.eval_every=2", f"train.eval_tasks={task}",
+                             "data.text.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
+                             "data.captions.workers=0"])
+    train_kosmos.train(cfg)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("eval "))
+    assert "captioning/CIDEr" in line and "captioning/BLEU-4" in line
+    res = json.loads((out / "eval" / "step_00000002" / "captioning" / "0shot" / "results.json").read_text())
+    assert len(res) == 3
