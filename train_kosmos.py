@@ -92,7 +92,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
                 on_step(acc, state, model, res.samples)
             if step % cfg.train.log_every == 0 or step == max_steps:
                 report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
-                                      bad_steps=state["bad_steps"], skipped=mixture.skipped())
+                                      bad_steps=state["bad_steps"], skipped=mixture.skipped(),
+                                      truncated=mixture.truncated())
                 state["tokens"] += report.tokens
                 log.info(report.line)
                 acc.log(report.metrics, step=step)

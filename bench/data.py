@@ -67,11 +67,13 @@ def baseline(paths: list[str]) -> tuple[int, float]:
 
 
 def pipeline(paths, tok, max_len, latents, size) -> tuple[int, int, int, float]:
+    from kosmos.config import DataConfig
     from kosmos.data import SourceDataset  # imported before the clock starts
     from kosmos.sequence import SequenceEncoder
 
     ds = SourceDataset("captions", paths, SequenceEncoder(tok, latents, size), max_len=max_len,
-                       micro_batch_size=4, shuffle_buffer=0, infinite=False)
+                       micro_batch_size=4, shuffle_buffer=0, infinite=False,
+                       max_tokens=DataConfig().captions.max_tokens)  # the training default
     rows = images = full_rows = full_real = 0
     t0 = time.perf_counter()
     batches = [b for b in ds if not b.get("empty")]

@@ -35,7 +35,15 @@ from data_tools.cli import add_common_args, run_cli
 from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
 from data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_image
 from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
-from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
+from data_tools.tables import (
+    TableError,
+    check_readable,
+    decode_text,
+    iter_table,
+    list_files,
+    table_failure,
+    table_kind,
+)
 from kosmos.data.format import IMAGE_EXTS, IMAGE_FIELD, JSON_FIELD, TEXT_FIELD, TarSpan, iter_tar
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
@@ -130,27 +138,52 @@ def _table_files(input: Path, fmt: str) -> list[Path]:
     return files
 
 
-def _pick_column(rec: dict, given: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str:
+def _pick_column(columns: dict, given: str | None, candidates: tuple[str, ...], what: str, where: str) -> str:
     if given is not None:
-        if given not in rec:
-            raise ConversionError(f"{path}: no column {given!r} (columns: {', '.join(map(str, rec))})")
+        if given not in columns:
+            raise ConversionError(f"{where}: no column {given!r} (columns: {', '.join(map(str, columns))})")
         return given
     for c in candidates:
-        if c in rec:
+        if c in columns:
             return c
-    raise ConversionError(f"{path}: no {what} column found among {', '.join(map(str, rec))}; "
+    raise ConversionError(f"{where}: no {what} column found among {', '.join(map(str, columns))}; "
                           f"name it with --{what}-column")
+
+
+COLUMN_SCAN_ROWS = 1000
+"""Rows read (from the first tables) to find the image and caption columns."""
 
 
 def _resolve_columns(files: list[Path], fmt: str, image_column: str | None,
                      caption_column: str | None) -> tuple[str, str]:
-    """Pick the columns from the first record, so that a wrong name fails before anything is written."""
+    """Pick the columns from the first ``COLUMN_SCAN_ROWS`` rows, so that a wrong name fails before anything
+    is written. A column counts when any of those rows has it; a row that lacks it is skipped and counted
+    later (``missing_caption``, ``missing_image_path``). A table that cannot be read is counted later too; it
+    is named here only when no table has a readable row."""
+    columns: dict = {}
+    rows = 0
+    scanned: list[Path] = []
+    failures: list[str] = []
     for path in files:
-        for _, rec in iter_table(path, fmt):
-            if isinstance(rec, dict):
-                return (_pick_column(rec, image_column, IMAGE_COLUMNS, "image", path),
-                        _pick_column(rec, caption_column, CAPTION_COLUMNS, "caption", path))
-    raise ConversionError(f"no readable rows in {', '.join(map(str, files))}")
+        scanned.append(path)
+        try:
+            for _, rec in iter_table(path, fmt):
+                if isinstance(rec, dict):
+                    columns.update(dict.fromkeys(rec))
+                    rows += 1
+                    if rows >= COLUMN_SCAN_ROWS:
+                        break
+        except (OSError, ValueError) as e:
+            failures.append(str(e) if isinstance(e, TableError) else f"{path}: {e}")
+        if rows >= COLUMN_SCAN_ROWS:
+            break
+    if not rows:
+        why = f" ({'; '.join(failures)})" if failures else ""
+        raise ConversionError(f"no readable rows in {', '.join(map(str, files))}{why}")
+    where = str(scanned[0]) + (f" and {len(scanned) - 1} more tables" if len(scanned) > 1 else "")
+    where += f" (first {rows} rows)"
+    return (_pick_column(columns, image_column, IMAGE_COLUMNS, "image", where),
+            _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", where))
 
 
 def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path | None, image_col: str,
@@ -183,9 +216,8 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
                         if k not in (image_col, caption_col) and not isinstance(v, bytes)}
                 payload = {"image": ImageRef(str(root / img)), "caption": caption, "meta": meta}
                 yield Item(str(key), source, payload)
-        except (OSError, ValueError) as e:  # a table that cannot be read (any further)
-            print(f"warning: {name}: {e}", file=sys.stderr)
-            yield Skipped("unreadable_file", name)
+        except (OSError, ValueError) as e:  # a table that cannot be read (any further): rows before are kept
+            yield Skipped(table_failure(name, e), name)
 
 
 def _img2dataset_sample(name: str, key: str, group: dict) -> Item | Skipped:

@@ -18,6 +18,9 @@ from data_tools.records import Skip
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """File suffixes of input images the converters read."""
 
+JPEG_MAX_SIDE = 65_500
+"""The longest side libjpeg can encode: an image longer than this after resizing is skipped
+(``too_large_for_jpeg``)."""
 
 
 @dataclass
@@ -94,7 +97,9 @@ def normalize_image(data: bytes, opts: ImageOptions) -> tuple[bytes, tuple[int, 
 
     Returns ``(jpeg_bytes, (width, height) after resizing, (width, height) of the original)``.
     Raises ``Skip`` with reason ``empty_image``, ``corrupt_image``, ``truncated_image``,
-    ``decompression_bomb``, ``image_too_small``, ``single_colour_image`` or ``unsupported_image``.
+    ``decompression_bomb``, ``image_too_small``, ``single_colour_image``, ``unsupported_image``,
+    ``too_large_for_jpeg`` (a side over ``JPEG_MAX_SIDE`` after resizing, e.g. a 70000x80 banner) or
+    ``unencodable_image``.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -143,8 +148,13 @@ def normalize_image(data: bytes, opts: ImageOptions) -> tuple[bytes, tuple[int, 
         lo_hi = img.getextrema()
         if all(lo == hi for lo, hi in lo_hi):
             raise Skip("single_colour_image")
+    if max(img.size) > JPEG_MAX_SIDE:
+        raise Skip("too_large_for_jpeg", f"{img.width}x{img.height}")
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=opts.jpeg_quality)
+    try:
+        img.save(buf, format="JPEG", quality=opts.jpeg_quality)
+    except (OSError, ValueError) as e:  # an encoder failure drops this image, not its whole document
+        raise Skip("unencodable_image", f"{type(e).__name__}: {e}") from None
     return buf.getvalue(), img.size, (width, height)
 
 

@@ -9,6 +9,7 @@ import argparse
 import io
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from kosmos.data.format import is_image_field, iter_tar
@@ -75,16 +76,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     manifest = a.path / "manifest.json" if a.path.is_dir() else None
     if manifest is not None and manifest.is_file():
-        m = json.loads(manifest.read_text(encoding="utf-8"))
-        print(f"{m.get('tool')} ({m.get('kind')}): {json.dumps(m.get('totals'))}")
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            print(f"{m.get('tool')} ({m.get('kind')}): {json.dumps(m.get('totals'))}")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            print(f"warning: {manifest} does not parse ({e})", file=sys.stderr)
     shown = 0
     for shard in shards:
-        for sample in iter_tar(shard):
+        broken: Counter = Counter()
+        errors: list[str] = []
+        read = 0
+        for sample in iter_tar(shard, broken, errors=errors):
             if shown >= a.n:
                 return 0
             print(f"{shard.name}: " + describe(sample.key, sample.files, a.width))
             shown += 1
+            read += 1
+        if broken["broken_shard"] or (broken["truncated_shard"] and not read):
+            print(f"error: {_broken_desc(shard, read, errors)}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _broken_desc(shard: Path, read: int, errors: list[str]) -> str:
+    """One line on a tar that could not be read (to its end)."""
+    if shard.stat().st_size == 0:
+        return f"{shard}: an empty file (0 bytes), not a tar"
+    why = "; ".join(errors) or "it ends without the end-of-archive blocks"
+    if not read:
+        return f"{shard}: not a readable tar ({why})"
+    return f"{shard}: the tar breaks after {read} samples ({why}); check it with python -m data_tools.verify"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from data_tools.cli import OptionSpec, add_common_args, run_cli
 from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
 from data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_image, url_hashes
 from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
-from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
+from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_failure, table_kind
 from kosmos.data.format import JSON_FIELD, TarSpan, image_field, iter_tar
 
 FORMATS = ("obelics", "mmc4")
@@ -220,9 +220,8 @@ def _rows(input: Path, files: list[Path]) -> Iterator[tuple[str, str, dict | Ski
         try:
             for row, rec in iter_table(path):
                 yield f"{stem}-{row:08d}", f"{rel}:{row}", rec
-        except (OSError, ValueError) as e:
-            print(f"warning: {rel}: {e}", file=sys.stderr)
-            yield "", rel, Skip("unreadable_file")
+        except (OSError, ValueError) as e:  # a table that cannot be read (any further): rows before are kept
+            yield "", rel, Skip(table_failure(rel, e))
 
 
 def _key(rec: dict, default: str) -> str:

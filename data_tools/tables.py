@@ -1,12 +1,15 @@
 """Reading the converters' inputs: tables (jsonl(.gz), parquet, csv, tsv) row by row, files under a folder,
 text fields. A row or a field that cannot be used gives a ``Skip`` with its reason instead of stopping the
-run; an input that cannot be read at all raises ``ConversionError`` before anything is written.
+run; an input that cannot be read at all raises ``ConversionError`` before anything is written. A table
+that breaks part way (a truncated or corrupt ``.gz``, a damaged parquet) raises ``TableError`` after the rows
+before the damage: the converters keep those rows and count the file under the error's reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,29 +17,60 @@ from typing import Any
 from data_tools.records import ConversionError, Skip
 
 
+class TableError(OSError):
+    """A table that cannot be read (any further), raised after the rows read before the damage.
+
+    ``reason`` is the skip reason it is counted under: ``truncated_file`` (the data ends early, e.g. a cut
+    ``.gz``) or ``corrupt_file`` (not decodable: bad compressed data, not a parquet file, ...).
+    """
+
+    def __init__(self, path: Path, rows: int, error: BaseException):
+        self.reason = "truncated_file" if isinstance(error, EOFError) else "corrupt_file"
+        what = "truncated" if self.reason == "truncated_file" else "corrupt"
+        where = f"after {rows} rows" if rows else "before its first row"
+        super().__init__(f"{path}: {what} {where} ({type(error).__name__}: {error})")
+
+
+def table_failure(name: str, error: Exception) -> str:
+    """Warn that table ``name`` could not be read (further) and return the skip reason to count it under:
+    the ``TableError``'s, or ``unreadable_file``."""
+    if isinstance(error, TableError):
+        print(f"warning: {error}; the rows before are kept", file=sys.stderr)
+        return error.reason
+    print(f"warning: {name}: {error}", file=sys.stderr)
+    return "unreadable_file"
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | Skip]]:
     """``(line number, record)`` for each line of a ``.jsonl``/``.jsonl.gz`` file.
 
-    A line that is not UTF-8 or not a JSON object gives a ``Skip`` instead of the record.
+    A line that is not UTF-8 or not a JSON object gives a ``Skip`` instead of the record; a ``.gz`` that is
+    cut short or corrupt raises ``TableError`` after the lines before the damage.
     """
     import gzip
+    import zlib
 
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for i, raw in enumerate(f):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield i, Skip("non_utf8_text")
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                yield i, Skip("malformed_json")
-                continue
-            yield i, rec if isinstance(rec, dict) else Skip("malformed_json")
+        rows = 0
+        try:
+            for i, raw in enumerate(f):
+                rows = i + 1
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield i, Skip("non_utf8_text")
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    yield i, Skip("malformed_json")
+                    continue
+                yield i, rec if isinstance(rec, dict) else Skip("malformed_json")
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise TableError(path, rows, e) from None
 
 
 def iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | Skip]]:
@@ -61,14 +95,21 @@ def iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | Skip]]:
 
 
 def iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(row number, record)`` for each row of a parquet file, read in batches."""
+    """``(row number, record)`` for each row of a parquet file, read in batches; a file that is not parquet
+    or is damaged raises ``TableError`` (after the rows read before the damage)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            yield i, rec
-            i += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                yield i, rec
+                i += 1
+    except PermissionError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise TableError(path, i, e) from None
 
 
 TABLE_SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet",

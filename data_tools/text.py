@@ -24,7 +24,7 @@ from data_tools import cli
 from data_tools.cli import add_common_args, run_cli
 from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
 from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
-from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
+from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_failure, table_kind
 
 
 def make_text_sample(item: Item, ctx: None = None) -> Sample:
@@ -84,9 +84,8 @@ def _records(input: Path, files: list[Path], text_field: str,
                     key = str(rec[id_field])
                 meta = {k: v for k, v in rec.items() if k != text_field and not isinstance(v, bytes)}
                 yield Item(key, source, {"text": text, "meta": meta})
-        except (OSError, ValueError) as e:
-            print(f"warning: {rel}: {e}", file=sys.stderr)
-            yield Skipped("unreadable_file", rel)
+        except (OSError, ValueError) as e:  # a table that cannot be read (any further): rows before are kept
+            yield Skipped(table_failure(rel, e), rel)
 
 
 def convert_text(

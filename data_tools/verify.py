@@ -7,6 +7,8 @@ must be UTF-8, ``.json`` must parse, every sample must be one the training reade
 format of ``kosmos.data.format``: interleaved samples hold the images their segments name, caption
 samples have an image and a non-empty caption, ...), the tar must be complete and the counts must
 match ``manifest.json``.
+img2dataset's own output (no ``manifest.json``; a ``NAME_stats.json`` beside each ``NAME.tar``), which
+training reads directly, is verified as caption shards, each against the ``successes`` of its stats file.
 Exits 1 when any shard is corrupt or disagrees with the manifest, 2 when the folder cannot be read.
 """
 
@@ -122,6 +124,11 @@ def verify(folder: str | Path, quiet: bool = False) -> tuple[bool, list[ShardRep
             manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             general.append(f"manifest.json does not parse ({e})")
+    elif any(folder.glob("*_stats.json")):
+        manifest = _img2dataset_manifest(folder)
+        if not quiet:
+            print(f"note: no manifest.json; {folder} is img2dataset output: verified as caption shards "
+                  "against its _stats.json files")
     else:
         general.append("no manifest.json")
     kind = manifest.get("kind") if isinstance(manifest, dict) else None
@@ -140,8 +147,9 @@ def verify(folder: str | Path, quiet: bool = False) -> tuple[bool, list[ShardRep
             want = listed.get(path.name)
             if want is None:
                 rep.problems.append("not listed in manifest.json")
-            elif want.get("samples") != rep.samples:
-                rep.problems.append(f"manifest.json says {want.get('samples')} samples, found {rep.samples}")
+            elif "samples" in want and want["samples"] != rep.samples:
+                rep.problems.append(f"{want.get('listed_in', 'manifest.json')} says {want['samples']} samples, "
+                                    f"found {rep.samples}")
         reports.append(rep)
         if not quiet:
             status = "ok" if not rep.problems else f"{len(rep.problems)} problems"
@@ -161,10 +169,28 @@ def verify(folder: str | Path, quiet: bool = False) -> tuple[bool, list[ShardRep
     return ok, reports
 
 
+def _img2dataset_manifest(folder: Path) -> dict:
+    """A manifest for img2dataset's output (captions): each ``NAME.tar`` with the ``successes`` that its
+    ``NAME_stats.json`` reports (samples written to the tar; a tar without a readable stats file is listed
+    without a count)."""
+    shards = []
+    for tar in sorted(folder.glob("*.tar")):
+        entry: dict = {"name": tar.name, "listed_in": f"{tar.stem}_stats.json"}
+        try:
+            stats = json.loads((folder / entry["listed_in"]).read_text(encoding="utf-8"))
+            if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
+                entry["samples"] = stats["successes"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            pass
+        shards.append(entry)
+    return {"kind": "captions", "shards": shards}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: 0 when every shard is sound, 1 when not, 2 when the folder cannot be read."""
     p = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[0])
-    p.add_argument("folder", type=Path, help="folder holding the .tar shards and manifest.json")
+    p.add_argument("folder", type=Path, help="folder holding the .tar shards and manifest.json (or "
+                   "img2dataset output: .tar with _stats.json)")
     a = p.parse_args(argv)
     try:
         ok, _ = verify(a.folder)

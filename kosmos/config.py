@@ -295,6 +295,11 @@ class SourceConfig:
     """DataLoader worker processes for this source, per rank."""
     shuffle_buffer: int = 1000
     """Samples held by each worker's shuffle buffer (0: no shuffling beyond the shard order)."""
+    max_tokens: int = 0
+    """A sample longer than this many tokens (`<s>`, text and image spans) is cut there, never inside an
+    image span; its tail is dropped and counted (`train/truncated/<source>`). 0: no cap. Default 512 for
+    captions (a 1 MB caption would otherwise fill thousands of rows), none for text and interleaved documents
+    (the paper packs long documents over several rows)."""
 
 
 @dataclass
@@ -304,7 +309,8 @@ class DataConfig:
 
     text: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=500_000))
     """Text corpora: shards of `KEY.txt` documents."""
-    captions: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=500_000))
+    captions: SourceConfig = field(
+        default_factory=lambda: SourceConfig(tokens_per_step=500_000, max_tokens=512))
     """Image-caption pairs: img2dataset-style `KEY.jpg` + `KEY.txt`."""
     interleaved: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=200_000))
     """Interleaved image-text documents: `KEY.json` segments + `KEY.imgN.jpg`."""
@@ -321,6 +327,7 @@ class DataConfig:
             _check(src.micro_batch_size > 0, f"data.{name}.micro_batch_size", "must be positive")
             _check(src.workers >= 0, f"data.{name}.workers", "must be >= 0")
             _check(src.shuffle_buffer >= 0, f"data.{name}.shuffle_buffer", "must be >= 0")
+            _check(src.max_tokens >= 0, f"data.{name}.max_tokens", "must be >= 0 (0: no cap)")
         _check(0 <= self.mixture_tolerance < 1, "data.mixture_tolerance",
                f"must be in [0, 1), got {self.mixture_tolerance}")
 

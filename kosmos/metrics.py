@@ -57,9 +57,10 @@ class Meter:
                 self.losses[name] = self.losses[name] + s if name in self.losses else s.clone()
 
     def report(self, step: int, *, lr: float, gnorm: float, bad_steps: int,
-               skipped: dict[str, dict[str, int]]) -> Report:
+               skipped: dict[str, dict[str, int]], truncated: dict[str, int] | None = None) -> Report:
         """Reduce the window over the ranks (in the same order on every rank) and start a new one. `skipped`
-        is this rank's skipped samples per source and reason (mixture.skipped())."""
+        is this rank's skipped samples per source and reason (mixture.skipped()), `truncated` its samples cut
+        to `data.<source>.max_tokens` per source (mixture.truncated())."""
         acc = self.acc
         elapsed = time.perf_counter() - self.t0
         counts = torch.tensor([self.rows, self.real, self.images], device=acc.device, dtype=torch.float64)
@@ -80,6 +81,7 @@ class Meter:
         if self.peak:
             metrics["train/mfu"] = flops / elapsed / (self.peak * acc.num_processes)
         metrics.update(by_reason)
+        metrics.update({f"train/truncated/{src}": n for src, n in (truncated or {}).items()})  # this rank
         self._reset()
         return Report(metrics, log_line(step, metrics, losses), int(real))
 

@@ -3,12 +3,13 @@
     python -m tokenizer.build --input corpus/ more.jsonl.gz --vocab-size 64007 --output tok/
 
 Inputs are ``.txt`` (one line per sentence), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line,
-its text field a document), text webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document;
-members grouped as ``kosmos.data.format`` does)
+its text field a document), webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document, or for
+interleaved shards the text segments of its ``KEY.json``; members grouped as ``kosmos.data.format`` does)
 and folders of these, searched recursively. The inputs are streamed once: every non-empty line is
 offered to a reservoir sample of ``--sample-sentences`` lines (seeded), so a corpus larger than
 memory is sampled, never loaded whole. Lines that are not UTF-8 and jsonl lines that are not JSON
-are skipped, counted and reported.
+are skipped, counted and reported; a ``.gz`` that is cut short or corrupt keeps the documents before
+the damage and is reported too.
 
 The output folder gets ``tokenizer.model``, ``tokenizer.vocab`` (piece and score per line) and
 ``tokenizer_config.json`` (special ids, the arguments, the inputs with their sizes and skips).
@@ -26,13 +27,14 @@ import re
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kosmos.data.format import TEXT_FIELD, iter_tar
+from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
 from tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -68,7 +70,8 @@ class InputStats:
     lines: int = 0
     """Non-blank lines offered to the sample (long lines count once per chunk)."""
     skipped: dict[str, int] = field(default_factory=dict)
-    """Reason ("not utf-8", "not json", "no text field", "broken tar") -> count."""
+    """Reason ("not utf-8", "not json", "no text field", "no text member", "broken tar", "truncated file",
+    "corrupt file") -> count."""
     errors: list[str] = field(default_factory=list)
     """Details of read errors (what broke a tar)."""
 
@@ -130,12 +133,18 @@ def _read_documents(
         if name.endswith((".tar", ".tar.gz", ".tgz")):
             broken: Counter = Counter()
             errors: list[str] = []
-            for sample in iter_tar(raw, broken, read=lambda f: f == TEXT_FIELD, errors=errors):
+            for sample in iter_tar(raw, broken, read=lambda f: f in (TEXT_FIELD, JSON_FIELD), errors=errors):
                 data = sample.files.get(TEXT_FIELD)
                 if isinstance(data, bytes):
                     text = _decode(data, stats)
-                    if text is not None:
-                        yield text
+                elif isinstance(sample.files.get(JSON_FIELD), bytes):  # an interleaved document
+                    text = _segments_text(sample.files[JSON_FIELD], stats)
+                else:
+                    text = None
+                    if not sample.cut:  # a sample cut by a broken tar is counted as "broken tar"
+                        stats.skip("no text member")
+                if text is not None:
+                    yield text
                 progress()
             if broken["broken_shard"]:  # the documents read before the damage are kept
                 stats.skip("broken tar")
@@ -163,9 +172,31 @@ def _read_documents(
                             stats.skip("no text field")
                             continue
                     yield text
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise BuildError(f"cannot read {path}: {e}") from None
+            except (OSError, EOFError, zlib.error) as e:  # the documents read before the damage are kept
+                what = "truncated file" if isinstance(e, EOFError) else "corrupt file"
+                stats.skip(what)
+                stats.errors.append(f"{what} after {stats.documents} documents: {type(e).__name__}: {e}")
         progress()
+
+
+def _segments_text(raw: bytes, stats: InputStats) -> str | None:
+    """The text of an interleaved sample's ``KEY.json`` (``{"segments": [{"text": ...}, {"image": ...}]}``,
+    see ``kosmos.data.format``): its text segments, one per line; None (counted) when it holds none."""
+    text = _decode(raw, stats)
+    if text is None:
+        return None
+    try:
+        segments = json.loads(text).get("segments")
+    except (json.JSONDecodeError, AttributeError):
+        segments = None
+    if not isinstance(segments, list):
+        stats.skip("no text member")
+        return None
+    texts = [s["text"] for s in segments if isinstance(s, dict) and isinstance(s.get("text"), str)]
+    if not texts:
+        stats.skip("no text segment")
+        return None
+    return "\n".join(texts)
 
 
 def _split_lines(document: str) -> Iterator[str]:
@@ -433,7 +464,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="corpus files (.txt one sentence per line; .jsonl/.jsonl.gz one JSON object "
-                        "per line; .tar text webdataset shards of KEY.txt documents) or folders of them")
+                        "per line; .tar webdataset shards: KEY.txt documents, or the text segments of "
+                        "interleaved KEY.json) or folders of them")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="folder for tokenizer.model, tokenizer.vocab and tokenizer_config.json")
     parser.add_argument("--vocab-size", type=int, default=PAPER_VOCAB_SIZE,

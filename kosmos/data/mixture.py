@@ -165,7 +165,7 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
     ds = SourceDataset(
         name, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
         num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
-        shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train)
+        shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens)
     return SourceLoader(ds)
 
 
@@ -228,6 +228,10 @@ class Mixture:
 
     def skipped(self) -> dict[str, dict[str, int]]:
         return {name: dict(loader.skipped()) for name, loader in self.loaders.items()}
+
+    def truncated(self) -> dict[str, int]:
+        """Samples cut to `data.<source>.max_tokens` so far, per source (this rank)."""
+        return {name: loader.truncated() for name, loader in self.loaders.items()}
 
 
 def build_mixture(cfg: Config, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1) -> Mixture:

@@ -5,7 +5,9 @@
     captions     KEY.jpg|png|webp|jpeg + KEY.txt          <s> <image> [slots] </image> caption </s>
     interleaved  KEY.json {"segments": [...]} + KEY.imgN  <s> text <image> [slots] </image> text ... </s>
 
-A sample that cannot be used raises `BadSample(reason)`; the stream skips it and counts the reason.
+A sample that cannot be used raises `BadSample(reason)`; the stream skips it and counts the reason. A sample
+longer than the source's `max_tokens` (`data.<source>.max_tokens`) is cut there, never inside an image span;
+the rest (images included) is dropped and the stream counts it as truncated.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ class Encoded:
     """Index of each image's `<image>` token in `ids`."""
     start: int = 0
     """Tokens already placed in earlier rows (a document longer than a row continues)."""
+    truncated: bool = False
+    """Cut to `max_tokens` (its tail dropped)."""
+
+
+MAX_CHARS_PER_TOKEN = 16
+"""SentencePiece's longest piece (its `max_sentencepiece_length` default): with a cap of n tokens, text
+beyond n * 16 characters of a segment can never be kept, so it is dropped before tokenizing (a 1 MB caption
+costs no more than a short one)."""
 
 
 def _image(data: bytes, size: int) -> torch.Tensor:
@@ -57,8 +67,33 @@ def sample_segments(kind: str, raw: dict, image_size: int) -> list:
     return [_image(s.data, image_size) if isinstance(s, ImageSegment) else s for s in segments]
 
 
-def encode_sample(kind: str, raw: dict, pos: tuple[int, int], encoder: SequenceEncoder) -> Encoded:
+def encode_sample(kind: str, raw: dict, pos: tuple[int, int], encoder: SequenceEncoder,
+                  max_tokens: int = 0) -> Encoded:
+    """The sample's tokens and images; with `max_tokens` (0: no cap) at most that many tokens (`truncated`
+    set when anything was cut)."""
     segments = sample_segments(kind, raw, encoder.image_size)
+    cut_text = False
+    if max_tokens:
+        limit = max_tokens * MAX_CHARS_PER_TOKEN
+        cut_text = any(isinstance(s, str) and len(s) > limit for s in segments)
+        if cut_text:
+            segments = [s[:limit] if isinstance(s, str) else s for s in segments]
     seq = encoder.encode(segments, bos=True, eos=True)
     images = [s for s in segments if isinstance(s, torch.Tensor)]
-    return Encoded(pos=pos, ids=seq.ids, image_mask=seq.image_mask, images=images, image_starts=seq.image_starts)
+    item = Encoded(pos=pos, ids=seq.ids, image_mask=seq.image_mask, images=images,
+                   image_starts=seq.image_starts)
+    if max_tokens and (cut_text or len(item.ids) > max_tokens):
+        _truncate(item, max_tokens, encoder.span)
+    return item
+
+
+def _truncate(item: Encoded, max_tokens: int, span: int) -> None:
+    """Cut `item` to at most `max_tokens` tokens, before an image span that the cut would split."""
+    cut = min(max_tokens, len(item.ids))
+    for s in item.image_starts:
+        if s < cut < s + span:
+            cut = s
+    kept = sum(1 for s in item.image_starts if s < cut)
+    item.ids, item.image_mask = item.ids[:cut], item.image_mask[:cut]
+    item.images, item.image_starts = item.images[:kept], item.image_starts[:kept]
+    item.truncated = True

@@ -47,13 +47,15 @@ class WorkerStream:
     """One global worker's deterministic, resumable stream of encoded samples."""
 
     def __init__(self, kind: str, shards: list[str], g: int, G: int, *, encoder: SequenceEncoder,
-                 seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, state: dict | None = None):
+                 seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, max_tokens: int = 0,
+                 state: dict | None = None):
         self.kind, self.shards, self.g, self.G = kind, shards, g, G
-        self.encoder = encoder
+        self.encoder, self.max_tokens = encoder, max_tokens
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
         self.split_samples = len(shards) < G
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{g}")
         self.skipped: Counter = Counter()
+        self.truncated = 0  # samples cut to max_tokens
         self.epoch, self.k, self.offset = 0, 0, -1  # reading cursor: epoch, index in this epoch's order, offset
         self.buffer: list[tuple[tuple[int, int], dict]] = []
         self.n_samples = 0
@@ -110,7 +112,7 @@ class WorkerStream:
 
     def _encode(self, pos, raw) -> Encoded | None:
         try:
-            return encode_sample(self.kind, raw, pos, self.encoder)
+            return encode_sample(self.kind, raw, pos, self.encoder, self.max_tokens)
         except BadSample as e:
             self.skipped[e.reason] += 1
             return None
@@ -124,6 +126,7 @@ class WorkerStream:
             item = self._encode(pos, raw)
             if item is not None:
                 self.n_samples += 1
+                self.truncated += item.truncated
                 yield item
 
     # ------------------------------------------------------------------ state
@@ -134,7 +137,7 @@ class WorkerStream:
             "buffer": [list(pos) for pos, _ in self.buffer],
             "rng": _rng_state(self.rng),
             "carry": [carry.pos[0], carry.pos[1], carry.start] if carry is not None else None,
-            "skipped": dict(self.skipped), "samples": self.n_samples,
+            "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
         }
 
     def _restore(self, st: dict) -> None:
@@ -142,6 +145,7 @@ class WorkerStream:
         _set_rng_state(self.rng, st["rng"])
         self.skipped = Counter(st["skipped"])
         self.n_samples = st["samples"]
+        self.truncated = st.get("truncated", 0)  # absent from checkpoints older than max_tokens
         wanted = [tuple(p) for p in st["buffer"]]
         if st["carry"] is not None:
             wanted.append((st["carry"][0], st["carry"][1]))
@@ -165,10 +169,15 @@ class SourceDataset(IterableDataset):
 
     def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
                  micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, infinite: bool = True):
+                 shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0):
         super().__init__()
         if not shards:
             raise ValueError(f"{kind}: no shards")
+        if 0 < max_tokens < encoder.span + 2:
+            raise ValueError(f"config key 'data.{kind}.max_tokens': {max_tokens} cannot hold <s>, an image "
+                             f"span ({encoder.span} tokens) and a token of text; use 0 (no cap) or at least "
+                             f"{encoder.span + 2}")
+        self.max_tokens = max_tokens
         self.kind, self.shards, self.encoder, self.max_len = kind, list(shards), encoder, max_len
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -180,7 +189,7 @@ class SourceDataset(IterableDataset):
         nw = max(1, self.num_workers)
         return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
                             encoder=self.encoder, seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
-                            state=self.states.get(logical))
+                            max_tokens=self.max_tokens, state=self.states.get(logical))
 
     def __iter__(self):
         info = get_worker_info()
@@ -247,6 +256,10 @@ class SourceLoader:
 
     def samples_seen(self) -> int:
         return sum(st["samples"] for st in self.states.values())
+
+    def truncated(self) -> int:
+        """Samples cut to `max_tokens` so far, over this rank's workers."""
+        return sum(st.get("truncated", 0) for st in self.states.values())
 
     def state_dict(self) -> dict:
         return {"kind": self.dataset.kind, "world_size": self.dataset.world_size, "num_workers": self.num_workers,
