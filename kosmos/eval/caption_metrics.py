@@ -62,6 +62,11 @@ def _java_on_path(java: str):
             os.environ["PATH"] = old
 
 
+# Line breaks other than \n: the Java tokenizer ends a line at them, and pycocoevalcap, which pairs its output
+# lines with the captions in order (replacing only \n), would then give every later caption its neighbour's
+# tokens. They become spaces, as pycocoevalcap does with \n.
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
+
 # ----------------------------------------------------------------------------- pure-Python fallback
 
 _ABBREVIATIONS = frozenset(
@@ -69,6 +74,9 @@ _ABBREVIATIONS = frozenset(
     "sep sept oct nov dec gen gov sen rep sgt capt lt col".split())
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _SUBS = [  # in this order: quotes and dashes before the contractions and brackets that carry ' and -
+    (re.compile(r"[\u2018\u2019]"), "'"),  # curly single quotes and apostrophes
+    (re.compile(r"[\u201c\u201d]"), '"'),
+    (re.compile(r"[\u2013\u2014]"), " -- "),  # en and em dashes
     (re.compile(r'"'), " `` "),  # a double quote becomes `` or '' (both dropped)
     (re.compile(r"(^|\s)-(?=\S)"), r"\1 - "),
     (re.compile(r"(?<=\S)-(\s|$)"), r" - \1"),
@@ -102,7 +110,7 @@ def _split_period(token: str) -> list[str]:
 def ptb_tokenize(caption: str) -> str:
     """A pure-Python approximation of pycocoevalcap's tokenisation of one caption (PTBTokenizer with
     -lowerCase, then its punctuation tokens dropped): the fallback when there is no Java."""
-    text = caption.replace("\n", " ").lower()
+    text = _LINE_BREAKS.sub(" ", caption).lower()
     for pattern, repl in _SUBS:
         text = pattern.sub(repl, text)
     tokens = [t for tok in text.split() for t in _split_period(tok)]
@@ -118,9 +126,16 @@ def _tokenize(gts: dict, res: dict, java: str | None) -> tuple[dict, dict]:
                 {k: [ptb_tokenize(c["caption"]) for c in v] for k, v in res.items()})
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    def clean(records: dict) -> dict:
+        return {k: [{"caption": _LINE_BREAKS.sub(" ", c["caption"])} for c in v] for k, v in records.items()}
+
     with _java_on_path(java):
         tokenizer = PTBTokenizer()
-        return tokenizer.tokenize(gts), tokenizer.tokenize(res)
+        out = tokenizer.tokenize(clean(gts)), tokenizer.tokenize(clean(res))
+    for before, after in zip((gts, res), out, strict=True):
+        if any(len(after.get(k, ())) != len(v) for k, v in before.items()):
+            raise RuntimeError("the PTB tokenizer returned a different number of captions than it was given")
+    return out
 
 
 def _spice_ready() -> str | None:
