@@ -433,9 +433,23 @@ def test_score_cli_unknown_missing_and_malformed(tmp_path, capsys):
     assert "scoring the 4 predicted of 5 ids" in captured.err and last_json(captured.out)["n"] == 4
 
     args = caption_files(tmp_path)
+    write(Path(args[3]), [{"image_id": 139, "caption": "a"}, {"image_id": "139", "caption": "b"}])
+    assert score_main(["captioning", *args]) == 2
+    assert "2 predictions name the same id twice (as a number and as a string): 139, '139'" in \
+        capsys.readouterr().err
     write(Path(args[3]), [{"image_id": 139, "caption": None}])
     assert score_main(["captioning", *args]) == 2
     assert "preds.json: [0].caption: expected a string" in capsys.readouterr().err
+    # an image without captions in the references: an error only when it is predicted
+    write(Path(args[1]), {"images": [{"id": 5, "file_name": "a.jpg"}, {"id": 6, "file_name": "b.jpg"}],
+                          "annotations": [{"image_id": 5, "id": 1, "caption": "a red bus"}]})
+    write(Path(args[3]), [{"image_id": 5, "caption": "a bus"}, {"image_id": 6, "caption": "a car"}])
+    assert score_main(["captioning", *args, "--no-meteor"]) == 2
+    assert "captions.json: 1 predicted images have no reference caption: 6" in capsys.readouterr().err
+    write(Path(args[3]), [{"image_id": 5, "caption": "a bus"}])
+    assert score_main(["captioning", *args, "--no-meteor", "--allow-missing"]) == 0
+    assert last_json(capsys.readouterr().out)["n"] == 1
+
     write(Path(args[1]), {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]})
     assert score_main(["captioning", *args]) == 2
     err = capsys.readouterr().err

@@ -70,7 +70,7 @@ _LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
 # ----------------------------------------------------------------------------- pure-Python fallback
 
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr prof mt ft ave blvd rd co corp inc ltd vs etc no jan feb mar apr jun jul aug "
+    "mr mrs ms dr st jr sr prof mt ft ave blvd rd co corp inc ltd vs etc jan feb mar apr jun jul aug "
     "sep sept oct nov dec gen gov sen rep sgt capt lt col".split())
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _SUBS = [  # in this order: quotes and dashes before the contractions and brackets that carry ' and -

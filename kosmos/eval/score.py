@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections import Counter
 
 from kosmos.eval.datasets import EvalDataError, load_captions, load_vqa, read_json
 
@@ -59,6 +60,11 @@ def _match(predictions: dict, reference_ids: list, path, allow_missing: bool) ->
         raise EvalDataError(f"{path}: {len(unknown)} of {len(predictions)} predicted ids are not in the "
                             f"references: {_few(unknown)}")
     matched = {by_str[str(k)]: v for k, v in predictions.items()}
+    if len(matched) < len(predictions):
+        counts = Counter(str(k) for k in predictions)
+        twice = [k for k in predictions if counts[str(k)] > 1]
+        raise EvalDataError(f"{path}: {len(twice)} predictions name the same id twice (as a number and as a "
+                            f"string): {_few(twice)}")
     missing = [k for k in reference_ids if k not in matched]
     if missing and not allow_missing:
         raise EvalDataError(f"{path}: {len(missing)} of {len(reference_ids)} reference ids have no "
@@ -76,12 +82,12 @@ def score_captioning(args) -> dict:
 
     items = load_captions(args.annotations, image_root=".", split=args.split)
     refs = {it.id: it.references for it in items}
-    empty = [k for k, v in refs.items() if not v]
-    if empty:
-        raise EvalDataError(f"{args.annotations}: {len(empty)} images have no reference caption: "
-                            f"{_few(empty)}")
     preds = _match(_predictions(args.predictions, "image_id", "caption"), list(refs), args.predictions,
                    args.allow_missing)
+    empty = [k for k in preds if not refs[k]]
+    if empty:
+        raise EvalDataError(f"{args.annotations}: {len(empty)} predicted images have no reference caption: "
+                            f"{_few(empty)}")
     metrics = [m for m in ("BLEU", "METEOR", "ROUGE-L", "CIDEr") if m != "METEOR" or not args.no_meteor]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
