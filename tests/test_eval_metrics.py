@@ -378,7 +378,6 @@ def test_label_metrics_exact():
         score_labels({7: ["x"]}, refs, semantic=False)
 
 
-@pytest.mark.slow  # loading sentence-transformers and the model takes ~20 s here
 def test_label_metrics_semantic_with_the_packaged_model():
     preds = {1: ["puppy", "automobile"], 2: ["couch", "banana"], 3: ["bike"]}
     refs = {1: ["dog", "car"], 2: ["sofa"], 3: ["airplane"]}

