@@ -35,7 +35,7 @@ from data_tools.cli import add_common_args, run_cli
 from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
 from data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_image
 from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
-from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_kind
+from data_tools.tables import check_readable, decode_text, iter_table, list_files, open_regular, table_kind
 from kosmos.data.format import IMAGE_EXTS, IMAGE_FIELD, JSON_FIELD, TEXT_FIELD, TarSpan, iter_tar
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
@@ -96,20 +96,22 @@ def _coco_records(input: Path, images_root: Path, coco: dict) -> Iterator[Item |
 
 
 def _folder_records(root: Path) -> Iterator[Item | Skipped]:
-    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES):
+    others: list[Path] = []  # FIFOs, sockets, devices and broken links with an image suffix
+    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES, others):
         rel = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
         source = path.relative_to(root).as_posix() if path != root else path.name
         txt = path.with_suffix(".txt")
         try:
-            caption = _caption(txt.read_bytes())
+            with open_regular(txt) as f:  # a FIFO sidecar is skipped, not waited on
+                caption = _caption(f.read())
         except FileNotFoundError:
-            yield Skipped("missing_caption", source)
+            yield Skipped("missing_caption", source, txt.name)
             continue
-        except OSError:
-            yield Skipped("unreadable_caption", source)
+        except OSError as e:
+            yield Skipped("unreadable_caption", source, f"{txt.name}: {e.strerror or e}")
             continue
         except Skip as s:
-            yield Skipped(s.reason, source)
+            yield Skipped(s.reason, source, txt.name if s.reason == "not_a_regular_file" else "")
             continue
         meta: dict = {}
         side = path.with_suffix(".json")
@@ -120,6 +122,8 @@ def _folder_records(root: Path) -> Iterator[Item | Skipped]:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 meta = {}
         yield Item(rel, source, {"image": ImageRef(str(path)), "caption": caption, "meta": meta})
+    for path in others:
+        yield Skipped("not_a_regular_file", path.relative_to(root).as_posix())
 
 
 def _table_files(input: Path, fmt: str) -> list[Path]:
