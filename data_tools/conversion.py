@@ -216,12 +216,13 @@ def _merge_examples(into: dict[str, list[str]], more: dict[str, list[str]]) -> N
 def _die_with_parent(parent: int) -> None:
     """Worker initializer: the worker ends when the converter's main process does, even killed with SIGKILL,
     so that no orphan goes on writing into the output folder (where a rerun would race it)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+    import ctypes
+    import signal
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
-    else:
+    try:
+        if ctypes.CDLL(None).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
+            raise OSError("prctl failed")
+    except Exception:  # noqa: BLE001 - no prctl (not Linux): a thread watches the parent instead
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     if os.getppid() != parent:  # the parent died before this
         os._exit(1)

@@ -324,3 +324,17 @@ def test_a_conversion_that_writes_nothing_exits_2_showing_the_paths_tried(tmp_pa
     assert captions.main(["-f", "coco", "-i", str(ann), "--images-root", str(train), "-o", str(tmp_path / "ok"),
                           "--no-progress"]) == 0
     assert manifest(tmp_path / "ok")["totals"]["samples"] == 3
+
+
+def test_an_interleaved_conversion_that_writes_nothing_says_why_its_documents_had_no_image(tmp_path):
+    from data_tools.interleaved import DocOptions, convert_interleaved
+
+    docs = [{"id": f"doc{i}", "texts": ["some text", None], "images": [None, f"https://x.org/{i}.jpg"]}
+            for i in range(2)]
+    table = write(tmp_path / "docs.jsonl", "".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "empty").mkdir()  # a wrong --images-root: no image is found
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=r"no_images=2; e\.g\. docs\.jsonl:0: missing_image=1 "):
+        convert_interleaved("obelics", table, tmp_path / "empty", out, shard_options=_opts(out),
+                            doc_options=DocOptions(single_image_drop=0.0))
+    assert manifest(out)["skipped_images"] == {"missing_image": 2}
