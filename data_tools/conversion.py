@@ -101,7 +101,7 @@ def _fingerprint(args: dict) -> dict:
     return {k: v for k, v in sorted(args.items()) if k not in RUN_ONLY_ARGS}
 
 
-def _lock_output(output: Path) -> IO | None:
+def _lock_output(output: Path) -> IO:
     """Create ``output`` and lock it for this run: the open lock file (the lock goes with it, also when the
     process is killed). ``ConversionError`` when another conversion holds the lock or the folder cannot be
     written."""
@@ -247,13 +247,12 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
     try:
         try:
             _prepare_output(shards.output, _fingerprint(conv.args), shards.overwrite)
-        except OSError as e:
-            raise ConversionError(f"output {shards.output} cannot be written ({e.strerror or e}: "
-                                  f"{e.filename})") from None
+        except OSError as e:  # e.g. a .convert_state folder of another user
+            why = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
+            raise ConversionError(f"output {shards.output} cannot be written ({why})") from None
         manifest = _run(conv, shards)
     finally:
-        if lock is not None:
-            lock.close()
+        lock.close()
     if manifest["totals"]["samples"] == 0:
         first = next(iter(manifest["skipped_examples"].values()), [])
         raise ConversionError(

@@ -256,6 +256,10 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
     for out in (blocker / "out", blocker):
         assert captions.main(["-f", "folder", "-i", str(src), "-o", str(out), "--no-progress"]) == 2
         _one_line_error(capsys, f"output {out} ")
+    out = tmp_path / "out"
+    write(out / ".convert_state", "a file where the state folder goes")
+    assert captions.main(["-f", "folder", "-i", str(src), "-o", str(out), "--no-progress"]) == 2
+    _one_line_error(capsys, f"output {out} cannot be written (File exists: {out / '.convert_state'})")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
