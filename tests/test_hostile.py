@@ -195,12 +195,16 @@ def test_a_locked_output_is_refused_and_leftovers_are_cleaned(tmp_path, capsys):
         assert sorted(p.name for p in out.iterdir()) == [conversion.LOCK]  # nothing else touched
     finally:
         lock.close()
-    # what a killed run leaves (temporary shards, a stale lock file naming a dead process) is no obstacle
+    # what a killed run leaves (temporary files, a lock file naming a dead process) is no obstacle
+    write(out / conversion.LOCK, "999999999\n")
     write(out / "shard-000000-000.tar.tmp", b"half a shard")
     write(out / "shard-000001-000.tar.tmp", b"")
+    write(out / ".convert_state" / "chunk-000001.json.tmp", b"{")
+    write(out / "manifest.json.tmp", b"")
     assert captions.main(argv) == 0
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000-000.tar", "shard-000001-000.tar"]
     assert sorted(read_tar(out)) == ["a", "b", "c"]
+    assert not list(out.rglob("*.tmp"))
 
 
 # ------------------------------------------------------------------ 4. the input changed between runs
