@@ -41,6 +41,7 @@ from data_tools.tables import (
     decode_text,
     iter_table,
     list_files,
+    open_regular,
     table_failure,
     table_kind,
 )
@@ -104,20 +105,22 @@ def _coco_records(input: Path, images_root: Path, coco: dict) -> Iterator[Item |
 
 
 def _folder_records(root: Path) -> Iterator[Item | Skipped]:
-    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES):
+    others: list[Path] = []  # FIFOs, sockets, devices and broken links with an image suffix
+    for path in list_files(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES, others):
         rel = path.relative_to(root).with_suffix("").as_posix() if path != root else path.stem
         source = path.relative_to(root).as_posix() if path != root else path.name
         txt = path.with_suffix(".txt")
         try:
-            caption = _caption(txt.read_bytes())
+            with open_regular(txt) as f:  # a FIFO sidecar is skipped, not waited on
+                caption = _caption(f.read())
         except FileNotFoundError:
-            yield Skipped("missing_caption", source)
+            yield Skipped("missing_caption", source, txt.name)
             continue
-        except OSError:
-            yield Skipped("unreadable_caption", source)
+        except OSError as e:
+            yield Skipped("unreadable_caption", source, f"{txt.name}: {e.strerror or e}")
             continue
         except Skip as s:
-            yield Skipped(s.reason, source)
+            yield Skipped(s.reason, source, txt.name if s.reason == "not_a_regular_file" else "")
             continue
         meta: dict = {}
         side = path.with_suffix(".json")
@@ -128,6 +131,8 @@ def _folder_records(root: Path) -> Iterator[Item | Skipped]:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 meta = {}
         yield Item(rel, source, {"image": ImageRef(str(path)), "caption": caption, "meta": meta})
+    for path in others:
+        yield Skipped("not_a_regular_file", path.relative_to(root).as_posix())
 
 
 def _table_files(input: Path, fmt: str) -> list[Path]:

@@ -1,23 +1,26 @@
 """The conversion run and its manifest.
 
 A converter describes its run as a ``Conversion`` (the inputs in a deterministic order, a handler that turns
-one input into a sample) and ``run_conversion`` does the rest: de-duplicates keys, cuts the items into
-chunks, has worker processes write each chunk's shards (``data_tools.writer``, which also makes reruns
-resume), and writes ``manifest.json`` with every count and skip reason. ``ShardOptions`` says where and how
-big the shards are and how the run goes.
+one input into a sample) and ``run_conversion`` does the rest: locks the output folder, makes keys unique,
+cuts the items into chunks, has worker processes write each chunk's shards (``data_tools.writer``, which also
+makes reruns resume), and writes ``manifest.json`` with every count and skip reason. ``ShardOptions`` says
+where and how big the shards are and how the run goes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from data_tools.records import ConversionError, Handler, Item, Skipped
 from data_tools.writer import (
@@ -25,13 +28,18 @@ from data_tools.writer import (
     STATE_DIR,
     chunk_done,
     clean_chunk,
+    clean_chunks_from,
     convert_chunk,
+    example,
+    listing_digest,
     sanitize_key,
     write_json_atomic,
 )
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+LOCK = ".convert.lock"
+"""File in the output folder that a running conversion holds an exclusive lock on (``flock``)."""
 
 
 @dataclass
@@ -39,7 +47,8 @@ class ShardOptions:
     """Where and how big the shards are."""
 
     output: Path
-    """Folder for the shards and manifest.json (created; an earlier run there is resumed)."""
+    """Folder for the shards and manifest.json (created). An earlier run there is resumed: its finished chunks
+    are kept, those whose inputs changed are redone. One conversion at a time: a second one is refused."""
     samples_per_shard: int = 10_000
     """At most this many samples per shard (inputs are assigned to shards by this count)."""
     max_shard_bytes: int = 1_000_000_000
@@ -92,11 +101,40 @@ def _fingerprint(args: dict) -> dict:
     return {k: v for k, v in sorted(args.items()) if k not in RUN_ONLY_ARGS}
 
 
+def _lock_output(output: Path) -> IO:
+    """Create ``output`` and lock it for this run: the open lock file (the lock goes with it, also when the
+    process is killed). ``ConversionError`` when another conversion holds the lock or the folder cannot be
+    written."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"output {output} exists and is not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        f = open(output / LOCK, "a+", encoding="utf-8")
+    except OSError as e:
+        raise ConversionError(f"output {output} cannot be written ({e.strerror or e})") from None
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: runs are not locked
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise ConversionError(f"output {output} is being written by another conversion"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to end or "
+                              "choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> None:
     state_dir = output / STATE_DIR
     args_path = state_dir / "args.json"
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"output {output} exists and is not a folder")
     if overwrite and output.is_dir():
         for p in output.glob("shard-*.tar*"):
             p.unlink()
@@ -115,14 +153,33 @@ def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     if not args_path.exists():
         write_json_atomic(args_path, json.loads(json.dumps(fingerprint, default=str)))
-    for p in output.glob("shard-*.tar.tmp"):  # left by an interrupted run
-        p.unlink()
+    for p in [*output.glob("shard-*.tar.tmp"), *state_dir.glob("*.tmp"), output / (MANIFEST + ".tmp")]:
+        p.unlink(missing_ok=True)  # left by an interrupted run
+
+
+def _unique_key(raw: str, seen: dict[str, str]) -> str | None:
+    """The sample key of an input key: ``sanitize_key(raw)``, or, when an earlier input's key sanitised to
+    the same name (``a b`` and ``a_b``, ``日本`` and ``中国``), that name with a short hash of ``raw`` appended;
+    None when ``raw`` itself was seen before (a duplicate). ``seen`` maps the keys given so far to their
+    input keys ("" where the two are the same)."""
+    key = sanitize_key(raw)
+    other = seen.get(key)
+    if other is None:
+        seen[key] = "" if key == raw else raw
+        return key
+    if (other or key) == raw:
+        return None
+    key = f"{key}-{hashlib.sha1(raw.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    if key in seen:  # raw seen before, or (most unlikely) a hash collision
+        return None
+    seen[key] = raw
+    return key
 
 
 def _chunks(records: Iterable[Item | Skipped], size: int, limit: int | None, skipped: Counter,
             examples: dict[str, list[str]], counts: Counter) -> Iterator[list[Item]]:
-    """Cut the valid, de-duplicated items into chunks; count the rejected ones."""
-    seen: set[str] = set()
+    """Cut the valid items, with unique keys, into chunks; count the rejected ones."""
+    seen: dict[str, str] = {}
     chunk: list[Item] = []
     n_valid = 0
     for rec in records:
@@ -130,16 +187,16 @@ def _chunks(records: Iterable[Item | Skipped], size: int, limit: int | None, ski
             break
         counts["inputs"] += 1
         if isinstance(rec, Item):
-            rec.key = sanitize_key(rec.key)
-            if rec.key in seen:
+            key = _unique_key(str(rec.key), seen)
+            if key is None:
                 rec = Skipped("duplicate_key", rec.source)
             else:
-                seen.add(rec.key)
+                rec.key = key
         if isinstance(rec, Skipped):
             skipped[rec.reason] += 1
             ex = examples.setdefault(rec.reason, [])
             if len(ex) < MAX_EXAMPLES:
-                ex.append(rec.source)
+                ex.append(example(rec.source, rec.detail))
             continue
         n_valid += 1
         chunk.append(rec)
@@ -156,22 +213,64 @@ def _merge_examples(into: dict[str, list[str]], more: dict[str, list[str]]) -> N
         lst.extend(ex[: MAX_EXAMPLES - len(lst)])
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the worker ends when the converter's main process does, even killed with SIGKILL,
+    so that no orphan goes on writing into the output folder (where a rerun would race it)."""
+    import ctypes
+    import signal
+
+    try:
+        if ctypes.CDLL(None).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
+            raise OSError("prctl failed")
+    except Exception:  # noqa: BLE001 - no prctl (not Linux): a thread watches the parent instead
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before this
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
     """Run a conversion end to end and return the manifest (also written to ``manifest.json``).
 
-    With ``dry_run`` the inputs are only enumerated and counted; nothing is written.
+    With ``dry_run`` the inputs are only enumerated and counted; nothing is written. Raises
+    ``ConversionError`` when another conversion is writing to the output folder, when it cannot be written,
+    and, after writing the manifest, when no sample was written.
     """
+    if dry_run:
+        return _run(conv, shards, dry_run=True)
+    lock = _lock_output(shards.output)
+    try:
+        try:
+            _prepare_output(shards.output, _fingerprint(conv.args), shards.overwrite)
+        except OSError as e:  # e.g. a .convert_state folder of another user
+            why = f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}"
+            raise ConversionError(f"output {shards.output} cannot be written ({why})") from None
+        manifest = _run(conv, shards)
+    finally:
+        lock.close()
+    if manifest["totals"]["samples"] == 0:
+        first = next(iter(manifest["skipped_examples"].values()), [])
+        raise ConversionError(
+            f"no sample written to {shards.output}: {manifest['totals']['inputs']} inputs, "
+            f"skipped: {_fmt_counts(manifest['skipped'])}"
+            + (f"; e.g. {first[0]}" if first else "") + f" (all in {shards.output / MANIFEST})")
+    return manifest
+
+
+def _run(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
     from tqdm import tqdm
 
     output = shards.output
-    fingerprint = _fingerprint(conv.args)
-    if not dry_run:
-        _prepare_output(output, fingerprint, shards.overwrite)
     enum_skipped: Counter = Counter()
     enum_examples: dict[str, list[str]] = {}
     counts: Counter = Counter()
     states: dict[int, dict] = {}
-    reused = 0
+    reused = redone = n_chunks = 0
     t0 = time.perf_counter()
     bar = tqdm(desc=conv.tool.rsplit(".", 1)[-1], unit=" inputs", disable=None if shards.progress else True,
                file=sys.stderr, dynamic_ncols=True)
@@ -193,19 +292,20 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
 
         def schedule(pool) -> None:
             """Submit chunks (skipping finished ones) until enough are in flight."""
-            nonlocal reused
+            nonlocal reused, redone, n_chunks
             while len(pending) < 2 * shards.workers:
                 nxt = next(todo, None)
                 if nxt is None:
                     return
                 i, items = nxt
-                done = chunk_done(output, i)
+                n_chunks = i + 1
+                done = chunk_done(output, i, listing_digest(items))
                 if done is not None:
                     states[i] = done
                     reused += 1
                     bar.update(len(items))
                     continue
-                clean_chunk(output, i)
+                redone += clean_chunk(output, i)
                 if pool is None:
                     states[i] = convert_chunk(*args, i, items, str(output), shards.max_shard_bytes)
                     bar.update(len(items))
@@ -220,7 +320,8 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
             # spawn, not fork: the workers start clean (no inherited threads or locks).
-            with ProcessPoolExecutor(shards.workers, mp_context=mp.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(shards.workers, mp_context=mp.get_context("spawn"),
+                                     initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                 try:
                     schedule(pool)
                     while pending:
@@ -235,13 +336,14 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
     finally:
         bar.close()
 
+    removed = clean_chunks_from(output, n_chunks)  # chunks of a longer input converted here before
     manifest = _build_manifest(conv, output, states, enum_skipped, enum_examples, counts)
     write_json_atomic(output / MANIFEST, manifest)
-    print(_summary_line(manifest, output, reused, time.perf_counter() - t0))
+    print(_summary_line(manifest, output, reused, time.perf_counter() - t0, redone + removed))
     return manifest
 
 
-def _summary_line(manifest: dict, output: Path, reused: int, seconds: float) -> str:
+def _summary_line(manifest: dict, output: Path, reused: int, seconds: float, changed: int = 0) -> str:
     """The closing line: what was written and every skip reason with its count."""
     t = manifest["totals"]
     line = (f"{manifest['tool']}: {t['samples']} samples ({t['images']} images) in {t['shards']} shards, "
@@ -252,6 +354,8 @@ def _summary_line(manifest: dict, output: Path, reused: int, seconds: float) -> 
         line += f"; images skipped: {_fmt_counts(manifest['skipped_images'])}"
     if reused:
         line += f"; {reused} finished chunks reused"
+    if changed:
+        line += f"; {changed} finished chunks redone or removed (their inputs changed or shards were gone)"
     return line + f"; {seconds:.1f}s"
 
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from data_tools.records import Skip
+from data_tools.tables import open_regular
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """File suffixes of input images the converters read."""
@@ -167,9 +168,10 @@ class ImageRef:
     size: int = -1
 
     def read(self) -> bytes:
-        """The image bytes; ``Skip('missing_image')`` when the file is gone or unreadable."""
+        """The image bytes; ``Skip('missing_image')`` when the file is gone, ``Skip('unreadable_image')``
+        when it cannot be read, ``Skip('not_a_regular_file')`` for a FIFO, socket or device."""
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 if self.offset < 0:
                     return f.read()
                 f.seek(self.offset)

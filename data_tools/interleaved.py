@@ -190,7 +190,7 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
     if not any("text" in s for s in segments):
         raise Skip("empty_text", image_skips=skips)
     if n == 0:
-        raise Skip("no_images", image_skips=skips)
+        raise Skip("no_images", ", ".join(f"{k}={v}" for k, v in sorted(skips.items())), image_skips=skips)
     if n == 1 and opts.single_image_drop > 0:
         if random.Random(f"{opts.seed}:{item.key}").random() < opts.single_image_drop:
             raise Skip("single_image_dropped", image_skips=skips)

@@ -44,6 +44,8 @@ class Skipped:
 
     reason: str
     source: str
+    detail: str = ""
+    """What was tried (e.g. the sidecar path), shown after the source in the manifest's examples."""
 
 
 @dataclass

@@ -7,12 +7,14 @@ before the damage: the converters keep those rows and count the file under the e
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from data_tools.records import ConversionError, Skip
 
@@ -137,12 +139,44 @@ def iter_table(path: Path, kind: str | None = None) -> Iterator[tuple[int, dict 
     raise ConversionError(f"{path}: not a table (expected .jsonl, .jsonl.gz, .parquet, .csv or .tsv)")
 
 
-def list_files(root: Path, accept: Callable[[Path], bool]) -> list[Path]:
-    """Files under ``root`` (or ``root`` itself) that ``accept`` takes, sorted by relative path."""
+def list_files(root: Path, accept: Callable[[Path], bool], others: list[Path] | None = None) -> list[Path]:
+    """Files under ``root`` (or ``root`` itself) that ``accept`` takes, sorted by relative path.
+
+    Entries that ``accept`` takes but that are neither regular files nor folders (FIFOs, sockets, devices,
+    broken links) are left out, and appended to ``others`` when it is given, so that they can be counted.
+    """
     if root.is_file():
         return [root]
-    out = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and accept(p)]
+    out = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            if not p.name.startswith(".") and accept(p):
+                out.append(p)
+        elif others is not None and not p.is_dir() and not p.name.startswith(".") and accept(p):
+            others.append(p)
+    if others is not None:
+        others.sort(key=lambda p: p.relative_to(root).as_posix())
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def open_regular(path: str | Path) -> IO[bytes]:
+    """``open(path, "rb")`` for a regular file; ``Skip('not_a_regular_file')`` for a FIFO, socket or device.
+
+    Checked on the opened descriptor, opened without blocking: a plain ``open`` of a FIFO waits for a
+    writer forever. A folder raises ``IsADirectoryError`` as ``open`` does.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise Skip("not_a_regular_file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def check_readable(path: Path, what: str = "input", want_dir: bool | None = None) -> Path:

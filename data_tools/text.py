@@ -15,6 +15,7 @@ fields). Rows get the key from ``--id-field`` when given, else ``FILE-ROW``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -103,14 +104,17 @@ def convert_text(
     supported file.
     """
     input = check_readable(Path(input))
-    files = list_files(input, _is_input)
+    others: list[Path] = []  # FIFOs, sockets, devices and broken links with an input suffix
+    files = list_files(input, _is_input, others)
     if not files or (input.is_file() and not _is_input(input)):
         raise ConversionError(f"no .txt, .jsonl, .jsonl.gz or .parquet input in {input}")
     sopts = shard_options or ShardOptions(output=Path(output))
     sopts.output = Path(output)
     args = {"input": str(input), "text_field": text_field, "id_field": id_field, **options_dict(sopts)}
-    conv = Conversion("data_tools.text", "text", args, _records(input, files, text_field, id_field),
-                      make_text_sample, None)
+    records = itertools.chain(_records(input, files, text_field, id_field),
+                              (Skipped("not_a_regular_file", p.relative_to(input).as_posix())
+                               for p in others))
+    conv = Conversion("data_tools.text", "text", args, records, make_text_sample, None)
     return run_conversion(conv, sopts, dry_run=dry_run)
 
 

@@ -5,13 +5,16 @@ Resume unit: the chunk. Valid inputs, in their sorted order, are cut into consec
 limit splits it), written by ``convert_chunk`` (in a worker process) with deterministic tar members (mtime 0,
 uid/gid 0, no user names, named by ``kosmos.data.format.member_name``) under a temporary name, renamed when
 complete. When all of a chunk's shards have their final names a small state file
-``.convert_state/chunk-{i:06d}.json`` records what it holds. A rerun skips every chunk whose state file
-exists and whose shards are all present (``chunk_done``), and redoes the others, so an interrupted run, run
-again, ends with exactly the shards of an uninterrupted one.
+``.convert_state/chunk-{i:06d}.json`` records what it holds, with a digest of its inputs' keys and names
+(``listing_digest``). A rerun skips every chunk whose state file exists, whose inputs are the same and whose
+shards are all present (``chunk_done``), redoes the others and removes chunks past the last one
+(``clean_chunks_from``), so an interrupted run, run again, ends with exactly the shards of an uninterrupted
+one, also when files were added to or removed from the input in between.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,13 +29,35 @@ from kosmos.data.format import member_name
 
 STATE_DIR = ".convert_state"
 MAX_EXAMPLES = 10  # input names kept per skip reason in the manifest
+MAX_EXAMPLE_CHARS = 300
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+_CHUNK_NAME = re.compile(r"(?:shard|chunk)-(\d+)[-.]")  # shard-000003-000.tar, chunk-000003.json
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f...>" differs from run to run
 
 
 def sanitize_key(raw: str) -> str:
     """A webdataset-safe key: no dots or slashes (they would split the key), ASCII only."""
     key = _KEY_BAD.sub("_", str(raw)).strip("_")
     return key or "_"
+
+
+def example(source: str, detail: str = "") -> str:
+    """A skip example for the manifest: the input's name, then what was tried (a path) or what went wrong."""
+    if not detail:
+        return source
+    detail = _ADDRESS.sub("", str(detail))
+    if len(detail) > MAX_EXAMPLE_CHARS:
+        detail = detail[:MAX_EXAMPLE_CHARS] + "..."
+    return f"{source}: {detail}"
+
+
+def listing_digest(items: list[Item]) -> str:
+    """A digest of a chunk's inputs (keys and names, in order): a rerun redoes a chunk whose inputs
+    changed."""
+    h = hashlib.sha1()
+    for item in items:
+        h.update(f"{item.key}\0{item.source}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def _tar_size(files: dict[str, bytes]) -> int:
@@ -103,7 +128,7 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
             skipped[reason] += 1
             ex = examples.setdefault(reason, [])
             if len(ex) < MAX_EXAMPLES:
-                ex.append(item.source if isinstance(e, Skip) else f"{item.source}: {e}")
+                ex.append(example(item.source, e.detail if isinstance(e, Skip) else str(e)))
             continue
         image_skips.update(sample.image_skips)
         files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}
@@ -123,18 +148,21 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
     for s in shards:
         del s["est"]
         os.replace(out / (s["name"] + ".tmp"), out / s["name"])
-    state = {"chunk": chunk, "inputs": len(items), "shards": shards, "skipped": dict(skipped),
-             "examples": examples, "image_skips": dict(image_skips)}
+    state = {"chunk": chunk, "inputs": len(items), "listing": listing_digest(items), "shards": shards,
+             "skipped": dict(skipped), "examples": examples, "image_skips": dict(image_skips)}
     write_json_atomic(_chunk_state_path(out, chunk), state)
     return state
 
 
-def chunk_done(output: Path, chunk: int) -> dict | None:
-    """The state of a finished chunk (its state file and every shard it lists, at the right size), or None."""
+def chunk_done(output: Path, chunk: int, listing: str) -> dict | None:
+    """The state of a finished chunk (its state file, made from the inputs whose ``listing_digest`` is
+    ``listing``, and every shard it lists, at the right size), or None."""
     path = _chunk_state_path(output, chunk)
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if state.get("listing") != listing:  # the input changed since (or a state file of an older version)
         return None
     for s in state.get("shards", []):
         p = output / s["name"]
@@ -143,8 +171,25 @@ def chunk_done(output: Path, chunk: int) -> dict | None:
     return state
 
 
-def clean_chunk(output: Path, chunk: int) -> None:
-    """Remove what an unfinished run left of a chunk (its shards, finished or not, and its state file)."""
+def clean_chunk(output: Path, chunk: int) -> bool:
+    """Remove what an unfinished run left of a chunk (its shards, finished or not, and its state file);
+    True when the chunk had been finished (its state file existed)."""
     for p in output.glob(f"shard-{chunk:06d}-*.tar*"):
         p.unlink()
-    _chunk_state_path(output, chunk).unlink(missing_ok=True)
+    state = _chunk_state_path(output, chunk)
+    finished = state.exists()
+    state.unlink(missing_ok=True)
+    return finished
+
+
+def clean_chunks_from(output: Path, first: int) -> int:
+    """Remove the shards and state files of chunks ``first`` and after (left by a run over an input that had
+    more files); returns how many chunks were removed."""
+    chunks = set()
+    for p in [*output.glob("shard-*.tar*"), *(output / STATE_DIR).glob("chunk-*.json")]:
+        m = _CHUNK_NAME.match(p.name)
+        if m and int(m.group(1)) >= first:
+            chunks.add(int(m.group(1)))
+    for chunk in chunks:
+        clean_chunk(output, chunk)
+    return len(chunks)

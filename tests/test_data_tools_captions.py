@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -129,7 +130,8 @@ def test_tables_unknown_column_fails_before_writing(tmp_path):
     with pytest.raises(ConversionError, match="image column"):
         convert_captions("jsonl", table, out)
     assert not out.exists()
-    convert_captions("jsonl", table, out, image_column="img", shard_options=_opts(out))  # named: works
+    with pytest.raises(ConversionError, match="no sample written"):  # named: read, but a.jpg is missing
+        convert_captions("jsonl", table, out, image_column="img", shard_options=_opts(out))
     assert manifest(out)["skipped"] == {"missing_image": 1}
 
 
@@ -169,18 +171,24 @@ def test_planted_bad_inputs_are_counted(tmp_path):
     write(src / "emptycap.txt", "  \n")                      # empty caption
     write(src / "latin1.jpg", photo(9))
     write(src / "latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))  # not UTF-8
-    for name in ("x y", "x_y"):                              # both become key x_y
+    for name in ("x y", "x_y"):                              # both sanitise to x_y: both are kept
         write(src / f"{name}.jpg", photo(10))
         write(src / f"{name}.txt", name)
+    write(src / "dup.jpg", photo(11))                        # dup.jpg and dup.png: the same key, dup
+    write(src / "dup.png", photo(12, fmt="PNG"))
+    write(src / "dup.txt", "dup")
     out = tmp_path / "out"
     m = convert_captions("folder", src, out, shard_options=_opts(out, samples_per_shard=4))
     want = {r: 1 for r in BAD_REASONS} | {"missing_caption": 1, "empty_caption": 1, "non_utf8_text": 1,
                                           "duplicate_key": 1}
     assert m["skipped"] == want
-    assert m["totals"] == m["totals"] | {"samples": 4, "skipped": sum(want.values()),
-                                         "inputs": 4 + sum(want.values())}
-    assert m["skipped_examples"]["duplicate_key"] == ["x_y.jpg"]
-    _check_read_back(out, {f"img{i}": CAPTIONS[i] for i in range(3)} | {"x_y": "x y"})
+    assert m["totals"] == m["totals"] | {"samples": 6, "skipped": sum(want.values()),
+                                         "inputs": 6 + sum(want.values())}
+    assert m["skipped_examples"]["duplicate_key"] == ["dup.png"]
+    assert m["skipped_examples"]["missing_caption"] == ["nocap.jpg: nocap.txt"]  # the sidecar tried
+    x_y = "x_y-" + hashlib.sha1(b"x_y").hexdigest()[:8]  # the second input that sanitises to x_y
+    _check_read_back(out, {"dup": "dup"} | {f"img{i}": CAPTIONS[i] for i in range(3)}
+                     | {"x_y": "x y", x_y: "x_y"})
 
     # the same planted table rows: missing file, malformed JSON line, non-UTF-8 line
     lines = [json.dumps({"image": str(src / "img1.jpg"), "caption": "ok"}).encode(),

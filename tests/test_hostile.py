@@ -1,4 +1,4 @@
-"""Hostile and unlucky inputs (issue 11): each case ends skipped and counted, in a one-line error naming the
+"""Hostile and unlucky inputs (issue 11), input readers: each case ends skipped and counted, in a one-line error naming the
 file or key (exit 2, no traceback), or in a documented recovery."""
 
 from __future__ import annotations
