@@ -1,5 +1,6 @@
-"""Hostile and unlucky inputs (issue 11), input readers: each case ends skipped and counted, in a one-line error naming the
-file or key (exit 2, no traceback), or in a documented recovery."""
+"""Hostile and unlucky inputs (issue 11), the input readers: each case ends skipped and counted, in a
+one-line error naming the file or key (exit 2, no traceback), or in a documented recovery. The converter
+runs' cases are in tests/test_hostile_convert.py."""
 
 from __future__ import annotations
 
