@@ -116,8 +116,9 @@ def _hits_stop(gen: GenerationConfig, ids: list[int]) -> bool:
     return any(s in text for s in gen.stop)
 
 
-def _batch_prompts(prompts: list[Prompt], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Left-pad prompts into (B, L) ids, image mask and padding mask; concatenate their images."""
+def _batch_prompts(prompts: list[Prompt], pad_id: int, device, left: bool = True) -> tuple[torch.Tensor, ...]:
+    """Left-pad (or with `left=False` right-pad) prompts into (B, L) ids, image mask and padding mask;
+    concatenate their images."""
     L = max(len(p.ids) for p in prompts)
     B = len(prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -126,10 +127,11 @@ def _batch_prompts(prompts: list[Prompt], pad_id: int, device) -> tuple[torch.Te
     images = []
     for i, p in enumerate(prompts):
         n = len(p.ids)
-        ids[i, L - n:] = torch.tensor(p.ids, dtype=torch.long)
-        padding[i, L - n:] = False
+        span = slice(L - n, L) if left else slice(0, n)
+        ids[i, span] = torch.tensor(p.ids, dtype=torch.long)
+        padding[i, span] = False
         if p.image_mask is not None:
-            image_mask[i, L - n:] = torch.tensor(p.image_mask, dtype=torch.bool)
+            image_mask[i, span] = torch.tensor(p.image_mask, dtype=torch.bool)
         if p.images is not None and len(p.images):
             images.append(p.images)
     imgs = torch.cat(images).to(device) if images else None

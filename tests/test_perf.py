@@ -29,3 +29,14 @@ def test_peak_memory_sees_activations_kept_for_backward_and_gradients():
     assert mem.peak_bytes >= 3 * MiB  # exp output + x.grad + at least one backward temporary
     assert mem.peak_bytes < 6 * MiB
     assert fmt_bytes(3 * MiB) == "3.0 MiB"
+
+
+def test_bench_eval_runs_and_both_rankings_agree():
+    from bench.eval import main, same_ranking
+
+    r = main(["--layers", "1", "--dim", "64", "--images", "2", "--classes", "6", "--new-tokens", "3",
+              "--batch-size", "4", "--repeats", "1", "--device", "cpu"])
+    assert r["same_ranking"] and r["speedup"] > 0 and r["beam_cost"] > 0
+    assert set(r["captioning"]) == {"greedy", "beam"} and set(r["ranking"]) == {"cached", "uncached"}
+    assert same_ranking([3.0, 1.0, 2.0], [3.0, 1.0, 2.0 + 1e-6], tol=1e-3)
+    assert not same_ranking([3.0, 1.0, 2.0], [3.0, 2.5, 2.0], tol=1e-3)
