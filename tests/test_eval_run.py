@@ -310,3 +310,37 @@ def test_training_runs_its_eval_tasks_and_logs_their_metrics(tiny_run, tmp_path,
     assert "captioning/CIDEr" in line and "captioning/BLEU-4" in line
     res = json.loads((out / "eval" / "step_00000002" / "captioning" / "0shot" / "results.json").read_text())
     assert len(res) == 3
+
+
+def test_score_on_the_run_results_gives_the_run_metrics(ckpt, sets, tmp_path, capsys):
+    from kosmos.eval import main
+
+    out = tmp_path / "out"
+    run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations", str(sets["annotations"]),
+        "--images", str(sets["vqa_root"]), "--out", str(out), *FAST)
+    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+        "--out", str(out), *FAST)
+    for task, value in (("vqav2", "cat"), ("coco_captioning", "a photo number 2")):
+        path = out / task / "0shot" / "predictions.rank0.jsonl"
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        for r in recs[:2]:  # known right answers, so that the metrics are not all 0
+            r["prediction"] = value
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ["--out", str(out), *FAST]  # a rerun predicts nothing more and scores the edited predictions
+    run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations", str(sets["annotations"]),
+        "--images", str(sets["vqa_root"]), *args)
+    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+        *args)
+    assert results(out, "vqav2")[1]["metrics"]["accuracy"] >= 50
+    assert results(out, "coco_captioning")[1]["metrics"]["CIDEr"] > 0
+    capsys.readouterr()
+    folder = out / "vqav2" / "0shot"
+    assert main(["score", "vqa", "--questions", str(sets["questions"]), "--annotations", str(sets["annotations"]),
+                 "--predictions", str(folder / "results.json")]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["accuracy"] == results(out, "vqav2")[1]["metrics"]["accuracy"]
+    folder = out / "coco_captioning" / "0shot"
+    assert main(["score", "captioning", "--annotations", str(sets["karpathy"]), "--predictions",
+                 str(folder / "results.json"), "--no-meteor"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["CIDEr"] == results(out, "coco_captioning")[1]["metrics"]["CIDEr"]
