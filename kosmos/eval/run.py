@@ -522,8 +522,9 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
                         log.warning("skipped %s: %s (%s)", rec["id"], rec["skipped"], rec["path"])
             f.flush()
     barrier()
-    preds = {k: v for k, v in read_predictions(folder).items() if k in {_key(it.id) for it in items}}
-    skipped_all = dict(Counter(data.read_skipped) + Counter(_skipped(folder, set(preds), {_key(it.id) for it in items})))
+    wanted = {_key(it.id) for it in items}
+    preds = {k: v for k, v in read_predictions(folder).items() if k in wanted}
+    skipped_all = dict(Counter(data.read_skipped) + Counter(_skipped(folder, set(preds), wanted)))
     metrics: dict[str, float] = {}
     if main:
         results = official_results(spec, data, preds)
