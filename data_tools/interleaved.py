@@ -22,7 +22,8 @@ writes the image URLs of a document dump for img2dataset, whose output folder is
     python -m data_tools.urls --format obelics --input obelics/ --output urls.parquet
     img2dataset --url_list urls.parquet --input_format parquet --url_col url --output_format webdataset \
         --output_folder downloads/
-    python -m data_tools.interleaved --format obelics --input obelics/ --images-root downloads/ -o shards/obelics
+    python -m data_tools.interleaved --format obelics --input obelics/ --images-root downloads/ \
+        --output shards/obelics
 
 The paper's document filters are on by default: at most ``--max-images`` (5) images per document
 (the first ones kept, the rest dropped and counted), documents left without an image dropped, and

@@ -132,5 +132,6 @@ def test_option_spec_list_fields_repeat_or_take_several_values():
     assert "(default a)" in " ".join(p.format_help().split())
     with pytest.raises(SystemExit):
         p.parse_args(["--tags", "b"])  # --roots is required
-    a = interleaved.build_parser().parse_args(REQUIRED["interleaved"] + ["z", "--images-root", "w", "-o", "o"])
+    extra = ["z", "--images-root", "w", "-o", "o"]  # after REQUIRED's "--images-root y"
+    a = interleaved.build_parser().parse_args(REQUIRED["interleaved"] + extra)
     assert interleaved.IMAGE_ROOTS.from_args(a).images_root == [Path("y"), Path("z"), Path("w")]
