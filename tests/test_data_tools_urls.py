@@ -14,7 +14,7 @@ import pytest
 
 from data_tools.conversion import ShardOptions
 from data_tools.interleaved import DocOptions, convert_interleaved
-from data_tools.urls import main, write_urls
+from data_tools.urls import UrlOptions, main, write_urls
 from tests.helpers import image_size, photo, read_wds, write
 
 KEEP_ALL = DocOptions(max_images=0, single_image_drop=0.0)
@@ -72,6 +72,8 @@ def test_obelics_jsonl_to_parquet_deduplicated_with_bad_rows_named(tmp_path, cap
     assert "4 unique URLs (6 image URLs in 3 documents)" in out
     assert "malformed_json: e.g. docs.jsonl:2" in out and "bad_url: e.g. docs.jsonl:1: image 3" in out
     assert not list(tmp_path.glob(".*.tmp"))
+    limited = write_urls("obelics", docs, tmp_path / "first2.parquet", options=UrlOptions(limit=2, progress=False))
+    assert (limited["documents"], limited["unique_urls"]) == (2, 4) and limited["skipped"] == {}
 
 
 def _mmc4_doc(i: int, images: list[tuple[str | None, int, float]]) -> dict:
