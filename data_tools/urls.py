@@ -7,7 +7,7 @@ many documents use it:
     url          the URL (surrounding whitespace stripped; the converter strips it too when looking up)
     url_sha256   sha256(url) hex: the file stem under which the converter also finds the image, for a
                  downloader other than img2dataset that names files by it (``KEY.jpg``)
-    doc_key      the first document that uses the URL (its key, as in the converter)
+    doc_key      the first document that uses the URL (its sample key in the converter's shards)
     image_index  the image's position in that document (0 = the document's first image)
 
 img2dataset names its files by its own running number (``00000/000000007.jpg``, or ``000000007.jpg`` inside
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import os
 import re
 import sys
@@ -50,7 +49,7 @@ from data_tools.cli import OptionSpec, run_cli
 from data_tools.interleaved import FORMATS, DocOptions, _doc_files, _mmc4_records, _obelics_records
 from data_tools.records import ConversionError, Item, Skipped
 from data_tools.tables import check_readable
-from data_tools.writer import MAX_EXAMPLES, example, write_json_atomic
+from data_tools.writer import MAX_EXAMPLES, example, sanitize_key, write_json_atomic
 
 OUTPUT_KINDS = {".parquet": "parquet", ".tsv": "tsv"}
 COLUMNS = ("url", "url_sha256", "doc_key", "image_index")
@@ -218,7 +217,7 @@ def write_urls(format: str, input: str | Path, output: str | Path, *, sim_thresh
                     continue
                 seen.add(digest)
                 sha = hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()
-                writer.write((url, sha, str(rec.key), position))
+                writer.write((url, sha, sanitize_key(str(rec.key)), position))
             counts["documents_with_images" if n_images else "documents_without_images"] += 1
     except BaseException:
         try:
