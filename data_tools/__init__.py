@@ -2,6 +2,7 @@
 
     captions.py     image-caption datasets (COCO, folders, tables, img2dataset output)
     interleaved.py  interleaved image-text documents (OBELICS, MMC4)
+    urls.py         the image URLs of OBELICS/MMC4 documents as an img2dataset URL list
     text.py         text corpora
     verify.py       decode every sample of a shard folder; inspect.py shows the first samples
     shapes.py       a generated captions dataset for the demo and tests

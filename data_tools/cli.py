@@ -71,7 +71,8 @@ class OptionSpec:
     Each field ``name`` becomes ``--name-with-dashes`` (dest ``name``) with the field's default (a field
     without one is required) and its docstring as help; the type comes from the annotation. A bool field
     is a flag: off by default, ``--name`` turns it on; on by default, ``--no-name`` (or its ``names``
-    entry) turns it off.
+    entry) turns it off. A ``list[T]`` field takes one or more values, and the option may be repeated:
+    ``--name a b --name c`` gives ``[a, b, c]``.
     """
 
     cls: type
@@ -108,6 +109,13 @@ class OptionSpec:
                     parser.add_argument(*names, dest=f.name, action="store_true", default=False, help=doc)
                 continue
             names = self.names.get(f.name, (f"--{dashed}",))
+            if typing.get_origin(kind) is list:
+                (item,) = typing.get_args(kind)
+                if not required:
+                    doc = doc.rstrip(".") + f" (default {' '.join(map(str, default)) or 'none'})."
+                parser.add_argument(*names, dest=f.name, type=self.parsers.get(f.name, item), nargs="+",
+                                    action="extend", default=None, required=required, help=doc)
+                continue
             if not (required or default is None):
                 doc = doc.rstrip(".") + " (default %(default)s)."
             parser.add_argument(*names, dest=f.name, type=self.parsers.get(f.name, kind), default=default,
@@ -116,7 +124,14 @@ class OptionSpec:
     def from_args(self, args: argparse.Namespace, **overrides: Any) -> Any:
         """The dataclass built from parsed options (fields left off keep their defaults)."""
         values = {f.name: getattr(args, f.name) for f in self.fields()}
+        values = {k: v for k, v in values.items() if v is not None or not _is_list(self.cls, k)}
         return self.cls(**{**values, **overrides})
+
+
+def _is_list(cls: type, name: str) -> bool:
+    """Whether field ``name`` is a ``list[T]`` option (None from argparse: the option was not given, so the
+    field keeps its default list)."""
+    return typing.get_origin(_base_type(typing.get_type_hints(cls)[name])) is list
 
 
 def _base_type(hint: Any) -> Any:

@@ -8,11 +8,22 @@ MMC4 sentences by a space), so segments alternate text and image.
 - ``obelics``: rows (parquet or jsonl, a file or a folder) with parallel ``texts``/``images`` lists;
   at each position one of them is set. Images are URLs resolved through ``--images-root``: a folder
   of files named by the URL's hash (``sha256(url).hexdigest()`` + any image extension; sha1 and md5
-  are accepted too), or an img2dataset output (folders or tars) whose ``.json`` holds the ``url``.
+  are accepted too), or an img2dataset output (its numbered folders or tars, files named by
+  img2dataset's own running key) whose ``.json`` beside each image holds the ``url``.
 - ``mmc4``: documents (jsonl(.gz) or parquet) with ``text_list`` and ``image_info`` entries
   (``image_name``, ``matched_text_index``, ``matched_sim``, ``raw_url``); each image is placed
   before its matched sentence, images under ``--sim-threshold`` are dropped. Images are found in
   ``--images-root`` by ``image_name`` (relative path or file name), else by ``raw_url`` as above.
+
+``--images-root`` may name several folders (repeat the option, or give several folders after it): an image
+is looked up in each folder in the order given and taken from the first that has it. ``data_tools.urls``
+writes the image URLs of a document dump for img2dataset, whose output folder is then an images root:
+
+    python -m data_tools.urls --format obelics --input obelics/ --output urls.parquet
+    img2dataset --url_list urls.parquet --input_format parquet --url_col url --output_format webdataset \
+        --output_folder downloads/
+    python -m data_tools.interleaved --format obelics --input obelics/ --images-root downloads/ \
+        --output shards/obelics
 
 The paper's document filters are on by default: at most ``--max-images`` (5) images per document
 (the first ones kept, the rest dropped and counted), documents left without an image dropped, and
@@ -29,7 +40,7 @@ import json
 import random
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,41 +84,61 @@ DOC_OPTIONS = OptionSpec(DocOptions, exclude=("image", "joiner"))
 """The document options on the command line (``joiner`` follows ``--format``)."""
 
 
+@dataclass
+class ImageRoots:
+    """Where the documents' images are."""
+
+    images_root: list[Path]
+    """Folder holding the documents' images: files named by URL hash, img2dataset output, or (mmc4) files
+    named by image_name. Several folders (repeat the option, or give several after it) are searched in the
+    order given; an image is taken from the first that has it."""
+
+
+IMAGE_ROOTS = OptionSpec(ImageRoots)
+
+
 # ------------------------------------------------------------------------------- image lookup
 
 
 class ImageIndex:
-    """Finds a document's images under ``--images-root`` by relative path, file name, URL hash or URL."""
+    """Finds a document's images under one or more images roots by relative path, file name, URL hash or
+    URL; with several roots, each is searched in the order given and the first that has the image wins."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.refs: dict[str, ImageRef] = {}
+    def __init__(self, roots: Path | list[Path]):
+        self.roots = [roots] if isinstance(roots, Path) else list(roots)
         self.images = 0
+        self.indexes: list[dict[str, ImageRef]] = [self._index(root) for root in self.roots]
+        """One lookup table per root, in order: ``name:``/``base:``/``stem:``/``url:`` + value -> image."""
+
+    def _index(self, root: Path) -> dict[str, ImageRef]:
+        refs: dict[str, ImageRef] = {}
         wanted = IMAGE_SUFFIXES + (".json", ".tar")
         for p in list_files(root, lambda p: p.suffix.lower() in wanted or not p.suffix):
             suffix = p.suffix.lower()
             if suffix == ".tar":
-                self._add_tar(p)
+                self._add_tar(p, refs)
             elif suffix == ".json":
-                self._add_sidecar(p)
+                self._add_sidecar(p, refs)
             else:
                 ref = ImageRef(str(p))
                 self.images += 1
-                self.refs.setdefault("name:" + p.relative_to(root).as_posix(), ref)
-                self.refs.setdefault("base:" + p.name, ref)
-                self.refs.setdefault("stem:" + p.stem, ref)
+                refs.setdefault("name:" + p.relative_to(root).as_posix(), ref)
+                refs.setdefault("base:" + p.name, ref)
+                refs.setdefault("stem:" + p.stem, ref)
+        return refs
 
-    def _add_sidecar(self, p: Path) -> None:
+    @staticmethod
+    def _add_sidecar(p: Path, refs: dict[str, ImageRef]) -> None:
         url = _json_url(p.read_bytes())
         if url is None:
             return
         for ext in IMAGE_SUFFIXES:
             img = p.with_suffix(ext)
             if img.is_file():
-                self.refs.setdefault("url:" + url, ImageRef(str(img)))
+                refs.setdefault("url:" + url, ImageRef(str(img)))
                 return
 
-    def _add_tar(self, p: Path) -> None:
+    def _add_tar(self, p: Path, refs: dict[str, ImageRef]) -> None:
         broken: Counter = Counter()
         errors: list[str] = []
         for sample in iter_tar(p, broken, read=lambda f: f == JSON_FIELD, errors=errors):
@@ -119,27 +150,38 @@ class ImageIndex:
                          if isinstance(v, TarSpan) and "." + f in IMAGE_SUFFIXES), None)
             if url and span is not None:
                 self.images += 1
-                self.refs.setdefault("url:" + url, ImageRef(str(p), span.offset, span.size))
+                refs.setdefault("url:" + url, ImageRef(str(p), span.offset, span.size))
         if broken["broken_shard"] or broken["truncated_shard"]:
             why = "; ".join(errors) or "no end-of-archive blocks"
             print(f"warning: images tar {p} is broken ({why}); using what was read", file=sys.stderr)
 
-    def by_url(self, url: str | None) -> ImageRef | None:
-        if not url:
-            return None
-        ref = self.refs.get("url:" + url)
-        if ref is None:
-            for h in url_hashes(url):
-                ref = self.refs.get("stem:" + h)
-                if ref is not None:
-                    break
-        return ref
+    def find(self, name: str | None = None, url: str | None = None) -> ImageRef | None:
+        """The image named ``name`` (relative path, file name or stem), else the one downloaded from
+        ``url``, from the first root that has either; None when no root has it."""
+        for refs in self.indexes:
+            ref = _by_name(refs, name) or _by_url(refs, url)
+            if ref is not None:
+                return ref
+        return None
 
-    def by_name(self, name: str | None) -> ImageRef | None:
-        if not name:
-            return None
-        return (self.refs.get("name:" + name) or self.refs.get("base:" + name.rsplit("/", 1)[-1])
-                or self.refs.get("stem:" + Path(name).stem))
+
+def _by_url(refs: dict[str, ImageRef], url: str | None) -> ImageRef | None:
+    if not url or not url.strip():
+        return None
+    ref = refs.get("url:" + url.strip())  # data_tools.urls writes URLs stripped; so does _json_url read them
+    if ref is None:
+        for h in url_hashes(url) + url_hashes(url.strip()):
+            ref = refs.get("stem:" + h)
+            if ref is not None:
+                break
+    return ref
+
+
+def _by_name(refs: dict[str, ImageRef], name: str | None) -> ImageRef | None:
+    if not name:
+        return None
+    return (refs.get("name:" + name) or refs.get("base:" + name.rsplit("/", 1)[-1])
+            or refs.get("stem:" + Path(name).stem))
 
 
 def _json_url(raw: bytes) -> str | None:
@@ -148,7 +190,7 @@ def _json_url(raw: bytes) -> str | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     url = obj.get("url") if isinstance(obj, dict) else None
-    return url if isinstance(url, str) and url else None
+    return (url.strip() or None) if isinstance(url, str) else None
 
 
 # ------------------------------------------------------------------------------------ handler
@@ -245,8 +287,7 @@ def _obelics_records(input: Path, files: list[Path], index: ImageIndex) -> Itera
             for text, url in zip(texts, images, strict=True):
                 if url is not None:
                     url = decode_text(url)
-                    ref = index.by_url(url)
-                    segments.append(("image", ref))
+                    segments.append(("image", index.find(url=url)))
                 elif text is not None:
                     segments.append(("text", decode_text(text)))
         except Skip as s:
@@ -292,9 +333,7 @@ def _mmc4_records(input: Path, files: list[Path], index: ImageIndex,
                 skipped.append(("skip", "below_similarity_threshold"))
                 continue
             name, url = im.get("image_name"), im.get("raw_url")
-            ref = index.by_name(name if isinstance(name, str) else None)
-            if ref is None:
-                ref = index.by_url(url if isinstance(url, str) else None)
+            ref = index.find(name if isinstance(name, str) else None, url if isinstance(url, str) else None)
             before.setdefault(idx, []).append(("image", ref))
         segments: list[tuple] = []
         for i, sentence in enumerate(sentences):
@@ -313,7 +352,7 @@ def _mmc4_records(input: Path, files: list[Path], index: ImageIndex,
 def convert_interleaved(
     format: str,
     input: str | Path,
-    images_root: str | Path,
+    images_root: str | Path | Sequence[str | Path],
     output: str | Path,
     *,
     doc_options: DocOptions | None = None,
@@ -322,21 +361,26 @@ def convert_interleaved(
 ) -> dict:
     """Convert OBELICS or MMC4 documents into interleaved shards in ``output``; returns the manifest.
 
-    Raises ``ConversionError`` before writing anything when an input cannot be read or the format
-    is unknown.
+    ``images_root`` is one folder or several, searched in order (see ``ImageIndex``). Raises
+    ``ConversionError`` before writing anything when an input cannot be read or the format is unknown.
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     input = check_readable(Path(input))
-    root = check_readable(Path(images_root), "images root", want_dir=True)
+    given = [images_root] if isinstance(images_root, str | Path) else list(images_root)
+    if not given:
+        raise ConversionError("no images root given")
+    roots = [check_readable(Path(r), "images root", want_dir=True) for r in given]
     dopts = doc_options or DocOptions()
     dopts.joiner = JOINERS[format]
     sopts = shard_options or ShardOptions(output=Path(output))
     sopts.output = Path(output)
     files = _doc_files(input)
-    index = ImageIndex(root)
-    print(f"{index.images} images indexed under {root}", file=sys.stderr)
-    args = {"format": format, "input": str(input), "images_root": str(root), **options_dict(dopts, sopts)}
+    index = ImageIndex(roots)
+    print(f"{index.images} images indexed under {', '.join(map(str, roots))}", file=sys.stderr)
+    # one root is recorded as a string, as before several could be given: reruns of older outputs resume
+    recorded = str(roots[0]) if len(roots) == 1 else [str(r) for r in roots]
+    args = {"format": format, "input": str(input), "images_root": recorded, **options_dict(dopts, sopts)}
     if format == "obelics":
         records = _obelics_records(input, files, index)
     else:
@@ -353,13 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
         "are skipped and counted in manifest.json; rerunning an interrupted conversion keeps finished "
         "shards.",
         epilog="images are looked up under --images-root by URL hash (sha256/sha1/md5 hex file names), "
-        "by the "
-        "url in img2dataset .json files or tars, or (mmc4) by image_name",
+        "by the url in img2dataset .json files or tars, or (mmc4) by image_name; with several roots, in "
+        "each root in the order given. python -m data_tools.urls writes the documents' image URLs for "
+        "img2dataset, whose output folder is then an --images-root.",
     )
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="input format")
     p.add_argument("--input", "-i", required=True, type=Path,
                    help="a .jsonl(.gz)/.parquet file or a folder of them")
-    p.add_argument("--images-root", required=True, type=Path, help="folder holding the documents' images")
+    IMAGE_ROOTS.add_to(p)
     DOC_OPTIONS.add_to(p.add_argument_group("documents"))
     add_common_args(p)
     return p
@@ -371,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         dopts = DOC_OPTIONS.from_args(a, image=cli.image_options(a))
-        convert_interleaved(a.format, a.input, a.images_root, a.output, doc_options=dopts,
+        roots = IMAGE_ROOTS.from_args(a).images_root
+        convert_interleaved(a.format, a.input, roots, a.output, doc_options=dopts,
                             shard_options=cli.shard_options(a), dry_run=a.dry_run)
 
     return run_cli(run)

@@ -111,3 +111,27 @@ def test_option_spec_on_a_plain_dataclass():
     assert "50% by default" in p.format_help()
     with pytest.raises(SystemExit):
         p.parse_args([])
+
+
+def test_option_spec_list_fields_repeat_or_take_several_values():
+    @dataclass
+    class Opts:
+        """Made up."""
+
+        roots: list[Path]
+        """Where to look; several are searched in order."""
+        tags: list[str] = dataclasses.field(default_factory=lambda: ["a"])
+        """Labels."""
+
+    spec = OptionSpec(Opts)
+    p = argparse.ArgumentParser()
+    spec.add_to(p)
+    got = spec.from_args(p.parse_args(["--roots", "x", "y", "--roots", "z"]))
+    assert got == Opts([Path("x"), Path("y"), Path("z")], ["a"])  # the default list, untouched
+    assert spec.from_args(p.parse_args(["--roots", "x", "--tags", "b", "--tags", "c"])).tags == ["b", "c"]
+    assert "(default a)" in " ".join(p.format_help().split())
+    with pytest.raises(SystemExit):
+        p.parse_args(["--tags", "b"])  # --roots is required
+    extra = ["z", "--images-root", "w", "-o", "o"]  # after REQUIRED's "--images-root y"
+    a = interleaved.build_parser().parse_args(REQUIRED["interleaved"] + extra)
+    assert interleaved.IMAGE_ROOTS.from_args(a).images_root == [Path("y"), Path("z"), Path("w")]

@@ -201,3 +201,36 @@ def test_images_resized_with_options(tmp_path):
                                                single_image_drop=0.0), shard_options=_opts(out))
     (doc,) = _docs_by_key(out).values()
     assert image_size(doc["images"]["img0.jpg"]) == (85, 64)
+
+
+def test_several_images_roots_searched_in_order(tmp_path):
+    """An image is taken from the first root that has it; the option repeats or takes several folders."""
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    write(first / f"{url_hashes(_url(0))[0]}.jpg", photo(0, (100, 80)))
+    write(second / f"{url_hashes(_url(0))[0]}.jpg", photo(0, (200, 160)))  # also in `first`: not used
+    write(second / f"{url_hashes(_url(1))[0]}.jpg", photo(1, (90, 90)))
+    _images_tar(third / "00000.tar", [2])  # img2dataset output as the third root
+    rows = [{"id": "both", "texts": ["a", None, "b", None], "images": [None, _url(0), None, _url(1)]},
+            {"id": "third", "texts": ["c", None], "images": [None, _url(2)]}]
+    write(tmp_path / "docs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    common = ["-f", "obelics", "-i", str(tmp_path / "docs.jsonl"), "--max-images", "0",
+              "--single-image-drop", "0", "--no-progress"]
+    for n, roots in enumerate([["--images-root", str(first), "--images-root", str(second),
+                                "--images-root", str(third)],
+                               ["--images-root", str(first), str(second), str(third)]]):
+        out = tmp_path / f"out{n}"
+        assert main([*common, *roots, "-o", str(out)]) == 0
+        docs = _docs_by_key(out)
+        assert image_size(docs["both"]["images"]["img0.jpg"]) == (100, 80)  # from `first`
+        assert image_size(docs["both"]["images"]["img1.jpg"]) == (90, 90)
+        assert len(docs["third"]["images"]) == 1
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["args"]["images_root"] == [str(first), str(second), str(third)]
+        assert m["skipped_images"] == {}
+    # one root is recorded as before (a string), so that reruns of earlier conversions still resume
+    out = tmp_path / "one"
+    m = convert_interleaved("obelics", tmp_path / "docs.jsonl", first, out, doc_options=KEEP_ALL,
+                            shard_options=_opts(out))
+    assert m["args"]["images_root"] == str(first) and m["skipped_images"] == {"missing_image": 2}
+    with pytest.raises(ConversionError, match="images root .*nope"):
+        convert_interleaved("obelics", tmp_path / "docs.jsonl", [first, tmp_path / "nope"], tmp_path / "o2")

@@ -29,6 +29,7 @@ CONSOLE_SCRIPTS = {
     "kosmos-tokenizer": "tokenizer.build:main",
     "kosmos-convert-captions": "data_tools.captions:main",
     "kosmos-convert-interleaved": "data_tools.interleaved:main",
+    "kosmos-urls": "data_tools.urls:main",
     "kosmos-convert-text": "data_tools.text:main",
     "kosmos-verify": "data_tools.verify:main",
     "kosmos-inspect": "data_tools.inspect:main",
