@@ -389,14 +389,20 @@ def test_a_bad_prompt_length_is_skipped_and_counted(tmp_path, tiny_tokenizer):
     assert loader.skipped() == {"bad_prompt_chars": 3}
 
 
-def test_loss_and_caption_choice_config_keys():
+def test_loss_and_caption_choice_config_keys(tmp_path, tiny_tokenizer):
     from kosmos.config import ConfigError
+    from kosmos.data import build_loader
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert (cfg.data.text.loss, cfg.data.captions.caption_choice) == ("all", "random")
+    text, caps = instruction_shards(tmp_path / "t", 1, 2), caption_shards(tmp_path / "c", 1, 2, captions=2)
     cfg = load_config(ROOT / "configs" / "tiny.yaml",
-                      ["data.text.loss=response", "data.captions.caption_choice=all"])
+                      ["data.text.loss=response", "data.captions.caption_choice=all",
+                       f"data.text.shards=[{text[0]}]", f"data.captions.shards=[{caps[0]}]"])
     assert (cfg.data.text.loss, cfg.data.captions.caption_choice) == ("response", "all")
+    enc = SequenceEncoder(tiny_tokenizer, NL, 32)  # the training pipeline gets them
+    assert build_loader(cfg, "text", enc).dataset.loss == "response"
+    assert build_loader(cfg, "captions", enc).dataset.caption_choice == "all"
     with pytest.raises(ConfigError, match="data.text.loss.*all, response"):
         load_config(None, ["data.text.loss=prompt"])
     with pytest.raises(ConfigError, match="data.captions.caption_choice.*first, random, all"):
