@@ -31,8 +31,9 @@ from kosmos.sequence import SequenceEncoder
 class Encoded:
     """A sample ready to pack."""
 
-    pos: tuple[int, int]
-    """(shard, offset) of the raw sample, to read it back on resume."""
+    pos: tuple[int, ...]
+    """(shard, offset) of the raw sample, to read it back on resume; (shard, offset, caption) for a visit of
+    a caption sample with several captions (`kosmos.data.stream`)."""
     ids: list[int]
     image_mask: list[bool]
     images: list[torch.Tensor] = field(default_factory=list)
