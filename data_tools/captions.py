@@ -10,8 +10,14 @@ Formats (``--format``):
   ``.json`` sidecar is kept as metadata): img2dataset's "files" output is read this way.
 - ``tsv``, ``csv``, ``jsonl``, ``parquet``: tables (a file or a folder of them) with an image-path
   column and a caption column; paths are relative to ``--images-root`` (default: the table's folder).
+  Several captions per image are kept, as COCO's are (``KEY.txt`` the first, ``KEY.json`` ``"captions"``
+  all of them): a caption cell holding a list (parquet ``list<string>``, a JSON array in jsonl), or
+  consecutive rows with the same image and key (one row per caption, as Flickr30k-style tables are laid out;
+  the first row's other columns are kept).
 - ``img2dataset``: img2dataset's webdataset output (a folder of ``.tar`` files, or one tar), checked
-  sample by sample (image decoded, caption present) and re-sharded.
+  sample by sample (image decoded, caption present) and re-sharded. Its ``KEY.json`` is kept as is: a
+  ``captions`` list saved there (img2dataset's ``--save_additional_columns '["captions"]'``) is used by
+  training as COCO's is.
 
 Every sample is ``KEY.jpg`` (re-encoded), ``KEY.txt`` (the caption, UTF-8) and ``KEY.json``
 (metadata: ``source``, ``width``/``height`` stored, ``original_width``/``original_height``, and
@@ -73,6 +79,53 @@ def _caption(value) -> str:
     if not text:
         raise Skip("empty_caption")
     return text
+
+
+def _captions(value) -> list[str]:
+    """The captions of a table cell: one string, or a list of them (a parquet list, a JSON array). Bad
+    entries of a list are dropped; ``Skip`` with the first one's reason when none is left."""
+    if not isinstance(value, list | tuple):
+        return [_caption(value)]
+    good, reasons = [], []
+    for v in value:
+        try:
+            c = _caption(v)
+        except Skip as s:
+            reasons.append(s.reason)
+            continue
+        if c not in good:
+            good.append(c)
+    if not good:
+        raise Skip(reasons[0] if reasons else "missing_caption")
+    return good
+
+
+def _with_captions(payload: dict, captions: list[str]) -> dict:
+    """``payload`` with ``captions``: the first as its caption, all of them in its metadata when several."""
+    payload = {k: v for k, v in payload.items() if k != "captions"}
+    payload["caption"] = captions[0]
+    if len(captions) > 1:
+        payload["meta"] = {**payload["meta"], "captions": captions}
+    return payload
+
+
+def _merge_consecutive(records: Iterator[Item | Skipped]) -> Iterator[Item | Skipped]:
+    """Items that follow each other with the same key and image become one, with all their captions."""
+    pending: Item | None = None
+    caps: list[str] = []
+    for rec in records:
+        if not isinstance(rec, Item):
+            yield rec
+            continue
+        more = rec.payload["captions"]
+        if pending is not None and (rec.key, rec.payload["image"]) == (pending.key, pending.payload["image"]):
+            caps += [c for c in more if c not in caps]
+            continue
+        if pending is not None:
+            yield Item(pending.key, pending.source, _with_captions(pending.payload, caps))
+        pending, caps = rec, list(more)
+    if pending is not None:
+        yield Item(pending.key, pending.source, _with_captions(pending.payload, caps))
 
 
 # ------------------------------------------------------------------------------------ formats
@@ -208,7 +261,7 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
                     yield Skipped("missing_image_path", source)
                     continue
                 try:
-                    caption = _caption(rec.get(caption_col))
+                    captions = _captions(rec.get(caption_col))
                     img = decode_text(img).strip()
                 except Skip as s:
                     yield Skipped(s.reason, source)
@@ -219,7 +272,8 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
                     continue
                 meta = {k: v for k, v in rec.items()
                         if k not in (image_col, caption_col) and not isinstance(v, bytes)}
-                payload = {"image": ImageRef(str(root / img)), "caption": caption, "meta": meta}
+                payload = {"image": ImageRef(str(root / img)), "caption": captions[0], "captions": captions,
+                           "meta": meta}
                 yield Item(str(key), source, payload)
         except (OSError, ValueError) as e:  # a table that cannot be read (any further): rows before are kept
             yield Skipped(table_failure(name, e), name)
@@ -318,7 +372,8 @@ def convert_captions(
         files = _table_files(input, format)
         image_col, caption_col = _resolve_columns(files, format, image_column, caption_column)
         args.update(image_column=image_col, caption_column=caption_col)
-        records = _table_records(input, format, files, root, image_col, caption_col, key_column)
+        records = _merge_consecutive(_table_records(input, format, files, root, image_col, caption_col,
+                                                    key_column))
     conv = Conversion("data_tools.captions", "captions", args, records, make_caption_sample, iopts)
     return run_conversion(conv, sopts, dry_run=dry_run)
 

@@ -19,6 +19,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kosmos.data.format import CAPTION_CHOICES, LOSSES
+
 
 class ConfigError(ValueError):
     """A bad config: unknown key, wrong type or invalid value. The message names the key."""
@@ -300,6 +302,16 @@ class SourceConfig:
     image span; its tail is dropped and counted (`train/truncated/<source>`). 0: no cap. Default 512 for
     captions (a 1 MB caption would otherwise fill thousands of rows), none for text and interleaved documents
     (the paper packs long documents over several rows)."""
+    loss: str = "all"
+    """Text sources: what the loss of an instruction sample (from `python -m data_tools.text --format
+    instructions`, whose shards mark the prompt) covers: `all`, the whole templated text (as the paper trains
+    it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is unaffected."""
+    caption_choice: str = "random"
+    """Caption sources whose samples carry several captions (COCO's five; a `captions` list in `KEY.json`):
+    `random`, one caption per visit drawn from (seed, epoch, sample), so every caption is used over the
+    epochs while an epoch still shows each image once (the same images and epoch length as with one caption;
+    resumes exactly); `all`, each caption a sample of its own (an image with 5 captions is seen 5 times per
+    epoch); `first`, `KEY.txt` only."""
 
 
 @dataclass
@@ -328,6 +340,10 @@ class DataConfig:
             _check(src.workers >= 0, f"data.{name}.workers", "must be >= 0")
             _check(src.shuffle_buffer >= 0, f"data.{name}.shuffle_buffer", "must be >= 0")
             _check(src.max_tokens >= 0, f"data.{name}.max_tokens", "must be >= 0 (0: no cap)")
+            _check(src.loss in LOSSES, f"data.{name}.loss",
+                   f"must be one of {', '.join(LOSSES)}, got {src.loss!r}")
+            _check(src.caption_choice in CAPTION_CHOICES, f"data.{name}.caption_choice",
+                   f"must be one of {', '.join(CAPTION_CHOICES)}, got {src.caption_choice!r}")
         _check(0 <= self.mixture_tolerance < 1, "data.mixture_tolerance",
                f"must be in [0, 1), got {self.mixture_tolerance}")
 

@@ -129,13 +129,22 @@ def text_shards(root: Path, n_shards: int, per_shard: int, words=(3, 30), seed: 
     return paths
 
 
-def caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
+def caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0,
+                   captions: int = 1) -> list[str]:
+    """Caption shards; with ``captions`` > 1, sample i has 1 + i % captions distinct captions, COCO-style:
+    the first in KEY.txt, all of them in KEY.json's "captions"."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(n_shards):
-        samples = [{"__key__": f"c{s:02d}_{i:03d}", "jpg": jpeg(s * 1000 + i),
-                    "txt": sentence(rng, rng.randint(3, 12)).encode()} for i in range(per_shard)]
+        samples = []
+        for i in range(per_shard):
+            caps = [sentence(rng, rng.randint(3, 12)) + (f" {j}" if captions > 1 else "")
+                    for j in range(1 + i % captions)]
+            sample = {"__key__": f"c{s:02d}_{i:03d}", "jpg": jpeg(s * 1000 + i), "txt": caps[0].encode()}
+            if captions > 1:
+                sample["json"] = json.dumps({"captions": caps}).encode()
+            samples.append(sample)
         paths.append(str(write_tar(root / f"cap-{s:06d}.tar", samples)))
     return paths
 

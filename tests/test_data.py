@@ -120,23 +120,72 @@ def _resume_setup(tmp_path, tok):
     return shards, dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2)
 
 
-def test_resume_consumes_the_same_samples_as_an_uninterrupted_run(tmp_path, tiny_tokenizer):
-    shards, kw = _resume_setup(tmp_path, tiny_tokenizer)
-    full = consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw)), 17)
+def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
+    """Text shards as `data_tools.text --format instructions` writes them: the templated text in KEY.txt,
+    the prompt's length in KEY.json."""
+    import random
 
-    first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))
-    head = consume(first, 7)
+    from data_tools.text import render_instruction
+    from tests.helpers import sentence
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            text, n = render_instruction(sentence(rng, rng.randint(2, 8)), sentence(rng, rng.randint(0, 4)),
+                                         sentence(rng, rng.randint(1, 6)))
+            samples.append({"__key__": f"i{s:02d}_{i:03d}", "txt": text.encode(),
+                            "json": json.dumps({"prompt_chars": n, "style": "flat"}).encode()})
+        paths.append(str(write_tar(root / f"inst-{s:06d}.tar", samples)))
+    return paths
+
+
+RESUME_CASES = {  # kind, shards, dataset options, micro-batches before the checkpoint
+    "interleaved": ("interleaved", lambda root: interleaved_shards(root, 3, 5, words=(5, 30)), {}, 7),
+    "captions-random": ("captions", lambda root: caption_shards(root, 3, 5, captions=3), {}, 7),
+    # 8: a worker stops between two captions of one image
+    "captions-all": ("captions", lambda root: caption_shards(root, 3, 5, captions=3),
+                     {"caption_choice": "all"}, 8),
+    "instructions-response": ("text", lambda root: instruction_shards(root, 3, 5), {"loss": "response"}, 7),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_consumes_the_same_samples_as_an_uninterrupted_run(tmp_path, tiny_tokenizer, case):
+    kind, make, opts, n_head = RESUME_CASES[case]
+    shards = make(tmp_path / "d")
+    kw = dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2, **opts)
+    full = consume(SourceLoader(make_ds(kind, shards, tiny_tokenizer, **kw)), 17)
+
+    first = SourceLoader(make_ds(kind, shards, tiny_tokenizer, **kw))
+    head = consume(first, n_head)
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
     assert any(st["carry"] for st in state["workers"].values()), "the test should resume mid-document"
-    resumed = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))
+    if case == "captions-all":
+        from kosmos.data.format import captions
+        from kosmos.data.shards import read_shard
+
+        n_caps = {(s, o): len(captions(raw))
+                  for s, p in enumerate(shards) for o, raw in read_shard(p, Counter())}
+        order = {w: make_ds(kind, shards, tiny_tokenizer, **kw).worker_stream(int(w))._order(st["epoch"])
+                 for w, st in state["workers"].items()}
+        assert any(0 < st["sub"] < n_caps[(order[w][st["k"]], st["offset"])]
+                   for w, st in state["workers"].items() if st["offset"] >= 0), \
+            "the test should resume between two captions of an image"
+    resumed = SourceLoader(make_ds(kind, shards, tiny_tokenizer, **kw))
     resumed.load_state_dict(state)
-    tail = consume(resumed, 10)
+    tail = consume(resumed, 17 - n_head)
     for a, b in zip(full, head + tail, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["labels"], b["labels"])
         assert torch.equal(a["images"], b["images"])
         assert a["sample_positions"] == b["sample_positions"]
     # over several epochs (3 shards x 5 samples, 17 micro-batches of 2 rows)
     assert max(st["epoch"] for st in resumed.state_dict()["workers"].values()) >= 1
+    if kind == "captions":  # the caption is part of the position, and thus of what resumes
+        assert any(len(p) == 3 for b in full for p in b["sample_positions"])
 
 
 def test_resume_refuses_another_layout(tmp_path, tiny_tokenizer):
@@ -280,3 +329,126 @@ def test_packer_numbers_documents_per_row():
     from kosmos.eval.loss import to_device  # the trainer's and evaluation's way to the model
 
     assert torch.equal(to_device(batch, "cpu")["doc_ids"], batch["doc_ids"])
+
+
+# ------------------------------------------------------------------------ instruction loss, every caption
+
+
+def _instruction_batches(shards, tok, loss):
+    return consume(SourceLoader(make_ds("text", shards, tok, loss=loss, max_len=256, micro_batch_size=1)))
+
+
+def test_response_loss_masks_exactly_the_prompt_tokens(tmp_path, tiny_tokenizer):
+    from kosmos.data.shards import read_shard
+
+    shards = instruction_shards(tmp_path, 2, 6)
+    raw = {(s, o): r for s, p in enumerate(shards) for o, r in read_shard(p, Counter())}
+    every = _instruction_batches(shards, tiny_tokenizer, "all")
+    response = _instruction_batches(shards, tiny_tokenizer, "response")
+    assert len(every) == len(response) > 1
+    n_prompt_tokens = 0
+    for a, b in zip(every, response, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["sample_positions"] == b["sample_positions"]
+        pad = a["padding_mask"][0]
+        # all: the whole text carries loss, nothing extra is masked
+        assert torch.equal(a["labels"][0] == IGNORE_INDEX, pad)
+        # response: -100 exactly over each sample's <s> and the tokens that decode to its prompt
+        want = pad.clone()
+        ids = a["input_ids"][0].tolist()
+        doc = a["doc_ids"][0].tolist()
+        assert max(doc) == len(a["sample_positions"]), "every sample whole in its row"
+        for d, pos in enumerate(a["sample_positions"], start=1):
+            start = doc.index(d)
+            text = raw[tuple(pos)]["txt"].decode()
+            prompt = text[: json.loads(raw[tuple(pos)]["json"])["prompt_chars"]]
+            end = start + 1
+            while tiny_tokenizer.decode(ids[start + 1 : end]) != prompt:
+                end += 1
+                assert end - start < 200, "the prompt is not a token prefix of the sample"
+            assert ids[start] == tiny_tokenizer.bos_id and prompt.startswith("Instruction: ")
+            assert tiny_tokenizer.decode([i for i, dd in zip(ids, doc) if dd == d][1:-1]) == text
+            want[start:end] = True
+            n_prompt_tokens += end - start
+        assert torch.equal(b["labels"][0] == IGNORE_INDEX, want)
+        assert torch.equal(b["labels"][0][~want], a["input_ids"][0][~want])
+    assert n_prompt_tokens > 12
+    # plain text shards: the same with either setting
+    plain = text_shards(tmp_path / "plain", 1, 5)
+    for x, y in zip(_instruction_batches(plain, tiny_tokenizer, "all"),
+                    _instruction_batches(plain, tiny_tokenizer, "response"), strict=True):
+        assert torch.equal(x["labels"], y["labels"]) and torch.equal(x["labels"] == IGNORE_INDEX,
+                                                                     x["padding_mask"])
+
+
+def test_a_bad_prompt_length_is_skipped_and_counted(tmp_path, tiny_tokenizer):
+    samples = [{"__key__": f"k{i}", "txt": b"Instruction: x\nOutput: y",
+                "json": json.dumps({"prompt_chars": n}).encode()} for i, n in enumerate([23, 99, -1, "3", 0])]
+    loader = SourceLoader(make_ds("text", [str(write_tar(tmp_path / "t.tar", samples))], tiny_tokenizer,
+                                  loss="response"))
+    assert sum(len(b["sample_positions"]) for b in consume(loader)) == 2  # 23 (the prompt of these 24 chars) and 0 (none)
+    assert loader.skipped() == {"bad_prompt_chars": 3}
+
+
+def test_loss_and_caption_choice_config_keys(tmp_path, tiny_tokenizer):
+    from kosmos.config import ConfigError
+    from kosmos.data import build_loader
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    assert (cfg.data.text.loss, cfg.data.captions.caption_choice) == ("all", "random")
+    text, caps = instruction_shards(tmp_path / "t", 1, 2), caption_shards(tmp_path / "c", 1, 2, captions=2)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["data.text.loss=response", "data.captions.caption_choice=all",
+                       f"data.text.shards=[{text[0]}]", f"data.captions.shards=[{caps[0]}]"])
+    assert (cfg.data.text.loss, cfg.data.captions.caption_choice) == ("response", "all")
+    enc = SequenceEncoder(tiny_tokenizer, NL, 32)  # the training pipeline gets them
+    assert build_loader(cfg, "text", enc).dataset.loss == "response"
+    assert build_loader(cfg, "captions", enc).dataset.caption_choice == "all"
+    with pytest.raises(ConfigError, match="data.text.loss.*all, response"):
+        load_config(None, ["data.text.loss=prompt"])
+    with pytest.raises(ConfigError, match="data.captions.caption_choice.*first, random, all"):
+        load_config(None, ["data.captions.caption_choice=every"])
+
+
+def _caption_visits(shards, tok, n_batches=None, **kw):
+    """(shard, offset) -> the caption index of each visit, in order."""
+    args = dict(infinite=n_batches is not None, micro_batch_size=1)
+    visits: dict = {}
+    for b in consume(SourceLoader(make_ds("captions", shards, tok, **{**args, **kw})), n_batches):
+        for pos in map(tuple, b["sample_positions"]):
+            visits.setdefault(pos[:2], []).append(pos[2] if len(pos) == 3 else None)
+    return visits
+
+
+def test_random_caption_choice_covers_every_caption_reproducibly(tmp_path, tiny_tokenizer):
+    from kosmos.data.samples import encode_sample
+    from kosmos.data.shards import read_shard
+
+    shards = caption_shards(tmp_path, 2, 6, captions=4)  # 1, 2, 3, 4, 1, 2 captions per image
+    visits = _caption_visits(shards, tiny_tokenizer, 120)  # 12 images, about 3 per row: ~30 epochs
+    assert len(visits) == 12
+    for (shard, offset), picks in visits.items():
+        n = 1 + offset % 4
+        assert len(picks) >= 20
+        if n == 1:
+            assert set(picks) == {None}  # a single caption keeps the plain position
+        else:
+            assert set(picks) == set(range(n)), (shard, offset, picks)  # every caption, over the epochs
+    assert visits == _caption_visits(shards, tiny_tokenizer, 120)  # the same seed: the same captions
+    assert visits != _caption_visits(shards, tiny_tokenizer, 120, seed=1)
+    # the caption of a position is the one encoded
+    enc = SequenceEncoder(tiny_tokenizer, NL, 32)
+    raw = dict(read_shard(shards[0], Counter()))[3]  # 4 captions
+    caps = json.loads(raw["json"])["captions"]
+    for c in range(4):
+        ids = encode_sample("captions", raw, (0, 3, c), enc).ids
+        assert tiny_tokenizer.decode(ids[NL + 3 : -1]) == caps[c]
+
+
+def test_all_captions_are_samples_and_first_keeps_the_first(tmp_path, tiny_tokenizer):
+    shards = caption_shards(tmp_path, 2, 6, captions=3)
+    for workers in (0, 2):
+        visits = _caption_visits(shards, tiny_tokenizer, caption_choice="all", num_workers=workers)
+        assert visits == {(s, o): [None] if o % 3 == 0 else list(range(1 + o % 3))
+                          for s in range(2) for o in range(6)}
+    first = _caption_visits(shards, tiny_tokenizer, caption_choice="first")
+    assert first == {(s, o): [None] for s in range(2) for o in range(6)}

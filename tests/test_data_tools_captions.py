@@ -344,3 +344,61 @@ def test_img2dataset_broken_and_truncated_tars_are_counted(tmp_path):
     assert m["skipped"] == {"broken_tar": 2}  # the cut tar keeps its complete first sample
     assert m["totals"]["samples"] == 4 and m["totals"]["inputs"] == 6
     _check_read_back(out, {f"{i:09d}": CAPTIONS[i % 6] for i in range(4)})
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_tables_keep_every_caption_of_an_image(tmp_path, fmt):
+    from collections import Counter
+
+    from kosmos.data.format import captions
+    from kosmos.data.shards import read_shard
+
+    for i in range(3):
+        write(tmp_path / "imgs" / f"p{i}.jpg", photo(i))
+    if fmt == "csv":  # one row per caption, rows of an image together
+        rows = [{"filepath": f"imgs/p{i}.jpg", "caption": c} for i, c in
+                [(0, "a dog"), (0, "a puppy"), (0, "a dog"), (1, "a cat"), (2, "a bird"), (2, "a crow")]]
+    else:  # a list of captions in one cell
+        rows = [{"filepath": "imgs/p0.jpg", "caption": ["a dog", " ", "a puppy", "a dog"]},
+                {"filepath": "imgs/p1.jpg", "caption": ["a cat"]},
+                {"filepath": "imgs/p2.jpg", "caption": ["a bird", "a crow"]}]
+    table = _table(tmp_path / f"data.{fmt}", fmt, rows)
+    out = tmp_path / "out"
+    m = convert_captions(fmt, table, out, shard_options=_opts(out))
+    tars = _check_read_back(out, {"imgs_p0": "a dog", "imgs_p1": "a cat", "imgs_p2": "a bird"})
+    assert json.loads(tars["imgs_p0"]["json"])["captions"] == ["a dog", "a puppy"]
+    assert "captions" not in json.loads(tars["imgs_p1"]["json"])  # one caption: as before
+    assert m["skipped"] == {}
+    # what training reads: every caption of the image (kosmos.data.format.captions)
+    got = {raw["__key__"]: captions(raw)
+           for p in sorted(out.glob("*.tar")) for _, raw in read_shard(str(p), Counter())}
+    assert got == {"imgs_p0": ["a dog", "a puppy"], "imgs_p1": ["a cat"], "imgs_p2": ["a bird", "a crow"]}
+    # an image's rows apart are not merged: the later one is a duplicate, as before
+    if fmt == "csv":
+        table = _table(tmp_path / "apart.csv", fmt, [rows[0], rows[3], rows[1]])
+        m = convert_captions(fmt, table, tmp_path / "o2", shard_options=_opts(tmp_path / "o2"))
+        assert m["skipped"] == {"duplicate_key": 1}
+
+
+def test_img2dataset_captions_list_reaches_training(tmp_path):
+    from collections import Counter
+
+    from kosmos.data.format import captions
+    from kosmos.data.shards import read_shard
+
+    _img2dataset_tar(tmp_path / "in" / "00000.tar", 0, 1)
+    with tarfile.open(tmp_path / "in" / "00000.tar") as t:
+        files = {m.name.split(".", 1)[1]: t.extractfile(m).read() for m in t.getmembers()}
+    meta = {**json.loads(files["json"]), "captions": [CAPTIONS[0], "another caption", 7]}
+    files["json"] = json.dumps(meta).encode()
+    import io
+
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tar:
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"000000000.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    convert_captions("img2dataset", tmp_path / "in", out, shard_options=_opts(out))
+    (raw,) = [r for p in sorted(out.glob("*.tar")) for _, r in read_shard(str(p), Counter())]
+    assert captions(raw) == [CAPTIONS[0], "another caption"]  # a non-string entry is ignored

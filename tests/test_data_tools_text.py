@@ -96,3 +96,81 @@ def test_workers_and_resume_give_the_same_shards(tmp_path):
     (b / "shard-000003-000.tar").unlink()  # a lost shard is rewritten on rerun
     convert_text(src, b, shard_options=_opts(b, samples_per_shard=7, workers=2))
     assert shard_bytes(a) == shard_bytes(b)
+
+
+# ------------------------------------------------------------------------------------ instructions
+
+
+def _prompt_and_response(out: Path) -> dict[str, tuple[str, str]]:
+    """key -> (prompt, response), split where KEY.json's prompt_chars says."""
+    got = {}
+    for key, files in read_tar(out).items():
+        text, meta = files["txt"].decode("utf-8"), json.loads(files["json"])
+        got[key] = (text[: meta["prompt_chars"]], text[meta["prompt_chars"] :])
+    return got
+
+
+def test_instructions_unnatural_flan_and_prompt_response(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_tools.text import INSTRUCTION_TEMPLATE, render_instruction
+
+    src = tmp_path / "inst"
+    # Unnatural Instructions: core_data.jsonl lines, one instruction with its instances (and reformulations)
+    core = {"instruction": "Say whether the number is even.",
+            "instances": [{"instruction_with_input": "Say whether the number is even.\n4", "input": "4",
+                           "constraints": "Yes or No.", "output": "Yes"},
+                          {"input": "7", "constraints": "Yes or No.", "output": "No"}],
+            "reformulations": [{"instruction": "Is {INPUT} even?", "instruction_with_input": "Is 10 even?",
+                                "input": "10", "output": "Yes"}]}
+    write(src / "unnatural.jsonl", json.dumps(core) + "\n")
+    # ... and a file holding one {"instances": [...]} object
+    write(src / "task.json", json.dumps({"instruction": "Reverse the word.",
+                                         "instances": [{"input": "abc", "output": "cba"}]}))
+    flan = [{"inputs": "Premise: it rains. Does it follow that the ground is wet?", "targets": "yes",
+             "task_name": "rte"}]
+    pq.write_table(pa.Table.from_pylist(flan), src / "flan.parquet")
+    write(src / "chat.jsonl", json.dumps({"prompt": "Name a colour.", "response": "Blue."}) + "\n"
+          + json.dumps({"instruction": "Add one.", "input": "1", "output": "2"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["--format", "instructions", "-i", str(src), "-o", str(out), "--no-progress"]) == 0
+    got = _prompt_and_response(out)
+    assert got == {
+        "unnatural-00000000-i0": ("Instruction: Say whether the number is even.\nInput: 4\nOutput: ", "Yes"),
+        "unnatural-00000000-i1": ("Instruction: Say whether the number is even.\nInput: 7\nOutput: ", "No"),
+        "unnatural-00000000-r0": ("Instruction: Is 10 even?\nOutput: ", "Yes"),  # {INPUT} filled in
+        "task-00000000-i0": ("Instruction: Reverse the word.\nInput: abc\nOutput: ", "cba"),
+        "flan-00000000": ("Instruction: Premise: it rains. Does it follow that the ground is wet?\nOutput: ",
+                          "yes"),
+        "chat-00000000": ("Instruction: Name a colour.\nOutput: ", "Blue."),
+        "chat-00000001": ("Instruction: Add one.\nInput: 1\nOutput: ", "2"),
+    }
+    tars = read_tar(out)
+    meta = {k: json.loads(v["json"]) for k, v in tars.items()}
+    assert meta["flan-00000000"]["style"] == "flan" and meta["flan-00000000"]["task_name"] == "rte"
+    assert [meta[k]["style"] for k in ("unnatural-00000000-i0", "chat-00000000", "chat-00000001")] == [
+        "unnatural", "prompt_response", "flat"]
+    # the one template, stated in one place
+    assert INSTRUCTION_TEMPLATE.format(instruction="I", input="", output="O") == "Instruction: I\nOutput: O"
+    assert render_instruction("I", "x", "O") == ("Instruction: I\nInput: x\nOutput: O", 32)  # prompt: 32 chars
+    assert verify(out, quiet=True)[0]
+
+
+def test_bad_instruction_records_are_counted(tmp_path):
+    src = tmp_path / "inst"
+    rows = [{"prompt": "ok", "response": "fine"}, {"prompt": "no answer", "response": "  "},
+            {"inputs": "", "targets": "x"}, {"text": "a document, not an instruction"},
+            {"instruction": "x", "instances": [{"input": "1", "output": "2"}, "not an object"]},
+            {"instruction": "x", "instances": []}]
+    write(src / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    out = tmp_path / "out"
+    m = convert_text(src, out, format="instructions", shard_options=_opts(out))
+    assert m["skipped"] == {"empty_response": 1, "empty_instruction": 1, "not_an_instruction_record": 1,
+                            "malformed_record": 1, "no_instances": 1, "malformed_json": 1}
+    assert sorted(read_tar(out)) == ["rows-00000000", "rows-00000004-i0"]
+    with pytest.raises(ConversionError, match="unknown format"):
+        convert_text(src, out, format="chat")
+    write(tmp_path / "only.txt", "x")
+    assert main(["--format", "instructions", "-i", str(tmp_path / "only.txt"), "-o", str(tmp_path / "o2"),
+                 "--no-progress"]) == 2

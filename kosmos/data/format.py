@@ -5,7 +5,17 @@ named and grouped into samples, and how a sample's files are parsed.
     captions     KEY.jpg|jpeg|png|webp + KEY.txt            the image and its caption
     interleaved  KEY.json {"segments": [...]} + KEY.imgN.jpg  text and image segments in order
 
-Converters also write `KEY.json` metadata beside text and caption samples; readers ignore it.
+Converters also write `KEY.json` metadata beside text and caption samples. Readers use two of its keys
+and ignore the rest:
+
+* text, `"prompt_chars": N` (instruction data, `python -m data_tools.text --format instructions`): `KEY.txt`
+  is the whole templated text and its first N characters are the prompt, the rest the response. The text is
+  tokenized as the two pieces (the tokenizer adds no prefix space, so the pieces decode to the text), and a
+  source with `data.<source>.loss: response` puts no loss on the prompt's tokens (`<s>` included). Without
+  the key (plain text shards) the sample is one piece, as before.
+* captions, `"captions": [...]` (COCO; img2dataset or table sets with a list of captions per image): every
+  caption of the image. `KEY.txt` holds the first; `captions(files)` gives `KEY.txt` then the others, each
+  once. Which one a visit uses is the source's `caption_choice` (`kosmos.data.stream`).
 
 A member `dir/KEY.EXT` belongs to the sample `dir/KEY` and gives it the field `EXT` (everything after the
 first dot of the file name, lowercased: `KEY.img0.jpg` gives `img0.jpg`); consecutive members with the same
@@ -36,6 +46,12 @@ JSON_FIELD = "json"
 """An interleaved sample's document; metadata beside the other kinds."""
 IMAGE_FIELD = "jpg"
 """The image of a caption sample as the converters write it."""
+LOSSES = ("all", "response")
+"""What an instruction sample's loss covers (`data.<source>.loss`): the whole text (the paper; default), or
+the response only (no loss on `<s>` and the prompt)."""
+CAPTION_CHOICES = ("first", "random", "all")
+"""How a caption sample with several captions is visited (`data.<source>.caption_choice`; see
+`kosmos.data.stream`)."""
 
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext rule
 
@@ -194,22 +210,68 @@ def _text(files: Mapping[str, object], what: str) -> str:
     return text
 
 
-def parse_sample(kind: str, files: Mapping[str, object]) -> list[Segment]:
+def _meta(files: Mapping[str, object], key: str) -> object:
+    """``KEY.json``'s value at ``key``; None when the sample has no such JSON object or no such key (the bytes
+    are searched first: most samples' metadata is not parsed at all)."""
+    raw = files.get(JSON_FIELD)
+    if not isinstance(raw, bytes) or f'"{key}"'.encode() not in raw:
+        return None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
+def prompt_chars(files: Mapping[str, object], text: str) -> int:
+    """The length of a text sample's prompt (``KEY.json`` ``"prompt_chars"``), 0 when it has none. Raises
+    ``BadSample("bad_prompt_chars")`` for a value that is not a whole number in [0, len(text)]."""
+    n = _meta(files, "prompt_chars")
+    if n is None:
+        return 0
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(text):
+        raise BadSample("bad_prompt_chars", f"{n!r} for a text of {len(text)} characters")
+    return n
+
+
+def captions(files: Mapping[str, object]) -> list[str]:
+    """Every caption of a caption sample, stripped: ``KEY.txt`` first, then the strings of ``KEY.json``'s
+    ``"captions"`` list that are not empty and not already in (a list that is not a list of strings is
+    ignored). Raises `BadSample` as `parse_sample` does for a ``KEY.txt`` that is missing or unusable."""
+    out = [_text(files, "caption").strip()]
+    more = _meta(files, "captions")
+    if isinstance(more, list):
+        for c in more:
+            if isinstance(c, str) and c.strip() and c.strip() not in out:
+                out.append(c.strip())
+    return out
+
+
+def parse_sample(kind: str, files: Mapping[str, object], caption: int | None = None) -> list[Segment]:
     """A sample's segments in order: text strings and `ImageSegment`s (bytes undecoded).
 
     ``files`` maps fields to bytes (other entries, such as ``__key__``, are ignored). Raises
     ``BadSample(reason)`` for a sample the reader cannot use: ``missing_text``, ``empty_text``,
-    ``missing_caption``, ``empty_caption``, ``not_utf8``, ``missing_image``, ``missing_json``, ``bad_json``
-    or ``empty_document``. Interleaved segments that are neither text nor image are ignored.
+    ``missing_caption``, ``empty_caption``, ``not_utf8``, ``missing_image``, ``missing_json``, ``bad_json``,
+    ``empty_document``, ``bad_prompt_chars`` or ``no_such_caption``. Interleaved segments that are neither
+    text nor image are ignored. A text sample with a prompt (``prompt_chars``) gives two strings, the prompt
+    then the response. A caption sample gives its image and ``KEY.txt``, or with ``caption`` the caption of
+    that index in `captions(files)`.
     """
     if kind == "text":
-        return [_text(files, "text")]
+        text = _text(files, "text")
+        n = prompt_chars(files, text)
+        return [text[:n], text[n:]] if 0 < n < len(text) else [text]
     if kind == "captions":
         ext = next((e for e in IMAGE_EXTS if isinstance(files.get(e), bytes)), None)
         if ext is None:
             raise BadSample("missing_image")
-        caption = _text(files, "caption")
-        return [ImageSegment(ext, files[ext]), caption.strip()]
+        if caption is None:
+            return [ImageSegment(ext, files[ext]), _text(files, "caption").strip()]
+        every = captions(files)
+        if not 0 <= caption < len(every):
+            raise BadSample("no_such_caption", f"caption {caption} of {len(every)}")
+        return [ImageSegment(ext, files[ext]), every[caption]]
     if kind == "interleaved":
         raw = files.get(JSON_FIELD)
         if not isinstance(raw, bytes):

@@ -165,7 +165,8 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
     ds = SourceDataset(
         name, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
         num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
-        shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens)
+        shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
+        loss=src.loss, caption_choice=src.caption_choice)
     return SourceLoader(ds)
 
 

@@ -32,6 +32,8 @@ class Row:
     """Positions of the samples whose first token is in this row."""
     doc_ids: list[int] = field(default_factory=list)
     """Per token: which piece of a document it belongs to (1, 2, ... in row order; 0 at padding)."""
+    no_loss: list[bool] = field(default_factory=list)
+    """Per token: True where the sample puts no loss (an instruction's prompt under `loss: response`)."""
 
 
 class Packer:
@@ -53,6 +55,7 @@ class Packer:
             row.starts.append(item.pos)
         row.doc_ids += [(row.doc_ids[-1] if row.doc_ids else 0) + 1] * (end - start)
         row.ids += item.ids[start:end]
+        row.no_loss += [i < item.no_loss for i in range(start, end)]
         row.image_mask += item.image_mask[start:end]
         row.images += [img for s, img in zip(item.image_starts, item.images) if start <= s < end]
         item.start = end
@@ -63,6 +66,7 @@ class Packer:
         row.ids += [self.pad_id] * pad
         row.image_mask += [False] * pad
         row.doc_ids += [0] * pad
+        row.no_loss += [False] * pad
         return row
 
     def pack(self, items: Iterable[Encoded]) -> Iterator[tuple[Row, Encoded | None]]:
@@ -87,14 +91,16 @@ class Packer:
 
 
 def collate(rows: list[Row], image_size: int) -> dict[str, torch.Tensor]:
-    """Rows -> a micro-batch: ids, labels (IGNORE_INDEX at image slots and padding), masks, uint8 images,
-    and doc_ids (B, L) (the model uses them only with `decoder.document_mask`)."""
+    """Rows -> a micro-batch: ids, labels (IGNORE_INDEX at image slots, padding and the tokens a sample puts
+    no loss on: `Row.no_loss`), masks, uint8 images, and doc_ids (B, L) (the model uses them only with
+    `decoder.document_mask`)."""
     ids = torch.tensor([r.ids for r in rows], dtype=torch.long)  # (B, L)
     image_mask = torch.tensor([r.image_mask for r in rows], dtype=torch.bool)
     L = ids.shape[1]
     n_real = torch.tensor([r.n_real for r in rows])
     padding_mask = torch.arange(L)[None, :] >= n_real[:, None]
-    labels = ids.masked_fill(image_mask | padding_mask, IGNORE_INDEX)
+    no_loss = torch.tensor([r.no_loss or [False] * L for r in rows], dtype=torch.bool)
+    labels = ids.masked_fill(image_mask | padding_mask | no_loss, IGNORE_INDEX)
     images = [img for r in rows for img in r.images]
     return {
         "input_ids": ids,

@@ -1,13 +1,18 @@
 """Raw shard samples -> token sequences with their images, per source kind (the format and its parsing:
 `kosmos.data.format`; here images are decoded and the segments tokenized).
 
-    text         KEY.txt                                 <s> text </s>
+    text         KEY.txt                                 <s> text </s>  (instructions: <s> prompt answer </s>)
     captions     KEY.jpg|png|webp|jpeg + KEY.txt          <s> <image> [slots] </image> caption </s>
     interleaved  KEY.json {"segments": [...]} + KEY.imgN  <s> text <image> [slots] </image> text ... </s>
 
 A sample that cannot be used raises `BadSample(reason)`; the stream skips it and counts the reason. A sample
 longer than the source's `max_tokens` (`data.<source>.max_tokens`) is cut there, never inside an image span;
 the rest (images included) is dropped and the stream counts it as truncated.
+
+Loss on the prompt: an instruction sample (a text sample whose `KEY.json` has `prompt_chars`) is tokenized
+as prompt then response in either case; with `loss="response"` (`data.<source>.loss`) its `<s>` and prompt
+tokens get no loss (`Encoded.no_loss`, labels IGNORE_INDEX in `kosmos.data.packing.collate`). The paper
+trains on the whole text: `loss="all"`, the default.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kosmos.data.format import BadSample, ImageSegment, parse_sample
+from kosmos.data.format import LOSSES, BadSample, ImageSegment, parse_sample
 from kosmos.image import clip_resize_crop
 from kosmos.sequence import SequenceEncoder
 
@@ -26,8 +31,9 @@ from kosmos.sequence import SequenceEncoder
 class Encoded:
     """A sample ready to pack."""
 
-    pos: tuple[int, int]
-    """(shard, offset) of the raw sample, to read it back on resume."""
+    pos: tuple[int, ...]
+    """(shard, offset) of the raw sample, to read it back on resume; (shard, offset, caption) for a visit of
+    a caption sample with several captions (`kosmos.data.stream`)."""
     ids: list[int]
     image_mask: list[bool]
     images: list[torch.Tensor] = field(default_factory=list)
@@ -38,6 +44,9 @@ class Encoded:
     """Tokens already placed in earlier rows (a document longer than a row continues)."""
     truncated: bool = False
     """Cut to `max_tokens` (its tail dropped)."""
+    no_loss: int = 0
+    """Leading tokens that carry no loss: `<s>` and the prompt of an instruction sample under
+    `loss="response"`, else 0."""
 
 
 MAX_CHARS_PER_TOKEN = 16
@@ -61,17 +70,22 @@ def _image(data: bytes, size: int) -> torch.Tensor:
         raise BadSample("bad_image") from None
 
 
-def sample_segments(kind: str, raw: dict, image_size: int) -> list:
-    """The sample's segments: strings and uint8 image tensors, in order."""
-    segments = parse_sample(kind, raw)
+def sample_segments(kind: str, raw: dict, image_size: int, caption: int | None = None) -> list:
+    """The sample's segments: strings and uint8 image tensors, in order (`caption`: which caption of a caption
+    sample, see `kosmos.data.format.parse_sample`)."""
+    segments = parse_sample(kind, raw, caption)
     return [_image(s.data, image_size) if isinstance(s, ImageSegment) else s for s in segments]
 
 
-def encode_sample(kind: str, raw: dict, pos: tuple[int, int], encoder: SequenceEncoder,
-                  max_tokens: int = 0) -> Encoded:
+def encode_sample(kind: str, raw: dict, pos: tuple[int, ...], encoder: SequenceEncoder,
+                  max_tokens: int = 0, loss: str = "all") -> Encoded:
     """The sample's tokens and images; with `max_tokens` (0: no cap) at most that many tokens (`truncated`
-    set when anything was cut)."""
-    segments = sample_segments(kind, raw, encoder.image_size)
+    set when anything was cut). A caption sample at a position `(shard, offset, caption)` uses that caption
+    (`kosmos.data.format.captions`); `loss="response"` sets `no_loss` over an instruction sample's prompt."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    segments = sample_segments(kind, raw, encoder.image_size, pos[2] if len(pos) > 2 else None)
+    prompt = segments[0] if kind == "text" and len(segments) == 2 else None
     cut_text = False
     if max_tokens:
         limit = max_tokens * MAX_CHARS_PER_TOKEN
@@ -82,6 +96,8 @@ def encode_sample(kind: str, raw: dict, pos: tuple[int, int], encoder: SequenceE
     images = [s for s in segments if isinstance(s, torch.Tensor)]
     item = Encoded(pos=pos, ids=seq.ids, image_mask=seq.image_mask, images=images,
                    image_starts=seq.image_starts)
+    if prompt is not None and loss == "response":
+        item.no_loss = min(len(item.ids), 1 + len(encoder.tokenizer.encode(prompt)))  # <s> + the prompt
     if max_tokens and (cut_text or len(item.ids) > max_tokens):
         _truncate(item, max_tokens, encoder.span)
     return item
@@ -95,5 +111,6 @@ def _truncate(item: Encoded, max_tokens: int, span: int) -> None:
             cut = s
     kept = sum(1 for s in item.image_starts if s < cut)
     item.ids, item.image_mask = item.ids[:cut], item.image_mask[:cut]
+    item.no_loss = min(item.no_loss, cut)
     item.images, item.image_starts = item.images[:kept], item.image_starts[:kept]
     item.truncated = True

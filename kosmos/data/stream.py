@@ -17,6 +17,21 @@ from its positions, the unfinished document is re-read and cut at its offset, an
 restarts at the saved next worker. So it yields exactly the micro-batches that the uninterrupted run would
 have yielded next: nothing consumed is replayed and nothing is skipped. Micro-batches that workers had
 prefetched but the trainer had not consumed are not part of the state; they are produced again.
+
+Every caption counts. A caption sample with several captions (`KEY.json` `"captions"`, see
+`kosmos.data.format.captions`) is visited as `data.<source>.caption_choice` says:
+
+    first    KEY.txt, every time (what training did before the key existed)
+    random   (default) one caption per visit, drawn from (seed, epoch, shard, offset): each epoch still sees
+             every image once, so the source's images and epoch length are as with one caption, while over
+             the epochs every caption is used; the draw is a pure function of the position, so a resumed or
+             repeated run draws the same captions
+    all      each caption is a sample of its own: an image with 5 captions is visited 5 times per epoch
+             (spread by the shuffle buffer; without one its captions follow each other)
+
+Such a visit's position is `(shard, offset, caption)` (a sample with one caption keeps `(shard, offset)`), and
+the cursor also remembers how many visits of the sample at `offset` were read (`sub`), so that the caption is
+part of what a checkpoint stores and restores.
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kosmos.data.packing import Packer, Row, collate
+from kosmos.data.format import CAPTION_CHOICES, LOSSES, captions
 from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
@@ -48,15 +64,17 @@ class WorkerStream:
 
     def __init__(self, kind: str, shards: list[str], g: int, G: int, *, encoder: SequenceEncoder,
                  seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, max_tokens: int = 0,
-                 state: dict | None = None):
+                 loss: str = "all", caption_choice: str = "random", state: dict | None = None):
         self.kind, self.shards, self.g, self.G = kind, shards, g, G
         self.encoder, self.max_tokens = encoder, max_tokens
+        self.loss, self.caption_choice = loss, caption_choice
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
         self.split_samples = len(shards) < G
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{g}")
         self.skipped: Counter = Counter()
         self.truncated = 0  # samples cut to max_tokens
         self.epoch, self.k, self.offset = 0, 0, -1  # reading cursor: epoch, index in this epoch's order, offset
+        self.sub = 0  # visits of the sample at `offset` already read (several with caption_choice "all")
         self.buffer: list[tuple[tuple[int, int], dict]] = []
         self.n_samples = 0
         self.carry: Encoded | None = None
@@ -71,7 +89,23 @@ class WorkerStream:
             random.Random(f"kosmos-shards-{self.seed}-{epoch}").shuffle(order)
         return order if self.split_samples else order[self.g :: self.G]
 
-    def _raw(self) -> Iterator[tuple[tuple[int, int], dict]]:
+    def _visits(self, shard: int, offset: int, raw: dict) -> list[tuple[int, ...]]:
+        """The positions under which this epoch visits a sample: `(shard, offset)`, or for a caption sample
+        with several captions `(shard, offset, caption)` per caption visited (module docstring)."""
+        if self.kind != "captions" or self.caption_choice == "first":
+            return [(shard, offset)]
+        try:
+            n = len(captions(raw))
+        except BadSample:  # counted when it is encoded
+            n = 1
+        if n == 1:
+            return [(shard, offset)]
+        if self.caption_choice == "all":
+            return [(shard, offset, c) for c in range(n)]
+        c = random.Random(f"kosmos-caption-{self.seed}-{self.epoch}-{shard}-{offset}").randrange(n)
+        return [(shard, offset, c)]
+
+    def _raw(self) -> Iterator[tuple[tuple[int, ...], dict]]:
         """(position, raw sample) from the cursor on, advancing it."""
         while True:
             order = self._order(self.epoch)
@@ -79,12 +113,15 @@ class WorkerStream:
             while self.k < len(order):
                 shard = order[self.k]
                 for offset, raw in read_shard(self.shards[shard], self.skipped):
-                    if offset <= self.offset or (self.split_samples and offset % self.G != self.g):
+                    if offset < self.offset or (self.split_samples and offset % self.G != self.g):
                         continue
-                    self.offset = offset
-                    got += 1
-                    yield (shard, offset), raw
-                self.k, self.offset = self.k + 1, -1
+                    visits = self._visits(shard, offset, raw)
+                    done = self.sub if offset == self.offset else 0
+                    for i in range(done, len(visits)):
+                        self.offset, self.sub = offset, i + 1
+                        got += 1
+                        yield visits[i], raw
+                self.k, self.offset, self.sub = self.k + 1, -1, 0
             if not self.infinite:
                 return
             if got == 0 and self.n_samples == 0:
@@ -92,7 +129,7 @@ class WorkerStream:
                     f"{self.kind}: worker {self.g} of {self.G} found no samples in a whole pass over "
                     f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
                     f"the shards with `python -m data_tools.verify`")
-            self.epoch, self.k, self.offset = self.epoch + 1, 0, -1
+            self.epoch, self.k, self.offset, self.sub = self.epoch + 1, 0, -1, 0
 
     def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
         for item in self._raw():
@@ -112,7 +149,7 @@ class WorkerStream:
 
     def _encode(self, pos, raw) -> Encoded | None:
         try:
-            return encode_sample(self.kind, raw, pos, self.encoder, self.max_tokens)
+            return encode_sample(self.kind, raw, pos, self.encoder, self.max_tokens, self.loss)
         except BadSample as e:
             self.skipped[e.reason] += 1
             return None
@@ -133,34 +170,34 @@ class WorkerStream:
 
     def state(self, carry: Encoded | None) -> dict:
         return {
-            "epoch": self.epoch, "k": self.k, "offset": self.offset,
+            "epoch": self.epoch, "k": self.k, "offset": self.offset, "sub": self.sub,
             "buffer": [list(pos) for pos, _ in self.buffer],
             "rng": _rng_state(self.rng),
-            "carry": [carry.pos[0], carry.pos[1], carry.start] if carry is not None else None,
+            "carry": [*carry.pos, carry.start] if carry is not None else None,  # position, then tokens done
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
         }
 
     def _restore(self, st: dict) -> None:
         self.epoch, self.k, self.offset = st["epoch"], st["k"], st["offset"]
+        self.sub = st.get("sub", 1 if st["offset"] >= 0 else 0)  # older checkpoints: one visit per sample
         _set_rng_state(self.rng, st["rng"])
         self.skipped = Counter(st["skipped"])
         self.n_samples = st["samples"]
         self.truncated = st.get("truncated", 0)  # absent from checkpoints older than max_tokens
-        wanted = [tuple(p) for p in st["buffer"]]
-        if st["carry"] is not None:
-            wanted.append((st["carry"][0], st["carry"][1]))
+        buffer = [tuple(p) for p in st["buffer"]]
+        carry = tuple(st["carry"][:-1]) if st["carry"] is not None else None  # (shard, offset[, caption])
+        wanted = [p[:2] for p in buffer + ([carry] if carry else [])]
         raw = read_positions(self.shards, wanted, Counter())
         missing = [p for p in wanted if p not in raw]
         if missing:
             raise RuntimeError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
                                "(were the shards changed since the checkpoint?)")
-        self.buffer = [(p, raw[p]) for p in map(tuple, st["buffer"])]
-        if st["carry"] is not None:
-            shard, offset, start = st["carry"]
-            item = self._encode((shard, offset), raw[(shard, offset)])
+        self.buffer = [(p, raw[p[:2]]) for p in buffer]
+        if carry is not None:
+            item = self._encode(carry, raw[carry[:2]])
             if item is None:
-                raise RuntimeError(f"{self.kind}: cannot resume: sample {(shard, offset)} no longer decodes")
-            item.start = start
+                raise RuntimeError(f"{self.kind}: cannot resume: sample {carry} no longer decodes")
+            item.start = st["carry"][-1]
             self.carry = item
 
 
@@ -169,10 +206,17 @@ class SourceDataset(IterableDataset):
 
     def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
                  micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0):
+                 shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0, loss: str = "all",
+                 caption_choice: str = "random"):
         super().__init__()
         if not shards:
             raise ValueError(f"{kind}: no shards")
+        if loss not in LOSSES:
+            raise ValueError(f"config key 'data.{kind}.loss': {loss!r} is not one of {', '.join(LOSSES)}")
+        if caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"config key 'data.{kind}.caption_choice': {caption_choice!r} is not one of "
+                             f"{', '.join(CAPTION_CHOICES)}")
+        self.loss, self.caption_choice = loss, caption_choice
         if 0 < max_tokens < encoder.span + 2:
             raise ValueError(f"config key 'data.{kind}.max_tokens': {max_tokens} cannot hold <s>, an image "
                              f"span ({encoder.span} tokens) and a token of text; use 0 (no cap) or at least "
@@ -189,7 +233,8 @@ class SourceDataset(IterableDataset):
         nw = max(1, self.num_workers)
         return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
                             encoder=self.encoder, seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
-                            max_tokens=self.max_tokens, state=self.states.get(logical))
+                            max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
+                            state=self.states.get(logical))
 
     def __iter__(self):
         info = get_worker_info()
