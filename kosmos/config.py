@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -465,6 +466,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# A number in any spelling Python reads as a float: `1e-4`, `2E3`, `+1.5e-3`, `1_000.5`. PyYAML follows YAML 1.1,
+# whose floats need a dot (`1.0e-4`), so `lr: 2e-3` and `optim.lr=1e-4` arrive as strings; float fields accept
+# them. Words (`nan`, `inf`) are not numbers here: YAML's `.nan` and `.inf` are.
+_FLOAT_RE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (int, float, bool, str, X | None, list[X], dict)."""
     origin = typing.get_origin(tp)
@@ -501,6 +508,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value.strip().replace("_", ""))  # `1e-4`: PyYAML (YAML 1.1) reads it as a string
     elif tp is str:
         if isinstance(value, str):
             return value
