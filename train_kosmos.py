@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        check_config(cfg)
-    except ConfigError as e:  # before any heavy work: one clear line
+        check_config(cfg)  # before any heavy work
+        return train(cfg, resume=args.resume, progress=not args.no_progress)
+    except ConfigError as e:  # one clear line naming the key or file
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(cfg, resume=args.resume, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

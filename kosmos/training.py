@@ -19,15 +19,26 @@ from kosmos.config import Config, ConfigError
 from kosmos.eval.loss import to_device
 
 
+TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+"""The packages a `train.tracker` needs (any one of them); accelerate only warns and logs nothing without."""
+
+
 def check_config(cfg: Config) -> None:
     """Fail on what would otherwise fail late: missing tokenizer, shards or init weights, a vocabulary
-    mismatch."""
+    smaller than the tokenizer, a tracker that is not installed."""
+    import importlib.util
+
     from kosmos.data import plan
     from kosmos.data.shards import expand_shards
 
     if not cfg.tokenizer.path or not (Path(cfg.tokenizer.path) / "tokenizer.model").is_file():
         raise ConfigError(f"config key 'tokenizer.path': no tokenizer.model in {cfg.tokenizer.path!r} "
                           "(build one with `python -m tokenizer.build`)")
+    build_tokenizer(cfg)  # decoder.vocab_size against the tokenizer's ids (a fraction of a second)
+    packages = TRACKER_PACKAGES.get(cfg.train.tracker, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ConfigError(f"config key 'train.tracker': {cfg.train.tracker} is not installed (`pip install "
+                          f"{packages[0]}` in this environment), or set train.tracker=none")
     cfg.vision.resolved()  # vision.model_name through open_clip's configs: a clear error when unknown
     init = cfg.train.init_from
     if init and not (Path(init).is_file() or (Path(init) / "model.safetensors").is_file()):
