@@ -314,6 +314,10 @@ class DataConfig:
     rounded to whole micro-batches (kosmos/data/mixture.py); beyond it the run is refused."""
     allow_mixture_drift: bool = False
     """Run anyway when the mixture is beyond `mixture_tolerance` (the effective numbers are still printed)."""
+    allow_missing_shards: bool = False
+    """Train on the shards that exist when a brace pattern in `shards` or `eval_shards` names some that do not
+    (`cap-{000000..000099}.tar` with a few missing); the run then warns with their count at start. False: the
+    run is refused, naming them."""
 
     def __post_init__(self) -> None:
         for name in SOURCES:

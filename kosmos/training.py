@@ -52,7 +52,7 @@ def check_config(cfg: Config) -> None:
         for key, patterns in (("shards", src.shards), ("eval_shards", src.eval_shards)):
             try:
                 if patterns:
-                    expand_shards(patterns)
+                    expand_shards(patterns, allow_missing=cfg.data.allow_missing_shards)
             except FileNotFoundError as e:
                 raise ConfigError(f"config key 'data.{name}.{key}': {e}") from None
 
@@ -182,6 +182,11 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     if p.drift() > cfg.data.mixture_tolerance:
         lines.append(f"  WARNING: {p.drift():.1%} off the budgets, beyond data.mixture_tolerance="
                      f"{cfg.data.mixture_tolerance} (allowed by data.allow_mixture_drift)")
+    for n, loader in mixture.loaders.items():
+        if gone := loader.missing_shards:
+            lines.append(f"  WARNING: {len(gone)} shard(s) named in data.{n}.shards do not exist, training on the "
+                         f"{len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
+                         f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
     for n in default_budgets(cfg, mixture):
         lines.append(f"  WARNING: data.{n}.tokens_per_step not set: the default budget "
                      f"{p.sources[n].budget:,} tokens per step is used (the paper's); set it for your data")

@@ -33,3 +33,29 @@ def test_tracker_not_installed_is_refused_with_the_install_hint(tiny_tokenizer, 
     monkeypatch.setitem(sys.modules, "wandb", None)  # importlib finds no wandb, installed or not
     err = _exit_2(capsys, ["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}", "train.tracker=wandb"])
     assert "'train.tracker': wandb is not installed (`pip install wandb`" in err
+
+
+def test_brace_pattern_naming_missing_shards_is_refused_or_allowed_with_a_count(tiny_tokenizer, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from kosmos.config import load_config
+    from kosmos.data import build_mixture
+    from kosmos.sequence import SequenceEncoder
+    from kosmos.training import check_config, describe_mixture
+    from tests.helpers import text_shards
+
+    text_shards(tmp_path, 4, 3)  # text-000000.tar .. text-000003.tar
+    args = [f"tokenizer.path={tiny_tokenizer.path}", "train.tracker=none", "data.captions.tokens_per_step=0",
+            "data.interleaved.tokens_per_step=0", f"data.text.shards=['{tmp_path}/text-{{000000..000009}}.tar']"]
+    err = _exit_2(capsys, ["--config", TINY, *args])
+    assert "config key 'data.text.shards': 6 of the 10 shards named by" in err
+    assert f"{tmp_path}/text-000004.tar, {tmp_path}/text-000005.tar, {tmp_path}/text-000006.tar and 3 more" in err
+    assert "data.allow_missing_shards=true" in err
+
+    cfg = load_config(TINY, [*args, "data.allow_missing_shards=true"])
+    check_config(cfg)
+    mixture = build_mixture(cfg, SequenceEncoder.from_config(cfg))
+    assert len(mixture.loaders["text"].dataset.shards) == 4
+    block = describe_mixture(SimpleNamespace(mixed_precision="no"), cfg, mixture)
+    assert (f"WARNING: 6 shard(s) named in data.text.shards do not exist, training on the 4 found (allowed by "
+            f"data.allow_missing_shards): {tmp_path}/text-000004.tar") in block

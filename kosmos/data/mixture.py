@@ -161,12 +161,15 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
                  train: bool = True) -> SourceLoader:
     """The loader of one source: training (infinite, shuffled) or evaluation (one pass, in order)."""
     src = getattr(cfg.data, name)
-    shards = expand_shards(src.shards if train else src.eval_shards)
+    missing: list[str] = []
+    shards = expand_shards(src.shards if train else src.eval_shards, cfg.data.allow_missing_shards, missing)
     ds = SourceDataset(
         name, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
         num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train)
-    return SourceLoader(ds)
+    loader = SourceLoader(ds)
+    loader.missing_shards = missing
+    return loader
 
 
 class Mixture:

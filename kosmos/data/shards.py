@@ -20,24 +20,38 @@ from pathlib import Path
 from kosmos.data.format import iter_tar
 
 
-def expand_shards(patterns: list[str]) -> list[str]:
+def expand_shards(patterns: list[str], allow_missing: bool = False,
+                  missing: list[str] | None = None) -> list[str]:
     """Paths of the shards named by files, directories (their `*.tar`), globs and brace patterns;
-    sorted, without duplicates. A pattern that matches nothing is an error naming it."""
+    sorted, without duplicates. A pattern that matches nothing is an error naming it. So is a brace pattern
+    naming shards of which some do not exist (`cap-{000000..000009}.tar` with 4 of the 10 there), naming
+    them, unless `allow_missing`: then they are appended to `missing` (for a warning) and the rest is used."""
     from braceexpand import braceexpand
 
     out: list[str] = []
     for pattern in patterns:
         found: list[str] = []
-        for item in braceexpand(str(pattern)):
+        items = list(braceexpand(str(pattern)))
+        gone = []
+        for item in items:
             p = Path(item)
             if p.is_dir():
-                found += sorted(str(x) for x in p.glob("*.tar"))
+                got = sorted(str(x) for x in p.glob("*.tar"))
             elif any(ch in item for ch in "*?["):
-                found += sorted(glob.glob(item))
-            elif p.is_file():
-                found.append(str(p))
+                got = sorted(glob.glob(item))
+            else:
+                got = [str(p)] if p.is_file() else []
+            found += got
+            if not got:
+                gone.append(item)
         if not found:
             raise FileNotFoundError(f"no shards found for {pattern!r}")
+        if gone and not allow_missing:
+            names = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+            raise FileNotFoundError(f"{len(gone)} of the {len(items)} shards named by {pattern!r} do not exist: "
+                                    f"{names} (data.allow_missing_shards=true trains on the others)")
+        if missing is not None:
+            missing += gone
         out += found
     return sorted(dict.fromkeys(os.path.normpath(p) for p in out))
 

@@ -221,6 +221,8 @@ class SourceLoader:
         self.states: dict[int, dict] = dict(dataset.states)
         self.next_worker = dataset.worker_offset
         self._it = None
+        self.missing_shards: list[str] = []
+        """Shards named in the config that do not exist (allowed by data.allow_missing_shards): for the log."""
 
     def __iter__(self):
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
