@@ -56,7 +56,7 @@ def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
     assert names == ["step_00000010", "step_00000015"]
     assert ck.resolve_resume("latest", tmp_path).name == "step_00000015"
     assert ck.resolve_resume("latest", tmp_path / "elsewhere") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ck.CheckpointError, match="not a complete checkpoint"):
         ck.resolve_resume(str(ck.checkpoint_dir(tmp_path) / "step_00000020.tmp"), tmp_path)
 
 

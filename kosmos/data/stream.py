@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kosmos.config import ConfigError
 from kosmos.data.packing import Packer, Row, collate
 from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.shards import read_positions, read_shard
@@ -257,7 +258,7 @@ class SourceLoader:
     def load_state_dict(self, sd: dict) -> None:
         ds = self.dataset
         if (sd["world_size"], sd["num_workers"]) != (ds.world_size, self.num_workers):
-            raise ValueError(
+            raise ConfigError(
                 f"{ds.kind}: the data position was saved with world_size={sd['world_size']} and "
                 f"{sd['num_workers']} workers per rank, but this run has world_size={ds.world_size} and "
                 f"{self.num_workers}; resume with the same layout (or start the data from scratch)")
