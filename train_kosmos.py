@@ -133,6 +133,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from kosmos.checkpoint import CheckpointError  # after --help
+    from kosmos.data.stream import DataError
     from kosmos.training import check_config
 
     allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
@@ -140,9 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)  # before any heavy work
         return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow)
-    except (ConfigError, CheckpointError) as e:  # one clear line naming the key or file
+    except (ConfigError, CheckpointError, DataError) as e:  # one clear line naming the key, file or source
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # a second SIGTERM / Ctrl-C
+        print("error: stopped by a second signal, without a checkpoint of the current step; "
+              "--resume latest resumes from the last one saved", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

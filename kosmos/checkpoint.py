@@ -412,8 +412,10 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
 
 
 class StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step. A context
-    manager: the previous handlers come back on exit."""
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step; a second one
+    (either) stops at once, without a checkpoint for the current step (KeyboardInterrupt). DataLoader workers
+    ignore both (kosmos.data.stream), so a signal to the whole process group reaches the main process alone.
+    A context manager: the previous handlers come back on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -422,7 +424,7 @@ class StopFlag:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+        if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
 

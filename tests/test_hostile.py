@@ -2,6 +2,7 @@
 one-line error naming the file or key (exit 2, no traceback), a counted skip, or a documented recovery."""
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +233,69 @@ def test_resume_refuses_changed_data_settings_naming_them_unless_allowed(tiny_to
         ck.config_changes(path, saved, changed, ["data.captions.micro_batch"])
     older = {k: v for k, v in saved.items() if k != "seed"}  # a checkpoint from before a key: not compared
     assert "seed" not in str(ck.config_changes(path, older, changed, ["decoder", "data"]))
+
+
+# ----------------------------------------------------------------------------- data faults and signals
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("fault", ["deleted", "emptied"])
+def test_shards_gone_mid_run_stop_the_source_after_a_bounded_retry(tiny_tokenizer, tmp_path, monkeypatch,
+                                                                   workers, fault):
+    import time
+
+    from kosmos.data import stream
+    from kosmos.data.stream import DataError, SourceDataset, SourceLoader
+    from kosmos.sequence import SequenceEncoder
+    from tests.helpers import text_shards
+
+    monkeypatch.setattr(stream, "RETRY_WAITS", (0.05, 0.1))  # forked workers see it too
+    shards = text_shards(tmp_path, 4, 10)
+    ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
+                       num_workers=workers, shuffle_buffer=0)
+    loader = SourceLoader(ds)
+    for _ in range(max(1, workers)):  # every worker has read samples (round robin): a mid-run loss
+        next(loader)
+    for s in shards:
+        if fault == "deleted":
+            Path(s).unlink()
+        else:
+            Path(s).write_bytes(b"")
+    start = time.monotonic()
+    with pytest.raises(DataError) as e:
+        for _ in range(1000):  # what was prefetched or buffered, then the error: no endless loop
+            next(loader)
+    msg = str(e.value)
+    assert time.monotonic() - start < 30 and "\n" not in msg
+    assert msg.startswith("text: no readable shard left: 3 passes over the "), msg
+    assert ("'missing_shard'" if fault == "deleted" else "'broken_shard'") in msg
+    assert "resume with --resume latest" in msg
+
+
+def test_a_shard_gone_among_others_is_skipped_and_counted(tiny_tokenizer, tmp_path):
+    from kosmos.data.stream import SourceDataset, SourceLoader
+    from kosmos.sequence import SequenceEncoder
+    from tests.helpers import text_shards
+
+    shards = text_shards(tmp_path, 3, 5)
+    ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
+                       shuffle_buffer=0, infinite=False)
+    Path(shards[1]).unlink()
+    loader = SourceLoader(ds)
+    seen = {tuple(p) for b in loader for p in b["sample_positions"]}
+    assert {s for s, _ in seen} == {0, 2} and len(seen) == 10
+    assert loader.skipped() == {"missing_shard": 1}
+
+
+def test_a_second_signal_stops_at_once(monkeypatch):
+    import os
+    import signal
+
+    from kosmos import checkpoint as ck
+
+    with ck.StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested  # the first: a checkpoint at the end of the step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle

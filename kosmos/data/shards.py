@@ -60,11 +60,18 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None) -> It
     """(offset, raw sample) for each sample of the shard, in order: ``{"__key__", "__url__", field: bytes}``
     with members grouped by `kosmos.data.format.iter_tar`. A broken or truncated tar ends the shard early and
     is counted in `skipped`; the sample cut by the break comes out incomplete and is rejected (and counted)
-    when decoded. Stops after `max_offset` when given."""
-    for offset, sample in enumerate(iter_tar(path, skipped)):
-        yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
-        if max_offset is not None and offset >= max_offset:
-            return
+    when decoded. A shard gone since the run started (`missing_shard`) or that cannot be opened
+    (`unreadable_shard`) gives no sample and is counted. Stops after `max_offset` when given."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        skipped["missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard"] += 1
+        return
+    with f:
+        for offset, sample in enumerate(iter_tar(f, skipped)):
+            yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
+            if max_offset is not None and offset >= max_offset:
+                return
 
 
 def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter) -> dict:

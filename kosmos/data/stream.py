@@ -17,11 +17,19 @@ from its positions, the unfinished document is re-read and cut at its offset, an
 restarts at the saved next worker. So it yields exactly the micro-batches that the uninterrupted run would
 have yielded next: nothing consumed is replayed and nothing is skipped. Micro-batches that workers had
 prefetched but the trainer had not consumed are not part of the state; they are produced again.
+
+Faults. A shard that vanishes or breaks is skipped and counted. A worker whose whole pass finds no sample
+although it found some before (its shards deleted or unmounted mid-run) waits and tries again
+(`RETRY_WAITS`), then stops the run with a `DataError` naming the source; so does a source with no sample at
+all. Workers ignore SIGTERM and SIGINT, which go to the whole process group (`timeout`, SLURM, container
+stops, Ctrl-C): the main process handles them, saves a checkpoint and ends the workers.
 """
 
 from __future__ import annotations
 
 import random
+import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -33,6 +41,24 @@ from kosmos.data.packing import Packer, Row, collate
 from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
+
+
+RETRY_WAITS = (1.0, 2.0, 4.0)
+"""Seconds a worker waits before each new pass when a whole pass found no sample (shards gone mid-run, or a
+file system that comes back); after the last, a DataError stops the run."""
+
+
+class DataError(RuntimeError):
+    """A source that cannot go on: no sample at all, or no readable shard left. Raised in the main process,
+    with a one-line message naming the source."""
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM/SIGINT sent to the whole process group are the main process's to
+    handle (a checkpoint, then a clean exit that ends the workers); a worker killed by one would crash the
+    run instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -72,6 +98,7 @@ class WorkerStream:
 
     def _raw(self) -> Iterator[tuple[tuple[int, int], dict]]:
         """(position, raw sample) from the cursor on, advancing it."""
+        retries = 0
         while True:
             order = self._order(self.epoch)
             got = 0
@@ -87,10 +114,22 @@ class WorkerStream:
             if not self.infinite:
                 return
             if got == 0 and self.n_samples == 0:
-                raise RuntimeError(
+                raise DataError(
                     f"{self.kind}: worker {self.g} of {self.G} found no samples in a whole pass over "
                     f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
                     f"the shards with `python -m data_tools.verify`")
+            if got == 0:  # it read samples before: the shards went away (or a file system is down)
+                if retries == len(RETRY_WAITS):
+                    raise DataError(
+                        f"{self.kind}: no readable shard left: {retries + 1} passes over the {len(order)} "
+                        f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no sample "
+                        f"within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they deleted or "
+                        "moved? Put them back and resume with --resume latest")
+                time.sleep(RETRY_WAITS[retries])
+                retries += 1
+                self.k, self.offset = 0, -1  # the same epoch again
+                continue
+            retries = 0
             self.epoch, self.k, self.offset = self.epoch + 1, 0, -1
 
     def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
@@ -149,14 +188,14 @@ class WorkerStream:
         raw = read_positions(self.shards, wanted, Counter())
         missing = [p for p in wanted if p not in raw]
         if missing:
-            raise RuntimeError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
-                               "(were the shards changed since the checkpoint?)")
+            raise DataError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
+                            "(were the shards changed since the checkpoint?)")
         self.buffer = [(p, raw[p]) for p in map(tuple, st["buffer"])]
         if st["carry"] is not None:
             shard, offset, start = st["carry"]
             item = self._encode((shard, offset), raw[(shard, offset)])
             if item is None:
-                raise RuntimeError(f"{self.kind}: cannot resume: sample {(shard, offset)} no longer decodes")
+                raise DataError(f"{self.kind}: cannot resume: sample {(shard, offset)} no longer decodes")
             item.start = start
             self.carry = item
 
@@ -189,14 +228,18 @@ class SourceDataset(IterableDataset):
         if info is not None and info.num_workers != nw:
             raise RuntimeError(f"SourceDataset built for {nw} workers runs under {info.num_workers}")
         logical = ((info.id if info else 0) + self.worker_offset) % nw
-        stream = self.worker_stream(logical)
         packer = Packer(self.max_len, self.encoder.num_latents, self.encoder.pad_id)
         rows: list[Row] = []
-        for row, carry in packer.pack(stream.encoded()):
-            rows.append(row)
-            if len(rows) == self.micro_batch_size:
-                yield self._batch(rows, stream, carry, logical)
-                rows = []
+        try:
+            stream = self.worker_stream(logical)
+            for row, carry in packer.pack(stream.encoded()):
+                rows.append(row)
+                if len(rows) == self.micro_batch_size:
+                    yield self._batch(rows, stream, carry, logical)
+                    rows = []
+        except DataError as e:  # to the main process as an item: its message alone, not a worker traceback
+            yield {"error": str(e), "worker": logical}
+            return
         if rows:  # the end of a finite pass: a last, smaller micro-batch
             yield self._batch(rows, stream, None, logical)
         else:  # no batch left, but the final counts (skipped samples) must still reach the main process
@@ -226,10 +269,13 @@ class SourceLoader:
         """Shards named in the config that do not exist (allowed by data.allow_missing_shards): for the log."""
 
     def __iter__(self):
-        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        kw = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _ignore_stop_signals} \
+            if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
         nw = max(1, self.num_workers)
         for batch in loader:
+            if "error" in batch:
+                raise DataError(batch["error"])
             w = batch.pop("worker")
             self.states[w] = batch.pop("state")
             self.next_worker = (w + 1) % nw
