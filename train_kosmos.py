@@ -21,6 +21,7 @@ kosmos/checkpoint.py (save, load, resume, the stop signal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
     model.train()
-    with log, ck.StopFlag() as stop:
+    with log, ck.StopFlag() as stop, contextlib.closing(mixture):  # closing: ends the DataLoader workers
         while state["step"] < max_steps:
             res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip,
                              cfg.train.loss_weighting)

@@ -344,6 +344,7 @@ def evaluate(acc, cfg: Config, model, encoder) -> dict[str, float]:
         with acc.autocast():
             loss, _ = source_loss(model, loader, acc.device, cfg.train.eval_batches,
                                   reduce=lambda t: acc.reduce(t, reduction="sum"))
+        loader.close()
         results[f"eval/{name}_loss"] = loss
         results[f"eval/{name}_ppl"] = perplexity(loss)
     return results

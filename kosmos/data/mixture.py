@@ -225,6 +225,11 @@ class Mixture:
             self.resume_note = (f"the mixture changed since the checkpoint: micro-batches per step were "
                                 f"{own['micro_batches']}, now {self._plan_state()}")
 
+    def close(self) -> None:
+        """End every source's worker processes."""
+        for loader in self.loaders.values():
+            loader.close()
+
     def samples_seen(self) -> int:
         """Samples this rank has started packing, over all sources."""
         return sum(loader.samples_seen() for loader in self.loaders.values())

@@ -27,9 +27,11 @@ stops, Ctrl-C): the main process handles them, saves a checkpoint and ends the w
 
 from __future__ import annotations
 
+import atexit
 import random
 import signal
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 
@@ -59,6 +61,17 @@ def _ignore_stop_signals(worker_id: int) -> None:
     run instead."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+"""SourceLoaders with worker processes, closed at exit before multiprocessing's own exit handler (registered
+earlier, so run later) would terminate the workers with the SIGTERM they ignore and wait for them forever."""
+
+
+@atexit.register
+def _close_live() -> None:
+    for loader in list(_LIVE):
+        loader.close()
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -265,6 +278,7 @@ class SourceLoader:
         self.states: dict[int, dict] = dict(dataset.states)
         self.next_worker = dataset.worker_offset
         self._it = None
+        self._workers = None  # the DataLoader iterator that owns the worker processes
         self.missing_shards: list[str] = []
         """Shards named in the config that do not exist (allowed by data.allow_missing_shards): for the log."""
 
@@ -273,7 +287,11 @@ class SourceLoader:
             if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
         nw = max(1, self.num_workers)
-        for batch in loader:
+        batches = iter(loader)
+        if self.num_workers > 0:
+            self._workers = batches
+            _LIVE.add(self)
+        for batch in batches:
             if "error" in batch:
                 raise DataError(batch["error"])
             w = batch.pop("worker")
@@ -286,6 +304,19 @@ class SourceLoader:
         if self._it is None:
             self._it = iter(self)
         return next(self._it)
+
+    def close(self) -> None:
+        """End the worker processes now: DataLoader's shutdown, then SIGKILL for any still there (they ignore
+        SIGTERM, which is DataLoader's fallback). Training calls it at the end; `_close_live` at exit."""
+        batches, self._workers, self._it = self._workers, None, None
+        if batches is None:
+            return
+        procs = list(getattr(batches, "_workers", []))
+        getattr(batches, "_shutdown_workers", lambda: None)()
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
     def skipped(self) -> Counter:
         """Bad samples skipped so far, by reason, over this rank's workers."""
