@@ -299,3 +299,116 @@ def test_a_second_signal_stops_at_once(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(tiny_tokenizer, tmp_path):
+    """A signal to the process group reaches the workers too: they go on (the main process saves and ends
+    them); once the main process exits, multiprocessing's terminate() ends workers it was not closed."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from kosmos.data.stream import SourceDataset, SourceLoader
+    from kosmos.sequence import SequenceEncoder
+    from tests.helpers import text_shards
+
+    shards = text_shards(tmp_path, 4, 10)
+    ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
+                       num_workers=2, shuffle_buffer=0)
+    loader = SourceLoader(ds)
+    next(loader)
+    procs = list(loader._workers._workers)
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(p.is_alive() for p in procs)
+    for _ in range(6):
+        next(loader)  # no "DataLoader worker ... killed by signal"
+    loader.close()
+    assert not any(p.is_alive() for p in procs)
+
+    # a process that leaves a loader's workers running (a reference cycle keeps it) still exits at once
+    code = (f"from kosmos.data.stream import SourceDataset, SourceLoader\n"
+            f"from kosmos.sequence import SequenceEncoder\nfrom tokenizer import KosmosTokenizer\n"
+            f"ds = SourceDataset('text', {shards!r}, SequenceEncoder(KosmosTokenizer.from_dir("
+            f"{str(tiny_tokenizer.path)!r}), 4, 32), max_len=64, micro_batch_size=2, num_workers=2)\n"
+            f"loader = SourceLoader(ds)\nloader.cycle = loader\nnext(loader)\nprint('ok')\n")
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    assert time.monotonic() - start < 30
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+def _captions_only(tiny_run, out, *extra):
+    return [*tiny_run, f"train.output_dir={out}", "data.text.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
+            "optim.total_steps=100000", "optim.warmup_steps=5", *extra]
+
+
+@pytest.mark.slow
+def test_every_shard_deleted_mid_run_stops_the_run_with_a_clear_error(tiny_run, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    src = next(o.split("=", 1)[1].strip("[]") for o in tiny_run if o.startswith("data.captions.shards="))
+    shutil.copytree(src, tmp_path / "captions")
+    args = _captions_only(tiny_run, tmp_path / "run", f"data.captions.shards=[{tmp_path / 'captions'}]",
+                          "train.max_steps=100000", "train.save_every=100000")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_kosmos.py"), "--config", TINY, "--no-progress",
+                                 *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        deadline = time.time() + 120
+        while "step      5" not in (tmp_path / "log").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.1)
+        for shard in (tmp_path / "captions").glob("*.tar"):
+            shard.unlink()
+        start = time.time()
+        try:
+            rc = proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+    text = (tmp_path / "log").read_text()
+    assert rc == 2 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("error: captions: no readable shard left: 4 passes over"), text
+    assert time.time() - start < 60
+
+
+@pytest.mark.slow
+def test_resume_on_the_command_line_falls_back_and_refuses_changed_data_settings(tiny_run, tmp_path, capsys):
+    from kosmos import checkpoint as ck
+
+    out = tmp_path / "run"
+    base = ["--config", TINY, "--no-progress"]
+    overrides = _captions_only(tiny_run, out, "data.captions.workers=0", "train.save_every=1")
+    assert train_kosmos.main([*base, *overrides, "train.max_steps=2"])["step"] == 2
+    one, two = ck.list_checkpoints(out)
+    _truncate(two / "model.safetensors")
+    capsys.readouterr()
+
+    err = _exit_2(capsys, [*base, *overrides, "train.max_steps=3", "--resume", str(two)])  # a path: no fallback
+    assert err.startswith(f"error: {two / 'model.safetensors'}: ")
+    err = _exit_2(capsys, [*base, *overrides, "train.max_steps=3", "seed=1", "data.captions.micro_batch_size=4",
+                           "--resume", "latest"])
+    assert f"error: {one} was trained with other settings that change the data order or shapes: " in err
+    assert "data.captions.micro_batch_size: 8 -> 4; seed: 0 -> 1." in err
+    assert err.endswith("--allow-config-change data.captions.micro_batch_size,seed")
+
+    state = train_kosmos.main([*base, *overrides, "train.max_steps=3", "seed=1", "--resume", "latest",
+                               "--allow-config-change", "seed"])
+    assert state["step"] == 3
+    log = (out / "train.log").read_text()
+    assert f"{two / 'model.safetensors'}: " in log and "falling back to the previous checkpoint, step_00000001" in log
+    assert "config changed since the checkpoint (allowed): seed: 0 -> 1" in log
+    assert f"resumed from {one} at step 1" in log
+    assert ck.check_checkpoint(two)["step"] == 2  # written again, whole

@@ -28,10 +28,11 @@ stops, Ctrl-C): the main process handles them, saves a checkpoint and ends the w
 from __future__ import annotations
 
 import atexit
+import multiprocessing
+import os
 import random
 import signal
 import time
-import weakref
 from collections import Counter
 from collections.abc import Iterator
 
@@ -55,23 +56,25 @@ class DataError(RuntimeError):
     with a one-line message naming the source."""
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SIGTERM/SIGINT sent to the whole process group are the main process's to
-    handle (a checkpoint, then a clean exit that ends the workers); a worker killed by one would crash the
-    run instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+_EXITING = multiprocessing.Event()
+"""Set when the main process exits: from then on a worker takes SIGTERM as multiprocessing's exit handler's
+terminate(), which it must obey, and no longer as a signal to the process group."""
+atexit.register(_EXITING.set)  # registered after multiprocessing's own exit handler, so it runs before it
+
+
+def _worker_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM and SIGINT sent to the whole process group (`timeout`, SLURM
+    preemption, container stops, Ctrl-C) are the main process's to handle (a checkpoint, then a clean exit);
+    a worker killed by one would crash the run instead. Once the main process exits, SIGTERM ends it."""
+    exiting = get_worker_info().dataset.exiting
+
+    def on_sigterm(signum, frame):
+        if exiting.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-_LIVE: weakref.WeakSet = weakref.WeakSet()
-"""SourceLoaders with worker processes, closed at exit before multiprocessing's own exit handler (registered
-earlier, so run later) would terminate the workers with the SIGTERM they ignore and wait for them forever."""
-
-
-@atexit.register
-def _close_live() -> None:
-    for loader in list(_LIVE):
-        loader.close()
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -226,6 +229,7 @@ class SourceDataset(IterableDataset):
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
+        self.exiting = _EXITING  # the workers' copy (fork or spawn) of the main process's exit flag
         self.states: dict[int, dict] = {}  # logical worker -> state to resume from
         self.worker_offset = 0  # physical worker 0 plays this logical worker (DataLoader starts at 0)
 
@@ -283,14 +287,13 @@ class SourceLoader:
         """Shards named in the config that do not exist (allowed by data.allow_missing_shards): for the log."""
 
     def __iter__(self):
-        kw = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _ignore_stop_signals} \
+        kw = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_signals} \
             if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
         nw = max(1, self.num_workers)
         batches = iter(loader)
         if self.num_workers > 0:
             self._workers = batches
-            _LIVE.add(self)
         for batch in batches:
             if "error" in batch:
                 raise DataError(batch["error"])
@@ -307,7 +310,8 @@ class SourceLoader:
 
     def close(self) -> None:
         """End the worker processes now: DataLoader's shutdown, then SIGKILL for any still there (they ignore
-        SIGTERM, which is DataLoader's fallback). Training calls it at the end; `_close_live` at exit."""
+        SIGTERM, DataLoader's fallback, until the main process exits). Training calls it at the end, and after
+        each evaluation."""
         batches, self._workers, self._it = self._workers, None, None
         if batches is None:
             return
