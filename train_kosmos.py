@@ -34,8 +34,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--resume", help="`latest` (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")
     ap.add_argument("--allow-config-change", default="", metavar="KEY,...",
-                    help="resume although these keys (or sections, e.g. data.text) differ from the checkpoint's: "
-                         "seed, decoder.max_len, tokenizer.path and data.* are otherwise refused")
+                    help="resume although these keys (or sections, e.g. data.text) differ from the "
+                         "checkpoint's: seed, decoder.max_len, tokenizer.path and data.* are otherwise "
+                         "refused")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
@@ -76,7 +77,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "samples": 0}
     path = None
     if candidates:
-        path, state = ck.resume(acc, candidates, cfg, model, optimizer, scheduler, mixture, allow_change, log.info)
+        path, state = ck.resume(acc, candidates, cfg, model, optimizer, scheduler, mixture, allow_change,
+                                log.info)
         log.info(f"resumed from {path} at step {state['step']}")
         if mixture.resume_note:
             log.info(mixture.resume_note)

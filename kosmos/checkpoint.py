@@ -162,8 +162,8 @@ def check_finite(model: torch.nn.Module, path: str | Path) -> None:
             bad.append(f"{name} ({nan} NaN, {int((~torch.isfinite(t)).sum()) - nan} inf)")
     if bad:
         more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-        raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s): {', '.join(bad[:4])}{more}; "
-                              "resume from an earlier checkpoint (--resume PATH)")
+        raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s): {', '.join(bad[:4])}"
+                              f"{more}; resume from an earlier checkpoint (--resume PATH)")
 
 
 def check_safetensors(path: Path) -> None:
@@ -280,7 +280,8 @@ def check_checkpoint(path: Path) -> dict:
     loaded into a model. Else a CheckpointError naming the file."""
     state = _read(read_json, path / "trainer_state.json")
     if not isinstance(state, dict) or not {"step", "world_size", "config"} <= state.keys():
-        raise CheckpointError(f"{path / 'trainer_state.json'}: not a trainer state (step, world_size, config)")
+        raise CheckpointError(f"{path / 'trainer_state.json'}: not a trainer state (step, world_size, "
+                              "config)")
     ranks = range(int(state["world_size"]))
     sharded = (path / "sharded").is_dir()
     needed = ["model.safetensors", "scheduler.pt", *(f"rng_rank{r}.pt" for r in ranks),
@@ -331,7 +332,8 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
         if not any(k == key or k.startswith(key + ".") for k in ours):
             raise ConfigError(f"--allow-config-change {key}: not a config key")
     theirs = _flat(saved)
-    changed = [(k, theirs[k], v) for k, v in ours.items() if _resume_key(k) and k in theirs and theirs[k] != v]
+    changed = [(k, theirs[k], v) for k, v in ours.items()
+               if _resume_key(k) and k in theirs and theirs[k] != v]
 
     def ok(key: str) -> bool:
         return any(key == a or key.startswith(a + ".") for a in allowed)

@@ -470,9 +470,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-# A number in any spelling Python reads as a float: `1e-4`, `2E3`, `+1.5e-3`, `1_000.5`. PyYAML follows YAML 1.1,
-# whose floats need a dot (`1.0e-4`), so `lr: 2e-3` and `optim.lr=1e-4` arrive as strings; float fields accept
-# them. Words (`nan`, `inf`) are not numbers here: YAML's `.nan` and `.inf` are.
+# A number in any spelling Python reads as a float: `1e-4`, `2E3`, `+1.5e-3`, `1_000.5`. PyYAML follows YAML
+# 1.1, whose floats need a dot (`1.0e-4`), so `lr: 2e-3` and `optim.lr=1e-4` arrive as strings; float fields
+# accept them. Words (`nan`, `inf`) are not numbers here: YAML's `.nan` and `.inf` are.
 _FLOAT_RE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?")
 
 

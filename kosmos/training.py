@@ -184,8 +184,8 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
                      f"{cfg.data.mixture_tolerance} (allowed by data.allow_mixture_drift)")
     for n, loader in mixture.loaders.items():
         if gone := loader.missing_shards:
-            lines.append(f"  WARNING: {len(gone)} shard(s) named in data.{n}.shards do not exist, training on the "
-                         f"{len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
+            lines.append(f"  WARNING: {len(gone)} shard(s) named in data.{n}.shards do not exist, training "
+                         f"on the {len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
                          f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
     for n in default_budgets(cfg, mixture):
         lines.append(f"  WARNING: data.{n}.tokens_per_step not set: the default budget "

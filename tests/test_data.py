@@ -184,8 +184,9 @@ def test_expand_shards(tmp_path):
         expand_shards([str(tmp_path / "nothing-*.tar")])
     # a brace pattern naming shards that are not all there: named, or used with `allow_missing`
     pattern = str(tmp_path / "text-{000001..000004}.tar")
-    with pytest.raises(FileNotFoundError, match=r"2 of the 4 shards named by .* do not exist: .*text-000003\.tar, "
-                                                r".*text-000004\.tar \(data\.allow_missing_shards"):
+    with pytest.raises(FileNotFoundError, match=r"2 of the 4 shards named by .* do not exist: "
+                                                r".*text-000003\.tar, .*text-000004\.tar "
+                                                r"\(data\.allow_missing_shards"):
         expand_shards([pattern])
     missing = []
     assert expand_shards([pattern], allow_missing=True, missing=missing) == sorted(paths)[1:]

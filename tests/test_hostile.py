@@ -25,7 +25,8 @@ def _exit_2(capsys, args) -> str:
 
 
 def test_vocab_smaller_than_the_tokenizer_is_a_one_line_error(tiny_tokenizer, capsys):
-    err = _exit_2(capsys, ["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}", "decoder.vocab_size=500",
+    err = _exit_2(capsys, ["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}",
+                           "decoder.vocab_size=500",
                            "train.tracker=none"])
     assert "'decoder.vocab_size': 500 is smaller than the tokenizer's 1000 ids" in err
 
@@ -36,7 +37,8 @@ def test_tracker_not_installed_is_refused_with_the_install_hint(tiny_tokenizer, 
     assert "'train.tracker': wandb is not installed (`pip install wandb`" in err
 
 
-def test_brace_pattern_naming_missing_shards_is_refused_or_allowed_with_a_count(tiny_tokenizer, tmp_path, capsys):
+def test_brace_pattern_naming_missing_shards_is_refused_or_allowed_with_a_count(tiny_tokenizer, tmp_path,
+                                                                                capsys):
     from types import SimpleNamespace
 
     from kosmos.config import load_config
@@ -47,10 +49,12 @@ def test_brace_pattern_naming_missing_shards_is_refused_or_allowed_with_a_count(
 
     text_shards(tmp_path, 4, 3)  # text-000000.tar .. text-000003.tar
     args = [f"tokenizer.path={tiny_tokenizer.path}", "train.tracker=none", "data.captions.tokens_per_step=0",
-            "data.interleaved.tokens_per_step=0", f"data.text.shards=['{tmp_path}/text-{{000000..000009}}.tar']"]
+            "data.interleaved.tokens_per_step=0",
+            f"data.text.shards=['{tmp_path}/text-{{000000..000009}}.tar']"]
     err = _exit_2(capsys, ["--config", TINY, *args])
     assert "config key 'data.text.shards': 6 of the 10 shards named by" in err
-    assert f"{tmp_path}/text-000004.tar, {tmp_path}/text-000005.tar, {tmp_path}/text-000006.tar and 3 more" in err
+    assert (f"{tmp_path}/text-000004.tar, {tmp_path}/text-000005.tar, {tmp_path}/text-000006.tar and 3 more"
+            in err)
     assert "data.allow_missing_shards=true" in err
 
     cfg = load_config(TINY, [*args, "data.allow_missing_shards=true"])
@@ -58,8 +62,8 @@ def test_brace_pattern_naming_missing_shards_is_refused_or_allowed_with_a_count(
     mixture = build_mixture(cfg, SequenceEncoder.from_config(cfg))
     assert len(mixture.loaders["text"].dataset.shards) == 4
     block = describe_mixture(SimpleNamespace(mixed_precision="no"), cfg, mixture)
-    assert (f"WARNING: 6 shard(s) named in data.text.shards do not exist, training on the 4 found (allowed by "
-            f"data.allow_missing_shards): {tmp_path}/text-000004.tar") in block
+    assert (f"WARNING: 6 shard(s) named in data.text.shards do not exist, training on the 4 found (allowed "
+            f"by data.allow_missing_shards): {tmp_path}/text-000004.tar") in block
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -97,7 +101,8 @@ def _checkpoints(tiny_tokenizer, out, steps=(1, 2)):
         return model, opt, build_scheduler(opt, cfg.optim), _Data(seed)
 
     for step in steps:
-        ck.save_checkpoint(acc, cfg, *objects(step), {"step": step, "tokens": 0, "bad_steps": 0, "samples": 0})
+        state = {"step": step, "tokens": 0, "bad_steps": 0, "samples": 0}
+        ck.save_checkpoint(acc, cfg, *objects(step), state)
     return cfg, acc, objects
 
 
@@ -106,8 +111,9 @@ def _truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("damage", ["weights_truncated", "weights_garbage", "state_garbage", "optimizer_missing",
-                                    "optimizer_truncated", "data_garbage", "rng_truncated"])
+@pytest.mark.parametrize("damage", ["weights_truncated", "weights_garbage", "state_garbage",
+                                    "optimizer_missing", "optimizer_truncated", "data_garbage",
+                                    "rng_truncated"])
 def test_a_damaged_checkpoint_is_named_file_and_all(tiny_tokenizer, tmp_path, damage):
     from kosmos import checkpoint as ck
 
@@ -221,7 +227,8 @@ def test_resume_refuses_changed_data_settings_naming_them_unless_allowed(tiny_to
         ck.config_changes(path, saved, changed)
     msg = str(e.value)
     for key in ("seed: 0 -> 1", "decoder.max_len: 256 -> 128", "data.captions.micro_batch_size: 8 -> 4",
-                "data.text.shards: ['demo_out/shards/text'] -> ['elsewhere']", "data.text.shuffle_buffer: 100 -> 7"):
+                "data.text.shards: ['demo_out/shards/text'] -> ['elsewhere']",
+                "data.text.shuffle_buffer: 100 -> 7"):
         assert key in msg, (key, msg)
     assert msg.endswith("--allow-config-change decoder.max_len,data.text.shards,data.text.shuffle_buffer,"
                         "data.captions.micro_batch_size,seed") and "\n" not in msg
@@ -229,7 +236,8 @@ def test_resume_refuses_changed_data_settings_naming_them_unless_allowed(tiny_to
         ck.config_changes(path, saved, changed, ["decoder.max_len", "data"])  # a section allows its keys
     lines = ck.config_changes(path, saved, changed, ["seed", "decoder.max_len", "data.captions", "data.text"])
     assert len(lines) == 5 and lines[-1] == "config changed since the checkpoint (allowed): seed: 0 -> 1"
-    with pytest.raises(ConfigError, match="--allow-config-change data.captions.micro_batch: not a config key"):
+    with pytest.raises(ConfigError, match="--allow-config-change data.captions.micro_batch: not a config "
+                                          "key"):
         ck.config_changes(path, saved, changed, ["data.captions.micro_batch"])
     older = {k: v for k, v in saved.items() if k != "seed"}  # a checkpoint from before a key: not compared
     assert "seed" not in str(ck.config_changes(path, older, changed, ["decoder", "data"]))
@@ -346,8 +354,8 @@ def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(t
 
 
 def _captions_only(tiny_run, out, *extra):
-    return [*tiny_run, f"train.output_dir={out}", "data.text.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
-            "optim.total_steps=100000", "optim.warmup_steps=5", *extra]
+    return [*tiny_run, f"train.output_dir={out}", "data.text.tokens_per_step=0",
+            "data.interleaved.tokens_per_step=0", "optim.total_steps=100000", "optim.warmup_steps=5", *extra]
 
 
 @pytest.mark.slow
@@ -363,9 +371,9 @@ def test_every_shard_deleted_mid_run_stops_the_run_with_a_clear_error(tiny_run, 
                           "train.max_steps=100000", "train.save_every=100000")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train_kosmos.py"), "--config", TINY, "--no-progress",
-                                 *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_kosmos.py"), "--config", TINY,
+                                 "--no-progress", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
         deadline = time.time() + 120
         while "step      5" not in (tmp_path / "log").read_text():
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
@@ -380,7 +388,8 @@ def test_every_shard_deleted_mid_run_stops_the_run_with_a_clear_error(tiny_run, 
                 os.killpg(proc.pid, 9)
     text = (tmp_path / "log").read_text()
     assert rc == 2 and "Traceback" not in text, text[-3000:]
-    assert text.strip().splitlines()[-1].startswith("error: captions: no readable shard left: 4 passes over"), text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: captions: no readable shard left: 4 passes over"), text
     assert time.time() - start < 60
 
 
@@ -396,10 +405,10 @@ def test_resume_on_the_command_line_falls_back_and_refuses_changed_data_settings
     _truncate(two / "model.safetensors")
     capsys.readouterr()
 
-    err = _exit_2(capsys, [*base, *overrides, "train.max_steps=3", "--resume", str(two)])  # a path: no fallback
+    err = _exit_2(capsys, [*base, *overrides, "train.max_steps=3", "--resume", str(two)])  # no fallback
     assert err.startswith(f"error: {two / 'model.safetensors'}: ")
-    err = _exit_2(capsys, [*base, *overrides, "train.max_steps=3", "seed=1", "data.captions.micro_batch_size=4",
-                           "--resume", "latest"])
+    err = _exit_2(capsys, [*base, *overrides, "train.max_steps=3", "seed=1",
+                           "data.captions.micro_batch_size=4", "--resume", "latest"])
     assert f"error: {one} was trained with other settings that change the data order or shapes: " in err
     assert "data.captions.micro_batch_size: 8 -> 4; seed: 0 -> 1." in err
     assert err.endswith("--allow-config-change data.captions.micro_batch_size,seed")
@@ -408,7 +417,8 @@ def test_resume_on_the_command_line_falls_back_and_refuses_changed_data_settings
                                "--allow-config-change", "seed"])
     assert state["step"] == 3
     log = (out / "train.log").read_text()
-    assert f"{two / 'model.safetensors'}: " in log and "falling back to the previous checkpoint, step_00000001" in log
+    assert f"{two / 'model.safetensors'}: " in log
+    assert "falling back to the previous checkpoint, step_00000001" in log
     assert "config changed since the checkpoint (allowed): seed: 0 -> 1" in log
     assert f"resumed from {one} at step 1" in log
     assert ck.check_checkpoint(two)["step"] == 2  # written again, whole

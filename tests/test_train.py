@@ -484,7 +484,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path, to):
     container stops send it: the DataLoader workers (one per source) ignore it, the main process saves."""
     out = tmp_path / "run"
     with open(tmp_path / "log", "w") as log:
-        proc = _run(_overrides(tiny_run, out, 10_000, **{"train.save_every": 10_000}), log, start_new_session=True)
+        proc = _run(_overrides(tiny_run, out, 10_000, **{"train.save_every": 10_000}), log,
+                    start_new_session=True)
         deadline = time.time() + 120
         while "step      5" not in (tmp_path / "log").read_text():
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()

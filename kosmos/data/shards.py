@@ -48,8 +48,8 @@ def expand_shards(patterns: list[str], allow_missing: bool = False,
             raise FileNotFoundError(f"no shards found for {pattern!r}")
         if gone and not allow_missing:
             names = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
-            raise FileNotFoundError(f"{len(gone)} of the {len(items)} shards named by {pattern!r} do not exist: "
-                                    f"{names} (data.allow_missing_shards=true trains on the others)")
+            raise FileNotFoundError(f"{len(gone)} of the {len(items)} shards named by {pattern!r} do not "
+                                    f"exist: {names} (data.allow_missing_shards=true trains on the others)")
         if missing is not None:
             missing += gone
         out += found

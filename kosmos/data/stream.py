@@ -138,9 +138,9 @@ class WorkerStream:
                 if retries == len(RETRY_WAITS):
                     raise DataError(
                         f"{self.kind}: no readable shard left: {retries + 1} passes over the {len(order)} "
-                        f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no sample "
-                        f"within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they deleted or "
-                        "moved? Put them back and resume with --resume latest")
+                        f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no "
+                        f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they "
+                        "deleted or moved? Put them back and resume with --resume latest")
                 time.sleep(RETRY_WAITS[retries])
                 retries += 1
                 self.k, self.offset = 0, -1  # the same epoch again
@@ -284,7 +284,8 @@ class SourceLoader:
         self._it = None
         self._workers = None  # the DataLoader iterator that owns the worker processes
         self.missing_shards: list[str] = []
-        """Shards named in the config that do not exist (allowed by data.allow_missing_shards): for the log."""
+        """Shards named in the config that do not exist (allowed by data.allow_missing_shards), for the
+        log."""
 
     def __iter__(self):
         kw = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_signals} \
