@@ -1,5 +1,6 @@
 """bench._perf: the CPU peak-memory counter that the benches rely on counts what it should."""
 
+import pytest
 import torch
 
 from bench._perf import PeakMemory, fmt_bytes
