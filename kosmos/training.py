@@ -157,7 +157,7 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     """What one step really trains on (the budgets rounded to whole micro-batches), as a block of lines:
     per source the micro-batches per rank and over all ranks, rows, tokens and share against the budget;
     then the ranks' pass counts when they differ, and warnings: drift beyond the tolerance (allowed), budgets
-    left at their defaults."""
+    left at their defaults, a named source with shards left out by its budget of 0."""
     from kosmos.data.mixture import ratio
 
     p = mixture.plan
@@ -187,6 +187,9 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
             lines.append(f"  WARNING: {len(gone)} shard(s) named in {cfg.data.key(n)}.shards do not exist, "
                          f"training on the {len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
                          f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
+    for n, src in cfg.data.sources.items():  # a named source's budget defaults to 0
+        if src.shards and not src.tokens_per_step:
+            lines.append(f"  WARNING: data.sources.{n} has shards but tokens_per_step 0: it is left out")
     for n in default_budgets(cfg, mixture):
         lines.append(f"  WARNING: {cfg.data.key(n)}.tokens_per_step not set: the default budget "
                      f"{p.sources[n].budget:,} tokens per step is used (the paper's); set it for your data")

@@ -129,6 +129,21 @@ def test_the_three_keys_give_the_same_plan_and_data_as_the_same_sources_named(tm
         a.close(), b.close()
 
 
+def test_mixture_block_warns_about_a_named_source_left_out_by_its_default_budget():
+    from types import SimpleNamespace
+
+    from kosmos.data.mixture import Mixture, plan
+    from kosmos.training import describe_mixture
+
+    cfg = load_config(None, ["data.captions.shards=[c]", "data.captions.tokens_per_step=500000",
+                             "data.sources.web.kind=text", "data.sources.web.shards=[w]"])
+    block = describe_mixture(SimpleNamespace(mixed_precision="no"), cfg, Mixture({}, plan(cfg)))
+    assert block.splitlines()[-1] == "  WARNING: data.sources.web has shards but tokens_per_step 0: it is left out"
+    cfg = load_config(None, ["data.captions.shards=[c]", "data.captions.tokens_per_step=500000",
+                             "data.sources.web.kind=text", "data.sources.web.tokens_per_step=1000"])
+    assert "WARNING" not in describe_mixture(SimpleNamespace(mixed_precision="no"), cfg, Mixture({}, plan(cfg)))
+
+
 def test_a_three_key_checkpoint_config_resumes_unchanged():
     """A config saved before named sources existed (no `kind`, no `data.sources`) compares equal."""
     from kosmos.checkpoint import config_changes
