@@ -185,7 +185,8 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     for n, loader in mixture.loaders.items():
         if gone := loader.missing_shards:
             lines.append(f"  WARNING: {len(gone)} shard(s) named in {cfg.data.key(n)}.shards do not exist, "
-                         f"training on the {len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
+                         f"training on the {len(loader.dataset.shards)} found "
+                         f"(allowed by data.allow_missing_shards): "
                          f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
     for n, src in cfg.data.sources.items():  # a named source's budget defaults to 0
         if src.shards and not src.tokens_per_step:

@@ -34,7 +34,8 @@ def test_named_sources_of_any_kind_with_every_source_key():
                                       eval_shards="[ce.tar]"),
                              *_source("docs", "interleaved", ["d.tar"], 1024, 4, shuffle_buffer=7)])
     d = cfg.data
-    assert list(d.named_sources()) == ["text", "captions", "interleaved", "books", "instructions", "coco", "docs"]
+    assert list(d.named_sources()) == ["text", "captions", "interleaved", "books", "instructions", "coco",
+                                       "docs"]
     assert list(d.active_sources()) == ["books", "instructions", "coco", "docs"]
     assert [s.kind for s in d.active_sources().values()] == ["text", "text", "captions", "interleaved"]
     assert (d.sources["books"].workers, d.sources["books"].max_tokens) == (0, 100)
@@ -59,7 +60,8 @@ def test_named_sources_of_any_kind_with_every_source_key():
     (["data.sources.web.shards=[x]"], "config key 'data.sources.web.kind': is required: one of text, "),
     (["data.sources.captions.kind=captions"],
      "config key 'data.sources.captions': 'captions' is the name of data.captions: configure that source"),
-    (["data.text.kind=captions"], "config key 'data.text.kind': data.text is the text source, got 'captions'"),
+    (["data.text.kind=captions"],
+     "config key 'data.text.kind': data.text is the text source, got 'captions'"),
     (["data.sources.web.kind=text", "data.sources.web.shard=[x]"],
      "unknown config key 'data.sources.web.shard' \\(did you mean 'data.sources.web.shards'\\?\\)"),
     (["data.sources.web=3"], "config key 'data.sources.web': expected SourceConfig, got 3"),
@@ -115,7 +117,8 @@ def test_the_three_keys_give_the_same_plan_and_data_as_the_same_sources_named(tm
             [s.micro_batches for s in p_new.sources.values()]
         assert [list(s.values()) for s in p_old.slots] == [list(s.values()) for s in p_new.slots]
         assert ratio(p_old, names=False) == ratio(p_new, names=False)
-    assert plan(old, 1).tokens == 4096 and ratio(plan(old, 1)) == "text:captions:interleaved 0.250:0.500:0.250"
+    assert plan(old, 1).tokens == 4096
+    assert ratio(plan(old, 1)) == "text:captions:interleaved 0.250:0.500:0.250"
     enc = SequenceEncoder(tiny_tokenizer, NL, 32)
     for name in keys:
         a, b = build_loader(old, name, enc), build_loader(new, f"my_{name}", enc)
@@ -138,10 +141,12 @@ def test_mixture_block_warns_about_a_named_source_left_out_by_its_default_budget
     cfg = load_config(None, ["data.captions.shards=[c]", "data.captions.tokens_per_step=500000",
                              "data.sources.web.kind=text", "data.sources.web.shards=[w]"])
     block = describe_mixture(SimpleNamespace(mixed_precision="no"), cfg, Mixture({}, plan(cfg)))
-    assert block.splitlines()[-1] == "  WARNING: data.sources.web has shards but tokens_per_step 0: it is left out"
+    assert block.splitlines()[-1] == \
+        "  WARNING: data.sources.web has shards but tokens_per_step 0: it is left out"
     cfg = load_config(None, ["data.captions.shards=[c]", "data.captions.tokens_per_step=500000",
                              "data.sources.web.kind=text", "data.sources.web.tokens_per_step=1000"])
-    assert "WARNING" not in describe_mixture(SimpleNamespace(mixed_precision="no"), cfg, Mixture({}, plan(cfg)))
+    block = describe_mixture(SimpleNamespace(mixed_precision="no"), cfg, Mixture({}, plan(cfg)))
+    assert "WARNING" not in block
 
 
 def test_a_three_key_checkpoint_config_resumes_unchanged():
@@ -161,9 +166,11 @@ def test_resume_refuses_a_source_added_or_removed_unless_allowed(tmp_path):
 
     base = load_config(TINY)
     more = load_config(TINY, _source("instructions", "text", ["i.tar"], 512, 2))
-    idle = load_config(TINY, ["data.sources.instructions.kind=text", "data.sources.instructions.shards=[i.tar]"])
+    idle = load_config(TINY, ["data.sources.instructions.kind=text",
+                              "data.sources.instructions.shards=[i.tar]"])
     with pytest.raises(ConfigError, match=r"ckpt was trained with other settings .*: source "
-                       r"data.sources.instructions added\. .*--allow-config-change data.sources.instructions$"):
+                       r"data.sources.instructions added\. "
+                       r".*--allow-config-change data.sources.instructions$"):
         config_changes("ckpt", base.to_dict(), more)
     with pytest.raises(ConfigError, match="source data.sources.instructions removed"):
         config_changes("ckpt", more.to_dict(), base)

@@ -1,8 +1,9 @@
 """The mixture: a token budget per source per optimizer step, turned into per-source micro-batches.
 
-The paper's batch is 1.2M tokens: 0.5M text, 0.5M image-caption, 0.2M interleaved, a 5:5:2 ratio; any
-number of sources is mixed the same way (`data.sources.<name>`), each by its name. A micro-batch of a source is `micro_batch_size` rows of `max_len` tokens. The plan is made for the whole step,
-all ranks together, so that neither the ratio nor the total depends on the number of processes:
+The paper's batch is 1.2M tokens: 0.5M text, 0.5M image-caption, 0.2M interleaved, a 5:5:2 ratio; any number
+of sources is mixed the same way (`data.sources.<name>`), each by its name. A micro-batch of a source is
+`micro_batch_size` rows of `max_len` tokens. The plan is made for the whole step, all ranks together, so that
+neither the ratio nor the total depends on the number of processes:
 
 * Each source gets about `tokens_per_step / (max_len * micro_batch_size)` micro-batches per step over all
   ranks. When a step's micro-batches can be dealt out evenly (every rank the same number of passes, within
@@ -150,8 +151,8 @@ def plan(cfg: Config, world_size: int = 1) -> MixturePlan:
 
 
 def ratio(p: MixturePlan, target: bool = False, names: bool = True) -> str:
-    """`text:captions:interleaved 0.419:0.419:0.162` (the source names): the shares of the step's tokens (or of the budgets);
-    without `names`, the numbers only."""
+    """`text:captions:interleaved 0.419:0.419:0.162` (the source names): the shares of the step's tokens (or
+    of the budgets); without `names`, the numbers only."""
     shares = p.target_shares() if target else p.shares()
     numbers = ":".join(f"{s:.3f}" for s in shares.values())
     return f"{':'.join(shares)} {numbers}" if names else numbers
