@@ -350,7 +350,8 @@ class DataConfig:
     text`, `...shards`, `...tokens_per_step`, ...): two text sources with budgets of their own, say. The
     budget defaults to 0 (left out) and `max_tokens` to the kind's (512 for captions). They come after
     data.text/captions/interleaved in the plan, in the order given; a name must not be one of those three
-    (configure them there)."""
+    (configure them there). Each reads its shards in an order seeded by (seed, name)
+    (`kosmos.data.mixture.source_seed`): two sources given the same shards do not read them in step."""
     mixture_tolerance: float = 0.05
     """How far (relative) the step's total tokens or a source's share of them may be from the budgets once
     rounded to whole micro-batches (kosmos/data/mixture.py); beyond it the run is refused."""

@@ -93,11 +93,25 @@ def _three(tmp_path):
             "interleaved": interleaved_shards(tmp_path / "i", 2, 10)}
 
 
-def test_the_three_keys_give_the_same_plan_and_data_as_the_same_sources_named(tmp_path, tiny_tokenizer):
+def _batches(loader, n: int) -> list[dict]:
+    out = [next(loader) for _ in range(n)]
+    loader.close()
+    return out
+
+
+def _same_batches(xs: list[dict], ys: list[dict]) -> bool:
+    return all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["images"], y["images"])
+               and x["sample_positions"] == y["sample_positions"] for x, y in zip(xs, ys, strict=True))
+
+
+def test_the_three_keys_give_the_same_plan_and_data_as_before(tmp_path, tiny_tokenizer):
     """data.text/captions/interleaved are three named sources: written under data.sources with other names,
-    the same shards and keys give the same plan (names aside) and the same micro-batches."""
-    from kosmos.data import build_loader, plan
-    from kosmos.data.mixture import ratio
+    the same shards and keys give the same plan (names aside); their loaders read the micro-batches that the
+    loaders built before named sources existed read (SourceDataset(kind, ..., seed=cfg.seed)), and a named
+    source the same, with its own seed."""
+    from kosmos.data import SourceDataset, SourceLoader, build_loader, plan
+    from kosmos.data.mixture import ratio, source_seed
+    from kosmos.data.shards import expand_shards
     from kosmos.sequence import SequenceEncoder
 
     shards = _three(tmp_path)
@@ -120,16 +134,37 @@ def test_the_three_keys_give_the_same_plan_and_data_as_the_same_sources_named(tm
     assert plan(old, 1).tokens == 4096
     assert ratio(plan(old, 1)) == "text:captions:interleaved 0.250:0.500:0.250"
     enc = SequenceEncoder(tiny_tokenizer, NL, 32)
+
+    def before(cfg, name, kind, seed):  # what build_loader built before named sources existed
+        src = cfg.data.source(name)
+        return SourceLoader(SourceDataset(
+            kind, expand_shards(src.shards), enc, max_len=cfg.decoder.max_len,
+            micro_batch_size=src.micro_batch_size, num_workers=src.workers, seed=seed,
+            shuffle_buffer=src.shuffle_buffer, infinite=True, max_tokens=src.max_tokens, loss=src.loss,
+            caption_choice=src.caption_choice))
+
     for name in keys:
         a, b = build_loader(old, name, enc), build_loader(new, f"my_{name}", enc)
+        assert (a.dataset.kind, a.dataset.name) == (name, name)
         assert (b.dataset.kind, b.dataset.name) == (name, f"my_{name}")
-        for _ in range(4):  # past the first epoch of the smaller sources
-            x, y = next(a), next(b)
-            assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["images"], y["images"])
-            assert x["sample_positions"] == y["sample_positions"]
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa == sb and sa["kind"] == name
-        a.close(), b.close()
+        assert source_seed(old, name) == old.seed != source_seed(new, f"my_{name}")
+        n = 4  # past the first epoch of the smaller sources
+        xs, ys = _batches(a, n), _batches(b, n)
+        assert _same_batches(xs, _batches(before(old, name, name, old.seed), n))
+        assert _same_batches(ys, _batches(before(new, f"my_{name}", name, source_seed(new, f"my_{name}")), n))
+        assert a.state_dict()["kind"] == b.state_dict()["kind"] == name
+
+
+def test_two_named_sources_on_the_same_shards_read_them_in_their_own_order(tmp_path, tiny_tokenizer):
+    from kosmos.data import build_loader
+    from kosmos.sequence import SequenceEncoder
+
+    shards = text_shards(tmp_path / "t", 4, 20)
+    cfg = load_config(TINY, [*_no_tiny_sources(), *_source("a", "text", shards, 512, 2, workers=0),
+                             *_source("b", "text", shards, 512, 2, workers=0)])
+    enc = SequenceEncoder(tiny_tokenizer, NL, 32)
+    a, b, a2 = (_batches(build_loader(cfg, n, enc), 3) for n in ("a", "b", "a"))
+    assert not _same_batches(a, b) and _same_batches(a, a2)  # its own order, the same in every run
 
 
 def test_mixture_block_warns_about_a_named_source_left_out_by_its_default_budget():

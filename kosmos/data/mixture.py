@@ -22,10 +22,11 @@ part of each rank's data state, so a resumed run deals the same micro-batches as
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kosmos.config import Config
+from kosmos.config import SOURCES, Config
 from kosmos.data.shards import expand_shards
 from kosmos.data.stream import SourceDataset, SourceLoader
 from kosmos.sequence import SequenceEncoder
@@ -158,6 +159,14 @@ def ratio(p: MixturePlan, target: bool = False, names: bool = True) -> str:
     return f"{':'.join(shares)} {numbers}" if names else numbers
 
 
+def source_seed(cfg: Config, name: str) -> int:
+    """The seed of source `name`'s data order (shard order, shuffle buffer, caption draws): `seed` for
+    data.text/captions/interleaved, as before named sources existed; for a `data.sources.<name>`, one drawn
+    from (seed, name), so that two sources given the same shards (to weigh them up, say) do not read them in
+    the same order."""
+    return cfg.seed if name in SOURCES else zlib.crc32(f"kosmos-source-{cfg.seed}-{name}".encode())
+
+
 def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1,
                  train: bool = True) -> SourceLoader:
     """The loader of source `name` (any of cfg.data.named_sources()): training (infinite, shuffled) or
@@ -167,7 +176,7 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
     shards = expand_shards(src.shards if train else src.eval_shards, cfg.data.allow_missing_shards, missing)
     ds = SourceDataset(
         src.kind, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
-        num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
+        num_workers=src.workers, rank=rank, world_size=world_size, seed=source_seed(cfg, name),
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
         loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name))
     loader = SourceLoader(ds)
