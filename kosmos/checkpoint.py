@@ -320,31 +320,54 @@ def _resume_key(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
 
 
+_SOURCE = object()
+"""config_changes: the change is a source added or removed."""
+
+
+def _active_sources(data: dict) -> list[str]:
+    """The config keys (`data.text`, `data.sources.<name>`) of the sources that take part in a config's `data`
+    section (a nested dict, as saved): those with shards and a positive budget (DataConfig.active_sources)."""
+    from kosmos.config import SOURCES, DataConfig
+
+    named = {**{n: data.get(n) for n in SOURCES}, **(data.get("sources") or {})}
+    return [DataConfig.key(n) for n, src in named.items()
+            if isinstance(src, dict) and src.get("shards") and src.get("tokens_per_step", 0) > 0]
+
+
 def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     """Compare the keys of RESUME_KEYS between the config checkpoint `path` was trained with (`saved`, a
-    nested dict) and this run's `cfg`. A change that `allowed` does not name (a key, or a section such as
+    nested dict) and this run's `cfg`, and the sources that take part: a source added or removed is a change
+    of its key (`data.sources.<name>`). A change that `allowed` does not name (a key, or a section such as
     `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
     Keys the checkpoint predates are not compared."""
     from kosmos.config import ConfigError
 
     ours = _flat(cfg.to_dict())
-    for key in allowed:
-        if not any(k == key or k.startswith(key + ".") for k in ours):
-            raise ConfigError(f"--allow-config-change {key}: not a config key")
     theirs = _flat(saved)
+    for key in allowed:
+        if not any(k == key or k.startswith(key + ".") for k in (*ours, *theirs)):
+            raise ConfigError(f"--allow-config-change {key}: not a config key")
     changed = [(k, theirs[k], v) for k, v in ours.items()
                if _resume_key(k) and k in theirs and theirs[k] != v]
+    before, now = _active_sources(saved.get("data") or {}), _active_sources(cfg.to_dict()["data"])
+    # data.text/captions/interleaved are always in both configs: their keys compare above
+    sources = [(k, "added") for k in now if k not in before and k.startswith("data.sources.")]
+    sources += [(k, "removed") for k in before if k not in now and k.startswith("data.sources.")]
+    changed += [(k, _SOURCE, how) for k, how in sources]
+
+    def say(k, a, b) -> str:
+        return f"source {k} {b}" if a is _SOURCE else f"{k}: {a!r} -> {b!r}"
 
     def ok(key: str) -> bool:
         return any(key == a or key.startswith(a + ".") for a in allowed)
 
-    refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in changed if not ok(k)]
+    refused = [say(k, a, b) for k, a, b in changed if not ok(k)]
     if refused:
         keys = ",".join(k for k, _, _ in changed if not ok(k))
         raise ConfigError(f"{path} was trained with other settings that change the data order or shapes: "
                           f"{'; '.join(refused)}. Resume with the checkpoint's values, or allow the change "
                           f"with --allow-config-change {keys}")
-    return [f"config changed since the checkpoint (allowed): {k}: {a!r} -> {b!r}" for k, a, b in changed]
+    return [f"config changed since the checkpoint (allowed): {say(k, a, b)}" for k, a, b in changed]
 
 
 def pick_checkpoint(candidates: list[Path], cfg, allowed=(), say=print) -> list[Path]:

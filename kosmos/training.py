@@ -48,13 +48,13 @@ def check_config(cfg: Config) -> None:
         plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name, src in cfg.data.sources().items():
+    for name, src in cfg.data.active_sources().items():
         for key, patterns in (("shards", src.shards), ("eval_shards", src.eval_shards)):
             try:
                 if patterns:
                     expand_shards(patterns, allow_missing=cfg.data.allow_missing_shards)
             except FileNotFoundError as e:
-                raise ConfigError(f"config key 'data.{name}.{key}': {e}") from None
+                raise ConfigError(f"config key '{cfg.data.key(name)}.{key}': {e}") from None
 
 
 # ----------------------------------------------------------------------------- building
@@ -150,14 +150,14 @@ def check_passes(acc, cfg: Config, mixture) -> None:
 def default_budgets(cfg: Config, mixture) -> list[str]:
     """Sources whose token budget is the default, not set in the YAML or an override: the paper's 0.5M
     tokens for a toy data set is an easy mistake to make and costly to notice late."""
-    return [n for n in mixture.plans if not cfg.given(f"data.{n}.tokens_per_step")]
+    return [n for n in mixture.plans if not cfg.given(f"{cfg.data.key(n)}.tokens_per_step")]
 
 
 def describe_mixture(acc, cfg: Config, mixture) -> str:
     """What one step really trains on (the budgets rounded to whole micro-batches), as a block of lines:
     per source the micro-batches per rank and over all ranks, rows, tokens and share against the budget;
     then the ranks' pass counts when they differ, and warnings: drift beyond the tolerance (allowed), budgets
-    left at their defaults."""
+    left at their defaults, a named source with shards left out by its budget of 0."""
     from kosmos.data.mixture import ratio
 
     p = mixture.plan
@@ -184,11 +184,15 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
                      f"{cfg.data.mixture_tolerance} (allowed by data.allow_mixture_drift)")
     for n, loader in mixture.loaders.items():
         if gone := loader.missing_shards:
-            lines.append(f"  WARNING: {len(gone)} shard(s) named in data.{n}.shards do not exist, training "
-                         f"on the {len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
+            lines.append(f"  WARNING: {len(gone)} shard(s) named in {cfg.data.key(n)}.shards do not exist, "
+                         f"training on the {len(loader.dataset.shards)} found "
+                         f"(allowed by data.allow_missing_shards): "
                          f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
+    for n, src in cfg.data.sources.items():  # a named source's budget defaults to 0
+        if src.shards and not src.tokens_per_step:
+            lines.append(f"  WARNING: data.sources.{n} has shards but tokens_per_step 0: it is left out")
     for n in default_budgets(cfg, mixture):
-        lines.append(f"  WARNING: data.{n}.tokens_per_step not set: the default budget "
+        lines.append(f"  WARNING: {cfg.data.key(n)}.tokens_per_step not set: the default budget "
                      f"{p.sources[n].budget:,} tokens per step is used (the paper's); set it for your data")
     return "\n".join(lines)
 
@@ -338,7 +342,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
     from kosmos.eval.loss import perplexity, source_loss
 
     results = {}
-    for name, src in cfg.data.sources().items():
+    for name, src in cfg.data.active_sources().items():
         if not src.eval_shards:
             continue
         loader = build_loader(cfg, name, encoder, rank=acc.process_index, world_size=acc.num_processes,

@@ -129,6 +129,25 @@ def text_shards(root: Path, n_shards: int, per_shard: int, words=(3, 30), seed: 
     return paths
 
 
+def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
+    """Text shards as `data_tools.text --format instructions` writes them: the templated text in KEY.txt,
+    the prompt's length in KEY.json."""
+    from data_tools.text import render_instruction
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            text, n = render_instruction(sentence(rng, rng.randint(2, 8)), sentence(rng, rng.randint(0, 4)),
+                                         sentence(rng, rng.randint(1, 6)))
+            samples.append({"__key__": f"i{s:02d}_{i:03d}", "txt": text.encode(),
+                            "json": json.dumps({"prompt_chars": n, "style": "flat"}).encode()})
+        paths.append(str(write_tar(root / f"inst-{s:06d}.tar", samples)))
+    return paths
+
+
 def caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0,
                    captions: int = 1) -> list[str]:
     """Caption shards; with ``captions`` > 1, sample i has 1 + i % captions distinct captions, COCO-style:

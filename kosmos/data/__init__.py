@@ -1,4 +1,5 @@
-"""The streaming data pipeline: webdataset shards of three sources -> packed, mixed micro-batches.
+"""The streaming data pipeline: webdataset shards of named sources (each of a kind: text, captions or
+interleaved; `kosmos.config.DataConfig.named_sources`) -> packed, mixed micro-batches.
 
     format.py   the shard format (torch-free): source kinds, member names, tar members -> samples,
                 a sample's files -> text and image segments; shared with data_tools

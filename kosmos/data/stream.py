@@ -107,8 +107,10 @@ class WorkerStream:
 
     def __init__(self, kind: str, shards: list[str], g: int, G: int, *, encoder: SequenceEncoder,
                  seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, max_tokens: int = 0,
-                 loss: str = "all", caption_choice: str = "random", state: dict | None = None):
+                 loss: str = "all", caption_choice: str = "random", state: dict | None = None,
+                 name: str | None = None):
         self.kind, self.shards, self.g, self.G = kind, shards, g, G
+        self.name = name or kind  # the source's name, for messages
         self.encoder, self.max_tokens = encoder, max_tokens
         self.loss, self.caption_choice = loss, caption_choice
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
@@ -170,13 +172,13 @@ class WorkerStream:
                 return
             if got == 0 and self.n_samples == 0:
                 raise DataError(
-                    f"{self.kind}: worker {self.g} of {self.G} found no samples in a whole pass over "
+                    f"{self.name}: worker {self.g} of {self.G} found no samples in a whole pass over "
                     f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
                     f"the shards with `python -m data_tools.verify`")
             if got == 0:  # it read samples before: the shards went away (or a file system is down)
                 if retries == len(RETRY_WAITS):
                     raise DataError(
-                        f"{self.kind}: no readable shard left: {retries + 1} passes over the {len(order)} "
+                        f"{self.name}: no readable shard left: {retries + 1} passes over the {len(order)} "
                         f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no "
                         f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they "
                         "deleted or moved? Put them back and resume with --resume latest")
@@ -246,35 +248,39 @@ class WorkerStream:
         raw = read_positions(self.shards, wanted, Counter())
         missing = [p for p in wanted if p not in raw]
         if missing:
-            raise DataError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
+            raise DataError(f"{self.name}: cannot resume: samples {missing[:3]} are gone from the shards "
                             "(were the shards changed since the checkpoint?)")
         self.buffer = [(p, raw[p[:2]]) for p in buffer]
         if carry is not None:
             item = self._encode(carry, raw[carry[:2]])
             if item is None:
-                raise DataError(f"{self.kind}: cannot resume: sample {carry} no longer decodes")
+                raise DataError(f"{self.name}: cannot resume: sample {carry} no longer decodes")
             item.start = st["carry"][-1]
             self.carry = item
 
 
 class SourceDataset(IterableDataset):
-    """Packed micro-batches of one source for one rank; each carries its worker's state."""
+    """Packed micro-batches of one source for one rank; each carries its worker's state. `kind` says how its
+    samples are read; `name` (default: the kind) and `key` (its config key, default `data.<name>`) are for
+    messages."""
 
     def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
                  micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0, loss: str = "all",
-                 caption_choice: str = "random"):
+                 caption_choice: str = "random", name: str | None = None, key: str | None = None):
         super().__init__()
+        self.name = name = name or kind
+        key = key or f"data.{name}"
         if not shards:
-            raise ValueError(f"{kind}: no shards")
+            raise ValueError(f"{name}: no shards")
         if loss not in LOSSES:
-            raise ValueError(f"config key 'data.{kind}.loss': {loss!r} is not one of {', '.join(LOSSES)}")
+            raise ValueError(f"config key '{key}.loss': {loss!r} is not one of {', '.join(LOSSES)}")
         if caption_choice not in CAPTION_CHOICES:
-            raise ValueError(f"config key 'data.{kind}.caption_choice': {caption_choice!r} is not one of "
+            raise ValueError(f"config key '{key}.caption_choice': {caption_choice!r} is not one of "
                              f"{', '.join(CAPTION_CHOICES)}")
         self.loss, self.caption_choice = loss, caption_choice
         if 0 < max_tokens < encoder.span + 2:
-            raise ValueError(f"config key 'data.{kind}.max_tokens': {max_tokens} cannot hold <s>, an image "
+            raise ValueError(f"config key '{key}.max_tokens': {max_tokens} cannot hold <s>, an image "
                              f"span ({encoder.span} tokens) and a token of text; use 0 (no cap) or at least "
                              f"{encoder.span + 2}")
         self.max_tokens = max_tokens
@@ -291,7 +297,7 @@ class SourceDataset(IterableDataset):
         return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
                             encoder=self.encoder, seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
                             max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
-                            state=self.states.get(logical))
+                            state=self.states.get(logical), name=self.name)
 
     def __iter__(self):
         info = get_worker_info()
@@ -399,7 +405,7 @@ class SourceLoader:
         ds = self.dataset
         if (sd["world_size"], sd["num_workers"]) != (ds.world_size, self.num_workers):
             raise ConfigError(
-                f"{ds.kind}: the data position was saved with world_size={sd['world_size']} and "
+                f"{ds.name}: the data position was saved with world_size={sd['world_size']} and "
                 f"{sd['num_workers']} workers per rank, but this run has world_size={ds.world_size} and "
                 f"{self.num_workers}; resume with the same layout (or start the data from scratch)")
         self.states = {int(k): v for k, v in sd["workers"].items()}
