@@ -9,7 +9,8 @@
         trainer_state.json      step, counters, world size, the resolved config
         config.yaml             the resolved config (kosmos.config.save_config)
         tokenizer/              a copy of the tokenizer files (tokenizer.model, tokenizer.vocab, ...)
-        sharded/                FSDP / DeepSpeed only: accelerate's sharded model and optimizer state
+        sharded/                sharded runs only: the model and optimizer shards (FSDP2: kosmos.sharding, no
+                                model.safetensors: `python -m kosmos.checkpoint consolidate` makes one)
 
 Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` once complete: a run killed
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
@@ -144,6 +145,9 @@ def find_checkpoint(path: str | Path) -> Path:
     for root in (path, path.parent if path.name == "checkpoints" else None):
         if root is not None and list_checkpoints(root):
             return list_checkpoints(root)[-1]
+    if (path / "sharded" / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: a sharded checkpoint; make its model.safetensors with "
+                                f"`python -m kosmos.checkpoint consolidate {path} OUT_DIR`")
     raise FileNotFoundError(f"{path}: neither a checkpoint (no model.safetensors) nor a run directory with "
                             "complete checkpoints in checkpoints/")
 
@@ -171,6 +175,7 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
     from safetensors.torch import save_model
 
     from kosmos.config import save_config
+    from kosmos.sharding import SHARDED, is_sharded, save_sharded
 
     step = state["step"]
     tmp = tmp_path_for(cfg.train.output_dir, step)
@@ -178,7 +183,9 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    if _sharded(acc):
+    if is_sharded(model):  # FSDP2 (kosmos.sharding): every rank writes its shard; no model.safetensors
+        save_sharded(tmp / SHARDED, model, optimizer)
+    elif _sharded(acc):
         # FSDP / DeepSpeed (not exercised in this project's CI, which has no GPUs): accelerate writes the
         # sharded model and optimizer itself (and reads them back with weights_only=True); we add a full
         # model.safetensors for generation.
@@ -216,7 +223,11 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
         raise RuntimeError(f"{path} was written by {state['world_size']} processes, this run has "
                            f"{acc.num_processes}; the data position is per rank, so resume with the same "
                            "number (or start a new run from its weights with train.init_from)")
-    if _sharded(acc):
+    from kosmos.sharding import SHARDED, is_sharded, load_sharded
+
+    if is_sharded(model):
+        load_sharded(path / SHARDED, model, optimizer)
+    elif _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:
         load_model_weights(acc.unwrap_model(model), path)
@@ -267,3 +278,9 @@ class StopFlag:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
         return bool(acc.reduce(flag, reduction="sum").item() > 0)  # sync point, once per step
+
+
+if __name__ == "__main__":  # python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR
+    from kosmos.sharding import main
+
+    raise SystemExit(main())
