@@ -178,7 +178,9 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
         warnings.simplefilter("ignore")  # "randomly initialised": every weight comes from the checkpoint
         model = Kosmos(cfg, load_vision_weights=False)
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
+        dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
     model.load_state_dict(sd)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, str(out / "model.safetensors"))  # the tied embedding stored once, as in training
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = consolidate(args.ckpt, args.out)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out / 'model.safetensors'}")
