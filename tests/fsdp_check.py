@@ -68,18 +68,23 @@ def main():
 
     assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5), (losses, ref_losses)
     assert abs(float(full(gnorm)) - float(ref_gnorm)) < 1e-4 * float(ref_gnorm), (float(full(gnorm)), ref_gnorm)
-    tol = dict(atol=2e-6, rtol=1e-4) if mode == "step" else dict(atol=2e-4, rtol=1e-2)  # 8-bit: other blocks
+    # fp32 AdamW: the same weights. 8-bit AdamW: quantised per shard, so the 8-bit states differ a little, and
+    # Adam's first step (about lr times the gradient's sign) turns a tiny gradient difference into up to 2 lr
+    # on a few elements: each element within 2 lr, the whole update within 5% of the DDP one (1.6% measured).
+    tol = dict(atol=2e-6, rtol=1e-4) if mode == "step" else dict(atol=2e-3, rtol=0)
     before = dict(tiny_model(*overrides).named_parameters())
-    moved = 0
+    moved, off, size = 0, 0.0, 0.0
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         w = full(p.detach())
         assert w.shape == q.shape, name
         assert torch.allclose(w, q.detach(), **tol), f"{name}: max diff {(w - q).abs().max():.2e}"
+        off += float((w - q.detach()).square().sum())
+        size += float((q.detach() - before[name].detach()).square().sum())
         if not q.requires_grad:
             assert p.grad is None and torch.equal(w, before[name].detach()), f"frozen {name} moved"
         else:
             moved += not torch.equal(w, before[name].detach())
-    assert moved > 0
+    assert moved > 0 and off**0.5 < (1e-5 if mode == "step" else 0.05) * size**0.5, (off**0.5, size**0.5)
 
     if mode == "step":  # bitsandbytes' 8-bit AdamW on DTensor shards: refused by its kernel
         import bitsandbytes as bnb
@@ -98,7 +103,7 @@ def main():
         local(p.data).mul_(2.0)
         assert torch.allclose(full(p.detach()), 2 * was)
     dist.barrier()
-    print(f"FSDP_OK {mode} losses {losses}", flush=True)
+    print(f"FSDP_OK {mode} losses {losses}, update off by {off**0.5 / size**0.5:.2e} of its norm", flush=True)
     dist.destroy_process_group()
 
 
