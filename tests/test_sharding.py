@@ -78,6 +78,19 @@ def test_units_are_layers_clip_blocks_resampler_then_root_and_the_loss_is_unchan
         assert torch.allclose(model(**kw).loss, ref(**kw).loss, atol=1e-6)
 
 
+def test_torchao_8bit_adamw_has_the_same_hyperparameters_and_groups():
+    from kosmos.optim import build_optimizer
+
+    model = tiny_model()
+    cfg = tiny_config("optim.name=adamw8bit_torchao").optim
+    opt, bnb = build_optimizer(model, cfg), build_optimizer(model, tiny_config().optim)
+    assert type(opt).__module__.startswith("torchao.optim") and type(opt).__name__ == "AdamW8bit"
+    for key in ("lr", "betas", "eps"):
+        assert opt.defaults[key] == bnb.defaults[key] == (tuple(cfg.betas) if key == "betas" else getattr(cfg, key))
+    same = [([id(p) for p in g["params"]], g["weight_decay"]) for g in opt.param_groups]
+    assert same == [([id(p) for p in g["params"]], g["weight_decay"]) for g in bnb.param_groups]
+
+
 def test_shard_for_run_refuses_what_sharding_cannot_run(tmp_path):
     from accelerate.utils import DistributedType
 
