@@ -257,3 +257,14 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
     wa = load_file(consolidate(a, tmp_path / "ca") / "model.safetensors")
     wb = load_file(consolidate(b, tmp_path / "cb") / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ from the uninterrupted run"
+
+
+@pytest.mark.slow
+def test_fsdp2_periodic_evaluation_reports_the_held_out_loss(tiny_run, tmp_path):
+    captions = next(o.split("=", 1)[1] for o in tiny_run if o.startswith("data.captions.shards="))
+    with open(tmp_path / "log", "w") as log:
+        proc = _launch(tiny_run, tmp_path / "run", 2, log, "train.sharding=fsdp2", f"data.captions.eval_shards={captions}",
+                       "train.eval_every=2", "train.eval_batches=2")
+        assert proc.wait(600) == 0, (tmp_path / "log").read_text()[-3000:]
+    line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if x.startswith("eval "))
+    assert line.split()[1::2] == ["captions_loss", "captions_ppl"] and 0 < float(line.split()[2]) < 20
