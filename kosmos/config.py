@@ -467,7 +467,8 @@ class TrainConfig:
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.tracker in ("tensorboard", "wandb", "none"), "train.tracker",
                f"must be tensorboard, wandb or none, got {self.tracker!r}")
-        _check(self.sharding in ("none", "fsdp2"), "train.sharding", f"must be none or fsdp2, got {self.sharding!r}")
+        _check(self.sharding in ("none", "fsdp2"), "train.sharding",
+               f"must be none or fsdp2, got {self.sharding!r}")
         _check(self.loss_weighting in ("tokens", "budget"), "train.loss_weighting",
                f"must be tokens or budget, got {self.loss_weighting!r}")
         for i, task in enumerate(self.eval_tasks):

@@ -58,7 +58,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         try:
             from torchao.optim import AdamW8bit
         except ImportError:
-            raise ImportError("optim.name=adamw8bit_torchao needs torchao (pip install torchao==0.18.0)") from None
+            raise ImportError("optim.name=adamw8bit_torchao needs torchao "
+                              "(pip install torchao==0.18.0)") from None
         return AdamW8bit(groups, **kw)
     return torch.optim.AdamW(groups, **kw)
 

@@ -95,8 +95,8 @@ def shard_for_run(acc, cfg, model: nn.Module) -> nn.Module:
                           "--multi_gpu or torchrun); one process has nothing to shard over")
     if cfg.optim.name == "adamw8bit":
         raise ConfigError("config key 'optim.name': bitsandbytes' adamw8bit cannot step FSDP2's sharded "
-                          "parameters (DTensors); use adamw8bit_torchao (the same 8-bit AdamW, DTensor-aware) "
-                          "or adamw")
+                          "parameters (DTensors); use adamw8bit_torchao (the same 8-bit AdamW, "
+                          "DTensor-aware) or adamw")
     if cfg.train.eval_tasks:
         raise ConfigError("config key 'train.eval_tasks': benchmarks are not run on a sharded model; "
                           "consolidate a checkpoint (python -m kosmos.checkpoint consolidate) and run "
@@ -144,7 +144,8 @@ def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: no sharded checkpoint here (no .metadata of torch.distributed.checkpoint)")
+        raise FileNotFoundError(f"{path}: no sharded checkpoint here (no torch.distributed.checkpoint "
+                                ".metadata)")
     opt = _inner(optimizer)
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}

@@ -130,7 +130,8 @@ def check_passes(acc, cfg: Config, mixture) -> None:
                           "micro-batch, which DeepSpeed does not allow (it steps inside backward); use "
                           "`budget` with DeepSpeed, or DDP/FSDP")
     lo, hi = mixture.plan.passes()
-    sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) or cfg.train.sharding != "none"
+    sharded = (acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+               or cfg.train.sharding != "none")
     if sharded and lo != hi:
         raise ConfigError(f"config key 'data.mixture_tolerance': the mixture gives ranks {lo} to {hi} passes "
                           f"per step; DeepSpeed and FSDP need the same number on every rank: change the "

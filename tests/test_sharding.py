@@ -86,7 +86,8 @@ def test_torchao_8bit_adamw_has_the_same_hyperparameters_and_groups():
     opt, bnb = build_optimizer(model, cfg), build_optimizer(model, tiny_config().optim)
     assert type(opt).__module__.startswith("torchao.optim") and type(opt).__name__ == "AdamW8bit"
     for key in ("lr", "betas", "eps"):
-        assert opt.defaults[key] == bnb.defaults[key] == (tuple(cfg.betas) if key == "betas" else getattr(cfg, key))
+        want = tuple(cfg.betas) if key == "betas" else getattr(cfg, key)
+        assert opt.defaults[key] == bnb.defaults[key] == want
     same = [([id(p) for p in g["params"]], g["weight_decay"]) for g in opt.param_groups]
     assert same == [([id(p) for p in g["params"]], g["weight_decay"]) for g in bnb.param_groups]
 
@@ -145,13 +146,15 @@ def test_fsdp_yaml_is_an_fsdp2_plugin_for_accelerate(monkeypatch, one_process_gr
 
     from kosmos.sharding import shard_model
 
-    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"), "x.py"])
+    yaml = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
+    args = launch_command_parser().parse_args(["--config_file", yaml, "x.py"])
     env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
     for k, v in env.items():
         if k.startswith(("FSDP_", "ACCELERATE_")):
             monkeypatch.setenv(k, v)
     plugin = FullyShardedDataParallelPlugin()
-    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and plugin.fsdp_version == 2 and plugin.reshard_after_forward
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward
     model = shard_model(tiny_model())
     assert fsdp2_prepare_model(None, model) is model  # accelerate leaves the project's wrapping alone
 
@@ -181,14 +184,17 @@ def test_fsdp2_step_equals_the_ddp_step(mode):
 
 def _launch(tiny_run, out, steps, log, *extra, **kw):
     o = [*tiny_run, f"train.output_dir={out}", f"train.max_steps={steps}", "optim.total_steps=30",
-         "optim.warmup_steps=5", "optim.name=adamw", "train.log_every=1", "train.save_every=2", "train.keep_last=10",
+         "optim.warmup_steps=5", "optim.name=adamw", "train.log_every=1", "train.save_every=2",
+         "train.keep_last=10",
          # two micro-batches of every rank in every step: FSDP needs the same number of passes on each rank
-         "data.captions.micro_batch_size=4", *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")]]
+         "data.captions.micro_batch_size=4",
+         *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")]]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _port(),
-           str(ROOT / "train_kosmos.py"), "--config", TINY, "--no-progress", *o, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            **kw)
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", _port(), str(ROOT / "train_kosmos.py"), "--config", TINY, "--no-progress",
+           *o, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, **kw)
 
 
 def _losses(run) -> dict[int, float]:
@@ -211,18 +217,20 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
 
     def run(name, n, *extra):
         with open(tmp_path / f"{name}.log", "a") as log:
-            assert _launch(tiny_run, runs[name], n, log, *extra).wait(600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+            rc = _launch(tiny_run, runs[name], n, log, *extra).wait(600)
+        assert rc == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
 
     run("ddp", 2)
     run("full", steps, "train.sharding=fsdp2")
     full_ck = ck.list_checkpoints(runs["full"])
     assert [p.name for p in full_ck] == [f"step_{s:08d}" for s in (2, 4, 6)]
-    assert (full_ck[0] / "sharded" / ".metadata").is_file() and not (full_ck[0] / "model.safetensors").exists()
+    assert (full_ck[0] / "sharded" / ".metadata").is_file()
+    assert not (full_ck[0] / "model.safetensors").exists()
 
     ddp, fsdp = _losses(runs["ddp"]), _losses(runs["full"])
     assert set(ddp) == {1, 2} and all(abs(ddp[s] - fsdp[s]) <= 2e-4 for s in ddp), (ddp, fsdp)
-    res = subprocess.run([sys.executable, "-m", "kosmos.checkpoint", "consolidate", str(full_ck[0]),
-                          str(tmp_path / "c2")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "kosmos.checkpoint", "consolidate", str(full_ck[0]), str(tmp_path / "c2")]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     w_ddp = load_file(ck.list_checkpoints(runs["ddp"])[-1] / "model.safetensors")
     w_fsdp = load_file(tmp_path / "c2" / "model.safetensors")
@@ -263,8 +271,8 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
 def test_fsdp2_periodic_evaluation_reports_the_held_out_loss(tiny_run, tmp_path):
     captions = next(o.split("=", 1)[1] for o in tiny_run if o.startswith("data.captions.shards="))
     with open(tmp_path / "log", "w") as log:
-        proc = _launch(tiny_run, tmp_path / "run", 2, log, "train.sharding=fsdp2", f"data.captions.eval_shards={captions}",
-                       "train.eval_every=2", "train.eval_batches=2")
+        proc = _launch(tiny_run, tmp_path / "run", 2, log, "train.sharding=fsdp2",
+                       f"data.captions.eval_shards={captions}", "train.eval_every=2", "train.eval_batches=2")
         assert proc.wait(600) == 0, (tmp_path / "log").read_text()[-3000:]
     line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if x.startswith("eval "))
     assert line.split()[1::2] == ["captions_loss", "captions_ppl"] and 0 < float(line.split()[2]) < 20
