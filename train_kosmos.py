@@ -8,7 +8,9 @@ Each optimizer step takes data.<source>.tokens_per_step tokens from every source
 accumulates their gradients (the step's loss: every target token of every source and rank weighs the same),
 clips, and steps 8-bit AdamW on the warmup/linear-decay schedule. Checkpoints go to
 train.output_dir/checkpoints; `--resume latest` picks up the newest complete one with its optimizer,
-schedule, RNG and data position. SIGTERM or Ctrl-C saves a checkpoint and exits.
+schedule, RNG and data position (a damaged one is named and the one before it taken). A resume keeps the
+settings that change the data order or shapes (seed, max_len, micro_batch_size, shards, ...) unless
+`--allow-config-change KEY,...` names them. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another
 number of processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 
@@ -19,6 +21,7 @@ kosmos/checkpoint.py (save, load, resume, the stop signal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,13 +33,19 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--config", required=True, help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
     ap.add_argument("--resume", help="`latest` (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")
+    ap.add_argument("--allow-config-change", default="", metavar="KEY,...",
+                    help="resume although these keys (or sections, e.g. data.text) differ from the "
+                         "checkpoint's: seed, decoder.max_len, tokenizer.path and data.* are otherwise "
+                         "refused")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
 
-def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -> dict:
+def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
+          allow_change: list[str] | tuple = ()) -> dict:
     """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
-    called after every optimizer step with the (source, shard, offset) of the samples it started (tests)."""
+    called after every optimizer step with the (source, shard, offset) of the samples it started (tests).
+    `allow_change`: config keys a resume may change although they change the data (ck.RESUME_KEYS)."""
     from kosmos import checkpoint as ck
     from kosmos.metrics import Meter, RunLog, eval_line
     from kosmos.training import (
@@ -50,17 +59,26 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
         train_step,
     )
 
-    # ---- setup: the weights come from the checkpoint to resume, else from train.init_from, else the seed
+    # ---- setup: the weights come from the checkpoint to resume, else from train.init_from, else the seed.
+    # `--resume` wins over train.init_from when there is a checkpoint to resume, so that a killed fine-tuning
+    # run continues instead of starting over from its initial weights. The checkpoints are checked (files
+    # whole, config unchanged) before anything heavy.
     out_dir = Path(cfg.train.output_dir)
-    path, init_from = ck.start_point(resume, out_dir, cfg.train.init_from)
+    notes: list[str] = []
+    candidates = ck.pick_checkpoint(ck.resume_candidates(resume, out_dir), cfg, allow_change, notes.append)
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from and not candidates else None
     acc = build_accelerator(cfg)
     log = RunLog(acc, out_dir / "train.log", progress=progress)
+    for note in notes:
+        log.info(note)
     encoder, model, optimizer, scheduler, mixture = setup(acc, cfg, init_from)
 
     # ---- resume
     state = {"step": 0, "tokens": 0, "bad_steps": 0, "samples": 0}
-    if path is not None:
-        state = ck.load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
+    path = None
+    if candidates:
+        path, state = ck.resume(acc, candidates, cfg, model, optimizer, scheduler, mixture, allow_change,
+                                log.info)
         log.info(f"resumed from {path} at step {state['step']}")
         if mixture.resume_note:
             log.info(mixture.resume_note)
@@ -79,7 +97,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
     model.train()
-    with log, ck.StopFlag() as stop:
+    with log, ck.StopFlag() as stop, contextlib.closing(mixture):  # closing: ends the DataLoader workers
         while state["step"] < max_steps:
             res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip,
                              cfg.train.loss_weighting)
@@ -118,15 +136,22 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True) -
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from kosmos.training import check_config  # after --help
+    from kosmos.checkpoint import CheckpointError  # after --help
+    from kosmos.data.stream import DataError
+    from kosmos.training import check_config
 
+    allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
     try:
         cfg = load_config(args.config, args.overrides)
-        check_config(cfg)
-    except ConfigError as e:  # before any heavy work: one clear line
+        check_config(cfg)  # before any heavy work
+        return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow)
+    except (ConfigError, CheckpointError, DataError) as e:  # one clear line naming the key, file or source
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(cfg, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:  # a second SIGTERM / Ctrl-C
+        print("error: stopped by a second signal, without a checkpoint of the current step; "
+              "--resume latest resumes from the last one saved", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

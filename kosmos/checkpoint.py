@@ -15,6 +15,12 @@
 Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` once complete: a run killed
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
 A checkpoint directory is all that inference needs: weights, config and tokenizer.
+
+On resume a checkpoint is checked before anything is loaded (every file there, JSON that parses, a
+safetensors file as long as its header says, zip-complete torch files) and its weights must be finite; a
+damaged one is a `CheckpointError` naming the file, and `--resume latest` then falls back to the previous
+complete checkpoint, saying so. Keys that change the data order or shapes (`RESUME_KEYS`) must be those
+the checkpoint was trained with, unless `--allow-config-change` names them.
 """
 
 from __future__ import annotations
@@ -24,12 +30,18 @@ import random
 import re
 import shutil
 import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, damaged (truncated, not parseable) or with non-finite
+    weights. The message names the file."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -46,15 +58,23 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
-def resolve_resume(spec: str, output_dir: str | Path) -> Path | None:
-    """`latest` -> the newest complete checkpoint of output_dir (None if there is none); else a path."""
+def resume_candidates(spec: str | None, output_dir: str | Path) -> list[Path]:
+    """The checkpoints `--resume spec` may start from, in the order to try: for `latest`, the complete ones
+    of output_dir, newest first (an unusable one falls back to the one before it); else the given path."""
+    if not spec:
+        return []
     if spec == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
+        return list_checkpoints(output_dir)[::-1]
     path = Path(spec)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {spec}: not a complete checkpoint (no trainer_state.json in it)")
-    return path
+        raise CheckpointError(f"--resume {spec}: not a complete checkpoint (no trainer_state.json in it)")
+    return [path]
+
+
+def resolve_resume(spec: str, output_dir: str | Path) -> Path | None:
+    """`latest` -> the newest complete checkpoint of output_dir (None if there is none); else a path."""
+    found = resume_candidates(spec, output_dir)
+    return found[0] if found else None
 
 
 def tmp_path_for(output_dir: str | Path, step: int) -> Path:
@@ -107,6 +127,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load `model.safetensors` (the file, or a checkpoint directory holding it) into `model`. Never
     unpickles; weights that do not fit the model fail with the file and the first mismatches named, and so
     do saved settings that the weights do not record (`kosmos.model.check_checkpoint_fits`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     path = Path(path)
@@ -117,8 +138,11 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     from kosmos.model import check_checkpoint_fits
 
     check_checkpoint_fits(model, path.parent)  # settings the weights do not record must agree too
+    check_safetensors(path)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
         raise ValueError(f"{path}: weights do not fit this config ({len(lines)} mismatches, e.g. "
@@ -126,6 +150,38 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit this config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    check_finite(model, path)
+
+
+def check_finite(model: torch.nn.Module, path: str | Path) -> None:
+    """Refuse weights with NaN or inf, naming the tensors: a damaged file or a diverged run would otherwise
+    load silently and fail later as a non-finite loss. One pass over the weights, at load time only."""
+    bad = []
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            bad.append(f"{name} ({nan} NaN, {int((~torch.isfinite(t)).sum()) - nan} inf)")
+    if bad:
+        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s): {', '.join(bad[:4])}"
+                              f"{more}; resume from an earlier checkpoint (--resume PATH)")
+
+
+def check_safetensors(path: Path) -> None:
+    """A truncated or padded safetensors file, from its header alone (the file is not read)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"a header of {n} bytes")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file, or truncated ({size} bytes; {e})") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path}: {size} bytes, but its header describes {8 + n + end}: truncated or "
+                              "damaged")
 
 
 def write_json(obj, path: Path) -> None:
@@ -186,7 +242,7 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
     if is_sharded(model):  # FSDP2 (kosmos.sharding): every rank writes its shard; no model.safetensors
         save_sharded(tmp / SHARDED, model, optimizer)
     elif _sharded(acc):
-        # FSDP / DeepSpeed (not exercised in this project's CI, which has no GPUs): accelerate writes the
+        # DeepSpeed (not installed here, never exercised; FSDP is the branch above): accelerate writes the
         # sharded model and optimizer itself (and reads them back with weights_only=True); we add a full
         # model.safetensors for generation.
         acc.save_state(str(tmp / "sharded"))
@@ -216,44 +272,165 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
     return final
 
 
+def _read(load, path: Path):
+    """`load(path)`, any failure to read the file becoming a CheckpointError that names it."""
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises (zip, unpickler, JSON, I/O)
+        first = str(e).split(". ")[0].splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
+
+
+def check_checkpoint(path: Path) -> dict:
+    """The trainer state of checkpoint `path` once every file of it is there and whole (JSON that parses, a
+    safetensors file as long as its header says, torch files with their zip directory): cheap, nothing is
+    loaded into a model. Else a CheckpointError naming the file."""
+    state = _read(read_json, path / "trainer_state.json")
+    if not isinstance(state, dict) or not {"step", "world_size", "config"} <= state.keys():
+        raise CheckpointError(f"{path / 'trainer_state.json'}: not a trainer state (step, world_size, "
+                              "config)")
+    ranks = range(int(state["world_size"]))
+    sharded = (path / "sharded").is_dir()
+    fsdp2 = (path / "sharded" / ".metadata").is_file()  # kosmos.sharding: the weights are in the shards only
+    needed = [*([] if fsdp2 else ["model.safetensors"]), "scheduler.pt", *(f"rng_rank{r}.pt" for r in ranks),
+              *(f"data_rank{r}.json" for r in ranks), *([] if sharded else ["optimizer.pt"])]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    if not fsdp2:
+        check_safetensors(path / "model.safetensors")
+    for name in needed:
+        if name.endswith(".pt") and not zipfile.is_zipfile(path / name):
+            raise CheckpointError(f"{path / name}: truncated or not a torch file (no zip directory)")
+        if name.endswith(".json"):
+            _read(read_json, path / name)
+    return state
+
+
+RESUME_KEYS = ("seed", "decoder.max_len", "tokenizer.path", "data.")
+"""Config keys (and prefixes) that change the data order or the shapes of what a resumed run reads: a
+resume refuses to change them unless `--allow-config-change` names them. Not compared under `data.`: the
+eval shards, the worker count (the data position itself refuses another one) and the `allow_*` switches."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resume_key(key: str) -> bool:
+    if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith("allow_"):
+        return False
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
+
+
+def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
+    """Compare the keys of RESUME_KEYS between the config checkpoint `path` was trained with (`saved`, a
+    nested dict) and this run's `cfg`. A change that `allowed` does not name (a key, or a section such as
+    `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
+    Keys the checkpoint predates are not compared."""
+    from kosmos.config import ConfigError
+
+    ours = _flat(cfg.to_dict())
+    for key in allowed:
+        if not any(k == key or k.startswith(key + ".") for k in ours):
+            raise ConfigError(f"--allow-config-change {key}: not a config key")
+    theirs = _flat(saved)
+    changed = [(k, theirs[k], v) for k, v in ours.items()
+               if _resume_key(k) and k in theirs and theirs[k] != v]
+
+    def ok(key: str) -> bool:
+        return any(key == a or key.startswith(a + ".") for a in allowed)
+
+    refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in changed if not ok(k)]
+    if refused:
+        keys = ",".join(k for k, _, _ in changed if not ok(k))
+        raise ConfigError(f"{path} was trained with other settings that change the data order or shapes: "
+                          f"{'; '.join(refused)}. Resume with the checkpoint's values, or allow the change "
+                          f"with --allow-config-change {keys}")
+    return [f"config changed since the checkpoint (allowed): {k}: {a!r} -> {b!r}" for k, a, b in changed]
+
+
+def pick_checkpoint(candidates: list[Path], cfg, allowed=(), say=print) -> list[Path]:
+    """`candidates` (resume_candidates) from the first whose files are all there and whole and whose config
+    fits this run's (config_changes: a ConfigError otherwise); each damaged one before it is reported with
+    `say`, as a fallback. Cheap: run before the model is built, so that a refusal comes at once. When none
+    is usable, a CheckpointError."""
+    errors = []
+    for i, path in enumerate(candidates):
+        try:
+            state = check_checkpoint(path)
+        except CheckpointError as e:
+            errors.append(e)
+            if i + 1 < len(candidates):
+                say(f"{e}; falling back to the previous checkpoint, {candidates[i + 1].name}")
+            continue
+        config_changes(path, state["config"], cfg, allowed)
+        return candidates[i:]
+    if len(errors) > 1:
+        raise CheckpointError(f"no usable checkpoint among the {len(errors)} in {candidates[0].parent}; the "
+                              f"newest: {errors[0]}")
+    if errors:
+        raise errors[0]
+    return []
+
+
+def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixture, allowed=(),
+           say=print) -> tuple[Path, dict]:
+    """Load the first usable checkpoint of `candidates` (pick_checkpoint's list) into the prepared objects;
+    returns its path and trainer state. One found damaged only when loaded (non-finite weights, an unreadable
+    torch file) is reported with `say` and the next one is loaded over it: each load overwrites every
+    object."""
+    for i, path in enumerate(candidates):
+        try:
+            state = check_checkpoint(path)
+            for line in config_changes(path, state["config"], cfg, allowed):
+                say(line)
+            return path, load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
+        except CheckpointError as e:
+            if i + 1 == len(candidates):
+                raise
+            say(f"{e}; falling back to the previous checkpoint, {candidates[i + 1].name}")
+    raise CheckpointError("no checkpoint to resume")
+
+
 def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> dict:
-    """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state."""
-    state = read_json(path / "trainer_state.json")
+    """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state. A file
+    that is missing, damaged or holds non-finite weights is a CheckpointError naming it."""
+    from kosmos.config import ConfigError
+
+    state = check_checkpoint(path)
     if state["world_size"] != acc.num_processes:
-        raise RuntimeError(f"{path} was written by {state['world_size']} processes, this run has "
-                           f"{acc.num_processes}; the data position is per rank, so resume with the same "
-                           "number (or start a new run from its weights with train.init_from)")
+        raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has "
+                          f"{acc.num_processes}; the data position is per rank, so resume with the same "
+                          "number (or start a new run from its weights with train.init_from)")
     from kosmos.sharding import SHARDED, is_sharded, load_sharded
 
-    if is_sharded(model):
-        load_sharded(path / SHARDED, model, optimizer)
+    if is_sharded(model):  # FSDP2: every rank reads its shard (a damaged file: a CheckpointError naming it)
+        _read(lambda p: load_sharded(p, model, optimizer), path / SHARDED)
     elif _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:
         load_model_weights(acc.unwrap_model(model), path)
-        optimizer.load_state_dict(load_torch(path / "optimizer.pt"))
-    scheduler.load_state_dict(load_torch(path / "scheduler.pt"))
-    set_rng_state(load_torch(path / f"rng_rank{acc.process_index}.pt"))
-    mixture.load_state_dict(read_json(path / f"data_rank{acc.process_index}.json"))
+        optimizer.load_state_dict(_read(load_torch, path / "optimizer.pt"))
+    scheduler.load_state_dict(_read(load_torch, path / "scheduler.pt"))
+    set_rng_state(_read(load_torch, path / f"rng_rank{acc.process_index}.pt"))
+    mixture.load_state_dict(_read(read_json, path / f"data_rank{acc.process_index}.json"))
     state.pop("config", None)
     state.pop("world_size", None)
     return state
 
 
-def start_point(resume: str | None, output_dir: str | Path,
-                init_from: str | None) -> tuple[Path | None, Path | None]:
-    """(checkpoint to resume, weights to start from): at most one is set. `--resume` wins over
-    `train.init_from` when there is a checkpoint to resume, so that a killed fine-tuning run continues
-    instead of starting over from its initial weights."""
-    path = resolve_resume(resume, output_dir) if resume else None
-    if path is not None or not init_from:
-        return path, None
-    return None, Path(init_from)
-
-
 class StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step. A context
-    manager: the previous handlers come back on exit."""
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step; a second one
+    (either) stops at once, without a checkpoint for the current step (KeyboardInterrupt). DataLoader workers
+    ignore both (kosmos.data.stream), so a signal to the whole process group reaches the main process alone.
+    A context manager: the previous handlers come back on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -262,7 +439,7 @@ class StopFlag:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+        if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -331,6 +332,10 @@ class DataConfig:
     rounded to whole micro-batches (kosmos/data/mixture.py); beyond it the run is refused."""
     allow_mixture_drift: bool = False
     """Run anyway when the mixture is beyond `mixture_tolerance` (the effective numbers are still printed)."""
+    allow_missing_shards: bool = False
+    """Train on the shards that exist when a brace pattern in `shards` or `eval_shards` names some that do not
+    (`cap-{000000..000099}.tar` with a few missing); the run then warns with their count at start. False: the
+    run is refused, naming them."""
 
     def __post_init__(self) -> None:
         for name in SOURCES:
@@ -524,6 +529,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# A number in any spelling Python reads as a float: `1e-4`, `2E3`, `+1.5e-3`, `1_000.5`. PyYAML follows YAML
+# 1.1, whose floats need a dot (`1.0e-4`), so `lr: 2e-3` and `optim.lr=1e-4` arrive as strings; float fields
+# accept them. Words (`nan`, `inf`) are not numbers here: YAML's `.nan` and `.inf` are.
+_FLOAT_RE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (int, float, bool, str, X | None, list[X], dict)."""
     origin = typing.get_origin(tp)
@@ -560,6 +571,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value.strip().replace("_", ""))  # `1e-4`: PyYAML (YAML 1.1) reads it as a string
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -19,15 +19,26 @@ from kosmos.config import Config, ConfigError
 from kosmos.eval.loss import to_device
 
 
+TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+"""The packages a `train.tracker` needs (any one of them); accelerate only warns and logs nothing without."""
+
+
 def check_config(cfg: Config) -> None:
     """Fail on what would otherwise fail late: missing tokenizer, shards or init weights, a vocabulary
-    mismatch."""
+    smaller than the tokenizer, a tracker that is not installed."""
+    import importlib.util
+
     from kosmos.data import plan
     from kosmos.data.shards import expand_shards
 
     if not cfg.tokenizer.path or not (Path(cfg.tokenizer.path) / "tokenizer.model").is_file():
         raise ConfigError(f"config key 'tokenizer.path': no tokenizer.model in {cfg.tokenizer.path!r} "
                           "(build one with `python -m tokenizer.build`)")
+    build_tokenizer(cfg)  # decoder.vocab_size against the tokenizer's ids (a fraction of a second)
+    packages = TRACKER_PACKAGES.get(cfg.train.tracker, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ConfigError(f"config key 'train.tracker': {cfg.train.tracker} is not installed (`pip install "
+                          f"{packages[0]}` in this environment), or set train.tracker=none")
     cfg.vision.resolved()  # vision.model_name through open_clip's configs: a clear error when unknown
     init = cfg.train.init_from
     if init and not (Path(init).is_file() or (Path(init) / "model.safetensors").is_file()):
@@ -41,7 +52,7 @@ def check_config(cfg: Config) -> None:
         for key, patterns in (("shards", src.shards), ("eval_shards", src.eval_shards)):
             try:
                 if patterns:
-                    expand_shards(patterns)
+                    expand_shards(patterns, allow_missing=cfg.data.allow_missing_shards)
             except FileNotFoundError as e:
                 raise ConfigError(f"config key 'data.{name}.{key}': {e}") from None
 
@@ -177,6 +188,11 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     if p.drift() > cfg.data.mixture_tolerance:
         lines.append(f"  WARNING: {p.drift():.1%} off the budgets, beyond data.mixture_tolerance="
                      f"{cfg.data.mixture_tolerance} (allowed by data.allow_mixture_drift)")
+    for n, loader in mixture.loaders.items():
+        if gone := loader.missing_shards:
+            lines.append(f"  WARNING: {len(gone)} shard(s) named in data.{n}.shards do not exist, training "
+                         f"on the {len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
+                         f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
     for n in default_budgets(cfg, mixture):
         lines.append(f"  WARNING: data.{n}.tokens_per_step not set: the default budget "
                      f"{p.sources[n].budget:,} tokens per step is used (the paper's); set it for your data")
@@ -340,6 +356,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
         with acc.autocast():
             loss, _ = source_loss(model, loader, acc.device, cfg.train.eval_batches,
                                   reduce=lambda t: acc.reduce(t, reduction="sum"))
+        loader.close()
         results[f"eval/{name}_loss"] = loss
         results[f"eval/{name}_ppl"] = perplexity(loss)
     if cfg.train.eval_tasks:

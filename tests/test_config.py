@@ -114,3 +114,40 @@ def test_encoder_and_model_agree_on_the_image_size(tiny_tokenizer):
         model = Kosmos(cfg)
     assert enc.image_size == model.vision.image_size == 48
     assert enc.num_latents == model.num_latents
+
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-4", 1e-4), ("1E-4", 1e-4), ("+2e-3", 2e-3), ("2e3", 2000.0),
+                                             ("1.0e-4", 1e-4), (".5", 0.5), ("3", 3.0), ("1_000.5", 1000.5),
+                                             ("5e+2", 500.0)])
+def test_every_float_spelling_is_a_float_in_overrides_and_yaml(tmp_path, spelling, value):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string: float fields take it, in overrides and in YAML files,
+    in lists (optim.betas) and in `float | None` fields too."""
+    cfg = load_config(None, [f"optim.lr={spelling}", f"train.peak_flops={spelling}"])
+    assert cfg.optim.lr == value and isinstance(cfg.optim.lr, float)
+    assert cfg.train.peak_flops == value and isinstance(cfg.train.peak_flops, float)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"optim:\n  lr: {spelling}\n  eps: {spelling}\n  betas: [9e-1, 98e-2]\n")
+    cfg = load_config(p)
+    assert cfg.optim.lr == cfg.optim.eps == value and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == [0.9, 0.98]
+
+
+def test_words_and_bad_numbers_are_still_refused_by_name():
+    for bad in ("fast", "1e-4x", "nan", "1e", "e-4"):
+        with pytest.raises(ConfigError, match=r"'optim\.lr'"):
+            load_config(None, [f"optim.lr={bad}"])
+    with pytest.raises(ConfigError, match=r"'decoder\.layers'.*expected int"):
+        load_config(None, ["decoder.layers=2e0"])  # int fields stay ints
+    with pytest.raises(ConfigError, match=r"'optim\.lr'.*positive"):
+        load_config(None, ["optim.lr=-1e-4"])
+
+
+def test_the_help_example_override_is_accepted(capsys):
+    import train_kosmos
+
+    with pytest.raises(SystemExit):
+        train_kosmos.parse_args(["--help"])
+    assert "optim.lr=1e-4" in capsys.readouterr().out  # the example --help gives works as given
+    cfg = load_config(CONFIGS[0].parent / "tiny.yaml", ["train.max_steps=100", "optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4

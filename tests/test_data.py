@@ -231,6 +231,17 @@ def test_expand_shards(tmp_path):
     assert expand_shards([str(tmp_path / "*.tar"), paths[0]]) == sorted(paths)
     with pytest.raises(FileNotFoundError, match="nothing"):
         expand_shards([str(tmp_path / "nothing-*.tar")])
+    # a brace pattern naming shards that are not all there: named, or used with `allow_missing`
+    pattern = str(tmp_path / "text-{000001..000004}.tar")
+    with pytest.raises(FileNotFoundError, match=r"2 of the 4 shards named by .* do not exist: "
+                                                r".*text-000003\.tar, .*text-000004\.tar "
+                                                r"\(data\.allow_missing_shards"):
+        expand_shards([pattern])
+    missing = []
+    assert expand_shards([pattern], allow_missing=True, missing=missing) == sorted(paths)[1:]
+    assert missing == [str(tmp_path / "text-000003.tar"), str(tmp_path / "text-000004.tar")]
+    with pytest.raises(FileNotFoundError, match="no shards found"):  # allowed, but none at all
+        expand_shards([str(tmp_path / "text-{000005..000006}.tar")], allow_missing=True)
 
 
 PAPER = ["data.text.shards=[x]", "data.captions.shards=[x]", "data.interleaved.shards=[x]"]

@@ -56,7 +56,7 @@ def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
     assert names == ["step_00000010", "step_00000015"]
     assert ck.resolve_resume("latest", tmp_path).name == "step_00000015"
     assert ck.resolve_resume("latest", tmp_path / "elsewhere") is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ck.CheckpointError, match="not a complete checkpoint"):
         ck.resolve_resume(str(ck.checkpoint_dir(tmp_path) / "step_00000020.tmp"), tmp_path)
 
 
@@ -478,17 +478,25 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path):
+@pytest.mark.parametrize("to", ["main", "group"])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path, to):
+    """SIGTERM to the main process, or to the whole process group as `timeout`, SLURM preemption and
+    container stops send it: the DataLoader workers (one per source) ignore it, the main process saves."""
     out = tmp_path / "run"
     with open(tmp_path / "log", "w") as log:
-        proc = _run(_overrides(tiny_run, out, 10_000, **{"train.save_every": 10_000}), log)
+        proc = _run(_overrides(tiny_run, out, 10_000, **{"train.save_every": 10_000}), log,
+                    start_new_session=True)
         deadline = time.time() + 120
         while "step      5" not in (tmp_path / "log").read_text():
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0
-    assert "stopped by signal" in (tmp_path / "log").read_text()
+        if to == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, (tmp_path / "log").read_text()
+    text = (tmp_path / "log").read_text()
+    assert "stopped by signal" in text and "killed by signal" not in text and "Traceback" not in text
     assert ck.list_checkpoints(out), "no checkpoint written on SIGTERM"
     lines = (out / "train.log").read_text().splitlines()  # the printed lines, the bar left out
     assert lines[0].startswith("mixture per step: ")

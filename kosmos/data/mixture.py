@@ -161,13 +161,16 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
                  train: bool = True) -> SourceLoader:
     """The loader of one source: training (infinite, shuffled) or evaluation (one pass, in order)."""
     src = getattr(cfg.data, name)
-    shards = expand_shards(src.shards if train else src.eval_shards)
+    missing: list[str] = []
+    shards = expand_shards(src.shards if train else src.eval_shards, cfg.data.allow_missing_shards, missing)
     ds = SourceDataset(
         name, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
         num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
         loss=src.loss, caption_choice=src.caption_choice)
-    return SourceLoader(ds)
+    loader = SourceLoader(ds)
+    loader.missing_shards = missing
+    return loader
 
 
 class Mixture:
@@ -222,6 +225,11 @@ class Mixture:
         if own["micro_batches"] != self._plan_state():
             self.resume_note = (f"the mixture changed since the checkpoint: micro-batches per step were "
                                 f"{own['micro_batches']}, now {self._plan_state()}")
+
+    def close(self) -> None:
+        """End every source's worker processes."""
+        for loader in self.loaders.values():
+            loader.close()
 
     def samples_seen(self) -> int:
         """Samples this rank has started packing, over all sources."""

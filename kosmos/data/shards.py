@@ -20,24 +20,38 @@ from pathlib import Path
 from kosmos.data.format import iter_tar
 
 
-def expand_shards(patterns: list[str]) -> list[str]:
+def expand_shards(patterns: list[str], allow_missing: bool = False,
+                  missing: list[str] | None = None) -> list[str]:
     """Paths of the shards named by files, directories (their `*.tar`), globs and brace patterns;
-    sorted, without duplicates. A pattern that matches nothing is an error naming it."""
+    sorted, without duplicates. A pattern that matches nothing is an error naming it. So is a brace pattern
+    naming shards of which some do not exist (`cap-{000000..000009}.tar` with 4 of the 10 there), naming
+    them, unless `allow_missing`: then they are appended to `missing` (for a warning) and the rest is used."""
     from braceexpand import braceexpand
 
     out: list[str] = []
     for pattern in patterns:
         found: list[str] = []
-        for item in braceexpand(str(pattern)):
+        items = list(braceexpand(str(pattern)))
+        gone = []
+        for item in items:
             p = Path(item)
             if p.is_dir():
-                found += sorted(str(x) for x in p.glob("*.tar"))
+                got = sorted(str(x) for x in p.glob("*.tar"))
             elif any(ch in item for ch in "*?["):
-                found += sorted(glob.glob(item))
-            elif p.is_file():
-                found.append(str(p))
+                got = sorted(glob.glob(item))
+            else:
+                got = [str(p)] if p.is_file() else []
+            found += got
+            if not got:
+                gone.append(item)
         if not found:
             raise FileNotFoundError(f"no shards found for {pattern!r}")
+        if gone and not allow_missing:
+            names = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+            raise FileNotFoundError(f"{len(gone)} of the {len(items)} shards named by {pattern!r} do not "
+                                    f"exist: {names} (data.allow_missing_shards=true trains on the others)")
+        if missing is not None:
+            missing += gone
         out += found
     return sorted(dict.fromkeys(os.path.normpath(p) for p in out))
 
@@ -46,11 +60,18 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None) -> It
     """(offset, raw sample) for each sample of the shard, in order: ``{"__key__", "__url__", field: bytes}``
     with members grouped by `kosmos.data.format.iter_tar`. A broken or truncated tar ends the shard early and
     is counted in `skipped`; the sample cut by the break comes out incomplete and is rejected (and counted)
-    when decoded. Stops after `max_offset` when given."""
-    for offset, sample in enumerate(iter_tar(path, skipped)):
-        yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
-        if max_offset is not None and offset >= max_offset:
-            return
+    when decoded. A shard gone since the run started (`missing_shard`) or that cannot be opened
+    (`unreadable_shard`) gives no sample and is counted. Stops after `max_offset` when given."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        skipped["missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard"] += 1
+        return
+    with f:
+        for offset, sample in enumerate(iter_tar(f, skipped)):
+            yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
+            if max_offset is not None and offset >= max_offset:
+                return
 
 
 def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter) -> dict:

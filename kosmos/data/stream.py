@@ -32,22 +32,65 @@ Every caption counts. A caption sample with several captions (`KEY.json` `"capti
 Such a visit's position is `(shard, offset, caption)` (a sample with one caption keeps `(shard, offset)`), and
 the cursor also remembers how many visits of the sample at `offset` were read (`sub`), so that the caption is
 part of what a checkpoint stores and restores.
+
+Faults. A shard that vanishes or breaks is skipped and counted. A worker whose whole pass finds no sample
+although it found some before (its shards deleted or unmounted mid-run) waits and tries again
+(`RETRY_WAITS`), then stops the run with a `DataError` naming the source; so does a source with no sample at
+all. Workers ignore SIGTERM and SIGINT, which go to the whole process group (`timeout`, SLURM, container
+stops, Ctrl-C): the main process handles them, saves a checkpoint and ends the workers.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import random
+import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kosmos.config import ConfigError
 from kosmos.data.packing import Packer, Row, collate
 from kosmos.data.format import CAPTION_CHOICES, LOSSES, captions
 from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
+
+
+RETRY_WAITS = (1.0, 2.0, 4.0)
+"""Seconds a worker waits before each new pass when a whole pass found no sample (shards gone mid-run, or a
+file system that comes back); after the last, a DataError stops the run."""
+
+
+class DataError(RuntimeError):
+    """A source that cannot go on: no sample at all, or no readable shard left. Raised in the main process,
+    with a one-line message naming the source."""
+
+
+_EXITING = multiprocessing.Event()
+"""Set when the main process exits: from then on a worker takes SIGTERM as multiprocessing's exit handler's
+terminate(), which it must obey, and no longer as a signal to the process group."""
+atexit.register(_EXITING.set)  # registered after multiprocessing's own exit handler, so it runs before it
+
+
+def _worker_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGTERM and SIGINT sent to the whole process group (`timeout`, SLURM
+    preemption, container stops, Ctrl-C) are the main process's to handle (a checkpoint, then a clean exit);
+    a worker killed by one would crash the run instead. Once the main process exits, SIGTERM ends it."""
+    exiting = get_worker_info().dataset.exiting
+
+    def on_sigterm(signum, frame):
+        if exiting.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -107,6 +150,7 @@ class WorkerStream:
 
     def _raw(self) -> Iterator[tuple[tuple[int, ...], dict]]:
         """(position, raw sample) from the cursor on, advancing it."""
+        retries = 0
         while True:
             order = self._order(self.epoch)
             got = 0
@@ -125,10 +169,22 @@ class WorkerStream:
             if not self.infinite:
                 return
             if got == 0 and self.n_samples == 0:
-                raise RuntimeError(
+                raise DataError(
                     f"{self.kind}: worker {self.g} of {self.G} found no samples in a whole pass over "
                     f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
                     f"the shards with `python -m data_tools.verify`")
+            if got == 0:  # it read samples before: the shards went away (or a file system is down)
+                if retries == len(RETRY_WAITS):
+                    raise DataError(
+                        f"{self.kind}: no readable shard left: {retries + 1} passes over the {len(order)} "
+                        f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no "
+                        f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they "
+                        "deleted or moved? Put them back and resume with --resume latest")
+                time.sleep(RETRY_WAITS[retries])
+                retries += 1
+                self.k, self.offset, self.sub = 0, -1, 0  # the same epoch again
+                continue
+            retries = 0
             self.epoch, self.k, self.offset, self.sub = self.epoch + 1, 0, -1, 0
 
     def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
@@ -190,13 +246,13 @@ class WorkerStream:
         raw = read_positions(self.shards, wanted, Counter())
         missing = [p for p in wanted if p not in raw]
         if missing:
-            raise RuntimeError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
-                               "(were the shards changed since the checkpoint?)")
+            raise DataError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
+                            "(were the shards changed since the checkpoint?)")
         self.buffer = [(p, raw[p[:2]]) for p in buffer]
         if carry is not None:
             item = self._encode(carry, raw[carry[:2]])
             if item is None:
-                raise RuntimeError(f"{self.kind}: cannot resume: sample {carry} no longer decodes")
+                raise DataError(f"{self.kind}: cannot resume: sample {carry} no longer decodes")
             item.start = st["carry"][-1]
             self.carry = item
 
@@ -226,6 +282,7 @@ class SourceDataset(IterableDataset):
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
+        self.exiting = _EXITING  # the workers' copy (fork or spawn) of the main process's exit flag
         self.states: dict[int, dict] = {}  # logical worker -> state to resume from
         self.worker_offset = 0  # physical worker 0 plays this logical worker (DataLoader starts at 0)
 
@@ -242,14 +299,18 @@ class SourceDataset(IterableDataset):
         if info is not None and info.num_workers != nw:
             raise RuntimeError(f"SourceDataset built for {nw} workers runs under {info.num_workers}")
         logical = ((info.id if info else 0) + self.worker_offset) % nw
-        stream = self.worker_stream(logical)
         packer = Packer(self.max_len, self.encoder.num_latents, self.encoder.pad_id)
         rows: list[Row] = []
-        for row, carry in packer.pack(stream.encoded()):
-            rows.append(row)
-            if len(rows) == self.micro_batch_size:
-                yield self._batch(rows, stream, carry, logical)
-                rows = []
+        try:
+            stream = self.worker_stream(logical)
+            for row, carry in packer.pack(stream.encoded()):
+                rows.append(row)
+                if len(rows) == self.micro_batch_size:
+                    yield self._batch(rows, stream, carry, logical)
+                    rows = []
+        except DataError as e:  # to the main process as an item: its message alone, not a worker traceback
+            yield {"error": str(e), "worker": logical}
+            return
         if rows:  # the end of a finite pass: a last, smaller micro-batch
             yield self._batch(rows, stream, None, logical)
         else:  # no batch left, but the final counts (skipped samples) must still reach the main process
@@ -275,12 +336,22 @@ class SourceLoader:
         self.states: dict[int, dict] = dict(dataset.states)
         self.next_worker = dataset.worker_offset
         self._it = None
+        self._workers = None  # the DataLoader iterator that owns the worker processes
+        self.missing_shards: list[str] = []
+        """Shards named in the config that do not exist (allowed by data.allow_missing_shards), for the
+        log."""
 
     def __iter__(self):
-        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        kw = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_signals} \
+            if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
         nw = max(1, self.num_workers)
-        for batch in loader:
+        batches = iter(loader)
+        if self.num_workers > 0:
+            self._workers = batches
+        for batch in batches:
+            if "error" in batch:
+                raise DataError(batch["error"])
             w = batch.pop("worker")
             self.states[w] = batch.pop("state")
             self.next_worker = (w + 1) % nw
@@ -291,6 +362,20 @@ class SourceLoader:
         if self._it is None:
             self._it = iter(self)
         return next(self._it)
+
+    def close(self) -> None:
+        """End the worker processes now: DataLoader's shutdown, then SIGKILL for any still there (they ignore
+        SIGTERM, DataLoader's fallback, until the main process exits). Training calls it at the end, and after
+        each evaluation."""
+        batches, self._workers, self._it = self._workers, None, None
+        if batches is None:
+            return
+        procs = list(getattr(batches, "_workers", []))
+        getattr(batches, "_shutdown_workers", lambda: None)()
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
     def skipped(self) -> Counter:
         """Bad samples skipped so far, by reason, over this rank's workers."""
@@ -313,7 +398,7 @@ class SourceLoader:
     def load_state_dict(self, sd: dict) -> None:
         ds = self.dataset
         if (sd["world_size"], sd["num_workers"]) != (ds.world_size, self.num_workers):
-            raise ValueError(
+            raise ConfigError(
                 f"{ds.kind}: the data position was saved with world_size={sd['world_size']} and "
                 f"{sd['num_workers']} workers per rank, but this run has world_size={ds.world_size} and "
                 f"{self.num_workers}; resume with the same layout (or start the data from scratch)")
