@@ -297,7 +297,11 @@ def check_checkpoint(path: Path) -> dict:
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    if not fsdp2:
+    if fsdp2:
+        from kosmos.sharding import check_sharded
+
+        check_sharded(path / "sharded")
+    else:
         check_safetensors(path / "model.safetensors")
     for name in needed:
         if name.endswith(".pt") and not zipfile.is_zipfile(path / name):

@@ -153,6 +153,29 @@ def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
+def check_sharded(path: Path) -> None:
+    """Every file that the metadata of sharded checkpoint `path` points into is there and long enough (sizes
+    only, nothing read): a truncated or missing shard is a CheckpointError naming it, before any rank loads
+    (a failure inside the collective load could leave the ranks disagreeing)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from kosmos.checkpoint import CheckpointError
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - whatever a damaged metadata file raises
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__})") from None
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        f = path / name
+        size = f.stat().st_size if f.is_file() else None
+        if size is None or size < end:
+            raise CheckpointError(f"{f}: {'missing' if size is None else f'{size} bytes'}, but the sharded "
+                                  f"checkpoint's metadata needs {end}: truncated or incomplete")
+
+
 def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
 

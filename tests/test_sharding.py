@@ -159,6 +159,26 @@ def test_fsdp_yaml_is_an_fsdp2_plugin_for_accelerate(monkeypatch, one_process_gr
     assert fsdp2_prepare_model(None, model) is model  # accelerate leaves the project's wrapping alone
 
 
+def test_a_truncated_or_missing_shard_is_named_before_loading(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from kosmos.sharding import check_sharded
+
+    path = tmp_path / "sharded"
+    dcp.save({"model": tiny_model().state_dict()}, checkpoint_id=str(path))  # one process: no group needed
+    check_sharded(path)  # whole
+    shard = next(f for f in sorted(path.iterdir()) if f.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ck.CheckpointError, match=f"{shard.name}: .* bytes, but .* needs"):
+        check_sharded(path)
+    shard.unlink()
+    with pytest.raises(ck.CheckpointError, match=f"{shard.name}: missing"):
+        check_sharded(path)
+    (path / ".metadata").write_bytes(b"garbage")
+    with pytest.raises(ck.CheckpointError, match="metadata: unreadable"):
+        check_sharded(path)
+
+
 # ----------------------------------------------------------------------------- 2 processes (slow)
 
 
