@@ -286,6 +286,15 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
     wb = load_file(consolidate(b, tmp_path / "cb") / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ from the uninterrupted run"
 
+    # a truncated shard in the newest checkpoint: named, and `--resume latest` falls back to the one before
+    shard = next(f for f in sorted((b / "sharded").iterdir()) if f.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    run("cut", steps, "train.sharding=fsdp2", "--resume", "latest")
+    log = (runs["cut"] / "train.log").read_text()
+    assert f"{shard}: " in log and "falling back to the previous checkpoint, step_00000004" in log, log[-2000:]
+    wc = load_file(consolidate(b, tmp_path / "cc") / "model.safetensors")  # steps 5 and 6 again: the same
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
 
 @pytest.mark.slow
 def test_fsdp2_periodic_evaluation_reports_the_held_out_loss(tiny_run, tmp_path):
