@@ -9,7 +9,8 @@
         trainer_state.json      step, counters, world size, the resolved config
         config.yaml             the resolved config (kosmos.config.save_config)
         tokenizer/              a copy of the tokenizer files (tokenizer.model, tokenizer.vocab, ...)
-        sharded/                FSDP / DeepSpeed only: accelerate's sharded model and optimizer state
+        sharded/                sharded runs only: the model and optimizer shards (FSDP2: kosmos.sharding, no
+                                model.safetensors: `python -m kosmos.checkpoint consolidate` makes one)
 
 Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` once complete: a run killed
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
@@ -200,6 +201,9 @@ def find_checkpoint(path: str | Path) -> Path:
     for root in (path, path.parent if path.name == "checkpoints" else None):
         if root is not None and list_checkpoints(root):
             return list_checkpoints(root)[-1]
+    if (path / "sharded" / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: a sharded checkpoint; make its model.safetensors with "
+                                f"`python -m kosmos.checkpoint consolidate {path} OUT_DIR`")
     raise FileNotFoundError(f"{path}: neither a checkpoint (no model.safetensors) nor a run directory with "
                             "complete checkpoints in checkpoints/")
 
@@ -227,6 +231,7 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
     from safetensors.torch import save_model
 
     from kosmos.config import save_config
+    from kosmos.sharding import SHARDED, is_sharded, save_sharded
 
     step = state["step"]
     tmp = tmp_path_for(cfg.train.output_dir, step)
@@ -234,8 +239,10 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    if _sharded(acc):
-        # FSDP / DeepSpeed (not exercised in this project's CI, which has no GPUs): accelerate writes the
+    if is_sharded(model):  # FSDP2 (kosmos.sharding): every rank writes its shard; no model.safetensors
+        save_sharded(tmp / SHARDED, model, optimizer)
+    elif _sharded(acc):
+        # DeepSpeed (not installed here, never exercised; FSDP is the branch above): accelerate writes the
         # sharded model and optimizer itself (and reads them back with weights_only=True); we add a full
         # model.safetensors for generation.
         acc.save_state(str(tmp / "sharded"))
@@ -284,12 +291,18 @@ def check_checkpoint(path: Path) -> dict:
                               "config)")
     ranks = range(int(state["world_size"]))
     sharded = (path / "sharded").is_dir()
-    needed = ["model.safetensors", "scheduler.pt", *(f"rng_rank{r}.pt" for r in ranks),
+    fsdp2 = (path / "sharded" / ".metadata").is_file()  # kosmos.sharding: the weights are in the shards only
+    needed = [*([] if fsdp2 else ["model.safetensors"]), "scheduler.pt", *(f"rng_rank{r}.pt" for r in ranks),
               *(f"data_rank{r}.json" for r in ranks), *([] if sharded else ["optimizer.pt"])]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    check_safetensors(path / "model.safetensors")
+    if fsdp2:
+        from kosmos.sharding import check_sharded
+
+        check_sharded(path / "sharded")
+    else:
+        check_safetensors(path / "model.safetensors")
     for name in needed:
         if name.endswith(".pt") and not zipfile.is_zipfile(path / name):
             raise CheckpointError(f"{path / name}: truncated or not a torch file (no zip directory)")
@@ -423,7 +436,11 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
         raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has "
                           f"{acc.num_processes}; the data position is per rank, so resume with the same "
                           "number (or start a new run from its weights with train.init_from)")
-    if _sharded(acc):
+    from kosmos.sharding import SHARDED, is_sharded, load_sharded
+
+    if is_sharded(model):  # FSDP2: every rank reads its shard (a damaged file: a CheckpointError naming it)
+        _read(lambda p: load_sharded(p, model, optimizer), path / SHARDED)
+    elif _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:
         load_model_weights(acc.unwrap_model(model), path)
@@ -465,3 +482,9 @@ class StopFlag:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
         return bool(acc.reduce(flag, reduction="sum").item() > 0)  # sync point, once per step
+
+
+if __name__ == "__main__":  # python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR
+    from kosmos.sharding import main
+
+    raise SystemExit(main())

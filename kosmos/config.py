@@ -424,7 +424,9 @@ class OptimConfig:
     """AdamW (8-bit, bitsandbytes) and the paper's schedule: linear warmup, then linear decay to zero."""
 
     name: str = "adamw8bit"
-    """`adamw8bit` (bitsandbytes AdamW8bit, the paper's) or `adamw` (torch, fp32 states)."""
+    """`adamw8bit` (bitsandbytes AdamW8bit, the paper's), `adamw8bit_torchao` (torchao's AdamW8bit, the same
+    8-bit AdamW for FSDP2's sharded parameters, which bitsandbytes cannot step) or `adamw` (torch, fp32
+    states)."""
     lr: float = 2e-4
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -442,7 +444,8 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
 
     def __post_init__(self) -> None:
-        _check(self.name in ("adamw8bit", "adamw"), "optim.name", f"must be adamw8bit or adamw, got {self.name!r}")
+        _check(self.name in ("adamw8bit", "adamw8bit_torchao", "adamw"), "optim.name",
+               f"must be adamw8bit, adamw8bit_torchao or adamw, got {self.name!r}")
         _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"must be two numbers in [0, 1), got {self.betas}")
@@ -509,6 +512,10 @@ class TrainConfig:
     objective, the sum of per-source mean losses weighted by the budget shares (a caption token, with image
     slots carrying no loss, then weighs about 1/0.21 = 4.8 times a text token); the logged `loss` stays the
     token mean, so with `budget` it is not the objective optimised."""
+    sharding: str = "none"
+    """`none` or `fsdp2`: shard parameters, gradients and optimizer state over the processes with FSDP2
+    (kosmos.sharding) under a launch that accelerate does not shard itself (CPU, or `--multi_gpu`).
+    accelerate's FSDP config (configs/accelerate/fsdp.yaml) shards with the same function whatever this is."""
     max_bad_steps: int = 5
     """Stop when this many steps in a row have a NaN/inf loss or gradient (each is skipped and counted)."""
     init_from: str | None = None
@@ -526,6 +533,8 @@ class TrainConfig:
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.tracker in ("tensorboard", "wandb", "none"), "train.tracker",
                f"must be tensorboard, wandb or none, got {self.tracker!r}")
+        _check(self.sharding in ("none", "fsdp2"), "train.sharding",
+               f"must be none or fsdp2, got {self.sharding!r}")
         _check(self.loss_weighting in ("tokens", "budget"), "train.loss_weighting",
                f"must be tokens or budget, got {self.loss_weighting!r}")
         for i, task in enumerate(self.eval_tasks):

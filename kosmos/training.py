@@ -107,6 +107,7 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
     from kosmos.data import build_mixture
     from kosmos.optim import build_optimizer, build_scheduler
     from kosmos.sequence import SequenceEncoder
+    from kosmos.sharding import is_sharded, shard_for_run
 
     if acc.is_main_process:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
@@ -114,8 +115,12 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
     set_seed(cfg.seed)  # the same initial weights on every rank
     tok = build_tokenizer(cfg)
     model = build_model(cfg, init_from)
+    model = shard_for_run(acc, cfg, model)  # FSDP2 when asked (kosmos.sharding); before the optimizer
     optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = acc.prepare(model, optimizer)
+    if is_sharded(model) and not acc.is_fsdp2:  # sharded by train.sharding: no DDP wrapper around it
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     # The scheduler stays unwrapped: accelerate's wrapper steps it once per process per call.
     scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.optim)
     encoder = SequenceEncoder.from_config(cfg, tok)
@@ -136,7 +141,8 @@ def check_passes(acc, cfg: Config, mixture) -> None:
                           "micro-batch, which DeepSpeed does not allow (it steps inside backward); use "
                           "`budget` with DeepSpeed, or DDP/FSDP")
     lo, hi = mixture.plan.passes()
-    sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    sharded = (acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+               or cfg.train.sharding != "none")
     if sharded and lo != hi:
         raise ConfigError(f"config key 'data.mixture_tolerance': the mixture gives ranks {lo} to {hi} passes "
                           f"per step; DeepSpeed and FSDP need the same number on every rank: change the "
@@ -272,7 +278,10 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     slots * world_size / (loss tokens of the step): one all-reduce of the count per step, batches never held
     back, and world_size undoes DDP's mean over the ranks. Counting the labels of all micro-batches first
     would need the whole step's batches (images included) in host memory at once."""
+    from kosmos.sharding import full, gradient_sync, is_sharded, local
+
     n_micro = sum(mixture.counts().values())
+    fsdp2 = is_sharded(model)
     slots = mixture.plan.tokens
     weights = budget_weights(mixture) if loss_weighting == "budget" else None
     res = StepResult(ok=True, gnorm=0.0)
@@ -283,7 +292,9 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
         res.real += int(batch["n_real"])
         res.images += len(batch["images"])
         sync = i == n_micro - 1
-        ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(model)
+        if fsdp2:  # reduce-scatter on the last micro-batch only (what acc.no_sync does under FSDP2)
+            gradient_sync(model, sync)
+        ctx = contextlib.nullcontext() if sync or fsdp2 or acc.num_processes == 1 else acc.no_sync(model)
         with ctx:
             out = forward(acc, model, batch)
             if weights is None:
@@ -296,14 +307,13 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     if weights is None:
         total = acc.reduce(n_tokens, reduction="sum") if acc.num_processes > 1 else n_tokens
         scale = (slots * acc.num_processes / total.clamp(min=1)).float()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: this rank's shard
         torch._foreach_mul_(grads, scale)
     if grad_clip > 0:
         gnorm = acc.clip_grad_norm_(model.parameters(), grad_clip)
     else:
-        gnorm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    res.gnorm = float(gnorm)  # sync point: once per step, also the NaN/inf check
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    res.gnorm = float(full(gnorm))  # sync point: once per step, also the NaN/inf check
     res.ok = math.isfinite(res.gnorm) and all(math.isfinite(float(s[0])) for s in res.losses.values())
     if res.ok:
         optimizer.step()
