@@ -321,7 +321,8 @@ class DataConfig:
     0.2M interleaved tokens of each 1.2M-token batch)."""
 
     text: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=500_000))
-    """Text corpora: shards of `KEY.txt` documents."""
+    """Text corpora: shards of `KEY.txt` documents. Shards in every source may be local paths, URLs
+    (`https://`, `s3://`, `gs://`, ...) or `pipe:COMMAND` (kosmos/data/remote.py)."""
     captions: SourceConfig = field(
         default_factory=lambda: SourceConfig(tokens_per_step=500_000, max_tokens=512))
     """Image-caption pairs: img2dataset-style `KEY.jpg` + `KEY.txt`."""
@@ -336,8 +337,15 @@ class DataConfig:
     """Train on the shards that exist when a brace pattern in `shards` or `eval_shards` names some that do not
     (`cap-{000000..000099}.tar` with a few missing); the run then warns with their count at start. False: the
     run is refused, naming them."""
+    read_timeout: float = 60.0
+    """Remote shards (URLs, `pipe:COMMAND`; see kosmos/data/remote.py): seconds a read may wait for a byte
+    before it fails; a failed read is retried (`read_retries`), then the shard is skipped and counted."""
+    read_retries: int = 3
+    """Retries of a remote shard's failed read, after 1, 2, 4, ... seconds, resuming where it stopped."""
 
     def __post_init__(self) -> None:
+        _check(self.read_timeout > 0, "data.read_timeout", f"must be positive, got {self.read_timeout}")
+        _check(self.read_retries >= 0, "data.read_retries", f"must be >= 0, got {self.read_retries}")
         for name in SOURCES:
             src = getattr(self, name)
             _check(src.tokens_per_step >= 0, f"data.{name}.tokens_per_step", "must be >= 0")

@@ -1,0 +1,170 @@
+"""Shards from anywhere (kosmos/data/remote.py): HTTP from a loopback server started here, pipe:cat, fsspec's
+memory:// file system; faults (404, stall, cut body, failing command) counted by reason and named."""
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from kosmos.data import SourceDataset, SourceLoader
+from kosmos.data.remote import ReadOptions, ShardError, open_shard
+from kosmos.data.shards import expand_shards, read_shard
+from kosmos.data.stream import DataError
+from kosmos.sequence import SequenceEncoder
+from tests.helpers import ShardServer, caption_shards, interleaved_shards, text_shards
+
+FAST = ReadOptions(timeout=0.5, retries=1, backoff=0.01)
+
+
+def samples(spec, options=FAST, **kw):
+    skipped, failed = Counter(), {}
+    got = [(o, {k: v for k, v in raw.items() if k != "__url__"})
+           for o, raw in read_shard(spec, skipped, options=options, failed=failed, **kw)]
+    return got, skipped, failed
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    return caption_shards(tmp_path / "d", 3, 6)
+
+
+def test_http_pipe_and_fsspec_read_the_same_samples_as_local(shards):
+    fsspec = pytest.importorskip("fsspec")
+    local = [samples(p)[0] for p in shards]
+    assert all(len(x) == 6 for x in local)
+    mem = fsspec.filesystem("memory")
+    for p in shards:
+        mem.pipe(f"/remote-test/{Path(p).name}", Path(p).read_bytes())
+    with ShardServer(Path(shards[0]).parent) as srv:
+        for i, p in enumerate(shards):
+            name = Path(p).name
+            for spec in (srv.url(f"ok/{name}"), srv.url(f"norange/{name}"), f"pipe:cat {p}",
+                         f"memory://remote-test/{name}"):
+                got, skipped, failed = samples(spec)
+                assert got == local[i] and not skipped and not failed, spec
+    mem.rm("/remote-test", recursive=True)
+
+
+def test_brace_patterns_expand_over_urls_and_http_cannot_list(shards, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    base = "http://127.0.0.1:1/ok/cap-{000000..000002}.tar"
+    assert expand_shards([base]) == [f"http://127.0.0.1:1/ok/cap-{i:06d}.tar" for i in range(3)]
+    assert expand_shards(["pipe:cat /x/{a,b}.tar"]) == ["pipe:cat /x/a.tar", "pipe:cat /x/b.tar"]
+    for bad in ("http://127.0.0.1:1/ok/", "https://host/cap-*.tar"):
+        with pytest.raises(ValueError, match="cannot be listed over HTTP"):
+            expand_shards([bad])
+    with pytest.raises(ValueError, match="unknown protocol nosuch://"):
+        expand_shards(["nosuch://bucket/x.tar"])
+    mem = fsspec.filesystem("memory")  # a listable protocol: directories, globs and missing shards
+    for p in shards:
+        mem.pipe(f"/listing/{Path(p).name}", Path(p).read_bytes())
+    want = [mem.unstrip_protocol(f"/listing/cap-{i:06d}.tar") for i in range(3)]  # memory:///listing/...
+    assert expand_shards(["memory://listing/"]) == want
+    assert expand_shards(["memory://listing/cap-*.tar"]) == want
+    with pytest.raises(FileNotFoundError, match="1 of the 4 shards"):
+        expand_shards(["memory://listing/cap-{000000..000003}.tar"])
+    mem.rm("/listing", recursive=True)
+
+
+def test_a_url_that_fails_is_counted_with_its_reason_and_named(shards):
+    name = Path(shards[0]).name
+    n = 6
+    with ShardServer(Path(shards[0]).parent) as srv:
+        got, skipped, failed = samples(srv.url(f"missing/{name}"))
+        assert got == [] and skipped == {"shard_not_found": 1}
+        assert "HTTP 404" in failed[srv.url(f"missing/{name}")]
+        assert sum(p.startswith("/missing") for p, _ in srv.requests) == 1, "a 404 is not retried"
+
+        t0 = time.monotonic()
+        got, skipped, failed = samples(srv.url(f"stall/{name}"))
+        assert time.monotonic() - t0 < 5, "a stalled read must time out"
+        assert got == [] and skipped["shard_timeout"] == 1
+        assert "2 tries" in failed[srv.url(f"stall/{name}")]
+
+        got, skipped, failed = samples(srv.url(f"cut/{name}"))
+        assert 0 < len(got) < n and skipped["shard_cut_short"] == 1
+        assert failed[srv.url(f"cut/{name}")].startswith("shard_cut_short")
+
+        # a cut body that a retry completes with a range request: nothing lost, nothing counted
+        got, skipped, failed = samples(srv.url(f"flaky/{name}"))
+        assert len(got) == n and not skipped and not failed
+        ranges = [r for p, r in srv.requests if p.startswith("/flaky")]
+        assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+
+
+def test_pipe_failures_are_counted(shards, tmp_path):
+    got, skipped, failed = samples("pipe:echo oops >&2; exit 3")
+    assert got == [] and skipped == {"shard_command_failed": 1}
+    assert "exit status 3: oops" in failed["pipe:echo oops >&2; exit 3"]
+    t0 = time.monotonic()
+    got, skipped, _ = samples(f"pipe:head -c 600 {shards[0]}; sleep 20")
+    assert time.monotonic() - t0 < 5 and skipped["shard_timeout"] == 1
+    # a command that fails after writing a whole shard still counts as failed
+    _, skipped, _ = samples(f"pipe:cat {shards[0]}; exit 1")
+    assert skipped["shard_command_failed"] == 1
+    with pytest.raises(ShardError, match="exit status 1"):
+        open_shard("pipe:exit 1", FAST, strict=True).read()
+
+
+def test_resume_skips_samples_unread(shards):
+    """A reader resumed at offset k streams past the first k samples without holding their bytes."""
+    with ShardServer(Path(shards[0]).parent) as srv:
+        url = srv.url(f"ok/{Path(shards[0]).name}")
+        got, _, _ = samples(url, want=lambda o: o >= 4)
+        assert [o for o, _ in got] == [4, 5]
+        assert all(isinstance(v, bytes) for _, s in got for k, v in s.items() if k != "__key__")
+        from kosmos.data.format import TarSpan, iter_tar
+
+        with open_shard(url, FAST) as f:
+            first = [s.files for s in iter_tar(f, want=lambda i: i >= 4)]
+        assert all(isinstance(v, TarSpan) for files in first[:4] for v in files.values())
+
+
+def make_ds(kind, shards, tok, **kw):
+    args = dict(max_len=64, micro_batch_size=2, seed=0, shuffle_buffer=0, infinite=False, read_options=FAST)
+    args.update(kw)
+    return SourceDataset(kind, shards, SequenceEncoder(tok, 4, 32), **args)
+
+
+def test_training_stream_over_http_resumes_exactly(tmp_path, tiny_tokenizer):
+    shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
+    kw = dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2)
+    with ShardServer(tmp_path / "d") as srv:
+        urls = [srv.url(f"ok/{Path(p).name}") for p in shards]
+        local = [b["input_ids"] for b in
+                 _consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw)), 12)]
+        first = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
+        head = _consume(first, 5)
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        resumed = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
+        resumed.load_state_dict(state)
+        tail = _consume(resumed, 7)
+        resumed.close()
+    for a, b in zip(local, head + tail, strict=True):
+        assert torch.equal(a, b["input_ids"])
+
+
+def _consume(loader, n):
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_a_source_whose_urls_all_fail_stops_with_a_clear_error(tmp_path, tiny_tokenizer):
+    shards = text_shards(tmp_path / "d", 2, 3)
+    with ShardServer(tmp_path / "d") as srv:
+        good, gone = srv.url(f"ok/{Path(shards[0]).name}"), srv.url("missing/text-000001.tar")
+        loader = SourceLoader(make_ds("text", [good, gone], tiny_tokenizer))
+        assert sum(len(b["sample_positions"]) for b in loader) == 3
+        assert loader.skipped() == {"shard_not_found": 1}
+        assert list(loader.failed_shards()) == [gone]
+        loader = SourceLoader(make_ds("text", [gone], tiny_tokenizer, infinite=True))
+        with pytest.raises(DataError, match=f"shard_not_found.*last: {gone}: shard_not_found: .*HTTP 404"):
+            next(iter(loader))
