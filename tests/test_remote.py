@@ -168,3 +168,66 @@ def test_a_source_whose_urls_all_fail_stops_with_a_clear_error(tmp_path, tiny_to
         loader = SourceLoader(make_ds("text", [gone], tiny_tokenizer, infinite=True))
         with pytest.raises(DataError, match=f"shard_not_found.*last: {gone}: shard_not_found: .*HTTP 404"):
             next(iter(loader))
+
+
+def test_eval_reads_caption_shards_over_http(shards, caplog):
+    from kosmos.eval.run import load_task_data
+    from kosmos.eval.tasks import get_task
+
+    spec = get_task("coco_captioning")
+    local = load_task_data(spec, shards[0])
+    with ShardServer(Path(shards[0]).parent) as srv:
+        remote = load_task_data(spec, srv.url("ok/cap-{000000..000001}.tar"))
+        assert [i.id for i in remote.items[:6]] == [i.id for i in local.items]
+        assert [i.images for i in remote.items[:6]] == [i.images for i in local.items]
+        gone = srv.url("missing/cap-000000.tar")
+        with caplog.at_level("WARNING"):
+            data = load_task_data(spec, gone)
+        assert data.items == [] and data.read_skipped == {"shard_not_found": 1}
+        assert f"skipped shard {gone} (shard_not_found" in caplog.text
+
+
+def test_verify_and_inspect_read_remote_shards(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kosmos.data.remote.DEFAULT", FAST)
+    from data_tools import inspect as shard_inspect
+    from data_tools import verify as shard_verify
+    from tests.test_data_tools_verify import _shards
+
+    out = _shards(tmp_path)  # 2 shards of 2 caption samples, with manifest.json
+    with ShardServer(tmp_path) as srv:
+        # a folder URL: HTTP cannot list it, its manifest.json names the shards
+        assert shard_verify.main([srv.url("ok/out/")]) == 0
+        assert "OK: 2 shards, 4 samples" in capsys.readouterr().out
+        assert shard_verify.main([srv.url("ok/out/shard-{000000..000001}-000.tar"), "--kind", "captions"]) == 0
+        assert "OK: 2 shards, 4 samples" in capsys.readouterr().out
+        assert shard_verify.main([srv.url("ok/src/")]) == 2  # no manifest.json
+        assert "HTTP cannot list a folder" in capsys.readouterr().err
+        assert shard_verify.main([srv.url("cut/out/shard-000000-000.tar")]) == 1
+        assert "cannot be read to its end (shard_cut_short)" in capsys.readouterr().out
+
+        assert shard_inspect.main([srv.url("ok/out/shard-{000000..000001}-000.tar"), "-n", "3"]) == 0
+        text = capsys.readouterr().out
+        assert text.count("== im") == 3 and "shard-000001-000.tar: == im2" in text
+        assert shard_inspect.main([srv.url("missing/out/shard-000000-000.tar")]) == 2
+        assert "cannot be read (shard_not_found)" in capsys.readouterr().err
+    assert shard_inspect.main([f"pipe:cat {out / 'shard-000000-000.tar'}", "-n", "1"]) == 0
+    assert "pipe:cat" in capsys.readouterr().out
+
+
+def test_tokenizer_inputs_may_be_urls_and_pipes(tmp_path):
+    from tokenizer.build import BuildError, sample_lines
+
+    docs = [{"text": f"document number {i} about red circles"} for i in range(20)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    shards = text_shards(tmp_path / "t", 2, 5)
+    local, _ = sample_lines([tmp_path / "c.jsonl", *shards], 1000, quiet=True)
+    with ShardServer(tmp_path) as srv:
+        specs = [srv.url("ok/c.jsonl"), srv.url("ok/t/text-{000000..000001}.tar")]
+        remote, stats = sample_lines(specs, 1000, quiet=True)
+        assert remote == local and stats[0].bytes == (tmp_path / "c.jsonl").stat().st_size
+        lines, stats = sample_lines([f"pipe:cat {tmp_path / 'c.jsonl'}", srv.url("missing/t/text-000000.tar")],
+                                    1000, quiet=True)
+        assert len(lines) == 20 and stats[1].skipped == {"shard_not_found": 1}
+        assert "HTTP 404" in stats[1].errors[0]
+        with pytest.raises(BuildError, match="unsupported input pipe:cat x"):
+            sample_lines(["pipe:cat x"], 10, quiet=True)

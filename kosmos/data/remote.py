@@ -54,6 +54,10 @@ class ReadOptions:
     """The first wait before a retry."""
 
 
+DEFAULT = ReadOptions()
+"""What a reader given no options uses (the tools: verify, inspect, tokenizer.build, kosmos.eval)."""
+
+
 class ShardError(OSError):
     """A shard that cannot be read (after its retries): `reason` is the word counted as skipped, the
     message names the shard."""
@@ -248,7 +252,7 @@ class ShardReader(io.RawIOBase):
     reason. With `strict`, the error is raised instead."""
 
     def __init__(self, spec: str, options: ReadOptions | None = None, strict: bool = False):
-        self.spec, self.options, self.strict = spec, options or ReadOptions(), strict
+        self.spec, self.options, self.strict = spec, options or DEFAULT, strict
         self.error: ShardError | None = None
         self.pos = 0
         self.total: int | None = None
