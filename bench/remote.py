@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -101,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
-    from data import make_shards  # bench/data.py
+    from bench.data import make_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -231,3 +231,25 @@ def test_tokenizer_inputs_may_be_urls_and_pipes(tmp_path):
         assert "HTTP 404" in stats[1].errors[0]
         with pytest.raises(BuildError, match="unsupported input pipe:cat x"):
             sample_lines(["pipe:cat x"], 10, quiet=True)
+
+
+@pytest.mark.slow
+def test_training_reads_shards_over_http_and_names_a_missing_one_in_the_log(tiny_run, tmp_path):
+    import train_kosmos
+    from tests.helpers import ROOT
+
+    src = Path(next(o.split("=", 1)[1].strip("[]") for o in tiny_run if o.startswith("data.captions.shards=")))
+    with ShardServer(src) as srv:
+        urls = [srv.url(f"ok/{p.name}") for p in sorted(src.glob("*.tar"))] + [srv.url("missing/gone.tar")]
+        out = tmp_path / "run"
+        state = train_kosmos.main([
+            "--config", str(ROOT / "configs" / "tiny.yaml"), "--no-progress", *tiny_run,
+            f"train.output_dir={out}", "data.text.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
+            f"data.captions.shards=[{','.join(urls)}]", "data.captions.workers=1", "data.read_retries=0",
+            "train.max_steps=5", "optim.total_steps=100", "optim.warmup_steps=1"])
+    assert state["step"] == 5
+    log = (out / "train.log").read_text()
+    assert f"data.captions: skipped shard {urls[-1]} (shard_not_found: HTTP 404 Not Found)" in log
+    import re
+
+    assert int(re.search(r"step      5 .* skipped (\d+) ", log)[1]) >= 1  # counted in the step line

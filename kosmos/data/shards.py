@@ -84,10 +84,11 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None, *,
                     return
     finally:
         skipped.update(counts)
-        if failed is not None:
-            bad = [r for r in counts if r.startswith("shard_") or r in ("broken_shard", "truncated_shard")]
-            if bad:
-                failed[path] = f"{bad[0]}: {errors[0] if errors else 'no end-of-archive blocks'}"
+        err = getattr(f, "error", None)  # a remote shard's failure (kosmos.data.remote.ShardError)
+        if failed is not None and err is not None:
+            failed[path] = f"{err.reason}: {err.detail}"
+        elif failed is not None and (bad := [r for r in counts if r in ("broken_shard", "truncated_shard")]):
+            failed[path] = f"{bad[0]}: {errors[0] if errors else 'no end-of-archive blocks'}"
 
 
 def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter,
