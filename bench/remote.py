@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import sys
 import multiprocessing
+import sys
 import tempfile
 import time
 from collections import Counter

@@ -87,7 +87,8 @@ def check_sample(key: str, files: dict[str, bytes], kind: str | None) -> tuple[l
     return problems, images
 
 
-def verify_shard(path: str | Path, kind: str | None = None, options: ReadOptions | None = None) -> ShardReport:
+def verify_shard(path: str | Path, kind: str | None = None,
+                 options: ReadOptions | None = None) -> ShardReport:
     """Decode every sample of one shard (members grouped by `kosmos.data.format.iter_tar`); `path` may be a
     URL or `pipe:COMMAND` (`kosmos.data.remote`), streamed."""
     rep = ShardReport(shard_name(str(path)))
@@ -129,7 +130,8 @@ def verify(folder: str | Path, quiet: bool = False, kind: str | None = None,
     """Verify every shard in ``folder`` against its ``manifest.json``; returns (ok, reports). ``folder`` may
     also be remote (`verify_remote`)."""
     spec = str(folder)
-    if not Path(spec).is_dir() and (is_remote(spec) or Path(spec).is_file() or any(c in spec for c in "{*?[")):
+    pattern = any(c in spec for c in "{*?[")
+    if not Path(spec).is_dir() and (is_remote(spec) or Path(spec).is_file() or pattern):
         return verify_remote(spec, quiet, kind, options)
     folder = Path(folder)
     if not folder.is_dir():
@@ -196,12 +198,13 @@ def verify_remote(target: str, quiet: bool = False, kind: str | None = None,
             general.append(f"{name}: in manifest.json but missing")
     elif not listed:
         raise FileNotFoundError(f"{target}: HTTP cannot list a folder, and it has no readable manifest.json "
-                                "listing its shards; name the shards (a brace pattern: .../cap-{000000..000099}.tar)")
+                                "listing its shards; name the shards (a brace pattern: "
+                                ".../cap-{000000..000099}.tar)")
     return _verify_all([(n, target + n) for n in sorted(names)], listed, kind, general, quiet, options)
 
 
-def _verify_all(shards: list[tuple[str, str]], listed: dict, kind: str | None, general: list[str], quiet: bool,
-                options: ReadOptions | None) -> tuple[bool, list[ShardReport]]:
+def _verify_all(shards: list[tuple[str, str]], listed: dict, kind: str | None, general: list[str],
+                quiet: bool, options: ReadOptions | None) -> tuple[bool, list[ShardReport]]:
     """Verify (name, spec) shards, each against its manifest entry in ``listed``; print and sum up."""
     reports = []
     for name, spec in shards:
@@ -253,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: 0 when every shard is sound, 1 when not, 2 when the folder cannot be read."""
     p = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="folder holding the .tar shards and manifest.json (or img2dataset output: "
-                   ".tar with _stats.json); or a folder URL ending in / (https://host/shards/: its manifest.json "
-                   "lists the shards), or shards by URL, brace pattern, glob or pipe:COMMAND")
+                   ".tar with _stats.json); or a folder URL ending in / (https://host/shards/: its "
+                   "manifest.json lists the shards), or shards by URL, brace pattern, glob or pipe:COMMAND")
     p.add_argument("--kind", choices=KINDS, help="the source kind of shards named without a manifest.json "
                    "(their samples are then also checked against that reader)")
     a = p.parse_args(argv)

@@ -278,7 +278,8 @@ class ShardServer:
         norange/NAME   the file, ignoring range requests (always 200 and the whole body)
         missing/NAME   404
         stall/NAME     headers and the first 100 bytes, then nothing until the server stops
-        cut/NAME       the full Content-Length, but only the first half of the body, then the connection closes
+        cut/NAME       the full Content-Length, but only the first half of the body, then the connection
+                       closes
         flaky/NAME     the first request of each file like cut/, the next ones like ok/
 
     `requests` lists (path, Range header or None) of every request."""

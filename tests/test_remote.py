@@ -198,7 +198,8 @@ def test_verify_and_inspect_read_remote_shards(tmp_path, capsys, monkeypatch):
         # a folder URL: HTTP cannot list it, its manifest.json names the shards
         assert shard_verify.main([srv.url("ok/out/")]) == 0
         assert "OK: 2 shards, 4 samples" in capsys.readouterr().out
-        assert shard_verify.main([srv.url("ok/out/shard-{000000..000001}-000.tar"), "--kind", "captions"]) == 0
+        pattern = srv.url("ok/out/shard-{000000..000001}-000.tar")
+        assert shard_verify.main([pattern, "--kind", "captions"]) == 0
         assert "OK: 2 shards, 4 samples" in capsys.readouterr().out
         assert shard_verify.main([srv.url("ok/src/")]) == 2  # no manifest.json
         assert "HTTP cannot list a folder" in capsys.readouterr().err
@@ -225,8 +226,8 @@ def test_tokenizer_inputs_may_be_urls_and_pipes(tmp_path):
         specs = [srv.url("ok/c.jsonl"), srv.url("ok/t/text-{000000..000001}.tar")]
         remote, stats = sample_lines(specs, 1000, quiet=True)
         assert remote == local and stats[0].bytes == (tmp_path / "c.jsonl").stat().st_size
-        lines, stats = sample_lines([f"pipe:cat {tmp_path / 'c.jsonl'}", srv.url("missing/t/text-000000.tar")],
-                                    1000, quiet=True)
+        gone = srv.url("missing/t/text-000000.tar")
+        lines, stats = sample_lines([f"pipe:cat {tmp_path / 'c.jsonl'}", gone], 1000, quiet=True)
         assert len(lines) == 20 and stats[1].skipped == {"shard_not_found": 1}
         assert "HTTP 404" in stats[1].errors[0]
         with pytest.raises(BuildError, match="unsupported input pipe:cat x"):
@@ -238,7 +239,8 @@ def test_training_reads_shards_over_http_and_names_a_missing_one_in_the_log(tiny
     import train_kosmos
     from tests.helpers import ROOT
 
-    src = Path(next(o.split("=", 1)[1].strip("[]") for o in tiny_run if o.startswith("data.captions.shards=")))
+    src = Path(next(o.split("=", 1)[1].strip("[]") for o in tiny_run
+                    if o.startswith("data.captions.shards=")))
     with ShardServer(src) as srv:
         urls = [srv.url(f"ok/{p.name}") for p in sorted(src.glob("*.tar"))] + [srv.url("missing/gone.tar")]
         out = tmp_path / "run"
@@ -253,3 +255,17 @@ def test_training_reads_shards_over_http_and_names_a_missing_one_in_the_log(tiny
     import re
 
     assert int(re.search(r"step      5 .* skipped (\d+) ", log)[1]) >= 1  # counted in the step line
+
+
+def test_a_broken_or_truncated_tar_reads_the_same_streamed_as_local(tmp_path):
+    from tests.helpers import jpeg, write_tar
+
+    good = [{"__key__": f"g{i}", "jpg": jpeg(i), "txt": b"a red circle"} for i in range(3)]
+    full = write_tar(tmp_path / "full.tar", good).read_bytes()
+    for cut, reason in [(700, "broken_shard"), (3000, "truncated_shard"), (5000, "broken_shard")]:
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(full[:cut])
+        local, local_skipped, _ = samples(str(path))
+        streamed, skipped, failed = samples(f"pipe:cat {path}")
+        assert local_skipped == skipped == {reason: 1}, (cut, skipped)
+        assert streamed == local and list(failed) == [f"pipe:cat {path}"]

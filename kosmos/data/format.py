@@ -128,11 +128,11 @@ class _Tail(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        b[: len(data)] = data
-        self.n += len(data)
-        self.last = (self.last + data)[-1024:]
-        return len(data)
+        n = self.f.readinto(b)
+        got = memoryview(b)[:n]
+        self.n += n
+        self.last = bytearray(got[-1024:]) if n >= 1024 else (self.last + got)[-1024:]
+        return n
 
 
 def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,

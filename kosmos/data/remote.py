@@ -226,7 +226,8 @@ class _Pipe(io.RawIOBase):
             if code != 0:
                 self.err.seek(0)
                 tail = self.err.read()[-300:].decode("utf-8", "replace").strip().replace("\n", " | ")
-                raise _Transient("shard_command_failed", f"exit status {code}" + (f": {tail}" if tail else ""))
+                detail = f"exit status {code}" + (f": {tail}" if tail else "")
+                raise _Transient("shard_command_failed", detail)
         b[: len(data)] = data
         return len(data)
 
@@ -288,6 +289,8 @@ class ShardReader(io.RawIOBase):
             start = self.pos
         self._f = f
         skip = self.pos - start  # a server that ignored the range, or a command: skip what was read
+        if skip < 0:
+            raise _Transient("shard_http_error", f"asked for byte {self.pos}, the answer starts at {start}")
         while skip > 0:
             got = self._read_raw(min(skip, 1 << 20))
             if not got:

@@ -69,9 +69,10 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None, *,
     try:
         f = open_shard(path, options)
     except OSError as e:
-        skipped["missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard"] += 1
+        reason = "missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard"
+        skipped[reason] += 1
         if failed is not None:
-            failed[path] = f"{'missing_shard' if isinstance(e, FileNotFoundError) else 'unreadable_shard'}: {e}"
+            failed[path] = f"{reason}: {e}"
         return
     errors: list[str] = []
     counts: Counter = Counter()
