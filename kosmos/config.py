@@ -287,7 +287,8 @@ class SourceConfig:
     """One training source: its shards and its share of each optimizer step."""
 
     shards: list[str] = field(default_factory=list)
-    """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`)."""
+    """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`);
+    local, URLs (`https://`, `s3://`, ...) or `pipe:COMMAND` (kosmos/data/remote.py)."""
     eval_shards: list[str] = field(default_factory=list)
     """Held-out shards for periodic evaluation (same forms as `shards`)."""
     tokens_per_step: int = 0
@@ -321,8 +322,7 @@ class DataConfig:
     0.2M interleaved tokens of each 1.2M-token batch)."""
 
     text: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=500_000))
-    """Text corpora: shards of `KEY.txt` documents. Shards in every source may be local paths, URLs
-    (`https://`, `s3://`, `gs://`, ...) or `pipe:COMMAND` (kosmos/data/remote.py)."""
+    """Text corpora: shards of `KEY.txt` documents."""
     captions: SourceConfig = field(
         default_factory=lambda: SourceConfig(tokens_per_step=500_000, max_tokens=512))
     """Image-caption pairs: img2dataset-style `KEY.jpg` + `KEY.txt`."""

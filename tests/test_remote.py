@@ -269,3 +269,29 @@ def test_a_broken_or_truncated_tar_reads_the_same_streamed_as_local(tmp_path):
         streamed, skipped, failed = samples(f"pipe:cat {path}")
         assert local_skipped == skipped == {reason: 1}, (cut, skipped)
         assert streamed == local and list(failed) == [f"pipe:cat {path}"]
+
+
+def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_tokenizer):
+    from kosmos.checkpoint import _resume_key
+    from kosmos.config import ConfigError
+    from kosmos.data import build_loader
+    from tests.helpers import tiny_config
+
+    for bad in ("data.read_timeout=0", "data.read_retries=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            tiny_config(bad)
+    cfg = tiny_config(f"tokenizer.path={tiny_tokenizer.path}", "data.text.shards=[http://127.0.0.1:1/ok/t.tar]",
+                      "data.read_timeout=2.5", "data.read_retries=7")
+    loader = build_loader(cfg, "text", SequenceEncoder.from_config(cfg))
+    assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7)
+    assert not _resume_key("data.read_timeout") and not _resume_key("data.read_retries")
+    assert _resume_key("data.text.shards")
+
+
+def test_a_protocol_without_its_package_is_refused_at_start():
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    with pytest.raises(ValueError, match=r"s3://b/x\.tar: s3:// needs an optional package"):
+        expand_shards(["s3://b/x.tar"])

@@ -72,6 +72,7 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None, *,
         reason = "missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard"
         skipped[reason] += 1
         if failed is not None:
+            failed.pop(path, None)
             failed[path] = f"{reason}: {e}"
         return
     errors: list[str] = []
@@ -86,6 +87,8 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None, *,
     finally:
         skipped.update(counts)
         err = getattr(f, "error", None)  # a remote shard's failure (kosmos.data.remote.ShardError)
+        if failed is not None:
+            failed.pop(path, None)  # a shard that fails again is the newest failure
         if failed is not None and err is not None:
             failed[path] = f"{err.reason}: {err.detail}"
         elif failed is not None and (bad := [r for r in counts if r in ("broken_shard", "truncated_shard")]):

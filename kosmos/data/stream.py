@@ -179,6 +179,8 @@ class WorkerStream:
                         got += 1
                         yield visits[i], raw
                 self.k, self.offset, self.sub = self.k + 1, -1, 0
+                while len(self.failed) > MAX_FAILED:  # the newest are kept (all are counted)
+                    del self.failed[next(iter(self.failed))]
             if not self.infinite:
                 return
             if got == 0 and self.n_samples == 0:
@@ -251,7 +253,7 @@ class WorkerStream:
             "rng": _rng_state(self.rng),
             "carry": [*carry.pos, carry.start] if carry is not None else None,  # position, then tokens done
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
-            "failed": dict(list(self.failed.items())[-MAX_FAILED:]),
+            "failed": dict(self.failed),
         }
 
     def _restore(self, st: dict) -> None:
