@@ -342,10 +342,14 @@ class DataConfig:
     before it fails; a failed read is retried (`read_retries`), then the shard is skipped and counted."""
     read_retries: int = 3
     """Retries of a remote shard's failed read, after 1, 2, 4, ... seconds, resuming where it stopped."""
+    read_give_up: float = 600.0
+    """Stop the run (exit 2, naming the last failure) when a worker's shard reads have kept failing, one
+    after the other, for this many seconds without a sample: the storage is down, not one shard."""
 
     def __post_init__(self) -> None:
         _check(self.read_timeout > 0, "data.read_timeout", f"must be positive, got {self.read_timeout}")
         _check(self.read_retries >= 0, "data.read_retries", f"must be >= 0, got {self.read_retries}")
+        _check(self.read_give_up > 0, "data.read_give_up", f"must be positive, got {self.read_give_up}")
         for name in SOURCES:
             src = getattr(self, name)
             _check(src.tokens_per_step >= 0, f"data.{name}.tokens_per_step", "must be >= 0")

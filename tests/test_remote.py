@@ -4,6 +4,7 @@ memory:// file system; faults (404, stall, cut body, failing command) counted by
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -277,14 +278,14 @@ def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_toke
     from kosmos.data import build_loader
     from tests.helpers import tiny_config
 
-    for bad in ("data.read_timeout=0", "data.read_retries=-1"):
+    for bad in ("data.read_timeout=0", "data.read_retries=-1", "data.read_give_up=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             tiny_config(bad)
     cfg = tiny_config(f"tokenizer.path={tiny_tokenizer.path}", "data.text.shards=[http://127.0.0.1:1/ok/t.tar]",
-                      "data.read_timeout=2.5", "data.read_retries=7")
+                      "data.read_timeout=2.5", "data.read_retries=7", "data.read_give_up=30")
     loader = build_loader(cfg, "text", SequenceEncoder.from_config(cfg))
-    assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7)
-    assert not _resume_key("data.read_timeout") and not _resume_key("data.read_retries")
+    assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7, give_up=30)
+    assert not any(_resume_key(f"data.read_{k}") for k in ("timeout", "retries", "give_up"))
     assert _resume_key("data.text.shards")
 
 
@@ -295,3 +296,21 @@ def test_a_protocol_without_its_package_is_refused_at_start():
         pytest.skip("s3fs is installed here")
     with pytest.raises(ValueError, match=r"s3://b/x\.tar: s3:// needs an optional package"):
         expand_shards(["s3://b/x.tar"])
+
+
+def test_storage_that_keeps_failing_stops_the_source_in_bounded_time(tmp_path, tiny_tokenizer):
+    shards = text_shards(tmp_path / "d", 6, 3)
+    opts = ReadOptions(timeout=0.2, retries=0, backoff=0.01, give_up=0.5)
+    with ShardServer(tmp_path / "d") as srv:
+        urls = [srv.url(f"stall/{Path(p).name}") for p in shards]
+        loader = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, read_options=opts))
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match=r"text: no sample for \d+s: .*shard_timeout.*is the storage "
+                                            r"reachable\?.*read_give_up=0\.5"):
+            next(iter(loader))
+        assert time.monotonic() - t0 < 3  # 3 stalled shards, not 6 shards x 4 passes and the waits between
+        # a failing shard among readable ones is skipped and counted, never stops the source
+        mixed = [srv.url(f"ok/{Path(p).name}") for p in shards[:4]] + urls[4:]
+        loader = SourceLoader(make_ds("text", mixed, tiny_tokenizer, read_options=replace(opts, give_up=1.0)))
+        assert sum(len(b["sample_positions"]) for b in loader) == 12
+        assert loader.skipped() == {"shard_timeout": 2}

@@ -169,7 +169,8 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
         num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
         loss=src.loss, caption_choice=src.caption_choice,
-        read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries))
+        read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
+                                 give_up=cfg.data.read_give_up))
     loader = SourceLoader(ds)
     loader.missing_shards = missing
     return loader

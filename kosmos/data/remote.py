@@ -52,6 +52,9 @@ class ReadOptions:
     """Retries of a failed open or read of one shard, each after a wait of `backoff` seconds, doubling."""
     backoff: float = 1.0
     """The first wait before a retry."""
+    give_up: float = 600.0
+    """A worker whose shard reads keep failing, one after the other, for this many seconds (their timeouts and
+    retries) without a sample in between stops the run (`kosmos.data.stream`)."""
 
 
 DEFAULT = ReadOptions()

@@ -35,7 +35,9 @@ part of what a checkpoint stores and restores.
 
 Faults. A shard that vanishes or breaks is skipped and counted; so is a remote one (a URL or pipe:, see
 `kosmos.data.remote`) that keeps failing after its retries, by reason, and the worker's state names it
-(`failed`) so that the training log can say which. A worker whose whole pass finds no sample
+(`failed`) so that the training log can say which. Remote reads that keep failing one after the other
+(storage down: each costs its timeouts and retries) stop the run with a `DataError` once they have taken
+`data.read_give_up` seconds without a sample in between. A worker whose whole pass finds no sample
 although it found some before (its shards deleted or unmounted mid-run) waits and tries again
 (`RETRY_WAITS`), then stops the run with a `DataError` naming the source; so does a source with no sample at
 all. Workers ignore SIGTERM and SIGINT, which go to the whole process group (`timeout`, SLURM, container
@@ -60,6 +62,7 @@ from kosmos.config import ConfigError
 from kosmos.data.packing import Packer, Row, collate
 from kosmos.data.format import CAPTION_CHOICES, LOSSES, captions
 from kosmos.data.samples import BadSample, Encoded, encode_sample
+from kosmos.data.remote import DEFAULT as DEFAULT_READ
 from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
@@ -160,12 +163,15 @@ class WorkerStream:
     def _raw(self) -> Iterator[tuple[tuple[int, ...], dict]]:
         """(position, raw sample) from the cursor on, advancing it."""
         retries = 0
+        failing = 0.0  # seconds spent in the shard reads that failed since the last sample
+        give_up = (self.read_options or DEFAULT_READ).give_up
         while True:
             order = self._order(self.epoch)
             got = 0
             while self.k < len(order):
                 shard = order[self.k]
                 start, g, G, split = self.offset, self.g, self.G, self.split_samples
+                t0, got_before = time.monotonic(), got
 
                 def want(offset: int) -> bool:  # the samples before the cursor are streamed past, unread
                     return offset >= start and not (split and offset % G != g)
@@ -179,6 +185,15 @@ class WorkerStream:
                         got += 1
                         yield visits[i], raw
                 self.k, self.offset, self.sub = self.k + 1, -1, 0
+                # A read that yielded nothing never paused, so its time is all spent failing.
+                failed_now = self.shards[shard] in self.failed
+                failing = 0.0 if got > got_before else failing + (time.monotonic() - t0) * failed_now
+                if failing > give_up:
+                    raise DataError(
+                        f"{self.kind}: no sample for {failing:.0f}s: worker {self.g} of {self.G}'s shard "
+                        f"reads keep failing (skipped: {dict(self.skipped)}{self._last_failure()}); is the "
+                        f"storage reachable? Fix it and resume with --resume latest (data.read_give_up="
+                        f"{give_up:g})")
                 while len(self.failed) > MAX_FAILED:  # the newest are kept (all are counted)
                     del self.failed[next(iter(self.failed))]
             if not self.infinite:
