@@ -59,6 +59,8 @@ def test_brace_patterns_expand_over_urls_and_http_cannot_list(shards, tmp_path):
             expand_shards([bad])
     with pytest.raises(ValueError, match="unknown protocol nosuch://"):
         expand_shards(["nosuch://bucket/x.tar"])
+    with pytest.raises(ValueError, match="pipe: needs a command"):
+        expand_shards(["pipe: "])
     mem = fsspec.filesystem("memory")  # a listable protocol: directories, globs and missing shards
     for p in shards:
         mem.pipe(f"/listing/{Path(p).name}", Path(p).read_bytes())

@@ -143,6 +143,7 @@ def list_shards(item: str) -> list[str]:
     and pipe: specs are taken as they are (not checked: that would cost a request per shard); an HTTP
     directory or glob is refused, as HTTP cannot list."""
     if item.startswith(PIPE):
+        check_spec(item)
         return [item]
     if not is_url(item):
         p = Path(item)
