@@ -114,6 +114,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
                                       truncated=mixture.truncated())
                 state["tokens"] += report.tokens
                 log.info(report.line)
+                for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
+                    log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
+                                                                      file=sys.stderr)
                 acc.log(report.metrics, step=step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 if ev := evaluate(acc, cfg, model, encoder, step):

@@ -314,7 +314,8 @@ def check_checkpoint(path: Path) -> dict:
 RESUME_KEYS = ("seed", "decoder.max_len", "tokenizer.path", "data.")
 """Config keys (and prefixes) that change the data order or the shapes of what a resumed run reads: a
 resume refuses to change them unless `--allow-config-change` names them. Not compared under `data.`: the
-eval shards, the worker count (the data position itself refuses another one) and the `allow_*` switches."""
+eval shards, the worker count (the data position itself refuses another one), the `allow_*` switches and
+how remote shards are read (`read_timeout`, `read_retries`)."""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -328,7 +329,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _resume_key(key: str) -> bool:
-    if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith("allow_"):
+    if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith(("allow_", "read_")):
         return False
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
 

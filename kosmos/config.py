@@ -297,7 +297,8 @@ class SourceConfig:
     `interleaved` (`KEY.json` segments + images). Required under `data.sources.<name>`; `data.text`,
     `data.captions` and `data.interleaved` are of their own kind (left empty, it is filled in)."""
     shards: list[str] = field(default_factory=list)
-    """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`)."""
+    """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`);
+    local, URLs (`https://`, `s3://`, ...) or `pipe:COMMAND` (kosmos/data/remote.py)."""
     eval_shards: list[str] = field(default_factory=list)
     """Held-out shards for periodic evaluation (same forms as `shards`)."""
     tokens_per_step: int = 0
@@ -361,8 +362,19 @@ class DataConfig:
     """Train on the shards that exist when a brace pattern in `shards` or `eval_shards` names some that do not
     (`cap-{000000..000099}.tar` with a few missing); the run then warns with their count at start. False: the
     run is refused, naming them."""
+    read_timeout: float = 60.0
+    """Remote shards (URLs, `pipe:COMMAND`; see kosmos/data/remote.py): seconds a read may wait for a byte
+    before it fails; a failed read is retried (`read_retries`), then the shard is skipped and counted."""
+    read_retries: int = 3
+    """Retries of a remote shard's failed read, after 1, 2, 4, ... seconds, resuming where it stopped."""
+    read_give_up: float = 600.0
+    """Stop the run (exit 2, naming the last failure) when a worker's shard reads have kept failing, one
+    after the other, for this many seconds without a sample: the storage is down, not one shard."""
 
     def __post_init__(self) -> None:
+        _check(self.read_timeout > 0, "data.read_timeout", f"must be positive, got {self.read_timeout}")
+        _check(self.read_retries >= 0, "data.read_retries", f"must be >= 0, got {self.read_retries}")
+        _check(self.read_give_up > 0, "data.read_give_up", f"must be positive, got {self.read_give_up}")
         for name in SOURCES:
             src = getattr(self, name)
             _check(src.kind in ("", name), f"data.{name}.kind",

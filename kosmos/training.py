@@ -53,7 +53,7 @@ def check_config(cfg: Config) -> None:
             try:
                 if patterns:
                     expand_shards(patterns, allow_missing=cfg.data.allow_missing_shards)
-            except FileNotFoundError as e:
+            except (FileNotFoundError, ValueError) as e:  # ValueError: a URL that cannot be read at all
                 raise ConfigError(f"config key '{cfg.data.key(name)}.{key}': {e}") from None
 
 

@@ -4,6 +4,7 @@ interleaved; `kosmos.config.DataConfig.named_sources`) -> packed, mixed micro-ba
     format.py   the shard format (torch-free): source kinds, member names, tar members -> samples,
                 a sample's files -> text and image segments; shared with data_tools
     shards.py   shard lists (paths, dirs, globs, brace patterns) and tar reading
+    remote.py   shards from URLs (HTTP, fsspec protocols) and pipe:COMMAND: streamed, timeouts, retries
     samples.py  raw sample -> token ids, image slots and images (per source kind); bad samples counted
     packing.py  samples -> fixed-length rows; rows -> micro-batches
     stream.py   per source: split by rank and worker, shuffle, pack; exact resume

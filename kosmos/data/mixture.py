@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kosmos.config import SOURCES, Config
+from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import expand_shards
 from kosmos.data.stream import SourceDataset, SourceLoader
 from kosmos.sequence import SequenceEncoder
@@ -178,7 +179,9 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
         src.kind, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
         num_workers=src.workers, rank=rank, world_size=world_size, seed=source_seed(cfg, name),
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
-        loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name))
+        loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name),
+        read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
+                                 give_up=cfg.data.read_give_up))
     loader = SourceLoader(ds)
     loader.missing_shards = missing
     return loader
@@ -194,6 +197,7 @@ class Mixture:
         self.loaders, self.plan, self.rank = loaders, plan, rank
         self.steps = 0
         """Mixture steps taken (skipped optimizer steps included): which slot this rank takes next."""
+        self._failures_logged: set[tuple[str, str]] = set()
         self.resume_note: str | None = None
         """Set by load_state_dict when the checkpoint's mixture differs from this run's: for the log."""
 
@@ -248,6 +252,16 @@ class Mixture:
 
     def skipped(self) -> dict[str, dict[str, int]]:
         return {name: dict(loader.skipped()) for name, loader in self.loaders.items()}
+
+    def shard_failures(self) -> list[str]:
+        """Log lines for the shards skipped (named by this rank's workers' states) since the last call."""
+        lines = []
+        for name, loader in self.loaders.items():
+            for spec, why in loader.failed_shards().items():
+                if (name, spec) not in self._failures_logged:
+                    self._failures_logged.add((name, spec))
+                    lines.append(f"data.{name}: skipped shard {spec} ({why})")
+        return lines
 
     def truncated(self) -> dict[str, int]:
         """Samples cut to `data.<source>.max_tokens` so far, per source (this rank)."""

@@ -33,7 +33,11 @@ Such a visit's position is `(shard, offset, caption)` (a sample with one caption
 the cursor also remembers how many visits of the sample at `offset` were read (`sub`), so that the caption is
 part of what a checkpoint stores and restores.
 
-Faults. A shard that vanishes or breaks is skipped and counted. A worker whose whole pass finds no sample
+Faults. A shard that vanishes or breaks is skipped and counted; so is a remote one (a URL or pipe:, see
+`kosmos.data.remote`) that keeps failing after its retries, by reason, and the worker's state names it
+(`failed`) so that the training log can say which. Remote reads that keep failing one after the other
+(storage down: each costs its timeouts and retries) stop the run with a `DataError` once they have taken
+`data.read_give_up` seconds without a sample in between. A worker whose whole pass finds no sample
 although it found some before (its shards deleted or unmounted mid-run) waits and tries again
 (`RETRY_WAITS`), then stops the run with a `DataError` naming the source; so does a source with no sample at
 all. Workers ignore SIGTERM and SIGINT, which go to the whole process group (`timeout`, SLURM, container
@@ -58,9 +62,14 @@ from kosmos.config import ConfigError
 from kosmos.data.packing import Packer, Row, collate
 from kosmos.data.format import CAPTION_CHOICES, LOSSES, captions
 from kosmos.data.samples import BadSample, Encoded, encode_sample
+from kosmos.data.remote import DEFAULT as DEFAULT_READ
+from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
 
+
+MAX_FAILED = 20
+"""Skipped shards a worker's state names (the newest); all of them are counted in `skipped`."""
 
 RETRY_WAITS = (1.0, 2.0, 4.0)
 """Seconds a worker waits before each new pass when a whole pass found no sample (shards gone mid-run, or a
@@ -108,7 +117,7 @@ class WorkerStream:
     def __init__(self, kind: str, shards: list[str], g: int, G: int, *, encoder: SequenceEncoder,
                  seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, max_tokens: int = 0,
                  loss: str = "all", caption_choice: str = "random", state: dict | None = None,
-                 name: str | None = None):
+                 name: str | None = None, read_options: ReadOptions | None = None):
         self.kind, self.shards, self.g, self.G = kind, shards, g, G
         self.name = name or kind  # the source's name, for messages
         self.encoder, self.max_tokens = encoder, max_tokens
@@ -117,6 +126,8 @@ class WorkerStream:
         self.split_samples = len(shards) < G
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{g}")
         self.skipped: Counter = Counter()
+        self.read_options = read_options
+        self.failed: dict[str, str] = {}  # shard -> why it was skipped (the newest MAX_FAILED), for the log
         self.truncated = 0  # samples cut to max_tokens
         self.epoch, self.k, self.offset = 0, 0, -1  # reading cursor: epoch, index in this epoch's order, offset
         self.sub = 0  # visits of the sample at `offset` already read (several with caption_choice "all")
@@ -153,14 +164,21 @@ class WorkerStream:
     def _raw(self) -> Iterator[tuple[tuple[int, ...], dict]]:
         """(position, raw sample) from the cursor on, advancing it."""
         retries = 0
+        failing = 0.0  # seconds spent in the shard reads that failed since the last sample
+        give_up = (self.read_options or DEFAULT_READ).give_up
         while True:
             order = self._order(self.epoch)
             got = 0
             while self.k < len(order):
                 shard = order[self.k]
-                for offset, raw in read_shard(self.shards[shard], self.skipped):
-                    if offset < self.offset or (self.split_samples and offset % self.G != self.g):
-                        continue
+                start, g, G, split = self.offset, self.g, self.G, self.split_samples
+                t0, got_before = time.monotonic(), got
+
+                def want(offset: int) -> bool:  # the samples before the cursor are streamed past, unread
+                    return offset >= start and not (split and offset % G != g)
+
+                for offset, raw in read_shard(self.shards[shard], self.skipped, want=want,
+                                              options=self.read_options, failed=self.failed):
                     visits = self._visits(shard, offset, raw)
                     done = self.sub if offset == self.offset else 0
                     for i in range(done, len(visits)):
@@ -168,26 +186,44 @@ class WorkerStream:
                         got += 1
                         yield visits[i], raw
                 self.k, self.offset, self.sub = self.k + 1, -1, 0
+                # A read that yielded nothing never paused, so its time is all spent failing.
+                failed_now = self.shards[shard] in self.failed
+                failing = 0.0 if got > got_before else failing + (time.monotonic() - t0) * failed_now
+                if failing > give_up:
+                    raise DataError(
+                        f"{self.kind}: no sample for {failing:.0f}s: worker {self.g} of {self.G}'s shard "
+                        f"reads keep failing (skipped: {dict(self.skipped)}{self._last_failure()}); is the "
+                        f"storage reachable? Fix it and resume with --resume latest (data.read_give_up="
+                        f"{give_up:g})")
+                while len(self.failed) > MAX_FAILED:  # the newest are kept (all are counted)
+                    del self.failed[next(iter(self.failed))]
             if not self.infinite:
                 return
             if got == 0 and self.n_samples == 0:
                 raise DataError(
                     f"{self.name}: worker {self.g} of {self.G} found no samples in a whole pass over "
-                    f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
-                    f"the shards with `python -m data_tools.verify`")
+                    f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}{self._last_failure()}); use "
+                    "fewer workers or check the shards with `python -m data_tools.verify`")
             if got == 0:  # it read samples before: the shards went away (or a file system is down)
                 if retries == len(RETRY_WAITS):
                     raise DataError(
                         f"{self.name}: no readable shard left: {retries + 1} passes over the {len(order)} "
                         f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no "
-                        f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they "
-                        "deleted or moved? Put them back and resume with --resume latest")
+                        f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}"
+                        f"{self._last_failure()}); were they deleted or moved? Put them back and resume with "
+                        "--resume latest")
                 time.sleep(RETRY_WAITS[retries])
                 retries += 1
                 self.k, self.offset, self.sub = 0, -1, 0  # the same epoch again
                 continue
             retries = 0
             self.epoch, self.k, self.offset, self.sub = self.epoch + 1, 0, -1, 0
+
+    def _last_failure(self) -> str:
+        if not self.failed:
+            return ""
+        spec, why = next(reversed(self.failed.items()))
+        return f"; last: {spec}: {why}"
 
     def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
         for item in self._raw():
@@ -233,6 +269,7 @@ class WorkerStream:
             "rng": _rng_state(self.rng),
             "carry": [*carry.pos, carry.start] if carry is not None else None,  # position, then tokens done
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
+            "failed": dict(self.failed),
         }
 
     def _restore(self, st: dict) -> None:
@@ -242,10 +279,11 @@ class WorkerStream:
         self.skipped = Counter(st["skipped"])
         self.n_samples = st["samples"]
         self.truncated = st.get("truncated", 0)  # absent from checkpoints older than max_tokens
+        self.failed = dict(st.get("failed", {}))
         buffer = [tuple(p) for p in st["buffer"]]
         carry = tuple(st["carry"][:-1]) if st["carry"] is not None else None  # (shard, offset[, caption])
         wanted = [p[:2] for p in buffer + ([carry] if carry else [])]
-        raw = read_positions(self.shards, wanted, Counter())
+        raw = read_positions(self.shards, wanted, Counter(), self.read_options)
         missing = [p for p in wanted if p not in raw]
         if missing:
             raise DataError(f"{self.name}: cannot resume: samples {missing[:3]} are gone from the shards "
@@ -267,8 +305,10 @@ class SourceDataset(IterableDataset):
     def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
                  micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0, loss: str = "all",
-                 caption_choice: str = "random", name: str | None = None, key: str | None = None):
+                 caption_choice: str = "random", name: str | None = None, key: str | None = None,
+                 read_options: ReadOptions | None = None):
         super().__init__()
+        self.read_options = read_options
         self.name = name = name or kind
         key = key or f"data.{name}"
         if not shards:
@@ -297,7 +337,7 @@ class SourceDataset(IterableDataset):
         return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
                             encoder=self.encoder, seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
                             max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
-                            state=self.states.get(logical), name=self.name)
+                            state=self.states.get(logical), name=self.name, read_options=self.read_options)
 
     def __iter__(self):
         info = get_worker_info()
@@ -392,6 +432,13 @@ class SourceLoader:
 
     def samples_seen(self) -> int:
         return sum(st["samples"] for st in self.states.values())
+
+    def failed_shards(self) -> dict[str, str]:
+        """Shards skipped so far (the newest of each worker), by spec: reason and detail, for the log."""
+        out: dict[str, str] = {}
+        for st in self.states.values():
+            out.update(st.get("failed", {}))
+        return out
 
     def truncated(self) -> int:
         """Samples cut to `max_tokens` so far, over this rank's workers."""
