@@ -18,7 +18,6 @@ import torch
 from kosmos.config import Config, ConfigError
 from kosmos.eval.loss import to_device
 
-
 TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
 """The packages a `train.tracker` needs (any one of them); accelerate only warns and logs nothing without."""
 

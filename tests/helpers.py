@@ -349,7 +349,7 @@ class ShardServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}"
 
-    def __enter__(self) -> "ShardServer":
+    def __enter__(self) -> ShardServer:
         self.thread.start()
         return self
 

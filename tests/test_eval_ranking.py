@@ -4,8 +4,13 @@ run one at a time through the plain forward."""
 import pytest
 import torch
 
-from kosmos.eval.ranking import (Continuation, class_continuations, continuation_logprobs,
-                                 next_token_logprobs, rank_candidates)
+from kosmos.eval.ranking import (
+    Continuation,
+    class_continuations,
+    continuation_logprobs,
+    next_token_logprobs,
+    rank_candidates,
+)
 from kosmos.generate import Prompt, build_prompt
 from kosmos.sequence import SequenceEncoder
 from tests.helpers import make_row, random_images, tiny_model
