@@ -38,7 +38,7 @@ def same_ranking(a: list[float], b: list[float], tol: float) -> bool:
     float tolerance may swap), and no score differs by more than `tol`."""
     order = sorted(range(len(a)), key=lambda k: -a[k])
     return (all(b[order[k]] >= b[order[k + 1]] - tol for k in range(len(order) - 1))
-            and all(abs(x - y) <= tol for x, y in zip(a, b)))
+            and all(abs(x - y) <= tol for x, y in zip(a, b, strict=True)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     times = time_interleaved({"uncached": rank("uncached", False), "cached": rank("cached", True)}, device,
                              repeats=args.repeats)
     tol = 1e-3 if dtype == torch.float32 else 5e-2
-    same = all(same_ranking(a, b, tol) for a, b in zip(scores["cached"], scores["uncached"]))
+    same = all(same_ranking(a, b, tol) for a, b in zip(scores["cached"], scores["uncached"], strict=True))
     assert same, "the cached and uncached rankings differ"
     top1 = sum(max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__)
-               for a, b in zip(scores["cached"], scores["uncached"]))
+               for a, b in zip(scores["cached"], scores["uncached"], strict=True))
     cls = {k: args.images / t for k, t in times.items()}
     speedup = times["uncached"] / times["cached"]
     print(f"ranking {args.classes} names (1-4 tokens), {args.batch_size} rows per pass: uncached "

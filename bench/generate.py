@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [2, 4] + [0] * n + [5] + text  # <s> <image> slots </image> text
     mask = [False, False] + [True] * n + [False] * (1 + len(text))
     size = model.vision.image_size
-    prompt = Prompt(ids=ids, image_mask=mask, images=torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8))
+    prompt = Prompt(ids=ids, image_mask=mask,
+                    images=torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8))
 
     # Time each call of the decoder (the prefill, then one call per new token) with hooks on the module
     # that generate() itself calls.
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         outputs[name] = generate(model, [prompt], gen)[0]
         total = time.perf_counter() - t0
-        calls = [b - a for a, b in zip(stamps[::2], stamps[1::2])]  # prefill, then one per new token
+        # prefill, then one per new token
+        calls = [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=False)]
         steps = calls[1:]
         w = min(args.window, len(steps))
         start, end = statistics.median(steps[:w]), statistics.median(steps[-w:])  # robust to load spikes

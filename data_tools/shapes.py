@@ -31,7 +31,8 @@ def draw(colour: str, shape: str, position: str, size: int = 96, rng: random.Ran
     im = Image.new("RGB", (size, size), (grey, grey, grey))
     r = size // 6 + rng.randint(-2, 2)
     q = size // 4
-    cx, cy = {"left": (q, 2 * q), "right": (3 * q, 2 * q), "top": (2 * q, q), "bottom": (2 * q, 3 * q)}[position]
+    cx, cy = {"left": (q, 2 * q), "right": (3 * q, 2 * q),
+              "top": (2 * q, q), "bottom": (2 * q, 3 * q)}[position]
     cx += rng.randint(-3, 3)
     cy += rng.randint(-3, 3)
     fill = COLOURS[colour]
@@ -73,7 +74,8 @@ def make_shapes(output: str | Path, n: int, size: int = 96, seed: int = 0, docs:
                                        "matched_sim": 0.3})
                     text_list.append(f"This one shows {item['caption']}.")
                 text_list.append("That is all.")
-                f.write(json.dumps({"text_list": text_list, "image_info": image_info, "url": f"doc{d}"}) + "\n")
+                f.write(json.dumps({"text_list": text_list, "image_info": image_info,
+                                    "url": f"doc{d}"}) + "\n")
     return items
 
 

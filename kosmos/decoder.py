@@ -212,7 +212,8 @@ class KosmosDecoder(Decoder):
 
     def build_decoder_layer(self, args, depth, is_moe_layer=False, is_encoder_decoder=False):
         # Built inside torchscale's constructor, before its Magneto scaling runs over these parameters.
-        return KosmosDecoderLayer(args, depth, is_moe_layer=is_moe_layer, is_encoder_decoder=is_encoder_decoder)
+        return KosmosDecoderLayer(args, depth, is_moe_layer=is_moe_layer,
+                                  is_encoder_decoder=is_encoder_decoder)
 
     def forward(self, token_embeddings: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 incremental_state: dict | None = None, features_only: bool = False,

@@ -277,7 +277,8 @@ def _beam_search(dec: _Decoder, B: int, gen: GenerationConfig) -> list[list[int]
         was_finished = finished.index_select(0, beam)
         seqs = torch.cat([seqs.index_select(0, beam), token[:, None]], dim=1)
         lengths = lengths.index_select(0, beam) + (~was_finished).float()
-        finished = was_finished | (token == gen.eos_id if gen.eos_id is not None else torch.zeros_like(was_finished))
+        finished = was_finished | (token == gen.eos_id if gen.eos_id is not None
+                                   else torch.zeros_like(was_finished))
         if gen.stop:  # a beam whose text now holds a stop string is finished (host sync: stop only)
             live = (~finished).nonzero().flatten().tolist()
             n = lengths.long().tolist()
@@ -311,7 +312,8 @@ def build_prompt(encoder: SequenceEncoder, text: str, images: list[torch.Tensor]
 
 
 def load_for_inference(checkpoint: str | None = None, config: str | None = None, tokenizer: str | None = None,
-                       overrides: list[str] | None = None, device: str = "cpu") -> tuple[Kosmos, SequenceEncoder]:
+                       overrides: list[str] | None = None,
+                       device: str = "cpu") -> tuple[Kosmos, SequenceEncoder]:
     """(model in eval mode on `device`, its SequenceEncoder). A checkpoint directory (or a run directory)
     is enough: its config.yaml and tokenizer copy are used. `config` builds a model from a YAML instead
     (random weights unless a checkpoint is given too: for checkpoints that carry no config); `tokenizer`
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     g = torch.Generator().manual_seed(args.seed)
     outs = generate(model, prompts, gen, generator=g)
     texts = []
-    for text, ids in zip(args.prompt or [""], outs):
+    for text, ids in zip(args.prompt or [""], outs, strict=True):
         texts.append(cut_at_stop(tok.decode(ids), args.stop))
         print(f"{text}{texts[-1]}")
     return texts

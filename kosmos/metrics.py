@@ -75,7 +75,7 @@ class Meter:
         # per source, all ranks: every rank has the same sources in the same order (the mixture's loaders)
         mine = [float(sum(reasons.values())) for reasons in skipped.values()]
         per_source_skipped = dict(zip(skipped, acc.reduce(torch.tensor(mine or [0.0], device=acc.device),
-                                                          reduction="sum").long().tolist()))
+                                                          reduction="sum").long().tolist(), strict=False))
         n_skipped = sum(per_source_skipped.values())
         flops = rows * self.dec_flops + images * self.img_flops
         metrics = {"train/loss": total.item(), **{f"train/{n}_loss": v for n, v in losses.items()},

@@ -141,7 +141,8 @@ class VisionEncoder(nn.Module):
         own.pop("proj", None)
         missing = sorted(set(own) - set(sd))
         if missing:
-            raise ValueError(f"{path}: not a {type(visual).__name__} checkpoint; missing keys {missing[:5]}...")
+            raise ValueError(f"{path}: not a {type(visual).__name__} checkpoint; "
+                             f"missing keys {missing[:5]}...")
         visual.load_state_dict(sd, strict=False)
 
     def freeze(self, trainable_blocks: int) -> None:

@@ -137,12 +137,12 @@ def test_cached_decoding_of_left_padded_batch_equals_rows_alone():
     rows = [torch.randn(1, n + new, sdpa.embed_dim) for n in lengths]
     x = torch.zeros(2, L + new, sdpa.embed_dim)
     padding = torch.zeros(2, L + new, dtype=torch.bool)
-    for i, (r, n) in enumerate(zip(rows, lengths)):
+    for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
         x[i, L - n:] = r[0]
         padding[i, : L - n] = True
     batched = _decode(sdpa, x, L, [1] * new, padding=padding)
     assert torch.isfinite(batched).all()
-    for i, (r, n) in enumerate(zip(rows, lengths)):
+    for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
         alone = _decode(stock, r, n, [1] * new)
         assert torch.allclose(batched[i, L - n:], alone[0], atol=1e-5)
 

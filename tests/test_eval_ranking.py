@@ -50,8 +50,8 @@ def test_continuation_logprobs_equal_the_plain_forward(use_cache):
     prompts, conts = _mixed(model)
     # batch_size 2: two prompt groups, and chunks that mix prompts and lengths
     got = continuation_logprobs(model, prompts, conts, use_cache=use_cache, batch_size=2)
-    for p, cands, scores in zip(prompts, conts, got):
-        for c, (s, n) in zip(cands, scores):
+    for p, cands, scores in zip(prompts, conts, got, strict=True):
+        for c, (s, n) in zip(cands, scores, strict=True):
             assert n == len(c)
             assert s == pytest.approx(_reference(model, p, c), abs=1e-4)
     # the same whatever the batching
@@ -98,7 +98,7 @@ def test_stock_attention_falls_back_to_whole_sequences():
     got = continuation_logprobs(model, prompts, conts, batch_size=3)  # use_cache=True asked for
     flat = [s for r in got for s, _ in r]
     assert all(torch.isfinite(torch.tensor(flat)))  # left padding would have given NaN
-    want = [_reference(model, p, c) for p, cs in zip(prompts, conts) for c in cs]
+    want = [_reference(model, p, c) for p, cs in zip(prompts, conts, strict=True) for c in cs]
     assert flat == pytest.approx(want, abs=1e-4)
     sdpa = continuation_logprobs(tiny_model(), prompts, conts)  # same seed, same weights
     assert flat == pytest.approx([s for r in sdpa for s, _ in r], abs=1e-4)
@@ -127,7 +127,7 @@ def test_rank_candidates_normalises_by_length():
     cands = [[10], [11, 12, 13], [14, 15]]
     sums = [_reference(model, prompt, c) for c in cands]
     assert rank_candidates(model, prompt, cands, normalize=False) == pytest.approx(sums, abs=1e-4)
-    means = [s / len(c) for s, c in zip(sums, cands)]
+    means = [s / len(c) for s, c in zip(sums, cands, strict=True)]
     assert rank_candidates(model, prompt, cands) == pytest.approx(means, abs=1e-4)
     assert rank_candidates(model, prompt, cands, use_cache=False, batch_size=1) == pytest.approx(
         rank_candidates(model, prompt, cands), abs=1e-4)
@@ -141,7 +141,7 @@ def test_next_token_logprobs():
     prompts = [_prompt(model, 2, 1, 3, seed=6), Prompt(ids=[2, 40, 41]), _prompt(model, 1, 2, 4, seed=7)]
     got = next_token_logprobs(model, prompts, [3, 17, 4], batch_size=2)
     assert got.shape == (3, 3) and got.dtype == torch.float32
-    for p, row in zip(prompts, got):
+    for p, row in zip(prompts, got, strict=True):
         assert row.tolist() == pytest.approx([_reference(model, p, [t]) for t in (3, 17, 4)], abs=1e-4)
     # the raw distribution: a control token (<image>, 4) has its own probability, not -inf
     assert torch.isfinite(got[:, 2]).all()
@@ -153,7 +153,7 @@ def test_class_continuations(tiny_tokenizer):
     names = ["circle", "red square", " small triangle "]
     text = "The photo of the"
     conts = class_continuations(tok, text, names)
-    for name, c in zip(names, conts):
+    for name, c in zip(names, conts, strict=True):
         assert type(c) is list and c  # plain continuations of the prompt's own ids
         assert tok.encode(text) + c == tok.encode(text + " " + name.strip())
         assert tok.decode(c) == " " + name.strip()
@@ -165,7 +165,7 @@ def test_class_continuations(tiny_tokenizer):
     assert [getattr(c, "drop", 0) for c in spaced] == [1, 0, 1]
     assert isinstance(spaced[0], Continuation) and type(spaced[1]) is list
     prompt_ids = tok.encode(text + " ")
-    for name, c in zip(names, spaced):
+    for name, c in zip(names, spaced, strict=True):
         kept = prompt_ids[:len(prompt_ids) - getattr(c, "drop", 0)]
         assert kept + c == tok.encode(text + " " + name.strip())
     with pytest.raises(ValueError, match="class name 1 is empty"):

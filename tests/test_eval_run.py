@@ -185,7 +185,7 @@ def test_retrieval_few_shot_picks_the_most_similar_support_image(ckpt, sets):
     shots = build_shots(model, enc, spec, data, 1, retrieval=True)
     # the support set is the evaluated items: a query's own image is the most similar, and is never picked
     picked = [shots.pick(item)[0].id for item in data.items]
-    assert all(p != item.id for p, item in zip(picked, data.items))
+    assert all(p != item.id for p, item in zip(picked, data.items, strict=True))
     assert shots.similar(data.items[0], 1) == [0]
 
 

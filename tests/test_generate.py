@@ -281,7 +281,7 @@ def test_stop_strings_in_a_batch_stop_each_row_alone():
            else len(f) for f in free]
     stopped = generate(model, prompts,
                        GenerationConfig.for_tokenizer(SPECIAL, max_new_tokens=10, stop=[stop]))
-    assert stopped == [f[:n] for f, n in zip(free, cut)]
+    assert stopped == [f[:n] for f, n in zip(free, cut, strict=True)]
     assert cut[0] <= 4
 
 

@@ -90,7 +90,7 @@ def test_torchvision_and_pil_decode_the_same_pixels(monkeypatch):
     datas = [p.read_bytes() for p in PHOTOS]
     fast = [decode_image(d) for d in datas]
     monkeypatch.setattr(kimage, "_torchvision_decode_jpeg", lambda: None)
-    for d, f in zip(datas, fast):
+    for d, f in zip(datas, fast, strict=True):
         assert torch.equal(f, decode_image(d))
 
 

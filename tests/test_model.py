@@ -125,7 +125,7 @@ def test_sdpa_and_stock_attention_agree_in_fp32():
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
     a.loss.backward()
     b.loss.backward()
-    for (n, pa), (_, pb) in zip(sdpa.named_parameters(), stock.named_parameters()):
+    for (n, pa), (_, pb) in zip(sdpa.named_parameters(), stock.named_parameters(), strict=True):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, atol=1e-5), n
 
@@ -150,7 +150,7 @@ def test_activation_checkpointing_gives_same_grads():
     ids = torch.randint(10, 500, (2, 10))
     a(ids, labels=ids).loss.backward()
     b(ids, labels=ids).loss.backward()
-    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
 

@@ -56,7 +56,7 @@ def test_size_and_special_ids(tiny_tokenizer):
     assert len(tok) == TINY_VOCAB_SIZE == tok.vocab_size
     ids = [tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.image_id, tok.image_end_id]
     assert ids == [0, 1, 2, 3, 4, 5]
-    for token, i in zip(SPECIAL_TOKENS, ids):
+    for token, i in zip(SPECIAL_TOKENS, ids, strict=True):
         assert tok.token_to_id(token) == i
         assert tok.id_to_token(i) == token
         assert tok.decode([i]) == token  # readable, one id each

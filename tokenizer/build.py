@@ -296,7 +296,7 @@ def sample_lines(
     reservoir = Reservoir(sample_sentences, seed)
     with tqdm(total=sum(s.bytes for s in stats), unit="B", unit_scale=True, desc="reading corpus",
               disable=quiet, file=sys.stderr) as bar:
-        for f, st in zip(files, stats):
+        for f, st in zip(files, stats, strict=True):
             for doc in _read_documents(f, st, text_field, bar.update):
                 st.documents += 1
                 for line in _split_lines(doc):

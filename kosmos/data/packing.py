@@ -57,7 +57,7 @@ class Packer:
         row.ids += item.ids[start:end]
         row.no_loss += [i < item.no_loss for i in range(start, end)]
         row.image_mask += item.image_mask[start:end]
-        row.images += [img for s, img in zip(item.image_starts, item.images) if start <= s < end]
+        row.images += [img for s, img in zip(item.image_starts, item.images, strict=True) if start <= s < end]
         item.start = end
 
     def _close(self, row: Row) -> Row:
@@ -108,5 +108,6 @@ def collate(rows: list[Row], image_size: int) -> dict[str, torch.Tensor]:
         "image_mask": image_mask,
         "padding_mask": padding_mask,
         "doc_ids": torch.tensor([r.doc_ids for r in rows], dtype=torch.long),  # (B, L)
-        "images": torch.stack(images) if images else torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8),
+        "images": (torch.stack(images) if images
+                   else torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)),
     }

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def __getattr__(name: str):
-    if name == "source_loss":  # lazily: kosmos.eval.tasks stays importable without torch (kosmos.config uses it)
+    # lazily: kosmos.eval.tasks stays importable without torch (kosmos.config uses it)
+    if name == "source_loss":
         from kosmos.eval.loss import source_loss
 
         return source_loss

@@ -39,7 +39,8 @@ class MiniLM:
         path = Path(path) if path else model_dir()
         cfg = json.loads((path / "config.json").read_text())
         max_len = json.loads((path / "sentence_bert_config.json").read_text()).get("max_seq_length", 256)
-        self.heads, self.layers, self.eps = cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["layer_norm_eps"]
+        self.heads, self.layers, self.eps = (cfg["num_attention_heads"], cfg["num_hidden_layers"],
+                                             cfg["layer_norm_eps"])
         self.w = {k: v.to(device).float() for k, v in load_file(str(path / "model.safetensors")).items()}
         self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tok.enable_truncation(max_len)

@@ -60,7 +60,7 @@ def _drop(candidate: Sequence[int]) -> int:
 def _check(prompts: list[Prompt], continuations: list[list[list[int]]]) -> None:
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} lists of continuations")
-    for i, (p, cands) in enumerate(zip(prompts, continuations)):
+    for i, (p, cands) in enumerate(zip(prompts, continuations, strict=True)):
         if not p.ids:
             raise ValueError(f"prompt {i} has no tokens (a prompt starts with <s>)")
         for j, c in enumerate(cands):
@@ -144,7 +144,8 @@ def _score_cached(model, prompts, continuations, rows, batch_size, out) -> None:
                 pad = torch.cat([padding.index_select(0, index), padding.new_zeros((len(chunk), T))], dim=1)
             logits = dec(dec.embed_tokens(tokens[:, :-1]), padding_mask=pad, incremental_state=sub).float()
             total = total + _target_logprobs(logits, tokens[:, 1:], valid)
-        for (i, j), s, c in zip(chunk, total.tolist(), cands):  # device->host sync once per chunk
+        # device->host sync once per chunk
+        for (i, j), s, c in zip(chunk, total.tolist(), cands, strict=True):
             out[i][j] = (s, len(c))
 
 
@@ -176,7 +177,7 @@ def _score_whole(model, prompts, continuations, rows, batch_size, out) -> None:
         hs = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (R, N, D): only the positions scored
         logits = dec.output_layer(hs).float()
         total = _target_logprobs(logits, ids.gather(1, pos + 1), valid)
-        for r, s in zip(chunk, total.tolist()):  # device->host sync once per chunk
+        for r, s in zip(chunk, total.tolist(), strict=True):  # device->host sync once per chunk
             i, j = rows[r]
             out[i][j] = (s, len(continuations[i][j]))
 
@@ -255,6 +256,7 @@ def class_continuations(tokenizer, prompt_text: str, names: list[str]) -> list[l
         if whole[:n] == prompt_ids:
             out.append(whole[n:])
             continue
-        same = next((i for i, (a, b) in enumerate(zip(prompt_ids, whole)) if a != b), min(n, len(whole)))
+        same = next((i for i, (a, b) in enumerate(zip(prompt_ids, whole, strict=False)) if a != b),
+                    min(n, len(whole)))
         out.append(Continuation(whole[same:], drop=n - same))
     return out

@@ -333,7 +333,7 @@ class Predictor:
             except Skip as s:
                 records[i] = {"id": item.id, "skipped": s.reason, "path": s.path}
         if prompts:
-            for i, rec in zip(where, self._predict([items[i] for i in where], prompts)):
+            for i, rec in zip(where, self._predict([items[i] for i in where], prompts), strict=True):
                 records[i] = rec
         return records  # type: ignore[return-value]
 
@@ -346,19 +346,20 @@ class Predictor:
     def _predict(self, items: list[Item], prompts: list) -> list[dict]:
         kind, spec = self.spec.kind, self.spec
         if kind == "captioning":
-            return [{"id": it.id, "prediction": text} for it, text in zip(items, self._generate(prompts))]
+            return [{"id": it.id, "prediction": text}
+                    for it, text in zip(items, self._generate(prompts), strict=True)]
         if kind == "vqa":
             from kosmos.eval.vqa_metrics import postprocess_answer
 
             return [{"id": it.id, "prediction": postprocess_answer(text), "raw": text}
-                    for it, text in zip(items, self._generate(prompts))]
+                    for it, text in zip(items, self._generate(prompts), strict=True)]
         if kind == "labels":
             return [{"id": it.id, "prediction": _split_labels(text, spec.top_k), "raw": text}
-                    for it, text in zip(items, self._generate(prompts))]
+                    for it, text in zip(items, self._generate(prompts), strict=True)]
         if kind == "classification" and spec.mode == "unconstrained":
             names = [n.lower() for n in self.data.classnames]
             out = []
-            for it, text in zip(items, self._generate(prompts)):
+            for it, text in zip(items, self._generate(prompts), strict=True):
                 norm = text.lower().strip().strip(".").strip()
                 out.append({"id": it.id, "prediction": names.index(norm) if norm in names else -1, "raw": text})
             return out
@@ -367,7 +368,7 @@ class Predictor:
 
             scores = continuation_logprobs(self.model, prompts, [self.class_ids] * len(prompts))
             out = []
-            for it, row in zip(items, scores):
+            for it, row in zip(items, scores, strict=True):
                 mean = torch.tensor([s / max(n, 1) for s, n in row])
                 top = mean.topk(min(spec.top_k, len(mean))).indices.tolist()
                 out.append({"id": it.id, "prediction": top[0], "top": top})
@@ -376,7 +377,7 @@ class Predictor:
             from kosmos.eval.ranking import next_token_logprobs
 
             out = []
-            for it, cand_prompts in zip(items, prompts):
+            for it, cand_prompts in zip(items, prompts, strict=True):
                 yes = next_token_logprobs(self.model, cand_prompts, [self.answer_id])[:, 0]
                 out.append({"id": it.id, "prediction": int(yes.argmax()), "scores": yes.tolist()})
             return out
