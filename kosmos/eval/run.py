@@ -142,7 +142,8 @@ def _from_datasets(kind: str, data: str, annotations: str | None, images: str | 
     if kind == "vqa":
         vqa = ds.load_vqa(data, annotations, root)
         vizwiz = bool(vqa) and isinstance(vqa[0].id, str) and annotations is None
-        return TaskData([Item(id=q.id, images=[q.image], fields={"question": q.question}, references=q.answers,
+        return TaskData([Item(id=q.id, images=[q.image], fields={"question": q.question},
+                              references=q.answers,
                               extra={"answer_type": q.answer_type, "question_type": q.question_type})
                          for q in vqa], id_key="image" if vizwiz else "question_id")
     if kind == "classification":
@@ -283,8 +284,10 @@ def _prompt(encoder, text: str, images: list[torch.Tensor]):
 def _choice_prompts(spec: TaskSpec, item: Item, load: ImageLoader, encoder) -> list:
     prompts = []
     for cand in item.candidates:
-        text, cand_images = (cand, []) if isinstance(cand, str) else (cand.get("text", ""), cand.get("images", []))
-        body = fill(spec.prompt, text=item.fields.get("text", ""), candidate=text).replace("<image>", "{image}")
+        text, cand_images = ((cand, []) if isinstance(cand, str)
+                             else (cand.get("text", ""), cand.get("images", [])))
+        body = fill(spec.prompt, text=item.fields.get("text", ""),
+                    candidate=text).replace("<image>", "{image}")
         prompts.append(_prompt(encoder, body, [load(p) for p in [*item.images, *cand_images]]))
     return prompts
 
@@ -307,7 +310,8 @@ class Predictor:
         self.model, self.encoder, self.spec, self.data, self.shots = model, encoder, spec, data, shots
         self.load = ImageLoader(encoder)
         tok = encoder.tokenizer
-        self.gen = GenerationConfig.for_tokenizer(tok, num_beams=spec.num_beams, max_new_tokens=spec.max_new_tokens,
+        self.gen = GenerationConfig.for_tokenizer(tok, num_beams=spec.num_beams,
+                                                  max_new_tokens=spec.max_new_tokens,
                                                   length_penalty=spec.length_penalty, stop=list(spec.stop))
         if spec.kind == "classification" and spec.mode == "constrained":
             from kosmos.eval.ranking import class_continuations
@@ -316,7 +320,8 @@ class Predictor:
         if spec.kind == "choice":
             from kosmos.eval.ranking import class_continuations
 
-            self.answer_id = class_continuations(tok, spec.prompt.split("{candidate}")[-1], [spec.answer])[0][0]
+            self.answer_id = class_continuations(tok, spec.prompt.split("{candidate}")[-1],
+                                                 [spec.answer])[0][0]
 
     def __call__(self, items: list[Item]) -> list[dict]:
         """One record per item: {"id", "prediction", ...} or {"id", "skipped": reason, "path"}."""
@@ -361,7 +366,8 @@ class Predictor:
             out = []
             for it, text in zip(items, self._generate(prompts), strict=True):
                 norm = text.lower().strip().strip(".").strip()
-                out.append({"id": it.id, "prediction": names.index(norm) if norm in names else -1, "raw": text})
+                out.append({"id": it.id, "prediction": names.index(norm) if norm in names else -1,
+                            "raw": text})
             return out
         if kind == "classification":
             from kosmos.eval.ranking import continuation_logprobs
@@ -421,7 +427,8 @@ def official_results(spec: TaskSpec, data: TaskData, preds: dict[str, dict]) -> 
             out.append({data.id_key: item.id, "answer": rec["prediction"]})
         elif spec.kind == "classification":
             pred = rec["prediction"]
-            out.append({"id": item.id, "prediction": data.classnames[pred] if pred >= 0 else rec.get("raw", ""),
+            out.append({"id": item.id,
+                        "prediction": data.classnames[pred] if pred >= 0 else rec.get("raw", ""),
                         "top": [data.classnames[i] for i in rec.get("top", [])]})
         else:
             out.append({"id": item.id, "prediction": rec["prediction"]})
@@ -519,7 +526,8 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
             with open(path, "a", encoding="utf-8") as f:
                 f.write("\n")
     with open(path, "a", encoding="utf-8") as f:
-        for batch in tqdm(batches, desc=f"{task} {shots.k}-shot", unit="batch", disable=not (progress and main),
+        for batch in tqdm(batches, desc=f"{task} {shots.k}-shot", unit="batch",
+                          disable=not (progress and main),
                           dynamic_ncols=True):
             for rec in predictor(batch):
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -750,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, EvalDataError) as e:
         ap.exit(2, f"error: {e}\n")
     if not data.items:
-        ap.exit(2, f"error: --data {args.data}: no items" + (f" in split {args.split!r}" if args.split else "") + "\n")
+        ap.exit(2, f"error: --data {args.data}: no items"
+                + (f" in split {args.split!r}" if args.split else "") + "\n")
 
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -762,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = args.device == "cpu" or not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
     state = PartialState(cpu=cpu)
     device = args.device or state.device
-    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
+                        format="%(message)s")
     model, encoder = load_for_inference(args.checkpoint, overrides=args.overrides, device=device)
     for k in shots_list:
         try:
