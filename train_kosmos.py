@@ -30,14 +30,17 @@ from kosmos.config import ConfigError, load_config
 
 def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
-    ap.add_argument("--resume", help="`latest` (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
+    ap.add_argument("--config", required=True,
+                    help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
+    ap.add_argument("--resume",
+                    help="`latest` (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")
     ap.add_argument("--allow-config-change", default="", metavar="KEY,...",
                     help="resume although these keys (or sections, e.g. data.text) differ from the "
                          "checkpoint's, or these sources (data.sources.NAME) were added or removed: seed, "
                          "decoder.max_len, tokenizer.path and data.* are otherwise refused")
-    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
+    ap.add_argument("overrides", nargs="*",
+                    help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
 

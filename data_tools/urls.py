@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the image URLs of interleaved documents (OBELICS rows, MMC4 documents) as a URL "
         "list for img2dataset: one row per unique URL with columns url, url_sha256, doc_key (the first "
         "document that uses it) and image_index (its position there). Documents are read as "
-        "data_tools.interleaved reads them; bad documents and URLs are counted by reason and named (file:row) "
+        "data_tools.interleaved reads them; bad documents and URLs are counted by reason and named "
+        "(file:row) "
         "on the console and in NAME.stats.json beside the output.",
         epilog="then: img2dataset --url_list urls.parquet --input_format parquet --url_col url "
         "--save_additional_columns '[\"doc_key\",\"image_index\"]' --output_format webdataset "

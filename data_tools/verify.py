@@ -214,7 +214,8 @@ def _verify_all(shards: list[tuple[str, str]], listed: dict, kind: str | None, g
             if want is None:
                 rep.problems.append("not listed in manifest.json")
             elif "samples" in want and want["samples"] != rep.samples:
-                rep.problems.append(f"{want.get('listed_in', 'manifest.json')} says {want['samples']} samples, "
+                rep.problems.append(f"{want.get('listed_in', 'manifest.json')} says "
+                                    f"{want['samples']} samples, "
                                     f"found {rep.samples}")
         reports.append(rep)
         if not quiet:

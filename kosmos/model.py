@@ -232,7 +232,8 @@ def check_checkpoint_fits(model: nn.Module, ckpt: str | Path) -> None:
         if theirs != ours:
             theirs, ours = str(theirs).lower(), str(ours).lower()
             raise ValueError(
-                f"{ckpt} was trained with {key}={theirs} but this model has {ours}; the weights would compute "
+                f"{ckpt} was trained with {key}={theirs} but this model has {ours}; "
+                "the weights would compute "
                 f"something else: set {key}={theirs} (a checkpoint whose config.yaml lacks the key predates "
                 "it and keeps the old behaviour)")
 

@@ -171,7 +171,8 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
     per_rank = {n: (min(s[n] for s in p.slots), max(s[n] for s in p.slots)) for n in p.sources}
     target = p.target_shares()
     lines = [f"mixture per step: {W} process(es), {p.tokens:,} tokens (budget {p.budget:,}), ratio "
-             f"{ratio(p)} (target {ratio(p, target=True, names=False)}), objective {cfg.train.loss_weighting}, "
+             f"{ratio(p)} (target {ratio(p, target=True, names=False)}), "
+             f"objective {cfg.train.loss_weighting}, "
              f"mixed precision {acc.mixed_precision}"]
     for n, s in p.sources.items():
         lo, hi = per_rank[n]

@@ -106,7 +106,8 @@ class VisionEncoder(nn.Module):
             elif load_weights:
                 warnings.warn(
                     f"vision.pretrained is null: the {cfg.model_name} image encoder is randomly initialised "
-                    "(fine for tests and toy runs; set vision.pretrained to a tag or a local file to use CLIP)",
+                    "(fine for tests and toy runs; set vision.pretrained to a tag or a local file "
+                    "to use CLIP)",
                     stacklevel=2,
                 )
         # We use the patch tokens, not the pooled contrastive embedding: drop the unused projection so

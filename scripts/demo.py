@@ -60,10 +60,11 @@ def prepare(out: Path, n_images: int) -> None:
     common = ["--no-progress", "--samples-per-shard", "200"]
     run([py, "-m", "data_tools.captions", "--format", "folder", "--input", str(out / "shapes" / "images"),
          "--output", str(out / "shards" / "captions"), *common])
-    run([py, "-m", "data_tools.interleaved", "--format", "mmc4", "--input", str(out / "shapes" / "mmc4.jsonl"),
-         "--images-root", str(out / "shapes" / "images"), "--output", str(out / "shards" / "interleaved"), *common])
-    run([py, "-m", "data_tools.text", "--input", str(corpus_jsonl(out)), "--output", str(out / "shards" / "text"),
-         *common])
+    run([py, "-m", "data_tools.interleaved", "--format", "mmc4",
+         "--input", str(out / "shapes" / "mmc4.jsonl"), "--images-root", str(out / "shapes" / "images"),
+         "--output", str(out / "shards" / "interleaved"), *common])
+    run([py, "-m", "data_tools.text", "--input", str(corpus_jsonl(out)),
+         "--output", str(out / "shards" / "text"), *common])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\non {len(combos)} fresh shapes: " + ", ".join(f"{k} {v}/{len(combos)}" for k, v in hits.items())
           + " (chance: colour 12, shape 16, place 12)")
     print("caption metrics (kosmos.eval, pycocoevalcap): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in res.metrics.items() if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L"))
+          + ", ".join(f"{k} {v:.1f}" for k, v in res.metrics.items()
+                      if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L"))
           + f"  ({res.folder})")
     print(f"\nsample yourself: python -m kosmos.generate --checkpoint {out / 'run'} --image {tests[0][0]}")
 

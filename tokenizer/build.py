@@ -525,11 +525,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="train on a uniform random sample of at most N lines of the corpus "
                         "(default %(default)s; bounds memory: the corpus is streamed, never loaded whole)")
     parser.add_argument("--text-field", default="text",
-                        help="the field of each jsonl object that holds the document text (default %(default)s)")
+                        help="the field of each jsonl object that holds the document text "
+                             "(default %(default)s)")
     parser.add_argument("--grounding", action="store_true",
                         help="append KOSMOS-2's 1030 location tokens (<grounding>, <phrase>, ..., "
                         "<patch_index_1023>) after the vocabulary, starting at id --vocab-size")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the line sample and of training (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the line sample and of training (default %(default)s)")
     parser.add_argument("--num-threads", type=int, default=0,
                         help="training threads (default: 0, all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")

