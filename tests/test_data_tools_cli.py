@@ -106,7 +106,8 @@ def test_option_spec_on_a_plain_dataclass():
     p = argparse.ArgumentParser()
     spec.add_to(p)
     assert spec.from_args(p.parse_args(["-n", "x"])) == Opts("x")
-    got = spec.from_args(p.parse_args(["-n", "y", "--count", "3", "--ratio", "1", "--verbose", "--no-colour"]))
+    got = spec.from_args(p.parse_args(["-n", "y", "--count", "3", "--ratio", "1", "--verbose",
+                                       "--no-colour"]))
     assert got == Opts("y", 3, 1.0, True, False)
     assert "50% by default" in p.format_help()
     with pytest.raises(SystemExit):

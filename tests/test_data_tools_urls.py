@@ -58,7 +58,8 @@ def test_obelics_jsonl_to_parquet_deduplicated_with_bad_rows_named(tmp_path, cap
     assert _read_parquet(tmp_path / "urls.parquet") == [
         (_url(0), _sha(_url(0)), "a", 0), (_url(1), _sha(_url(1)), "a", 1), (_url(2), _sha(_url(2)), "a", 3),
         (_url(3), _sha(_url(3)), "b", 1)]
-    assert (stats["documents"], stats["documents_with_images"], stats["documents_without_images"]) == (6, 3, 1)
+    assert (stats["documents"], stats["documents_with_images"],
+            stats["documents_without_images"]) == (6, 3, 1)
     assert (stats["image_urls"], stats["unique_urls"]) == (6, 4)
     assert stats["skipped"] == {"malformed_json": 1, "malformed_document": 1}
     assert stats["skipped_images"] == {"no_url": 1, "bad_url": 2}
@@ -72,7 +73,8 @@ def test_obelics_jsonl_to_parquet_deduplicated_with_bad_rows_named(tmp_path, cap
     assert "4 unique URLs (6 image URLs in 3 documents)" in out
     assert "malformed_json: e.g. docs.jsonl:2" in out and "bad_url: e.g. docs.jsonl:1: image 3" in out
     assert not list(tmp_path.glob(".*.tmp"))
-    limited = write_urls("obelics", docs, tmp_path / "first2.parquet", options=UrlOptions(limit=2, progress=False))
+    limited = write_urls("obelics", docs, tmp_path / "first2.parquet",
+                         options=UrlOptions(limit=2, progress=False))
     assert (limited["documents"], limited["unique_urls"]) == (2, 4) and limited["skipped"] == {}
 
 
@@ -95,14 +97,16 @@ def test_mmc4_jsonl_to_tsv_in_placement_order_with_threshold(tmp_path):
     t = pacsv.read_csv(tmp_path / "urls.tsv", parse_options=pacsv.ParseOptions(delimiter="\t"))
     rows = list(zip(*(t.column(c).to_pylist() for c in ("url", "doc_key", "image_index")), strict=True))
     # images are numbered as the converter places them: before their matched sentence
-    assert rows == [(_url(1), "mmc4-00000000", 0), (quoted, "mmc4-00000000", 1), (_url(0), "mmc4-00000000", 2)]
+    assert rows == [(_url(1), "mmc4-00000000", 0), (quoted, "mmc4-00000000", 1),
+                    (_url(0), "mmc4-00000000", 2)]
     assert t.column("url_sha256").to_pylist() == [_sha(u) for u, _, _ in rows]
     stats = json.loads((tmp_path / "urls.stats.json").read_text())
     assert stats["skipped_images"] == {"below_similarity_threshold": 1, "bad_text_index": 1, "no_url": 1}
     assert stats["skipped_examples"]["no_url"] == ["mmc4.jsonl:1: image 0: None"]
 
 
-def _fake_img2dataset(urls: Path, out: Path, per_shard: int, failed: set[str], sizes: dict[str, tuple]) -> None:
+def _fake_img2dataset(urls: Path, out: Path, per_shard: int, failed: set[str],
+                      sizes: dict[str, tuple]) -> None:
     """What ``img2dataset --url_list urls.parquet --input_format parquet --url_col url
     --save_additional_columns '["doc_key","image_index"]'`` leaves in ``out``: shards of ``per_shard`` rows,
     keys ``compute_key`` (shard * 10**ceil(log10(per_shard)) + row, zero-padded), even shards as webdataset

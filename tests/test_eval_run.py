@@ -19,7 +19,8 @@ FAST = ["--no-progress", "--max-new-tokens", "4", "--metrics", "BLEU,ROUGE-L,CID
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tiny_tokenizer):
-    return checkpoint_dir(tmp_path_factory.mktemp("eval_run") / "run", tiny_tokenizer.path, tiny_model(seed=3))
+    return checkpoint_dir(tmp_path_factory.mktemp("eval_run") / "run", tiny_tokenizer.path,
+                          tiny_model(seed=3))
 
 
 def make_sets(root: Path) -> dict[str, Path]:
@@ -75,7 +76,8 @@ def run(ckpt, *args) -> int:
 
 def results(out: Path, task: str, shots: int = 0):
     folder = out / task / f"{shots}shot"
-    return json.loads((folder / "results.json").read_text()), json.loads((folder / "metrics.json").read_text())
+    return (json.loads((folder / "results.json").read_text()),
+            json.loads((folder / "metrics.json").read_text()))
 
 
 def test_captioning_writes_coco_results_metrics_and_a_table(ckpt, sets, tmp_path, capsys):
@@ -209,7 +211,8 @@ def test_multiple_choice_picks_the_candidate_with_the_highest_p_yes(ckpt, sets, 
     assert run(ckpt, "--task", "choice", "--data", str(sets["choice"]), "--out", str(out), *FAST) == 0
     res, metrics = results(out, "choice")
     assert len(res) == 3 and all(r["prediction"] in (0, 1, 2) for r in res)
-    recs = [json.loads(x) for x in (out / "choice" / "0shot" / "predictions.rank0.jsonl").read_text().splitlines()]
+    recs = [json.loads(x)
+            for x in (out / "choice" / "0shot" / "predictions.rank0.jsonl").read_text().splitlines()]
     assert all(r["prediction"] == max(range(3), key=r["scores"].__getitem__) for r in recs)
     assert "accuracy" in metrics["metrics"]
 
@@ -249,10 +252,12 @@ def test_bad_input_is_one_line_naming_the_file(ckpt, sets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "annotations.json" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
-        run(ckpt, "--task", "coco_captioning", "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"))
+        run(ckpt, "--task", "coco_captioning", "--data", str(tmp_path / "nope.json"),
+            "--out", str(tmp_path / "o"))
     assert e.value.code == 2 and "nope.json" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        run(ckpt, "--task", "imagenet", "--data", str(sets["classes"]), "--shots", "2", "--out", str(tmp_path / "o"))
+        run(ckpt, "--task", "imagenet", "--data", str(sets["classes"]), "--shots", "2",
+            "--out", str(tmp_path / "o"))
     assert e.value.code == 2 and "few-shot" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--set", "beams=3")

@@ -107,7 +107,8 @@ def test_several_images_in_one_prompt():
     model = tiny_model()
     p = _prompt(model, 2, 3, 2, seed=5)
     gen = GenerationConfig(max_new_tokens=10)
-    assert generate(model, [p], gen) == generate(model, [p], GenerationConfig(max_new_tokens=10, use_cache=False))
+    assert generate(model, [p], gen) == generate(model, [p],
+                                                 GenerationConfig(max_new_tokens=10, use_cache=False))
     # each image reaches the prediction: changing only the middle one moves the next-token logits
     p2 = Prompt(ids=p.ids, image_mask=p.image_mask, images=p.images.clone())
     p2.images[1] = random_images(model, 1, seed=99)[0]
@@ -202,7 +203,8 @@ def test_summary_cli(capsys):
     counts = main([str(TINY), "decoder.layers=3"])
     text = capsys.readouterr().out
     assert "decoder 3 layers" in text and "total" in text
-    assert counts["total"] == sum(counts[k] for k in ("vision", "resampler", "projection", "decoder", "embeddings"))
+    assert counts["total"] == sum(counts[k]
+                                  for k in ("vision", "resampler", "projection", "decoder", "embeddings"))
 
 
 # ------------------------------------------------------------------------ control tokens and stop strings

@@ -157,7 +157,8 @@ def test_garbage_parquet_among_good_tables_is_skipped_and_counted(tmp_path, caps
     import pyarrow.parquet as pq
 
     (tmp_path / "in").mkdir()
-    pq.write_table(pa.Table.from_pylist([{"text": f"document {i}"} for i in range(5)]), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": f"document {i}"} for i in range(5)]),
+                   tmp_path / "in" / "a.parquet")
     bad = write(tmp_path / "in" / "b.parquet", b"PAR1 garbage")
     out = tmp_path / "out"
     assert text_main(["-i", str(tmp_path / "in"), "-o", str(out), "--no-progress"]) == 0
@@ -221,7 +222,8 @@ def test_image_too_wide_for_jpeg_drops_only_that_image_of_an_obelics_document(tm
     url = "https://example.com/{}.png".format
     write(tmp_path / "images" / f"{url_hashes(url(0))[0]}.png", _banner())
     write(tmp_path / "images" / f"{url_hashes(url(1))[0]}.jpg", photo(1))
-    rows = [{"texts": ["Intro.", None, "Middle.", None, "End."], "images": [None, url(0), None, url(1), None]}]
+    rows = [{"texts": ["Intro.", None, "Middle.", None, "End."],
+             "images": [None, url(0), None, url(1), None]}]
     write(tmp_path / "docs.jsonl", _rows_text(rows))
     out = tmp_path / "out"
     m = convert_interleaved("obelics", tmp_path / "docs.jsonl", tmp_path / "images", out,
@@ -268,7 +270,8 @@ def test_the_cap_never_splits_an_image_span(tiny_tokenizer):
 
 def test_truncated_samples_are_counted_by_the_loader(tmp_path, tiny_tokenizer):
     long = " ".join(["red"] * 500).encode()
-    samples = [{"__key__": f"c{i}", "jpg": jpeg(i), "txt": long if i % 2 else b"a red circle"} for i in range(6)]
+    samples = [{"__key__": f"c{i}", "jpg": jpeg(i), "txt": long if i % 2 else b"a red circle"}
+               for i in range(6)]
     path = write_tar(tmp_path / "cap.tar", samples)
     ds = SourceDataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64, micro_batch_size=2,
                        shuffle_buffer=0, infinite=False, max_tokens=32)
@@ -295,7 +298,8 @@ def test_truncated_counts_reach_the_tracker_without_another_collective():
     model = SimpleNamespace(cfg=SimpleNamespace(flops_per_token=lambda: 1.0, flops_per_image=lambda: 1.0))
     meter = Meter(acc, model, peak_flops=None)
     meter.add(StepResult(True, 1.0, {"captions": torch.tensor([2.0, 1.0])}, rows=4, real=3, images=1))
-    m = meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={}, truncated={"captions": 2, "text": 0}).metrics
+    m = meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={},
+                     truncated={"captions": 2, "text": 0}).metrics
     assert m["train/truncated/captions"] == 2 and m["train/truncated/text"] == 0
     assert len(calls) == 3  # counts, one source, skipped: the same collectives as without truncation
 

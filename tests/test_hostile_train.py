@@ -205,7 +205,8 @@ def test_a_checkpoint_found_damaged_only_when_loaded_falls_back_too(tiny_tokeniz
     import torch
 
     ref = objects(seed=1)[0]  # step 1 was saved from the seed-1 model
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True))
 
 
 def test_resume_refuses_changed_data_settings_naming_them_unless_allowed(tiny_tokenizer, tmp_path):

@@ -111,7 +111,8 @@ def test_xpos_matches_torchscale_in_fp32():
     x = torch.randn(6, 40, 16)
     for offset, down in [(0, True), (0, False), (39, False)]:
         xi = x[:, -1:] if offset else x
-        assert torch.allclose(apply_xpos(xi, offset, down, 512), ref(xi, offset=offset, downscale=down), atol=1e-6)
+        assert torch.allclose(apply_xpos(xi, offset, down, 512), ref(xi, offset=offset, downscale=down),
+                              atol=1e-6)
 
 
 def test_sdpa_and_stock_attention_agree_in_fp32():

@@ -49,5 +49,6 @@ def test_bench_data_measures_both_shard_sizes(capsys):
 
     main(["--images", "40", "--repeats", "1", "--max-len", "256", "--latents", "4"])
     out = capsys.readouterr().out
-    assert "256 px JPEG shards (256 px: resized)" in out and "224 px JPEG shards (pre-sized: decode only)" in out
+    assert ("256 px JPEG shards (256 px: resized)" in out
+            and "224 px JPEG shards (pre-sized: decode only)" in out)
     assert out.count("ratio pipeline/baseline images/s") == 2
