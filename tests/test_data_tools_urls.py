@@ -149,7 +149,8 @@ def test_urls_then_img2dataset_output_then_interleaved_converter_finds_every_ima
     import pyarrow.parquet as pq
 
     rows = [{"id": f"doc{d}", "texts": ["intro", None, "middle", None, "end"],
-             "images": [None, _url(d), None, _url(d + 1), None]} for d in range(6)]  # URLs shared by neighbours
+             "images": [None, _url(d), None, _url(d + 1), None]}  # URLs shared by neighbours
+            for d in range(6)]
     docs = tmp_path / "obelics"
     docs.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), docs / "part-0.parquet")
@@ -197,7 +198,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     docs = _jsonl(tmp_path / "docs.jsonl", [{"texts": ["t"], "images": [None]}, "{bad"])
     cases = [(["-f", "obelics", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "u.parquet")],
               "does not exist"),
-             (["-f", "obelics", "-i", str(docs), "-o", str(tmp_path / "u.csv")], "must end in .parquet or .tsv"),
+             (["-f", "obelics", "-i", str(docs), "-o", str(tmp_path / "u.csv")],
+              "must end in .parquet or .tsv"),
              (["-f", "obelics", "-i", str(docs), "-o", str(tmp_path / "u.parquet")],
               "no image URL in 2 documents")]
     for argv, message in cases:

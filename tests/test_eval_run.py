@@ -40,7 +40,8 @@ def make_sets(root: Path) -> dict[str, Path]:
     answers = ["cat"] * 6 + ["a cat"] * 2 + ["dog"] * 2
     annotations = {"annotations": [
         {"question_id": 100 + i, "image_id": i, "answer_type": "other", "question_type": "what is",
-         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers)]}
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                     for j, a in enumerate(answers)]}
         for i in range(1, 5)]}
     (root / "questions.json").write_text(json.dumps(questions))
     (root / "annotations.json").write_text(json.dumps(annotations))
@@ -97,7 +98,8 @@ def test_captioning_writes_coco_results_metrics_and_a_table(ckpt, sets, tmp_path
 
     # deterministic: the same predictions again, into another folder
     out2 = tmp_path / "out2"
-    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]),
+        "--images", str(sets["coco_root"]),
         "--out", str(out2), "--num-beams", "2", *FAST)
     assert results(out2, "coco_captioning")[0] == res
 
@@ -247,7 +249,8 @@ def test_captioning_over_caption_shards_scores_against_their_captions(ckpt, tmp_
 def test_bad_input_is_one_line_naming_the_file(ckpt, sets, tmp_path, capsys):
     sets["annotations"].write_text('{"annotations": [{"question_id": 101}]}')
     with pytest.raises(SystemExit) as e:
-        run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations", str(sets["annotations"]),
+        run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]),
+            "--annotations", str(sets["annotations"]),
             "--images", str(sets["vqa_root"]), "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "annotations.json" in err and len(err.strip().splitlines()) == 1
@@ -273,7 +276,8 @@ def test_two_processes_give_the_predictions_and_metrics_of_one(ckpt, sets, tmp_p
     two = tmp_path / "two"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kosmos.eval", "run",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "kosmos.eval", "run",
            *args, "--out", str(two)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -307,7 +311,8 @@ def test_training_runs_its_eval_tasks_and_logs_their_metrics(tiny_run, tmp_path,
     shard = sorted(Path(captions.strip("[]")).glob("*.tar"))[0]
     out = tmp_path / "run"
     task = f"[{{task: captioning, data: '{shard}', limit: 3, max_new_tokens: 3, metrics: [BLEU, CIDEr]}}]"
-    cfg = load_config(TINY, [*tiny_run, f"train.output_dir={out}", "train.max_steps=2", "optim.total_steps=30",
+    cfg = load_config(TINY, [*tiny_run, f"train.output_dir={out}", "train.max_steps=2",
+                             "optim.total_steps=30",
                              "optim.warmup_steps=5", "train.eval_every=2", f"train.eval_tasks={task}",
                              "data.text.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
                              "data.captions.workers=0"])
@@ -324,7 +329,8 @@ def test_score_on_the_run_results_gives_the_run_metrics(ckpt, sets, tmp_path, ca
     out = tmp_path / "out"
     run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations", str(sets["annotations"]),
         "--images", str(sets["vqa_root"]), "--out", str(out), *FAST)
-    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]),
+        "--images", str(sets["coco_root"]),
         "--out", str(out), *FAST)
     for task, value in (("vqav2", "cat"), ("coco_captioning", "a photo number 2")):
         path = out / task / "0shot" / "predictions.rank0.jsonl"
@@ -335,13 +341,15 @@ def test_score_on_the_run_results_gives_the_run_metrics(ckpt, sets, tmp_path, ca
     args = ["--out", str(out), *FAST]  # a rerun predicts nothing more and scores the edited predictions
     run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations", str(sets["annotations"]),
         "--images", str(sets["vqa_root"]), *args)
-    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+    run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]),
+        "--images", str(sets["coco_root"]),
         *args)
     assert results(out, "vqav2")[1]["metrics"]["accuracy"] >= 50
     assert results(out, "coco_captioning")[1]["metrics"]["CIDEr"] > 0
     capsys.readouterr()
     folder = out / "vqav2" / "0shot"
-    assert main(["score", "vqa", "--questions", str(sets["questions"]), "--annotations", str(sets["annotations"]),
+    assert main(["score", "vqa", "--questions", str(sets["questions"]),
+                 "--annotations", str(sets["annotations"]),
                  "--predictions", str(folder / "results.json")]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["accuracy"] == results(out, "vqav2")[1]["metrics"]["accuracy"]

@@ -124,7 +124,7 @@ def test_damaged_jsonl_gz_tokenizer_keeps_the_documents_before_the_damage(tmp_pa
     assert f"{how} file after {readable} documents" in stats[0].errors[0]
 
 
-# ------------------------------------------------------------------ item 11: garbage inputs to inspect, parquet
+# ---------------------------------------------------------------- item 11: garbage inputs to inspect, parquet
 
 
 @pytest.mark.parametrize("content", [b"", b"\x13garbage, not a tar" * 100], ids=["0-byte", "garbage"])
@@ -168,7 +168,7 @@ def test_garbage_parquet_among_good_tables_is_skipped_and_counted(tmp_path, caps
     assert str(bad) in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ item 12: columns over more than the first row
+# -------------------------------------------------------------- item 12: columns over more than the first row
 
 
 def test_caption_column_found_beyond_the_first_row_and_missing_rows_counted(tmp_path):
@@ -314,7 +314,7 @@ def test_max_tokens_config_defaults_and_check():
         load_config(TINY, ["data.text.max_tokens=-1"])
 
 
-# ------------------------------------------------------------------ item 20: img2dataset verify, tokenizer on shards
+# ----------------------------------------------------------- item 20: img2dataset verify, tokenizer on shards
 
 
 def _img2dataset_folder(root: Path, successes: int | None = None) -> Path:

@@ -251,7 +251,7 @@ def test_rerun_after_the_input_changed_converts_the_new_input(tmp_path, monkeypa
     assert calls == []
 
 
-# ------------------------------------------------------------------ 11. an output folder that cannot be written
+# ---------------------------------------------------------------- 11. an output folder that cannot be written
 
 
 def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
@@ -296,7 +296,8 @@ def test_keys_that_sanitise_alike_are_all_kept(tmp_path):
 
     # sorted order a b, a.b, a_b, 中国, 日本: the first keeps the sanitised name, the others add a hash
     assert got == {"a_b": "caption of a b", f"a_b-{h('a.b')}": "caption of a.b",
-                   f"a_b-{h('a_b')}": "caption of a_b", "_": "caption of 中国", f"_-{h('日本')}": "caption of 日本"}
+                   f"a_b-{h('a_b')}": "caption of a_b", "_": "caption of 中国",
+                   f"_-{h('日本')}": "caption of 日本"}
 
 
 def test_unique_key():
@@ -329,7 +330,8 @@ def test_a_conversion_that_writes_nothing_exits_2_showing_the_paths_tried(tmp_pa
     assert m["skipped_examples"]["missing_image"] == [f"captions.json:image {i}: {wrong / f'{i:012d}.jpg'}"
                                                       for i in (1, 2, 3)]
     # with the right folder (another output: the first one holds a conversion with other arguments)
-    assert captions.main(["-f", "coco", "-i", str(ann), "--images-root", str(train), "-o", str(tmp_path / "ok"),
+    assert captions.main(["-f", "coco", "-i", str(ann), "--images-root", str(train),
+                          "-o", str(tmp_path / "ok"),
                           "--no-progress"]) == 0
     assert manifest(tmp_path / "ok")["totals"]["samples"] == 3
 
