@@ -153,7 +153,8 @@ def test_instructions_unnatural_flan_and_prompt_response(tmp_path):
         "unnatural", "prompt_response", "flat"]
     # the one template, stated in one place
     assert INSTRUCTION_TEMPLATE.format(instruction="I", input="", output="O") == "Instruction: I\nOutput: O"
-    assert render_instruction("I", "x", "O") == ("Instruction: I\nInput: x\nOutput: O", 32)  # prompt: 32 chars
+    # prompt: 32 chars
+    assert render_instruction("I", "x", "O") == ("Instruction: I\nInput: x\nOutput: O", 32)
     assert verify(out, quiet=True)[0]
 
 

@@ -53,7 +53,8 @@ def make_sets(root: Path) -> dict[str, Path]:
     imgs = root / "coco" / "val2014"
     choice = [{"id": f"c{i}", "images": [str(imgs / f"COCO_val2014_{i:012d}.jpg")],
                "text": "<image>This picture shows", "candidates": [" a cat.", " a rocket.", {
-                   "text": " the same as <image>", "images": [f"coco/val2014/COCO_val2014_{i + 1:012d}.jpg"]}],
+                   "text": " the same as <image>",
+                   "images": [f"coco/val2014/COCO_val2014_{i + 1:012d}.jpg"]}],
                "answer": i % 3} for i in range(1, 4)]
     (root / "choice.jsonl").write_text("\n".join(json.dumps(r) for r in choice) + "\n")
     labels = [{"id": f"l{i}", "image": f"coco/val2014/COCO_val2014_{i:012d}.jpg", "labels": ["cat", "animal"]}

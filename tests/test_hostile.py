@@ -252,7 +252,8 @@ def test_a_huge_caption_is_cut_to_max_tokens(tiny_tokenizer):
     assert item.truncated and len(item.ids) == 64 and len(item.images) == 1
     assert item.ids[:2] == [tiny_tokenizer.bos_id, tiny_tokenizer.image_id]
     short = encode_sample("captions", {"jpg": jpeg(0), "txt": b"a red circle"}, (0, 1), enc, max_tokens=64)
-    assert not short.truncated and short.ids == encode_sample("captions", {"jpg": jpeg(0), "txt": b"a red circle"},
+    assert not short.truncated and short.ids == encode_sample("captions",
+                                                              {"jpg": jpeg(0), "txt": b"a red circle"},
                                                               (0, 1), enc).ids
 
 
