@@ -162,17 +162,17 @@ def test_resume_consumes_the_same_samples_as_an_uninterrupted_run(tmp_path, tiny
     first = SourceLoader(make_ds(kind, shards, tiny_tokenizer, **kw))
     head = consume(first, n_head)
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    assert any(st["carry"] for st in state["workers"].values()), "the test should resume mid-document"
+    assert any(st["carry"] for st in state["streams"].values()), "the test should resume mid-document"
     if case == "captions-all":
         from kosmos.data.format import captions
         from kosmos.data.shards import read_shard
 
         n_caps = {(s, o): len(captions(raw))
                   for s, p in enumerate(shards) for o, raw in read_shard(p, Counter())}
-        order = {w: make_ds(kind, shards, tiny_tokenizer, **kw).worker_stream(int(w))._order(st["epoch"])
-                 for w, st in state["workers"].items()}
-        assert any(0 < st["sub"] < n_caps[(order[w][st["k"]], st["offset"])]
-                   for w, st in state["workers"].items() if st["offset"] >= 0), \
+        order = {s: make_ds(kind, shards, tiny_tokenizer, **kw).stream(int(s))._order(st["epoch"])
+                 for s, st in state["streams"].items()}
+        assert any(0 < st["sub"] < n_caps[(order[s][st["k"]], st["offset"])]
+                   for s, st in state["streams"].items() if st["offset"] >= 0), \
             "the test should resume between two captions of an image"
     resumed = SourceLoader(make_ds(kind, shards, tiny_tokenizer, **kw))
     resumed.load_state_dict(state)
@@ -183,18 +183,69 @@ def test_resume_consumes_the_same_samples_as_an_uninterrupted_run(tmp_path, tiny
         assert torch.equal(a["images"], b["images"])
         assert a["sample_positions"] == b["sample_positions"]
     # over several epochs (3 shards x 5 samples, 17 micro-batches of 2 rows)
-    assert max(st["epoch"] for st in resumed.state_dict()["workers"].values()) >= 1
+    assert max(st["epoch"] for st in resumed.state_dict()["streams"].values()) >= 1
     if kind == "captions":  # the caption is part of the position, and thus of what resumes
         assert any(len(p) == 3 for b in full for p in b["sample_positions"])
 
 
-def test_resume_refuses_another_layout(tmp_path, tiny_tokenizer):
-    shards, kw = _resume_setup(tmp_path, tiny_tokenizer)
-    first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))
+def _rank_states(loaders):
+    """What a checkpoint stores for one source (each rank's state), as every rank of a resume reads it."""
+    from kosmos.data.stream import rank_data_state
+
+    per_rank = [json.loads(json.dumps({"src": ld.state_dict()})) for ld in loaders]
+    return [rank_data_state(per_rank, r)["src"] for r in range(len(per_rank))]
+
+
+ELASTIC = {  # (world_size, workers) before -> after the checkpoint; micro-batches per rank before it
+    "2 processes -> 1": ((2, 1), (1, 1), 3),
+    "1 worker -> 2 workers": ((1, 1), (1, 2), 5),
+    "2x2 -> 1x3": ((2, 2), (1, 3), 2),
+}
+
+
+@pytest.mark.parametrize("case", ELASTIC)
+@pytest.mark.parametrize("kind", ["interleaved", "captions"])
+def test_elastic_resume_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_tokenizer, case, kind):
+    """A pass (one epoch) cut by a checkpoint and resumed on another number of processes or workers: its
+    logical streams are dealt over the new workers, and the sample positions consumed before and after are
+    those of the uninterrupted pass, each once (the order differs: another layout interleaves them otherwise)."""
+    (ws0, nw0), (ws1, nw1), n_head = ELASTIC[case]
+    make = interleaved_shards if kind == "interleaved" else caption_shards
+    shards = make(tmp_path / "d", 5, 7, **({"words": (5, 30)} if kind == "interleaved" else {"captions": 3}))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, streams=6, caption_choice="all")
+
+    def loaders(ws, nw):
+        return [SourceLoader(make_ds(kind, shards, tiny_tokenizer, rank=r, world_size=ws, num_workers=nw, **kw))
+                for r in range(ws)]
+
+    def positions(batches):
+        return Counter(tuple(p) for b in batches for p in b["sample_positions"])
+
+    full = sum((positions(consume(ld)) for ld in loaders(ws0, nw0)), Counter())
+    assert max(full.values()) == 1 and len(full) >= 5 * 7  # every document, every caption of every image
+
+    first = loaders(ws0, nw0)
+    head = sum((positions(consume(ld, n_head)) for ld in first), Counter())
+    saved = _rank_states(first)
+    carries = [st["carry"] for sd in saved for st in sd["streams"].values() if st["carry"]]
+    assert carries and (kind == "captions" or any(c[-1] > 0 for c in carries)), "the test should resume mid-document"
+    tail = Counter()
+    for r, ld in enumerate(loaders(ws1, nw1)):
+        ld.load_state_dict(saved[r] if r < ws0 else saved[0])
+        assert "elastic resume" in ld.resume_note
+        tail += positions(consume(ld))
+    assert not head & tail, "a sample consumed before the checkpoint was consumed again"
+    assert head + tail == full
+
+
+def test_elastic_resume_refuses_more_workers_than_streams(tmp_path, tiny_tokenizer):
+    shards, kw = _resume_setup(tmp_path, tiny_tokenizer)  # 3 shards: 3 logical streams
+    first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 1}))
     consume(first, 2)
-    other = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 1}))
-    with pytest.raises(ValueError, match="same layout"):
-        other.load_state_dict(first.state_dict())
+    assert first.state_dict()["n_streams"] == 3
+    other = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 4}))
+    with pytest.raises(ValueError, match="3 logical streams, which cannot feed this run's 4 global workers"):
+        other.load_state_dict(_rank_states([first])[0])
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_tokenizer):

@@ -1,22 +1,34 @@
 """One source's stream: shards -> shuffled samples -> packed micro-batches, split over ranks and workers,
 with a position that is saved in every checkpoint and restored exactly.
 
-Who reads what. The G = world_size x workers global workers each get their own share: with at least G
-shards, global worker g reads shards order[g::G] whole (order: the sorted shard list, shuffled per epoch
-with the seed); with fewer shards than workers, every worker reads every shard and keeps the samples whose
-offset in the shard is g modulo G. Either way one pass gives every sample to exactly one worker. In
-training the stream is infinite (epoch after epoch, a new shard order each time); for evaluation it is one
-pass in the sorted order.
+Who reads what. Each source is split into S logical streams (`MAX_STREAMS` or the number of shards,
+whichever is smaller, and at least the G = world_size x workers global workers; in evaluation S = G): with
+at least S shards, stream s reads shards order[s::S] whole (order: the sorted shard list, shuffled per epoch
+with the seed); with fewer shards than streams, every stream reads every shard and keeps the samples whose
+offset in the shard is s modulo S. Either way one pass gives every sample to exactly one stream. Global
+worker g reads the streams s with s mod G = g, taking samples from them in turn (one each, in stream order),
+and packs them into rows. In training the stream is infinite (epoch after epoch per stream, a new shard order
+each time); for evaluation it is one pass in the sorted order. The data order of a run is a function of the
+seed, the shards, S and G: another process or worker count gives another (equally valid) order.
 
-The resume guarantee. Each micro-batch leaves its worker with that worker's state: the epoch, how far it
-has read (shard and sample offset), the positions of the samples in its shuffle buffer, the buffer's RNG
-state, and the sample the next row starts with (position and token offset). The main process keeps, per
-worker, the state of the last micro-batch it actually consumed, and which worker comes next. A resumed run
-(same world size and workers per rank) rebuilds every worker exactly there: the shuffle buffer is re-read
-from its positions, the unfinished document is re-read and cut at its offset, and DataLoader's round robin
-restarts at the saved next worker. So it yields exactly the micro-batches that the uninterrupted run would
-have yielded next: nothing consumed is replayed and nothing is skipped. Micro-batches that workers had
-prefetched but the trainer had not consumed are not part of the state; they are produced again.
+The resume guarantee. Each micro-batch leaves its worker with the states of its streams: per stream the
+epoch, how far it has read (shard and sample offset, and the caption cursor `sub`), the positions of the
+samples in its shuffle buffer, the buffer's RNG state, and the unfinished document the next row continues
+(position and token offset: the packer's only pending state, handed back to the stream it came from); plus
+the worker's own turn (which stream gives the next sample). The main process keeps, per stream, the state of
+the last micro-batch it actually consumed, per worker its turn, and which worker comes next. Resumed with
+the same world size and workers per rank, every worker is rebuilt exactly there: the shuffle buffers are
+re-read from their positions, the unfinished document is re-read and cut at its offset, the turn and
+DataLoader's round robin restart where they were. So it yields exactly the micro-batches that the
+uninterrupted run would have yielded next: nothing consumed is replayed and nothing is skipped. Resumed with
+another world size or worker count (elastic resume), every rank reads the data positions of all the ranks
+that wrote the checkpoint, and the S stream states are dealt to the new global workers (s mod G'); a worker
+starts with the unfinished documents of its streams, then takes its streams in turn from the first. Each
+stream goes on exactly where it was, so no sample of the epoch is replayed or skipped; only the
+interleaving of the streams into rows, and thus the batches, differ from an uninterrupted run. S is fixed by
+the first run (it is in the checkpoint): a layout with more global workers than S is refused.
+Micro-batches that workers had prefetched but the trainer had not consumed are not part of the state; they
+are produced again.
 
 Every caption counts. A caption sample with several captions (`KEY.json` `"captions"`, see
 `kosmos.data.format.captions`) is visited as `data.<source>.caption_choice` says:
@@ -62,6 +74,10 @@ from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
 
 
+MAX_STREAMS = 64
+"""Logical streams per source in training, unless there are fewer shards (or more global workers): the most
+global workers (world_size x workers) a checkpoint can be resumed on."""
+
 RETRY_WAITS = (1.0, 2.0, 4.0)
 """Seconds a worker waits before each new pass when a whole pass found no sample (shards gone mid-run, or a
 file system that comes back); after the last, a DataError stops the run."""
@@ -102,18 +118,19 @@ def _set_rng_state(rng: random.Random, state: list) -> None:
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
-class WorkerStream:
-    """One global worker's deterministic, resumable stream of encoded samples."""
+class LogicalStream:
+    """Logical stream s of S of a source: a deterministic, resumable stream of encoded samples, read by
+    whichever global worker it is assigned to."""
 
-    def __init__(self, kind: str, shards: list[str], g: int, G: int, *, encoder: SequenceEncoder,
+    def __init__(self, kind: str, shards: list[str], s: int, S: int, *, encoder: SequenceEncoder,
                  seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, max_tokens: int = 0,
                  loss: str = "all", caption_choice: str = "random", state: dict | None = None):
-        self.kind, self.shards, self.g, self.G = kind, shards, g, G
+        self.kind, self.shards, self.s, self.S = kind, shards, s, S
         self.encoder, self.max_tokens = encoder, max_tokens
         self.loss, self.caption_choice = loss, caption_choice
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
-        self.split_samples = len(shards) < G
-        self.rng = random.Random(f"kosmos-shuffle-{seed}-{g}")
+        self.split_samples = len(shards) < S
+        self.rng = random.Random(f"kosmos-shuffle-{seed}-{s}")
         self.skipped: Counter = Counter()
         self.truncated = 0  # samples cut to max_tokens
         self.epoch, self.k, self.offset = 0, 0, -1  # reading cursor: epoch, index in this epoch's order, offset
@@ -130,7 +147,7 @@ class WorkerStream:
         order = list(range(len(self.shards)))
         if self.infinite:
             random.Random(f"kosmos-shards-{self.seed}-{epoch}").shuffle(order)
-        return order if self.split_samples else order[self.g :: self.G]
+        return order if self.split_samples else order[self.s :: self.S]
 
     def _visits(self, shard: int, offset: int, raw: dict) -> list[tuple[int, ...]]:
         """The positions under which this epoch visits a sample: `(shard, offset)`, or for a caption sample
@@ -154,10 +171,11 @@ class WorkerStream:
         while True:
             order = self._order(self.epoch)
             got = 0
+            whole = (self.k, self.offset) == (0, -1)  # not a pass resumed part-way (perhaps at its very end)
             while self.k < len(order):
                 shard = order[self.k]
                 for offset, raw in read_shard(self.shards[shard], self.skipped):
-                    if offset < self.offset or (self.split_samples and offset % self.G != self.g):
+                    if offset < self.offset or (self.split_samples and offset % self.S != self.s):
                         continue
                     visits = self._visits(shard, offset, raw)
                     done = self.sub if offset == self.offset else 0
@@ -168,16 +186,16 @@ class WorkerStream:
                 self.k, self.offset, self.sub = self.k + 1, -1, 0
             if not self.infinite:
                 return
-            if got == 0 and self.n_samples == 0:
+            if got == 0 and whole and self.n_samples == 0:
                 raise DataError(
-                    f"{self.kind}: worker {self.g} of {self.G} found no samples in a whole pass over "
+                    f"{self.kind}: stream {self.s} of {self.S} found no samples in a whole pass over "
                     f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
-                    f"the shards with `python -m data_tools.verify`")
-            if got == 0:  # it read samples before: the shards went away (or a file system is down)
+                    f"the shards with `python -m data_tools.verify` (streams: see kosmos/data/stream.py)")
+            if got == 0 and whole:  # it read samples before: the shards went away (or a file system is down)
                 if retries == len(RETRY_WAITS):
                     raise DataError(
                         f"{self.kind}: no readable shard left: {retries + 1} passes over the {len(order)} "
-                        f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no "
+                        f"shard(s) of stream {self.s} of {self.S} ({self.shards[order[0]]}, ...) found no "
                         f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they "
                         "deleted or moved? Put them back and resume with --resume latest")
                 time.sleep(RETRY_WAITS[retries])
@@ -193,7 +211,7 @@ class WorkerStream:
                 yield item
                 continue
             self.buffer.append(item)
-            if len(self.buffer) >= self.buffer_size:
+            while len(self.buffer) >= self.buffer_size:  # more than once: a larger buffer restored
                 yield self._pop()
         while self.buffer:
             yield self._pop()
@@ -210,10 +228,15 @@ class WorkerStream:
             self.skipped[e.reason] += 1
             return None
 
+    def take_carry(self) -> Encoded | None:
+        """The unfinished document of a restored state (already counted before the checkpoint), once."""
+        carry, self.carry = self.carry, None
+        return carry
+
     def encoded(self) -> Iterator[Encoded]:
         """Encoded samples: first the unfinished document of a restored state, then the stream."""
-        if self.carry is not None:  # already counted before the checkpoint
-            carry, self.carry = self.carry, None
+        carry = self.take_carry()
+        if carry is not None:
             yield carry
         for pos, raw in self._shuffled():
             item = self._encode(pos, raw)
@@ -225,6 +248,9 @@ class WorkerStream:
     # ------------------------------------------------------------------ state
 
     def state(self, carry: Encoded | None) -> dict:
+        """The stream's position; `carry`: the packer's unfinished document taken from this stream (else a
+        restored one not yet taken, if any)."""
+        carry = carry if carry is not None else self.carry
         return {
             "epoch": self.epoch, "k": self.k, "offset": self.offset, "sub": self.sub,
             "buffer": [list(pos) for pos, _ in self.buffer],
@@ -257,13 +283,46 @@ class WorkerStream:
             self.carry = item
 
 
+class _Turns:
+    """A worker's samples from its streams: first the unfinished documents of restored states (in stream
+    order), then one sample from each stream in turn, starting at stream `first` (a stream that ends, in a
+    finite pass, leaves the turn). `last` is the stream of the latest sample, `next` whose turn it is."""
+
+    def __init__(self, streams: dict[int, LogicalStream], first: int | None):
+        self.streams = streams
+        self.active = sorted(streams)
+        self.i = self.active.index(first) if first in streams else 0
+        self.last: int | None = None
+
+    @property
+    def next(self) -> int | None:
+        return self.active[self.i] if self.active else None
+
+    def __iter__(self) -> Iterator[Encoded]:
+        for s in self.active:
+            carry = self.streams[s].take_carry()
+            if carry is not None:
+                self.last = s
+                yield carry
+        its = {s: self.streams[s].encoded() for s in self.active}
+        while self.active:
+            s = self.active[self.i]
+            item = next(its[s], None)
+            if item is None:
+                self.active.pop(self.i)
+                self.i = self.i % len(self.active) if self.active else 0
+                continue
+            self.last, self.i = s, (self.i + 1) % len(self.active)
+            yield item
+
+
 class SourceDataset(IterableDataset):
     """Packed micro-batches of one source for one rank; each carries its worker's state."""
 
     def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
                  micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0, loss: str = "all",
-                 caption_choice: str = "random"):
+                 caption_choice: str = "random", streams: int = 0):
         super().__init__()
         if not shards:
             raise ValueError(f"{kind}: no shards")
@@ -283,15 +342,29 @@ class SourceDataset(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
         self.exiting = _EXITING  # the workers' copy (fork or spawn) of the main process's exit flag
-        self.states: dict[int, dict] = {}  # logical worker -> state to resume from
+        G = self.global_workers
+        if streams and streams < G:
+            raise ValueError(f"{kind}: {streams} logical streams cannot feed {G} global workers")
+        self.n_streams = streams or (max(G, min(MAX_STREAMS, len(self.shards))) if infinite else G)
+        """S, the logical streams (module docstring); a restored data position sets the saved one."""
+        self.states: dict[int, dict] = {}  # logical stream -> state to resume from
+        self.turns: dict[int, int] = {}  # logical worker -> the stream whose turn it is
         self.worker_offset = 0  # physical worker 0 plays this logical worker (DataLoader starts at 0)
 
-    def worker_stream(self, logical: int) -> WorkerStream:
-        nw = max(1, self.num_workers)
-        return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
-                            encoder=self.encoder, seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
-                            max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
-                            state=self.states.get(logical))
+    @property
+    def global_workers(self) -> int:
+        return self.world_size * max(1, self.num_workers)
+
+    def streams_of(self, logical: int) -> list[int]:
+        """The logical streams that worker `logical` of this rank reads."""
+        return list(range(self.rank * max(1, self.num_workers) + logical, self.n_streams, self.global_workers))
+
+    def stream(self, s: int, shuffle_buffer: int | None = None) -> LogicalStream:
+        return LogicalStream(self.kind, self.shards, s, self.n_streams, encoder=self.encoder, seed=self.seed,
+                             infinite=self.infinite,
+                             shuffle_buffer=self.shuffle_buffer if shuffle_buffer is None else shuffle_buffer,
+                             max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
+                             state=self.states.get(s))
 
     def __iter__(self):
         info = get_worker_info()
@@ -301,40 +374,70 @@ class SourceDataset(IterableDataset):
         logical = ((info.id if info else 0) + self.worker_offset) % nw
         packer = Packer(self.max_len, self.encoder.num_latents, self.encoder.pad_id)
         rows: list[Row] = []
+        ids = self.streams_of(logical)
+        # the worker's shuffle buffer shared by its streams
+        buffer = -(-self.shuffle_buffer // len(ids)) if self.shuffle_buffer > 1 else self.shuffle_buffer
         try:
-            stream = self.worker_stream(logical)
-            for row, carry in packer.pack(stream.encoded()):
+            turns = _Turns({s: self.stream(s, buffer) for s in ids}, self.turns.get(logical))
+            for row, carry in packer.pack(turns):
                 rows.append(row)
                 if len(rows) == self.micro_batch_size:
-                    yield self._batch(rows, stream, carry, logical)
+                    yield self._batch(rows, turns, carry, logical)
                     rows = []
         except DataError as e:  # to the main process as an item: its message alone, not a worker traceback
             yield {"error": str(e), "worker": logical}
             return
         if rows:  # the end of a finite pass: a last, smaller micro-batch
-            yield self._batch(rows, stream, None, logical)
+            yield self._batch(rows, turns, None, logical)
         else:  # no batch left, but the final counts (skipped samples) must still reach the main process
-            yield {"state": stream.state(None), "worker": logical, "empty": True}
+            yield {"state": self._state(turns, None), "worker": logical, "empty": True}
 
-    def _batch(self, rows: list[Row], stream: WorkerStream, carry: Encoded | None, logical: int) -> dict:
+    @staticmethod
+    def _state(turns: _Turns, carry: Encoded | None) -> dict:
+        return {"streams": {s: st.state(carry if s == turns.last else None) for s, st in turns.streams.items()},
+                "next": turns.next}
+
+    def _batch(self, rows: list[Row], turns: _Turns, carry: Encoded | None, logical: int) -> dict:
         batch = collate(rows, self.encoder.image_size)
         batch["n_real"] = torch.tensor(sum(r.n_real for r in rows))
         batch["sample_positions"] = [pos for r in rows for pos in r.starts]
-        batch["state"] = stream.state(carry)
+        batch["state"] = self._state(turns, carry)
         batch["worker"] = logical
         return batch
 
 
+def _upgrade(sd: dict, rank: int) -> dict:
+    """A source's data position written before logical streams (one stream per global worker, S = G) in
+    today's form."""
+    if "streams" in sd:
+        return sd
+    nw = max(1, sd["num_workers"])
+    return {**sd, "n_streams": sd["world_size"] * nw, "turns": {},
+            "streams": {str(rank * nw + int(w)): st for w, st in sd["workers"].items()}}
+
+
+def rank_data_state(per_rank: list[dict], rank: int) -> dict:
+    """This rank's data state (Mixture.load_state_dict) from those every rank of a checkpoint wrote: its own
+    (rank 0's for a rank the checkpoint did not have), each source's entry with every rank's entry of it under
+    "ranks", from which SourceLoader.load_state_dict deals the streams over another layout."""
+    own = per_rank[rank] if rank < len(per_rank) else per_rank[0]
+    return {k: {**v, "ranks": [d[k] for d in per_rank]} if isinstance(v, dict) and "kind" in v else v
+            for k, v in own.items()}
+
+
 class SourceLoader:
-    """A DataLoader over a SourceDataset that remembers, per worker, the state of the last micro-batch
-    handed to the trainer, so that `state_dict()` is exactly the position of what was consumed."""
+    """A DataLoader over a SourceDataset that remembers, per logical stream, the state of the last
+    micro-batch handed to the trainer, so that `state_dict()` is exactly the position of what was consumed."""
 
     def __init__(self, dataset: SourceDataset, prefetch_factor: int = 2):
         self.dataset = dataset
         self.num_workers = dataset.num_workers
         self.prefetch_factor = prefetch_factor
-        self.states: dict[int, dict] = dict(dataset.states)
+        self.states: dict[int, dict] = dict(dataset.states)  # logical stream -> state
+        self.turns: dict[int, int] = dict(dataset.turns)
         self.next_worker = dataset.worker_offset
+        self.resume_note: str | None = None
+        """Set by load_state_dict on an elastic resume: for the log."""
         self._it = None
         self._workers = None  # the DataLoader iterator that owns the worker processes
         self.missing_shards: list[str] = []
@@ -353,7 +456,10 @@ class SourceLoader:
             if "error" in batch:
                 raise DataError(batch["error"])
             w = batch.pop("worker")
-            self.states[w] = batch.pop("state")
+            state = batch.pop("state")
+            self.states.update(state["streams"])
+            if state["next"] is not None:
+                self.turns[w] = state["next"]
             self.next_worker = (w + 1) % nw
             if not batch.get("empty"):
                 yield batch
@@ -378,7 +484,7 @@ class SourceLoader:
                 proc.join()
 
     def skipped(self) -> Counter:
-        """Bad samples skipped so far, by reason, over this rank's workers."""
+        """Bad samples skipped so far, by reason, over this rank's streams."""
         total: Counter = Counter()
         for st in self.states.values():
             total.update(st["skipped"])
@@ -388,22 +494,46 @@ class SourceLoader:
         return sum(st["samples"] for st in self.states.values())
 
     def truncated(self) -> int:
-        """Samples cut to `max_tokens` so far, over this rank's workers."""
+        """Samples cut to `max_tokens` so far, over this rank's streams."""
         return sum(st.get("truncated", 0) for st in self.states.values())
 
     def state_dict(self) -> dict:
-        return {"kind": self.dataset.kind, "world_size": self.dataset.world_size, "num_workers": self.num_workers,
-                "next_worker": self.next_worker, "workers": {str(k): v for k, v in self.states.items()}}
+        ds = self.dataset
+        return {"kind": ds.kind, "world_size": ds.world_size, "num_workers": self.num_workers,
+                "n_streams": ds.n_streams, "next_worker": self.next_worker,
+                "turns": {str(w): s for w, s in self.turns.items()},
+                "streams": {str(s): st for s, st in self.states.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore a data position: this rank's own when the layout (world size, workers per rank) is the
+        checkpoint's; else the streams dealt over this layout from every rank's entry (`sd["ranks"]`, see
+        rank_data_state), the turns and DataLoader's round robin starting afresh."""
         ds = self.dataset
-        if (sd["world_size"], sd["num_workers"]) != (ds.world_size, self.num_workers):
+        own = _upgrade(sd, ds.rank)
+        S, G = own["n_streams"], ds.global_workers
+        layout = f"world_size={own['world_size']} and {own['num_workers']} workers per rank"
+        if S < G:
             raise ConfigError(
-                f"{ds.kind}: the data position was saved with world_size={sd['world_size']} and "
-                f"{sd['num_workers']} workers per rank, but this run has world_size={ds.world_size} and "
-                f"{self.num_workers}; resume with the same layout (or start the data from scratch)")
-        self.states = {int(k): v for k, v in sd["workers"].items()}
-        self.next_worker = sd["next_worker"]
-        ds.states = dict(self.states)
+                f"{ds.kind}: the data position was saved with {layout} in {S} logical streams, which cannot "
+                f"feed this run's {G} global workers (world_size={ds.world_size} x {self.num_workers} workers); "
+                f"use at most {S} (or start the data from scratch)")
+        if (own["world_size"], own["num_workers"]) == (ds.world_size, self.num_workers):
+            states = own["streams"]
+            self.turns = {int(w): s for w, s in own["turns"].items()}
+            self.next_worker = own["next_worker"]
+        else:
+            ranks = sd.get("ranks") or []
+            if len(ranks) != own["world_size"]:
+                raise ConfigError(f"{ds.kind}: the data position was saved with {layout}; another layout "
+                                  "needs the data positions of every rank (data_rank*.json)")
+            states = {k: v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
+            self.turns, self.next_worker = {}, 0
+            self.resume_note = (f"{ds.kind}: data position saved with {layout}, resumed with "
+                                f"world_size={ds.world_size} and {self.num_workers}: its {S} logical streams "
+                                "dealt over the new workers (elastic resume)")
+        ds.n_streams = S
+        mine = set(s for w in range(max(1, self.num_workers)) for s in ds.streams_of(w))
+        self.states = {int(s): st for s, st in states.items() if int(s) in mine}
+        ds.states, ds.turns = dict(self.states), dict(self.turns)
         ds.worker_offset = self.next_worker
         self._it = None
