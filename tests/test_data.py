@@ -238,6 +238,63 @@ def test_elastic_resume_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_t
     assert head + tail == full
 
 
+@pytest.mark.parametrize("streams", [0, 6])  # as many streams as shards (whole shards), more (split shards)
+@pytest.mark.parametrize("case", ELASTIC)
+def test_elastic_resume_in_training_loses_nothing_of_the_epoch(tmp_path, tiny_tokenizer, case, streams):
+    """Infinite, shuffled streams cut by a checkpoint and resumed on another layout: within the epoch, every
+    sample a stream has read is consumed once, or still waits in its shuffle buffer or as its next document."""
+    (ws0, nw0), (ws1, nw1), n_head = ELASTIC[case]
+    shards = interleaved_shards(tmp_path / "d", 5, 12, words=(5, 30))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, streams=streams, infinite=True)
+
+    def loaders(ws, nw):
+        return [SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, rank=r, world_size=ws,
+                                     num_workers=nw, **kw)) for r in range(ws)]
+
+    consumed = Counter()
+    first = loaders(ws0, nw0)
+    for ld in first:
+        consumed.update(tuple(p) for b in consume(ld, n_head) for p in b["sample_positions"])
+    saved = _rank_states(first)
+    final = {}
+    for r, ld in enumerate(loaders(ws1, nw1)):
+        ld.load_state_dict(saved[r] if r < ws0 else saved[0])
+        consumed.update(tuple(p) for b in consume(ld, 5) for p in b["sample_positions"])
+        final.update(ld.state_dict()["streams"])
+    ds = make_ds("interleaved", shards, tiny_tokenizer, **kw, world_size=max(ws0, ws1), num_workers=3)
+    ds.n_streams = saved[0]["n_streams"]
+    assert len(final) == ds.n_streams and max(consumed.values()) == 1
+    waiting, passed = Counter(), Counter()
+    for s, st in final.items():
+        assert st["epoch"] == 0, "the test should stay in the first epoch"
+        stream = ds.stream(int(s))
+        for i, shard in enumerate(stream._order(0)[: st["k"] + 1]):
+            passed.update((shard, o) for o in range(12) if (i < st["k"] or o <= st["offset"])
+                          and (not stream.split_samples or o % stream.S == stream.s))
+        waiting.update(tuple(p) for p in st["buffer"])
+        if st["carry"] and st["carry"][-1] == 0:  # the next row starts it
+            waiting[tuple(st["carry"][:-1])] += 1
+    assert not consumed & waiting
+    assert consumed + waiting == passed
+
+
+def test_a_restored_buffer_larger_than_the_stream_s_drains(tmp_path, tiny_tokenizer):
+    """Elastic resume can give a stream a smaller share of its worker's shuffle buffer, or none: what waited
+    in the larger one comes out first, none of it left behind."""
+    shards = interleaved_shards(tmp_path / "d", 2, 6)
+    kw = dict(shuffle_buffer=4, infinite=True, streams=2)
+    stream = make_ds("interleaved", shards, tiny_tokenizer, **kw).stream(0)
+    it = stream.encoded()
+    [next(it) for _ in range(2)]
+    st = json.loads(json.dumps(stream.state(None)))
+    assert len(st["buffer"]) == 3
+    for size in (0, 1):  # no buffer of its own any more: the 3 waiting come out with the next one read
+        ds = make_ds("interleaved", shards, tiny_tokenizer, **kw)
+        ds.states = {0: st}
+        got = [x.pos for _, x in zip(range(4), ds.stream(0, size).encoded())]
+        assert {tuple(p) for p in st["buffer"]} <= set(got), size
+
+
 def test_elastic_resume_refuses_more_workers_than_streams(tmp_path, tiny_tokenizer):
     shards, kw = _resume_setup(tmp_path, tiny_tokenizer)  # 3 shards: 3 logical streams
     first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 1}))

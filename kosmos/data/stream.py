@@ -207,11 +207,11 @@ class LogicalStream:
 
     def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
         for item in self._raw():
-            if self.buffer_size <= 1:
+            if self.buffer_size <= 1 and not self.buffer:
                 yield item
                 continue
             self.buffer.append(item)
-            while len(self.buffer) >= self.buffer_size:  # more than once: a larger buffer restored
+            while len(self.buffer) >= max(1, self.buffer_size):  # drains a larger buffer restored
                 yield self._pop()
         while self.buffer:
             yield self._pop()
