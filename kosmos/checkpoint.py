@@ -406,8 +406,8 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     world = int(state["world_size"])
     if world != acc.num_processes and _sharded(acc):
         raise ConfigError(f"{path} was written by {world} processes, this run has {acc.num_processes}; "
-                          "FSDP/DeepSpeed state is sharded per rank, so resume with the same number (or start "
-                          "a new run from its weights with train.init_from)")
+                          "FSDP/DeepSpeed state is sharded per rank, so resume with the same number (or "
+                          "start a new run from its weights with train.init_from)")
     if _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:

@@ -1,7 +1,8 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo) by tests/test_train.py:
 trains configs/tiny.yaml for a few steps and checks, after every step, that the two ranks saw different
 samples and hold bit-identical weights. Prints DIST_OK on success. With `--samples DIR` first, each rank
-also writes the (source, shard, offset[, caption]) of the samples it started, per step, to DIR/rank{R}.json."""
+also writes the (source, shard, offset[, caption]) of the samples it started, per step, to
+DIR/rank{R}.json."""
 
 import json
 import sys

@@ -208,15 +208,16 @@ ELASTIC = {  # (world_size, workers) before -> after the checkpoint; micro-batch
 def test_elastic_resume_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_tokenizer, case, kind):
     """A pass (one epoch) cut by a checkpoint and resumed on another number of processes or workers: its
     logical streams are dealt over the new workers, and the sample positions consumed before and after are
-    those of the uninterrupted pass, each once (the order differs: another layout interleaves them otherwise)."""
+    those of the uninterrupted pass, each once (the order differs: another layout interleaves them
+    otherwise)."""
     (ws0, nw0), (ws1, nw1), n_head = ELASTIC[case]
     make = interleaved_shards if kind == "interleaved" else caption_shards
     shards = make(tmp_path / "d", 5, 7, **({"words": (5, 30)} if kind == "interleaved" else {"captions": 3}))
     kw = dict(shuffle_buffer=4, micro_batch_size=2, streams=6, caption_choice="all")
 
     def loaders(ws, nw):
-        return [SourceLoader(make_ds(kind, shards, tiny_tokenizer, rank=r, world_size=ws, num_workers=nw, **kw))
-                for r in range(ws)]
+        return [SourceLoader(make_ds(kind, shards, tiny_tokenizer, rank=r, world_size=ws, num_workers=nw,
+                                     **kw)) for r in range(ws)]
 
     def positions(batches):
         return Counter(tuple(p) for b in batches for p in b["sample_positions"])
@@ -228,7 +229,8 @@ def test_elastic_resume_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_t
     head = sum((positions(consume(ld, n_head)) for ld in first), Counter())
     saved = _rank_states(first)
     carries = [st["carry"] for sd in saved for st in sd["streams"].values() if st["carry"]]
-    assert carries and (kind == "captions" or any(c[-1] > 0 for c in carries)), "the test should resume mid-document"
+    assert carries and (kind == "captions" or any(c[-1] > 0 for c in carries)), \
+        "the test should resume mid-document"
     tail = Counter()
     for r, ld in enumerate(loaders(ws1, nw1)):
         ld.load_state_dict(saved[r] if r < ws0 else saved[0])
@@ -242,7 +244,8 @@ def test_elastic_resume_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_t
 @pytest.mark.parametrize("case", ELASTIC)
 def test_elastic_resume_in_training_loses_nothing_of_the_epoch(tmp_path, tiny_tokenizer, case, streams):
     """Infinite, shuffled streams cut by a checkpoint and resumed on another layout: within the epoch, every
-    sample a stream has read is consumed once, or still waits in its shuffle buffer or as its next document."""
+    sample a stream has read is consumed once, or still waits in its shuffle buffer or as its next
+    document."""
     (ws0, nw0), (ws1, nw1), n_head = ELASTIC[case]
     shards = interleaved_shards(tmp_path / "d", 5, 12, words=(5, 30))
     kw = dict(shuffle_buffer=4, micro_batch_size=2, streams=streams, infinite=True)

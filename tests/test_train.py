@@ -530,9 +530,9 @@ def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path,
     """Captions in micro-batches of 2 rows: 4 + 1 + 1 micro-batches per step, 3 passes on each rank. Of 8: one
     micro-batch per source, so the ranks run 2 and 1 passes (rotating): DDP still syncs once per step."""
     res = _two_processes([*_overrides(tiny_run, tmp_path / "run", 3),
-                          # Small buffers and batches so that 3 steps stay inside each rank's first epoch: ranks
-                          # read disjoint shares of an epoch, but a rank already in its next epoch may meet a
-                          # sample another rank has now.
+                          # Small buffers and batches so that 3 steps stay inside each rank's first epoch:
+                          # ranks read disjoint shares of an epoch, but a rank already in its next epoch may
+                          # meet a sample another rank has now.
                           *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")],
                           f"data.captions.micro_batch_size={captions_rows}"])
     assert res.stdout.count("DIST_OK") == 2 and "[1, 2, 3]" in res.stdout, res.stdout[-2000:]
@@ -571,7 +571,8 @@ def test_two_processes_resume_on_one_without_replaying_or_skipping_samples(tiny_
             now = final[name]["streams"][s]
             assert (now["epoch"], now["k"], now["offset"]) >= (st["epoch"], st["k"], st["offset"]), (name, s)
             assert now["samples"] >= st["samples"]
-        assert all(st["epoch"] == 0 for st in final[name]["streams"].values()), "the test should stay in epoch 0"
+        assert all(st["epoch"] == 0 for st in final[name]["streams"].values()), \
+            "the test should stay in epoch 0"
 
 
 @pytest.mark.slow

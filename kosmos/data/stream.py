@@ -45,7 +45,7 @@ Such a visit's position is `(shard, offset, caption)` (a sample with one caption
 the cursor also remembers how many visits of the sample at `offset` were read (`sub`), so that the caption is
 part of what a checkpoint stores and restores.
 
-Faults. A shard that vanishes or breaks is skipped and counted. A worker whose whole pass finds no sample
+Faults. A shard that vanishes or breaks is skipped and counted. A stream whose whole pass finds no sample
 although it found some before (its shards deleted or unmounted mid-run) waits and tries again
 (`RETRY_WAITS`), then stops the run with a `DataError` naming the source; so does a source with no sample at
 all. Workers ignore SIGTERM and SIGINT, which go to the whole process group (`timeout`, SLURM, container
@@ -357,7 +357,8 @@ class SourceDataset(IterableDataset):
 
     def streams_of(self, logical: int) -> list[int]:
         """The logical streams that worker `logical` of this rank reads."""
-        return list(range(self.rank * max(1, self.num_workers) + logical, self.n_streams, self.global_workers))
+        g = self.rank * max(1, self.num_workers) + logical
+        return list(range(g, self.n_streams, self.global_workers))
 
     def stream(self, s: int, shuffle_buffer: int | None = None) -> LogicalStream:
         return LogicalStream(self.kind, self.shards, s, self.n_streams, encoder=self.encoder, seed=self.seed,
@@ -394,8 +395,8 @@ class SourceDataset(IterableDataset):
 
     @staticmethod
     def _state(turns: _Turns, carry: Encoded | None) -> dict:
-        return {"streams": {s: st.state(carry if s == turns.last else None) for s, st in turns.streams.items()},
-                "next": turns.next}
+        streams = {s: st.state(carry if s == turns.last else None) for s, st in turns.streams.items()}
+        return {"streams": streams, "next": turns.next}
 
     def _batch(self, rows: list[Row], turns: _Turns, carry: Encoded | None, logical: int) -> dict:
         batch = collate(rows, self.encoder.image_size)
@@ -515,8 +516,8 @@ class SourceLoader:
         if S < G:
             raise ConfigError(
                 f"{ds.kind}: the data position was saved with {layout} in {S} logical streams, which cannot "
-                f"feed this run's {G} global workers (world_size={ds.world_size} x {self.num_workers} workers); "
-                f"use at most {S} (or start the data from scratch)")
+                f"feed this run's {G} global workers (world_size={ds.world_size} x {self.num_workers} "
+                f"workers); use at most {S} (or start the data from scratch)")
         if (own["world_size"], own["num_workers"]) == (ds.world_size, self.num_workers):
             states = own["streams"]
             self.turns = {int(w): s for w, s in own["turns"].items()}
