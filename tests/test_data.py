@@ -188,6 +188,35 @@ def test_resume_consumes_the_same_samples_as_an_uninterrupted_run(tmp_path, tiny
         assert any(len(p) == 3 for b in full for p in b["sample_positions"])
 
 
+def test_a_checkpoint_from_before_logical_streams_resumes_exactly(tmp_path, tiny_tokenizer):
+    """A data position written when each global worker was one stream (`workers`: worker -> its state) is
+    read as S = G streams."""
+    shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
+    kw = dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2, streams=2)
+    full = consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw)), 9)
+    first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))
+    head = consume(first, 5)
+    sd = json.loads(json.dumps(first.state_dict()))
+    old = {k: sd[k] for k in ("kind", "world_size", "num_workers", "next_worker")} | {"workers": sd["streams"]}
+    resumed = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "streams": 0}))
+    resumed.load_state_dict(old)
+    for a, b in zip(full, head + consume(resumed, 4), strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["sample_positions"] == b["sample_positions"]
+
+
+def test_a_document_whose_head_image_does_not_fit_starts_in_the_next_row_only():
+    from kosmos.data.samples import Encoded
+
+    p = Packer(max_len=16, num_latents=4, pad_id=0)  # image span: 6 tokens
+    first = Encoded(pos=(0, 0), ids=[1] * 12, image_mask=[False] * 12)
+    ids = [1] * 6 + [1] * 14  # an image span first, then text: longer than a row
+    second = Encoded(pos=(0, 1), ids=ids, image_mask=[False] * 20, image_starts=[0],
+                     images=[torch.zeros(3, 2, 2)])
+    rows = [r for r, _ in p.pack([first, second])]
+    assert [r.starts for r in rows] == [[(0, 0)], [(0, 1)], []]
+    assert [r.n_real for r in rows] == [12, 16, 4]
+
+
 def _rank_states(loaders):
     """What a checkpoint stores for one source (each rank's state), as every rank of a resume reads it."""
     from kosmos.data.stream import rank_data_state
