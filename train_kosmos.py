@@ -3,16 +3,16 @@
     accelerate launch train_kosmos.py --config configs/kosmos1.yaml [key=value ...] [--resume latest]
     python train_kosmos.py --config configs/tiny.yaml train.max_steps=50     # one process
 
-Each optimizer step takes data.<source>.tokens_per_step tokens from every source (the paper: 0.5M text,
-0.5M image-caption, 0.2M interleaved), planned over all ranks together, as micro-batches of packed rows,
-accumulates their gradients (the step's loss: every target token of every source and rank weighs the same),
-clips, and steps 8-bit AdamW on the warmup/linear-decay schedule. Checkpoints go to
-train.output_dir/checkpoints; `--resume latest` picks up the newest complete one with its optimizer,
-schedule, RNG and data position (a damaged one is named and the one before it taken). A resume keeps the
-settings that change the data order or shapes (seed, max_len, micro_batch_size, shards, ...) unless
-`--allow-config-change KEY,...` names them. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
-`train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another
-number of processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
+Each optimizer step takes tokens_per_step tokens from every source (data.text, data.captions, data.interleaved
+and any data.sources.<name>; the paper: 0.5M text, 0.5M image-caption, 0.2M interleaved), planned over all
+ranks together, as micro-batches of packed rows, accumulates their gradients (the step's loss: every target
+token of every source and rank weighs the same), clips, and steps 8-bit AdamW on the warmup/linear-decay
+schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete one
+with its optimizer, schedule, RNG and data position (a damaged one is named and the one before it taken). A
+resume keeps the settings that change the data order or shapes (seed, max_len, micro_batch_size, shards, ...)
+unless `--allow-config-change KEY,...` names them. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
+`train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another number of
+processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 
 The pieces: kosmos/training.py (builders, train_step, evaluate), kosmos/metrics.py (log window, log line),
 kosmos/checkpoint.py (save, load, resume, the stop signal).
@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")
     ap.add_argument("--allow-config-change", default="", metavar="KEY,...",
                     help="resume although these keys (or sections, e.g. data.text) differ from the "
-                         "checkpoint's: seed, decoder.max_len, tokenizer.path and data.* are otherwise "
-                         "refused")
+                         "checkpoint's, or these sources (data.sources.NAME) were added or removed: seed, "
+                         "decoder.max_len, tokenizer.path and data.* are otherwise refused")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
@@ -114,6 +114,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
                                       truncated=mixture.truncated())
                 state["tokens"] += report.tokens
                 log.info(report.line)
+                for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
+                    log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
+                                                                      file=sys.stderr)
                 acc.log(report.metrics, step=step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 if ev := evaluate(acc, cfg, model, encoder, step):

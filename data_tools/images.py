@@ -2,7 +2,8 @@
 
 ``normalize_image`` decodes any image (EXIF orientation applied, every mode converted to RGB, transparency
 over white, 16-bit scaled), applies the paper's filters, resizes so the shorter side is at most
-``image_size`` (never upscaled) and encodes it as JPEG; a bad image raises ``Skip`` with its reason.
+``image_size`` (never upscaled; with ``crop="center"`` exactly, then the centre square is kept) and encodes
+it as JPEG; a bad image raises ``Skip`` with its reason.
 ``ImageRef`` says where an input image's bytes are (a file or a byte range of a tar).
 """
 
@@ -30,6 +31,10 @@ class ImageOptions:
 
     image_size: int = 256
     """Resize so the shorter side is at most this (aspect kept, never upscaled); 0 keeps the size."""
+    crop: str = "none"
+    """``center``: resize the shorter side to ``image_size`` (a smaller image too) and keep the centre
+    square, as CLIP's preprocessing does: with ``--image-size 224 --crop center`` shards hold the tower's
+    input and the loader only decodes. ``none`` keeps the whole image."""
     jpeg_quality: int = 90
     """JPEG quality of the re-encoded image."""
     min_image_size: int = 64
@@ -42,11 +47,16 @@ class ImageOptions:
     """JPEGs are decoded at a reduced scale (libjpeg DCT scaling: 1/2, 1/4, 1/8) that leaves the shorter
     side at least ``jpeg_draft_gap * image_size``, then resized exactly. 1.0 is fastest (the DCT scaling is
     itself a proper low-pass); 2.0 is what ``Image.thumbnail`` does, a little closer to exact resampling at
-    some cost in speed; 0 decodes at full size."""
+    some cost in speed; 0 decodes at full size. With ``crop="center"`` at least 2.0 (pixels for the tower:
+    within JPEG's loss of CLIP's own preprocessing)."""
 
     def __post_init__(self) -> None:
         if self.image_size < 0:
             raise ValueError(f"image_size must be >= 0, got {self.image_size}")
+        if self.crop not in ("none", "center"):
+            raise ValueError(f"crop must be 'none' or 'center', got {self.crop!r}")
+        if self.crop == "center" and not self.image_size:
+            raise ValueError("crop 'center' needs an image_size > 0")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.min_image_size < 0:
@@ -113,10 +123,12 @@ def normalize_image(data: bytes, opts: ImageOptions) -> tuple[bytes, tuple[int, 
             raise Skip("decompression_bomb", f"{width}x{height}")
         if opts.min_image_size and min(width, height) < opts.min_image_size:
             raise Skip("image_too_small", f"{width}x{height}")
-        if opts.image_size and opts.jpeg_draft_gap and img.format == "JPEG":
+        gap = max(opts.jpeg_draft_gap, 2.0) if opts.crop == "center" and opts.jpeg_draft_gap else (
+            opts.jpeg_draft_gap)
+        if opts.image_size and gap and img.format == "JPEG":
             # Let libjpeg decode at a reduced scale that still leaves at least the target size
             # (times the gap): decoding and resizing get several times faster.
-            scale = opts.jpeg_draft_gap * opts.image_size / min(width, height)
+            scale = gap * opts.image_size / min(width, height)
             if scale < 1:
                 img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
         img.load()
@@ -140,7 +152,14 @@ def normalize_image(data: bytes, opts: ImageOptions) -> tuple[bytes, tuple[int, 
         raise Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
 
     w, h = img.size
-    if opts.image_size and min(w, h) > opts.image_size:
+    if opts.crop == "center":  # open_clip's geometry (from the size before a reduced decode), then its crop
+        ow, oh = (width, height) if (w >= h) == (width >= height) else (height, width)  # EXIF turns
+        new = tuple(int(opts.image_size * v / min(ow, oh)) for v in (ow, oh))
+        if new != (w, h):
+            img = img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = int(round((new[0] - opts.image_size) / 2.0)), int(round((new[1] - opts.image_size) / 2.0))
+        img = img.crop((left, top, left + opts.image_size, top + opts.image_size))
+    elif opts.image_size and min(w, h) > opts.image_size:
         s = opts.image_size / min(w, h)
         new = (max(opts.image_size, round(w * s)), opts.image_size) if w >= h else (
             opts.image_size, max(opts.image_size, round(h * s)))

@@ -1,6 +1,9 @@
 """Show the first samples of a shard folder (or one shard).
 
     python -m data_tools.inspect shards/coco -n 3
+    python -m data_tools.inspect 'https://host/shards/cap-{000000..000009}.tar' -n 3
+
+Remote shards (URLs, `pipe:COMMAND`; see `kosmos.data.remote`) are streamed, and only as far as shown.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from kosmos.data.format import is_image_field, iter_tar
+from kosmos.data.remote import is_remote, open_shard, shard_name
+from kosmos.data.shards import expand_shards
 
 
 def _image_desc(data: bytes) -> str:
@@ -66,15 +71,24 @@ def describe(key: str, files: dict[str, bytes], width: int = 100) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("path", type=Path, help="a shard folder or one .tar")
+    p.add_argument("path", help="a shard folder or one .tar; or shards by URL (https://, s3://, ...), brace "
+                   "pattern, glob or pipe:COMMAND, streamed")
     p.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
     p.add_argument("--width", type=int, default=100, help="characters of text shown per line (default 100)")
     a = p.parse_args(argv)
-    shards = [a.path] if a.path.is_file() else sorted(a.path.glob("*.tar"))
+    path = Path(a.path)
+    if path.is_file() or path.is_dir() or not (is_remote(a.path) or any(c in a.path for c in "{*?[")):
+        shards: list = [path] if path.is_file() else sorted(path.glob("*.tar"))
+    else:
+        try:
+            shards = expand_shards([a.path])
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if not shards:
         print(f"error: no .tar shards at {a.path}", file=sys.stderr)
         return 2
-    manifest = a.path / "manifest.json" if a.path.is_dir() else None
+    manifest = path / "manifest.json" if path.is_dir() else None
     if manifest is not None and manifest.is_file():
         try:
             m = json.loads(manifest.read_text(encoding="utf-8"))
@@ -86,21 +100,31 @@ def main(argv: list[str] | None = None) -> int:
         broken: Counter = Counter()
         errors: list[str] = []
         read = 0
-        for sample in iter_tar(shard, broken, errors=errors):
-            if shown >= a.n:
-                return 0
-            print(f"{shard.name}: " + describe(sample.key, sample.files, a.width))
-            shown += 1
-            read += 1
+        try:
+            f = open_shard(str(shard))
+        except OSError as e:
+            print(f"error: {shard}: {e}", file=sys.stderr)
+            return 2
+        with f:
+            for sample in iter_tar(f, broken, errors=errors):
+                if shown >= a.n:
+                    return 0
+                print(f"{shard_name(str(shard))}: " + describe(sample.key, sample.files, a.width))
+                shown += 1
+                read += 1
+        if failed := [r for r in broken if r.startswith("shard_")]:
+            print(f"error: {shard}: cannot be read ({failed[0]}) after {read} samples: {'; '.join(errors)}",
+                  file=sys.stderr)
+            return 2
         if broken["broken_shard"] or (broken["truncated_shard"] and not read):
             print(f"error: {_broken_desc(shard, read, errors)}", file=sys.stderr)
             return 2
     return 0
 
 
-def _broken_desc(shard: Path, read: int, errors: list[str]) -> str:
+def _broken_desc(shard: str | Path, read: int, errors: list[str]) -> str:
     """One line on a tar that could not be read (to its end)."""
-    if shard.stat().st_size == 0:
+    if not is_remote(str(shard)) and Path(shard).stat().st_size == 0:
         return f"{shard}: an empty file (0 bytes), not a tar"
     why = "; ".join(errors) or "it ends without the end-of-archive blocks"
     if not read:

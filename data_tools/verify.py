@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kosmos.data.format import JSON_FIELD, KINDS, BadSample, is_image_field, iter_tar, parse_sample
+from kosmos.data.remote import ReadOptions, is_remote, is_url, open_shard, shard_name
+from kosmos.data.shards import expand_shards
 
 
 @dataclass
@@ -85,23 +87,34 @@ def check_sample(key: str, files: dict[str, bytes], kind: str | None) -> tuple[l
     return problems, images
 
 
-def verify_shard(path: Path, kind: str | None = None) -> ShardReport:
-    """Decode every sample of one shard (members grouped by `kosmos.data.format.iter_tar`)."""
-    rep = ShardReport(path.name)
+def verify_shard(path: str | Path, kind: str | None = None,
+                 options: ReadOptions | None = None) -> ShardReport:
+    """Decode every sample of one shard (members grouped by `kosmos.data.format.iter_tar`); `path` may be a
+    URL or `pipe:COMMAND` (`kosmos.data.remote`), streamed."""
+    rep = ShardReport(shard_name(str(path)))
     seen: set[str] = set()
     skipped: Counter = Counter()
     errors: list[str] = []
-    for sample in iter_tar(path, skipped, errors=errors):
-        if sample.cut:  # the tar broke inside this sample: reported below
-            continue
-        key, files = sample.key, sample.files
-        rep.samples += 1
-        if key in seen:
-            rep.problems.append(f"{key}: duplicate key")
-        seen.add(key)
-        problems, images = check_sample(key, files, kind)
-        rep.images += images
-        rep.problems.extend(problems)
+    try:
+        f = open_shard(str(path), options)
+    except OSError as e:
+        rep.problems.append(f"cannot be opened ({type(e).__name__}: {e})")
+        return rep
+    with f:
+        for sample in iter_tar(f, skipped, errors=errors):
+            if sample.cut:  # the tar broke inside this sample: reported below
+                continue
+            key, files = sample.key, sample.files
+            rep.samples += 1
+            if key in seen:
+                rep.problems.append(f"{key}: duplicate key")
+            seen.add(key)
+            problems, images = check_sample(key, files, kind)
+            rep.images += images
+            rep.problems.extend(problems)
+    if failed := [r for r in skipped if r.startswith("shard_")]:
+        rep.problems.append(f"cannot be read to its end ({failed[0]}) after {rep.samples} samples: "
+                            f"{'; '.join(errors)}")
     if skipped["broken_shard"]:
         rep.problems.append(f"corrupt tar after {rep.samples} samples: {'; '.join(errors)}")
     if skipped["truncated_shard"]:
@@ -112,8 +125,14 @@ def verify_shard(path: Path, kind: str | None = None) -> ShardReport:
     return rep
 
 
-def verify(folder: str | Path, quiet: bool = False) -> tuple[bool, list[ShardReport]]:
-    """Verify every shard in ``folder`` against its ``manifest.json``; returns (ok, reports)."""
+def verify(folder: str | Path, quiet: bool = False, kind: str | None = None,
+           options: ReadOptions | None = None) -> tuple[bool, list[ShardReport]]:
+    """Verify every shard in ``folder`` against its ``manifest.json``; returns (ok, reports). ``folder`` may
+    also be remote (`verify_remote`)."""
+    spec = str(folder)
+    pattern = any(c in spec for c in "{*?[")
+    if not Path(spec).is_dir() and (is_remote(spec) or Path(spec).is_file() or pattern):
+        return verify_remote(spec, quiet, kind, options)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
@@ -140,11 +159,58 @@ def verify(folder: str | Path, quiet: bool = False) -> tuple[bool, list[ShardRep
         general.append(f"{name}: in manifest.json but missing")
     for tmp in sorted(folder.glob("*.tar.tmp")):
         print(f"note: {tmp.name} is an unfinished shard of an interrupted run (rerun the converter)")
+    return _verify_all([(p.name, str(p)) for p in shards], listed, kind, general, quiet, options)
+
+
+def verify_remote(target: str, quiet: bool = False, kind: str | None = None,
+                  options: ReadOptions | None = None) -> tuple[bool, list[ShardReport]]:
+    """Verify remote shards, streamed (`kosmos.data.remote`): a folder URL (ending in ``/``) against its
+    ``manifest.json``, whose list of shards is what is verified over HTTP (which cannot list a folder; other
+    protocols list its ``*.tar`` too); or shards named by a URL, brace pattern, glob or ``pipe:COMMAND``,
+    without a manifest (``kind`` then says which reader to check the samples against)."""
+    general: list[str] = []
+    listed: dict = {}
+    if not (target.endswith("/") and is_url(target)):
+        shards = expand_shards([target])
+        return _verify_all([(shard_name(s), s) for s in shards], {}, kind, general, quiet, options)
+    with open_shard(target + "manifest.json", options) as f:
+        raw = f.read()
+    manifest = None
+    if f.error is not None and f.error.reason != "shard_not_found":
+        raise FileNotFoundError(f"{target}manifest.json: {f.error.detail}")
+    if f.error is None:
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+            listed = {s["name"]: s for s in manifest.get("shards", [])}
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            general.append(f"manifest.json does not parse ({e})")
+    else:
+        general.append("no manifest.json")
+    kind = manifest.get("kind") if isinstance(manifest, dict) else kind
+    names = set(listed)
+    if target.split("://", 1)[0].lower() not in ("http", "https"):  # a protocol that lists: as a local folder
+        try:
+            names = {shard_name(s) for s in expand_shards([target])}
+        except FileNotFoundError:
+            names = set()
+            general.append("no .tar shards")
+        for name in sorted(set(listed) - names):
+            general.append(f"{name}: in manifest.json but missing")
+    elif not listed:
+        raise FileNotFoundError(f"{target}: HTTP cannot list a folder, and it has no readable manifest.json "
+                                "listing its shards; name the shards (a brace pattern: "
+                                ".../cap-{000000..000099}.tar)")
+    return _verify_all([(n, target + n) for n in sorted(names)], listed, kind, general, quiet, options)
+
+
+def _verify_all(shards: list[tuple[str, str]], listed: dict, kind: str | None, general: list[str],
+                quiet: bool, options: ReadOptions | None) -> tuple[bool, list[ShardReport]]:
+    """Verify (name, spec) shards, each against its manifest entry in ``listed``; print and sum up."""
     reports = []
-    for path in shards:
-        rep = verify_shard(path, kind)
+    for name, spec in shards:
+        rep = verify_shard(spec, kind, options)
         if listed:
-            want = listed.get(path.name)
+            want = listed.get(name)
             if want is None:
                 rep.problems.append("not listed in manifest.json")
             elif "samples" in want and want["samples"] != rep.samples:
@@ -189,12 +255,15 @@ def _img2dataset_manifest(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: 0 when every shard is sound, 1 when not, 2 when the folder cannot be read."""
     p = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[0])
-    p.add_argument("folder", type=Path, help="folder holding the .tar shards and manifest.json (or "
-                   "img2dataset output: .tar with _stats.json)")
+    p.add_argument("folder", help="folder holding the .tar shards and manifest.json (or img2dataset output: "
+                   ".tar with _stats.json); or a folder URL ending in / (https://host/shards/: its "
+                   "manifest.json lists the shards), or shards by URL, brace pattern, glob or pipe:COMMAND")
+    p.add_argument("--kind", choices=KINDS, help="the source kind of shards named without a manifest.json "
+                   "(their samples are then also checked against that reader)")
     a = p.parse_args(argv)
     try:
-        ok, _ = verify(a.folder)
-    except FileNotFoundError as e:
+        ok, _ = verify(a.folder, kind=a.kind)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if ok else 1

@@ -10,7 +10,8 @@
         trainer_state.json      step, counters, world size, the resolved config
         config.yaml             the resolved config (kosmos.config.save_config)
         tokenizer/              a copy of the tokenizer files (tokenizer.model, tokenizer.vocab, ...)
-        sharded/                FSDP / DeepSpeed only: accelerate's sharded model and optimizer state
+        sharded/                sharded runs only: the model and optimizer shards (FSDP2: kosmos.sharding, no
+                                model.safetensors: `python -m kosmos.checkpoint consolidate` makes one)
 
 Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` once complete: a run killed
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
@@ -201,6 +202,9 @@ def find_checkpoint(path: str | Path) -> Path:
     for root in (path, path.parent if path.name == "checkpoints" else None):
         if root is not None and list_checkpoints(root):
             return list_checkpoints(root)[-1]
+    if (path / "sharded" / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: a sharded checkpoint; make its model.safetensors with "
+                                f"`python -m kosmos.checkpoint consolidate {path} OUT_DIR`")
     raise FileNotFoundError(f"{path}: neither a checkpoint (no model.safetensors) nor a run directory with "
                             "complete checkpoints in checkpoints/")
 
@@ -228,6 +232,7 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
     from safetensors.torch import save_model
 
     from kosmos.config import save_config
+    from kosmos.sharding import SHARDED, is_sharded, save_sharded
 
     step = state["step"]
     tmp = tmp_path_for(cfg.train.output_dir, step)
@@ -235,8 +240,10 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    if _sharded(acc):
-        # FSDP / DeepSpeed (not exercised in this project's CI, which has no GPUs): accelerate writes the
+    if is_sharded(model):  # FSDP2 (kosmos.sharding): every rank writes its shard; no model.safetensors
+        save_sharded(tmp / SHARDED, model, optimizer)
+    elif _sharded(acc):
+        # DeepSpeed (not installed here, never exercised; FSDP is the branch above): accelerate writes the
         # sharded model and optimizer itself (and reads them back with weights_only=True); we add a full
         # model.safetensors for generation.
         acc.save_state(str(tmp / "sharded"))
@@ -285,12 +292,18 @@ def check_checkpoint(path: Path) -> dict:
                               "config)")
     ranks = range(int(state["world_size"]))
     sharded = (path / "sharded").is_dir()
-    needed = ["model.safetensors", "scheduler.pt", *(f"rng_rank{r}.pt" for r in ranks),
+    fsdp2 = (path / "sharded" / ".metadata").is_file()  # kosmos.sharding: the weights are in the shards only
+    needed = [*([] if fsdp2 else ["model.safetensors"]), "scheduler.pt", *(f"rng_rank{r}.pt" for r in ranks),
               *(f"data_rank{r}.json" for r in ranks), *([] if sharded else ["optimizer.pt"])]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    check_safetensors(path / "model.safetensors")
+    if fsdp2:
+        from kosmos.sharding import check_sharded
+
+        check_sharded(path / "sharded")
+    else:
+        check_safetensors(path / "model.safetensors")
     for name in needed:
         if name.endswith(".pt") and not zipfile.is_zipfile(path / name):
             raise CheckpointError(f"{path / name}: truncated or not a torch file (no zip directory)")
@@ -302,8 +315,8 @@ def check_checkpoint(path: Path) -> dict:
 RESUME_KEYS = ("seed", "decoder.max_len", "tokenizer.path", "data.")
 """Config keys (and prefixes) that change the data order or the shapes of what a resumed run reads: a
 resume refuses to change them unless `--allow-config-change` names them. Not compared under `data.`: the
-eval shards, the worker count (the data position is dealt over another one: kosmos.data.stream) and the
-`allow_*` switches."""
+eval shards, the worker count (the data position is dealt over another one: kosmos.data.stream), the
+`allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -317,36 +330,59 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _resume_key(key: str) -> bool:
-    if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith("allow_"):
+    if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith(("allow_", "read_")):
         return False
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
 
 
+_SOURCE = object()
+"""config_changes: the change is a source added or removed."""
+
+
+def _active_sources(data: dict) -> list[str]:
+    """The config keys (`data.text`, `data.sources.<name>`) of the sources that take part in a config's `data`
+    section (a nested dict, as saved): those with shards and a positive budget (DataConfig.active_sources)."""
+    from kosmos.config import SOURCES, DataConfig
+
+    named = {**{n: data.get(n) for n in SOURCES}, **(data.get("sources") or {})}
+    return [DataConfig.key(n) for n, src in named.items()
+            if isinstance(src, dict) and src.get("shards") and src.get("tokens_per_step", 0) > 0]
+
+
 def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     """Compare the keys of RESUME_KEYS between the config checkpoint `path` was trained with (`saved`, a
-    nested dict) and this run's `cfg`. A change that `allowed` does not name (a key, or a section such as
+    nested dict) and this run's `cfg`, and the sources that take part: a source added or removed is a change
+    of its key (`data.sources.<name>`). A change that `allowed` does not name (a key, or a section such as
     `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
     Keys the checkpoint predates are not compared."""
     from kosmos.config import ConfigError
 
     ours = _flat(cfg.to_dict())
-    for key in allowed:
-        if not any(k == key or k.startswith(key + ".") for k in ours):
-            raise ConfigError(f"--allow-config-change {key}: not a config key")
     theirs = _flat(saved)
+    for key in allowed:
+        if not any(k == key or k.startswith(key + ".") for k in (*ours, *theirs)):
+            raise ConfigError(f"--allow-config-change {key}: not a config key")
     changed = [(k, theirs[k], v) for k, v in ours.items()
                if _resume_key(k) and k in theirs and theirs[k] != v]
+    before, now = _active_sources(saved.get("data") or {}), _active_sources(cfg.to_dict()["data"])
+    # data.text/captions/interleaved are always in both configs: their keys compare above
+    sources = [(k, "added") for k in now if k not in before and k.startswith("data.sources.")]
+    sources += [(k, "removed") for k in before if k not in now and k.startswith("data.sources.")]
+    changed += [(k, _SOURCE, how) for k, how in sources]
+
+    def say(k, a, b) -> str:
+        return f"source {k} {b}" if a is _SOURCE else f"{k}: {a!r} -> {b!r}"
 
     def ok(key: str) -> bool:
         return any(key == a or key.startswith(a + ".") for a in allowed)
 
-    refused = [f"{k}: {a!r} -> {b!r}" for k, a, b in changed if not ok(k)]
+    refused = [say(k, a, b) for k, a, b in changed if not ok(k)]
     if refused:
         keys = ",".join(k for k, _, _ in changed if not ok(k))
         raise ConfigError(f"{path} was trained with other settings that change the data order or shapes: "
                           f"{'; '.join(refused)}. Resume with the checkpoint's values, or allow the change "
                           f"with --allow-config-change {keys}")
-    return [f"config changed since the checkpoint (allowed): {k}: {a!r} -> {b!r}" for k, a, b in changed]
+    return [f"config changed since the checkpoint (allowed): {say(k, a, b)}" for k, a, b in changed]
 
 
 def pick_checkpoint(candidates: list[Path], cfg, allowed=(), say=print) -> list[Path]:
@@ -401,14 +437,17 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     that is missing, damaged or holds non-finite weights is a CheckpointError naming it."""
     from kosmos.config import ConfigError
     from kosmos.data.stream import rank_data_state
+    from kosmos.sharding import SHARDED, is_sharded, load_sharded
 
     state = check_checkpoint(path)
     world = int(state["world_size"])
-    if world != acc.num_processes and _sharded(acc):
+    if world != acc.num_processes and (is_sharded(model) or _sharded(acc)):
         raise ConfigError(f"{path} was written by {world} processes, this run has {acc.num_processes}; "
                           "FSDP/DeepSpeed state is sharded per rank, so resume with the same number (or "
                           "start a new run from its weights with train.init_from)")
-    if _sharded(acc):
+    if is_sharded(model):  # FSDP2: every rank reads its shard (a damaged file: a CheckpointError naming it)
+        _read(lambda p: load_sharded(p, model, optimizer), path / SHARDED)
+    elif _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:
         load_model_weights(acc.unwrap_model(model), path)
@@ -453,3 +492,9 @@ class StopFlag:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
         return bool(acc.reduce(flag, reduction="sum").item() > 0)  # sync point, once per step
+
+
+if __name__ == "__main__":  # python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR
+    from kosmos.sharding import main
+
+    raise SystemExit(main())

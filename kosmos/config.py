@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kosmos.data.format import CAPTION_CHOICES, LOSSES
+from kosmos.data.format import CAPTION_CHOICES, KINDS, LOSSES
 
 
 class ConfigError(ValueError):
@@ -279,15 +279,26 @@ class TokenizerConfig:
     """Directory holding tokenizer.model and tokenizer_config.json."""
 
 
-SOURCES = ("text", "captions", "interleaved")
+SOURCES = KINDS
+"""The sources of the first spelling, `data.text`, `data.captions` and `data.interleaved`: each is named after
+its kind. Any other goes under `data.sources.<name>` (DataConfig.named_sources() lists them all)."""
+
+SOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+"""A source name: it appears in config keys, tracker metrics (`train/<name>_loss`), the data state of a
+checkpoint and `python -m kosmos.eval loss --shards NAME=PATTERN`."""
 
 
 @dataclass
 class SourceConfig:
-    """One training source: its shards and its share of each optimizer step."""
+    """One training source: its kind, its shards and its share of each optimizer step."""
 
+    kind: str = ""
+    """How its samples are read: `text` (`KEY.txt` documents), `captions` (an image and its caption(s)) or
+    `interleaved` (`KEY.json` segments + images). Required under `data.sources.<name>`; `data.text`,
+    `data.captions` and `data.interleaved` are of their own kind (left empty, it is filled in)."""
     shards: list[str] = field(default_factory=list)
-    """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`)."""
+    """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`);
+    local, URLs (`https://`, `s3://`, ...) or `pipe:COMMAND` (kosmos/data/remote.py)."""
     eval_shards: list[str] = field(default_factory=list)
     """Held-out shards for periodic evaluation (same forms as `shards`)."""
     tokens_per_step: int = 0
@@ -314,11 +325,19 @@ class SourceConfig:
     resumes exactly); `all`, each caption a sample of its own (an image with 5 captions is seen 5 times per
     epoch); `first`, `KEY.txt` only."""
 
+    @staticmethod
+    def kind_defaults(given: dict[str, Any]) -> dict[str, Any]:
+        """The defaults of a `data.sources.<name>` entry that depend on its kind (`given`, the entry as
+        written): captions are capped at 512 tokens, like `data.captions`."""
+        return {"max_tokens": 512} if given.get("kind") == "captions" else {}
+
 
 @dataclass
 class DataConfig:
-    """The three sources, mixed by token budget per step (the paper: 0.5M text, 0.5M image-caption,
-    0.2M interleaved tokens of each 1.2M-token batch)."""
+    """The sources, mixed by token budget per step (the paper: 0.5M text, 0.5M image-caption, 0.2M interleaved
+    tokens of each 1.2M-token batch). `text`, `captions` and `interleaved` are three sources named after their
+    kind; `sources` adds any number of others by name. A source takes part when it has shards and a
+    positive budget."""
 
     text: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=500_000))
     """Text corpora: shards of `KEY.txt` documents."""
@@ -327,6 +346,13 @@ class DataConfig:
     """Image-caption pairs: img2dataset-style `KEY.jpg` + `KEY.txt`."""
     interleaved: SourceConfig = field(default_factory=lambda: SourceConfig(tokens_per_step=200_000))
     """Interleaved image-text documents: `KEY.json` segments + `KEY.imgN.jpg`."""
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """More sources by name, each with its `kind` and the keys of a source (`data.sources.instructions.kind:
+    text`, `...shards`, `...tokens_per_step`, ...): two text sources with budgets of their own, say. The
+    budget defaults to 0 (left out) and `max_tokens` to the kind's (512 for captions). They come after
+    data.text/captions/interleaved in the plan, in the order given; a name must not be one of those three
+    (configure them there). Each reads its shards in an order seeded by (seed, name)
+    (`kosmos.data.mixture.source_seed`): two sources given the same shards do not read them in step."""
     mixture_tolerance: float = 0.05
     """How far (relative) the step's total tokens or a source's share of them may be from the budgets once
     rounded to whole micro-batches (kosmos/data/mixture.py); beyond it the run is refused."""
@@ -336,26 +362,73 @@ class DataConfig:
     """Train on the shards that exist when a brace pattern in `shards` or `eval_shards` names some that do not
     (`cap-{000000..000099}.tar` with a few missing); the run then warns with their count at start. False: the
     run is refused, naming them."""
+    read_timeout: float = 60.0
+    """Remote shards (URLs, `pipe:COMMAND`; see kosmos/data/remote.py): seconds a read may wait for a byte
+    before it fails; a failed read is retried (`read_retries`), then the shard is skipped and counted."""
+    read_retries: int = 3
+    """Retries of a remote shard's failed read, after 1, 2, 4, ... seconds, resuming where it stopped."""
+    read_give_up: float = 600.0
+    """Stop the run (exit 2, naming the last failure) when a worker's shard reads have kept failing, one
+    after the other, for this many seconds without a sample: the storage is down, not one shard."""
 
     def __post_init__(self) -> None:
+        _check(self.read_timeout > 0, "data.read_timeout", f"must be positive, got {self.read_timeout}")
+        _check(self.read_retries >= 0, "data.read_retries", f"must be >= 0, got {self.read_retries}")
+        _check(self.read_give_up > 0, "data.read_give_up", f"must be positive, got {self.read_give_up}")
         for name in SOURCES:
             src = getattr(self, name)
-            _check(src.tokens_per_step >= 0, f"data.{name}.tokens_per_step", "must be >= 0")
-            _check(src.micro_batch_size > 0, f"data.{name}.micro_batch_size", "must be positive")
-            _check(src.workers >= 0, f"data.{name}.workers", "must be >= 0")
-            _check(src.shuffle_buffer >= 0, f"data.{name}.shuffle_buffer", "must be >= 0")
-            _check(src.max_tokens >= 0, f"data.{name}.max_tokens", "must be >= 0 (0: no cap)")
-            _check(src.loss in LOSSES, f"data.{name}.loss",
+            _check(src.kind in ("", name), f"data.{name}.kind",
+                   f"data.{name} is the {name} source, got {src.kind!r} (put a source of another kind under "
+                   f"data.sources.<name>)")
+            src.kind = name
+        for name, src in self.sources.items():
+            key = f"data.sources.{name}"
+            _check(name not in SOURCES, key, f"'{name}' is the name of data.{name}: configure that source "
+                   f"there, or give this one another name")
+            _check(isinstance(name, str) and SOURCE_NAME.fullmatch(name) is not None, key,
+                   "a source name is a letter, then letters, digits, '_' or '-'")
+            _check(src.kind in KINDS, f"{key}.kind",
+                   f"must be one of {', '.join(KINDS)}, got {src.kind!r}" if src.kind else
+                   f"is required: one of {', '.join(KINDS)}")
+        for name, src in self.named_sources().items():
+            key = self.key(name)
+            _check(src.tokens_per_step >= 0, f"{key}.tokens_per_step", "must be >= 0")
+            _check(src.micro_batch_size > 0, f"{key}.micro_batch_size", "must be positive")
+            _check(src.workers >= 0, f"{key}.workers", "must be >= 0")
+            _check(src.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
+            _check(src.max_tokens >= 0, f"{key}.max_tokens", "must be >= 0 (0: no cap)")
+            _check(src.loss in LOSSES, f"{key}.loss",
                    f"must be one of {', '.join(LOSSES)}, got {src.loss!r}")
-            _check(src.caption_choice in CAPTION_CHOICES, f"data.{name}.caption_choice",
+            _check(src.caption_choice in CAPTION_CHOICES, f"{key}.caption_choice",
                    f"must be one of {', '.join(CAPTION_CHOICES)}, got {src.caption_choice!r}")
         _check(0 <= self.mixture_tolerance < 1, "data.mixture_tolerance",
                f"must be in [0, 1), got {self.mixture_tolerance}")
 
-    def sources(self) -> dict[str, SourceConfig]:
-        """The sources that take part: with shards and a positive budget."""
-        return {name: getattr(self, name) for name in SOURCES
-                if getattr(self, name).shards and getattr(self, name).tokens_per_step > 0}
+    # The one way to go over the sources: everything that iterates over them by name (the mixture, the
+    # loaders, evaluation, the checks) goes through these.
+
+    def named_sources(self) -> dict[str, SourceConfig]:
+        """Every configured source by name, taking part or not: data.text, data.captions, data.interleaved,
+        then data.sources in the order given."""
+        return {**{name: getattr(self, name) for name in SOURCES}, **self.sources}
+
+    def active_sources(self) -> dict[str, SourceConfig]:
+        """The sources that take part: with shards and a positive budget, in named_sources() order."""
+        return {name: src for name, src in self.named_sources().items()
+                if src.shards and src.tokens_per_step > 0}
+
+    def source(self, name: str) -> SourceConfig:
+        """The source called `name`; a ConfigError listing the names when there is none."""
+        named = self.named_sources()
+        if name not in named:
+            raise ConfigError(f"no data source named {name!r}; the config has {', '.join(named)}")
+        return named[name]
+
+    @staticmethod
+    def key(name: str) -> str:
+        """The config key of source `name`: `data.text` for the three of the first spelling, else
+        `data.sources.<name>`."""
+        return f"data.{name}" if name in SOURCES else f"data.sources.{name}"
 
 
 @dataclass
@@ -363,7 +436,9 @@ class OptimConfig:
     """AdamW (8-bit, bitsandbytes) and the paper's schedule: linear warmup, then linear decay to zero."""
 
     name: str = "adamw8bit"
-    """`adamw8bit` (bitsandbytes AdamW8bit, the paper's) or `adamw` (torch, fp32 states)."""
+    """`adamw8bit` (bitsandbytes AdamW8bit, the paper's), `adamw8bit_torchao` (torchao's AdamW8bit, the same
+    8-bit AdamW for FSDP2's sharded parameters, which bitsandbytes cannot step) or `adamw` (torch, fp32
+    states)."""
     lr: float = 2e-4
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -381,7 +456,8 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
 
     def __post_init__(self) -> None:
-        _check(self.name in ("adamw8bit", "adamw"), "optim.name", f"must be adamw8bit or adamw, got {self.name!r}")
+        _check(self.name in ("adamw8bit", "adamw8bit_torchao", "adamw"), "optim.name",
+               f"must be adamw8bit, adamw8bit_torchao or adamw, got {self.name!r}")
         _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"must be two numbers in [0, 1), got {self.betas}")
@@ -448,6 +524,10 @@ class TrainConfig:
     objective, the sum of per-source mean losses weighted by the budget shares (a caption token, with image
     slots carrying no loss, then weighs about 1/0.21 = 4.8 times a text token); the logged `loss` stays the
     token mean, so with `budget` it is not the objective optimised."""
+    sharding: str = "none"
+    """`none` or `fsdp2`: shard parameters, gradients and optimizer state over the processes with FSDP2
+    (kosmos.sharding) under a launch that accelerate does not shard itself (CPU, or `--multi_gpu`).
+    accelerate's FSDP config (configs/accelerate/fsdp.yaml) shards with the same function whatever this is."""
     max_bad_steps: int = 5
     """Stop when this many steps in a row have a NaN/inf loss or gradient (each is skipped and counted)."""
     init_from: str | None = None
@@ -465,6 +545,8 @@ class TrainConfig:
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.tracker in ("tensorboard", "wandb", "none"), "train.tracker",
                f"must be tensorboard, wandb or none, got {self.tracker!r}")
+        _check(self.sharding in ("none", "fsdp2"), "train.sharding",
+               f"must be none or fsdp2, got {self.sharding!r}")
         _check(self.loss_weighting in ("tokens", "budget"), "train.loss_weighting",
                f"must be tokens or budget, got {self.loss_weighting!r}")
         for i, task in enumerate(self.eval_tasks):
@@ -550,6 +632,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp) or (str, Any)
+        if dataclasses.is_dataclass(item):  # named entries (data.sources.<name>), each a section
+            defaults = getattr(item, "kind_defaults", lambda given: {})
+            return {k: _coerce({**defaults(v), **v} if isinstance(v, dict) else v, item, f"{key}.{k}")
+                    for k, v in value.items()}
         return value
     if tp is Any:
         return value

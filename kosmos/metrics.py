@@ -4,8 +4,10 @@
 log line and turns it into tracker metrics (losses, lr, tokens/s, padding, MFU, memory, skipped samples)
 and the log line. `train/loss` is the mean over every loss token of the window, all sources and ranks: the
 objective that train_step optimises (with the default `train.loss_weighting: tokens`); `train/<source>_loss`
-the same per source. `RunLog` writes the lines people read: through the progress bar's writer, so that they
-never break the bar, and into `train.output_dir/train.log`.
+the same per source, by the source's name (`data.sources.<name>` included), as are the skipped samples
+(`train/skipped/<source>`, all ranks; `train/skipped/<source>/<reason>`, this rank). `RunLog` writes the
+lines people read: through the progress bar's writer, so that they never break the bar, and into
+`train.output_dir/train.log`.
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ class Meter:
         total = sum(w[0] for w in per_source.values()) / sum(w[1] for w in per_source.values()).clamp(min=1)
         by_reason = {f"train/skipped/{src}/{reason}": n for src, reasons in skipped.items()
                      for reason, n in reasons.items()}  # this rank's workers
-        n_skipped = int(acc.reduce(torch.tensor([float(sum(by_reason.values()))], device=acc.device),
-                                   reduction="sum").item())  # all ranks
+        # per source, all ranks: every rank has the same sources in the same order (the mixture's loaders)
+        mine = [float(sum(reasons.values())) for reasons in skipped.values()]
+        per_source_skipped = dict(zip(skipped, acc.reduce(torch.tensor(mine or [0.0], device=acc.device),
+                                                          reduction="sum").long().tolist()))
+        n_skipped = sum(per_source_skipped.values())
         flops = rows * self.dec_flops + images * self.img_flops
         metrics = {"train/loss": total.item(), **{f"train/{n}_loss": v for n, v in losses.items()},
                    "train/lr": lr, "train/grad_norm": gnorm,
@@ -80,10 +85,11 @@ class Meter:
                    "train/mem_gib": memory_gib(acc.device)}
         if self.peak:
             metrics["train/mfu"] = flops / elapsed / (self.peak * acc.num_processes)
+        metrics.update({f"train/skipped/{src}": n for src, n in per_source_skipped.items()})
         metrics.update(by_reason)
         metrics.update({f"train/truncated/{src}": n for src, n in (truncated or {}).items()})  # this rank
         self._reset()
-        return Report(metrics, log_line(step, metrics, losses), int(real))
+        return Report(metrics, log_line(step, metrics, losses, per_source_skipped), int(real))
 
 
 def memory_gib(device: torch.device) -> float:
@@ -95,13 +101,17 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def log_line(step: int, m: dict, losses: dict) -> str:
+def log_line(step: int, m: dict, losses: dict, skipped: dict[str, int] | None = None) -> str:
+    """The step's line: the loss, then each source's by name, ...; the skipped samples of all ranks, with
+    the sources that had some by name (`skipped 6 (captions 5, web 1)`)."""
+    by_source = ", ".join(f"{n} {k}" for n, k in (skipped or {}).items() if k)
     parts = [f"step {step:>6}", f"loss {m['train/loss']:.4f}"]
     parts += [f"{n} {v:.3f}" for n, v in losses.items()]
     parts += [f"lr {m['train/lr']:.2e}", f"gnorm {m['train/grad_norm']:.3f}",
               f"tok/s {m['train/tokens_per_s']:,.0f}",
               f"mfu {m['train/mfu']:.1%}" if "train/mfu" in m else "mfu n/a",
-              f"pad {m['train/padding']:.1%}", f"skipped {m['train/skipped_samples']}",
+              f"pad {m['train/padding']:.1%}",
+              f"skipped {m['train/skipped_samples']}" + (f" ({by_source})" if by_source else ""),
               f"bad {m['train/bad_steps']}", f"mem {m['train/mem_gib']:.2f}GiB"]
     return " | ".join(parts)
 

@@ -96,6 +96,7 @@ class Kosmos(nn.Module):
         # init of each nn.Linear); we never re-initialise after it.
         self.decoder = build_decoder(d, build_token_embedding(d))
         self.num_latents = cfg.connector.num_latents
+        self.always_encode_images = False  # set by kosmos.sharding.shard_model: see Kosmos.embed
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -140,9 +141,15 @@ class Kosmos(nn.Module):
             x = x.masked_scatter(image_mask.unsqueeze(-1), feats)
         elif image_mask is not None and bool(image_mask.any()):
             raise ValueError("image_mask marks image slots but no images were given")
+        elif self.always_encode_images:
+            # Sharded (kosmos.sharding): every unit's forward and backward is a collective, so every rank runs
+            # the image pathway in every micro-batch: one blank image, its output times zero.
+            blank = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, dtype=torch.uint8,
+                                device=input_ids.device)
+            x = x + 0.0 * self.encode_images(blank).sum().to(x.dtype)
         elif self.training:
-            # A text-only batch leaves the image pathway without gradients, which DDP/FSDP reject; touch
-            # every trainable image parameter with a zero so all ranks reduce the same set.
+            # A text-only batch leaves the image pathway without gradients, which DDP rejects; touch every
+            # trainable image parameter with a zero so all ranks reduce the same set.
             x = x + 0.0 * sum(p.sum() for p in self.image_parameters() if p.requires_grad).to(x.dtype)
         return x
 

@@ -54,6 +54,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kw)
+    if cfg.name == "adamw8bit_torchao":  # FSDP2's sharded parameters (kosmos.sharding explains why)
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            raise ImportError("optim.name=adamw8bit_torchao needs torchao "
+                              "(pip install torchao==0.18.0)") from None
+        return AdamW8bit(groups, **kw)
     return torch.optim.AdamW(groups, **kw)
 
 

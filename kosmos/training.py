@@ -48,13 +48,13 @@ def check_config(cfg: Config) -> None:
         plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name, src in cfg.data.sources().items():
+    for name, src in cfg.data.active_sources().items():
         for key, patterns in (("shards", src.shards), ("eval_shards", src.eval_shards)):
             try:
                 if patterns:
                     expand_shards(patterns, allow_missing=cfg.data.allow_missing_shards)
-            except FileNotFoundError as e:
-                raise ConfigError(f"config key 'data.{name}.{key}': {e}") from None
+            except (FileNotFoundError, ValueError) as e:  # ValueError: a URL that cannot be read at all
+                raise ConfigError(f"config key '{cfg.data.key(name)}.{key}': {e}") from None
 
 
 # ----------------------------------------------------------------------------- building
@@ -107,6 +107,7 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
     from kosmos.data import build_mixture
     from kosmos.optim import build_optimizer, build_scheduler
     from kosmos.sequence import SequenceEncoder
+    from kosmos.sharding import is_sharded, shard_for_run
 
     if acc.is_main_process:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
@@ -114,8 +115,12 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
     set_seed(cfg.seed)  # the same initial weights on every rank
     tok = build_tokenizer(cfg)
     model = build_model(cfg, init_from)
+    model = shard_for_run(acc, cfg, model)  # FSDP2 when asked (kosmos.sharding); before the optimizer
     optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = acc.prepare(model, optimizer)
+    if is_sharded(model) and not acc.is_fsdp2:  # sharded by train.sharding: no DDP wrapper around it
+        optimizer = acc.prepare(optimizer)
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     # The scheduler stays unwrapped: accelerate's wrapper steps it once per process per call.
     scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.optim)
     encoder = SequenceEncoder.from_config(cfg, tok)
@@ -136,7 +141,8 @@ def check_passes(acc, cfg: Config, mixture) -> None:
                           "micro-batch, which DeepSpeed does not allow (it steps inside backward); use "
                           "`budget` with DeepSpeed, or DDP/FSDP")
     lo, hi = mixture.plan.passes()
-    sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    sharded = (acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+               or cfg.train.sharding != "none")
     if sharded and lo != hi:
         raise ConfigError(f"config key 'data.mixture_tolerance': the mixture gives ranks {lo} to {hi} passes "
                           f"per step; DeepSpeed and FSDP need the same number on every rank: change the "
@@ -150,14 +156,14 @@ def check_passes(acc, cfg: Config, mixture) -> None:
 def default_budgets(cfg: Config, mixture) -> list[str]:
     """Sources whose token budget is the default, not set in the YAML or an override: the paper's 0.5M
     tokens for a toy data set is an easy mistake to make and costly to notice late."""
-    return [n for n in mixture.plans if not cfg.given(f"data.{n}.tokens_per_step")]
+    return [n for n in mixture.plans if not cfg.given(f"{cfg.data.key(n)}.tokens_per_step")]
 
 
 def describe_mixture(acc, cfg: Config, mixture) -> str:
     """What one step really trains on (the budgets rounded to whole micro-batches), as a block of lines:
     per source the micro-batches per rank and over all ranks, rows, tokens and share against the budget;
     then the ranks' pass counts when they differ, and warnings: drift beyond the tolerance (allowed), budgets
-    left at their defaults."""
+    left at their defaults, a named source with shards left out by its budget of 0."""
     from kosmos.data.mixture import ratio
 
     p = mixture.plan
@@ -184,11 +190,15 @@ def describe_mixture(acc, cfg: Config, mixture) -> str:
                      f"{cfg.data.mixture_tolerance} (allowed by data.allow_mixture_drift)")
     for n, loader in mixture.loaders.items():
         if gone := loader.missing_shards:
-            lines.append(f"  WARNING: {len(gone)} shard(s) named in data.{n}.shards do not exist, training "
-                         f"on the {len(loader.dataset.shards)} found (allowed by data.allow_missing_shards): "
+            lines.append(f"  WARNING: {len(gone)} shard(s) named in {cfg.data.key(n)}.shards do not exist, "
+                         f"training on the {len(loader.dataset.shards)} found "
+                         f"(allowed by data.allow_missing_shards): "
                          f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
+    for n, src in cfg.data.sources.items():  # a named source's budget defaults to 0
+        if src.shards and not src.tokens_per_step:
+            lines.append(f"  WARNING: data.sources.{n} has shards but tokens_per_step 0: it is left out")
     for n in default_budgets(cfg, mixture):
-        lines.append(f"  WARNING: data.{n}.tokens_per_step not set: the default budget "
+        lines.append(f"  WARNING: {cfg.data.key(n)}.tokens_per_step not set: the default budget "
                      f"{p.sources[n].budget:,} tokens per step is used (the paper's); set it for your data")
     return "\n".join(lines)
 
@@ -268,7 +278,10 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     slots * world_size / (loss tokens of the step): one all-reduce of the count per step, batches never held
     back, and world_size undoes DDP's mean over the ranks. Counting the labels of all micro-batches first
     would need the whole step's batches (images included) in host memory at once."""
+    from kosmos.sharding import full, gradient_sync, is_sharded, local
+
     n_micro = sum(mixture.counts().values())
+    fsdp2 = is_sharded(model)
     slots = mixture.plan.tokens
     weights = budget_weights(mixture) if loss_weighting == "budget" else None
     res = StepResult(ok=True, gnorm=0.0)
@@ -279,7 +292,9 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
         res.real += int(batch["n_real"])
         res.images += len(batch["images"])
         sync = i == n_micro - 1
-        ctx = contextlib.nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(model)
+        if fsdp2:  # reduce-scatter on the last micro-batch only (what acc.no_sync does under FSDP2)
+            gradient_sync(model, sync)
+        ctx = contextlib.nullcontext() if sync or fsdp2 or acc.num_processes == 1 else acc.no_sync(model)
         with ctx:
             out = forward(acc, model, batch)
             if weights is None:
@@ -292,14 +307,13 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     if weights is None:
         total = acc.reduce(n_tokens, reduction="sum") if acc.num_processes > 1 else n_tokens
         scale = (slots * acc.num_processes / total.clamp(min=1)).float()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: this rank's shard
         torch._foreach_mul_(grads, scale)
     if grad_clip > 0:
         gnorm = acc.clip_grad_norm_(model.parameters(), grad_clip)
     else:
-        gnorm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-    res.gnorm = float(gnorm)  # sync point: once per step, also the NaN/inf check
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    res.gnorm = float(full(gnorm))  # sync point: once per step, also the NaN/inf check
     res.ok = math.isfinite(res.gnorm) and all(math.isfinite(float(s[0])) for s in res.losses.values())
     if res.ok:
         optimizer.step()
@@ -338,7 +352,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
     from kosmos.eval.loss import perplexity, source_loss
 
     results = {}
-    for name, src in cfg.data.sources().items():
+    for name, src in cfg.data.active_sources().items():
         if not src.eval_shards:
             continue
         loader = build_loader(cfg, name, encoder, rank=acc.process_index, world_size=acc.num_processes,

@@ -129,6 +129,25 @@ def text_shards(root: Path, n_shards: int, per_shard: int, words=(3, 30), seed: 
     return paths
 
 
+def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
+    """Text shards as `data_tools.text --format instructions` writes them: the templated text in KEY.txt,
+    the prompt's length in KEY.json."""
+    from data_tools.text import render_instruction
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        samples = []
+        for i in range(per_shard):
+            text, n = render_instruction(sentence(rng, rng.randint(2, 8)), sentence(rng, rng.randint(0, 4)),
+                                         sentence(rng, rng.randint(1, 6)))
+            samples.append({"__key__": f"i{s:02d}_{i:03d}", "txt": text.encode(),
+                            "json": json.dumps({"prompt_chars": n, "style": "flat"}).encode()})
+        paths.append(str(write_tar(root / f"inst-{s:06d}.tar", samples)))
+    return paths
+
+
 def caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0,
                    captions: int = 1) -> list[str]:
     """Caption shards; with ``captions`` > 1, sample i has 1 + i % captions distinct captions, COCO-style:
@@ -265,3 +284,76 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
 def image_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as im:
         return im.size
+
+
+# ----------------------------------------------------------------------------- a loopback HTTP server
+
+
+class ShardServer:
+    """A loopback HTTP server over a folder, started in a thread by a test (`with ShardServer(root) as s`);
+    `s.url("ok/x.tar")`. The first part of the path says how it answers:
+
+        ok/NAME        the file, with HTTP range requests
+        norange/NAME   the file, ignoring range requests (always 200 and the whole body)
+        missing/NAME   404
+        stall/NAME     headers and the first 100 bytes, then nothing until the server stops
+        cut/NAME       the full Content-Length, but only the first half of the body, then the connection
+                       closes
+        flaky/NAME     the first request of each file like cut/, the next ones like ok/
+
+    `requests` lists (path, Range header or None) of every request."""
+
+    def __init__(self, root: Path):
+        import http.server
+        import threading
+
+        self.root, self.requests, self.stop = Path(root), [], threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                mode, _, name = self.path.lstrip("/").partition("/")
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                path = server.root / name
+                if mode == "missing" or not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                if mode == "flaky":
+                    mode = "cut" if sum(p == self.path for p, _ in server.requests) == 1 else "ok"
+                start = int(rng.split("=")[1].split("-")[0]) if rng and mode == "ok" else 0
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if mode == "stall":
+                    self.wfile.write(data[:100])
+                    self.wfile.flush()
+                    server.stop.wait(30)
+                    return
+                self.wfile.write(data[start:] if mode != "cut" else data[: len(data) // 2])
+                self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}"
+
+    def __enter__(self) -> "ShardServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

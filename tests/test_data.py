@@ -11,7 +11,15 @@ from kosmos.data.samples import encode_sample
 from kosmos.data.shards import expand_shards
 from kosmos.model import IGNORE_INDEX
 from kosmos.sequence import SequenceEncoder
-from tests.helpers import ROOT, caption_shards, interleaved_shards, jpeg, text_shards, write_tar
+from tests.helpers import (
+    ROOT,
+    caption_shards,
+    instruction_shards,
+    interleaved_shards,
+    jpeg,
+    text_shards,
+    write_tar,
+)
 
 NL = 4  # image slots per image in these tests
 
@@ -118,28 +126,6 @@ def test_packer_fills_rows_with_whole_samples():
 def _resume_setup(tmp_path, tok):
     shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
     return shards, dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2)
-
-
-def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
-    """Text shards as `data_tools.text --format instructions` writes them: the templated text in KEY.txt,
-    the prompt's length in KEY.json."""
-    import random
-
-    from data_tools.text import render_instruction
-    from tests.helpers import sentence
-
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(n_shards):
-        samples = []
-        for i in range(per_shard):
-            text, n = render_instruction(sentence(rng, rng.randint(2, 8)), sentence(rng, rng.randint(0, 4)),
-                                         sentence(rng, rng.randint(1, 6)))
-            samples.append({"__key__": f"i{s:02d}_{i:03d}", "txt": text.encode(),
-                            "json": json.dumps({"prompt_chars": n, "style": "flat"}).encode()})
-        paths.append(str(write_tar(root / f"inst-{s:06d}.tar", samples)))
-    return paths
 
 
 RESUME_CASES = {  # kind, shards, dataset options, micro-batches before the checkpoint

@@ -93,6 +93,30 @@ def test_resize_shorter_side_aspect_kept(src, limit, want):
     assert size == want == image_size(out)
 
 
+@pytest.mark.parametrize("src", [(600, 400), (400, 601), (2000, 1001), (300, 224), (200, 100), (224, 224)])
+def test_center_crop_presizes_to_the_tower(src):
+    """`--image-size 224 --crop center`: every image (a smaller one upscaled) becomes the 224 x 224 centre
+    that CLIP's preprocessing cuts, so the loader only decodes it."""
+    data = photo(5, src)
+    out, size, orig = normalize_image(data, ImageOptions(image_size=224, crop="center", jpeg_quality=95))
+    assert size == (224, 224) == image_size(out) and orig == src
+    w, h = src  # the same pixels as the loader's own resize and crop of the original, up to JPEG's loss
+    expected = np.asarray(_decode(data).convert("RGB").resize(
+        (224, int(224 * h / w)) if w <= h else (int(224 * w / h), 224), Image.Resampling.BICUBIC))
+    top, left = round((expected.shape[0] - 224) / 2), round((expected.shape[1] - 224) / 2)
+    diff = np.abs(np.asarray(_decode(out), dtype=np.float32) - expected[top:top + 224, left:left + 224])
+    assert diff.mean() < 3.0, diff.mean()
+
+
+def test_center_crop_follows_exif_orientation():
+    img = Image.open(io.BytesIO(photo(6, (400, 300)))).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: shown as 300x400
+    out, size, _ = normalize_image(_encode(img, "JPEG", exif=exif.tobytes()), ImageOptions(image_size=224,
+                                                                                            crop="center"))
+    assert size == (224, 224) == image_size(out)
+
+
 def test_large_jpeg_uses_reduced_decode_but_exact_size():
     out, size, orig = normalize_image(photo(2, (2000, 1000)), ImageOptions(image_size=100))
     assert orig == (2000, 1000) and size == (200, 100) == image_size(out)
@@ -120,6 +144,10 @@ def test_max_pixels_option():
 def test_options_are_checked():
     with pytest.raises(ValueError, match="jpeg_quality"):
         ImageOptions(jpeg_quality=0)
+    with pytest.raises(ValueError, match="crop must be 'none' or 'center', got 'middle'"):
+        ImageOptions(crop="middle")
+    with pytest.raises(ValueError, match="crop 'center' needs an image_size"):
+        ImageOptions(image_size=0, crop="center")
 
 
 def test_sanitize_key():

@@ -50,7 +50,8 @@ def make_sets(root: Path) -> dict[str, Path]:
             shutil.copy(PHOTOS[(3 * c + j) % len(PHOTOS)], d / f"{j}.jpg")
     imgs = root / "coco" / "val2014"
     choice = [{"id": f"c{i}", "images": [str(imgs / f"COCO_val2014_{i:012d}.jpg")],
-               "text": "<image>This picture shows", "candidates": [" a cat.", " a rocket.", " coffee."],
+               "text": "<image>This picture shows", "candidates": [" a cat.", " a rocket.", {
+                   "text": " the same as <image>", "images": [f"coco/val2014/COCO_val2014_{i + 1:012d}.jpg"]}],
                "answer": i % 3} for i in range(1, 4)]
     (root / "choice.jsonl").write_text("\n".join(json.dumps(r) for r in choice) + "\n")
     labels = [{"id": f"l{i}", "image": f"coco/val2014/COCO_val2014_{i:012d}.jpg", "labels": ["cat", "animal"]}

@@ -1,5 +1,6 @@
 """bench._perf: the CPU peak-memory counter that the benches rely on counts what it should."""
 
+import pytest
 import torch
 
 from bench._perf import PeakMemory, fmt_bytes
@@ -40,3 +41,13 @@ def test_bench_eval_runs_and_both_rankings_agree():
     assert set(r["captioning"]) == {"greedy", "beam"} and set(r["ranking"]) == {"cached", "uncached"}
     assert same_ranking([3.0, 1.0, 2.0], [3.0, 1.0, 2.0 + 1e-6], tol=1e-3)
     assert not same_ranking([3.0, 1.0, 2.0], [3.0, 2.5, 2.0], tol=1e-3)
+
+
+@pytest.mark.slow
+def test_bench_data_measures_both_shard_sizes(capsys):
+    from bench.data import main
+
+    main(["--images", "40", "--repeats", "1", "--max-len", "256", "--latents", "4"])
+    out = capsys.readouterr().out
+    assert "256 px JPEG shards (256 px: resized)" in out and "224 px JPEG shards (pre-sized: decode only)" in out
+    assert out.count("ratio pipeline/baseline images/s") == 2

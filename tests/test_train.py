@@ -178,11 +178,12 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     assert m["train/mfu"] == pytest.approx((384 * 100 + 12 * 2 * 10 * 4) / 2.0 / (10_000 * 2))
     assert m["train/skipped_samples"] == 6  # all ranks
     assert m["train/skipped/captions/bad_image"] == 3  # this rank, by reason
+    assert m["train/skipped/captions"] == 6 and m["train/skipped/text"] == 0  # by source, all ranks
     assert m["train/lr"] == 1e-4 and m["train/grad_norm"] == 1.5 and m["train/bad_steps"] == 1
     assert acc.reduced == 4  # counts, two sources, skipped: a fixed number of collectives per log line
     head, mem = report.line.rsplit(" | ", 1)
     assert head == ("step     10 | loss 3.2857 | captions 3.500 | text 3.000 | lr 1.00e-04 | gnorm 1.500 | "
-                    "tok/s 120 | mfu 98.4% | pad 37.5% | skipped 6 | bad 1")
+                    "tok/s 120 | mfu 98.4% | pad 37.5% | skipped 6 (captions 6) | bad 1")
     assert mem.startswith("mem ") and mem.endswith("GiB")
     assert meter.losses == {} and meter.rows == meter.real == meter.images == 0  # a new window
 

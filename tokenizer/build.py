@@ -5,7 +5,9 @@
 Inputs are ``.txt`` (one line per sentence), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line,
 its text field a document), webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document, or for
 interleaved shards the text segments of its ``KEY.json``; members grouped as ``kosmos.data.format`` does)
-and folders of these, searched recursively. The inputs are streamed once: every non-empty line is
+and folders of these, searched recursively. An input may also be a URL (``https://``, ``s3://``, ...; brace
+patterns expand) or ``pipe:COMMAND`` naming its file (``pipe:aws s3 cp s3://b/corpus.jsonl.gz -``), streamed
+as training reads shards (``kosmos.data.remote``). The inputs are streamed once: every non-empty line is
 offered to a reservoir sample of ``--sample-sentences`` lines (seeded), so a corpus larger than
 memory is sampled, never loaded whole. Lines that are not UTF-8 and jsonl lines that are not JSON
 are skipped, counted and reported; a ``.gz`` that is cut short or corrupt keeps the documents before
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
+from kosmos.data.remote import PIPE, is_remote, list_shards, open_shard, shard_name
 from tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -64,7 +67,7 @@ class InputStats:
 
     path: str
     bytes: int
-    """Size on disk (compressed size for .gz)."""
+    """Size on disk (compressed size for .gz); for a remote input, the bytes read."""
     documents: int = 0
     """Documents read: jsonl objects, tar KEY.txt members, lines of a .txt."""
     lines: int = 0
@@ -86,10 +89,45 @@ def _has_suffix(path: Path) -> bool:
     return path.name.endswith(SUFFIXES)
 
 
-def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand folders (recursively, sorted) into the supported files; check every path exists."""
-    files: list[Path] = []
-    for p in map(Path, paths):
+def _input_name(path: str | Path) -> str:
+    """The file name an input's format is told by: a path's or URL's; for ``pipe:COMMAND`` the first word of
+    the command with a supported suffix (``pipe:aws s3 cp s3://b/corpus.jsonl.gz -``)."""
+    spec = str(path)
+    if spec.startswith(PIPE):
+        return next((shard_name(w) for w in spec[len(PIPE):].split() if shard_name(w).endswith(SUFFIXES)), "")
+    return shard_name(spec) if is_remote(spec) else Path(spec).name
+
+
+def _remote_inputs(spec: str) -> list[str]:
+    """The inputs one remote spec names (`kosmos.data.remote`): brace patterns expanded, globs and folders
+    of listable protocols listed (folders: their ``*.tar``); HTTP URLs and pipes are taken as named."""
+    from braceexpand import braceexpand
+
+    out = []
+    for item in braceexpand(spec):
+        try:
+            found = list_shards(item)
+        except ValueError as e:
+            raise BuildError(str(e)) from None
+        if not found:
+            raise BuildError(f"input not found: {item}")
+        for f in found:
+            if not _input_name(f).endswith(SUFFIXES):
+                raise BuildError(f"unsupported input {f}: expected one of {', '.join(SUFFIXES)} (a pipe: "
+                                 "names its file in the command)")
+        out += found
+    return out
+
+
+def find_inputs(paths: Sequence[str | Path]) -> list[Path | str]:
+    """Expand folders (recursively, sorted) into the supported files; check every path exists. Remote inputs
+    (URLs, ``pipe:COMMAND``) are kept as strings, see `_remote_inputs`."""
+    files: list[Path | str] = []
+    for spec in paths:
+        if is_remote(str(spec)):
+            files += _remote_inputs(str(spec))
+            continue
+        p = Path(spec)
         if not p.exists():
             raise BuildError(f"input not found: {p}")
         if p.is_dir():
@@ -113,15 +151,16 @@ def _decode(raw: bytes, stats: InputStats) -> str | None:
 
 
 def _read_documents(
-    path: Path, stats: InputStats, text_field: str, on_progress: Callable[[int], None]
+    path: Path | str, stats: InputStats, text_field: str, on_progress: Callable[[int], None]
 ) -> Iterator[str]:
     """Yield the documents of one input file, counting skips in ``stats``.
 
     ``on_progress(n)`` is called with the bytes of the file (compressed bytes for .gz) consumed
-    since the last call.
+    since the last call. A remote input (a URL or ``pipe:``, streamed with retries) that fails for good keeps
+    the documents read before and is counted by the failure's reason.
     """
-    name = path.name
-    with open(path, "rb") as raw:
+    name = _input_name(path)
+    with open_shard(str(path)) as raw:
         last = 0
 
         def progress() -> None:
@@ -174,9 +213,15 @@ def _read_documents(
                     yield text
             except (OSError, EOFError, zlib.error) as e:  # the documents read before the damage are kept
                 what = "truncated file" if isinstance(e, EOFError) else "corrupt file"
-                stats.skip(what)
-                stats.errors.append(f"{what} after {stats.documents} documents: {type(e).__name__}: {e}")
+                if getattr(raw, "error", None) is None:  # else counted below, by its cause
+                    stats.skip(what)
+                    stats.errors.append(f"{what} after {stats.documents} documents: {type(e).__name__}: {e}")
         progress()
+        if (err := getattr(raw, "error", None)) is not None:
+            stats.skip(err.reason)
+            stats.errors.append(f"{err.reason} after {stats.documents} documents: {err}")
+        if is_remote(str(path)):
+            stats.bytes = raw.tell()
 
 
 def _segments_text(raw: bytes, stats: InputStats) -> str | None:
@@ -247,7 +292,7 @@ def sample_lines(
     from tqdm import tqdm
 
     files = find_inputs(inputs)
-    stats = [InputStats(path=str(f), bytes=f.stat().st_size) for f in files]
+    stats = [InputStats(path=str(f), bytes=0 if is_remote(str(f)) else f.stat().st_size) for f in files]
     reservoir = Reservoir(sample_sentences, seed)
     with tqdm(total=sum(s.bytes for s in stats), unit="B", unit_scale=True, desc="reading corpus",
               disable=quiet, file=sys.stderr) as bar:

@@ -1,8 +1,10 @@
-"""The streaming data pipeline: webdataset shards of three sources -> packed, mixed micro-batches.
+"""The streaming data pipeline: webdataset shards of named sources (each of a kind: text, captions or
+interleaved; `kosmos.config.DataConfig.named_sources`) -> packed, mixed micro-batches.
 
     format.py   the shard format (torch-free): source kinds, member names, tar members -> samples,
                 a sample's files -> text and image segments; shared with data_tools
     shards.py   shard lists (paths, dirs, globs, brace patterns) and tar reading
+    remote.py   shards from URLs (HTTP, fsspec protocols) and pipe:COMMAND: streamed, timeouts, retries
     samples.py  raw sample -> token ids, image slots and images (per source kind); bad samples counted
     packing.py  samples -> fixed-length rows; rows -> micro-batches
     stream.py   per source: logical streams over ranks and workers, shuffle, pack; exact and elastic resume

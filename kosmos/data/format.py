@@ -28,6 +28,7 @@ and the tools that check them (`data_tools`); this module imports nothing heavy.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
@@ -36,6 +37,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+
+from kosmos.data.remote import ShardError
 
 KINDS = ("text", "captions", "interleaved")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -115,8 +118,25 @@ class TarSample:
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
 
+class _Tail(io.RawIOBase):
+    """A stream that remembers how many bytes were read through it and the last 1024 of them."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.n, self.last = f, 0, bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        got = memoryview(b)[:n]
+        self.n += n
+        self.last = bytearray(got[-1024:]) if n >= 1024 else (self.last + got)[-1024:]
+        return n
+
+
 def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
-             read: Callable[[str], bool] | None = None,
+             read: Callable[[str], bool] | None = None, want: Callable[[int], bool] | None = None,
              errors: list[str] | None = None) -> Iterator[TarSample]:
     """The samples of a tar (a path or a seekable binary file; gzip/bz2/xz compressed tars too), in order,
     streamed: regular members grouped by key (see the module docstring), other members ignored.
@@ -128,17 +148,30 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
     exception text of a break is appended to ``errors`` when given.
 
     With ``read``, fields for which it is false are not read but given as `TarSpan` byte ranges (only for
-    an uncompressed tar; a compressed one is read whole).
+    an uncompressed tar; a compressed one is read whole). With ``want``, the samples whose index is not
+    wanted have no field read (all `TarSpan`s): a resumed reader skips what it already had cheaply.
+
+    A stream that cannot seek (a URL or pipe from `kosmos.data.remote`) is read once, front to back, and
+    checked for the end-of-archive blocks at its end. A shard whose read fails for good (`ShardError`, after
+    its retries) ends like a broken one but counts the error's reason (``shard_timeout``, ...) instead.
     """
     skipped = skipped if skipped is not None else Counter()
     own = isinstance(source, str | Path)
     f: BinaryIO = open(source, "rb") if own else source  # closed below
     current: TarSample | None = None
+    index = -1  # of the current sample
+    tail: _Tail | None = None
     try:
-        start = f.tell()
-        compressed = f.read(6).startswith(_COMPRESSED)
-        f.seek(start)
+        if getattr(f, "seekable", lambda: False)():
+            start = f.tell()
+            compressed = f.read(6).startswith(_COMPRESSED)
+            f.seek(start)
+        else:  # a stream (a URL, a pipe): read once, front to back
+            tail = _Tail(f)
+            f = io.BufferedReader(tail, 1 << 16)
         try:
+            if tail is not None:  # here: a stream that fails at once is counted like one that fails later
+                compressed = f.peek(6)[:6].startswith(_COMPRESSED)
             with tarfile.open(fileobj=f, mode="r|*" if compressed else "r|") as tar:
                 for info in tar:
                     tar.members = []  # streaming: do not keep every header in memory
@@ -153,8 +186,12 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                         current = None
                     if current is None:
                         current = TarSample(key)
+                        index += 1
                     if name in current.files:
                         skipped["duplicate_member"] += 1
+                        continue
+                    if want is not None and not want(index):
+                        current.files[name] = TarSpan(info.offset_data, info.size)
                         continue
                     if read is not None and not compressed and not read(name):
                         current.files[name] = TarSpan(info.offset_data, info.size)
@@ -165,14 +202,23 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                     current.files[name] = data
             # tarfile stops quietly at a cut that falls on a member boundary; a complete archive ends
             # with zero blocks.
-            if not compressed:
+            if not compressed and tail is not None:
+                while f.read(1 << 16):  # the rest: end-of-archive blocks and padding
+                    pass
+                if isinstance(getattr(source, "error", None), ShardError):  # ended early at a member boundary
+                    raise source.error
+                if tail.n < 1024 or bytes(tail.last) != bytes(1024):
+                    skipped["truncated_shard"] += 1
+            elif not compressed:
                 end = f.seek(0, 2)
                 if end - start < 1024 or (f.seek(end - 1024) is not None and f.read(1024) != bytes(1024)):
                     skipped["truncated_shard"] += 1
         except (tarfile.TarError, EOFError, OSError) as e:
-            skipped["broken_shard"] += 1
+            failed = getattr(source, "error", None)  # a remote stream's failure: the cause of this break
+            why = failed if isinstance(failed, ShardError) else e
+            skipped[why.reason if isinstance(why, ShardError) else "broken_shard"] += 1
             if errors is not None:
-                errors.append(f"{type(e).__name__}: {e}")
+                errors.append(f"{type(why).__name__}: {why}")
             if current is not None:
                 current.cut = True
         if current is not None:

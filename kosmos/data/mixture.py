@@ -1,8 +1,9 @@
 """The mixture: a token budget per source per optimizer step, turned into per-source micro-batches.
 
-The paper's batch is 1.2M tokens: 0.5M text, 0.5M image-caption, 0.2M interleaved, a 5:5:2 ratio. A
-micro-batch of a source is `micro_batch_size` rows of `max_len` tokens. The plan is made for the whole step,
-all ranks together, so that neither the ratio nor the total depends on the number of processes:
+The paper's batch is 1.2M tokens: 0.5M text, 0.5M image-caption, 0.2M interleaved, a 5:5:2 ratio; any number
+of sources is mixed the same way (`data.sources.<name>`), each by its name. A micro-batch of a source is
+`micro_batch_size` rows of `max_len` tokens. The plan is made for the whole step, all ranks together, so that
+neither the ratio nor the total depends on the number of processes:
 
 * Each source gets about `tokens_per_step / (max_len * micro_batch_size)` micro-batches per step over all
   ranks. When a step's micro-batches can be dealt out evenly (every rank the same number of passes, within
@@ -21,10 +22,12 @@ part of each rank's data state, so a resumed run deals the same micro-batches as
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kosmos.config import Config
+from kosmos.config import SOURCES, Config
+from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import expand_shards
 from kosmos.data.stream import SourceDataset, SourceLoader
 from kosmos.sequence import SequenceEncoder
@@ -113,10 +116,10 @@ def plan(cfg: Config, world_size: int = 1) -> MixturePlan:
     """The step's mixture for `world_size` ranks (see the module docstring); ValueError, naming the config
     key, when no source takes part or the ratio or total drifts beyond `data.mixture_tolerance`."""
     L = cfg.decoder.max_len
-    sources = cfg.data.sources()
+    sources = cfg.data.active_sources()
     if not sources:
-        raise ValueError("no data: give at least one of data.text/captions/interleaved shards and a "
-                         "positive tokens_per_step")
+        raise ValueError("no data: give at least one source (data.text, data.captions, data.interleaved or "
+                         "data.sources.<name>) shards and a positive tokens_per_step")
     mbs = {n: s.micro_batch_size for n, s in sources.items()}
     ideal = {n: s.tokens_per_step / (L * mbs[n]) for n, s in sources.items()}
 
@@ -150,24 +153,35 @@ def plan(cfg: Config, world_size: int = 1) -> MixturePlan:
 
 
 def ratio(p: MixturePlan, target: bool = False, names: bool = True) -> str:
-    """`text:captions:interleaved 0.419:0.419:0.162`: the shares of the step's tokens (or of the budgets);
-    without `names`, the numbers only."""
+    """`text:captions:interleaved 0.419:0.419:0.162` (the source names): the shares of the step's tokens (or
+    of the budgets); without `names`, the numbers only."""
     shares = p.target_shares() if target else p.shares()
     numbers = ":".join(f"{s:.3f}" for s in shares.values())
     return f"{':'.join(shares)} {numbers}" if names else numbers
 
 
+def source_seed(cfg: Config, name: str) -> int:
+    """The seed of source `name`'s data order (shard order, shuffle buffer, caption draws): `seed` for
+    data.text/captions/interleaved, as before named sources existed; for a `data.sources.<name>`, one drawn
+    from (seed, name), so that two sources given the same shards (to weigh them up, say) do not read them in
+    the same order."""
+    return cfg.seed if name in SOURCES else zlib.crc32(f"kosmos-source-{cfg.seed}-{name}".encode())
+
+
 def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1,
                  train: bool = True) -> SourceLoader:
-    """The loader of one source: training (infinite, shuffled) or evaluation (one pass, in order)."""
-    src = getattr(cfg.data, name)
+    """The loader of source `name` (any of cfg.data.named_sources()): training (infinite, shuffled) or
+    evaluation (one pass, in order)."""
+    src = cfg.data.source(name)
     missing: list[str] = []
     shards = expand_shards(src.shards if train else src.eval_shards, cfg.data.allow_missing_shards, missing)
     ds = SourceDataset(
-        name, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
-        num_workers=src.workers, rank=rank, world_size=world_size, seed=cfg.seed,
+        src.kind, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
+        num_workers=src.workers, rank=rank, world_size=world_size, seed=source_seed(cfg, name),
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
-        loss=src.loss, caption_choice=src.caption_choice)
+        loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name),
+        read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
+                                 give_up=cfg.data.read_give_up))
     loader = SourceLoader(ds)
     loader.missing_shards = missing
     return loader
@@ -183,6 +197,7 @@ class Mixture:
         self.loaders, self.plan, self.rank = loaders, plan, rank
         self.steps = 0
         """Mixture steps taken (skipped optimizer steps included): which slot this rank takes next."""
+        self._failures_logged: set[tuple[str, str]] = set()
         self.resume_note: str | None = None
         """Set by load_state_dict when the checkpoint's mixture differs from this run's: for the log."""
 
@@ -237,6 +252,16 @@ class Mixture:
 
     def skipped(self) -> dict[str, dict[str, int]]:
         return {name: dict(loader.skipped()) for name, loader in self.loaders.items()}
+
+    def shard_failures(self) -> list[str]:
+        """Log lines for the shards skipped (named by this rank's workers' states) since the last call."""
+        lines = []
+        for name, loader in self.loaders.items():
+            for spec, why in loader.failed_shards().items():
+                if (name, spec) not in self._failures_logged:
+                    self._failures_logged.add((name, spec))
+                    lines.append(f"data.{name}: skipped shard {spec} ({why})")
+        return lines
 
     def truncated(self) -> dict[str, int]:
         """Samples cut to `data.<source>.max_tokens` so far, per source (this rank)."""

@@ -17,13 +17,12 @@ trains on the whole text: `loss="all"`, the default.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import torch
 
 from kosmos.data.format import LOSSES, BadSample, ImageSegment, parse_sample
-from kosmos.image import clip_resize_crop
+from kosmos.image import decode_image
 from kosmos.sequence import SequenceEncoder
 
 
@@ -61,9 +60,7 @@ def _image(data: bytes, size: int) -> torch.Tensor:
     if not data:
         raise BadSample("empty_image")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
-            return clip_resize_crop(im, size)
+        return decode_image(data, size)
     except Image.DecompressionBombError:
         raise BadSample("image_too_large") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data

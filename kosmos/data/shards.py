@@ -11,21 +11,23 @@ among the samples of that shard.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 from kosmos.data.format import iter_tar
+from kosmos.data.remote import ReadOptions, is_remote, list_shards, open_shard
 
 
 def expand_shards(patterns: list[str], allow_missing: bool = False,
                   missing: list[str] | None = None) -> list[str]:
-    """Paths of the shards named by files, directories (their `*.tar`), globs and brace patterns;
-    sorted, without duplicates. A pattern that matches nothing is an error naming it. So is a brace pattern
-    naming shards of which some do not exist (`cap-{000000..000009}.tar` with 4 of the 10 there), naming
-    them, unless `allow_missing`: then they are appended to `missing` (for a warning) and the rest is used."""
+    """The shards named by files, directories (their `*.tar`), globs and brace patterns, local or remote
+    (URLs and `pipe:COMMAND`, see `kosmos.data.remote`); sorted, without duplicates. A pattern that matches
+    nothing is an error naming it. So is a brace pattern naming shards of which some do not exist
+    (`cap-{000000..000009}.tar` with 4 of the 10 there), naming them, unless `allow_missing`: then they are
+    appended to `missing` (for a warning) and the rest is used. HTTP URLs and pipes are not checked here (a
+    request per shard); one that fails is skipped and counted when read. A directory or glob over HTTP, an
+    unknown protocol or one whose package is missing (`s3://` without s3fs) raises ValueError."""
     from braceexpand import braceexpand
 
     out: list[str] = []
@@ -34,13 +36,7 @@ def expand_shards(patterns: list[str], allow_missing: bool = False,
         items = list(braceexpand(str(pattern)))
         gone = []
         for item in items:
-            p = Path(item)
-            if p.is_dir():
-                got = sorted(str(x) for x in p.glob("*.tar"))
-            elif any(ch in item for ch in "*?["):
-                got = sorted(glob.glob(item))
-            else:
-                got = [str(p)] if p.is_file() else []
+            got = list_shards(item)
             found += got
             if not got:
                 gone.append(item)
@@ -53,37 +49,64 @@ def expand_shards(patterns: list[str], allow_missing: bool = False,
         if missing is not None:
             missing += gone
         out += found
-    return sorted(dict.fromkeys(os.path.normpath(p) for p in out))
+    return sorted(dict.fromkeys(p if is_remote(p) else os.path.normpath(p) for p in out))
 
 
-def read_shard(path: str, skipped: Counter, max_offset: int | None = None) -> Iterator[tuple[int, dict]]:
+def read_shard(path: str, skipped: Counter, max_offset: int | None = None, *,
+               want: Callable[[int], bool] | None = None, options: ReadOptions | None = None,
+               failed: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
     """(offset, raw sample) for each sample of the shard, in order: ``{"__key__", "__url__", field: bytes}``
     with members grouped by `kosmos.data.format.iter_tar`. A broken or truncated tar ends the shard early and
     is counted in `skipped`; the sample cut by the break comes out incomplete and is rejected (and counted)
     when decoded. A shard gone since the run started (`missing_shard`) or that cannot be opened
-    (`unreadable_shard`) gives no sample and is counted. Stops after `max_offset` when given."""
+    (`unreadable_shard`) gives no sample and is counted. Stops after `max_offset` when given.
+
+    `path` may be a URL or `pipe:COMMAND`, read as a stream with `options`' timeout and retries; a remote
+    shard that fails for good counts its reason (`shard_not_found`, `shard_timeout`, ...; see
+    `kosmos.data.remote`), and `failed` (when given) gets its spec -> reason and detail, for the log. Samples
+    whose offset `want` rejects are not given and their members are not even read (resuming at offset k
+    streams past the first k without holding their images)."""
     try:
-        f = open(path, "rb")
+        f = open_shard(path, options)
     except OSError as e:
-        skipped["missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard"] += 1
+        reason = "missing_shard" if isinstance(e, FileNotFoundError) else "unreadable_shard"
+        skipped[reason] += 1
+        if failed is not None:
+            failed.pop(path, None)
+            failed[path] = f"{reason}: {e}"
         return
-    with f:
-        for offset, sample in enumerate(iter_tar(f, skipped)):
-            yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
-            if max_offset is not None and offset >= max_offset:
-                return
+    errors: list[str] = []
+    counts: Counter = Counter()
+    try:
+        with f:
+            for offset, sample in enumerate(iter_tar(f, counts, want=want, errors=errors)):
+                if want is None or want(offset):
+                    yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
+                if max_offset is not None and offset >= max_offset:
+                    return
+    finally:
+        skipped.update(counts)
+        err = getattr(f, "error", None)  # a remote shard's failure (kosmos.data.remote.ShardError)
+        if failed is not None:
+            failed.pop(path, None)  # a shard that fails again is the newest failure
+        if failed is not None and err is not None:
+            failed[path] = f"{err.reason}: {err.detail}"
+        elif failed is not None and (bad := [r for r in counts if r in ("broken_shard", "truncated_shard")]):
+            failed[path] = f"{bad[0]}: {errors[0] if errors else 'no end-of-archive blocks'}"
 
 
-def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter) -> dict:
+def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped: Counter,
+                   options: ReadOptions | None = None) -> dict:
     """The raw samples at `positions` ((shard, offset) pairs), read back from their shards; used to rebuild
-    a shuffle buffer or a packer's unfinished document on resume. Reads each shard only as far as needed."""
+    a shuffle buffer or a packer's unfinished document on resume. Reads each shard only as far as needed,
+    and of it only the wanted samples' members."""
     wanted: dict[int, set[int]] = {}
     for shard, offset in positions:
         wanted.setdefault(shard, set()).add(offset)
     found: dict[tuple[int, int], dict] = {}
     scratch: Counter = Counter()  # errors were already counted when these samples were first read
     for shard, offsets in wanted.items():
-        for offset, sample in read_shard(shards[shard], scratch, max_offset=max(offsets)):
-            if offset in offsets:
-                found[(shard, offset)] = sample
+        for offset, sample in read_shard(shards[shard], scratch, max_offset=max(offsets),
+                                         want=offsets.__contains__, options=options):
+            found[(shard, offset)] = sample
     return found

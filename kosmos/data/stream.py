@@ -45,11 +45,19 @@ Such a visit's position is `(shard, offset, caption)` (a sample with one caption
 the cursor also remembers how many visits of the sample at `offset` were read (`sub`), so that the caption is
 part of what a checkpoint stores and restores.
 
-Faults. A shard that vanishes or breaks is skipped and counted. A stream whose whole pass finds no sample
-although it found some before (its shards deleted or unmounted mid-run) waits and tries again
-(`RETRY_WAITS`), then stops the run with a `DataError` naming the source; so does a source with no sample at
-all. Workers ignore SIGTERM and SIGINT, which go to the whole process group (`timeout`, SLURM, container
-stops, Ctrl-C): the main process handles them, saves a checkpoint and ends the workers.
+Faults. A shard that vanishes or breaks is skipped and counted; so is a remote one (a URL or pipe:, see
+`kosmos.data.remote`) that keeps failing after its retries, by reason, and the stream's state names it
+(`failed`) so that the training log can say which. The rules that stop a source are per worker, over all the
+streams it reads. A stream whose whole pass finds no sample while the worker's other streams yield simply
+goes on to its next pass, after the worker's other streams have each made a pass too (so that a stream whose
+only shard is broken does not re-read it in a tight loop). Remote reads that keep failing one after the other
+(storage down: each costs its timeouts and retries) stop the run with a `DataError` once they have taken
+`data.read_give_up` seconds, over all the worker's streams, without a sample in between. A worker none of
+whose streams finds a sample in a whole pass although it found some before (its shards deleted or unmounted
+mid-run) waits and tries again (`RETRY_WAITS`), each stream re-reading the same pass, then stops the run with
+a `DataError` naming the source; so does a worker that never found any sample. Workers ignore SIGTERM and
+SIGINT, which go to the whole process group (`timeout`, SLURM, container stops, Ctrl-C): the main process
+handles them, saves a checkpoint and ends the workers.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ from kosmos.config import ConfigError
 from kosmos.data.packing import Packer, Row, collate
 from kosmos.data.format import CAPTION_CHOICES, LOSSES, captions
 from kosmos.data.samples import BadSample, Encoded, encode_sample
+from kosmos.data.remote import DEFAULT as DEFAULT_READ
+from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
 
@@ -78,9 +88,12 @@ MAX_STREAMS = 64
 """Logical streams per source in training, unless there are fewer shards (or more global workers): the most
 global workers (world_size x workers) a checkpoint can be resumed on."""
 
+MAX_FAILED = 20
+"""Skipped shards a stream's state names (the newest); all of them are counted in `skipped`."""
+
 RETRY_WAITS = (1.0, 2.0, 4.0)
-"""Seconds a worker waits before each new pass when a whole pass found no sample (shards gone mid-run, or a
-file system that comes back); after the last, a DataError stops the run."""
+"""Seconds a worker waits before each new pass when a whole pass of all its streams found no sample (shards
+gone mid-run, or a file system that comes back); after the last, a DataError stops the run."""
 
 
 class DataError(RuntimeError):
@@ -118,14 +131,38 @@ def _set_rng_state(rng: random.Random, state: list) -> None:
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
+EMPTY_PASS = None
+"""What a stream yields, in place of a sample, after a whole pass that found no sample (infinite streams):
+the worker's turn goes on to its other streams (see _Turns)."""
+
+
+class _Reads:
+    """What a worker's streams share about their reads: the seconds spent in shard reads that failed since
+    the worker's last sample (checked against `data.read_give_up`), and the newest failure."""
+
+    def __init__(self):
+        self.failing = 0.0
+        self.last_failure = ""
+
+
 class LogicalStream:
     """Logical stream s of S of a source: a deterministic, resumable stream of encoded samples, read by
     whichever global worker it is assigned to."""
 
     def __init__(self, kind: str, shards: list[str], s: int, S: int, *, encoder: SequenceEncoder,
                  seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, max_tokens: int = 0,
-                 loss: str = "all", caption_choice: str = "random", state: dict | None = None):
+                 loss: str = "all", caption_choice: str = "random", state: dict | None = None,
+                 name: str | None = None, read_options: ReadOptions | None = None,
+                 reads: _Reads | None = None):
         self.kind, self.shards, self.s, self.S = kind, shards, s, S
+        self.name = name or kind  # the source's name, for messages
+        self.read_options = read_options
+        self.reads = reads or _Reads()  # shared by the streams of one worker
+        self.failed: dict[str, str] = {}  # shard -> why it was skipped (the newest MAX_FAILED), for the log
+        self.wait: dict[int, int] = {}
+        """After a pass that found no sample: the worker's other streams (then not waiting) and their epochs;
+        this stream skips its turns until each of them has made a pass (or left the worker)."""
+        self.empty_epoch: int | None = None  # the epoch of the empty pass, that a worker's retry re-reads
         self.encoder, self.max_tokens = encoder, max_tokens
         self.loss, self.caption_choice = loss, caption_choice
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
@@ -165,49 +202,65 @@ class LogicalStream:
         c = random.Random(f"kosmos-caption-{self.seed}-{self.epoch}-{shard}-{offset}").randrange(n)
         return [(shard, offset, c)]
 
-    def _raw(self) -> Iterator[tuple[tuple[int, ...], dict]]:
-        """(position, raw sample) from the cursor on, advancing it."""
-        retries = 0
+    def _raw(self) -> Iterator[tuple[tuple[int, ...], dict] | None]:
+        """(position, raw sample) from the cursor on, advancing it; EMPTY_PASS after a whole pass of an
+        infinite stream that found no sample (the cursor then at the next epoch: `rewind` re-reads it)."""
+        give_up = (self.read_options or DEFAULT_READ).give_up
+        reads = self.reads
         while True:
             order = self._order(self.epoch)
             got = 0
             whole = (self.k, self.offset) == (0, -1)  # not a pass resumed part-way (perhaps at its very end)
             while self.k < len(order):
                 shard = order[self.k]
-                for offset, raw in read_shard(self.shards[shard], self.skipped):
-                    if offset < self.offset or (self.split_samples and offset % self.S != self.s):
-                        continue
+                start, s, S, split = self.offset, self.s, self.S, self.split_samples
+                t0, got_before = time.monotonic(), got
+
+                def want(offset: int) -> bool:  # the samples before the cursor are streamed past, unread
+                    return offset >= start and not (split and offset % S != s)
+
+                for offset, raw in read_shard(self.shards[shard], self.skipped, want=want,
+                                              options=self.read_options, failed=self.failed):
                     visits = self._visits(shard, offset, raw)
                     done = self.sub if offset == self.offset else 0
                     for i in range(done, len(visits)):
                         self.offset, self.sub = offset, i + 1
                         got += 1
+                        reads.failing = 0.0
                         yield visits[i], raw
                 self.k, self.offset, self.sub = self.k + 1, -1, 0
+                # A read that yielded nothing never paused, so its time is all spent failing.
+                spec = self.shards[shard]
+                if got == got_before and spec in self.failed:
+                    reads.failing += time.monotonic() - t0
+                    reads.last_failure = f"; last: {spec}: {self.failed[spec]}"
+                    if reads.failing > give_up:
+                        raise DataError(
+                            f"{self.name}: no sample for {reads.failing:.0f}s: {self.worker}'s shard reads "
+                            f"keep failing (skipped: {dict(self.skipped)}{reads.last_failure}); is the "
+                            "storage reachable? Fix it and resume with --resume latest (data.read_give_up="
+                            f"{give_up:g})")
+                while len(self.failed) > MAX_FAILED:  # the newest are kept (all are counted)
+                    del self.failed[next(iter(self.failed))]
             if not self.infinite:
                 return
-            if got == 0 and whole and self.n_samples == 0:
-                raise DataError(
-                    f"{self.kind}: stream {self.s} of {self.S} found no samples in a whole pass over "
-                    f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}); use fewer workers or check "
-                    f"the shards with `python -m data_tools.verify` (streams: see kosmos/data/stream.py)")
-            if got == 0 and whole:  # it read samples before: the shards went away (or a file system is down)
-                if retries == len(RETRY_WAITS):
-                    raise DataError(
-                        f"{self.kind}: no readable shard left: {retries + 1} passes over the {len(order)} "
-                        f"shard(s) of stream {self.s} of {self.S} ({self.shards[order[0]]}, ...) found no "
-                        f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}); were they "
-                        "deleted or moved? Put them back and resume with --resume latest")
-                time.sleep(RETRY_WAITS[retries])
-                retries += 1
-                self.k, self.offset, self.sub = 0, -1, 0  # the same epoch again
-                continue
-            retries = 0
             self.epoch, self.k, self.offset, self.sub = self.epoch + 1, 0, -1, 0
+            if got == 0 and whole:
+                self.empty_epoch = self.epoch - 1
+                yield EMPTY_PASS
+                self.empty_epoch = None
+
+    worker = "the worker"
+    """How messages name the worker reading this stream (set by SourceDataset)."""
+
+    def rewind(self) -> None:
+        """After EMPTY_PASS, when the worker retries: read the empty pass's epoch again."""
+        if self.empty_epoch is not None:
+            self.epoch, self.k, self.offset, self.sub = self.empty_epoch, 0, -1, 0
 
     def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
         for item in self._raw():
-            if self.buffer_size <= 1 and not self.buffer:
+            if item is EMPTY_PASS or (self.buffer_size <= 1 and not self.buffer):
                 yield item
                 continue
             self.buffer.append(item)
@@ -238,8 +291,11 @@ class LogicalStream:
         carry = self.take_carry()
         if carry is not None:
             yield carry
-        for pos, raw in self._shuffled():
-            item = self._encode(pos, raw)
+        for got in self._shuffled():
+            if got is EMPTY_PASS:
+                yield EMPTY_PASS
+                continue
+            item = self._encode(*got)
             if item is not None:
                 self.n_samples += 1
                 self.truncated += item.truncated
@@ -257,6 +313,7 @@ class LogicalStream:
             "rng": _rng_state(self.rng),
             "carry": [*carry.pos, carry.start] if carry is not None else None,  # position, then tokens done
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
+            "failed": dict(self.failed), "wait": {str(s): e for s, e in self.wait.items()},
         }
 
     def _restore(self, st: dict) -> None:
@@ -266,19 +323,21 @@ class LogicalStream:
         self.skipped = Counter(st["skipped"])
         self.n_samples = st["samples"]
         self.truncated = st.get("truncated", 0)  # absent from checkpoints older than max_tokens
+        self.failed = dict(st.get("failed", {}))
+        self.wait = {int(s): e for s, e in st.get("wait", {}).items()}
         buffer = [tuple(p) for p in st["buffer"]]
         carry = tuple(st["carry"][:-1]) if st["carry"] is not None else None  # (shard, offset[, caption])
         wanted = [p[:2] for p in buffer + ([carry] if carry else [])]
-        raw = read_positions(self.shards, wanted, Counter())
+        raw = read_positions(self.shards, wanted, Counter(), self.read_options)
         missing = [p for p in wanted if p not in raw]
         if missing:
-            raise DataError(f"{self.kind}: cannot resume: samples {missing[:3]} are gone from the shards "
+            raise DataError(f"{self.name}: cannot resume: samples {missing[:3]} are gone from the shards "
                             "(were the shards changed since the checkpoint?)")
         self.buffer = [(p, raw[p[:2]]) for p in buffer]
         if carry is not None:
             item = self._encode(carry, raw[carry[:2]])
             if item is None:
-                raise DataError(f"{self.kind}: cannot resume: sample {carry} no longer decodes")
+                raise DataError(f"{self.name}: cannot resume: sample {carry} no longer decodes")
             item.start = st["carry"][-1]
             self.carry = item
 
@@ -286,17 +345,39 @@ class LogicalStream:
 class _Turns:
     """A worker's samples from its streams: first the unfinished documents of restored states (in stream
     order), then one sample from each stream in turn, starting at stream `first` (a stream that ends, in a
-    finite pass, leaves the turn). `last` is the stream of the latest sample, `next` whose turn it is."""
+    finite pass, leaves the turn). `last` is the stream of the latest sample, `next` whose turn it is.
 
-    def __init__(self, streams: dict[int, LogicalStream], first: int | None):
+    The rules that stop a source are the worker's, over all its streams (module docstring): a stream whose
+    whole pass found no sample gives up its turn, and waits (`LogicalStream.wait`) until the worker's other
+    streams have each made a pass; only when every stream of the worker had an empty pass since its last
+    sample does the worker wait and retry (`RETRY_WAITS`), then stop with a DataError."""
+
+    def __init__(self, streams: dict[int, LogicalStream], first: int | None, worker: str = "the worker",
+                 name: str = ""):
         self.streams = streams
         self.active = sorted(streams)
         self.i = self.active.index(first) if first in streams else 0
         self.last: int | None = None
+        self.worker, self.name = worker, name
 
     @property
     def next(self) -> int | None:
         return self.active[self.i] if self.active else None
+
+    def _waits(self, s: int) -> bool:
+        """Whether stream s skips its turn: some stream it waits for has not made a pass since (a stream that
+        left the worker, or waits itself, is no longer waited for)."""
+        st = self.streams[s]
+        st.wait = {o: e for o, e in st.wait.items()
+                   if o in self.active and not self.streams[o].wait and self.streams[o].epoch <= e}
+        return bool(st.wait)
+
+    def _summary(self) -> tuple[dict, str]:
+        skipped: Counter = Counter()
+        for st in self.streams.values():
+            skipped.update(st.skipped)
+        last = next((st.reads.last_failure for st in self.streams.values()), "")
+        return dict(skipped), last
 
     def __iter__(self) -> Iterator[Encoded]:
         for s in self.active:
@@ -305,35 +386,79 @@ class _Turns:
                 self.last = s
                 yield carry
         its = {s: self.streams[s].encoded() for s in self.active}
+        empty: set[int] = set()  # streams whose whole pass found no sample since the worker's last sample
+        retries = 0
         while self.active:
             s = self.active[self.i]
-            item = next(its[s], None)
-            if item is None:
+            if self._waits(s):
+                self.i = (self.i + 1) % len(self.active)
+                continue
+            item = next(its[s], _END)
+            if item is _END:
                 self.active.pop(self.i)
                 self.i = self.i % len(self.active) if self.active else 0
                 continue
-            self.last, self.i = s, (self.i + 1) % len(self.active)
-            yield item
+            self.i = (self.i + 1) % len(self.active)
+            if item is not EMPTY_PASS:
+                empty.clear()
+                retries = 0
+                self.last = s
+                yield item
+                continue
+            st = self.streams[s]
+            empty.add(s)
+            st.wait = {o: self.streams[o].epoch for o in self.active if o != s and not self._waits(o)}
+            if not empty.issuperset(self.active):
+                continue
+            # a whole pass of every stream of the worker found nothing
+            skipped, last = self._summary()
+            n_shards = len(st.shards)
+            if sum(x.n_samples for x in self.streams.values()) == 0:
+                raise DataError(
+                    f"{self.name}: {self.worker} found no samples in a whole pass of its {len(self.active)} "
+                    f"stream(s) over {n_shards} shard(s) (skipped: {skipped}{last}); use fewer workers or "
+                    "check the shards with `python -m data_tools.verify` (streams: kosmos/data/stream.py)")
+            if retries == len(RETRY_WAITS):  # it found samples before: its shards went away
+                raise DataError(
+                    f"{self.name}: no readable shard left: {retries + 1} passes over the {n_shards} shard(s) "
+                    f"of {self.worker}'s {len(self.active)} stream(s) ({st.shards[0]}, ...) found no "
+                    f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {skipped}{last}); were they deleted or "
+                    "moved? Put them back and resume with --resume latest")
+            time.sleep(RETRY_WAITS[retries])
+            retries += 1
+            empty.clear()
+            for o in self.active:  # each stream re-reads its empty pass, in the usual turn
+                self.streams[o].rewind()
+                self.streams[o].wait = {}
+
+
+_END = object()
 
 
 class SourceDataset(IterableDataset):
-    """Packed micro-batches of one source for one rank; each carries its worker's state."""
+    """Packed micro-batches of one source for one rank; each carries its worker's state. `kind` says how its
+    samples are read; `name` (default: the kind) and `key` (its config key, default `data.<name>`) are for
+    messages."""
 
     def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
                  micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0, loss: str = "all",
-                 caption_choice: str = "random", streams: int = 0):
+                 caption_choice: str = "random", streams: int = 0, name: str | None = None,
+                 key: str | None = None, read_options: ReadOptions | None = None):
         super().__init__()
+        self.read_options = read_options
+        self.name = name = name or kind
+        key = key or f"data.{name}"
         if not shards:
-            raise ValueError(f"{kind}: no shards")
+            raise ValueError(f"{name}: no shards")
         if loss not in LOSSES:
-            raise ValueError(f"config key 'data.{kind}.loss': {loss!r} is not one of {', '.join(LOSSES)}")
+            raise ValueError(f"config key '{key}.loss': {loss!r} is not one of {', '.join(LOSSES)}")
         if caption_choice not in CAPTION_CHOICES:
-            raise ValueError(f"config key 'data.{kind}.caption_choice': {caption_choice!r} is not one of "
+            raise ValueError(f"config key '{key}.caption_choice': {caption_choice!r} is not one of "
                              f"{', '.join(CAPTION_CHOICES)}")
         self.loss, self.caption_choice = loss, caption_choice
         if 0 < max_tokens < encoder.span + 2:
-            raise ValueError(f"config key 'data.{kind}.max_tokens': {max_tokens} cannot hold <s>, an image "
+            raise ValueError(f"config key '{key}.max_tokens': {max_tokens} cannot hold <s>, an image "
                              f"span ({encoder.span} tokens) and a token of text; use 0 (no cap) or at least "
                              f"{encoder.span + 2}")
         self.max_tokens = max_tokens
@@ -344,7 +469,7 @@ class SourceDataset(IterableDataset):
         self.exiting = _EXITING  # the workers' copy (fork or spawn) of the main process's exit flag
         G = self.global_workers
         if streams and streams < G:
-            raise ValueError(f"{kind}: {streams} logical streams cannot feed {G} global workers")
+            raise ValueError(f"{name}: {streams} logical streams cannot feed {G} global workers")
         self.n_streams = streams or (max(G, min(MAX_STREAMS, len(self.shards))) if infinite else G)
         """S, the logical streams (module docstring); a restored data position sets the saved one."""
         self.states: dict[int, dict] = {}  # logical stream -> state to resume from
@@ -360,12 +485,13 @@ class SourceDataset(IterableDataset):
         g = self.rank * max(1, self.num_workers) + logical
         return list(range(g, self.n_streams, self.global_workers))
 
-    def stream(self, s: int, shuffle_buffer: int | None = None) -> LogicalStream:
+    def stream(self, s: int, shuffle_buffer: int | None = None, reads: _Reads | None = None) -> LogicalStream:
         return LogicalStream(self.kind, self.shards, s, self.n_streams, encoder=self.encoder, seed=self.seed,
                              infinite=self.infinite,
                              shuffle_buffer=self.shuffle_buffer if shuffle_buffer is None else shuffle_buffer,
                              max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
-                             state=self.states.get(s))
+                             state=self.states.get(s), name=self.name, read_options=self.read_options,
+                             reads=reads)
 
     def __iter__(self):
         info = get_worker_info()
@@ -379,7 +505,13 @@ class SourceDataset(IterableDataset):
         # the worker's shuffle buffer shared by its streams
         buffer = -(-self.shuffle_buffer // len(ids)) if self.shuffle_buffer > 1 else self.shuffle_buffer
         try:
-            turns = _Turns({s: self.stream(s, buffer) for s in ids}, self.turns.get(logical))
+            g = self.rank * nw + logical
+            worker = f"worker {g} of {self.global_workers}"
+            reads = _Reads()  # shared by the worker's streams: the give_up timer counts all their failures
+            streams = {s: self.stream(s, buffer, reads) for s in ids}
+            for st in streams.values():
+                st.worker = worker
+            turns = _Turns(streams, self.turns.get(logical), worker, self.name)
             for row, carry in packer.pack(turns):
                 rows.append(row)
                 if len(rows) == self.micro_batch_size:
@@ -494,6 +626,13 @@ class SourceLoader:
     def samples_seen(self) -> int:
         return sum(st["samples"] for st in self.states.values())
 
+    def failed_shards(self) -> dict[str, str]:
+        """Shards skipped so far (the newest of each stream), by spec: reason and detail, for the log."""
+        out: dict[str, str] = {}
+        for st in self.states.values():
+            out.update(st.get("failed", {}))
+        return out
+
     def truncated(self) -> int:
         """Samples cut to `max_tokens` so far, over this rank's streams."""
         return sum(st.get("truncated", 0) for st in self.states.values())
@@ -515,7 +654,7 @@ class SourceLoader:
         layout = f"world_size={own['world_size']} and {own['num_workers']} workers per rank"
         if S < G:
             raise ConfigError(
-                f"{ds.kind}: the data position was saved with {layout} in {S} logical streams, which cannot "
+                f"{ds.name}: the data position was saved with {layout} in {S} logical streams, which cannot "
                 f"feed this run's {G} global workers (world_size={ds.world_size} x {self.num_workers} "
                 f"workers); use at most {S} (or start the data from scratch)")
         if (own["world_size"], own["num_workers"]) == (ds.world_size, self.num_workers):
@@ -525,11 +664,11 @@ class SourceLoader:
         else:
             ranks = sd.get("ranks") or []
             if len(ranks) != own["world_size"]:
-                raise ConfigError(f"{ds.kind}: the data position was saved with {layout}; another layout "
+                raise ConfigError(f"{ds.name}: the data position was saved with {layout}; another layout "
                                   "needs the data positions of every rank (data_rank*.json)")
             states = {k: v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
             self.turns, self.next_worker = {}, 0
-            self.resume_note = (f"{ds.kind}: data position saved with {layout}, resumed with "
+            self.resume_note = (f"{ds.name}: data position saved with {layout}, resumed with "
                                 f"world_size={ds.world_size} and {self.num_workers}: its {S} logical streams "
                                 "dealt over the new workers (elastic resume)")
         ds.n_streams = S

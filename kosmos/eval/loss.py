@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True,
                     help="checkpoint directory, or a run's output dir (its newest checkpoint)")
     ap.add_argument("--shards", action="append", default=[], metavar="SOURCE=PATTERN",
-                    help="held-out shards of a source (text, captions, interleaved); repeat for several. "
-                         "Default: the data.<source>.eval_shards of the checkpoint's config")
+                    help="held-out shards of a source of the checkpoint's config, by name (text, captions, "
+                         "interleaved or a data.sources.<name>); repeat for several. Default: each "
+                         "source's eval_shards in the checkpoint's config")
     ap.add_argument("--max-batches", type=int, default=None, help="micro-batches per source (default: all)")
     ap.add_argument("--output", help="also write the results to this JSON file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -71,21 +72,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="config overrides key=value, e.g. data.captions.micro_batch_size=4")
     args = ap.parse_args(argv)
 
-    from kosmos.config import SOURCES
     from kosmos.data import build_loader
     from kosmos.model import Kosmos
 
     model = Kosmos.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
     cfg = model.cfg
+    named = cfg.data.named_sources()
     given: dict[str, list[str]] = {}
     for item in args.shards:
         name, sep, pattern = item.partition("=")
-        if not sep or name not in SOURCES:
-            ap.error(f"--shards {item!r}: expected SOURCE=PATTERN with SOURCE one of {', '.join(SOURCES)}")
+        if not sep or name not in named:
+            ap.error(f"--shards {item!r}: expected SOURCE=PATTERN with SOURCE one of {', '.join(named)}")
         given.setdefault(name, []).append(pattern)
     for name, patterns in given.items():  # given shards replace the config's for that source
-        getattr(cfg.data, name).eval_shards = patterns
-    sources = [n for n in SOURCES if getattr(cfg.data, n).eval_shards]
+        named[name].eval_shards = patterns
+    sources = [n for n, src in named.items() if src.eval_shards]
     if not sources:
         ap.error("no held-out shards: pass --shards SOURCE=PATTERN (the checkpoint's config names none)")
     encoder = SequenceEncoder.from_config(cfg)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             loader = build_loader(cfg, name, encoder, train=False)
         except FileNotFoundError as e:
-            ap.exit(2, f"error: data.{name}.eval_shards: {e}\n")
+            ap.exit(2, f"error: {cfg.data.key(name)}.eval_shards: {e}\n")
         loss, tokens = source_loss(model, loader, args.device, args.max_batches)
         results[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
         print(f"{name:<12} loss {loss:.4f}  ppl {perplexity(loss):10.3f}  ({tokens:,} target tokens)",

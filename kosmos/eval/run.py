@@ -108,14 +108,16 @@ def _jsonl_items(kind: str, path: Path, root: Path) -> list[Item]:
 
 
 def _shard_items(pattern: str) -> tuple[list[Item], Counter]:
-    """Caption shards (this project's format): each sample's image, its caption as the reference. Samples
-    the training reader would reject are counted by reason."""
+    """Caption shards (this project's format; local, URLs or pipe:, see `kosmos.data.remote`): each sample's
+    image, its caption as the reference. Samples the training reader would reject are counted by reason, so
+    are shards that cannot be read (and named in the log)."""
     from kosmos.data.format import BadSample, ImageSegment, parse_sample
     from kosmos.data.shards import expand_shards, read_shard
 
     items, skipped = [], Counter()
+    failed: dict[str, str] = {}
     for shard in expand_shards([pattern]):
-        for _, raw in read_shard(shard, skipped):
+        for _, raw in read_shard(shard, skipped, failed=failed):
             try:
                 segments = parse_sample("captions", raw)
             except BadSample as e:
@@ -124,6 +126,8 @@ def _shard_items(pattern: str) -> tuple[list[Item], Counter]:
             image = next(s.data for s in segments if isinstance(s, ImageSegment))
             text = " ".join(s for s in segments if isinstance(s, str)).strip()
             items.append(Item(id=raw["__key__"], images=[image], references=[text] if text else []))
+    for shard, why in failed.items():
+        log.warning("skipped shard %s (%s)", shard, why)
     return items, skipped
 
 
@@ -159,6 +163,8 @@ def load_task_data(spec: TaskSpec, data: str, annotations: str | None = None, im
     """The items of a task from `data`: the benchmark's own files (see `kosmos.eval.datasets`), or for
     captioning and VQA also a folder of images, a JSONL of prompts, or caption shards (predictions only,
     unless they carry references)."""
+    from kosmos.data.remote import is_remote
+
     path = Path(data)
     kind = spec.kind
     if kind in ("captioning", "vqa") and path.is_dir() and not any(path.glob("*.tar")):
@@ -172,7 +178,7 @@ def load_task_data(spec: TaskSpec, data: str, annotations: str | None = None, im
     if kind in ("captioning", "vqa") and path.suffix == ".jsonl":
         items = _jsonl_items(kind, path, Path(images) if images else path.parent)
         return TaskData(items, id_key="image_id" if kind == "captioning" else "question_id")
-    if kind == "captioning" and (".tar" in data or path.is_dir() or "{" in data):
+    if kind == "captioning" and (".tar" in data or path.is_dir() or "{" in data or is_remote(data)):
         items, bad = _shard_items(data)
         return TaskData(items, read_skipped=dict(bad))
     if not path.exists():

@@ -1,0 +1,318 @@
+"""Shards from anywhere (kosmos/data/remote.py): HTTP from a loopback server started here, pipe:cat, fsspec's
+memory:// file system; faults (404, stall, cut body, failing command) counted by reason and named."""
+
+import json
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kosmos.data import SourceDataset, SourceLoader
+from kosmos.data.remote import ReadOptions, ShardError, open_shard
+from kosmos.data.shards import expand_shards, read_shard
+from kosmos.data.stream import DataError
+from kosmos.sequence import SequenceEncoder
+from tests.helpers import ShardServer, caption_shards, interleaved_shards, text_shards
+
+FAST = ReadOptions(timeout=0.5, retries=1, backoff=0.01)
+
+
+def samples(spec, options=FAST, **kw):
+    skipped, failed = Counter(), {}
+    got = [(o, {k: v for k, v in raw.items() if k != "__url__"})
+           for o, raw in read_shard(spec, skipped, options=options, failed=failed, **kw)]
+    return got, skipped, failed
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    return caption_shards(tmp_path / "d", 3, 6)
+
+
+def test_http_pipe_and_fsspec_read_the_same_samples_as_local(shards):
+    fsspec = pytest.importorskip("fsspec")
+    local = [samples(p)[0] for p in shards]
+    assert all(len(x) == 6 for x in local)
+    mem = fsspec.filesystem("memory")
+    for p in shards:
+        mem.pipe(f"/remote-test/{Path(p).name}", Path(p).read_bytes())
+    with ShardServer(Path(shards[0]).parent) as srv:
+        for i, p in enumerate(shards):
+            name = Path(p).name
+            for spec in (srv.url(f"ok/{name}"), srv.url(f"norange/{name}"), f"pipe:cat {p}",
+                         f"memory://remote-test/{name}"):
+                got, skipped, failed = samples(spec)
+                assert got == local[i] and not skipped and not failed, spec
+    mem.rm("/remote-test", recursive=True)
+
+
+def test_brace_patterns_expand_over_urls_and_http_cannot_list(shards, tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    base = "http://127.0.0.1:1/ok/cap-{000000..000002}.tar"
+    assert expand_shards([base]) == [f"http://127.0.0.1:1/ok/cap-{i:06d}.tar" for i in range(3)]
+    assert expand_shards(["pipe:cat /x/{a,b}.tar"]) == ["pipe:cat /x/a.tar", "pipe:cat /x/b.tar"]
+    for bad in ("http://127.0.0.1:1/ok/", "https://host/cap-*.tar"):
+        with pytest.raises(ValueError, match="cannot be listed over HTTP"):
+            expand_shards([bad])
+    with pytest.raises(ValueError, match="unknown protocol nosuch://"):
+        expand_shards(["nosuch://bucket/x.tar"])
+    with pytest.raises(ValueError, match="pipe: needs a command"):
+        expand_shards(["pipe: "])
+    mem = fsspec.filesystem("memory")  # a listable protocol: directories, globs and missing shards
+    for p in shards:
+        mem.pipe(f"/listing/{Path(p).name}", Path(p).read_bytes())
+    want = [mem.unstrip_protocol(f"/listing/cap-{i:06d}.tar") for i in range(3)]  # memory:///listing/...
+    assert expand_shards(["memory://listing/"]) == want
+    assert expand_shards(["memory://listing/cap-*.tar"]) == want
+    with pytest.raises(FileNotFoundError, match="1 of the 4 shards"):
+        expand_shards(["memory://listing/cap-{000000..000003}.tar"])
+    mem.rm("/listing", recursive=True)
+
+
+def test_a_url_that_fails_is_counted_with_its_reason_and_named(shards):
+    name = Path(shards[0]).name
+    n = 6
+    with ShardServer(Path(shards[0]).parent) as srv:
+        got, skipped, failed = samples(srv.url(f"missing/{name}"))
+        assert got == [] and skipped == {"shard_not_found": 1}
+        assert "HTTP 404" in failed[srv.url(f"missing/{name}")]
+        assert sum(p.startswith("/missing") for p, _ in srv.requests) == 1, "a 404 is not retried"
+
+        t0 = time.monotonic()
+        got, skipped, failed = samples(srv.url(f"stall/{name}"))
+        assert time.monotonic() - t0 < 5, "a stalled read must time out"
+        assert got == [] and skipped["shard_timeout"] == 1
+        assert "2 tries" in failed[srv.url(f"stall/{name}")]
+
+        got, skipped, failed = samples(srv.url(f"cut/{name}"))
+        assert 0 < len(got) < n and skipped["shard_cut_short"] == 1
+        assert failed[srv.url(f"cut/{name}")].startswith("shard_cut_short")
+
+        # a cut body that a retry completes with a range request: nothing lost, nothing counted
+        got, skipped, failed = samples(srv.url(f"flaky/{name}"))
+        assert len(got) == n and not skipped and not failed
+        ranges = [r for p, r in srv.requests if p.startswith("/flaky")]
+        assert ranges[0] is None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+
+
+def test_pipe_failures_are_counted(shards, tmp_path):
+    got, skipped, failed = samples("pipe:echo oops >&2; exit 3")
+    assert got == [] and skipped == {"shard_command_failed": 1}
+    assert "exit status 3: oops" in failed["pipe:echo oops >&2; exit 3"]
+    t0 = time.monotonic()
+    got, skipped, _ = samples(f"pipe:head -c 600 {shards[0]}; sleep 20")
+    assert time.monotonic() - t0 < 5 and skipped["shard_timeout"] == 1
+    # a command that fails after writing a whole shard still counts as failed
+    _, skipped, _ = samples(f"pipe:cat {shards[0]}; exit 1")
+    assert skipped["shard_command_failed"] == 1
+    with pytest.raises(ShardError, match="exit status 1"):
+        open_shard("pipe:exit 1", FAST, strict=True).read()
+
+
+def test_resume_skips_samples_unread(shards):
+    """A reader resumed at offset k streams past the first k samples without holding their bytes."""
+    with ShardServer(Path(shards[0]).parent) as srv:
+        url = srv.url(f"ok/{Path(shards[0]).name}")
+        got, _, _ = samples(url, want=lambda o: o >= 4)
+        assert [o for o, _ in got] == [4, 5]
+        assert all(isinstance(v, bytes) for _, s in got for k, v in s.items() if k != "__key__")
+        from kosmos.data.format import TarSpan, iter_tar
+
+        with open_shard(url, FAST) as f:
+            first = [s.files for s in iter_tar(f, want=lambda i: i >= 4)]
+        assert all(isinstance(v, TarSpan) for files in first[:4] for v in files.values())
+
+
+def make_ds(kind, shards, tok, **kw):
+    args = dict(max_len=64, micro_batch_size=2, seed=0, shuffle_buffer=0, infinite=False, read_options=FAST)
+    args.update(kw)
+    return SourceDataset(kind, shards, SequenceEncoder(tok, 4, 32), **args)
+
+
+def test_training_stream_over_http_resumes_exactly(tmp_path, tiny_tokenizer):
+    shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
+    kw = dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2)
+    with ShardServer(tmp_path / "d") as srv:
+        urls = [srv.url(f"ok/{Path(p).name}") for p in shards]
+        local = [b["input_ids"] for b in
+                 _consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw)), 12)]
+        first = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
+        head = _consume(first, 5)
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        resumed = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
+        resumed.load_state_dict(state)
+        tail = _consume(resumed, 7)
+        resumed.close()
+    for a, b in zip(local, head + tail, strict=True):
+        assert torch.equal(a, b["input_ids"])
+
+
+def _consume(loader, n):
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_a_source_whose_urls_all_fail_stops_with_a_clear_error(tmp_path, tiny_tokenizer):
+    shards = text_shards(tmp_path / "d", 2, 3)
+    with ShardServer(tmp_path / "d") as srv:
+        good, gone = srv.url(f"ok/{Path(shards[0]).name}"), srv.url("missing/text-000001.tar")
+        loader = SourceLoader(make_ds("text", [good, gone], tiny_tokenizer))
+        assert sum(len(b["sample_positions"]) for b in loader) == 3
+        assert loader.skipped() == {"shard_not_found": 1}
+        assert list(loader.failed_shards()) == [gone]
+        loader = SourceLoader(make_ds("text", [gone], tiny_tokenizer, infinite=True))
+        with pytest.raises(DataError, match=f"shard_not_found.*last: {gone}: shard_not_found: .*HTTP 404"):
+            next(iter(loader))
+
+
+def test_eval_reads_caption_shards_over_http(shards, caplog):
+    from kosmos.eval.run import load_task_data
+    from kosmos.eval.tasks import get_task
+
+    spec = get_task("coco_captioning")
+    local = load_task_data(spec, shards[0])
+    with ShardServer(Path(shards[0]).parent) as srv:
+        remote = load_task_data(spec, srv.url("ok/cap-{000000..000001}.tar"))
+        assert [i.id for i in remote.items[:6]] == [i.id for i in local.items]
+        assert [i.images for i in remote.items[:6]] == [i.images for i in local.items]
+        gone = srv.url("missing/cap-000000.tar")
+        with caplog.at_level("WARNING"):
+            data = load_task_data(spec, gone)
+        assert data.items == [] and data.read_skipped == {"shard_not_found": 1}
+        assert f"skipped shard {gone} (shard_not_found" in caplog.text
+
+
+def test_verify_and_inspect_read_remote_shards(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kosmos.data.remote.DEFAULT", FAST)
+    from data_tools import inspect as shard_inspect
+    from data_tools import verify as shard_verify
+    from tests.test_data_tools_verify import _shards
+
+    out = _shards(tmp_path)  # 2 shards of 2 caption samples, with manifest.json
+    with ShardServer(tmp_path) as srv:
+        # a folder URL: HTTP cannot list it, its manifest.json names the shards
+        assert shard_verify.main([srv.url("ok/out/")]) == 0
+        assert "OK: 2 shards, 4 samples" in capsys.readouterr().out
+        pattern = srv.url("ok/out/shard-{000000..000001}-000.tar")
+        assert shard_verify.main([pattern, "--kind", "captions"]) == 0
+        assert "OK: 2 shards, 4 samples" in capsys.readouterr().out
+        assert shard_verify.main([srv.url("ok/src/")]) == 2  # no manifest.json
+        assert "HTTP cannot list a folder" in capsys.readouterr().err
+        assert shard_verify.main([srv.url("cut/out/shard-000000-000.tar")]) == 1
+        assert "cannot be read to its end (shard_cut_short)" in capsys.readouterr().out
+
+        assert shard_inspect.main([srv.url("ok/out/shard-{000000..000001}-000.tar"), "-n", "3"]) == 0
+        text = capsys.readouterr().out
+        assert text.count("== im") == 3 and "shard-000001-000.tar: == im2" in text
+        assert shard_inspect.main([srv.url("missing/out/shard-000000-000.tar")]) == 2
+        assert "cannot be read (shard_not_found)" in capsys.readouterr().err
+    assert shard_inspect.main([f"pipe:cat {out / 'shard-000000-000.tar'}", "-n", "1"]) == 0
+    assert "pipe:cat" in capsys.readouterr().out
+
+
+def test_tokenizer_inputs_may_be_urls_and_pipes(tmp_path):
+    from tokenizer.build import BuildError, sample_lines
+
+    docs = [{"text": f"document number {i} about red circles"} for i in range(20)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    shards = text_shards(tmp_path / "t", 2, 5)
+    local, _ = sample_lines([tmp_path / "c.jsonl", *shards], 1000, quiet=True)
+    with ShardServer(tmp_path) as srv:
+        specs = [srv.url("ok/c.jsonl"), srv.url("ok/t/text-{000000..000001}.tar")]
+        remote, stats = sample_lines(specs, 1000, quiet=True)
+        assert remote == local and stats[0].bytes == (tmp_path / "c.jsonl").stat().st_size
+        gone = srv.url("missing/t/text-000000.tar")
+        lines, stats = sample_lines([f"pipe:cat {tmp_path / 'c.jsonl'}", gone], 1000, quiet=True)
+        assert len(lines) == 20 and stats[1].skipped == {"shard_not_found": 1}
+        assert "HTTP 404" in stats[1].errors[0]
+        with pytest.raises(BuildError, match="unsupported input pipe:cat x"):
+            sample_lines(["pipe:cat x"], 10, quiet=True)
+
+
+@pytest.mark.slow
+def test_training_reads_shards_over_http_and_names_a_missing_one_in_the_log(tiny_run, tmp_path):
+    import train_kosmos
+    from tests.helpers import ROOT
+
+    src = Path(next(o.split("=", 1)[1].strip("[]") for o in tiny_run
+                    if o.startswith("data.captions.shards=")))
+    with ShardServer(src) as srv:
+        urls = [srv.url(f"ok/{p.name}") for p in sorted(src.glob("*.tar"))] + [srv.url("missing/gone.tar")]
+        out = tmp_path / "run"
+        state = train_kosmos.main([
+            "--config", str(ROOT / "configs" / "tiny.yaml"), "--no-progress", *tiny_run,
+            f"train.output_dir={out}", "data.text.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
+            f"data.captions.shards=[{','.join(urls)}]", "data.captions.workers=1", "data.read_retries=0",
+            "train.max_steps=5", "optim.total_steps=100", "optim.warmup_steps=1"])
+    assert state["step"] == 5
+    log = (out / "train.log").read_text()
+    assert f"data.captions: skipped shard {urls[-1]} (shard_not_found: HTTP 404 Not Found)" in log
+    import re
+
+    assert int(re.search(r"step      5 .* skipped (\d+) ", log)[1]) >= 1  # counted in the step line
+
+
+def test_a_broken_or_truncated_tar_reads_the_same_streamed_as_local(tmp_path):
+    from tests.helpers import jpeg, write_tar
+
+    good = [{"__key__": f"g{i}", "jpg": jpeg(i), "txt": b"a red circle"} for i in range(3)]
+    full = write_tar(tmp_path / "full.tar", good).read_bytes()
+    for cut, reason in [(700, "broken_shard"), (3000, "truncated_shard"), (5000, "broken_shard")]:
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(full[:cut])
+        local, local_skipped, _ = samples(str(path))
+        streamed, skipped, failed = samples(f"pipe:cat {path}")
+        assert local_skipped == skipped == {reason: 1}, (cut, skipped)
+        assert streamed == local and list(failed) == [f"pipe:cat {path}"]
+
+
+def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_tokenizer):
+    from kosmos.checkpoint import _resume_key
+    from kosmos.config import ConfigError
+    from kosmos.data import build_loader
+    from tests.helpers import tiny_config
+
+    for bad in ("data.read_timeout=0", "data.read_retries=-1", "data.read_give_up=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            tiny_config(bad)
+    cfg = tiny_config(f"tokenizer.path={tiny_tokenizer.path}", "data.text.shards=[http://127.0.0.1:1/ok/t.tar]",
+                      "data.read_timeout=2.5", "data.read_retries=7", "data.read_give_up=30")
+    loader = build_loader(cfg, "text", SequenceEncoder.from_config(cfg))
+    assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7, give_up=30)
+    assert not any(_resume_key(f"data.read_{k}") for k in ("timeout", "retries", "give_up"))
+    assert _resume_key("data.text.shards")
+
+
+def test_a_protocol_without_its_package_is_refused_at_start():
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    with pytest.raises(ValueError, match=r"s3://b/x\.tar: s3:// needs an optional package"):
+        expand_shards(["s3://b/x.tar"])
+
+
+def test_storage_that_keeps_failing_stops_the_source_in_bounded_time(tmp_path, tiny_tokenizer):
+    shards = text_shards(tmp_path / "d", 6, 3)
+    opts = ReadOptions(timeout=0.2, retries=0, backoff=0.01, give_up=0.5)
+    with ShardServer(tmp_path / "d") as srv:
+        urls = [srv.url(f"stall/{Path(p).name}") for p in shards]
+        loader = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, read_options=opts))
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match=r"text: no sample for \d+s: .*shard_timeout.*is the storage "
+                                            r"reachable\?.*read_give_up=0\.5"):
+            next(iter(loader))
+        assert time.monotonic() - t0 < 3  # 3 stalled shards, not 6 shards x 4 passes and the waits between
+        # a failing shard among readable ones is skipped and counted, never stops the source
+        mixed = [srv.url(f"ok/{Path(p).name}") for p in shards[:4]] + urls[4:]
+        loader = SourceLoader(make_ds("text", mixed, tiny_tokenizer, read_options=replace(opts, give_up=1.0)))
+        assert sum(len(b["sample_positions"]) for b in loader) == 12
+        assert loader.skipped() == {"shard_timeout": 2}
