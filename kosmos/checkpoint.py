@@ -5,7 +5,8 @@
         optimizer.pt            optimizer state (tensors and numbers only: torch.load(weights_only=True))
         scheduler.pt            scheduler state (same)
         rng_rank{R}.pt          torch/CUDA/python/numpy RNG of each rank (same)
-        data_rank{R}.json       each rank's data position (kosmos.data.stream explains it)
+        data_rank{R}.json       each rank's data position (kosmos.data.stream explains it; a resume with
+                                another number of processes or workers reads them all)
         trainer_state.json      step, counters, world size, the resolved config
         config.yaml             the resolved config (kosmos.config.save_config)
         tokenizer/              a copy of the tokenizer files (tokenizer.model, tokenizer.vocab, ...)
@@ -314,8 +315,8 @@ def check_checkpoint(path: Path) -> dict:
 RESUME_KEYS = ("seed", "decoder.max_len", "tokenizer.path", "data.")
 """Config keys (and prefixes) that change the data order or the shapes of what a resumed run reads: a
 resume refuses to change them unless `--allow-config-change` names them. Not compared under `data.`: the
-eval shards, the worker count (the data position itself refuses another one), the `allow_*` switches and
-how remote shards are read (`read_timeout`, `read_retries`)."""
+eval shards, the worker count (the data position is dealt over another one: kosmos.data.stream), the
+`allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -419,7 +420,11 @@ def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixtur
             state = check_checkpoint(path)
             for line in config_changes(path, state["config"], cfg, allowed):
                 say(line)
-            return path, load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
+            loaded = load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
+            for loader in getattr(mixture, "loaders", {}).values():
+                if getattr(loader, "resume_note", None):
+                    say(loader.resume_note)
+            return path, loaded
         except CheckpointError as e:
             if i + 1 == len(candidates):
                 raise
@@ -431,14 +436,15 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
     """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state. A file
     that is missing, damaged or holds non-finite weights is a CheckpointError naming it."""
     from kosmos.config import ConfigError
-
-    state = check_checkpoint(path)
-    if state["world_size"] != acc.num_processes:
-        raise ConfigError(f"{path} was written by {state['world_size']} processes, this run has "
-                          f"{acc.num_processes}; the data position is per rank, so resume with the same "
-                          "number (or start a new run from its weights with train.init_from)")
+    from kosmos.data.stream import rank_data_state
     from kosmos.sharding import SHARDED, is_sharded, load_sharded
 
+    state = check_checkpoint(path)
+    world = int(state["world_size"])
+    if world != acc.num_processes and (is_sharded(model) or _sharded(acc)):
+        raise ConfigError(f"{path} was written by {world} processes, this run has {acc.num_processes}; "
+                          "FSDP/DeepSpeed state is sharded per rank, so resume with the same number (or "
+                          "start a new run from its weights with train.init_from)")
     if is_sharded(model):  # FSDP2: every rank reads its shard (a damaged file: a CheckpointError naming it)
         _read(lambda p: load_sharded(p, model, optimizer), path / SHARDED)
     elif _sharded(acc):
@@ -447,8 +453,11 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
         load_model_weights(acc.unwrap_model(model), path)
         optimizer.load_state_dict(_read(load_torch, path / "optimizer.pt"))
     scheduler.load_state_dict(_read(load_torch, path / "scheduler.pt"))
-    set_rng_state(_read(load_torch, path / f"rng_rank{acc.process_index}.pt"))
-    mixture.load_state_dict(_read(read_json, path / f"data_rank{acc.process_index}.json"))
+    if acc.process_index < world:  # a rank the checkpoint did not have keeps its seeded RNG
+        set_rng_state(_read(load_torch, path / f"rng_rank{acc.process_index}.pt"))
+    # every rank's data position: with another layout the logical streams are dealt anew (kosmos.data.stream)
+    data = [_read(read_json, path / f"data_rank{r}.json") for r in range(world)]
+    mixture.load_state_dict(rank_data_state(data, acc.process_index))
     state.pop("config", None)
     state.pop("world_size", None)
     return state

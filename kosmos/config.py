@@ -532,8 +532,8 @@ class TrainConfig:
     """Stop when this many steps in a row have a NaN/inf loss or gradient (each is skipped and counted)."""
     init_from: str | None = None
     """A checkpoint directory (or its model.safetensors) whose model weights start a new run, with a fresh
-    optimizer, schedule and data position: for fine-tuning, or to go on with another number of processes
-    (a resume needs the same number). Weights only, never unpickled. `--resume` wins when train.output_dir
+    optimizer, schedule and data position: for fine-tuning (a resume may change the number of processes:
+    kosmos.data.stream). Weights only, never unpickled. `--resume` wins when train.output_dir
     has a checkpoint to resume, so a killed fine-tuning run continues instead of starting over."""
 
     def __post_init__(self) -> None:

@@ -1,7 +1,10 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo) by tests/test_train.py:
 trains configs/tiny.yaml for a few steps and checks, after every step, that the two ranks saw different
-samples and hold bit-identical weights. Prints DIST_OK on success."""
+samples and hold bit-identical weights. Prints DIST_OK on success. With `--samples DIR` first, each rank
+also writes the (source, shard, offset[, caption]) of the samples it started, per step, to
+DIR/rank{R}.json."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,8 +16,12 @@ from kosmos.config import load_config
 
 
 def main():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", sys.argv[1:])
+    args, out = sys.argv[1:], None
+    if args[:1] == ["--samples"]:
+        out, args = Path(args[1]), args[2:]
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", args)
     checked = []
+    steps = []
 
     def on_step(acc, state, model, samples):
         assert acc.num_processes == 2, f"expected 2 processes, got {acc.num_processes}"
@@ -25,6 +32,9 @@ def main():
         shared = set(seen[0]) & set(seen[1])
         assert seen[0] and seen[1] and not shared, f"step {state['step']}: ranks share data {sorted(shared)[:5]}"
         checked.append(state["step"])
+        steps.append(sorted(samples))
+        if out is not None:
+            (out / f"rank{acc.process_index}.json").write_text(json.dumps(steps))
 
     train_kosmos.train(cfg, on_step=on_step)
     print(f"DIST_OK rank checked steps {checked}", flush=True)

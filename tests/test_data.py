@@ -148,17 +148,17 @@ def test_resume_consumes_the_same_samples_as_an_uninterrupted_run(tmp_path, tiny
     first = SourceLoader(make_ds(kind, shards, tiny_tokenizer, **kw))
     head = consume(first, n_head)
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    assert any(st["carry"] for st in state["workers"].values()), "the test should resume mid-document"
+    assert any(st["carry"] for st in state["streams"].values()), "the test should resume mid-document"
     if case == "captions-all":
         from kosmos.data.format import captions
         from kosmos.data.shards import read_shard
 
         n_caps = {(s, o): len(captions(raw))
                   for s, p in enumerate(shards) for o, raw in read_shard(p, Counter())}
-        order = {w: make_ds(kind, shards, tiny_tokenizer, **kw).worker_stream(int(w))._order(st["epoch"])
-                 for w, st in state["workers"].items()}
-        assert any(0 < st["sub"] < n_caps[(order[w][st["k"]], st["offset"])]
-                   for w, st in state["workers"].items() if st["offset"] >= 0), \
+        order = {s: make_ds(kind, shards, tiny_tokenizer, **kw).stream(int(s))._order(st["epoch"])
+                 for s, st in state["streams"].items()}
+        assert any(0 < st["sub"] < n_caps[(order[s][st["k"]], st["offset"])]
+                   for s, st in state["streams"].items() if st["offset"] >= 0), \
             "the test should resume between two captions of an image"
     resumed = SourceLoader(make_ds(kind, shards, tiny_tokenizer, **kw))
     resumed.load_state_dict(state)
@@ -169,18 +169,158 @@ def test_resume_consumes_the_same_samples_as_an_uninterrupted_run(tmp_path, tiny
         assert torch.equal(a["images"], b["images"])
         assert a["sample_positions"] == b["sample_positions"]
     # over several epochs (3 shards x 5 samples, 17 micro-batches of 2 rows)
-    assert max(st["epoch"] for st in resumed.state_dict()["workers"].values()) >= 1
+    assert max(st["epoch"] for st in resumed.state_dict()["streams"].values()) >= 1
     if kind == "captions":  # the caption is part of the position, and thus of what resumes
         assert any(len(p) == 3 for b in full for p in b["sample_positions"])
 
 
-def test_resume_refuses_another_layout(tmp_path, tiny_tokenizer):
-    shards, kw = _resume_setup(tmp_path, tiny_tokenizer)
+def test_a_checkpoint_from_before_logical_streams_resumes_exactly(tmp_path, tiny_tokenizer):
+    """A data position written when each global worker was one stream (`workers`: worker -> its state) is
+    read as S = G streams."""
+    shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
+    kw = dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2, streams=2)
+    full = consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw)), 9)
     first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))
+    head = consume(first, 5)
+    sd = json.loads(json.dumps(first.state_dict()))
+    old = {k: sd[k] for k in ("kind", "world_size", "num_workers", "next_worker")} | {"workers": sd["streams"]}
+    resumed = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "streams": 0}))
+    resumed.load_state_dict(old)
+    for a, b in zip(full, head + consume(resumed, 4), strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and a["sample_positions"] == b["sample_positions"]
+
+
+def test_a_document_whose_head_image_does_not_fit_starts_in_the_next_row_only():
+    from kosmos.data.samples import Encoded
+
+    p = Packer(max_len=16, num_latents=4, pad_id=0)  # image span: 6 tokens
+    first = Encoded(pos=(0, 0), ids=[1] * 12, image_mask=[False] * 12)
+    ids = [1] * 6 + [1] * 14  # an image span first, then text: longer than a row
+    second = Encoded(pos=(0, 1), ids=ids, image_mask=[False] * 20, image_starts=[0],
+                     images=[torch.zeros(3, 2, 2)])
+    rows = [r for r, _ in p.pack([first, second])]
+    assert [r.starts for r in rows] == [[(0, 0)], [(0, 1)], []]
+    assert [r.n_real for r in rows] == [12, 16, 4]
+
+
+def _rank_states(loaders):
+    """What a checkpoint stores for one source (each rank's state), as every rank of a resume reads it."""
+    from kosmos.data.stream import rank_data_state
+
+    per_rank = [json.loads(json.dumps({"src": ld.state_dict()})) for ld in loaders]
+    return [rank_data_state(per_rank, r)["src"] for r in range(len(per_rank))]
+
+
+ELASTIC = {  # (world_size, workers) before -> after the checkpoint; micro-batches per rank before it
+    "2 processes -> 1": ((2, 1), (1, 1), 3),
+    "1 worker -> 2 workers": ((1, 1), (1, 2), 5),
+    "2x2 -> 1x3": ((2, 2), (1, 3), 2),
+}
+
+
+@pytest.mark.parametrize("case", ELASTIC)
+@pytest.mark.parametrize("kind", ["interleaved", "captions"])
+def test_elastic_resume_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_tokenizer, case, kind):
+    """A pass (one epoch) cut by a checkpoint and resumed on another number of processes or workers: its
+    logical streams are dealt over the new workers, and the sample positions consumed before and after are
+    those of the uninterrupted pass, each once (the order differs: another layout interleaves them
+    otherwise)."""
+    (ws0, nw0), (ws1, nw1), n_head = ELASTIC[case]
+    make = interleaved_shards if kind == "interleaved" else caption_shards
+    shards = make(tmp_path / "d", 5, 7, **({"words": (5, 30)} if kind == "interleaved" else {"captions": 3}))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, streams=6, caption_choice="all")
+
+    def loaders(ws, nw):
+        return [SourceLoader(make_ds(kind, shards, tiny_tokenizer, rank=r, world_size=ws, num_workers=nw,
+                                     **kw)) for r in range(ws)]
+
+    def positions(batches):
+        return Counter(tuple(p) for b in batches for p in b["sample_positions"])
+
+    full = sum((positions(consume(ld)) for ld in loaders(ws0, nw0)), Counter())
+    assert max(full.values()) == 1 and len(full) >= 5 * 7  # every document, every caption of every image
+
+    first = loaders(ws0, nw0)
+    head = sum((positions(consume(ld, n_head)) for ld in first), Counter())
+    saved = _rank_states(first)
+    carries = [st["carry"] for sd in saved for st in sd["streams"].values() if st["carry"]]
+    assert carries and (kind == "captions" or any(c[-1] > 0 for c in carries)), \
+        "the test should resume mid-document"
+    tail = Counter()
+    for r, ld in enumerate(loaders(ws1, nw1)):
+        ld.load_state_dict(saved[r] if r < ws0 else saved[0])
+        assert "elastic resume" in ld.resume_note
+        tail += positions(consume(ld))
+    assert not head & tail, "a sample consumed before the checkpoint was consumed again"
+    assert head + tail == full
+
+
+@pytest.mark.parametrize("streams", [0, 6])  # as many streams as shards (whole shards), more (split shards)
+@pytest.mark.parametrize("case", ELASTIC)
+def test_elastic_resume_in_training_loses_nothing_of_the_epoch(tmp_path, tiny_tokenizer, case, streams):
+    """Infinite, shuffled streams cut by a checkpoint and resumed on another layout: within the epoch, every
+    sample a stream has read is consumed once, or still waits in its shuffle buffer or as its next
+    document."""
+    (ws0, nw0), (ws1, nw1), n_head = ELASTIC[case]
+    shards = interleaved_shards(tmp_path / "d", 5, 12, words=(5, 30))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, streams=streams, infinite=True)
+
+    def loaders(ws, nw):
+        return [SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, rank=r, world_size=ws,
+                                     num_workers=nw, **kw)) for r in range(ws)]
+
+    consumed = Counter()
+    first = loaders(ws0, nw0)
+    for ld in first:
+        consumed.update(tuple(p) for b in consume(ld, n_head) for p in b["sample_positions"])
+    saved = _rank_states(first)
+    final = {}
+    for r, ld in enumerate(loaders(ws1, nw1)):
+        ld.load_state_dict(saved[r] if r < ws0 else saved[0])
+        consumed.update(tuple(p) for b in consume(ld, 5) for p in b["sample_positions"])
+        final.update(ld.state_dict()["streams"])
+    ds = make_ds("interleaved", shards, tiny_tokenizer, **kw, world_size=max(ws0, ws1), num_workers=3)
+    ds.n_streams = saved[0]["n_streams"]
+    assert len(final) == ds.n_streams and max(consumed.values()) == 1
+    waiting, passed = Counter(), Counter()
+    for s, st in final.items():
+        assert st["epoch"] == 0, "the test should stay in the first epoch"
+        stream = ds.stream(int(s))
+        for i, shard in enumerate(stream._order(0)[: st["k"] + 1]):
+            passed.update((shard, o) for o in range(12) if (i < st["k"] or o <= st["offset"])
+                          and (not stream.split_samples or o % stream.S == stream.s))
+        waiting.update(tuple(p) for p in st["buffer"])
+        if st["carry"] and st["carry"][-1] == 0:  # the next row starts it
+            waiting[tuple(st["carry"][:-1])] += 1
+    assert not consumed & waiting
+    assert consumed + waiting == passed
+
+
+def test_a_restored_buffer_larger_than_the_stream_s_drains(tmp_path, tiny_tokenizer):
+    """Elastic resume can give a stream a smaller share of its worker's shuffle buffer, or none: what waited
+    in the larger one comes out first, none of it left behind."""
+    shards = interleaved_shards(tmp_path / "d", 2, 6)
+    kw = dict(shuffle_buffer=4, infinite=True, streams=2)
+    stream = make_ds("interleaved", shards, tiny_tokenizer, **kw).stream(0)
+    it = stream.encoded()
+    [next(it) for _ in range(2)]
+    st = json.loads(json.dumps(stream.state(None)))
+    assert len(st["buffer"]) == 3
+    for size in (0, 1):  # no buffer of its own any more: the 3 waiting come out with the next one read
+        ds = make_ds("interleaved", shards, tiny_tokenizer, **kw)
+        ds.states = {0: st}
+        got = [x.pos for _, x in zip(range(4), ds.stream(0, size).encoded())]
+        assert {tuple(p) for p in st["buffer"]} <= set(got), size
+
+
+def test_elastic_resume_refuses_more_workers_than_streams(tmp_path, tiny_tokenizer):
+    shards, kw = _resume_setup(tmp_path, tiny_tokenizer)  # 3 shards: 3 logical streams
+    first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 1}))
     consume(first, 2)
-    other = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 1}))
-    with pytest.raises(ValueError, match="same layout"):
-        other.load_state_dict(first.state_dict())
+    assert first.state_dict()["n_streams"] == 3
+    other = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 4}))
+    with pytest.raises(ValueError, match="3 logical streams, which cannot feed this run's 4 global workers"):
+        other.load_state_dict(_rank_states([first])[0])
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_tokenizer):
@@ -449,3 +589,41 @@ def test_all_captions_are_samples_and_first_keeps_the_first(tmp_path, tiny_token
                           for s in range(2) for o in range(6)}
     first = _caption_visits(shards, tiny_tokenizer, caption_choice="first")
     assert first == {(s, o): [None] for s in range(2) for o in range(6)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_broken_shard_among_good_ones_is_counted_and_the_training_stream_goes_on(tmp_path, tiny_tokenizer,
+                                                                                   workers):
+    """6 shards, one of them broken, S = 6 logical streams: the stream that gets the broken shard in an epoch
+    finds nothing in its pass, but the worker's other streams yield, so it only moves on (the rules that stop
+    a source are per worker): the source keeps producing batches, counting the bad shard once per epoch."""
+    shards = text_shards(tmp_path / "d", 6, 4, words=(20, 40))
+    with open(shards[2], "r+b") as f:
+        f.write(b"\x00garbage" * 64)
+    ds = make_ds("text", shards, tiny_tokenizer, infinite=True, num_workers=workers, micro_batch_size=1,
+                 shuffle_buffer=3)
+    assert ds.n_streams == 6
+    loader = SourceLoader(ds)
+    batches = consume(loader, 60)
+    assert len(batches) == 60
+    seen = Counter(p[0] for b in batches for p in b["sample_positions"])
+    assert 2 not in seen and set(seen) == {0, 1, 3, 4, 5}
+    bad = loader.skipped()["broken_shard"]
+    epochs = max(st["epoch"] for st in loader.states.values())
+    assert 1 <= bad <= epochs + 2  # read once per epoch (of the stream that gets it), not in a tight loop
+    # the skipping is deterministic and part of the state: resumed anywhere, the same batches follow
+    waited = False
+    for cut in (5, 17, 29, 43):
+        first = SourceLoader(make_ds("text", shards, tiny_tokenizer, infinite=True, num_workers=workers,
+                                     micro_batch_size=1, shuffle_buffer=3))
+        head = consume(first, cut)
+        first.close()
+        state = json.loads(json.dumps(first.state_dict()))
+        waited |= any(st["wait"] for st in state["streams"].values())
+        resumed = SourceLoader(make_ds("text", shards, tiny_tokenizer, infinite=True, num_workers=workers,
+                                       micro_batch_size=1, shuffle_buffer=3))
+        resumed.load_state_dict(state)
+        tail = consume(resumed, 60 - cut)
+        resumed.close()
+        assert [b["sample_positions"] for b in head + tail] == [b["sample_positions"] for b in batches]
+    assert waited, "the test should resume while a stream waits"

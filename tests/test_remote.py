@@ -316,3 +316,23 @@ def test_storage_that_keeps_failing_stops_the_source_in_bounded_time(tmp_path, t
         loader = SourceLoader(make_ds("text", mixed, tiny_tokenizer, read_options=replace(opts, give_up=1.0)))
         assert sum(len(b["sample_positions"]) for b in loader) == 12
         assert loader.skipped() == {"shard_timeout": 2}
+
+
+def test_a_missing_url_among_six_shards_is_counted_and_training_goes_on(tmp_path, tiny_tokenizer):
+    """S = 6 logical streams over 6 URLs, one a 404 and one stalling: the stream that gets one in an epoch
+    finds nothing in its pass, while the worker's other streams yield, so the source goes on; the give_up
+    timer counts the worker's failing reads since its last sample, which the good streams keep resetting."""
+    shards = text_shards(tmp_path / "d", 6, 3)
+    opts = ReadOptions(timeout=0.2, retries=0, backoff=0.01, give_up=0.5)
+    with ShardServer(tmp_path / "d") as srv:
+        urls = [srv.url(f"ok/{Path(p).name}") for p in shards]
+        urls[1] = srv.url(f"missing/{Path(shards[1]).name}")
+        urls[4] = srv.url(f"stall/{Path(shards[4]).name}")
+        ds = make_ds("text", urls, tiny_tokenizer, infinite=True, read_options=opts, micro_batch_size=1)
+        assert ds.n_streams == 6
+        loader = SourceLoader(ds)
+        batches = _consume(loader, 40)
+        assert len(batches) == 40
+        assert {p[0] for b in batches for p in b["sample_positions"]} == {0, 2, 3, 5}
+        assert loader.skipped()["shard_not_found"] >= 1 and loader.skipped()["shard_timeout"] >= 1
+        assert set(loader.failed_shards()) == {urls[1], urls[4]}

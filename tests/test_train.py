@@ -1,8 +1,10 @@
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -505,11 +507,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path, to):
     assert lines[-2].startswith("saved ") and lines[-1].startswith("stopped by signal at step ")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("captions_rows", [2, 8])
-def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path, captions_rows):
-    """Captions in micro-batches of 2 rows: 4 + 1 + 1 micro-batches per step, 3 passes on each rank. Of 8: one
-    micro-batch per source, so the ranks run 2 and 1 passes (rotating): DDP still syncs once per step."""
+def _two_processes(args: list[str]) -> subprocess.CompletedProcess:
+    """tests/dist_check.py ARGS under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo); it must
+    succeed."""
     import socket
 
     with socket.socket() as sock:  # a free port for the rendezvous
@@ -519,15 +519,61 @@ def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-           str(ROOT / "tests" / "dist_check.py"), *_overrides(tiny_run, tmp_path / "run", 3),
-           # Small buffers and batches so that 3 steps stay inside each rank's first epoch: ranks read disjoint
-           # shares of an epoch, but a rank already in its next epoch may meet a sample another rank has now.
-           *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")],
-           f"data.captions.micro_batch_size={captions_rows}"]
+           str(ROOT / "tests" / "dist_check.py"), *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("captions_rows", [2, 8])
+def test_two_processes_gloo_different_data_identical_weights(tiny_run, tmp_path, captions_rows):
+    """Captions in micro-batches of 2 rows: 4 + 1 + 1 micro-batches per step, 3 passes on each rank. Of 8: one
+    micro-batch per source, so the ranks run 2 and 1 passes (rotating): DDP still syncs once per step."""
+    res = _two_processes([*_overrides(tiny_run, tmp_path / "run", 3),
+                          # Small buffers and batches so that 3 steps stay inside each rank's first epoch:
+                          # ranks read disjoint shares of an epoch, but a rank already in its next epoch may
+                          # meet a sample another rank has now.
+                          *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")],
+                          f"data.captions.micro_batch_size={captions_rows}"])
     assert res.stdout.count("DIST_OK") == 2 and "[1, 2, 3]" in res.stdout, res.stdout[-2000:]
     assert ("ranks run 1 or 2 passes per step" in res.stdout) == (captions_rows == 8), res.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_on_one_without_replaying_or_skipping_samples(tiny_run, tmp_path):
+    """Elastic resume: trained 2 steps on 2 processes (gloo), resumed on 1 process for 1 more. The logical
+    streams of each source are dealt over the one rank: within the epoch no sample is consumed twice, and each
+    stream goes on where it was (its position after the resume is past the one saved)."""
+    out = tmp_path / "run"
+    shuffle = [f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")]
+    _two_processes(["--samples", str(tmp_path), *_overrides(tiny_run, out, 2), *shuffle])
+    before = [tuple(x) for r in range(2) for step in json.loads((tmp_path / f"rank{r}.json").read_text())
+              for x in step]
+    saved = ck.list_checkpoints(out)[-1]
+    assert saved.name == "step_00000002" and (saved / "data_rank1.json").is_file()
+    per_rank = [ck.read_json(saved / f"data_rank{r}.json") for r in range(2)]
+
+    after = []
+    cfg = load_config(TINY, [*_overrides(tiny_run, out, 3), *shuffle])
+    state = train_kosmos.train(cfg, resume="latest", progress=False,
+                               on_step=lambda acc, state, model, samples: after.extend(map(tuple, samples)))
+    assert state["step"] == 3
+    log = (out / "train.log").read_text()
+    assert "resumed from" in log and "elastic resume" in log, log[-2000:]
+    consumed = Counter(before + after)
+    assert before and after and max(consumed.values()) == 1, [k for k, n in consumed.items() if n > 1][:5]
+    final = ck.read_json(ck.list_checkpoints(out)[-1] / "data_rank0.json")
+    for name in ("captions", "text", "interleaved"):
+        streams = {s: st for sd in per_rank for s, st in sd[name]["streams"].items()}
+        assert streams and set(streams) <= set(final[name]["streams"])
+        assert final[name]["world_size"] == 1 and final[name]["n_streams"] == per_rank[0][name]["n_streams"]
+        for s, st in streams.items():  # every stream goes on from its saved position, none starts over
+            now = final[name]["streams"][s]
+            assert (now["epoch"], now["k"], now["offset"]) >= (st["epoch"], st["k"], st["offset"]), (name, s)
+            assert now["samples"] >= st["samples"]
+        assert all(st["epoch"] == 0 for st in final[name]["streams"].values()), \
+            "the test should stay in epoch 0"
 
 
 @pytest.mark.slow

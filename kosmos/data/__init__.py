@@ -7,7 +7,7 @@ interleaved; `kosmos.config.DataConfig.named_sources`) -> packed, mixed micro-ba
     remote.py   shards from URLs (HTTP, fsspec protocols) and pipe:COMMAND: streamed, timeouts, retries
     samples.py  raw sample -> token ids, image slots and images (per source kind); bad samples counted
     packing.py  samples -> fixed-length rows; rows -> micro-batches
-    stream.py   per source: split by rank and worker, shuffle, pack; exact resume
+    stream.py   per source: logical streams over ranks and workers, shuffle, pack; exact and elastic resume
     mixture.py  token budget per source per step -> micro-batches per source
 
 Importing this package imports no torch: the names below are loaded from `mixture.py` and `stream.py`

@@ -51,7 +51,7 @@ class Packer:
 
     def _put(self, row: Row, item: Encoded, end: int) -> None:
         start = item.start
-        if start == 0:
+        if start == 0 and end > 0:  # not when an image span at its head does not fit: the next row starts it
             row.starts.append(item.pos)
         row.doc_ids += [(row.doc_ids[-1] if row.doc_ids else 0) + 1] * (end - start)
         row.ids += item.ids[start:end]

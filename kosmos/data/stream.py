@@ -1,22 +1,34 @@
 """One source's stream: shards -> shuffled samples -> packed micro-batches, split over ranks and workers,
 with a position that is saved in every checkpoint and restored exactly.
 
-Who reads what. The G = world_size x workers global workers each get their own share: with at least G
-shards, global worker g reads shards order[g::G] whole (order: the sorted shard list, shuffled per epoch
-with the seed); with fewer shards than workers, every worker reads every shard and keeps the samples whose
-offset in the shard is g modulo G. Either way one pass gives every sample to exactly one worker. In
-training the stream is infinite (epoch after epoch, a new shard order each time); for evaluation it is one
-pass in the sorted order.
+Who reads what. Each source is split into S logical streams (`MAX_STREAMS` or the number of shards,
+whichever is smaller, and at least the G = world_size x workers global workers; in evaluation S = G): with
+at least S shards, stream s reads shards order[s::S] whole (order: the sorted shard list, shuffled per epoch
+with the seed); with fewer shards than streams, every stream reads every shard and keeps the samples whose
+offset in the shard is s modulo S. Either way one pass gives every sample to exactly one stream. Global
+worker g reads the streams s with s mod G = g, taking samples from them in turn (one each, in stream order),
+and packs them into rows. In training the stream is infinite (epoch after epoch per stream, a new shard order
+each time); for evaluation it is one pass in the sorted order. The data order of a run is a function of the
+seed, the shards, S and G: another process or worker count gives another (equally valid) order.
 
-The resume guarantee. Each micro-batch leaves its worker with that worker's state: the epoch, how far it
-has read (shard and sample offset), the positions of the samples in its shuffle buffer, the buffer's RNG
-state, and the sample the next row starts with (position and token offset). The main process keeps, per
-worker, the state of the last micro-batch it actually consumed, and which worker comes next. A resumed run
-(same world size and workers per rank) rebuilds every worker exactly there: the shuffle buffer is re-read
-from its positions, the unfinished document is re-read and cut at its offset, and DataLoader's round robin
-restarts at the saved next worker. So it yields exactly the micro-batches that the uninterrupted run would
-have yielded next: nothing consumed is replayed and nothing is skipped. Micro-batches that workers had
-prefetched but the trainer had not consumed are not part of the state; they are produced again.
+The resume guarantee. Each micro-batch leaves its worker with the states of its streams: per stream the
+epoch, how far it has read (shard and sample offset, and the caption cursor `sub`), the positions of the
+samples in its shuffle buffer, the buffer's RNG state, and the unfinished document the next row continues
+(position and token offset: the packer's only pending state, handed back to the stream it came from); plus
+the worker's own turn (which stream gives the next sample). The main process keeps, per stream, the state of
+the last micro-batch it actually consumed, per worker its turn, and which worker comes next. Resumed with
+the same world size and workers per rank, every worker is rebuilt exactly there: the shuffle buffers are
+re-read from their positions, the unfinished document is re-read and cut at its offset, the turn and
+DataLoader's round robin restart where they were. So it yields exactly the micro-batches that the
+uninterrupted run would have yielded next: nothing consumed is replayed and nothing is skipped. Resumed with
+another world size or worker count (elastic resume), every rank reads the data positions of all the ranks
+that wrote the checkpoint, and the S stream states are dealt to the new global workers (s mod G'); a worker
+starts with the unfinished documents of its streams, then takes its streams in turn from the first. Each
+stream goes on exactly where it was, so no sample of the epoch is replayed or skipped; only the
+interleaving of the streams into rows, and thus the batches, differ from an uninterrupted run. S is fixed by
+the first run (it is in the checkpoint): a layout with more global workers than S is refused.
+Micro-batches that workers had prefetched but the trainer had not consumed are not part of the state; they
+are produced again.
 
 Every caption counts. A caption sample with several captions (`KEY.json` `"captions"`, see
 `kosmos.data.format.captions`) is visited as `data.<source>.caption_choice` says:
@@ -34,14 +46,18 @@ the cursor also remembers how many visits of the sample at `offset` were read (`
 part of what a checkpoint stores and restores.
 
 Faults. A shard that vanishes or breaks is skipped and counted; so is a remote one (a URL or pipe:, see
-`kosmos.data.remote`) that keeps failing after its retries, by reason, and the worker's state names it
-(`failed`) so that the training log can say which. Remote reads that keep failing one after the other
+`kosmos.data.remote`) that keeps failing after its retries, by reason, and the stream's state names it
+(`failed`) so that the training log can say which. The rules that stop a source are per worker, over all the
+streams it reads. A stream whose whole pass finds no sample while the worker's other streams yield simply
+goes on to its next pass, after the worker's other streams have each made a pass too (so that a stream whose
+only shard is broken does not re-read it in a tight loop). Remote reads that keep failing one after the other
 (storage down: each costs its timeouts and retries) stop the run with a `DataError` once they have taken
-`data.read_give_up` seconds without a sample in between. A worker whose whole pass finds no sample
-although it found some before (its shards deleted or unmounted mid-run) waits and tries again
-(`RETRY_WAITS`), then stops the run with a `DataError` naming the source; so does a source with no sample at
-all. Workers ignore SIGTERM and SIGINT, which go to the whole process group (`timeout`, SLURM, container
-stops, Ctrl-C): the main process handles them, saves a checkpoint and ends the workers.
+`data.read_give_up` seconds, over all the worker's streams, without a sample in between. A worker none of
+whose streams finds a sample in a whole pass although it found some before (its shards deleted or unmounted
+mid-run) waits and tries again (`RETRY_WAITS`), each stream re-reading the same pass, then stops the run with
+a `DataError` naming the source; so does a worker that never found any sample. Workers ignore SIGTERM and
+SIGINT, which go to the whole process group (`timeout`, SLURM, container stops, Ctrl-C): the main process
+handles them, saves a checkpoint and ends the workers.
 """
 
 from __future__ import annotations
@@ -68,12 +84,16 @@ from kosmos.data.shards import read_positions, read_shard
 from kosmos.sequence import SequenceEncoder
 
 
+MAX_STREAMS = 64
+"""Logical streams per source in training, unless there are fewer shards (or more global workers): the most
+global workers (world_size x workers) a checkpoint can be resumed on."""
+
 MAX_FAILED = 20
-"""Skipped shards a worker's state names (the newest); all of them are counted in `skipped`."""
+"""Skipped shards a stream's state names (the newest); all of them are counted in `skipped`."""
 
 RETRY_WAITS = (1.0, 2.0, 4.0)
-"""Seconds a worker waits before each new pass when a whole pass found no sample (shards gone mid-run, or a
-file system that comes back); after the last, a DataError stops the run."""
+"""Seconds a worker waits before each new pass when a whole pass of all its streams found no sample (shards
+gone mid-run, or a file system that comes back); after the last, a DataError stops the run."""
 
 
 class DataError(RuntimeError):
@@ -111,23 +131,44 @@ def _set_rng_state(rng: random.Random, state: list) -> None:
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
-class WorkerStream:
-    """One global worker's deterministic, resumable stream of encoded samples."""
+EMPTY_PASS = None
+"""What a stream yields, in place of a sample, after a whole pass that found no sample (infinite streams):
+the worker's turn goes on to its other streams (see _Turns)."""
 
-    def __init__(self, kind: str, shards: list[str], g: int, G: int, *, encoder: SequenceEncoder,
+
+class _Reads:
+    """What a worker's streams share about their reads: the seconds spent in shard reads that failed since
+    the worker's last sample (checked against `data.read_give_up`), and the newest failure."""
+
+    def __init__(self):
+        self.failing = 0.0
+        self.last_failure = ""
+
+
+class LogicalStream:
+    """Logical stream s of S of a source: a deterministic, resumable stream of encoded samples, read by
+    whichever global worker it is assigned to."""
+
+    def __init__(self, kind: str, shards: list[str], s: int, S: int, *, encoder: SequenceEncoder,
                  seed: int = 0, infinite: bool = True, shuffle_buffer: int = 0, max_tokens: int = 0,
                  loss: str = "all", caption_choice: str = "random", state: dict | None = None,
-                 name: str | None = None, read_options: ReadOptions | None = None):
-        self.kind, self.shards, self.g, self.G = kind, shards, g, G
+                 name: str | None = None, read_options: ReadOptions | None = None,
+                 reads: _Reads | None = None):
+        self.kind, self.shards, self.s, self.S = kind, shards, s, S
         self.name = name or kind  # the source's name, for messages
+        self.read_options = read_options
+        self.reads = reads or _Reads()  # shared by the streams of one worker
+        self.failed: dict[str, str] = {}  # shard -> why it was skipped (the newest MAX_FAILED), for the log
+        self.wait: dict[int, int] = {}
+        """After a pass that found no sample: the worker's other streams (then not waiting) and their epochs;
+        this stream skips its turns until each of them has made a pass (or left the worker)."""
+        self.empty_epoch: int | None = None  # the epoch of the empty pass, that a worker's retry re-reads
         self.encoder, self.max_tokens = encoder, max_tokens
         self.loss, self.caption_choice = loss, caption_choice
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
-        self.split_samples = len(shards) < G
-        self.rng = random.Random(f"kosmos-shuffle-{seed}-{g}")
+        self.split_samples = len(shards) < S
+        self.rng = random.Random(f"kosmos-shuffle-{seed}-{s}")
         self.skipped: Counter = Counter()
-        self.read_options = read_options
-        self.failed: dict[str, str] = {}  # shard -> why it was skipped (the newest MAX_FAILED), for the log
         self.truncated = 0  # samples cut to max_tokens
         self.epoch, self.k, self.offset = 0, 0, -1  # reading cursor: epoch, index in this epoch's order, offset
         self.sub = 0  # visits of the sample at `offset` already read (several with caption_choice "all")
@@ -143,7 +184,7 @@ class WorkerStream:
         order = list(range(len(self.shards)))
         if self.infinite:
             random.Random(f"kosmos-shards-{self.seed}-{epoch}").shuffle(order)
-        return order if self.split_samples else order[self.g :: self.G]
+        return order if self.split_samples else order[self.s :: self.S]
 
     def _visits(self, shard: int, offset: int, raw: dict) -> list[tuple[int, ...]]:
         """The positions under which this epoch visits a sample: `(shard, offset)`, or for a caption sample
@@ -161,21 +202,22 @@ class WorkerStream:
         c = random.Random(f"kosmos-caption-{self.seed}-{self.epoch}-{shard}-{offset}").randrange(n)
         return [(shard, offset, c)]
 
-    def _raw(self) -> Iterator[tuple[tuple[int, ...], dict]]:
-        """(position, raw sample) from the cursor on, advancing it."""
-        retries = 0
-        failing = 0.0  # seconds spent in the shard reads that failed since the last sample
+    def _raw(self) -> Iterator[tuple[tuple[int, ...], dict] | None]:
+        """(position, raw sample) from the cursor on, advancing it; EMPTY_PASS after a whole pass of an
+        infinite stream that found no sample (the cursor then at the next epoch: `rewind` re-reads it)."""
         give_up = (self.read_options or DEFAULT_READ).give_up
+        reads = self.reads
         while True:
             order = self._order(self.epoch)
             got = 0
+            whole = (self.k, self.offset) == (0, -1)  # not a pass resumed part-way (perhaps at its very end)
             while self.k < len(order):
                 shard = order[self.k]
-                start, g, G, split = self.offset, self.g, self.G, self.split_samples
+                start, s, S, split = self.offset, self.s, self.S, self.split_samples
                 t0, got_before = time.monotonic(), got
 
                 def want(offset: int) -> bool:  # the samples before the cursor are streamed past, unread
-                    return offset >= start and not (split and offset % G != g)
+                    return offset >= start and not (split and offset % S != s)
 
                 for offset, raw in read_shard(self.shards[shard], self.skipped, want=want,
                                               options=self.read_options, failed=self.failed):
@@ -184,54 +226,45 @@ class WorkerStream:
                     for i in range(done, len(visits)):
                         self.offset, self.sub = offset, i + 1
                         got += 1
+                        reads.failing = 0.0
                         yield visits[i], raw
                 self.k, self.offset, self.sub = self.k + 1, -1, 0
                 # A read that yielded nothing never paused, so its time is all spent failing.
-                failed_now = self.shards[shard] in self.failed
-                failing = 0.0 if got > got_before else failing + (time.monotonic() - t0) * failed_now
-                if failing > give_up:
-                    raise DataError(
-                        f"{self.kind}: no sample for {failing:.0f}s: worker {self.g} of {self.G}'s shard "
-                        f"reads keep failing (skipped: {dict(self.skipped)}{self._last_failure()}); is the "
-                        f"storage reachable? Fix it and resume with --resume latest (data.read_give_up="
-                        f"{give_up:g})")
+                spec = self.shards[shard]
+                if got == got_before and spec in self.failed:
+                    reads.failing += time.monotonic() - t0
+                    reads.last_failure = f"; last: {spec}: {self.failed[spec]}"
+                    if reads.failing > give_up:
+                        raise DataError(
+                            f"{self.name}: no sample for {reads.failing:.0f}s: {self.worker}'s shard reads "
+                            f"keep failing (skipped: {dict(self.skipped)}{reads.last_failure}); is the "
+                            "storage reachable? Fix it and resume with --resume latest (data.read_give_up="
+                            f"{give_up:g})")
                 while len(self.failed) > MAX_FAILED:  # the newest are kept (all are counted)
                     del self.failed[next(iter(self.failed))]
             if not self.infinite:
                 return
-            if got == 0 and self.n_samples == 0:
-                raise DataError(
-                    f"{self.name}: worker {self.g} of {self.G} found no samples in a whole pass over "
-                    f"{len(self.shards)} shard(s) (skipped: {dict(self.skipped)}{self._last_failure()}); use "
-                    "fewer workers or check the shards with `python -m data_tools.verify`")
-            if got == 0:  # it read samples before: the shards went away (or a file system is down)
-                if retries == len(RETRY_WAITS):
-                    raise DataError(
-                        f"{self.name}: no readable shard left: {retries + 1} passes over the {len(order)} "
-                        f"shard(s) of worker {self.g} of {self.G} ({self.shards[order[0]]}, ...) found no "
-                        f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {dict(self.skipped)}"
-                        f"{self._last_failure()}); were they deleted or moved? Put them back and resume with "
-                        "--resume latest")
-                time.sleep(RETRY_WAITS[retries])
-                retries += 1
-                self.k, self.offset, self.sub = 0, -1, 0  # the same epoch again
-                continue
-            retries = 0
             self.epoch, self.k, self.offset, self.sub = self.epoch + 1, 0, -1, 0
+            if got == 0 and whole:
+                self.empty_epoch = self.epoch - 1
+                yield EMPTY_PASS
+                self.empty_epoch = None
 
-    def _last_failure(self) -> str:
-        if not self.failed:
-            return ""
-        spec, why = next(reversed(self.failed.items()))
-        return f"; last: {spec}: {why}"
+    worker = "the worker"
+    """How messages name the worker reading this stream (set by SourceDataset)."""
+
+    def rewind(self) -> None:
+        """After EMPTY_PASS, when the worker retries: read the empty pass's epoch again."""
+        if self.empty_epoch is not None:
+            self.epoch, self.k, self.offset, self.sub = self.empty_epoch, 0, -1, 0
 
     def _shuffled(self) -> Iterator[tuple[tuple[int, int], dict]]:
         for item in self._raw():
-            if self.buffer_size <= 1:
+            if item is EMPTY_PASS or (self.buffer_size <= 1 and not self.buffer):
                 yield item
                 continue
             self.buffer.append(item)
-            if len(self.buffer) >= self.buffer_size:
+            while len(self.buffer) >= max(1, self.buffer_size):  # drains a larger buffer restored
                 yield self._pop()
         while self.buffer:
             yield self._pop()
@@ -248,13 +281,21 @@ class WorkerStream:
             self.skipped[e.reason] += 1
             return None
 
+    def take_carry(self) -> Encoded | None:
+        """The unfinished document of a restored state (already counted before the checkpoint), once."""
+        carry, self.carry = self.carry, None
+        return carry
+
     def encoded(self) -> Iterator[Encoded]:
         """Encoded samples: first the unfinished document of a restored state, then the stream."""
-        if self.carry is not None:  # already counted before the checkpoint
-            carry, self.carry = self.carry, None
+        carry = self.take_carry()
+        if carry is not None:
             yield carry
-        for pos, raw in self._shuffled():
-            item = self._encode(pos, raw)
+        for got in self._shuffled():
+            if got is EMPTY_PASS:
+                yield EMPTY_PASS
+                continue
+            item = self._encode(*got)
             if item is not None:
                 self.n_samples += 1
                 self.truncated += item.truncated
@@ -263,13 +304,16 @@ class WorkerStream:
     # ------------------------------------------------------------------ state
 
     def state(self, carry: Encoded | None) -> dict:
+        """The stream's position; `carry`: the packer's unfinished document taken from this stream (else a
+        restored one not yet taken, if any)."""
+        carry = carry if carry is not None else self.carry
         return {
             "epoch": self.epoch, "k": self.k, "offset": self.offset, "sub": self.sub,
             "buffer": [list(pos) for pos, _ in self.buffer],
             "rng": _rng_state(self.rng),
             "carry": [*carry.pos, carry.start] if carry is not None else None,  # position, then tokens done
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
-            "failed": dict(self.failed),
+            "failed": dict(self.failed), "wait": {str(s): e for s, e in self.wait.items()},
         }
 
     def _restore(self, st: dict) -> None:
@@ -280,6 +324,7 @@ class WorkerStream:
         self.n_samples = st["samples"]
         self.truncated = st.get("truncated", 0)  # absent from checkpoints older than max_tokens
         self.failed = dict(st.get("failed", {}))
+        self.wait = {int(s): e for s, e in st.get("wait", {}).items()}
         buffer = [tuple(p) for p in st["buffer"]]
         carry = tuple(st["carry"][:-1]) if st["carry"] is not None else None  # (shard, offset[, caption])
         wanted = [p[:2] for p in buffer + ([carry] if carry else [])]
@@ -297,6 +342,99 @@ class WorkerStream:
             self.carry = item
 
 
+class _Turns:
+    """A worker's samples from its streams: first the unfinished documents of restored states (in stream
+    order), then one sample from each stream in turn, starting at stream `first` (a stream that ends, in a
+    finite pass, leaves the turn). `last` is the stream of the latest sample, `next` whose turn it is.
+
+    The rules that stop a source are the worker's, over all its streams (module docstring): a stream whose
+    whole pass found no sample gives up its turn, and waits (`LogicalStream.wait`) until the worker's other
+    streams have each made a pass; only when every stream of the worker had an empty pass since its last
+    sample does the worker wait and retry (`RETRY_WAITS`), then stop with a DataError."""
+
+    def __init__(self, streams: dict[int, LogicalStream], first: int | None, worker: str = "the worker",
+                 name: str = ""):
+        self.streams = streams
+        self.active = sorted(streams)
+        self.i = self.active.index(first) if first in streams else 0
+        self.last: int | None = None
+        self.worker, self.name = worker, name
+
+    @property
+    def next(self) -> int | None:
+        return self.active[self.i] if self.active else None
+
+    def _waits(self, s: int) -> bool:
+        """Whether stream s skips its turn: some stream it waits for has not made a pass since (a stream that
+        left the worker, or waits itself, is no longer waited for)."""
+        st = self.streams[s]
+        st.wait = {o: e for o, e in st.wait.items()
+                   if o in self.active and not self.streams[o].wait and self.streams[o].epoch <= e}
+        return bool(st.wait)
+
+    def _summary(self) -> tuple[dict, str]:
+        skipped: Counter = Counter()
+        for st in self.streams.values():
+            skipped.update(st.skipped)
+        last = next((st.reads.last_failure for st in self.streams.values()), "")
+        return dict(skipped), last
+
+    def __iter__(self) -> Iterator[Encoded]:
+        for s in self.active:
+            carry = self.streams[s].take_carry()
+            if carry is not None:
+                self.last = s
+                yield carry
+        its = {s: self.streams[s].encoded() for s in self.active}
+        empty: set[int] = set()  # streams whose whole pass found no sample since the worker's last sample
+        retries = 0
+        while self.active:
+            s = self.active[self.i]
+            if self._waits(s):
+                self.i = (self.i + 1) % len(self.active)
+                continue
+            item = next(its[s], _END)
+            if item is _END:
+                self.active.pop(self.i)
+                self.i = self.i % len(self.active) if self.active else 0
+                continue
+            self.i = (self.i + 1) % len(self.active)
+            if item is not EMPTY_PASS:
+                empty.clear()
+                retries = 0
+                self.last = s
+                yield item
+                continue
+            st = self.streams[s]
+            empty.add(s)
+            st.wait = {o: self.streams[o].epoch for o in self.active if o != s and not self._waits(o)}
+            if not empty.issuperset(self.active):
+                continue
+            # a whole pass of every stream of the worker found nothing
+            skipped, last = self._summary()
+            n_shards = len(st.shards)
+            if sum(x.n_samples for x in self.streams.values()) == 0:
+                raise DataError(
+                    f"{self.name}: {self.worker} found no samples in a whole pass of its {len(self.active)} "
+                    f"stream(s) over {n_shards} shard(s) (skipped: {skipped}{last}); use fewer workers or "
+                    "check the shards with `python -m data_tools.verify` (streams: kosmos/data/stream.py)")
+            if retries == len(RETRY_WAITS):  # it found samples before: its shards went away
+                raise DataError(
+                    f"{self.name}: no readable shard left: {retries + 1} passes over the {n_shards} shard(s) "
+                    f"of {self.worker}'s {len(self.active)} stream(s) ({st.shards[0]}, ...) found no "
+                    f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {skipped}{last}); were they deleted or "
+                    "moved? Put them back and resume with --resume latest")
+            time.sleep(RETRY_WAITS[retries])
+            retries += 1
+            empty.clear()
+            for o in self.active:  # each stream re-reads its empty pass, in the usual turn
+                self.streams[o].rewind()
+                self.streams[o].wait = {}
+
+
+_END = object()
+
+
 class SourceDataset(IterableDataset):
     """Packed micro-batches of one source for one rank; each carries its worker's state. `kind` says how its
     samples are read; `name` (default: the kind) and `key` (its config key, default `data.<name>`) are for
@@ -305,8 +443,8 @@ class SourceDataset(IterableDataset):
     def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
                  micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0, loss: str = "all",
-                 caption_choice: str = "random", name: str | None = None, key: str | None = None,
-                 read_options: ReadOptions | None = None):
+                 caption_choice: str = "random", streams: int = 0, name: str | None = None,
+                 key: str | None = None, read_options: ReadOptions | None = None):
         super().__init__()
         self.read_options = read_options
         self.name = name = name or kind
@@ -329,15 +467,31 @@ class SourceDataset(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
         self.exiting = _EXITING  # the workers' copy (fork or spawn) of the main process's exit flag
-        self.states: dict[int, dict] = {}  # logical worker -> state to resume from
+        G = self.global_workers
+        if streams and streams < G:
+            raise ValueError(f"{name}: {streams} logical streams cannot feed {G} global workers")
+        self.n_streams = streams or (max(G, min(MAX_STREAMS, len(self.shards))) if infinite else G)
+        """S, the logical streams (module docstring); a restored data position sets the saved one."""
+        self.states: dict[int, dict] = {}  # logical stream -> state to resume from
+        self.turns: dict[int, int] = {}  # logical worker -> the stream whose turn it is
         self.worker_offset = 0  # physical worker 0 plays this logical worker (DataLoader starts at 0)
 
-    def worker_stream(self, logical: int) -> WorkerStream:
-        nw = max(1, self.num_workers)
-        return WorkerStream(self.kind, self.shards, self.rank * nw + logical, self.world_size * nw,
-                            encoder=self.encoder, seed=self.seed, infinite=self.infinite, shuffle_buffer=self.shuffle_buffer,
-                            max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
-                            state=self.states.get(logical), name=self.name, read_options=self.read_options)
+    @property
+    def global_workers(self) -> int:
+        return self.world_size * max(1, self.num_workers)
+
+    def streams_of(self, logical: int) -> list[int]:
+        """The logical streams that worker `logical` of this rank reads."""
+        g = self.rank * max(1, self.num_workers) + logical
+        return list(range(g, self.n_streams, self.global_workers))
+
+    def stream(self, s: int, shuffle_buffer: int | None = None, reads: _Reads | None = None) -> LogicalStream:
+        return LogicalStream(self.kind, self.shards, s, self.n_streams, encoder=self.encoder, seed=self.seed,
+                             infinite=self.infinite,
+                             shuffle_buffer=self.shuffle_buffer if shuffle_buffer is None else shuffle_buffer,
+                             max_tokens=self.max_tokens, loss=self.loss, caption_choice=self.caption_choice,
+                             state=self.states.get(s), name=self.name, read_options=self.read_options,
+                             reads=reads)
 
     def __iter__(self):
         info = get_worker_info()
@@ -347,40 +501,76 @@ class SourceDataset(IterableDataset):
         logical = ((info.id if info else 0) + self.worker_offset) % nw
         packer = Packer(self.max_len, self.encoder.num_latents, self.encoder.pad_id)
         rows: list[Row] = []
+        ids = self.streams_of(logical)
+        # the worker's shuffle buffer shared by its streams
+        buffer = -(-self.shuffle_buffer // len(ids)) if self.shuffle_buffer > 1 else self.shuffle_buffer
         try:
-            stream = self.worker_stream(logical)
-            for row, carry in packer.pack(stream.encoded()):
+            g = self.rank * nw + logical
+            worker = f"worker {g} of {self.global_workers}"
+            reads = _Reads()  # shared by the worker's streams: the give_up timer counts all their failures
+            streams = {s: self.stream(s, buffer, reads) for s in ids}
+            for st in streams.values():
+                st.worker = worker
+            turns = _Turns(streams, self.turns.get(logical), worker, self.name)
+            for row, carry in packer.pack(turns):
                 rows.append(row)
                 if len(rows) == self.micro_batch_size:
-                    yield self._batch(rows, stream, carry, logical)
+                    yield self._batch(rows, turns, carry, logical)
                     rows = []
         except DataError as e:  # to the main process as an item: its message alone, not a worker traceback
             yield {"error": str(e), "worker": logical}
             return
         if rows:  # the end of a finite pass: a last, smaller micro-batch
-            yield self._batch(rows, stream, None, logical)
+            yield self._batch(rows, turns, None, logical)
         else:  # no batch left, but the final counts (skipped samples) must still reach the main process
-            yield {"state": stream.state(None), "worker": logical, "empty": True}
+            yield {"state": self._state(turns, None), "worker": logical, "empty": True}
 
-    def _batch(self, rows: list[Row], stream: WorkerStream, carry: Encoded | None, logical: int) -> dict:
+    @staticmethod
+    def _state(turns: _Turns, carry: Encoded | None) -> dict:
+        streams = {s: st.state(carry if s == turns.last else None) for s, st in turns.streams.items()}
+        return {"streams": streams, "next": turns.next}
+
+    def _batch(self, rows: list[Row], turns: _Turns, carry: Encoded | None, logical: int) -> dict:
         batch = collate(rows, self.encoder.image_size)
         batch["n_real"] = torch.tensor(sum(r.n_real for r in rows))
         batch["sample_positions"] = [pos for r in rows for pos in r.starts]
-        batch["state"] = stream.state(carry)
+        batch["state"] = self._state(turns, carry)
         batch["worker"] = logical
         return batch
 
 
+def _upgrade(sd: dict, rank: int) -> dict:
+    """A source's data position written before logical streams (one stream per global worker, S = G) in
+    today's form."""
+    if "streams" in sd:
+        return sd
+    nw = max(1, sd["num_workers"])
+    return {**sd, "n_streams": sd["world_size"] * nw, "turns": {},
+            "streams": {str(rank * nw + int(w)): st for w, st in sd["workers"].items()}}
+
+
+def rank_data_state(per_rank: list[dict], rank: int) -> dict:
+    """This rank's data state (Mixture.load_state_dict) from those every rank of a checkpoint wrote: its own
+    (rank 0's for a rank the checkpoint did not have), each source's entry with every rank's entry of it under
+    "ranks", from which SourceLoader.load_state_dict deals the streams over another layout."""
+    own = per_rank[rank] if rank < len(per_rank) else per_rank[0]
+    return {k: {**v, "ranks": [d[k] for d in per_rank]} if isinstance(v, dict) and "kind" in v else v
+            for k, v in own.items()}
+
+
 class SourceLoader:
-    """A DataLoader over a SourceDataset that remembers, per worker, the state of the last micro-batch
-    handed to the trainer, so that `state_dict()` is exactly the position of what was consumed."""
+    """A DataLoader over a SourceDataset that remembers, per logical stream, the state of the last
+    micro-batch handed to the trainer, so that `state_dict()` is exactly the position of what was consumed."""
 
     def __init__(self, dataset: SourceDataset, prefetch_factor: int = 2):
         self.dataset = dataset
         self.num_workers = dataset.num_workers
         self.prefetch_factor = prefetch_factor
-        self.states: dict[int, dict] = dict(dataset.states)
+        self.states: dict[int, dict] = dict(dataset.states)  # logical stream -> state
+        self.turns: dict[int, int] = dict(dataset.turns)
         self.next_worker = dataset.worker_offset
+        self.resume_note: str | None = None
+        """Set by load_state_dict on an elastic resume: for the log."""
         self._it = None
         self._workers = None  # the DataLoader iterator that owns the worker processes
         self.missing_shards: list[str] = []
@@ -399,7 +589,10 @@ class SourceLoader:
             if "error" in batch:
                 raise DataError(batch["error"])
             w = batch.pop("worker")
-            self.states[w] = batch.pop("state")
+            state = batch.pop("state")
+            self.states.update(state["streams"])
+            if state["next"] is not None:
+                self.turns[w] = state["next"]
             self.next_worker = (w + 1) % nw
             if not batch.get("empty"):
                 yield batch
@@ -424,7 +617,7 @@ class SourceLoader:
                 proc.join()
 
     def skipped(self) -> Counter:
-        """Bad samples skipped so far, by reason, over this rank's workers."""
+        """Bad samples skipped so far, by reason, over this rank's streams."""
         total: Counter = Counter()
         for st in self.states.values():
             total.update(st["skipped"])
@@ -434,29 +627,53 @@ class SourceLoader:
         return sum(st["samples"] for st in self.states.values())
 
     def failed_shards(self) -> dict[str, str]:
-        """Shards skipped so far (the newest of each worker), by spec: reason and detail, for the log."""
+        """Shards skipped so far (the newest of each stream), by spec: reason and detail, for the log."""
         out: dict[str, str] = {}
         for st in self.states.values():
             out.update(st.get("failed", {}))
         return out
 
     def truncated(self) -> int:
-        """Samples cut to `max_tokens` so far, over this rank's workers."""
+        """Samples cut to `max_tokens` so far, over this rank's streams."""
         return sum(st.get("truncated", 0) for st in self.states.values())
 
     def state_dict(self) -> dict:
-        return {"kind": self.dataset.kind, "world_size": self.dataset.world_size, "num_workers": self.num_workers,
-                "next_worker": self.next_worker, "workers": {str(k): v for k, v in self.states.items()}}
+        ds = self.dataset
+        return {"kind": ds.kind, "world_size": ds.world_size, "num_workers": self.num_workers,
+                "n_streams": ds.n_streams, "next_worker": self.next_worker,
+                "turns": {str(w): s for w, s in self.turns.items()},
+                "streams": {str(s): st for s, st in self.states.items()}}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore a data position: this rank's own when the layout (world size, workers per rank) is the
+        checkpoint's; else the streams dealt over this layout from every rank's entry (`sd["ranks"]`, see
+        rank_data_state), the turns and DataLoader's round robin starting afresh."""
         ds = self.dataset
-        if (sd["world_size"], sd["num_workers"]) != (ds.world_size, self.num_workers):
+        own = _upgrade(sd, ds.rank)
+        S, G = own["n_streams"], ds.global_workers
+        layout = f"world_size={own['world_size']} and {own['num_workers']} workers per rank"
+        if S < G:
             raise ConfigError(
-                f"{ds.name}: the data position was saved with world_size={sd['world_size']} and "
-                f"{sd['num_workers']} workers per rank, but this run has world_size={ds.world_size} and "
-                f"{self.num_workers}; resume with the same layout (or start the data from scratch)")
-        self.states = {int(k): v for k, v in sd["workers"].items()}
-        self.next_worker = sd["next_worker"]
-        ds.states = dict(self.states)
+                f"{ds.name}: the data position was saved with {layout} in {S} logical streams, which cannot "
+                f"feed this run's {G} global workers (world_size={ds.world_size} x {self.num_workers} "
+                f"workers); use at most {S} (or start the data from scratch)")
+        if (own["world_size"], own["num_workers"]) == (ds.world_size, self.num_workers):
+            states = own["streams"]
+            self.turns = {int(w): s for w, s in own["turns"].items()}
+            self.next_worker = own["next_worker"]
+        else:
+            ranks = sd.get("ranks") or []
+            if len(ranks) != own["world_size"]:
+                raise ConfigError(f"{ds.name}: the data position was saved with {layout}; another layout "
+                                  "needs the data positions of every rank (data_rank*.json)")
+            states = {k: v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
+            self.turns, self.next_worker = {}, 0
+            self.resume_note = (f"{ds.name}: data position saved with {layout}, resumed with "
+                                f"world_size={ds.world_size} and {self.num_workers}: its {S} logical streams "
+                                "dealt over the new workers (elastic resume)")
+        ds.n_streams = S
+        mine = set(s for w in range(max(1, self.num_workers)) for s in ds.streams_of(w))
+        self.states = {int(s): st for s, st in states.items() if int(s) in mine}
+        ds.states, ds.turns = dict(self.states), dict(self.turns)
         ds.worker_offset = self.next_worker
         self._it = None
