@@ -32,10 +32,13 @@ scaling: 1/2, 1/4, 1/8) that keeps the shorter side at least that, then resized 
 
 
 def resize_crop(pixels: torch.Tensor, size: int = 224,
-                original: tuple[int, int] | None = None) -> torch.Tensor:
+                original: tuple[int, int] | None = None, contiguous: bool = True) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, size, size) uint8, contiguous: shorter side resized to `size` (bicubic,
     antialiased), centre crop; a `size` x `size` image is only transposed. `original`: (width, height) the
-    geometry is computed from, when `pixels` is a reduced decode of a larger image."""
+    geometry is computed from, when `pixels` is a reduced decode of a larger image. With `contiguous=False`
+    the result may be a (3, size, size) view of channels-last memory (`pixels` itself, or the resized image
+    before its crop is copied out): the data loader's collate copies it into the micro-batch, which is
+    channels last too."""
     import numpy as np
 
     h, w = pixels.shape[0], pixels.shape[1]
@@ -48,18 +51,21 @@ def resize_crop(pixels: torch.Tensor, size: int = 224,
         x = torch.nn.functional.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True)[0]
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         x = x[:, top:top + size, left:left + size]
-        return x.contiguous()
+        return x.contiguous() if contiguous else x
+    if not contiguous:
+        return x
     return torch.from_numpy(np.ascontiguousarray(x.numpy()))  # numpy transposes uint8 ~4x faster than torch
 
 
-def clip_resize_crop(image, size: int = 224, original: tuple[int, int] | None = None) -> torch.Tensor:
+def clip_resize_crop(image, size: int = 224, original: tuple[int, int] | None = None,
+                     contiguous: bool = True) -> torch.Tensor:
     """PIL image (any mode) -> (3, size, size) uint8: shorter side resized to `size` (bicubic), centre crop
-    (`original`: as in `resize_crop`)."""
+    (`original`, `contiguous`: as in `resize_crop`)."""
     import numpy as np
 
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return resize_crop(torch.from_numpy(np.array(image, dtype=np.uint8)), size, original)
+    return resize_crop(torch.from_numpy(np.array(image, dtype=np.uint8)), size, original, contiguous)
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
@@ -92,23 +98,32 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
 @cache
 def _torchvision_decode_jpeg():
     """torchvision's JPEG decoder (libjpeg-turbo, the pixels PIL decodes, without PIL's Python around it),
-    or None where its image extension does not load."""
+    or None where its image extension does not load. It calls the operator behind
+    `torchvision.io.decode_jpeg` (RGB, no EXIF rotation, as PIL decodes here) directly: the Python function
+    around it costs as much as a tenth of a 224 px decode (a deprecation warning per call, usage logging).
+    Checked on a probe image against PIL's pixels; anything else falls back to PIL."""
+    import numpy as np
     from PIL import Image
 
     try:
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode
 
+        op, rgb = torch.ops.image.decode_jpeg, ImageReadMode.RGB.value
         probe = io.BytesIO()
-        Image.new("RGB", (8, 8), (200, 100, 50)).save(probe, format="JPEG")
-        decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except Exception:  # noqa: BLE001 - no extension, a broken build: PIL decodes everything
+        Image.effect_noise((16, 16), 64).convert("RGB").save(probe, format="JPEG")
+        got = op(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), rgb, False)
+        with Image.open(probe) as im:
+            want = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        if got.shape != want.shape or (got.int() - want.int()).abs().max() > 1:
+            return None
+    except Exception:  # noqa: BLE001 - no extension, a broken build, another signature: PIL decodes everything
         return None
-    return lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                    mode=ImageReadMode.RGB)
+    return lambda data: op(torch.frombuffer(bytearray(data), dtype=torch.uint8), rgb, False)
 
 
-def decode_image(data: bytes, size: int = 224) -> torch.Tensor:
-    """Encoded image bytes -> (3, size, size) uint8. A grey or colour JPEG that needs no reduced decode is
+def decode_image(data: bytes, size: int = 224, contiguous: bool = True) -> torch.Tensor:
+    """Encoded image bytes -> (3, size, size) uint8 (`contiguous`: as in `resize_crop`; the data loader asks
+    for views and copies them into its micro-batch). A grey or colour JPEG that needs no reduced decode is
     decoded by torchvision (PIL's pixels, without PIL's Python around the decode); everything else by PIL,
     a large JPEG at a reduced scale (`DRAFT_GAP`). Raises what PIL raises for bad data
     (`Image.DecompressionBombError` for a bomb)."""
@@ -126,11 +141,11 @@ def decode_image(data: bytes, size: int = 224) -> torch.Tensor:
             except Exception:  # noqa: BLE001 - a bad JPEG: PIL below says what is wrong with it
                 pass
             else:
-                return resize_crop(pixels.permute(1, 2, 0), size)
+                return resize_crop(pixels.permute(1, 2, 0), size, contiguous=contiguous)
     with Image.open(io.BytesIO(data)) as im:
         original = im.size
         im.draft("RGB", (DRAFT_GAP * size, DRAFT_GAP * size))
-        return clip_resize_crop(im, size, original)
+        return clip_resize_crop(im, size, original, contiguous)
 
 
 def load_image(path: str | Path, size: int = 224) -> torch.Tensor:

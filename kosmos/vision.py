@@ -168,7 +168,9 @@ class VisionEncoder(nn.Module):
         mean = torch.tensor(self.pixel_mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.pixel_std, device=images.device).view(1, 3, 1, 1)
         x = (images.float() / 255.0 - mean) / std  # fp32, then the tower's dtype
-        return x.to(self.pixel_dtype)
+        # Batches from the data loader are channels last in memory (kosmos.data.packing.collate): the tower
+        # gets the usual layout whatever it was given.
+        return x.to(self.pixel_dtype).contiguous()
 
     @property
     def pixel_dtype(self) -> torch.dtype:

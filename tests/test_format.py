@@ -100,6 +100,71 @@ def test_iter_tar_counts_cut_and_broken_tars(tmp_path):
     assert len(samples) == 3 and not skipped
 
 
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_iter_tar_reads_what_tarfile_reads(tmp_path, fmt):
+    """The reader parses plain tar headers itself (tarfile's parsing was most of a loader worker's time):
+    long names (GNU, pax, ustar prefix), non-ASCII names, directories and links, an empty member and a
+    member of exactly one block, as tarfile reads them, from a file and from a stream that cannot seek."""
+    long_dir = "d" * 90 + "/" + "e" * 60 + "/"  # ustar splits it into prefix + name
+    members = [(long_dir + "k0.jpg", b"J" * 1000), (long_dir + "k0.txt", b"T"), ("日本/k1.txt", b""),
+               ("k2.txt", b"x" * 512), ("k2.json", b"{}")]
+    if fmt != tarfile.USTAR_FORMAT:
+        members += [("x" * 150 + ".txt", b"long")]  # a name ustar cannot store
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            link = tarfile.TarInfo(name + "-link/")
+            link.type, link.linkname = tarfile.SYMTYPE, "l" * (120 if fmt != tarfile.USTAR_FORMAT else 50)
+            tar.addfile(link)
+        d = tarfile.TarInfo("dir/")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+    with tarfile.open(path) as tar:
+        want = [(m.name, tar.extractfile(m).read(), m.offset_data) for m in tar if m.isreg()]
+    assert [(n, d) for n, d, _ in want] == members
+    samples, skipped = _samples(path)
+    assert not skipped
+    assert [(key + "." + f, data) for key, files, _ in samples for f, data in files.items()] == members
+    samples, _ = _samples(path, read=lambda f: False)  # spans: tarfile's data offsets
+    assert [(s.offset, s.size) for _, files, _ in samples for s in files.values()] == [
+        (off, len(d)) for _, d, off in want]
+
+    class Stream(io.RawIOBase):
+        def __init__(self, data):
+            self.f = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            return self.f.readinto(b)
+
+    streamed, skipped = _samples(Stream(path.read_bytes()))
+    assert not skipped and streamed == _samples(path)[0]
+
+
+def test_iter_tar_counts_a_damaged_header(tmp_path):
+    """A member header whose checksum does not match, or a malformed pax record: tarfile ends there
+    quietly (or renames the member) and the rest of the shard was lost uncounted; now it counts as a broken
+    shard, after the samples before it."""
+    members = [(f"k{i}.txt", bytes([65 + i]) * 10) for i in range(3)]
+    full = bytearray(_tar(tmp_path / "full.tar", members).read_bytes())
+    full[1024 + 100] ^= 0x20  # k1.txt's header (mode field)
+    (tmp_path / "bad.tar").write_bytes(full)
+    errors: list[str] = []
+    samples, skipped = _samples(tmp_path / "bad.tar", errors=errors)
+    assert [s[0] for s in samples] == ["k0"] and skipped == {"broken_shard": 1}
+    assert "checksum" in errors[0] and "1024" in errors[0]
+    pax = bytearray(_tar(tmp_path / "pax.tar", [("k" * 120 + ".txt", b"A"), ("b.txt", b"B")]).read_bytes())
+    assert pax[156:157] == b"x" and pax[512:516] == b"134 "  # "134 path=kkk...\n": the record's length
+    pax[512:515] = b"135"
+    (tmp_path / "pax.tar").write_bytes(pax)
+    assert _samples(tmp_path / "pax.tar") == ([], Counter(broken_shard=1))
+
+
 def test_iter_tar_spans_and_compressed(tmp_path):
     members = [("k0.jpg", b"J" * 1000), ("k0.txt", b"T"), ("k1.jpg", b"K" * 10), ("k1.txt", b"U")]
     plain = _tar(tmp_path / "s.tar", members)

@@ -28,9 +28,11 @@ and the tools that check them (`data_tools`); this module imports nothing heavy.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
+import struct
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -135,6 +137,131 @@ class _Tail(io.RawIOBase):
         return n
 
 
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # tarfile's REGTYPE, AREGTYPE, CONTTYPE
+_SIGNED = struct.Struct("148b8x356b")
+
+
+def _cstr(b: bytes) -> bytes:
+    return b.split(b"\0", 1)[0]
+
+
+def _octal(field: bytes, what: str) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
+        return tarfile.nti(field)
+    try:
+        return int(_cstr(field).strip() or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"bad {what} field {field!r}") from None
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """A pax extended header's records (``LEN KEY=VALUE\\n`` ...)."""
+    out, i = {}, 0
+    try:
+        while i < len(data) and data[i]:
+            sp = data.index(b" ", i)
+            n = int(data[i:sp])
+            if n <= sp - i or i + n > len(data) or data[i + n - 1] != 0x0A:  # each record ends with "\n"
+                raise ValueError
+            key, _, value = data[sp + 1:i + n - 1].partition(b"=")
+            out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+            i += n
+    except ValueError:
+        raise tarfile.ReadError("bad pax extended header") from None
+    return out
+
+
+class _Member:
+    """A regular member of a plain tar being streamed by `_plain_members`: read its data with `read()` right
+    away, or leave it (the reader skips it)."""
+
+    __slots__ = ("name", "size", "offset_data", "_f", "read_done")
+
+    def __init__(self, f: BinaryIO, name: str, size: int, offset_data: int):
+        self._f, self.name, self.size, self.offset_data, self.read_done = f, name, size, offset_data, False
+
+    def read(self) -> bytes:
+        self.read_done = True
+        return self._f.read(self.size)
+
+
+def _plain_members(f: BinaryIO, end: int | None) -> Iterator[_Member]:
+    """The regular members of an uncompressed tar read from ``f``, front to back: what tarfile's streaming
+    mode gives for the formats tar writers produce (ustar, GNU long names, pax ``path``/``size``), at a
+    fraction of its cost per header (most of a loader worker's time went into tarfile's header parsing).
+    Other members (directories, links, ...) are skipped. Ends quietly at a zero block or where the data ends
+    between members, as tarfile does (the caller checks the end-of-archive blocks). Raises, as for a broken
+    tar, where tarfile raises (data cut inside a member, an extended header with no member after it) and
+    also at a header with a wrong checksum or a malformed pax record: there tarfile ends quietly or renames
+    the member, and the rest of the shard was lost uncounted."""
+    pos = 0  # of the next block, from where reading began
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    extended = False  # an extended header was read: a member header must follow
+    while True:
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK and pos == 0:
+            raise tarfile.ReadError("empty file" if not header else "truncated header")
+        if len(header) < _BLOCK or header == _ZERO_BLOCK:
+            if extended:
+                raise EOFError(f"tar ends after an extended header at byte {pos}")
+            return
+        want = _octal(header[148:156], "checksum")
+        if want != 256 + sum(header[:148]) + sum(header[156:]) and want != 256 + sum(_SIGNED.unpack(header)):
+            raise tarfile.ReadError(f"bad checksum in the tar header at byte {pos}")
+        size = _octal(header[124:136], "size")
+        kind = header[156:157]
+        pos += _BLOCK
+        data_at, pad = pos, -size % _BLOCK
+        pos += size + pad
+        if kind in (b"L", b"K", b"x", b"g"):  # a GNU long name/link or a pax header: for the next member
+            data = f.read(size)
+            if len(data) != size or len(f.read(pad)) != pad:
+                raise EOFError(f"tar cut inside an extended header at byte {data_at}")
+            extended = True
+            if kind == b"L":
+                long_name = _cstr(data).decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax(data)
+            continue
+        if "size" in pax:
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                raise tarfile.ReadError(f"bad pax size {pax['size']!r}") from None
+            pad = -size % _BLOCK
+            pos = data_at + size + pad
+        if "path" in pax:
+            name = pax["path"]
+        elif long_name is not None:
+            name = long_name
+        else:
+            raw, prefix = _cstr(header[:100]), _cstr(header[345:500])
+            name = ((prefix + b"/" + raw) if prefix and kind != b"S" else raw).decode(
+                "utf-8", "surrogateescape")
+        long_name, pax, extended = None, {}, False
+        member = None
+        if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):
+            member = _Member(f, name, size, data_at)
+            yield member
+        if member is not None and member.read_done:
+            if len(f.read(pad)) != pad:
+                raise EOFError(f"tar cut inside the padding of {name}")
+        elif end is not None:
+            if pos > end:
+                raise EOFError(f"tar cut inside {name}")
+            f.seek(size + pad, 1)
+        else:
+            left = size + pad
+            while left > 0:
+                got = len(f.read(min(left, 1 << 20)))
+                if not got:
+                    raise EOFError(f"tar cut inside {name}")
+                left -= got
+
+
 def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
              read: Callable[[str], bool] | None = None, want: Callable[[int], bool] | None = None,
              errors: list[str] | None = None) -> Iterator[TarSample]:
@@ -172,11 +299,17 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
         try:
             if tail is not None:  # here: a stream that fails at once is counted like one that fails later
                 compressed = f.peek(6)[:6].startswith(_COMPRESSED)
-            with tarfile.open(fileobj=f, mode="r|*" if compressed else "r|") as tar:
-                for info in tar:
-                    tar.members = []  # streaming: do not keep every header in memory
-                    if not info.isreg():
-                        continue
+            with contextlib.ExitStack() as stack:
+                if compressed:
+                    tar = stack.enter_context(tarfile.open(fileobj=f, mode="r|*"))
+                    members = (info for info in tar if info.isreg())
+                else:
+                    tar, members = None, _plain_members(f, None if tail is not None else f.seek(0, 2) - start)
+                    if tail is None:
+                        f.seek(start)
+                for info in members:
+                    if tar is not None:
+                        tar.members = []  # streaming: do not keep every header in memory
                     parts = split_member(info.name)
                     if parts is None:
                         continue
@@ -196,7 +329,7 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                     if read is not None and not compressed and not read(name):
                         current.files[name] = TarSpan(info.offset_data, info.size)
                         continue
-                    data = tar.extractfile(info).read()
+                    data = tar.extractfile(info).read() if tar is not None else info.read()
                     if len(data) != info.size:
                         raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
                     current.files[name] = data

@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from kosmos.data.samples import Encoded
 from kosmos.sequence import IGNORE_INDEX
@@ -94,20 +97,43 @@ def collate(rows: list[Row], image_size: int) -> dict[str, torch.Tensor]:
     """Rows -> a micro-batch: ids, labels (IGNORE_INDEX at image slots, padding and the tokens a sample puts
     no loss on: `Row.no_loss`), masks, uint8 images, and doc_ids (B, L) (the model uses them only with
     `decoder.document_mask`)."""
-    ids = torch.tensor([r.ids for r in rows], dtype=torch.long)  # (B, L)
-    image_mask = torch.tensor([r.image_mask for r in rows], dtype=torch.bool)
+    def tensor(lists, dtype) -> torch.Tensor:  # numpy reads lists of Python ints/bools 3-4x faster than torch
+        return torch.from_numpy(np.array(lists, dtype=dtype))
+
+    ids = tensor([r.ids for r in rows], np.int64)  # (B, L)
+    image_mask = tensor([r.image_mask for r in rows], np.bool_)
     L = ids.shape[1]
     n_real = torch.tensor([r.n_real for r in rows])
     padding_mask = torch.arange(L)[None, :] >= n_real[:, None]
-    no_loss = torch.tensor([r.no_loss or [False] * L for r in rows], dtype=torch.bool)
+    no_loss = tensor([r.no_loss or [False] * L for r in rows], np.bool_)
     labels = ids.masked_fill(image_mask | padding_mask | no_loss, IGNORE_INDEX)
-    images = [img for r in rows for img in r.images]
+    images = _stack_images([img for r in rows for img in r.images], image_size)
     return {
         "input_ids": ids,
         "labels": labels,
         "image_mask": image_mask,
         "padding_mask": padding_mask,
-        "doc_ids": torch.tensor([r.doc_ids for r in rows], dtype=torch.long),  # (B, L)
-        "images": (torch.stack(images) if images
-                   else torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)),
+        "doc_ids": tensor([r.doc_ids for r in rows], np.int64),  # (B, L)
+        "images": images,
     }
+
+
+def _stack_images(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
+    """(N, 3, S, S) uint8 from N (3, S, S) images, each copied once. Decoded images that needed no resize
+    are views of channels-last (S, S, 3) memory (`decode_image`'s `contiguous=False`), resized ones are
+    channels first; the batch takes the layout most of its images have (copying an image across layouts
+    costs ten times a plain copy), so a channels-last batch is a (N, 3, S, S) view of (N, S, S, 3) memory.
+    The model's `VisionEncoder.normalize` makes the usual layout on the device. In a DataLoader worker the
+    batch is made in shared memory, as torch's `default_collate` does, so that handing it to the main
+    process copies nothing more."""
+    n = len(images)
+    last = sum(img.permute(1, 2, 0).is_contiguous() for img in images) * 2 > n
+    shape = (n, image_size, image_size, 3) if last else (n, 3, image_size, image_size)
+    if get_worker_info() is not None and images:
+        out = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(math.prod(shape)))
+        out = out.view(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        out[i].copy_(img.permute(1, 2, 0) if last else img)
+    return out.permute(0, 3, 1, 2) if last else out

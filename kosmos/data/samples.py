@@ -60,7 +60,7 @@ def _image(data: bytes, size: int) -> torch.Tensor:
     if not data:
         raise BadSample("empty_image")
     try:
-        return decode_image(data, size)
+        return decode_image(data, size, contiguous=False)  # collate copies it into the micro-batch
     except Image.DecompressionBombError:
         raise BadSample("image_too_large") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
