@@ -159,8 +159,8 @@ def main(argv=None):
         print(f"    baseline  plain JPEG decode        {base_ips:8.1f} images/s")
         print(f"    pipeline  decode+resize+tok+pack   {ips:8.1f} images/s   {rps:6.2f} rows/s")
         print(f"    ratio pipeline/baseline images/s   {ips / base_ips:8.2f}")
-        print(f"    in a DataLoader worker             {worker:8.1f} images/s   ratio {worker / base_ips:.2f} "
-              f"(hand-off to the main process included)")
+        print(f"    in a DataLoader worker             {worker:8.1f} images/s   "
+              f"ratio {worker / base_ips:.2f} (hand-off to the main process included)")
     print(f"  padding fraction                     {pad:8.2%}   (goal < 5%; full micro-batches only)")
     # What training needs: the paper's mixture gives captions 5/12 of the tokens; a 1.6B model at 45% MFU
     # on one H100 trains about 50k tokens/s.
