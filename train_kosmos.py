@@ -49,6 +49,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
     called after every optimizer step with the (source, shard, offset) of the samples it started (tests).
     `allow_change`: config keys a resume may change although they change the data (ck.RESUME_KEYS)."""
+    import torch
+
     from kosmos import checkpoint as ck
     from kosmos.metrics import Meter, RunLog, eval_line
     from kosmos.training import (
@@ -127,7 +129,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
                     log.info(eval_line(ev))
             stop_now = stop.any_rank(acc)
             if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
-                state["samples"] = mixture.samples_seen()
+                seen = torch.tensor(mixture.samples_seen(), device=acc.device)
+                state["samples"] = int(acc.reduce(seen, reduction="sum"))  # every rank's, not rank 0's
                 saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
                 last_saved = step
                 if saved is not None:  # the main process

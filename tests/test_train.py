@@ -553,6 +553,9 @@ def test_two_processes_resume_on_one_without_replaying_or_skipping_samples(tiny_
     saved = ck.list_checkpoints(out)[-1]
     assert saved.name == "step_00000002" and (saved / "data_rank1.json").is_file()
     per_rank = [ck.read_json(saved / f"data_rank{r}.json") for r in range(2)]
+    started = sum(st["samples"] for sd in per_rank for name in ("captions", "text", "interleaved")
+                  for st in sd[name]["streams"].values())
+    assert ck.read_json(saved / "trainer_state.json")["samples"] == started > 0  # both ranks', not rank 0's
 
     after = []
     cfg = load_config(TINY, [*_overrides(tiny_run, out, 3), *shuffle])
