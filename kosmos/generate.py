@@ -11,8 +11,9 @@ xPos is relative, so every prompt decodes as it would alone. The prefill runs wi
 A prompt is one document: the KV cache path never uses document masking (`decoder.document_mask`).
 
 Control tokens are never generated: `GenerationConfig.for_tokenizer` (which the CLI uses) bans `<pad>`,
-`<s>`, `<image>` and `</image>` (an image is never generated; eos stays allowed) in greedy, sampling and
-beam search alike. `stop` strings (`--stop`) end a sequence once its decoded text contains one.
+`<s>`, `<image>`, `</image>` (an image is never generated; eos stays allowed) and `<unk>` (byte fallback
+spells every character, so no training text holds it and it decodes to nothing useful) in greedy,
+sampling and beam search alike. `stop` strings (`--stop`) end a sequence once its decoded text contains one.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ class GenerationConfig:
 
 
 def control_ids(tokenizer) -> list[int]:
-    """The ids a model must never generate: `<pad>`, `<s>`, `<image>`, `</image>` (eos is not one)."""
+    """The ids a model must never generate: `<pad>`, `<s>`, `<image>`, `</image>` and `<unk>` where the
+    tokenizer has one (eos is not one)."""
+    unk = getattr(tokenizer, "unk_id", None)
     return sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id, tokenizer.image_end_id}
-                  - {tokenizer.eos_id})
+                  | ({unk} if unk is not None and unk >= 0 else set()) - {tokenizer.eos_id})
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

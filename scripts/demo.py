@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     latest = list_checkpoints(out / "run")[-1]
     model, enc = load_for_inference(str(latest))  # the checkpoint carries its config and tokenizer
     tok = enc.tokenizer
-    gen = GenerationConfig.for_tokenizer(tok, max_new_tokens=12)  # greedy; never <image>, <pad>, <s>
+    gen = GenerationConfig.for_tokenizer(tok, max_new_tokens=12)  # greedy; never <image>, <pad>, <s>, <unk>
     rng = random.Random(1234)  # shapes drawn afresh: not in the training set
     tests = []
     for colour, shape, place in (("red", "circle", "left"), ("blue", "square", "top"),

@@ -287,12 +287,13 @@ def test_stop_strings_in_a_batch_stop_each_row_alone():
     assert cut[0] <= 4
 
 
-def test_stop_needs_decode_and_cut_at_stop():
+def test_stop_needs_decode_and_cut_at_stop(tiny_tokenizer):
     from kosmos.generate import control_ids, cut_at_stop
 
     with pytest.raises(ValueError, match="decode"):
         GenerationConfig(stop=["."])
-    assert control_ids(SPECIAL) == [0, 2, 4, 5]
+    assert control_ids(SPECIAL) == [0, 2, 4, 5]  # a tokenizer without <unk>
+    assert control_ids(tiny_tokenizer) == [0, 1, 2, 4, 5]  # <pad> <unk> <s> <image> </image>: never generated
     assert cut_at_stop("a cat. A dog\n", [".", "\n"]) == "a cat"
     assert cut_at_stop("a cat", ["."]) == "a cat"
 

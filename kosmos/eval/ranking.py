@@ -17,7 +17,7 @@ With `decoder.attention=torchscale` the cached path is not possible (the stock a
 block of new tokens after a cache, and turns left padding into NaN), so every candidate is scored on the
 whole sequence, right-padded without a padding mask, which the stock attention runs correctly.
 
-Control tokens: `generate` never produces `<pad>`, `<s>`, `<image>`, `</image>` (`generate.control_ids`),
+Control tokens: `generate` never produces `<pad>`, `<s>`, `<image>`, `</image>`, `<unk>` (`control_ids`),
 but scoring here uses the model's raw distribution, a log-softmax over the whole vocabulary. A candidate
 scored under a renormalised distribution would gain the same constant at every position for every
 candidate after a given prompt (a ranking of candidates after one prompt does not change), but the
