@@ -503,7 +503,8 @@ class TrainConfig:
     eval_every: int = 1000
     """Steps between evaluations on data.*.eval_shards (0: never)."""
     eval_batches: int = 20
-    """Micro-batches per source per evaluation (at most; a pass ends sooner if the shards do)."""
+    """Micro-batches per source per evaluation, per rank (at most; a pass ends sooner if the shards do, and
+    on several processes where any rank's share does: all ranks run the same number)."""
     eval_tasks: list[dict] = field(default_factory=list)
     """Benchmarks run every eval_every steps beside the held-out loss, their metrics logged to the tracker
     as `eval/TASK/METRIC`: a list of `{task, data, ...}` with the options of `python -m kosmos.eval run`

@@ -345,7 +345,8 @@ class BadSteps:
 
 def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float]:
     """Loss and perplexity per source on its eval shards (at most train.eval_batches micro-batches each, per
-    rank), summed over the ranks: the numbers `python -m kosmos.eval loss` gives for a checkpoint; then the
+    rank, and no more than the rank with the fewest has), summed over the ranks: the numbers `python -m
+    kosmos.eval loss` gives for a checkpoint when every rank reads the same number of micro-batches; then the
     benchmarks of train.eval_tasks (`python -m kosmos.eval run`), their predictions under
     train.output_dir/eval/step_XXXXXXXX/."""
     from kosmos.data import build_loader
@@ -359,7 +360,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
                               train=False)
         with acc.autocast():
             loss, _ = source_loss(model, loader, acc.device, cfg.train.eval_batches,
-                                  reduce=lambda t: acc.reduce(t, reduction="sum"))
+                                  reduce=lambda t: acc.reduce(t, reduction="sum"), ranks=acc.num_processes)
         loader.close()
         results[f"eval/{name}_loss"] = loss
         results[f"eval/{name}_ppl"] = perplexity(loss)

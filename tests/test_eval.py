@@ -43,6 +43,23 @@ def test_eval_cli_reports_the_token_mean_loss_per_source(tmp_path, tiny_tokenize
     loss, n = source_loss(loaded, loader, "cpu", max_batches=1)
     assert 0 < n < tokens
 
+    # Two ranks, the other with a single micro-batch: this one stops after its first too (a sharded model's
+    # forward is collective; one more on one rank alone would wait forever). The fake reduce plays the
+    # other rank: it adds its "I have a micro-batch" (1, then 0) and its (loss sum, tokens) of zero.
+    other_has = iter([1.0, 0.0])
+    asked = []
+
+    def reduce(t):
+        if t.numel() == 1:
+            asked.append(float(t))
+            return t + next(other_has)
+        return t
+
+    one = source_loss(loaded, build_loader(loaded.cfg, "captions", enc, train=False), "cpu", max_batches=1)
+    assert source_loss(loaded, build_loader(loaded.cfg, "captions", enc, train=False), "cpu",
+                       reduce=reduce, ranks=2) == one
+    assert asked == [1.0, 1.0]  # asked before each micro-batch; this rank still had one the second time
+
 
 def test_eval_cli_without_held_out_shards_says_so(tmp_path, tiny_tokenizer, capsys):
     from kosmos.eval import main

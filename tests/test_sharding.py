@@ -299,10 +299,21 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
 
 @pytest.mark.slow
 def test_fsdp2_periodic_evaluation_reports_the_held_out_loss(tiny_run, tmp_path):
-    captions = next(o.split("=", 1)[1] for o in tiny_run if o.startswith("data.captions.shards="))
+    """Held-out shards of very different sizes, one per rank (one worker each: two logical streams), read to
+    the end: the ranks have different numbers of micro-batches, and every forward of a sharded model is
+    collective, so they stop together at the fewest instead of one waiting forever."""
+    from tests.helpers import caption_shards
+
+    big = caption_shards(tmp_path / "eval_big", 1, 120)
+    small = caption_shards(tmp_path / "eval_small", 1, 1, seed=1)
     with open(tmp_path / "log", "w") as log:
-        proc = _launch(tiny_run, tmp_path / "run", 2, log, "train.sharding=fsdp2",
-                       f"data.captions.eval_shards={captions}", "train.eval_every=2", "train.eval_batches=2")
-        assert proc.wait(600) == 0, (tmp_path / "log").read_text()[-3000:]
+        proc = _launch(tiny_run, tmp_path / "run", 2, log, "train.sharding=fsdp2", "data.captions.workers=1",
+                       f"data.captions.eval_shards=[{big[0]},{small[0]}]", "train.eval_every=2",
+                       "train.eval_batches=1000")
+        try:
+            assert proc.wait(300) == 0, (tmp_path / "log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if x.startswith("eval "))
     assert line.split()[1::2] == ["captions_loss", "captions_ppl"] and 0 < float(line.split()[2]) < 20

@@ -6,6 +6,7 @@ Used by the trainer's periodic evaluation (with a cross-rank sum) and by `python
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -32,15 +33,27 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def source_loss(model, batches: Iterable[dict], device, max_batches: int | None = None,
-                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                ranks: int = 1) -> tuple[float, int]:
     """(mean loss per target token, target tokens) over at most `max_batches` micro-batches. `reduce` sums
-    the (loss sum, tokens) pair over ranks when several processes evaluate shares of the same shards."""
+    the (loss sum, tokens) pair over ranks when several processes evaluate shares of the same shards. With
+    `ranks` > 1 (and `reduce`), the ranks first agree, before each micro-batch, that every one of them has
+    one: all run the same number of forward passes, which a sharded model (FSDP2: each forward gathers
+    weights from every rank) needs, or the ranks with more held-out data would wait forever."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
+    it = iter(batches)
     try:
-        for i, batch in enumerate(batches):
+        for i in itertools.count():
             if max_batches is not None and i == max_batches:
+                break
+            batch = next(it, None)
+            if ranks > 1 and reduce is not None:
+                have = reduce(torch.tensor([float(batch is not None)], dtype=torch.float64, device=device))
+                if int(have.item()) < ranks:  # some rank has no micro-batch left: all stop here
+                    break
+            if batch is None:
                 break
             out = model(**to_device(batch, device))
             total += torch.stack([out.loss.double() * out.n_tokens, out.n_tokens.double()])
