@@ -156,12 +156,25 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 def check_finite(model: torch.nn.Module, path: str | Path) -> None:
     """Refuse weights with NaN or inf, naming the tensors: a damaged file or a diverged run would otherwise
-    load silently and fail later as a non-finite loss. One pass over the weights, at load time only."""
-    bad = []
+    load silently and fail later as a non-finite loss. One pass over the weights, at load time only. A
+    sharded model (FSDP2) is checked shard by shard, the counts summed over the ranks (one all-reduce), so
+    that every rank raises the same error."""
+    import torch.distributed as dist
+
+    names, counts, sharded = [], [], False
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            nan = int(torch.isnan(t).sum())
-            bad.append(f"{name} ({nan} NaN, {int((~torch.isfinite(t)).sum()) - nan} inf)")
+        if hasattr(t, "to_local"):  # a DTensor: this rank's shard
+            t, sharded = t.to_local(), True
+        if t.is_floating_point():
+            names.append(name)
+            counts.append(torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()]))
+    if not counts:
+        return
+    total = torch.stack(counts)
+    if sharded and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    bad = [f"{name} ({nan} NaN, {inf} inf)" for name, (nan, inf) in zip(names, total.tolist(), strict=True)
+           if nan or inf]
     if bad:
         more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
         raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s): {', '.join(bad[:4])}"
@@ -447,6 +460,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
                           "start a new run from its weights with train.init_from)")
     if is_sharded(model):  # FSDP2: every rank reads its shard (a damaged file: a CheckpointError naming it)
         _read(lambda p: load_sharded(p, model, optimizer), path / SHARDED)
+        check_finite(model, path / SHARDED)
     elif _sharded(acc):
         acc.load_state(str(path / "sharded"))
     else:

@@ -159,6 +159,22 @@ def test_fsdp_yaml_is_an_fsdp2_plugin_for_accelerate(monkeypatch, one_process_gr
     assert fsdp2_prepare_model(None, model) is model  # accelerate leaves the project's wrapping alone
 
 
+def test_non_finite_weights_of_a_sharded_model_are_named(one_process_group, tmp_path):
+    """After a sharded load the weights are checked shard by shard (DTensors), as unsharded ones are."""
+    from kosmos.sharding import shard_model
+
+    model = shard_model(tiny_model())
+    ck.check_finite(model, tmp_path)  # finite: nothing to say
+    name, param = next((n, p) for n, p in model.named_parameters() if "layers.1." in n and p.dim() == 2)
+    assert hasattr(param, "to_local")
+    with torch.no_grad():
+        local = param.to_local()
+        local[0, :3] = float("nan")
+        local[1, 0] = float("inf")
+    with pytest.raises(ck.CheckpointError, match=rf"in 1 tensor\(s\): .*{name} \(3 NaN, 1 inf\)"):
+        ck.check_finite(model, tmp_path)
+
+
 def test_a_truncated_or_missing_shard_is_named_before_loading(tmp_path):
     import torch.distributed.checkpoint as dcp
 
