@@ -6,10 +6,11 @@ limit splits it), written by ``convert_chunk`` (in a worker process) with determ
 uid/gid 0, no user names, named by ``kosmos.data.format.member_name``) under a temporary name, renamed when
 complete. When all of a chunk's shards have their final names a small state file
 ``.convert_state/chunk-{i:06d}.json`` records what it holds, with a digest of its inputs' keys and names
-(``listing_digest``). A rerun skips every chunk whose state file exists, whose inputs are the same and whose
+(``listing_digest``, which also covers their content: captions and texts as read, the size and modification
+time of image files). A rerun skips every chunk whose state file exists, whose inputs are the same and whose
 shards are all present (``chunk_done``), redoes the others and removes chunks past the last one
 (``clean_chunks_from``), so an interrupted run, run again, ends with exactly the shards of an uninterrupted
-one, also when files were added to or removed from the input in between.
+one, also when files were added to, removed from or changed in the input in between.
 """
 
 from __future__ import annotations
@@ -52,12 +53,50 @@ def example(source: str, detail: str = "") -> str:
 
 
 def listing_digest(items: list[Item]) -> str:
-    """A digest of a chunk's inputs (keys and names, in order): a rerun redoes a chunk whose inputs
-    changed."""
+    """A digest of a chunk's inputs, in order: their keys, names and what the converter read of them (a
+    caption, a document's text), plus the size and modification time of each image file they refer to. A
+    rerun redoes a chunk whose inputs changed, also where a file kept its name but changed its content."""
     h = hashlib.sha1()
+    stats: dict[str, str] = {}  # one stat per file (a tar of images is referred to many times)
     for item in items:
-        h.update(f"{item.key}\0{item.source}\n".encode("utf-8", "surrogateescape"))
+        h.update(f"{item.key}\0{item.source}\0".encode("utf-8", "surrogateescape"))
+        _feed(h, item.payload, stats)
+        h.update(b"\n")
     return h.hexdigest()
+
+
+def _feed(h, obj: Any, stats: dict[str, str]) -> None:
+    """Add a payload to the digest ``h``: plain values as they are, bytes by their own digest, an image
+    file (``ImageRef``) by its path, byte range, size and modification time. Objects of other types add
+    only their type's name (their repr may hold an address that differs between runs)."""
+    from data_tools.images import ImageRef
+
+    if obj is None or isinstance(obj, bool | int | float | str):
+        h.update(f"{type(obj).__name__}:{obj!r}\0".encode("utf-8", "surrogateescape"))
+    elif isinstance(obj, bytes | bytearray | memoryview):
+        h.update(b"bytes:" + hashlib.sha1(obj).digest())
+    elif isinstance(obj, ImageRef):
+        if obj.path not in stats:
+            try:
+                st = os.stat(obj.path)
+                stats[obj.path] = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError as e:  # missing: the handler counts it; a rerun after it appears redoes the chunk
+                stats[obj.path] = f"error:{e.errno}"
+        h.update(f"image:{obj.path}:{obj.offset}:{obj.size}:{stats[obj.path]}\0".encode(
+            "utf-8", "surrogateescape"))
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k, v in obj.items():
+            _feed(h, k, stats)
+            _feed(h, v, stats)
+        h.update(b"}")
+    elif isinstance(obj, list | tuple):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v, stats)
+        h.update(b"]")
+    else:
+        h.update(f"<{type(obj).__qualname__}>".encode())
 
 
 def _tar_size(files: dict[str, bytes]) -> int:

@@ -250,6 +250,16 @@ def test_rerun_after_the_input_changed_converts_the_new_input(tmp_path, monkeypa
     convert_captions("folder", src, out, shard_options=_opts(out, samples_per_shard=2))
     assert calls == []
 
+    # same names, other content: a caption rewritten (chunk 0), an image replaced (chunk 2)
+    write(src / "img1.txt", "a new caption of img1")
+    old = (src / "img5.jpg").read_bytes()
+    write(src / "img5.jpg", photo(7))
+    assert (src / "img5.jpg").read_bytes() != old
+    convert_captions("folder", src, out, shard_options=_opts(out, samples_per_shard=2))
+    assert calls == [0, 2]
+    assert read_tar(out)["img1"]["txt"] == b"a new caption of img1"
+    same_as_fresh("changed")
+
 
 # ---------------------------------------------------------------- 11. an output folder that cannot be written
 
