@@ -27,6 +27,8 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+from kosmos.eval.datasets import check_references
+
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr")
 """What `score_captions` computes by default ("BLEU" is BLEU-1..4); "SPICE" is added by spice=True."""
 
@@ -159,12 +161,7 @@ def score_captions(references: dict, predictions: dict, spice: bool = False,
     unknown = metrics - set(ALL_METRICS) - {"SPICE"}
     if unknown:
         raise ValueError(f"unknown caption metrics {sorted(unknown)}; choose from {list(ALL_METRICS)}, SPICE")
-    if not predictions:
-        raise ValueError("no predictions to score")
-    missing = [i for i in predictions if not references.get(i)]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(predictions)} predicted ids have no references: "
-                         f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
+    check_references(predictions, references, "ids", "references")
     for i, caption in predictions.items():
         if not isinstance(caption, str):
             raise ValueError(f"prediction for id {i!r}: expected a string, got {type(caption).__name__}")

@@ -29,6 +29,18 @@ class EvalDataError(ValueError):
     """A malformed benchmark file; the message names the file and the field."""
 
 
+def check_references(predictions: dict, references: dict, ids: str, refs: str) -> None:
+    """What every scorer checks first: predictions there are, and each predicted id has (non-empty)
+    references; else a ValueError saying how many lack them and naming the first five
+    (``"2 of 3 predicted {ids} have no {refs}: 1, 'x'"``)."""
+    if not predictions:
+        raise ValueError("no predictions to score")
+    missing = [i for i in predictions if not references.get(i)]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(predictions)} predicted {ids} have no {refs}: "
+                         f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
+
+
 @dataclass
 class CaptionItem:
     id: int | str

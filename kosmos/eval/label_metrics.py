@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+from kosmos.eval.datasets import check_references
+
 
 def normalize_label(label: str) -> str:
     """Lowercase, inner whitespace collapsed, surrounding spaces and punctuation stripped."""
@@ -44,12 +46,7 @@ def score_labels(predictions: dict, references: dict, semantic: bool = True, thr
     """{"precision", "recall", "f1"} (exact) and, with `semantic`, {"semantic_precision", "semantic_recall",
     "semantic_f1"}, in percent, over the ids of `predictions` ({id: [labels]}) against `references`
     ({id: [labels]}); plus "n" and "threshold". Ids without reference labels are an error naming them."""
-    if not predictions:
-        raise ValueError("no predictions to score")
-    missing = [i for i in predictions if not references.get(i)]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(predictions)} predicted ids have no reference labels: "
-                         f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
+    check_references(predictions, references, "ids", "reference labels")
     pairs = []
     for i, pred in predictions.items():
         p = list(dict.fromkeys(n for n in map(normalize_label, pred) if n))

@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from kosmos.eval.datasets import check_references
+
 # The official contraction table (keys with capitals never match the lowercased text; kept as published).
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -121,12 +123,7 @@ def score_vqa(answers: dict, predictions: dict, answer_types: dict | None = None
     """Accuracy over the question ids of `predictions`: {"accuracy": percent (2 decimals), "per_answer_type":
     {type: percent}, "per_question_type": {type: percent}, "n": questions}. Ids without annotator answers
     are an error naming how many and which."""
-    if not predictions:
-        raise ValueError("no predictions to score")
-    missing = [q for q in predictions if not answers.get(q)]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(predictions)} predicted question ids have no annotator "
-                         f"answers: {', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
+    check_references(predictions, answers, "question ids", "annotator answers")
     overall = []
     by_answer_type, by_question_type = defaultdict(list), defaultdict(list)
     for qid, pred in predictions.items():
