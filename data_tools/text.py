@@ -94,6 +94,14 @@ def _text(value) -> str:
     return text
 
 
+def _row_key(rec: dict, id_field: str | None, stem: str, row: int) -> str | None:
+    """A table row's key: its `id_field` value, else ``STEM-ROW``; None when `id_field` is given and the row
+    has no value there (counted as missing_key)."""
+    if id_field is None:
+        return f"{stem}-{row:08d}"
+    return None if rec.get(id_field) in (None, "") else str(rec[id_field])
+
+
 def _records(input: Path, files: list[Path], text_field: str,
              id_field: str | None) -> Iterator[Item | Skipped]:
     base = input if input.is_dir() else input.parent
@@ -122,12 +130,10 @@ def _records(input: Path, files: list[Path], text_field: str,
                 except Skip as s:
                     yield Skipped(s.reason, source)
                     continue
-                key = f"{stem}-{row:08d}"
-                if id_field is not None:
-                    if rec.get(id_field) in (None, ""):
-                        yield Skipped("missing_key", source)
-                        continue
-                    key = str(rec[id_field])
+                key = _row_key(rec, id_field, stem, row)
+                if key is None:
+                    yield Skipped("missing_key", source)
+                    continue
                 meta = {k: v for k, v in rec.items() if k != text_field and not isinstance(v, bytes)}
                 yield Item(key, source, {"text": text, "meta": meta})
         except (OSError, ValueError) as e:  # a table that cannot be read (any further): rows before are kept
@@ -215,12 +221,10 @@ def _instruction_records(input: Path, files: list[Path], id_field: str | None) -
                 if isinstance(rec, Skip):
                     yield Skipped(rec.reason, source)
                     continue
-                key = f"{stem}-{row:08d}"
-                if id_field is not None:
-                    if rec.get(id_field) in (None, ""):
-                        yield Skipped("missing_key", source)
-                        continue
-                    key = str(rec[id_field])
+                key = _row_key(rec, id_field, stem, row)
+                if key is None:
+                    yield Skipped("missing_key", source)
+                    continue
                 yield from _instruction_items(rec, key, source)
         except (OSError, ValueError) as e:  # a table that cannot be read (any further): rows before are kept
             yield Skipped(table_failure(rel, e), rel)
