@@ -36,9 +36,9 @@ def resize_crop(pixels: torch.Tensor, size: int = 224,
     """(H, W, 3) uint8 -> (3, size, size) uint8, contiguous: shorter side resized to `size` (bicubic,
     antialiased), centre crop; a `size` x `size` image is only transposed. `original`: (width, height) the
     geometry is computed from, when `pixels` is a reduced decode of a larger image. With `contiguous=False`
-    the result may be a (3, size, size) view of channels-last memory (`pixels` itself, or the resized image
-    before its crop is copied out): the data loader's collate copies it into the micro-batch, which is
-    channels last too."""
+    nothing is copied out: a `size` x `size` image comes back as a (3, size, size) view of `pixels` (channels
+    last in memory), a resized one as the crop view of the resized image (channels first); the data
+    loader's collate copies either into the micro-batch."""
     import numpy as np
 
     h, w = pixels.shape[0], pixels.shape[1]

@@ -174,8 +174,8 @@ def _pax(data: bytes) -> dict[str, str]:
 
 
 class _Member:
-    """A regular member of a plain tar being streamed by `_plain_members`: read its data with `read()` right
-    away, or leave it (the reader skips it)."""
+    """A regular member of a tar being streamed (`_plain_members`, `_tarfile_members`): read its data with
+    `read()` right away, or leave it (the reader skips it)."""
 
     __slots__ = ("name", "size", "offset_data", "_f", "read_done")
 
@@ -187,7 +187,16 @@ class _Member:
         return self._f.read(self.size)
 
 
-def _plain_members(f: BinaryIO, end: int | None) -> Iterator[_Member]:
+def _tarfile_members(f: BinaryIO) -> Iterator[_Member]:
+    """The regular members of a compressed tar, through tarfile's streaming mode."""
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            tar.members = []  # streaming: do not keep every header in memory
+            if info.isreg():
+                yield _Member(tar.extractfile(info), info.name, info.size, info.offset_data)
+
+
+def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
     """The regular members of an uncompressed tar read from ``f``, front to back: what tarfile's streaming
     mode gives for the formats tar writers produce (ustar, GNU long names, pax ``path``/``size``), at a
     fraction of its cost per header (most of a loader worker's time went into tarfile's header parsing).
@@ -195,7 +204,13 @@ def _plain_members(f: BinaryIO, end: int | None) -> Iterator[_Member]:
     between members, as tarfile does (the caller checks the end-of-archive blocks). Raises, as for a broken
     tar, where tarfile raises (data cut inside a member, an extended header with no member after it) and
     also at a header with a wrong checksum or a malformed pax record: there tarfile ends quietly or renames
-    the member, and the rest of the shard was lost uncounted."""
+    the member, and the rest of the shard was lost uncounted. A seekable ``f`` has the members left unread
+    skipped by seeking."""
+    end = None  # bytes from here to the end of a seekable file
+    if seekable:
+        start = f.tell()
+        end = f.seek(0, 2) - start
+        f.seek(start)
     pos = 0  # of the next block, from where reading began
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -299,17 +314,9 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
         try:
             if tail is not None:  # here: a stream that fails at once is counted like one that fails later
                 compressed = f.peek(6)[:6].startswith(_COMPRESSED)
-            with contextlib.ExitStack() as stack:
-                if compressed:
-                    tar = stack.enter_context(tarfile.open(fileobj=f, mode="r|*"))
-                    members = (info for info in tar if info.isreg())
-                else:
-                    tar, members = None, _plain_members(f, None if tail is not None else f.seek(0, 2) - start)
-                    if tail is None:
-                        f.seek(start)
+            members = _tarfile_members(f) if compressed else _plain_members(f, seekable=tail is None)
+            with contextlib.closing(members):
                 for info in members:
-                    if tar is not None:
-                        tar.members = []  # streaming: do not keep every header in memory
                     parts = split_member(info.name)
                     if parts is None:
                         continue
@@ -329,7 +336,7 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                     if read is not None and not compressed and not read(name):
                         current.files[name] = TarSpan(info.offset_data, info.size)
                         continue
-                    data = tar.extractfile(info).read() if tar is not None else info.read()
+                    data = info.read()
                     if len(data) != info.size:
                         raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
                     current.files[name] = data
