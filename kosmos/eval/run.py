@@ -220,10 +220,10 @@ class Shots:
     def pick(self, item: Item) -> list[Item]:
         if not self.k:
             return []
-        pool = [i for i, s in enumerate(self.support) if s.id != item.id]
         if self.similar is not None:
             chosen = [i for i in self.similar(item, self.k + 1) if self.support[i].id != item.id][: self.k]
         else:  # seeded by the item: the same demonstrations whatever the batch or process count
+            pool = [i for i, s in enumerate(self.support) if s.id != item.id]
             chosen = random.Random(f"{self.seed}:{self.k}:{item.id}").sample(pool, min(self.k, len(pool)))
         return [self.support[i] for i in chosen]
 
@@ -316,7 +316,8 @@ class Predictor:
         if spec.kind == "classification" and spec.mode == "constrained":
             from kosmos.eval.ranking import class_continuations
 
-            self.class_ids = class_continuations(tok, spec.prompt.split("{image}")[-1], data.classnames)
+            # class_continuations takes the prompt's text after its last {image}
+            self.class_ids = class_continuations(tok, spec.prompt, data.classnames)
         if spec.kind == "choice":
             from kosmos.eval.ranking import class_continuations
 
