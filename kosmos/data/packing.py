@@ -58,7 +58,8 @@ class Packer:
             row.starts.append(item.pos)
         row.doc_ids += [(row.doc_ids[-1] if row.doc_ids else 0) + 1] * (end - start)
         row.ids += item.ids[start:end]
-        row.no_loss += [i < item.no_loss for i in range(start, end)]
+        k = max(0, min(end, item.no_loss) - start)  # the tokens of [start, end) before item.no_loss
+        row.no_loss += [True] * k + [False] * (end - start - k)
         row.image_mask += item.image_mask[start:end]
         row.images += [img for s, img in zip(item.image_starts, item.images, strict=True) if start <= s < end]
         item.start = end

@@ -82,7 +82,6 @@ def encode_sample(kind: str, raw: dict, pos: tuple[int, ...], encoder: SequenceE
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     segments = sample_segments(kind, raw, encoder.image_size, pos[2] if len(pos) > 2 else None)
-    prompt = segments[0] if kind == "text" and len(segments) == 2 else None
     cut_text = False
     if max_tokens:
         limit = max_tokens * MAX_CHARS_PER_TOKEN
@@ -93,8 +92,9 @@ def encode_sample(kind: str, raw: dict, pos: tuple[int, ...], encoder: SequenceE
     images = [s for s in segments if isinstance(s, torch.Tensor)]
     item = Encoded(pos=pos, ids=seq.ids, image_mask=seq.image_mask, images=images,
                    image_starts=seq.image_starts)
-    if prompt is not None and loss == "response":
-        item.no_loss = min(len(item.ids), 1 + len(encoder.tokenizer.encode(prompt)))  # <s> + the prompt
+    if kind == "text" and len(segments) == 2 and loss == "response":  # an instruction: prompt, response
+        # <s> + the prompt, cut like the text above (an uncut 1 MB prompt would be tokenized here whole)
+        item.no_loss = min(len(item.ids), 1 + len(encoder.tokenizer.encode(segments[0])))
     if max_tokens and (cut_text or len(item.ids) > max_tokens):
         _truncate(item, max_tokens, encoder.span)
     return item
