@@ -299,7 +299,8 @@ def _run(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
                     return
                 i, items = nxt
                 n_chunks = i + 1
-                done = chunk_done(output, i, listing_digest(items))
+                listing = listing_digest(items)
+                done = chunk_done(output, i, listing)
                 if done is not None:
                     states[i] = done
                     reused += 1
@@ -307,11 +308,11 @@ def _run(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
                     continue
                 redone += clean_chunk(output, i)
                 if pool is None:
-                    states[i] = convert_chunk(*args, i, items, str(output), shards.max_shard_bytes)
+                    states[i] = convert_chunk(*args, i, items, str(output), shards.max_shard_bytes, listing)
                     bar.update(len(items))
                 else:
                     pending[i] = pool.submit(convert_chunk, *args, i, items, str(output),
-                                             shards.max_shard_bytes)
+                                             shards.max_shard_bytes, listing)
 
         if shards.workers == 1:
             schedule(None)  # converts every chunk in this process

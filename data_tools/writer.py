@@ -135,8 +135,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], output: str,
-                  max_shard_bytes: int) -> dict:
-    """Turn one chunk of items into its shard(s); runs in a worker process.
+                  max_shard_bytes: int, listing: str) -> dict:
+    """Turn one chunk of items into its shard(s); runs in a worker process. `listing`: the items'
+    `listing_digest`, which the scheduler has already computed to see whether the chunk was done.
 
     Shards are written as ``NAME.tmp`` and renamed when complete; the chunk's state file is
     written last, so its presence means every shard of the chunk is final.
@@ -187,7 +188,7 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
     for s in shards:
         del s["est"]
         os.replace(out / (s["name"] + ".tmp"), out / s["name"])
-    state = {"chunk": chunk, "inputs": len(items), "listing": listing_digest(items), "shards": shards,
+    state = {"chunk": chunk, "inputs": len(items), "listing": listing, "shards": shards,
              "skipped": dict(skipped), "examples": examples, "image_skips": dict(image_skips)}
     write_json_atomic(_chunk_state_path(out, chunk), state)
     return state

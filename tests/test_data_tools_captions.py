@@ -292,14 +292,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     calls: list[int] = []
     resumed = False
 
-    def dies_on_third_chunk(handler, ctx, chunk, items, output, max_bytes):
+    def dies_on_third_chunk(handler, ctx, chunk, items, output, max_bytes, listing):
         nonlocal resumed
         calls.append(chunk)
         if chunk == 2 and not resumed:  # killed while writing: a temporary shard is left behind
             write(Path(output) / f"shard-{chunk:06d}-000.tar.tmp", b"half a shard")
             write(Path(output) / f"shard-{chunk:06d}-001.tar", b"renamed, but the chunk never finished")
             raise Killed
-        return real(handler, ctx, chunk, items, output, max_bytes)
+        return real(handler, ctx, chunk, items, output, max_bytes, listing)
 
     monkeypatch.setattr(conversion, "convert_chunk", dies_on_third_chunk)
     with pytest.raises(Killed):
