@@ -332,16 +332,6 @@ eval shards, the worker count (the data position is dealt over another one: kosm
 `allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _resume_key(key: str) -> bool:
     if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith(("allow_", "read_")):
         return False
@@ -368,10 +358,10 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     of its key (`data.sources.<name>`). A change that `allowed` does not name (a key, or a section such as
     `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
     Keys the checkpoint predates are not compared."""
-    from kosmos.config import ConfigError
+    from kosmos.config import ConfigError, flatten
 
-    ours = _flat(cfg.to_dict())
-    theirs = _flat(saved)
+    ours = flatten(cfg.to_dict())
+    theirs = flatten(saved)
     for key in allowed:
         if not any(k == key or k.startswith(key + ".") for k in (*ours, *theirs)):
             raise ConfigError(f"--allow-config-change {key}: not a config key")

@@ -554,6 +554,17 @@ class TrainConfig:
             _check_eval_task(task, f"train.eval_tasks[{i}]")
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's `to_dict()`, a saved one) as flat `section.key` entries."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 @dataclass
 class Config:
     """The whole run. Sections are added here as the project grows (data, optim, train)."""

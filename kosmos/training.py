@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kosmos.config import Config, ConfigError
+from kosmos.config import Config, ConfigError, flatten
 from kosmos.eval.loss import to_device
 
 TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
@@ -218,17 +218,8 @@ def peak_flops(cfg: Config, device) -> float | None:
 
 def flat_config(cfg: Config) -> dict:
     """The config as flat `section.key` scalars, for trackers' hyperparameters."""
-
-    def flat(d: dict, prefix: str) -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-        return out
-
-    return flat(cfg.to_dict(), "")
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in flatten(cfg.to_dict()).items()}
 
 
 # ----------------------------------------------------------------------------- forward, step, evaluation
