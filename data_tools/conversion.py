@@ -30,7 +30,7 @@ from data_tools.writer import (
     clean_chunk,
     clean_chunks_from,
     convert_chunk,
-    example,
+    count_skip,
     listing_digest,
     sanitize_key,
     write_json_atomic,
@@ -193,10 +193,7 @@ def _chunks(records: Iterable[Item | Skipped], size: int, limit: int | None, ski
             else:
                 rec.key = key
         if isinstance(rec, Skipped):
-            skipped[rec.reason] += 1
-            ex = examples.setdefault(rec.reason, [])
-            if len(ex) < MAX_EXAMPLES:
-                ex.append(example(rec.source, rec.detail))
+            count_skip(skipped, examples, rec.reason, rec.source, rec.detail)
             continue
         n_valid += 1
         chunk.append(rec)

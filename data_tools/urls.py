@@ -49,7 +49,7 @@ from data_tools.cli import OptionSpec, run_cli
 from data_tools.interleaved import FORMATS, DocOptions, _doc_files, _mmc4_records, _obelics_records
 from data_tools.records import ConversionError, Item, Skipped
 from data_tools.tables import check_readable
-from data_tools.writer import MAX_EXAMPLES, example, sanitize_key, write_json_atomic
+from data_tools.writer import count_skip, sanitize_key, write_json_atomic
 
 OUTPUT_KINDS = {".parquet": "parquet", ".tsv": "tsv"}
 COLUMNS = ("url", "url_sha256", "doc_key", "image_index")
@@ -183,10 +183,7 @@ def write_urls(format: str, input: str | Path, output: str | Path, *, sim_thresh
     seen: set[bytes] = set()
 
     def skip(counter: Counter, reason: str, source: str, detail: str = "") -> None:
-        counter[reason] += 1
-        ex = examples.setdefault(reason, [])
-        if len(ex) < MAX_EXAMPLES:
-            ex.append(example(source, detail))
+        count_skip(counter, examples, reason, source, detail)
 
     bar = tqdm(desc="urls", unit=" docs", disable=None if opts.progress else True, file=sys.stderr,
                dynamic_ncols=True)

@@ -52,6 +52,15 @@ def example(source: str, detail: str = "") -> str:
     return f"{source}: {detail}"
 
 
+def count_skip(counter: Counter, examples: dict[str, list[str]], reason: str, source: str,
+               detail: str = "") -> None:
+    """Count a skip under `reason` and keep its `example` among the first MAX_EXAMPLES of that reason."""
+    counter[reason] += 1
+    ex = examples.setdefault(reason, [])
+    if len(ex) < MAX_EXAMPLES:
+        ex.append(example(source, detail))
+
+
 def listing_digest(items: list[Item]) -> str:
     """A digest of a chunk's inputs, in order: their keys, names and what the converter read of them (a
     caption, a document's text), plus the size and modification time of each image file they refer to. A
@@ -165,10 +174,7 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
             reason = e.reason if isinstance(e, Skip) else f"unexpected_error_{type(e).__name__}"
             if isinstance(e, Skip):
                 image_skips.update(e.image_skips)
-            skipped[reason] += 1
-            ex = examples.setdefault(reason, [])
-            if len(ex) < MAX_EXAMPLES:
-                ex.append(example(item.source, e.detail if isinstance(e, Skip) else str(e)))
+            count_skip(skipped, examples, reason, item.source, e.detail if isinstance(e, Skip) else str(e))
             continue
         image_skips.update(sample.image_skips)
         files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}
