@@ -100,14 +100,20 @@ def _protocol(url: str) -> str:
     return url.split("://", 1)[0].lower()
 
 
-def _fsspec(url: str):
-    """(filesystem, path) for a URL of an fsspec protocol; a one-line error when fsspec or the protocol's
-    package is missing."""
+def _import_fsspec(url: str):
+    """The fsspec module; a one-line ValueError naming `url` when it is not installed."""
     try:
         import fsspec
     except ImportError:
         raise ValueError(f"{url}: reading {_protocol(url)}:// shards needs fsspec (`pip install fsspec`)") \
             from None
+    return fsspec
+
+
+def _fsspec(url: str):
+    """(filesystem, path) for a URL of an fsspec protocol; a one-line error when fsspec or the protocol's
+    package is missing."""
+    fsspec = _import_fsspec(url)
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
@@ -124,11 +130,7 @@ def check_spec(spec: str) -> None:
             raise ValueError(f"{spec!r}: pipe: needs a command")
         return
     if is_url(spec) and _protocol(spec) not in ("http", "https"):
-        try:
-            import fsspec
-        except ImportError:
-            raise ValueError(f"{spec}: reading {_protocol(spec)}:// shards needs fsspec "
-                             "(`pip install fsspec`)") from None
+        fsspec = _import_fsspec(spec)
         try:
             fsspec.get_filesystem_class(_protocol(spec))
         except ImportError as e:
