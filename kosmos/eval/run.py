@@ -398,10 +398,11 @@ def _key(x: Any) -> str:
     return json.dumps(x)
 
 
-def read_predictions(folder: Path) -> dict[str, dict]:
-    """Every prediction record in `folder`'s predictions.*.jsonl, by id (skip records left out: a rerun
-    tries their items again). A line cut by a crash is ignored."""
+def read_predictions(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """From `folder`'s predictions.*.jsonl: every prediction record by id, and each id's last skip reason
+    (skipped items have no prediction: a rerun tries them again). A line cut by a crash is ignored."""
     done: dict[str, dict] = {}
+    skips: dict[str, str] = {}
     for path in sorted(folder.glob("predictions.*.jsonl")):
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -411,7 +412,9 @@ def read_predictions(folder: Path) -> dict[str, dict]:
                     continue  # the last line of a killed run
                 if "prediction" in rec:
                     done[_key(rec["id"])] = rec
-    return done
+                if "skipped" in rec:
+                    skips[_key(rec["id"])] = rec["skipped"]
+    return done, skips
 
 
 def official_results(spec: TaskSpec, data: TaskData, preds: dict[str, dict]) -> list[dict]:
@@ -511,7 +514,7 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
     folder = Path(out) / task / f"{shots.k}shot"
     folder.mkdir(parents=True, exist_ok=True)
     items = data.items[:limit] if limit else data.items
-    done = read_predictions(folder)
+    done, _ = read_predictions(folder)
     barrier()  # every process has read what is done before any writes more
     todo = [it for it in items if _key(it.id) not in done]
     B = max(1, spec.batch_size)
@@ -539,8 +542,10 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
             f.flush()
     barrier()
     wanted = {_key(it.id) for it in items}
-    preds = {k: v for k, v in read_predictions(folder).items() if k in wanted}
-    skipped_all = dict(Counter(data.read_skipped) + Counter(_skipped(folder, set(preds), wanted)))
+    done, skips = read_predictions(folder)
+    preds = {k: v for k, v in done.items() if k in wanted}
+    still = Counter(r for k, r in skips.items() if k not in preds and k in wanted)  # by the last reason
+    skipped_all = dict(Counter(data.read_skipped) + still)
     metrics: dict[str, float] = {}
     if main:
         results = official_results(spec, data, preds)
@@ -553,20 +558,6 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
         (Path(out) / "results.md").write_text(markdown_table(Path(out)))
     barrier()
     return RunResult(metrics, len(preds), skipped_all, folder)
-
-
-def _skipped(folder: Path, predicted: set[str], wanted: set[str]) -> dict[str, int]:
-    """Items still without a prediction, by the reason of their last skip record."""
-    last: dict[str, str] = {}
-    for path in sorted(folder.glob("predictions.*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "skipped" in rec:
-                last[_key(rec["id"])] = rec["skipped"]
-    return dict(Counter(r for k, r in last.items() if k not in predicted and k in wanted))
 
 
 def build_shots(model, encoder, spec: TaskSpec, data: TaskData, k: int, seed: int = 0,
