@@ -198,10 +198,10 @@ def test_a_truncated_or_missing_shard_is_named_before_loading(tmp_path):
 # ----------------------------------------------------------------------------- 2 processes (slow)
 
 
-def _torchrun(*args) -> str:
+def _torchrun(*args, **env) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
            str(ROOT / "tests" / "fsdp_check.py"), *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
 
@@ -213,7 +213,10 @@ def test_fsdp2_step_equals_the_ddp_step(mode):
     full weights of the DDP step, frozen CLIP parameters untouched; with activation checkpointing too; with
     torchao's 8-bit AdamW within 8-bit tolerance. bitsandbytes' AdamW8bit refuses the DTensor shards."""
     args = ["step", "decoder.checkpoint_activations=true"] if mode == "activation_checkpointing" else [mode]
-    out = _torchrun(*args)
+    # torchao compiles its step with torch.compile; on a CPU that is inductor's C++ backend, which took ~100 s
+    # here and once died with SIGSEGV on rank 1 while compiling on a CI machine (a cold cache; not reproduced
+    # here in 3 cold runs). What is tested is the sharded 8-bit step, not the compiler: run it eagerly.
+    out = _torchrun(*args, **({"TORCHDYNAMO_DISABLE": "1"} if mode == "torchao" else {}))
     assert out.count("FSDP_OK") == 2, out[-2000:]
     assert (out.count("BNB_REFUSES_DTENSOR") == 2) == (mode != "torchao"), out[-2000:]
 
