@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
-from kosmos.data.remote import PIPE, is_remote, list_shards, open_shard, shard_name
+from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
 from tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -103,12 +103,13 @@ def _remote_inputs(spec: str) -> list[str]:
     of listable protocols listed (folders: their ``*.tar``); HTTP URLs and pipes are taken as named."""
     from braceexpand import braceexpand
 
+    items = list(braceexpand(spec))
+    try:
+        listed = list_many(items)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
     out = []
-    for item in braceexpand(spec):
-        try:
-            found = list_shards(item)
-        except ValueError as e:
-            raise BuildError(str(e)) from None
+    for item, found in zip(items, listed, strict=True):
         if not found:
             raise BuildError(f"input not found: {item}")
         for f in found:

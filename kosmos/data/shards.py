@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 from kosmos.data.format import iter_tar
-from kosmos.data.remote import ReadOptions, is_remote, list_shards, open_shard
+from kosmos.data.remote import ReadOptions, is_remote, list_many, open_shard
 
 
 def expand_shards(patterns: list[str], allow_missing: bool = False,
@@ -35,8 +35,7 @@ def expand_shards(patterns: list[str], allow_missing: bool = False,
         found: list[str] = []
         items = list(braceexpand(str(pattern)))
         gone = []
-        for item in items:
-            got = list_shards(item)
+        for item, got in zip(items, list_many(items), strict=True):
             found += got
             if not got:
                 gone.append(item)
