@@ -31,6 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def free_port() -> str:
+    """A free TCP port on loopback (a rendezvous, a local server), as a string."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def tiny_config(*overrides: str) -> Config:
     return load_config(TINY, list(overrides))
 

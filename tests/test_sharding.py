@@ -6,7 +6,6 @@ on CPU into DDP, so there the trainer shards the model itself, with the same fun
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,9 @@ import torch
 
 from kosmos import checkpoint as ck
 from kosmos.config import ConfigError
-from tests.helpers import ROOT, make_row, random_images, tiny_config, tiny_model
+from tests.helpers import ROOT, free_port, make_row, random_images, tiny_config, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
-
-
-def _port() -> str:
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 def _env() -> dict:
@@ -199,8 +192,8 @@ def test_a_truncated_or_missing_shard_is_named_before_loading(tmp_path):
 
 
 def _torchrun(*args, **env) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
-           str(ROOT / "tests" / "fsdp_check.py"), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", free_port(), str(ROOT / "tests" / "fsdp_check.py"), *args]
     res = subprocess.run(cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
@@ -230,8 +223,8 @@ def _launch(tiny_run, out, steps, log, *extra, **kw):
          *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")]]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", _port(), str(ROOT / "train_kosmos.py"), "--config", TINY, "--no-progress",
-           *o, *extra]
+           "--main_process_port", free_port(), str(ROOT / "train_kosmos.py"), "--config", TINY,
+           "--no-progress", *o, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, **kw)
 

@@ -13,7 +13,7 @@ import train_kosmos
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
-from tests.helpers import ROOT, tiny_model
+from tests.helpers import ROOT, free_port, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -510,11 +510,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path, to):
 def _two_processes(args: list[str]) -> subprocess.CompletedProcess:
     """tests/dist_check.py ARGS under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo); it must
     succeed."""
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = free_port()  # for the rendezvous
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
