@@ -166,23 +166,28 @@ def make_ds(kind, shards, tok, **kw):
     return SourceDataset(kind, shards, SequenceEncoder(tok, 4, 32), **args)
 
 
-def test_training_stream_over_http_resumes_exactly(tmp_path, tiny_tokenizer):
-    shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
+def check_stream_resumes_as_local(shards, urls, tok):
+    """A shuffled training stream over `urls` read by 2 DataLoader workers, cut by a state_dict after 5
+    micro-batches and resumed for 7 more, gives the 12 micro-batches of the same stream over the local
+    `shards`."""
     kw = dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2)
-    with ShardServer(tmp_path / "d") as srv:
-        urls = [srv.url(f"ok/{Path(p).name}") for p in shards]
-        local = [b["input_ids"] for b in
-                 _consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw)), 12)]
-        first = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
-        head = _consume(first, 5)
-        state = json.loads(json.dumps(first.state_dict()))
-        first.close()
-        resumed = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
-        resumed.load_state_dict(state)
-        tail = _consume(resumed, 7)
-        resumed.close()
+    local = [b["input_ids"] for b in _consume(SourceLoader(make_ds("interleaved", shards, tok, **kw)), 12)]
+    first = SourceLoader(make_ds("interleaved", urls, tok, **kw))
+    head = _consume(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = SourceLoader(make_ds("interleaved", urls, tok, **kw))
+    resumed.load_state_dict(state)
+    tail = _consume(resumed, 7)
+    resumed.close()
     for a, b in zip(local, head + tail, strict=True):
         assert torch.equal(a, b["input_ids"])
+
+
+def test_training_stream_over_http_resumes_exactly(tmp_path, tiny_tokenizer):
+    shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
+    with ShardServer(tmp_path / "d") as srv:
+        check_stream_resumes_as_local(shards, [srv.url(f"ok/{Path(p).name}") for p in shards], tiny_tokenizer)
 
 
 def _consume(loader, n):

@@ -2,17 +2,14 @@
 brace patterns, reads, resume, missing objects, and a training stream read by DataLoader workers (forked
 after the parent has used the file system). Skipped when s3fs or moto is not installed."""
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
-from kosmos.data import SourceLoader
 from kosmos.data.shards import expand_shards, read_shard
 from tests.helpers import caption_shards, free_port, interleaved_shards
-from tests.test_remote import _consume, make_ds
+from tests.test_remote import check_stream_resumes_as_local
 
 BUCKET = "kosmos-test"
 
@@ -79,17 +76,4 @@ def test_training_stream_over_s3_in_workers_resumes_exactly(s3, tmp_path, tiny_t
     they read the same batches as from local files, and a resume continues exactly."""
     shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
     _put(s3, shards, "il")
-    urls = expand_shards([f"s3://{BUCKET}/il/"])
-    kw = dict(infinite=True, shuffle_buffer=4, num_workers=2, micro_batch_size=2)
-    local = [b["input_ids"]
-             for b in _consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw)), 12)]
-    first = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
-    head = _consume(first, 5)
-    state = json.loads(json.dumps(first.state_dict()))
-    first.close()
-    resumed = SourceLoader(make_ds("interleaved", urls, tiny_tokenizer, **kw))
-    resumed.load_state_dict(state)
-    tail = _consume(resumed, 7)
-    resumed.close()
-    for a, b in zip(local, head + tail, strict=True):
-        assert torch.equal(a, b["input_ids"])
+    check_stream_resumes_as_local(shards, expand_shards([f"s3://{BUCKET}/il/"]), tiny_tokenizer)
