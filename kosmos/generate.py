@@ -88,8 +88,10 @@ def control_ids(tokenizer) -> list[int]:
     """The ids a model must never generate: `<pad>`, `<s>`, `<image>`, `</image>` and `<unk>` where the
     tokenizer has one (eos is not one)."""
     unk = getattr(tokenizer, "unk_id", None)
-    return sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id, tokenizer.image_end_id}
-                  | ({unk} if unk is not None and unk >= 0 else set()) - {tokenizer.eos_id})
+    ids = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id, tokenizer.image_end_id}
+    if unk is not None and unk >= 0:
+        ids.add(unk)
+    return sorted(ids - {tokenizer.eos_id})
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

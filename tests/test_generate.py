@@ -294,6 +294,8 @@ def test_stop_needs_decode_and_cut_at_stop(tiny_tokenizer):
         GenerationConfig(stop=["."])
     assert control_ids(SPECIAL) == [0, 2, 4, 5]  # a tokenizer without <unk>
     assert control_ids(tiny_tokenizer) == [0, 1, 2, 4, 5]  # <pad> <unk> <s> <image> </image>: never generated
+    # eos is never banned, even where a tokenizer's pad is its eos
+    assert control_ids(SimpleNamespace(**{**vars(SPECIAL), "pad_id": 3, "unk_id": 1})) == [1, 2, 4, 5]
     assert cut_at_stop("a cat. A dog\n", [".", "\n"]) == "a cat"
     assert cut_at_stop("a cat", ["."]) == "a cat"
 
