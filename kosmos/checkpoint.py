@@ -161,10 +161,12 @@ def check_finite(model: torch.nn.Module, path: str | Path) -> None:
     that every rank raises the same error."""
     import torch.distributed as dist
 
+    from kosmos.sharding import local
+
     names, counts, sharded = [], [], False
     for name, t in model.state_dict().items():
-        if hasattr(t, "to_local"):  # a DTensor: this rank's shard
-            t, sharded = t.to_local(), True
+        shard = local(t)  # a DTensor: this rank's shard
+        t, sharded = shard, sharded or shard is not t
         if t.is_floating_point():
             names.append(name)
             counts.append(torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()]))
