@@ -127,15 +127,20 @@ def write_tar(path: Path, samples: list[dict[str, bytes]]) -> Path:
     return path
 
 
-def text_shards(root: Path, n_shards: int, per_shard: int, words=(3, 30), seed: int = 0) -> list[str]:
+def _make_shards(root: Path, name: str, n_shards: int, per_shard: int, seed: int, sample) -> list[str]:
+    """`n_shards` tars `root/NAME-000000.tar`, ... of `per_shard` samples each, sample i of shard s being
+    `sample(rng, s, i)` (one RNG seeded with `seed`, drawn in that order)."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(n_shards):
-        samples = [{"__key__": f"t{s:02d}_{i:03d}", "txt": sentence(rng, rng.randint(*words)).encode()}
-                   for i in range(per_shard)]
-        paths.append(str(write_tar(root / f"text-{s:06d}.tar", samples)))
-    return paths
+    return [str(write_tar(root / f"{name}-{s:06d}.tar", [sample(rng, s, i) for i in range(per_shard)]))
+            for s in range(n_shards)]
+
+
+def text_shards(root: Path, n_shards: int, per_shard: int, words=(3, 30), seed: int = 0) -> list[str]:
+    def sample(rng, s, i):
+        return {"__key__": f"t{s:02d}_{i:03d}", "txt": sentence(rng, rng.randint(*words)).encode()}
+
+    return _make_shards(root, "text", n_shards, per_shard, seed, sample)
 
 
 def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
@@ -143,59 +148,44 @@ def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> li
     the prompt's length in KEY.json."""
     from data_tools.text import render_instruction
 
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(n_shards):
-        samples = []
-        for i in range(per_shard):
-            text, n = render_instruction(sentence(rng, rng.randint(2, 8)), sentence(rng, rng.randint(0, 4)),
-                                         sentence(rng, rng.randint(1, 6)))
-            samples.append({"__key__": f"i{s:02d}_{i:03d}", "txt": text.encode(),
-                            "json": json.dumps({"prompt_chars": n, "style": "flat"}).encode()})
-        paths.append(str(write_tar(root / f"inst-{s:06d}.tar", samples)))
-    return paths
+    def sample(rng, s, i):
+        text, n = render_instruction(sentence(rng, rng.randint(2, 8)), sentence(rng, rng.randint(0, 4)),
+                                     sentence(rng, rng.randint(1, 6)))
+        return {"__key__": f"i{s:02d}_{i:03d}", "txt": text.encode(),
+                "json": json.dumps({"prompt_chars": n, "style": "flat"}).encode()}
+
+    return _make_shards(root, "inst", n_shards, per_shard, seed, sample)
 
 
 def caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0,
                    captions: int = 1) -> list[str]:
     """Caption shards; with ``captions`` > 1, sample i has 1 + i % captions distinct captions, COCO-style:
     the first in KEY.txt, all of them in KEY.json's "captions"."""
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(n_shards):
-        samples = []
-        for i in range(per_shard):
-            caps = [sentence(rng, rng.randint(3, 12)) + (f" {j}" if captions > 1 else "")
-                    for j in range(1 + i % captions)]
-            sample = {"__key__": f"c{s:02d}_{i:03d}", "jpg": jpeg(s * 1000 + i), "txt": caps[0].encode()}
-            if captions > 1:
-                sample["json"] = json.dumps({"captions": caps}).encode()
-            samples.append(sample)
-        paths.append(str(write_tar(root / f"cap-{s:06d}.tar", samples)))
-    return paths
+    def sample(rng, s, i):
+        caps = [sentence(rng, rng.randint(3, 12)) + (f" {j}" if captions > 1 else "")
+                for j in range(1 + i % captions)]
+        out = {"__key__": f"c{s:02d}_{i:03d}", "jpg": jpeg(s * 1000 + i), "txt": caps[0].encode()}
+        if captions > 1:
+            out["json"] = json.dumps({"captions": caps}).encode()
+        return out
+
+    return _make_shards(root, "cap", n_shards, per_shard, seed, sample)
 
 
 def interleaved_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0, max_images: int = 3,
                        words=(5, 40)) -> list[str]:
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(n_shards):
-        samples = []
-        for i in range(per_shard):
-            sample: dict = {"__key__": f"d{s:02d}_{i:03d}"}
-            segments = []
-            for j in range(rng.randint(1, max_images)):
-                segments.append({"text": sentence(rng, rng.randint(*words))})
-                segments.append({"image": f"img{j}.jpg"})
-                sample[f"img{j}.jpg"] = jpeg(rng.randrange(10**6))
+    def sample(rng, s, i):
+        out: dict = {"__key__": f"d{s:02d}_{i:03d}"}
+        segments = []
+        for j in range(rng.randint(1, max_images)):
             segments.append({"text": sentence(rng, rng.randint(*words))})
-            sample["json"] = json.dumps({"segments": segments, "meta": {}}).encode()
-            samples.append(sample)
-        paths.append(str(write_tar(root / f"doc-{s:06d}.tar", samples)))
-    return paths
+            segments.append({"image": f"img{j}.jpg"})
+            out[f"img{j}.jpg"] = jpeg(rng.randrange(10**6))
+        segments.append({"text": sentence(rng, rng.randint(*words))})
+        out["json"] = json.dumps({"segments": segments, "meta": {}}).encode()
+        return out
+
+    return _make_shards(root, "doc", n_shards, per_shard, seed, sample)
 
 
 # ----------------------------------------------------------------------------- converter inputs and outputs
