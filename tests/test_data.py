@@ -627,3 +627,46 @@ def test_a_broken_shard_among_good_ones_is_counted_and_the_training_stream_goes_
         resumed.close()
         assert [b["sample_positions"] for b in head + tail] == [b["sample_positions"] for b in batches]
     assert waited, "the test should resume while a stream waits"
+
+
+class _GcProbe(torch.utils.data.IterableDataset):
+    """Collects garbage in the worker, then yields the worker's pid."""
+
+    def __iter__(self):
+        import gc
+        import os
+
+        gc.collect()
+        yield os.getpid()
+
+
+def test_loader_workers_never_finalise_the_main_process_garbage(tmp_path):
+    """Garbage of the main process (a dropped torch.distributed process group, say: its destructor joins
+    threads a forked child does not have, which hung or aborted a worker in CI) is not collected inside a
+    DataLoader worker: the workers are forked with the collector's objects frozen."""
+    import gc
+    import os
+
+    from kosmos.data.stream import _start_workers
+
+    log = tmp_path / "finalised"
+
+    class Cycle:
+        def __del__(self):
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+    gc.disable()  # the cycle must still be there when the worker forks (a worker's gc.collect runs anyway)
+    try:
+        a, b = Cycle(), Cycle()
+        a.other, b.other = b, a
+        del a, b
+        it = _start_workers(torch.utils.data.DataLoader(_GcProbe(), batch_size=None, num_workers=1))
+    finally:
+        gc.enable()
+    worker = next(iter(it))
+    del it
+    gc.collect()
+    pids = log.read_text().split() if log.exists() else []
+    assert str(worker) not in pids, "a worker finalised the main process's garbage"
+    assert pids == [str(os.getpid())] * 2  # the main process did

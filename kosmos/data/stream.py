@@ -63,6 +63,7 @@ handles them, saves a checkpoint and ends the workers.
 from __future__ import annotations
 
 import atexit
+import gc
 import multiprocessing
 import os
 import random
@@ -120,6 +121,19 @@ def _worker_signals(worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_workers(loader: DataLoader):
+    """`iter(loader)`, which forks its worker processes, with the garbage collector's objects frozen during
+    the fork: a worker never collects what it inherited. Garbage of the main process (a torch.distributed
+    process group no longer referenced, say, whose destructor joins threads that a forked child does not
+    have) would otherwise be finalised inside a worker, which then hangs or aborts ("terminate called after
+    throwing an instance of 'std::system_error'", seen in CI). The main process collects it as usual."""
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
 
 
 def _rng_state(rng: random.Random) -> list:
@@ -582,9 +596,11 @@ class SourceLoader:
             if self.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
         nw = max(1, self.num_workers)
-        batches = iter(loader)
         if self.num_workers > 0:
+            batches = _start_workers(loader)
             self._workers = batches
+        else:
+            batches = iter(loader)
         for batch in batches:
             if "error" in batch:
                 raise DataError(batch["error"])
