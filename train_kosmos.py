@@ -45,13 +45,15 @@ def parse_args(argv: list[str] | None):
 
 
 def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
-          allow_change: list[str] | tuple = ()) -> dict:
+          allow_change: list[str] | tuple = (), on_report=None) -> dict:
     """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
-    called after every optimizer step with the (source, shard, offset) of the samples it started (tests).
-    `allow_change`: config keys a resume may change although they change the data (ck.RESUME_KEYS)."""
+    called after every optimizer step with the (source, shard, offset) of the samples it started, and
+    `on_report(acc, state, report)` after every log line with its metrics.Report (tests). `allow_change`:
+    config keys a resume may change although they change the data (ck.RESUME_KEYS)."""
     import torch
 
     from kosmos import checkpoint as ck
+    from kosmos.distributed import all_reduce_sum
     from kosmos.metrics import Meter, RunLog, eval_line
     from kosmos.training import (
         BadSteps,
@@ -97,7 +99,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
 
     # ---- the loop: step, log, evaluate, save
     max_steps = cfg.train.max_steps or cfg.optim.total_steps
-    meter = Meter(acc, acc.unwrap_model(model), peak_flops(cfg, acc.device))
+    meter = Meter(acc, acc.unwrap_model(model), peak_flops(cfg, acc.device), names=list(mixture.plans),
+                  totals=state.get("sources"))
+    warned: set[str] = set()  # sources past data.<source>.max_epochs, warned once
     log.start_bar(max_steps, state["step"])
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
@@ -115,10 +119,18 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
                 on_step(acc, state, model, res.samples)
             if step % cfg.train.log_every == 0 or step == max_steps:
                 report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
-                                      bad_steps=state["bad_steps"], skipped=mixture.skipped(),
-                                      truncated=mixture.truncated())
+                                      bad_steps=state["bad_steps"], **mixture.figures())
                 state["tokens"] += report.tokens
+                state["sources"] = report.sources
                 log.info(report.line)
+                for name, fig in report.sources.items():
+                    limit = cfg.data.source(name).max_epochs
+                    if limit and fig["epoch"] >= limit and name not in warned:
+                        warned.add(name)
+                        log.info(f"WARNING: {name} started pass {fig['epoch'] + 1} over its data, more than "
+                                 f"{cfg.data.key(name)}.max_epochs={limit}: its samples are being repeated")
+                if on_report is not None:
+                    on_report(acc, state, report)
                 for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
                     log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
                                                                       file=sys.stderr)
@@ -130,7 +142,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
             stop_now = stop.any_rank(acc)
             if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
                 seen = torch.tensor(mixture.samples_seen(), device=acc.device)
-                state["samples"] = int(acc.reduce(seen, reduction="sum"))  # every rank's, not rank 0's
+                state["samples"] = int(all_reduce_sum(acc, seen, "samples seen"))  # every rank's, not rank 0's
                 saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
                 last_saved = step
                 if saved is not None:  # the main process

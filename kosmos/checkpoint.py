@@ -331,11 +331,12 @@ RESUME_KEYS = ("seed", "decoder.max_len", "tokenizer.path", "data.")
 """Config keys (and prefixes) that change the data order or the shapes of what a resumed run reads: a
 resume refuses to change them unless `--allow-config-change` names them. Not compared under `data.`: the
 eval shards, the worker count (the data position is dealt over another one: kosmos.data.stream), the
-`allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
+epoch warning (`max_epochs`), the `allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
 
 
 def _resume_key(key: str) -> bool:
-    if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith(("allow_", "read_")):
+    if key.endswith((".eval_shards", ".workers", ".max_epochs")) or \
+            key.split(".")[-1].startswith(("allow_", "read_")):
         return False
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
 
@@ -494,10 +495,12 @@ class StopFlag:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
     def any_rank(self, acc) -> bool:
+        from kosmos.distributed import all_reduce_sum
+
         if acc.num_processes == 1:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item() > 0)  # sync point, once per step
+        return bool(all_reduce_sum(acc, flag, "stop flag").item() > 0)  # sync point, once per step
 
 
 if __name__ == "__main__":  # python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR

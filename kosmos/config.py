@@ -318,6 +318,10 @@ class SourceConfig:
     """Text sources: what the loss of an instruction sample (from `python -m data_tools.text --format
     instructions`, whose shards mark the prompt) covers: `all`, the whole templated text (as the paper trains
     it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is unaffected."""
+    max_epochs: int = 0
+    """Warn once, in the log, when a logical stream of this source starts its pass number max_epochs + 1
+    (the source repeated more than max_epochs times; the epoch each source is in shows in the log line as
+    `e0`, `e1`, ...). Only a warning: the run goes on. 0: never warn."""
     caption_choice: str = "random"
     """Caption sources whose samples carry several captions (COCO's five; a `captions` list in `KEY.json`):
     `random`, one caption per visit drawn from (seed, epoch, sample), so every caption is used over the
@@ -397,6 +401,7 @@ class DataConfig:
             _check(src.workers >= 0, f"{key}.workers", "must be >= 0")
             _check(src.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
             _check(src.max_tokens >= 0, f"{key}.max_tokens", "must be >= 0 (0: no cap)")
+            _check(src.max_epochs >= 0, f"{key}.max_epochs", "must be >= 0 (0: never warn)")
             _check(src.loss in LOSSES, f"{key}.loss",
                    f"must be one of {', '.join(LOSSES)}, got {src.loss!r}")
             _check(src.caption_choice in CAPTION_CHOICES, f"{key}.caption_choice",

@@ -245,6 +245,8 @@ class StepResult:
     images: int = 0
     samples: list[tuple] = field(default_factory=list)
     """(source, shard, offset) of every sample the step started on this rank."""
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    """Per source: non-padding tokens, images and samples started of this rank's micro-batches."""
 
 
 def budget_weights(mixture) -> dict[str, float]:
@@ -269,6 +271,7 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     slots * world_size / (loss tokens of the step): one all-reduce of the count per step, batches never held
     back, and world_size undoes DDP's mean over the ranks. Counting the labels of all micro-batches first
     would need the whole step's batches (images included) in host memory at once."""
+    from kosmos.distributed import all_reduce_sum
     from kosmos.sharding import full, gradient_sync, is_sharded, local
 
     n_micro = sum(mixture.counts().values())
@@ -280,8 +283,11 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     for i, (name, batch) in enumerate(mixture.step()):
         res.samples += [(name, *pos) for pos in batch["sample_positions"]]
         res.rows += batch["input_ids"].numel()
-        res.real += int(batch["n_real"])
-        res.images += len(batch["images"])
+        real, images = int(batch["n_real"]), len(batch["images"])
+        res.real += real
+        res.images += images
+        c = res.counts.setdefault(name, [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + real, c[1] + images, c[2] + len(batch["sample_positions"])
         sync = i == n_micro - 1
         if fsdp2:  # reduce-scatter on the last micro-batch only (what acc.no_sync does under FSDP2)
             gradient_sync(model, sync)
@@ -296,7 +302,7 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
         s = torch.stack([out.loss.detach().float() * out.n_tokens, out.n_tokens.float()])
         res.losses[name] = res.losses[name] + s if name in res.losses else s
     if weights is None:
-        total = acc.reduce(n_tokens, reduction="sum") if acc.num_processes > 1 else n_tokens
+        total = all_reduce_sum(acc, n_tokens, "loss tokens of the step")
         scale = (slots * acc.num_processes / total.clamp(min=1)).float()
         grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: this rank's shard
         torch._foreach_mul_(grads, scale)
@@ -341,6 +347,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
     benchmarks of train.eval_tasks (`python -m kosmos.eval run`), their predictions under
     train.output_dir/eval/step_XXXXXXXX/."""
     from kosmos.data import build_loader
+    from kosmos.distributed import all_reduce_sum
     from kosmos.eval.loss import perplexity, source_loss
 
     results = {}
@@ -351,7 +358,8 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
                               train=False)
         with acc.autocast():
             loss, _ = source_loss(model, loader, acc.device, cfg.train.eval_batches,
-                                  reduce=lambda t: acc.reduce(t, reduction="sum"), ranks=acc.num_processes)
+                                  reduce=lambda t: all_reduce_sum(acc, t, f"held-out {name}"),
+                                  ranks=acc.num_processes)
         loader.close()
         results[f"eval/{name}_loss"] = loss
         results[f"eval/{name}_ppl"] = perplexity(loss)

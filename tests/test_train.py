@@ -159,7 +159,7 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     # 100 FLOPs per token, 2 x 10 x 4 per image (a forward of 10 parameters over 3 patches + 1 class token)
     model = SimpleNamespace(cfg=SimpleNamespace(flops_per_token=lambda: 100.0, flops_per_image=lambda: 2 * 10 * 4))
     acc = _TwoRanks()
-    meter = metrics.Meter(acc, model, peak_flops=10_000.0)
+    meter = metrics.Meter(acc, model, peak_flops=10_000.0, names=["captions", "text"])
     stat = lambda mean, n: torch.tensor([mean * n, float(n)])  # noqa: E731  (loss sum, tokens)
     counts = {"rows": 64, "real": 40, "images": 2}
     meter.add(StepResult(True, 1.0, {"captions": stat(2.0, 10), "text": stat(3.0, 30)}, **counts))
@@ -168,6 +168,7 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     clock[0] += 2.0
     report = meter.report(10, lr=1e-4, gnorm=1.5, bad_steps=1,
                           skipped={"captions": {"bad_image": 3}, "text": {}})
+    assert report.local()["captions"]["loss_sum"] == pytest.approx(2.0 * 10 + 4.0 * 30)  # before the reduction
     m = report.metrics
     # losses: token-weighted over the applied steps only (the skipped step's NaN is left out)
     assert m["train/captions_loss"] == pytest.approx(3.5) and m["train/text_loss"] == pytest.approx(3.0)
@@ -180,14 +181,14 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     assert m["train/skipped/captions/bad_image"] == 3  # this rank, by reason
     assert m["train/skipped/captions"] == 6 and m["train/skipped/text"] == 0  # by source, all ranks
     assert m["train/lr"] == 1e-4 and m["train/grad_norm"] == 1.5 and m["train/bad_steps"] == 1
-    assert acc.reduced == 4  # counts, two sources, skipped: a fixed number of collectives per log line
+    assert acc.reduced == 1  # one packed all-reduce per log line, whatever each rank saw
     head, mem = report.line.rsplit(" | ", 1)
     assert head == ("step     10 | loss 3.2857 | captions 3.500 | text 3.000 | lr 1.00e-04 | gnorm 1.500 | "
                     "tok/s 120 | mfu 98.4% | pad 37.5% | skipped 6 (captions 6) | bad 1")
     assert mem.startswith("mem ") and mem.endswith("GiB")
     assert meter.losses == {} and meter.rows == meter.real == meter.images == 0  # a new window
 
-    meter = metrics.Meter(acc, model, peak_flops=None)
+    meter = metrics.Meter(acc, model, peak_flops=None, names=["text"])
     meter.add(StepResult(True, 1.0, {"text": stat(3.0, 30)}, rows=64, real=40, images=0))
     clock[0] += 1.0
     assert "| mfu n/a |" in meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={}).line

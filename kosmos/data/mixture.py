@@ -267,6 +267,14 @@ class Mixture:
         """Samples cut to `data.<source>.max_tokens` so far, per source (this rank)."""
         return {name: loader.truncated() for name, loader in self.loaders.items()}
 
+    def figures(self) -> dict[str, dict]:
+        """This rank's figures since the start of the run, per source, for metrics.Meter.report: `skipped`
+        (by reason), `truncated`, `samples` (started) and `epochs` (per logical stream, see
+        SourceLoader.epochs)."""
+        return {"skipped": self.skipped(), "truncated": self.truncated(),
+                "samples": {name: loader.samples_seen() for name, loader in self.loaders.items()},
+                "epochs": {name: loader.epochs() for name, loader in self.loaders.items()}}
+
 
 def build_mixture(cfg: Config, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1) -> Mixture:
     p = plan(cfg, world_size)

@@ -653,6 +653,11 @@ class SourceLoader:
         """Samples cut to `max_tokens` so far, over this rank's streams."""
         return sum(st.get("truncated", 0) for st in self.states.values())
 
+    def epochs(self) -> list[int]:
+        """The epoch of each of the source's logical streams that this rank reads (0 for the others and for
+        a stream not yet started): summed over the ranks, every stream's, since each is read by one rank."""
+        return [int(self.states[s]["epoch"]) if s in self.states else 0 for s in range(self.dataset.n_streams)]
+
     def state_dict(self) -> dict:
         ds = self.dataset
         return {"kind": ds.kind, "world_size": ds.world_size, "num_workers": self.num_workers,
