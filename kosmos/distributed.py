@@ -12,7 +12,7 @@ configuration (`configs/kosmos1.yaml`: 1.67B parameters of which 1.36B trainable
 
     where                                  what                                   when              size
     training.train_step                    DDP gradient all-reduce (buckets)      last micro-batch  1.36B fp32
-    training.train_step                    step's loss-token count                every step        1 int64
+    training.train_step                    loss tokens, ranks with a NaN/inf loss every step        2 fp64
     training.train_step (FSDP2 only)       all-gather weights / reduce-scatter    every micro-batch  per unit
     training.train_step (FSDP2 only)       gradient norm (clip_grad_norm_)        every step        1 fp32
     checkpoint.StopFlag.any_rank           "a rank was signalled"                 every step        1 fp32
@@ -30,9 +30,9 @@ steps that every rank computes from the same counters (`step % log_every`, the s
 reduction), and the evaluation ones over the config's sources in order, each rank agreeing before every
 held-out micro-batch that all of them have one (kosmos.eval.loss.source_loss).
 
-`python -m bench.collectives` (or tests/test_distributed.py) runs the planning and reduction code of each rank
-of 8, 64 and 128 under torch's fake process group and checks that every rank plans the same step and issues
-the same collectives with the same shapes.
+tests/test_distributed.py runs the planning and reduction code of each rank of 8, 64 and 128 under torch's
+fake process group and checks that every rank plans the same step, that every logical stream is read by one
+worker, and that every rank issues the same log-window reduction.
 """
 
 from __future__ import annotations

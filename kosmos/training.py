@@ -301,8 +301,14 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
         n_tokens += out.n_tokens
         s = torch.stack([out.loss.detach().float() * out.n_tokens, out.n_tokens.float()])
         res.losses[name] = res.losses[name] + s if name in res.losses else s
+    # One reduction: the step's loss tokens and the ranks whose loss is not finite, so that every rank skips
+    # the same steps (a rank stepping alone would leave the others behind, and their collectives apart).
+    nonfinite = sum((~torch.isfinite(s[0])).double() for s in res.losses.values()) if res.losses else 0.0
+    counts = all_reduce_sum(acc, torch.stack([n_tokens.double(), torch.as_tensor(nonfinite, device=acc.device,
+                                                                                 dtype=torch.float64)]),
+                            "loss tokens and non-finite losses of the step")
     if weights is None:
-        total = all_reduce_sum(acc, n_tokens, "loss tokens of the step")
+        total = counts[0]
         scale = (slots * acc.num_processes / total.clamp(min=1)).float()
         grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: this rank's shard
         torch._foreach_mul_(grads, scale)
@@ -311,7 +317,7 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     else:
         gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     res.gnorm = float(full(gnorm))  # sync point: once per step, also the NaN/inf check
-    res.ok = math.isfinite(res.gnorm) and all(math.isfinite(float(s[0])) for s in res.losses.values())
+    res.ok = math.isfinite(res.gnorm) and float(counts[1]) == 0  # the same on every rank
     if res.ok:
         optimizer.step()
         scheduler.step()

@@ -263,3 +263,40 @@ def test_a_collective_one_rank_alone_makes_is_named_instead_of_hanging(tmp_path)
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all("MISMATCH" in o and "NO MISMATCH" not in o for o in outs), outs
     assert "'stop flag'" in outs[0] and "'loss tokens of the step'" in outs[0], outs[0]
+
+
+def test_every_rank_skips_a_step_whose_loss_is_not_finite_on_another_rank():
+    """A NaN/inf loss on one rank makes every rank skip the step (the count travels with the step's loss-token
+    reduction): a rank stepping alone would leave the others' weights and step counters, and so their
+    collectives, behind. Here this rank's losses are finite and the other rank reports one that is not."""
+    from kosmos.config import load_config
+    from kosmos.data.mixture import Mixture, plan
+    from kosmos.training import build_accelerator, train_step
+    from tests.helpers import tiny_model
+    from tests.test_train import TINY, _micro_batch
+
+    cfg = load_config(TINY, [f"data.{s}.shards=[x]" for s in ("text", "captions", "interleaved")]
+                      + ["train.tracker=none"])
+    model = tiny_model()
+    batches = {"captions": [_micro_batch(model, [(0, 1, 6)], 40, seed=1)],
+               "text": [_micro_batch(model, [(39, 0, 0)], 40, seed=2)],
+               "interleaved": [_micro_batch(model, [(5, 1, 4)], 40, seed=4)]}
+
+    class OtherRankNaN:  # this process as rank 0 of 2; the reductions add rank 1's figures
+        num_processes = 2
+
+        def __init__(self, acc):
+            self.acc = acc
+
+        def __getattr__(self, name):
+            return getattr(self.acc, name)
+
+        def reduce(self, t, reduction):
+            return t + torch.tensor([7.0, 1.0], dtype=t.dtype) if t.shape == (2,) else t
+
+    stepped = []
+    optimizer = SimpleNamespace(step=lambda: stepped.append(1), zero_grad=lambda set_to_none: model.zero_grad())
+    res = train_step(OtherRankNaN(build_accelerator(cfg)), model, optimizer, SimpleNamespace(step=lambda: None),
+                     Mixture({n: iter(b) for n, b in batches.items()}, plan(cfg)), 1.0)
+    assert all(torch.isfinite(s[0]) for s in res.losses.values())  # this rank's own losses were fine
+    assert not res.ok and not stepped
