@@ -181,7 +181,7 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
         loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name),
         read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
-                                 give_up=cfg.data.read_give_up))
+                                 give_up=cfg.data.read_give_up, min_speed=cfg.data.read_min_speed))
     loader = SourceLoader(ds)
     loader.missing_shards = missing
     return loader
