@@ -39,16 +39,20 @@ def parse_args(argv: list[str] | None):
                     help="resume although these keys (or sections, e.g. data.text) differ from the "
                          "checkpoint's, or these sources (data.sources.NAME) were added or removed: seed, "
                          "decoder.max_len, tokenizer.path and data.* are otherwise refused")
+    ap.add_argument("--reset-data", default="", metavar="SOURCE,...|all",
+                    help="resume with these sources' data (or all) started over from scratch, with fresh "
+                         "streams for this run's layout, instead of their saved data position")
     ap.add_argument("overrides", nargs="*",
                     help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
 
 def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
-          allow_change: list[str] | tuple = ()) -> dict:
+          allow_change: list[str] | tuple = (), reset_data: list[str] | tuple = ()) -> dict:
     """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
     called after every optimizer step with the (source, shard, offset) of the samples it started (tests).
-    `allow_change`: config keys a resume may change although they change the data (ck.RESUME_KEYS)."""
+    `allow_change`: config keys a resume may change although they change the data (ck.RESUME_KEYS).
+    `reset_data`: sources (or `all`) whose data a resume starts over instead of restoring it."""
     import torch
 
     from kosmos import checkpoint as ck
@@ -69,6 +73,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     # run continues instead of starting over from its initial weights. The checkpoints are checked (files
     # whole, config unchanged) before anything heavy.
     out_dir = Path(cfg.train.output_dir)
+    reset_data = ck.reset_sources(reset_data, cfg)
     notes: list[str] = []
     candidates = ck.pick_checkpoint(ck.resume_candidates(resume, out_dir), cfg, allow_change, notes.append)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and not candidates else None
@@ -83,7 +88,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     path = None
     if candidates:
         path, state = ck.resume(acc, candidates, cfg, model, optimizer, scheduler, mixture, allow_change,
-                                log.info)
+                                log.info, reset_data)
         log.info(f"resumed from {path} at step {state['step']}")
         if mixture.resume_note:
             log.info(mixture.resume_note)
@@ -143,6 +148,14 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     return state
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) of this process as the launcher (accelerate launch, torchrun) set them in the
+    environment, before or without torch.distributed: (0, 1) for a plain `python train_kosmos.py`."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from kosmos.checkpoint import CheckpointError  # after --help
@@ -150,12 +163,20 @@ def main(argv: list[str] | None = None) -> dict:
     from kosmos.training import check_config
 
     allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+    reset = [k.strip() for k in args.reset_data.split(",") if k.strip()]
     try:
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)  # before any heavy work
-        return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow)
+        return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow,
+                     reset_data=reset)
     except (ConfigError, CheckpointError, DataError) as e:  # one clear line naming the key, file or source
-        print(f"error: {e}", file=sys.stderr)
+        rank, world = launched_rank()
+        if world == 1:
+            print(f"error: {e}", file=sys.stderr)
+        elif isinstance(e, DataError):  # met by this rank's workers: its own, perhaps alone
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
+        elif rank == 0:  # the config and the checkpoint are the same on every rank: so is the error
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # a second SIGTERM / Ctrl-C
         print("error: stopped by a second signal, without a checkpoint of the current step; "
