@@ -332,6 +332,40 @@ def test_elastic_resume_on_more_workers_than_streams_splits_them(tmp_path, tiny_
     assert again.dataset.n_streams == 6 and again.resume_note is None and len(consume(again, 2)) == 2
 
 
+def test_split_streams_split_again_and_lose_nothing_of_the_epoch(tmp_path, tiny_tokenizer):
+    """Infinite, shuffled: 1 x 1 -> 2 processes (1 stream split into 2) -> 1 x 3 workers (2 split into 4).
+    Within the epoch every sample a stream has read is consumed once, or waits in its shuffle buffer or as its
+    next document."""
+    shards = interleaved_shards(tmp_path / "d", 1, 40, words=(5, 30))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, infinite=True)
+
+    def loaders(ws, nw):
+        return [SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, rank=r, world_size=ws,
+                                     num_workers=nw, **kw)) for r in range(ws)]
+
+    consumed = Counter()
+    saved = None
+    for (ws, nw), n in (((1, 1), 3), ((2, 1), 2), ((1, 3), 2)):
+        now = loaders(ws, nw)
+        for r, ld in enumerate(now):
+            if saved is not None:
+                ld.load_state_dict(saved[r] if r < len(saved) else saved[0])
+            consumed.update(tuple(p) for b in consume(ld, n) for p in b["sample_positions"])
+        saved = _rank_states(now)
+    final = {s: st for sd in saved for s, st in sd["streams"].items()}
+    assert saved[0]["n_streams"] == len(final) == 4 and max(consumed.values()) == 1
+    assert sorted(tuple(st["part"]) for st in final.values()) == [(0, 1, b, 4) for b in range(4)]
+    waiting, passed = Counter(), Counter()
+    for s, st in final.items():
+        assert st["epoch"] == 0, "the test should stay in the first epoch"
+        passed.update((0, o) for o in range(40) if o <= st["offset"] and o % 4 == st["part"][2])
+        waiting.update(tuple(p) for p in st["buffer"])
+        if st["carry"] and st["carry"][-1] == 0:  # the next row starts it
+            waiting[tuple(st["carry"][:-1])] += 1
+    assert not consumed & waiting
+    assert consumed + waiting == passed
+
+
 SCALE_UP = {  # shards of the source; (world_size, workers) after the checkpoint (before it: 1 x 1)
     "1 shard -> 2 processes": (1, (2, 1)),
     "1 shard -> 3 workers": (1, (1, 3)),
@@ -366,6 +400,8 @@ def test_scaling_up_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_token
     head = positions(consume(first[0], 3))
     saved = _rank_states(first)
     assert any(st["carry"] or st["buffer"] for st in saved[0]["streams"].values())
+    for st in saved[0]["streams"].values():  # as written before streams recorded their part
+        del st["part"]
     tail = Counter()
     for r, ld in enumerate(loaders(ws1, nw1)):
         ld.load_state_dict(saved[0])

@@ -713,7 +713,8 @@ class SourceLoader:
     def load_state_dict(self, sd: dict) -> None:
         """Restore a data position: this rank's own when the layout (world size, workers per rank) is the
         checkpoint's; else the streams dealt over this layout from every rank's entry (`sd["ranks"]`, see
-        rank_data_state), the turns and DataLoader's round robin starting afresh."""
+        rank_data_state), the turns and DataLoader's round robin starting afresh, and split by samples first
+        (split_streams) when they are fewer than this layout's global workers."""
         ds = self.dataset
         own = _upgrade(sd, ds.rank)
         S, G = own["n_streams"], ds.global_workers
