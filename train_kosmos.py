@@ -156,6 +156,18 @@ def launched_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+RANK_0_GRACE_S = 10.0
+"""How long another rank, having met an error that every rank meets, leaves rank 0 to print it and exit (the
+launcher then ends the other ranks) before printing it itself: rank 0 may reach the error later, and a rank
+that exited first would have the launcher end rank 0 before it printed anything."""
+
+
+def wait_for_rank_0() -> None:
+    import time
+
+    time.sleep(RANK_0_GRACE_S)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from kosmos.checkpoint import CheckpointError  # after --help
@@ -177,6 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"error: rank {rank}: {e}", file=sys.stderr)
         elif rank == 0:  # the config and the checkpoint are the same on every rank: so is the error
             print(f"error: {e}", file=sys.stderr)
+        else:  # rank 0 prints it and exits, and the launcher then ends this rank; should it not, say it here
+            wait_for_rank_0()
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # a second SIGTERM / Ctrl-C
         print("error: stopped by a second signal, without a checkpoint of the current step; "

@@ -145,16 +145,26 @@ def test_a_distributed_run_prints_an_error_once(tmp_path, capsys, monkeypatch, e
         raise (ConfigError if error == "config" else DataError)("it went wrong")
 
     monkeypatch.setattr("kosmos.training.check_config", fail)
+
+    def ended_by_the_launcher():  # rank 0 exited 2: torch.distributed.run ends the other ranks (SIGTERM)
+        raise SystemExit(-15)
+
+    monkeypatch.setattr(train_kosmos, "wait_for_rank_0", ended_by_the_launcher)
     monkeypatch.setenv("WORLD_SIZE", "2")
     printed = []
     for rank in ("0", "1"):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as e:
             train_kosmos.main(["--config", TINY])
-        assert e.value.code == 2
+        assert e.value.code == (-15 if error == "config" and rank == "1" else 2)
         printed.append(capsys.readouterr().err)
     if error == "config":
         assert printed == ["error: it went wrong\n", ""]
+        # rank 0 did not end the run within the grace: rank 1 says it
+        monkeypatch.setattr(train_kosmos, "wait_for_rank_0", lambda: None)
+        with pytest.raises(SystemExit) as e:
+            train_kosmos.main(["--config", TINY])
+        assert e.value.code == 2 and capsys.readouterr().err == "error: rank 1: it went wrong\n"
     else:
         assert printed == ["error: rank 0: it went wrong\n", "error: rank 1: it went wrong\n"]
 
