@@ -10,7 +10,8 @@ token of every source and rank weighs the same), clips, and steps 8-bit AdamW on
 schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete one
 with its optimizer, schedule, RNG and data position (a damaged one is named and the one before it taken). A
 resume keeps the settings that change the data order or shapes (seed, max_len, micro_batch_size, shards, ...)
-unless `--allow-config-change KEY,...` names them. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
+unless `--allow-config-change KEY,...` names them; `--reset-data SOURCE,...|all` starts those sources' data
+over instead of restoring it. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another number of
 processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 

@@ -136,8 +136,8 @@ def test_reset_data_names_known_sources_or_all(tmp_path):
 
 @pytest.mark.parametrize("error", ["config", "data"])
 def test_a_distributed_run_prints_an_error_once(tmp_path, capsys, monkeypatch, error):
-    """Under a launcher (RANK, WORLD_SIZE): an error every rank meets (config, checkpoint) is printed by rank 0
-    alone; one a rank's data workers meet is printed by that rank, named; every rank exits 2."""
+    """Under a launcher (RANK, WORLD_SIZE): an error every rank meets (config, checkpoint) is printed by
+    rank 0 alone; one a rank's data workers meet is printed by that rank, named; every rank exits 2."""
     from kosmos.config import ConfigError
     from kosmos.data.stream import DataError
 
@@ -624,7 +624,8 @@ def test_two_processes_resume_on_one_without_replaying_or_skipping_samples(tiny_
 def test_one_process_resumes_on_two_with_a_one_shard_source_and_resets_data(tiny_run, tmp_path):
     """Scaling up: trained on 1 process with a text source of one shard (one logical stream), resumed with
     --resume latest on 2 processes (gloo): the stream is split by samples over the 2 ranks, which then read
-    disjoint samples (dist_check). Then --reset-data text starts the text over on 1 process, with a warning."""
+    disjoint samples (dist_check). Then --reset-data text starts the text over on 1 process, with a
+    warning."""
     from tests.helpers import text_shards
 
     text_shards(tmp_path / "one", 1, 300)
@@ -642,12 +643,14 @@ def test_one_process_resumes_on_two_with_a_one_shard_source_and_resets_data(tiny
     log = (out / "train.log").read_text()
     assert "resumed from" in log and "1 logical streams split by samples into 2" in log, log[-2000:]
     split = [ck.read_json(ck.list_checkpoints(out)[-1] / f"data_rank{r}.json")["text"] for r in range(2)]
-    assert [sd["n_streams"] for sd in split] == [2, 2] and [list(sd["streams"]) for sd in split] == [["0"], ["1"]]
+    assert [sd["n_streams"] for sd in split] == [2, 2]
+    assert [list(sd["streams"]) for sd in split] == [["0"], ["1"]]
 
     cfg = load_config(TINY, [*_overrides(tiny_run, out, 3), *only_text])
     assert train_kosmos.train(cfg, resume="latest", progress=False, reset_data=["text"])["step"] == 3
     log = (out / "train.log").read_text()
-    assert "warning: --reset-data text: the data position of data.text in step_00000002 is not restored" in log
+    assert "warning: --reset-data text: the data position of data.text in step_00000002 is not " \
+           "restored" in log
     final = ck.read_json(ck.list_checkpoints(out)[-1] / "data_rank0.json")["text"]
     assert final["n_streams"] == 1 and final["streams"]["0"]["part"] == [0, 1, 0, 1]  # fresh (else 2 streams)
 

@@ -27,8 +27,8 @@ starts with the unfinished documents of its streams, then takes its streams in t
 stream goes on exactly where it was, so no sample of the epoch is replayed or skipped; only the
 interleaving of the streams into rows, and thus the batches, differ from an uninterrupted run. S is set by
 the first run and kept in the checkpoint, except when a layout has more global workers than S (see "Scaling
-up" below). Micro-batches that workers had prefetched but the trainer had not consumed are not part of the state; they
-are produced again.
+up" below). Micro-batches that workers had prefetched but the trainer had not consumed are not part of the
+state; they are produced again.
 
 Scaling up. In general a stream reads a part (a, A, b, B) of its source: the shards order[a::A], of each the
 samples at offsets b mod B. A stream of a first run reads (s, S, 0, 1) (whole shards) or (0, 1, s, S) (split
@@ -36,9 +36,9 @@ shards); its state records the part ("part"; a state without it has the first ru
 global workers (a 1-shard source, say, saved by 1 process and resumed on 2), every stream s is split into m
 = ceil(G / S): the streams s + S*j, j < m, read (a, A, b + B*j, B*m), which together are exactly s's samples.
 Each child goes on from s's cursor (epoch, shard, offset, caption), takes the samples of s's shuffle buffer
-and s's unfinished document that are its own, and a shuffle RNG drawn from s's (split_streams); S becomes S*m
-for good. So no sample of the epoch is replayed or skipped here either. `--reset-data SOURCE` (train_kosmos.py)
-instead starts a source's data over, with fresh streams for the run's layout.
+and s's unfinished document that are its own, and a shuffle RNG drawn from s's (split_streams); S becomes
+S*m for good. So no sample of the epoch is replayed or skipped here either. `--reset-data SOURCE`
+(train_kosmos.py) instead starts a source's data over, with fresh streams for the run's layout.
 
 Every caption counts. A caption sample with several captions (`KEY.json` `"captions"`, see
 `kosmos.data.format.captions`) is visited as `data.<source>.caption_choice` says:
@@ -586,7 +586,7 @@ def split_streams(states: dict[int, dict], S: int, m: int, n_shards: int) -> dic
     for s, st in states.items():
         a, A, b, B = st.get("part") or default_part(s, S, n_shards)
 
-        def child(offset: int) -> int:
+        def child(offset: int, b: int = b, B: int = B) -> int:  # which child reads the sample at offset
             return (offset % (B * m) - b) // B
 
         parent = random.Random()
