@@ -96,8 +96,8 @@ from kosmos.sequence import SequenceEncoder
 
 
 MAX_STREAMS = 64
-"""Logical streams per source in training, unless there are fewer shards (or more global workers): the most
-global workers (world_size x workers) a checkpoint can be resumed on."""
+"""Logical streams per source in training, unless there are fewer shards (or more global workers). A resume on
+more global workers (world_size x workers) than a checkpoint's streams splits them (module docstring)."""
 
 MAX_FAILED = 20
 """Skipped shards a stream's state names (the newest); all of them are counted in `skipped`."""
