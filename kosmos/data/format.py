@@ -28,12 +28,16 @@ and the tools that check them (`data_tools`); this module imports nothing heavy.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import io
 import json
+import lzma
 import re
 import struct
 import tarfile
+import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,10 +86,15 @@ def image_field(index: int) -> str:
 
 
 def split_member(name: str) -> tuple[str, str] | None:
-    """``(key, field)`` of a member name, the field lowercased; None for a name that is no sample member
-    (no dot in its file name, or a webdataset-internal name starting with ``__``)."""
+    """``(key, field)`` of a member name, the field lowercased; None for a name that is no sample member: no
+    dot in its file name, or webdataset-internal metadata, whose name's first part is ``__NAME__``
+    (``__index__.json``, ``__meta__/x.txt``). Other names starting with ``__`` (``__foo.txt``) are samples,
+    as webdataset reads them."""
     m = _MEMBER.match(name)
-    if m is None or name.startswith("__"):
+    if m is None:
+        return None
+    first = m.group(1).split("/", 1)[0]
+    if len(first) >= 4 and first.startswith("__") and first.endswith("__"):
         return None
     return m.group(1), m.group(2).lower()
 
@@ -114,7 +123,15 @@ class TarSample:
     files: dict[str, bytes | TarSpan] = field(default_factory=dict)
     """Field -> bytes (or `TarSpan` for a field the reader chose not to read)."""
     cut: bool = False
-    """The tar broke while this sample was read: members after the break are missing."""
+    """The tar broke or ended early while this sample was read: members after the break may be missing."""
+    unsupported: list[str] = field(default_factory=list)
+    """Names of members of this sample the reader cannot read (sparse files, multi-volume continuations),
+    each counted as ``unsupported_member``: the sample is not whole."""
+
+    @property
+    def whole(self) -> bool:
+        """Whether the sample has every member the tar gave it: not `cut` and none `unsupported`."""
+        return not self.cut and not self.unsupported
 
 
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
@@ -174,33 +191,111 @@ def _pax(data: bytes) -> dict[str, str]:
 
 
 class _Member:
-    """A regular member of a tar being streamed (`_plain_members`, `_tarfile_members`): read its data with
-    `read()` right away, or leave it (the reader skips it)."""
+    """A regular member of a tar being streamed (`_plain_members`): read its data with `read()` right away,
+    or leave it (the reader skips it). A member with ``unsupported`` set (why, e.g. ``"sparse"``) has data
+    the reader cannot give as the file's bytes: it must be left, and counted."""
 
-    __slots__ = ("name", "size", "offset_data", "_f", "read_done")
+    __slots__ = ("name", "size", "offset_data", "_f", "read_done", "unsupported")
 
-    def __init__(self, f: BinaryIO, name: str, size: int, offset_data: int):
+    def __init__(self, f: BinaryIO, name: str, size: int, offset_data: int, unsupported: str = ""):
         self._f, self.name, self.size, self.offset_data, self.read_done = f, name, size, offset_data, False
+        self.unsupported = unsupported
 
     def read(self) -> bytes:
         self.read_done = True
         return self._f.read(self.size)
 
 
-def _tarfile_members(f: BinaryIO) -> Iterator[_Member]:
-    """The regular members of a compressed tar, through tarfile's streaming mode."""
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
-        for info in tar:
-            tar.members = []  # streaming: do not keep every header in memory
-            if info.isreg():
-                yield _Member(tar.extractfile(info), info.name, info.size, info.offset_data)
+def _decompressor(magic: bytes):
+    if magic.startswith(b"\x1f\x8b"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip: checks the CRC-32 and length at the end
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2Decompressor()  # checks each block's CRC
+    return lzma.LZMADecompressor(lzma.FORMAT_XZ)  # checks each block's check (CRC-64 by default)
+
+
+_CHUNK = 1 << 16
+
+
+def _inflate(f: BinaryIO, limit: int | None = None) -> Iterator[tuple[bytes, bool]]:
+    """The decompressed bytes of a gzip/bzip2/xz file read from ``f`` (one stream or several concatenated,
+    as ``pigz`` or ``cat`` make them), as ``(chunk, stream_checked)``: ``stream_checked`` is true on the
+    chunk that ends a stream whose check (CRC) matched. Stops after ``limit`` bytes when given. Raises
+    EOFError where the file ends inside a stream, and the decompressor's error (zlib.error, OSError,
+    lzma.LZMAError) at corrupt data or a wrong check. Trailing zero padding is ignored, and so is other
+    data after a complete stream that does not start like one (as gzip -d does)."""
+    magic = f.read(6)
+    data, d, given = magic, _decompressor(magic), 0
+    while True:
+        if not data:
+            data = f.read(_CHUNK)
+            if not data:
+                raise EOFError("compressed stream cut short (no end-of-stream marker)")
+        out = d.decompress(data)
+        data = b""
+        if d.eof:
+            data = d.unused_data
+        if limit is not None and given + len(out) >= limit:
+            yield out[:limit - given], False
+            return
+        given += len(out)
+        if d.eof:
+            yield out, True
+            rest = data + f.read(max(0, 6 - len(data)))
+            if not rest.startswith(_COMPRESSED):  # the end (zero padding, or trailing data tar ignores)
+                return
+            data, d = rest, _decompressor(rest)
+        elif out:
+            yield out, False
+
+
+def _checked_length(f: BinaryIO) -> tuple[int, Exception | None]:
+    """How many decompressed bytes of the compressed file ``f`` can be trusted, and the error that ends the
+    rest (None when the whole file is sound). Only data of streams whose check matched is trusted: a
+    decompressor gives data before it reaches the check that would reject it, and a stream cut short or
+    corrupt may have given wrong bytes before the error (a corrupt length field of a stored block reads
+    as a cut). Reads ``f`` from where it is to its end."""
+    total, checked = 0, 0
+    try:
+        for chunk, done in _inflate(f):
+            total += len(chunk)
+            if done:
+                checked = total
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        what = "cut short" if isinstance(e, EOFError) else "corrupt"
+        return checked, EOFError(f"compressed tar {what} after {total} bytes ({e}); the {total - checked} "
+                                 f"bytes after the last checked stream end at {checked} are dropped")
+    return total, None
+
+
+class _Inflated(io.RawIOBase):
+    """The first ``limit`` decompressed bytes of a compressed file, as a forward-only stream."""
+
+    def __init__(self, f: BinaryIO, limit: int):
+        self.chunks, self.buf, self.pos = _inflate(f, limit), b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return 0
+            self.buf = chunk[0]
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        self.pos += n
+        return n
 
 
 def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
     """The regular members of an uncompressed tar read from ``f``, front to back: what tarfile's streaming
     mode gives for the formats tar writers produce (ustar, GNU long names, pax ``path``/``size``), at a
     fraction of its cost per header (most of a loader worker's time went into tarfile's header parsing).
-    Other members (directories, links, ...) are skipped. Ends quietly at a zero block or where the data ends
+    Other members (directories, links, ...) are skipped. GNU sparse files (type ``S``, or pax headers with
+    ``GNU.sparse.*`` records, `tar --sparse` in any format) and multi-volume continuations (``M``) are given
+    with ``unsupported`` set, under the file's real name, and their data skipped. Ends quietly at a zero block or where the data ends
     between members, as tarfile does (the caller checks the end-of-archive blocks). Raises, as for a broken
     tar, where tarfile raises (data cut inside a member, an extended header with no member after it) and
     also at a header with a wrong checksum or a malformed pax record: there tarfile ends quietly or renames
@@ -248,7 +343,20 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
                 raise tarfile.ReadError(f"bad pax size {pax['size']!r}") from None
             pad = -size % _BLOCK
             pos = data_at + size + pad
-        if "path" in pax:
+        unsupported = ""
+        if kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax):
+            unsupported = "sparse"
+            ext = header[482]  # old GNU sparse: more sparse map blocks follow the header
+            while kind == b"S" and ext:
+                block = f.read(_BLOCK)
+                if len(block) != _BLOCK:
+                    raise EOFError(f"tar cut inside a sparse map at byte {pos}")
+                ext, data_at, pos = block[504], data_at + _BLOCK, pos + _BLOCK
+        elif kind == b"M":
+            unsupported = "continued from another volume"
+        if "GNU.sparse.name" in pax:  # pax sparse 0.1/1.0: "path" is ./GNUSparseFile.PID/NAME
+            name = pax["GNU.sparse.name"]
+        elif "path" in pax:
             name = pax["path"]
         elif long_name is not None:
             name = long_name
@@ -258,8 +366,8 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
                 "utf-8", "surrogateescape")
         long_name, pax, extended = None, {}, False
         member = None
-        if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):
-            member = _Member(f, name, size, data_at)
+        if unsupported or (kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))):
+            member = _Member(f, name, size, data_at, unsupported)
             yield member
         if member is not None and member.read_done:
             if len(f.read(pad)) != pad:
@@ -284,10 +392,19 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
     streamed: regular members grouped by key (see the module docstring), other members ignored.
 
     A field seen twice in one sample keeps its first bytes and counts ``duplicate_member`` in ``skipped``.
-    A tar that breaks (bad header, data cut inside a member, corrupt compression) ends early and counts
-    ``broken_shard``; the sample being read then comes out with ``cut`` set. An uncompressed tar that ends
-    quietly at a member boundary without the end-of-archive blocks counts ``truncated_shard``. The
-    exception text of a break is appended to ``errors`` when given.
+    A member the reader cannot read (a GNU sparse file, a multi-volume continuation) counts
+    ``unsupported_member`` and is named in its sample's `TarSample.unsupported`. A tar that breaks (bad
+    header, data cut inside a member, corrupt compression) ends early and counts ``broken_shard``; a tar
+    that ends quietly at a member boundary without the end-of-archive blocks counts ``truncated_shard``.
+    Either way the last sample comes out with ``cut`` set: its members after the break may be missing
+    (`TarSample.whole` is false). The exception text of a break is appended to ``errors`` when given.
+
+    A compressed tar is first read through to its end to check it (gzip's CRC-32, bzip2's block CRCs, xz's
+    checks), then decompressed again for its members: only data of a stream whose check matched is used,
+    so a corrupt or cut compressed tar gives no byte from its damaged stream (for the common single-stream
+    ``.tar.gz``: no sample) and counts ``broken_shard``; a decompressor gives data before the check that
+    rejects it. Decompressing twice costs CPU, never wrong bytes; a stream that cannot seek is first spooled
+    (compressed) to a temporary file.
 
     With ``read``, fields for which it is false are not read but given as `TarSpan` byte ranges (only for
     an uncompressed tar; a compressed one is read whole). With ``want``, the samples whose index is not
@@ -300,21 +417,39 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
     skipped = skipped if skipped is not None else Counter()
     own = isinstance(source, str | Path)
     f: BinaryIO = open(source, "rb") if own else source  # closed below
+    opened = f
     current: TarSample | None = None
     index = -1  # of the current sample
-    tail: _Tail | None = None
+    tail: _Tail | None = None  # counts the bytes of a tar read as a stream, for the end-of-archive check
+    spool = None
+    damaged: Exception | None = None  # what a compressed tar's check found
     try:
-        if getattr(f, "seekable", lambda: False)():
-            start = f.tell()
-            compressed = f.read(6).startswith(_COMPRESSED)
-            f.seek(start)
-        else:  # a stream (a URL, a pipe): read once, front to back
-            tail = _Tail(f)
-            f = io.BufferedReader(tail, 1 << 16)
         try:
-            if tail is not None:  # here: a stream that fails at once is counted like one that fails later
+            seekable = getattr(f, "seekable", lambda: False)()
+            if seekable:
+                start = f.tell()
+                compressed = f.read(6).startswith(_COMPRESSED)
+                f.seek(start)
+            else:  # a stream (a URL, a pipe): read once, front to back
+                # here: a stream that fails at once is counted like one that fails later
+                f = io.BufferedReader(f, _CHUNK) if not hasattr(f, "peek") else f
                 compressed = f.peek(6)[:6].startswith(_COMPRESSED)
-            members = _tarfile_members(f) if compressed else _plain_members(f, seekable=tail is None)
+            body: BinaryIO = f
+            if compressed:
+                if not seekable:
+                    spool = tempfile.SpooledTemporaryFile(64 << 20)
+                    while chunk := f.read(1 << 20):
+                        spool.write(chunk)
+                    f, start = spool, 0
+                    f.seek(0)
+                trusted, damaged = _checked_length(f)
+                f.seek(start)
+                tail = _Tail(_Inflated(f, trusted))
+                body = io.BufferedReader(tail, _CHUNK)
+            elif not seekable:
+                tail = _Tail(f)
+                body = io.BufferedReader(tail, _CHUNK)
+            members = _plain_members(body, seekable=tail is None)
             with contextlib.closing(members):
                 for info in members:
                     parts = split_member(info.name)
@@ -327,6 +462,10 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                     if current is None:
                         current = TarSample(key)
                         index += 1
+                    if info.unsupported:
+                        skipped["unsupported_member"] += 1
+                        current.unsupported.append(f"{info.name} ({info.unsupported})")
+                        continue
                     if name in current.files:
                         skipped["duplicate_member"] += 1
                         continue
@@ -340,22 +479,26 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                     if len(data) != info.size:
                         raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
                     current.files[name] = data
-            # tarfile stops quietly at a cut that falls on a member boundary; a complete archive ends
-            # with zero blocks.
-            if not compressed and tail is not None:
-                while f.read(1 << 16):  # the rest: end-of-archive blocks and padding
+            # The member parser stops quietly at a cut that falls on a member boundary (or inside a
+            # header); a complete archive ends with zero blocks.
+            if tail is not None:
+                while body.read(1 << 16):  # the rest: end-of-archive blocks and padding
                     pass
                 if isinstance(getattr(source, "error", None), ShardError):  # ended early at a member boundary
                     raise source.error
-                if tail.n < 1024 or bytes(tail.last) != bytes(1024):
-                    skipped["truncated_shard"] += 1
-            elif not compressed:
+                if damaged is not None:
+                    raise damaged
+                ended = tail.n >= 1024 and bytes(tail.last) == bytes(1024)
+            else:
                 end = f.seek(0, 2)
-                if end - start < 1024 or (f.seek(end - 1024) is not None and f.read(1024) != bytes(1024)):
-                    skipped["truncated_shard"] += 1
-        except (tarfile.TarError, EOFError, OSError) as e:
+                ended = end - start >= 1024 and f.seek(end - 1024) is not None and f.read(1024) == bytes(1024)
+            if not ended:
+                skipped["truncated_shard"] += 1
+                if current is not None:  # it may have had more members after the cut
+                    current.cut = True
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             failed = getattr(source, "error", None)  # a remote stream's failure: the cause of this break
-            why = failed if isinstance(failed, ShardError) else e
+            why = failed if isinstance(failed, ShardError) else damaged or e
             skipped[why.reason if isinstance(why, ShardError) else "broken_shard"] += 1
             if errors is not None:
                 errors.append(f"{type(why).__name__}: {why}")
@@ -365,7 +508,9 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
             yield current
     finally:
         if own:
-            f.close()
+            opened.close()
+        if spool is not None:
+            spool.close()
 
 
 # ------------------------------------------------------------------------------------ sample parsing
