@@ -293,14 +293,15 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
     """The regular members of an uncompressed tar read from ``f``, front to back: what tarfile's streaming
     mode gives for the formats tar writers produce (ustar, GNU long names, pax ``path``/``size``), at a
     fraction of its cost per header (most of a loader worker's time went into tarfile's header parsing).
-    Other members (directories, links, ...) are skipped. GNU sparse files (type ``S``, or pax headers with
-    ``GNU.sparse.*`` records, `tar --sparse` in any format) and multi-volume continuations (``M``) are given
-    with ``unsupported`` set, under the file's real name, and their data skipped. Ends quietly at a zero block or where the data ends
-    between members, as tarfile does (the caller checks the end-of-archive blocks). Raises, as for a broken
-    tar, where tarfile raises (data cut inside a member, an extended header with no member after it) and
-    also at a header with a wrong checksum or a malformed pax record: there tarfile ends quietly or renames
-    the member, and the rest of the shard was lost uncounted. A seekable ``f`` has the members left unread
-    skipped by seeking."""
+    Compressed tars come here decompressed (`iter_tar`). Other members (directories, links, ...) are
+    skipped. GNU sparse files (type ``S``, or pax headers with ``GNU.sparse.*`` records: `tar --sparse` in
+    any format) and multi-volume continuations (``M``) are given with ``unsupported`` set, under the file's
+    real name, their data unread: their stored bytes are not the file's. Ends quietly at a zero block or
+    where the data ends between members, as tarfile does (the caller checks the end-of-archive blocks).
+    Raises, as for a broken tar, where tarfile raises (data cut inside a member, an extended header with no
+    member after it) and also at a header with a wrong checksum or a malformed pax record: there tarfile
+    ends quietly or renames the member, and the rest of the shard was lost uncounted. A seekable ``f`` has
+    the members left unread skipped by seeking."""
     end = None  # bytes from here to the end of a seekable file
     if seekable:
         start = f.tell()
