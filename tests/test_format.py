@@ -181,11 +181,11 @@ def _gnu_tar() -> str | None:
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix:0.0", "posix:0.1", "posix:1.0"])
-def test_iter_tar_counts_sparse_members(tmp_path, fmt):
+def test_iter_tar_reads_sparse_members(tmp_path, fmt, monkeypatch):
     """`tar --sparse` of a file with holes, in each GNU sparse format: the member was dropped uncounted
-    (GNU), given as 4096 wrong bytes (pax 0.0), or given as a sample ./GNUSparseFile.PID/k holding the
-    sparse map and the data (pax 0.1, 1.0). Now: counted as unsupported_member under the file's real name,
-    its sample not whole (read_shard withholds it), the members after it read right."""
+    (GNU), given as its stored bytes only (pax 0.0), or given as a sample ./GNUSparseFile.PID/k holding the
+    sparse map and the data (pax 0.1, 1.0). Now it is the file, under its name; cut anywhere, no wrong
+    byte and the loss counted; too large (`MAX_SPARSE`), counted as unsupported_member and withheld."""
     tar = _gnu_tar()
     if tar is None:
         pytest.skip("needs GNU tar")
@@ -196,22 +196,37 @@ def test_iter_tar_counts_sparse_members(tmp_path, fmt):
             f.seek(i * 20000)
             f.write(bytes([65 + i]) * 3000)
         f.truncate(200_000)
+    (src / "h.bin").write_bytes(b"")
+    with open(src / "h.bin", "wb") as f:  # all hole
+        f.truncate(50_000)
     (src / "k.txt").write_bytes(b"caption")
     (src / "z.txt").write_bytes(b"last")
     fmt, _, version = fmt.partition(":")
     opts = [f"--sparse-version={version}"] if version else []
     path = tmp_path / "s.tar"
     subprocess.run([tar, f"--format={fmt}", "--sparse", *opts, "-cf", str(path), "-C", str(src), "k.bin",
-                    "k.txt", "z.txt"], check=True)
-    skipped: Counter = Counter()
-    samples = list(iter_tar(path, skipped))
-    assert [(s.key, s.files, s.unsupported, s.whole) for s in samples] == [
-        ("k", {"txt": b"caption"}, ["k.bin (sparse)"], False), ("z", {"txt": b"last"}, [], True)]
+                    "k.txt", "h.bin", "z.txt"], check=True)
+    want = {"k": {"bin": (src / "k.bin").read_bytes(), "txt": b"caption"}, "h": {"bin": bytes(50_000)},
+            "z": {"txt": b"last"}}
+    samples, skipped = _samples(path)
+    assert samples == [(k, files, False) for k, files in want.items()] and not skipped
+    full = path.read_bytes()
+    for cut in [*range(0, len(full), 512), *range(100, len(full), 1000)]:
+        skipped = Counter()
+        got = list(iter_tar(io.BytesIO(full[:cut]), skipped))
+        for s in got:
+            assert all(want[s.key][f] == v for f, v in s.files.items()), cut
+            assert not s.whole or s.files == want[s.key], cut
+        lost = 3 - len([s for s in got if s.whole])
+        assert not lost or set(skipped) & {"broken_shard", "truncated_shard"}, cut
+    monkeypatch.setattr("kosmos.data.format.MAX_SPARSE", 100_000)
+    samples, skipped = _samples(path)
+    assert [(k, files) for k, files, _ in samples] == [("k", {"txt": b"caption"}), *list(want.items())[1:]]
     assert skipped == {"unsupported_member": 1}
     from kosmos.data.shards import read_shard
 
     skipped = Counter()
-    assert [s["__key__"] for _, s in read_shard(str(path), skipped)] == ["z"]
+    assert [s["__key__"] for _, s in read_shard(str(path), skipped)] == ["h", "z"]
     assert skipped == {"unsupported_member": 1, "incomplete_sample": 1}
 
 

@@ -125,8 +125,8 @@ class TarSample:
     cut: bool = False
     """The tar broke or ended early while this sample was read: members after the break may be missing."""
     unsupported: list[str] = field(default_factory=list)
-    """Names of members of this sample the reader cannot read (sparse files, multi-volume continuations),
-    each counted as ``unsupported_member``: the sample is not whole."""
+    """Names of members of this sample the reader cannot read (multi-volume continuations, sparse files
+    larger than `MAX_SPARSE`), each counted as ``unsupported_member``: the sample is not whole."""
 
     @property
     def whole(self) -> bool:
@@ -173,6 +173,9 @@ def _octal(field: bytes, what: str) -> int:
         raise tarfile.ReadError(f"bad {what} field {field!r}") from None
 
 
+_REPEATED = ("GNU.sparse.offset", "GNU.sparse.numbytes")
+
+
 def _pax(data: bytes) -> dict[str, str]:
     """A pax extended header's records (``LEN KEY=VALUE\\n`` ...)."""
     out, i = {}, 0
@@ -183,7 +186,10 @@ def _pax(data: bytes) -> dict[str, str]:
             if n <= sp - i or i + n > len(data) or data[i + n - 1] != 0x0A:  # each record ends with "\n"
                 raise ValueError
             key, _, value = data[sp + 1:i + n - 1].partition(b"=")
-            out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+            k, v = key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+            if k in _REPEATED and k in out:  # GNU sparse 0.0: one record per run, kept as a list "a,b,..."
+                v = out[k] + "," + v
+            out[k] = v
             i += n
     except ValueError:
         raise tarfile.ReadError("bad pax extended header") from None
@@ -195,15 +201,109 @@ class _Member:
     or leave it (the reader skips it). A member with ``unsupported`` set (why, e.g. ``"sparse"``) has data
     the reader cannot give as the file's bytes: it must be left, and counted."""
 
-    __slots__ = ("name", "size", "offset_data", "_f", "read_done", "unsupported")
+    __slots__ = ("name", "size", "offset_data", "_f", "read_done", "unsupported", "data")
 
-    def __init__(self, f: BinaryIO, name: str, size: int, offset_data: int, unsupported: str = ""):
+    def __init__(self, f: BinaryIO, name: str, size: int, offset_data: int, unsupported: str = "",
+                 data: bytes | None = None):
         self._f, self.name, self.size, self.offset_data, self.read_done = f, name, size, offset_data, False
         self.unsupported = unsupported
+        self.data = data
+        """The content already read (a sparse file, rebuilt): no byte range of the tar holds it."""
 
     def read(self) -> bytes:
         self.read_done = True
-        return self._f.read(self.size)
+        return self._f.read(self.size) if self.data is None else self.data
+
+
+MAX_SPARSE = 1 << 28
+"""The largest sparse file rebuilt in memory (its size is what the header says, not what the tar holds);
+a larger one counts as ``unsupported_member``."""
+
+
+def _numbers(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()] if text.strip() else []
+    except ValueError:
+        raise tarfile.ReadError(f"bad sparse {what} {text[:40]!r}") from None
+    if any(x < 0 for x in out):
+        raise tarfile.ReadError(f"bad sparse {what} {text[:40]!r}")
+    return out
+
+
+def _sparse(f: BinaryIO, header: bytes, kind: bytes, pax: dict[str, str],
+            size: int) -> tuple[bytes | None, int]:
+    """A GNU sparse file's content and how many bytes of sparse map blocks came before its ``size`` bytes of
+    data, read from ``f`` just after its header: GNU/oldgnu type ``S`` (map in the header and extension
+    blocks), pax 0.0 (``GNU.sparse.offset``/``numbytes`` records), 0.1 (``GNU.sparse.map``) and 1.0 (map
+    at the start of the data). For each of the map's (offset, length) runs the data holds the bytes, in
+    order; the rest of the file is zeros. After it, ``f`` is at the data's padding. The content is None,
+    with ``f`` at the data, for a variant not known or a file larger than `MAX_SPARSE`: the caller skips it
+    as unsupported. Raises for a map that does not fit the data (a broken tar)."""
+    extra, runs_read = 0, 0
+    if kind == b"S":
+        entries = [header[386 + 24 * i:410 + 24 * i] for i in range(4)]
+        real = _octal(header[483:495], "sparse size")
+        ext = header[482]
+        while ext:  # more map entries in extension blocks after the header
+            block = f.read(_BLOCK)
+            if len(block) != _BLOCK:
+                raise EOFError("tar cut inside a sparse map")
+            entries += [block[24 * i:24 * i + 24] for i in range(21)]
+            ext, extra = block[504], extra + _BLOCK
+        flat = [_octal(e[k:k + 12], "sparse map") for e in entries if e[0] for k in (0, 12)]
+    elif pax.get("GNU.sparse.major") == "1" and pax.get("GNU.sparse.minor") == "0":
+        real = _numbers(pax.get("GNU.sparse.realsize", ""), "size")
+        if len(real) != 1 or real[0] > MAX_SPARSE:
+            return None, 0
+        text = b""
+        while True:  # "N\n" then N "offset\nlength\n" pairs, padded to whole blocks
+            block = f.read(_BLOCK)
+            if len(block) != _BLOCK or runs_read + _BLOCK > size:
+                raise EOFError("tar cut inside a sparse map")
+            text, runs_read = text + block, runs_read + _BLOCK
+            lines = text.split(b"\n")
+            if lines[0] and len(lines) - 1 >= 1 + 2 * int(lines[0]):
+                break
+        try:
+            n = int(lines[0])
+            flat = [int(x) for x in lines[1:1 + 2 * n]]
+        except ValueError:
+            raise tarfile.ReadError("bad sparse map") from None
+        real = real[0]
+    elif "GNU.sparse.map" in pax or "GNU.sparse.numblocks" in pax:
+        real = _numbers(pax.get("GNU.sparse.size", ""), "size")
+        if len(real) != 1:
+            return None, 0
+        real = real[0]
+        if "GNU.sparse.map" in pax:
+            flat = _numbers(pax["GNU.sparse.map"], "map")
+        else:
+            offsets = _numbers(pax.get("GNU.sparse.offset", ""), "map")
+            lengths = _numbers(pax.get("GNU.sparse.numbytes", ""), "map")
+            if len(offsets) != len(lengths):
+                raise tarfile.ReadError("bad sparse map")
+            flat = [x for pair in zip(offsets, lengths, strict=True) for x in pair]
+    else:
+        return None, 0
+    if real > MAX_SPARSE:  # (pax 1.0 was checked before its map was read)
+        return None, extra
+    if len(flat) % 2:
+        raise tarfile.ReadError("bad sparse map")
+    runs = list(zip(flat[::2], flat[1::2], strict=True))
+    end = 0
+    for offset, length in runs:
+        if offset < end or offset + length > real:
+            raise tarfile.ReadError("bad sparse map")
+        end = offset + length
+    if (mapped := sum(length for _, length in runs)) != size - runs_read:
+        raise tarfile.ReadError(f"sparse map of {mapped} bytes for {size - runs_read} bytes of data")
+    out = bytearray(real)
+    for offset, length in runs:
+        chunk = f.read(length)
+        if len(chunk) != length:
+            raise EOFError("tar cut inside a sparse file")
+        out[offset:offset + length] = chunk
+    return bytes(out), extra
 
 
 def _decompressor(magic: bytes):
@@ -295,8 +395,10 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
     fraction of its cost per header (most of a loader worker's time went into tarfile's header parsing).
     Compressed tars come here decompressed (`iter_tar`). Other members (directories, links, ...) are
     skipped. GNU sparse files (type ``S``, or pax headers with ``GNU.sparse.*`` records: `tar --sparse` in
-    any format) and multi-volume continuations (``M``) are given with ``unsupported`` set, under the file's
-    real name, their data unread: their stored bytes are not the file's. Ends quietly at a zero block or
+    any format) are given rebuilt (`_sparse`), under the file's real name (pax 0.1/1.0 store them as
+    ``./GNUSparseFile.PID/NAME``); multi-volume continuations (``M``), a sparse file larger than
+    `MAX_SPARSE` or of an unknown variant are given with ``unsupported`` set and their data unread: their
+    stored bytes are not the file's. Ends quietly at a zero block or
     where the data ends between members, as tarfile does (the caller checks the end-of-archive blocks).
     Raises, as for a broken tar, where tarfile raises (data cut inside a member, an extended header with no
     member after it) and also at a header with a wrong checksum or a malformed pax record: there tarfile
@@ -345,14 +447,12 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
             pad = -size % _BLOCK
             pos = data_at + size + pad
         unsupported = ""
+        sparse: bytes | None = None  # a sparse file's content, rebuilt from its data runs
         if kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax):
-            unsupported = "sparse"
-            ext = header[482]  # old GNU sparse: more sparse map blocks follow the header
-            while kind == b"S" and ext:
-                block = f.read(_BLOCK)
-                if len(block) != _BLOCK:
-                    raise EOFError(f"tar cut inside a sparse map at byte {pos}")
-                ext, data_at, pos = block[504], data_at + _BLOCK, pos + _BLOCK
+            sparse, extra = _sparse(f, header, kind, pax, size)
+            data_at, pos = data_at + extra, pos + extra
+            if sparse is None:
+                unsupported = "sparse"
         elif kind == b"M":
             unsupported = "continued from another volume"
         if "GNU.sparse.name" in pax:  # pax sparse 0.1/1.0: "path" is ./GNUSparseFile.PID/NAME
@@ -367,6 +467,11 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
                 "utf-8", "surrogateescape")
         long_name, pax, extended = None, {}, False
         member = None
+        if sparse is not None:  # its data runs are read: what is left is the padding
+            yield _Member(f, name, len(sparse), data_at, data=sparse)
+            if len(f.read(pad)) != pad:
+                raise EOFError(f"tar cut inside the padding of {name}")
+            continue
         if unsupported or (kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))):
             member = _Member(f, name, size, data_at, unsupported)
             yield member
@@ -393,12 +498,13 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
     streamed: regular members grouped by key (see the module docstring), other members ignored.
 
     A field seen twice in one sample keeps its first bytes and counts ``duplicate_member`` in ``skipped``.
-    A member the reader cannot read (a GNU sparse file, a multi-volume continuation) counts
-    ``unsupported_member`` and is named in its sample's `TarSample.unsupported`. A tar that breaks (bad
-    header, data cut inside a member, corrupt compression) ends early and counts ``broken_shard``; a tar
-    that ends quietly at a member boundary without the end-of-archive blocks counts ``truncated_shard``.
-    Either way the last sample comes out with ``cut`` set: its members after the break may be missing
-    (`TarSample.whole` is false). The exception text of a break is appended to ``errors`` when given.
+    A GNU sparse file (`tar --sparse`) is given whole, its holes as zeros. A member the reader cannot read
+    (a multi-volume continuation, a sparse file larger than `MAX_SPARSE`) counts ``unsupported_member`` and
+    is named in its sample's `TarSample.unsupported`. A tar that breaks (bad header, data cut inside a
+    member, corrupt compression) ends early and counts ``broken_shard``; a tar that ends quietly at a
+    member boundary without the end-of-archive blocks counts ``truncated_shard``. Either way the last
+    sample comes out with ``cut`` set: its members after the break may be missing (`TarSample.whole` is
+    false). The exception text of a break is appended to ``errors`` when given.
 
     A compressed tar is first read through to its end to check it (gzip's CRC-32, bzip2's block CRCs, xz's
     checks), then decompressed again for its members: only data of a stream whose check matched is used,
@@ -409,7 +515,8 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
 
     With ``read``, fields for which it is false are not read but given as `TarSpan` byte ranges (only for
     an uncompressed tar; a compressed one is read whole). With ``want``, the samples whose index is not
-    wanted have no field read (all `TarSpan`s): a resumed reader skips what it already had cheaply.
+    wanted have no field read (all `TarSpan`s): a resumed reader skips what it already had cheaply. A
+    sparse file is always given as bytes (no byte range of the tar holds it).
 
     A stream that cannot seek (a URL or pipe from `kosmos.data.remote`) is read once, front to back, and
     checked for the end-of-archive blocks at its end. A shard whose read fails for good (`ShardError`, after
@@ -470,10 +577,10 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                     if name in current.files:
                         skipped["duplicate_member"] += 1
                         continue
-                    if want is not None and not want(index):
+                    if want is not None and not want(index) and info.data is None:
                         current.files[name] = TarSpan(info.offset_data, info.size)
                         continue
-                    if read is not None and not compressed and not read(name):
+                    if read is not None and not compressed and not read(name) and info.data is None:
                         current.files[name] = TarSpan(info.offset_data, info.size)
                         continue
                     data = info.read()
