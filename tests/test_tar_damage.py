@@ -194,3 +194,15 @@ def test_a_compressed_tar_with_a_wrong_check_gives_no_sample_of_the_damaged_stre
     assert lost == len(samples) and skipped == {"broken_shard": 1}
     cut = check_damaged(good[:-3], samples)  # cut inside the trailer: all the tar's bytes, unchecked
     assert cut == (len(samples), Counter(broken_shard=1))
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_a_member_that_inflates_hugely_comes_in_pieces_and_whole(compress):
+    """A few kB of compressed input that inflate to megabytes (zeros) are decompressed in pieces of at most
+    `kosmos.data.format._OUT` bytes (a bomb is not inflated in one call), and the bytes come out right."""
+    samples = {"a": {"bin": bytes(3 << 20) + random.Random(3).randbytes(5000), "txt": b"x"}, "b": {"txt": b"y"}}
+    data = compress(_tar(samples, tarfile.PAX_FORMAT))
+    assert len(data) < 100_000
+    for stream in (False, True):
+        assert check_damaged(data, samples, stream) == (0, Counter())
+    assert check_damaged(data[:-20], samples)[1] == {"broken_shard": 1}

@@ -315,26 +315,32 @@ def _decompressor(magic: bytes):
 
 
 _CHUNK = 1 << 16
+_ZLIB = type(zlib.decompressobj())
+
+
+_OUT = 1 << 20
+"""The most bytes one decompressor call gives: a small input that inflates hugely (a bomb) comes in pieces."""
 
 
 def _inflate(f: BinaryIO, limit: int | None = None) -> Iterator[tuple[bytes, bool]]:
     """The decompressed bytes of a gzip/bzip2/xz file read from ``f`` (one stream or several concatenated,
-    as ``pigz`` or ``cat`` make them), as ``(chunk, stream_checked)``: ``stream_checked`` is true on the
+    as ``cat a.gz b.gz`` makes them), as ``(chunk, stream_checked)``: ``stream_checked`` is true on the
     chunk that ends a stream whose check (CRC) matched. Stops after ``limit`` bytes when given. Raises
     EOFError where the file ends inside a stream, and the decompressor's error (zlib.error, OSError,
     lzma.LZMAError) at corrupt data or a wrong check. Trailing zero padding is ignored, and so is other
     data after a complete stream that does not start like one (as gzip -d does)."""
     magic = f.read(6)
     data, d, given = magic, _decompressor(magic), 0
+    pending = False  # the decompressor holds output for input it already has
     while True:
-        if not data:
+        if not data and not pending:
             data = f.read(_CHUNK)
             if not data:
                 raise EOFError("compressed stream cut short (no end-of-stream marker)")
-        out = d.decompress(data)
-        data = b""
-        if d.eof:
-            data = d.unused_data
+        out = d.decompress(data, _OUT)
+        # zlib hands back the input it did not use; bz2 and lzma keep it and say whether they need more
+        data = d.unused_data if d.eof else getattr(d, "unconsumed_tail", b"")
+        pending = len(out) == _OUT if isinstance(d, _ZLIB) else not d.needs_input
         if limit is not None and given + len(out) >= limit:
             yield out[:limit - given], False
             return
@@ -344,7 +350,7 @@ def _inflate(f: BinaryIO, limit: int | None = None) -> Iterator[tuple[bytes, boo
             rest = data + f.read(max(0, 6 - len(data)))
             if not rest.startswith(_COMPRESSED):  # the end (zero padding, or trailing data tar ignores)
                 return
-            data, d = rest, _decompressor(rest)
+            data, d, pending = rest, _decompressor(rest), False
         elif out:
             yield out, False
 
