@@ -203,6 +203,10 @@ def test_a_member_that_inflates_hugely_comes_in_pieces_and_whole(compress):
     samples = {"a": {"bin": bytes(3 << 20) + random.Random(3).randbytes(5000), "txt": b"x"}, "b": {"txt": b"y"}}
     data = compress(_tar(samples, tarfile.PAX_FORMAT))
     assert len(data) < 100_000
+    from kosmos.data.format import _OUT, _inflate
+
+    sizes = [len(chunk) for chunk, _ in _inflate(io.BytesIO(data))]
+    assert max(sizes) <= _OUT < sum(sizes)
     for stream in (False, True):
         assert check_damaged(data, samples, stream) == (0, Counter())
     assert check_damaged(data[:-20], samples)[1] == {"broken_shard": 1}
