@@ -215,9 +215,9 @@ class _Member:
         return self._f.read(self.size) if self.data is None else self.data
 
 
-MAX_SPARSE = 1 << 28
-"""The largest sparse file rebuilt in memory (its size is what the header says, not what the tar holds);
-a larger one counts as ``unsupported_member``."""
+MAX_SPARSE = 1 << 26
+"""The largest sparse file rebuilt in memory, 64 MiB (its size is what the header says, not what the tar
+holds: a few kB could claim terabytes); a larger one counts as ``unsupported_member``."""
 
 
 def _numbers(text: str, what: str) -> list[int]:
