@@ -498,7 +498,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     # every rank's data position: with another layout the logical streams are dealt anew (kosmos.data.stream)
     data = [_read(read_json, path / f"data_rank{r}.json") for r in range(world)]
     data = [{k: v for k, v in d.items() if k not in reset_data} for d in data]
-    sources = {n: (loader.dataset.kind, len(loader.dataset.shards))
+    sources = {n: (loader.dataset.kind, loader.dataset.shards)
                for n, loader in getattr(mixture, "loaders", {}).items() if n not in reset_data}
     notes: list[str] = []
     for r, d in enumerate(data):  # against this run's sources: their kind, their shards

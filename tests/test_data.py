@@ -1,5 +1,6 @@
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,6 +254,46 @@ def test_elastic_resume_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_t
         tail += positions(consume(ld))
     assert not head & tail, "a sample consumed before the checkpoint was consumed again"
     assert head + tail == full
+
+
+@pytest.mark.parametrize("streams", [3, 7])  # fewer streams than shards (whole shards), more (split shards)
+@pytest.mark.parametrize("change", ["added first", "removed", "added and removed"])
+def test_a_resume_over_a_changed_shard_folder_keeps_what_matches(tmp_path, tiny_tokenizer, streams, change):
+    """Shards added (sorting first: every index moves) or removed between the checkpoint and the resume: the
+    positions follow the shards by name, the pass under way goes on over the shards that remain, nothing
+    consumed is consumed again, every sample of a remaining shard is consumed once, and no sample of a
+    removed or added shard is read in that pass. Before: silently wrong samples (added), or an IndexError
+    (removed)."""
+    import shutil
+
+    shards = interleaved_shards(tmp_path / "d", 5, 7, words=(5, 30))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, streams=streams)
+
+    def by_name(batches, shard_list):
+        return Counter((Path(shard_list[p[0]]).name, *p[1:]) for b in batches for p in b["sample_positions"])
+
+    full = by_name(consume(SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))), shards)
+    first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))
+    head = by_name(consume(first, 4), shards)
+    saved = _rank_states([first])[0]
+    removed = set()
+    if "added" in change:
+        for i, extra in enumerate(interleaved_shards(tmp_path / "x", 2, 3, seed=9)):
+            shutil.copy(extra, tmp_path / "d" / f"0extra-{i}.tar")  # sorts before doc-*.tar
+    if "removed" in change:
+        victim = max((n for n, *_ in saved["streams"]["0"]["buffer"]), default=None)
+        name = Path(shards[victim if victim is not None else 4]).name
+        (tmp_path / "d" / name).unlink()
+        removed.add(name)
+    now = sorted(str(x) for x in (tmp_path / "d").glob("*.tar"))
+    second = SourceLoader(make_ds("interleaved", now, tiny_tokenizer, **kw))
+    second.load_state_dict(saved)
+    assert "the shard list changed since the checkpoint" in second.resume_note
+    tail = by_name(consume(second), now)
+    assert not head & tail, "a sample consumed before the checkpoint was consumed again"
+    assert not (head + tail) - full, "a sample of an added shard was read in the pass under way"
+    assert {k[0] for k in full - (head + tail)} <= removed  # only samples of the removed shard are missing
+    assert all(k[0] not in removed for k in tail)
 
 
 @pytest.mark.parametrize("streams", [0, 6])  # as many streams as shards (whole shards), more (split shards)

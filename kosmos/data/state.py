@@ -15,6 +15,14 @@ MIXTURE_KEY = "_mixture"
 """The data state's entry for the mixture itself (kosmos.data.mixture.Mixture.STATE_KEY)."""
 
 
+def shard_digest(shards: list[str]) -> str:
+    """A short digest of a source's shard list (the sorted names it reads), saved with its data position so
+    that a resume over a changed folder is noticed."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(map(str, shards)).encode()).hexdigest()[:16]
+
+
 class DataStateError(ValueError):
     """A saved data position that does not have the shape it must have: the message names the file and the
     field."""
@@ -68,18 +76,29 @@ def check_stream(st: Any, where: str, n_shards: int | None = None) -> None:
         raise bad("failed", "expected an object of shard: reason")
     if "wait" in st and not (isinstance(st["wait"], dict) and all(_int(v, 0) for v in st["wait"].values())):
         raise bad("wait", "expected an object of stream: epoch")
+    if "order" in st and not (isinstance(st["order"], dict) and _int(st["order"].get("epoch"), 0)
+                              and isinstance(st["order"].get("shards"), list)
+                              and all(_int(i, 0) for i in st["order"]["shards"])):
+        raise bad("order", "expected {epoch, shards: [shard indices]}")
     if "part" in st:
         p = st["part"]
         if not (_ints(p, (4,)) and p[0] < p[1] and p[2] < p[3]):
             raise bad("part", f"expected [a, A, b, B] with a < A and b < B, got {p!r}")
 
 
-def check_source(sd: Any, where: str, kind: str | None = None, n_shards: int | None = None) -> None:
-    """One source's saved state (SourceLoader.state_dict); `kind` and `n_shards`: this run's, when known."""
+def check_source(sd: Any, where: str, kind: str | None = None, shards: list[str] | None = None) -> None:
+    """One source's saved state (SourceLoader.state_dict); `kind` and `shards`: this run's, when known. The
+    saved positions index the shard list the state was saved with: its own (`shards`, rank 0's file), or
+    this run's when the digest says it is the same."""
     if not isinstance(sd, dict):
         raise DataStateError(f"{where}: expected an object, got {type(sd).__name__}")
     if not isinstance(sd.get("kind"), str):
         raise DataStateError(f"{where}.kind: missing or not a string")
+    if "shards" in sd and not (isinstance(sd["shards"], list) and all(isinstance(x, str) for x in sd["shards"])):
+        raise DataStateError(f"{where}.shards: expected a list of shard names")
+    n_shards = len(sd["shards"]) if "shards" in sd else None
+    if n_shards is None and shards is not None and sd.get("shards_digest") in (None, shard_digest(shards)):
+        n_shards = len(shards)
     if kind is not None and sd["kind"] != kind:
         raise DataStateError(f"{where}.kind: saved for a {sd['kind']} source, this run's is {kind}: the position "
                              "cannot be used (start its data over with --reset-data)")
@@ -105,8 +124,8 @@ def check_source(sd: Any, where: str, kind: str | None = None, n_shards: int | N
         check_stream(st, f"{where}.streams.{s}", n_shards)
 
 
-def check_data_state(sd: Any, where: str, sources: dict[str, tuple[str, int | None]] | None = None) -> list[str]:
-    """A rank's whole data state. `sources`: this run's sources, name -> (kind, number of shards or None). Raises
+def check_data_state(sd: Any, where: str, sources: dict[str, tuple[str, list[str]]] | None = None) -> list[str]:
+    """A rank's whole data state. `sources`: this run's sources, name -> (kind, shard list). Raises
     DataStateError; returns warnings for what may legitimately be absent (a source this run has that the file
     does not: its data starts at the beginning)."""
     if not isinstance(sd, dict):
@@ -119,8 +138,8 @@ def check_data_state(sd: Any, where: str, sources: dict[str, tuple[str, int | No
             if not _counts(v.get("micro_batches", {})):
                 raise DataStateError(f"{where}.{MIXTURE_KEY}.micro_batches: expected an object of source: count")
             continue
-        kind, n_shards = (sources or {}).get(name, (None, None))
-        check_source(v, f"{where}.{name}", kind, n_shards)
+        kind, shards = (sources or {}).get(name, (None, None))
+        check_source(v, f"{where}.{name}", kind, shards)
     return [f"{where}: no data position for source {name}: its data starts at the beginning"
             for name in (sources or {}) if name not in sd]
 

@@ -92,6 +92,7 @@ from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.remote import DEFAULT as DEFAULT_READ
 from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import read_positions, read_shard
+from kosmos.data.state import shard_digest
 from kosmos.sequence import SequenceEncoder
 
 
@@ -195,6 +196,10 @@ class LogicalStream:
         """(a, A, b, B): this stream reads the shards order[a::A], of each the samples at offsets b mod B
         (module docstring, "Scaling up")."""
         self.split_samples = self.part[3] > 1
+        pinned = (state or {}).get("order")
+        self.pinned: tuple[int, list[int]] | None = (pinned["epoch"], list(pinned["shards"])) if pinned else None
+        """(epoch, shards): the shards this stream reads in that epoch, fixed when the shard list changed since
+        the checkpoint (remap_streams): the rest of the pass that was under way, over the shards that remain."""
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{s}")
         self.skipped: Counter = Counter()
         self.truncated = 0  # samples cut to max_tokens
@@ -209,6 +214,8 @@ class LogicalStream:
     # ------------------------------------------------------------------ order and reading
 
     def _order(self, epoch: int) -> list[int]:
+        if self.pinned is not None and self.pinned[0] == epoch:
+            return list(self.pinned[1])
         order = list(range(len(self.shards)))
         if self.infinite:
             random.Random(f"kosmos-shards-{self.seed}-{epoch}").shuffle(order)
@@ -344,6 +351,8 @@ class LogicalStream:
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
             "failed": dict(self.failed), "wait": {str(s): e for s, e in self.wait.items()},
             "part": list(self.part),
+            **({"order": {"epoch": self.pinned[0], "shards": self.pinned[1]}}
+               if self.pinned is not None and self.pinned[0] == self.epoch else {}),
         }
 
     def _restore(self, st: dict) -> None:
@@ -576,6 +585,53 @@ def default_part(s: int, S: int, n_shards: int) -> tuple[int, int, int, int]:
     return (s, S, 0, 1) if n_shards >= S else (0, 1, s, S)
 
 
+def remap_streams(states: dict[int, dict], S: int, old: list[str], new: list[str], seed: int,
+                  infinite: bool = True) -> tuple[dict[int, dict], str]:
+    """The states of S streams saved over the shard list `old`, for the list `new` (shards added, removed or
+    renamed since the checkpoint): every position names a shard by its index in the sorted list, so each is
+    moved to the same shard's new index. The pass under way goes on over the shards of it that remain, in
+    its order (pinned as the stream's `order` for that epoch), from the same sample when its shard remains;
+    shuffle-buffer samples and unfinished documents of removed shards are dropped; added shards are read
+    from the next pass on. Returns the states and a note of what changed and what was dropped."""
+    index = {name: i for i, name in enumerate(new)}
+    moved = [index.get(name) for name in old]
+    dropped = {"buffered samples": 0, "unfinished documents": 0, "shards of the current pass": 0}
+    out: dict[int, dict] = {}
+    for s, st in states.items():
+        a, A, b, B = st.get("part") or default_part(s, S, len(old))
+        if st.get("order") and st["order"]["epoch"] == st["epoch"]:
+            order = list(st["order"]["shards"])
+        else:
+            order = list(range(len(old)))
+            if infinite:
+                random.Random(f"kosmos-shards-{seed}-{st['epoch']}").shuffle(order)
+            order = order[a::A]
+        rest = order[st["k"]:]
+        kept = [moved[i] for i in rest if moved[i] is not None]
+        dropped["shards of the current pass"] += len(rest) - len(kept)
+        current_gone = bool(rest) and moved[rest[0]] is None
+        buffer = [[moved[p[0]], *p[1:]] for p in st["buffer"] if moved[p[0]] is not None]
+        dropped["buffered samples"] += len(st["buffer"]) - len(buffer)
+        carry = st["carry"]
+        if carry is not None and moved[carry[0]] is None:
+            carry = None
+            dropped["unfinished documents"] += 1
+        elif carry is not None:
+            carry = [moved[carry[0]], *carry[1:]]
+        out[s] = {**st, "part": [a, A, b, B], "k": 0, "buffer": buffer, "carry": carry,
+                  "order": {"epoch": st["epoch"], "shards": kept},
+                  **({"offset": -1, "sub": 0} if current_gone else {})}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    lost = ", ".join(f"{n} {what}" for what, n in dropped.items() if n)
+    note = (f"the shard list changed since the checkpoint: {len(added)} added, {len(removed)} removed"
+            f"{' (' + ', '.join((removed or added)[:2]) + ', ...)' if added or removed else ''}; positions moved "
+            f"to the shards' new places, the current pass goes on over the shards that remain"
+            f"{', added ones are read from the next pass' if added else ''}"
+            f"{'; dropped with the removed shards: ' + lost if lost else ''}")
+    return out, note
+
+
 def split_streams(states: dict[int, dict], S: int, m: int, n_shards: int) -> dict[int, dict]:
     """The states of S streams split into S * m (module docstring, "Scaling up"): stream s, reading part
     (a, A, b, B), becomes the streams s + S*j (j < m) reading (a, A, b + B*j, B*m), each going on from s's
@@ -709,11 +765,30 @@ class SourceLoader:
         return [int(self.states[s]["epoch"]) if s in self.states else 0 for s in range(self.dataset.n_streams)]
 
     def state_dict(self) -> dict:
+        """The position of what was consumed; with the digest of the shard list (and on rank 0 the list
+        itself), so that a resume over a changed shard folder is noticed and remapped (remap_streams)."""
         ds = self.dataset
         return {"kind": ds.kind, "world_size": ds.world_size, "num_workers": self.num_workers,
                 "n_streams": ds.n_streams, "next_worker": self.next_worker,
                 "turns": {str(w): s for w, s in self.turns.items()},
-                "streams": {str(s): st for s, st in self.states.items()}}
+                "streams": {str(s): st for s, st in self.states.items()},
+                "shards_digest": shard_digest(ds.shards), **({"shards": list(ds.shards)} if ds.rank == 0 else {})}
+
+    def _remapped(self, states: dict[int, dict], sd: dict, S: int) -> dict[int, dict]:
+        """`states` for this run's shard list, when it is not the one they were saved with (remap_streams);
+        refused, naming --reset-data, when the checkpoint holds the digest but not the list."""
+        ds = self.dataset
+        saved = sd.get("shards_digest")
+        if saved is None or saved == shard_digest(ds.shards):  # the same list (or a checkpoint before digests)
+            return states
+        old = sd.get("shards") or next((d.get("shards") for d in sd.get("ranks") or [] if d.get("shards")), None)
+        if old is None:
+            raise ConfigError(f"{ds.name}: the shard list changed since the checkpoint, which does not hold the "
+                              f"list it was saved with (rank 0's data position); start this source's data over "
+                              f"with --reset-data {ds.name}")
+        states, note = remap_streams(states, S, old, ds.shards, ds.seed, ds.infinite)
+        self.resume_note = f"{ds.name}: {note}"
+        return states
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a data position: this rank's own when the layout (world size, workers per rank) is the
@@ -721,6 +796,7 @@ class SourceLoader:
         rank_data_state), the turns and DataLoader's round robin starting afresh, and split by samples first
         (split_streams) when they are fewer than this layout's global workers."""
         ds = self.dataset
+        self.resume_note = None
         own = _upgrade(sd, ds.rank)
         S, G = own["n_streams"], ds.global_workers
         layout = f"world_size={own['world_size']} and {own['num_workers']} workers per rank"
@@ -729,7 +805,7 @@ class SourceLoader:
                 raise ConfigError(
                     f"{ds.name}: the data position has {S} logical streams, fewer than this run's {G} "
                     f"global workers; start this source's data over with --reset-data {ds.name}")
-            states = {int(s): st for s, st in own["streams"].items()}
+            states = self._remapped({int(s): st for s, st in own["streams"].items()}, sd, S)
             self.turns = {int(w): s for w, s in own["turns"].items()}
             self.next_worker = own["next_worker"]
         else:
@@ -739,6 +815,7 @@ class SourceLoader:
                                   "needs the data positions of every rank (data_rank*.json), or start this "
                                   f"source's data over with --reset-data {ds.name}")
             states = {int(k): v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
+            states = self._remapped(states, sd, S)
             self.turns, self.next_worker = {}, 0
             how = f"its {S} logical streams dealt over the new workers"
             if S < G:  # more global workers than streams: split each stream by samples
@@ -746,7 +823,8 @@ class SourceLoader:
                 states = split_streams(states, S, m, len(ds.shards))
                 how = f"its {S} logical streams split by samples into {S * m}, dealt over the new workers"
                 S *= m
-            self.resume_note = (f"{ds.name}: data position saved with {layout}, resumed with "
+            self.resume_note = ((self.resume_note + "\n") if self.resume_note else "") + (
+                                f"{ds.name}: data position saved with {layout}, resumed with "
                                 f"world_size={ds.world_size} and {self.num_workers}: {how} (elastic resume)")
         ds.n_streams = S
         mine = set(s for w in range(max(1, self.num_workers)) for s in ds.streams_of(w))
