@@ -65,15 +65,16 @@ that runs other threads (tqdm's monitor, the queue feeder threads of the sources
 s3fs thread) can leave the child waiting forever on a lock that one of them held at the fork (seen: a worker
 stuck in PyOS_AfterFork_Child, a 2-process run hung); and loaders are started mid-run (each source at its
 first micro-batch, evaluation loaders at every evaluation), when such threads always exist. The server is
-started once per process, when the first loader with workers is made, and imports what the workers need
-(`PRELOAD`: torch, this module, the tokenizer, the image decoders) before it forks any: about as long as
-`import torch, torchvision` (seconds; `python bench/workers.py` measures), paid once and overlapping the
-trainer's own start, after which a worker starts in well under a second and no longer imports torchvision
-for its first JPEG. A worker gets the dataset pickled (the tokenizer by its serialized model), and the main
-process's environment and working directory as they are when it starts (`_Launch`); a module global
-patched in the main process is not seen by the workers (what they must see travels in the dataset, as
-`retry_waits`). A worker dies with the main process, even one killed with SIGKILL (`kosmos.procs`). The
-server ignores SIGTERM and SIGINT, as the workers do, and ends once the main process and its workers have.
+started once per process (when training starts, before it builds the model, or else when the first loader with
+workers is made) and imports what the workers need (`PRELOAD`: torch, this module, the tokenizer, the image
+decoders) before it forks any: about as long as `import torch, torchvision` (seconds; `python
+bench/workers.py` measures), paid once and overlapping the trainer's own start, after which a worker starts in
+well under a second and no longer imports torchvision for its first JPEG. A worker gets the dataset pickled
+(the tokenizer by its serialized model), and the main process's environment and working directory as they are
+when it starts (`_Launch`); a module global patched in the main process is not seen by the workers (what they
+must see travels in the dataset, as `retry_waits`). A worker dies with the main process, even one killed with
+SIGKILL (`kosmos.procs`). The server ignores SIGTERM and SIGINT, as the workers do, and ends once the main
+process and its workers have.
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ class _Launch:
     cwd: str
 
 
-def _start_server() -> None:
+def start_worker_server() -> None:
     """Start the workers' forkserver unless it runs (or START_METHOD is "fork"). It starts in the background:
-    its imports (seconds) then overlap what the main process does before its first micro-batch."""
+    its imports (seconds) then overlap what the main process does before its first micro-batch (training
+    calls it before it builds the model; a SourceLoader with workers, when it is made)."""
     if START_METHOD == "forkserver":
         from multiprocessing import forkserver
 
@@ -694,14 +696,14 @@ class SourceLoader:
         """Shards named in the config that do not exist (allowed by data.allow_missing_shards), for the
         log."""
         if self.num_workers > 0:
-            _start_server()  # now, while the trainer still builds and loads
+            start_worker_server()  # now, while the trainer still builds and loads
 
     def _start(self):
         """A new DataLoader iterator over the dataset: with workers, it starts them (module docstring)."""
         if self.num_workers == 0:
             return iter(DataLoader(self.dataset, batch_size=None, num_workers=0))
         ctx = _context()
-        _start_server()
+        start_worker_server()
         self.dataset.launch = _Launch(os.getpid(), _exit_flag(), dict(os.environ), os.getcwd())
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
