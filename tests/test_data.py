@@ -677,7 +677,7 @@ def test_loader_workers_never_finalise_the_main_process_garbage(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, tiny_tokenizer):
     """Forking a process that runs other threads can leave the child waiting forever on a lock one of them
-    held (a 2-process run hung so). Two sources' workers are started and stopped 15 times while threads are
+    held (a 2-process run hung so). Two sources' workers are started and stopped 10 times while threads are
     created and ended all the time: none may hang, and none is forked from this process (which runs
     threads), only from a process that runs one thread."""
     import os
@@ -696,7 +696,7 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
         "        [t.start() for t in ts]",
         "        [t.join() for t in ts]",
         "for _ in range(3): threading.Thread(target=churn, daemon=True).start()",
-        "for i in range(15):",
+        "for i in range(10):",
         f"    loaders = [SourceLoader(SourceDataset('text', {shards!r}, enc, max_len=64, micro_batch_size=2, "
         "num_workers=2, seed=s)) for s in range(2)]",
         "    for loader in loaders:",
