@@ -14,7 +14,9 @@ Shuffle buffers are off (`data.<source>.shuffle_buffer=0`): filling them costs t
 method (captions: 200 decoded images, seconds) and would hide the start-up.
 Each of the four is measured in a process of its own, which first imports kosmos.training, as a training
 process has (torch, torchvision). With `--ballast-mb N` the process then fills N MiB (a model's weights and
-optimizer state, say): a fork copies the page tables of all of it, a forkserver's fork does not.
+optimizer state, say): a fork copies the page tables of all of it, a forkserver's fork does not. With
+`--lead S` the forkserver is started S seconds before the first loader, as training starts it before it
+builds the model (kosmos.training): the cold start-up then shows what is left of the server's imports.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def make_data(root: Path) -> list[str]:
             f"data.interleaved.shards=[{root / 'interleaved'}]", f"data.text.shards=[{root / 'text'}]"]
 
 
-def measure(start: str, what: str, overrides: list[str], repeats: int, ballast_mb: int) -> dict:
+def measure(start: str, what: str, overrides: list[str], repeats: int, ballast_mb: int, lead: float) -> dict:
     """In this process: the cold and warm start-up times of `what`, "source" or "tiny"."""
     import torch
 
@@ -98,6 +100,9 @@ def measure(start: str, what: str, overrides: list[str], repeats: int, ballast_m
         return t
 
     run = source if what == "source" else tiny
+    if lead:
+        stream.start_worker_server()
+        time.sleep(lead)
     out = {"cold": run(), "warm": [run() for _ in range(repeats)]}
     del ballast
     return out
@@ -108,12 +113,14 @@ def main(argv=None):
     ap.add_argument("--start", default="forkserver,fork", help="start methods to compare, comma-separated")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ballast-mb", type=int, default=0, help="MiB the measuring process holds (a model)")
+    ap.add_argument("--lead", type=float, default=0, help="seconds the forkserver starts before the loaders")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # START:WHAT: measure in this process, print JSON
     ap.add_argument("--overrides", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         start, what = args.child.split(":")
-        print(json.dumps(measure(start, what, json.loads(args.overrides), args.repeats, args.ballast_mb)))
+        print(json.dumps(measure(start, what, json.loads(args.overrides), args.repeats, args.ballast_mb,
+                                 args.lead)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         overrides = make_data(Path(tmp))
@@ -122,12 +129,13 @@ def main(argv=None):
             for start in args.start.split(","):
                 res = subprocess.run([sys.executable, __file__, "--child", f"{start}:{what}", "--overrides",
                                       json.dumps(overrides), "--repeats", str(args.repeats),
-                                      "--ballast-mb", str(args.ballast_mb)],
+                                      "--ballast-mb", str(args.ballast_mb), "--lead", str(args.lead)],
                                      capture_output=True, text=True, check=True, cwd=ROOT)
                 results[start, what] = json.loads(res.stdout.strip().splitlines()[-1])
     held = f"; each process holding {args.ballast_mb} MiB" if args.ballast_mb else ""
-    print(f"worker start-up, time to the first micro-batch (cold: the first loader of the process; warm: best "
-          f"and median of the {args.repeats} after it){held}")
+    held += f"; forkserver started {args.lead:g} s before" if args.lead else ""
+    print(f"worker start-up, time to the first micro-batch (cold: the first loader of the process; "
+          f"warm: best and median of the {args.repeats} after it){held}")
     labels = {"source": "text source, 2 workers", "tiny": "configs/tiny.yaml, 3 sources x 1"}
     for (start, what), r in results.items():
         print(f"  {labels[what]:34s} {start:10s} cold {r['cold']:6.2f} s   warm best {min(r['warm']):6.2f} s"
