@@ -6,10 +6,12 @@ the stream (and with it the packing, samples and shard readers), the tokenizer a
 image decoders (PIL, torchvision.io), which `kosmos.image` imports lazily.
 
 And it makes the server ignore SIGTERM. The server runs in the main process's process group, so a SIGTERM
-sent to the group (`timeout`, SLURM preemption, a container stop) reaches it too; killed by it, it would
-take every worker with it (they die with their parent, `kosmos.procs`) while the main process is still
-saving its checkpoint. multiprocessing's server already ignores SIGINT, and ends by itself when the main
-process does (at EOF on the pipe that the main process holds).
+sent to the group (`timeout`, SLURM preemption, a container stop) reaches it too. Killed by it, it would
+take every worker down in the main process's eyes, while the main process still needs batches to finish
+its step and save: multiprocessing learns a forkserver child's exit from the server, and a dead server reads
+as workers that "exited unexpectedly" (checked: tests/test_hostile_train.py). multiprocessing's server
+already ignores SIGINT, and ends by itself once the main process and the workers have ended (at EOF on the
+pipe they hold).
 """
 
 import contextlib
