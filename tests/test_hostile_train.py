@@ -375,7 +375,7 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_workers_die_with_the_main_process_even_killed_with_sigkill(tiny_tokenizer, tmp_path):
+def test_workers_die_with_the_main_process_even_killed_with_sigkill(tiny_tokenizer):
     """A main process killed with SIGKILL runs no exit handler: its workers, here both blocked reading a
     shard that never comes (a `pipe:` command that sleeps), must end with it all the same, not go on as
     orphans."""
@@ -426,9 +426,9 @@ def _children(pid: int) -> list[int]:
 
 def test_a_sigterm_to_the_whole_process_group_leaves_the_workers_and_their_server_running(tiny_tokenizer,
                                                                                          tmp_path):
-    """`timeout`, SLURM and container stops signal the whole process group: the processes that start the
-    workers (multiprocessing's forkserver) must not die of it either, or the workers die with them while the
-    main process (which handles the signal) still needs batches for its last step."""
+    """`timeout`, SLURM and container stops signal the whole process group: the process that starts the
+    workers (multiprocessing's forkserver) must not die of it either, or the main process (which handles the
+    signal) takes its workers for dead while it still needs batches for its last step."""
     import os
     import subprocess
 
