@@ -1,4 +1,5 @@
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -808,3 +809,43 @@ def test_loader_workers_never_finalise_the_main_process_garbage(tmp_path):
     pids = log.read_text().split() if log.exists() else []
     assert str(worker) not in pids, "a worker finalised the main process's garbage"
     assert pids == [str(os.getpid())] * 2  # the main process did
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, tiny_tokenizer):
+    """Forking a process that runs other threads can leave the child waiting forever on a lock one of them
+    held (a 2-process run hung so). Two sources' workers are started and stopped 10 times while threads are
+    created and ended all the time: none may hang, and none is forked from this process (which runs
+    threads), only from a process that runs one thread."""
+    import os
+    import subprocess
+
+    shards = text_shards(tmp_path, 4, 10)
+    code = "\n".join([
+        "import os, threading",
+        "from kosmos.data.stream import SourceDataset, SourceLoader",
+        "from kosmos.sequence import SequenceEncoder",
+        "from tokenizer import KosmosTokenizer",
+        f"enc = SequenceEncoder(KosmosTokenizer.from_dir({str(tiny_tokenizer.path)!r}), 4, 32)",
+        "def churn():",
+        "    while True:",
+        "        ts = [threading.Thread(target=sum, args=([1],)) for _ in range(4)]",
+        "        [t.start() for t in ts]",
+        "        [t.join() for t in ts]",
+        "for _ in range(3): threading.Thread(target=churn, daemon=True).start()",
+        "for i in range(10):",
+        f"    loaders = [SourceLoader(SourceDataset('text', {shards!r}, enc, max_len=64, micro_batch_size=2, "
+        "num_workers=2, seed=s)) for s in range(2)]",
+        "    for loader in loaders:",
+        "        next(loader)",
+        "        for p in loader._workers._workers:",
+        "            ppid = int(open(f'/proc/{p.pid}/stat').read().rsplit(')', 1)[1].split()[1])",
+        "            threads = len(os.listdir(f'/proc/{ppid}/task'))",
+        "            assert ppid != os.getpid() and threads == 1, f'forked by {ppid} with {threads} threads'",
+        "    for loader in loaders:",
+        "        loader.close()",
+        "print('ok')", ""])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

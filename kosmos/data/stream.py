@@ -68,6 +68,23 @@ mid-run) waits and tries again (`RETRY_WAITS`), each stream re-reading the same 
 a `DataError` naming the source; so does a worker that never found any sample. Workers ignore SIGTERM and
 SIGINT, which go to the whole process group (`timeout`, SLURM, container stops, Ctrl-C): the main process
 handles them, saves a checkpoint and ends the workers.
+
+How workers start. A source's DataLoader workers are not forked from the main process: they are forked by
+multiprocessing's forkserver (`START_METHOD`), a process of its own that runs no thread. Forking a process
+that runs other threads (tqdm's monitor, the queue feeder threads of the sources started before, a gloo or
+s3fs thread) can leave the child waiting forever on a lock that one of them held at the fork (seen: a worker
+stuck in PyOS_AfterFork_Child, a 2-process run hung); and loaders are started mid-run (each source at its
+first micro-batch, evaluation loaders at every evaluation), when such threads always exist. The server is
+started once per process (when training starts, before it builds the model, or else when the first loader with
+workers is made) and imports what the workers need (`PRELOAD`: torch, this module, the tokenizer, the image
+decoders) before it forks any: about as long as `import torch, torchvision` (seconds; `python
+bench/workers.py` measures), paid once and overlapping the trainer's own start, after which a worker starts in
+well under a second and no longer imports torchvision for its first JPEG. A worker gets the dataset pickled
+(the tokenizer by its serialized model), and the main process's environment and working directory as they are
+when it starts (`_Launch`); a module global patched in the main process is not seen by the workers (what they
+must see travels in the dataset, as `retry_waits`). A worker dies with the main process, even one killed with
+SIGKILL (`kosmos.procs`). The server ignores SIGTERM and SIGINT, as the workers do, and ends once the main
+process and its workers have.
 """
 
 from __future__ import annotations
@@ -78,9 +95,13 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -93,6 +114,7 @@ from kosmos.data.remote import DEFAULT as DEFAULT_READ
 from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import read_positions, read_shard
 from kosmos.data.state import shard_digest
+from kosmos.procs import die_with, die_with_parent
 from kosmos.sequence import SequenceEncoder
 
 
@@ -113,17 +135,85 @@ class DataError(RuntimeError):
     with a one-line message naming the source."""
 
 
-_EXITING = multiprocessing.Event()
-"""Set when the main process exits: from then on a worker takes SIGTERM as multiprocessing's exit handler's
-terminate(), which it must obey, and no longer as a signal to the process group."""
-atexit.register(_EXITING.set)  # registered after multiprocessing's own exit handler, so it runs before it
+START_METHOD = "forkserver"
+"""How the DataLoader workers are started (module docstring): "forkserver", or "fork" (what it was before;
+bench/workers.py compares the two)."""
+
+PRELOAD = ["kosmos.data._forkserver"]
+"""What the forkserver imports once, before it forks any worker: the modules every worker needs (torch,
+this module, the tokenizer's and the image decoders'), so that no worker imports them again."""
 
 
-def _worker_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SIGTERM and SIGINT sent to the whole process group (`timeout`, SLURM
-    preemption, container stops, Ctrl-C) are the main process's to handle (a checkpoint, then a clean exit);
-    a worker killed by one would crash the run instead. Once the main process exits, SIGTERM ends it."""
-    exiting = get_worker_info().dataset.exiting
+def _context():
+    """The multiprocessing context the workers are started in; for the forkserver, with PRELOAD (which only
+    takes effect when this process's forkserver starts, at its first worker)."""
+    ctx = multiprocessing.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+_EXITING = None
+
+
+def _exit_flag():
+    """Set when the main process exits: from then on a worker takes SIGTERM as multiprocessing's exit
+    handler's terminate(), which it must obey, and no longer as a signal to the process group. Made at the
+    first worker start (a forkserver context's semaphore starts multiprocessing's resource tracker: not at
+    import) and from that context, so that it pickles for the forkserver's workers (fork's workers share it
+    all the same)."""
+    global _EXITING
+    if _EXITING is None:
+        _EXITING = multiprocessing.get_context("forkserver").Event()
+        atexit.register(_EXITING.set)  # registered after multiprocessing's own exit handler: runs before it
+    return _EXITING
+
+
+@dataclass
+class _Launch:
+    """What a worker takes from the main process that starts it (SourceLoader): which process it must not
+    outlive (`owner`, the main process: a forkserver's worker has the server as its parent), the exit flag,
+    and the main process's environment and working directory (a forkserver's worker would otherwise have the
+    server's, as they were when it started)."""
+
+    owner: int
+    exiting: Any
+    environ: dict[str, str]
+    cwd: str
+
+
+def start_worker_server() -> None:
+    """Start the workers' forkserver unless it runs (or START_METHOD is "fork"). It starts in the background:
+    its imports (seconds) then overlap what the main process does before its first micro-batch (training
+    calls it before it builds the model; a SourceLoader with workers, when it is made)."""
+    if START_METHOD == "forkserver":
+        from multiprocessing import forkserver
+
+        _context()  # its preload
+        forkserver.ensure_running()
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker dies with the main process, even one killed with SIGKILL
+    (`kosmos.procs`: the kernel's parent-death signal when the main process forked it, else a thread that
+    waits for the main process), takes the main process's environment and working directory, and leaves
+    SIGTERM and SIGINT sent to the process group to the main process (_worker_signals)."""
+    launch: _Launch = get_worker_info().dataset.launch
+    if os.getppid() == launch.owner:
+        die_with_parent(launch.owner)
+    else:
+        die_with(launch.owner)
+    if os.environ != launch.environ:
+        os.environ.clear()
+        os.environ.update(launch.environ)
+    os.chdir(launch.cwd)
+    _worker_signals(launch.exiting)
+
+
+def _worker_signals(exiting) -> None:
+    """SIGTERM and SIGINT sent to the whole process group (`timeout`, SLURM preemption, container stops,
+    Ctrl-C) are the main process's to handle (a checkpoint, then a clean exit); a worker killed by one would
+    crash the run instead. Once the main process exits (`exiting` set), SIGTERM ends it."""
 
     def on_sigterm(signum, frame):
         if exiting.is_set():
@@ -135,15 +225,28 @@ def _worker_signals(worker_id: int) -> None:
 
 
 def _start_workers(loader: DataLoader):
-    """`iter(loader)`, which forks its worker processes, with the garbage collector's objects frozen during
-    the fork: a worker never collects what it inherited. Garbage of the main process (a torch.distributed
+    """`iter(loader)`, which starts its worker processes.
+
+    A forked worker (START_METHOD "fork", or a plain DataLoader) is forked with the garbage collector's
+    objects frozen: it never collects what it inherited. Garbage of the main process (a torch.distributed
     process group no longer referenced, say, whose destructor joins threads that a forked child does not
     have) would otherwise be finalised inside a worker, which then hangs or aborts ("terminate called after
-    throwing an instance of 'std::system_error'", seen in CI). The main process collects it as usual."""
+    throwing an instance of 'std::system_error'", seen in CI). The main process collects it as usual. (The
+    forkserver's workers inherit nothing of the main process's heap.)
+
+    A forkserver's worker would first re-run the main script (or import the main module), as multiprocessing
+    does so that what the parent defined in `__main__` unpickles: the workers need nothing from it (the
+    dataset and the worker functions are the project's), and a script without `if __name__ ==
+    "__main__":` would start over in every worker. So `__main__` is hidden while the workers start."""
+    main = sys.modules["__main__"]
     gc.freeze()
     try:
+        if loader.num_workers and loader.multiprocessing_context is not None \
+                and loader.multiprocessing_context.get_start_method() != "fork":
+            sys.modules["__main__"] = types.ModuleType("__main__")
         return iter(loader)
     finally:
+        sys.modules["__main__"] = main
         gc.unfreeze()
 
 
@@ -392,8 +495,9 @@ class _Turns:
     sample does the worker wait and retry (`RETRY_WAITS`), then stop with a DataError."""
 
     def __init__(self, streams: dict[int, LogicalStream], first: int | None, worker: str = "the worker",
-                 name: str = ""):
+                 name: str = "", waits: tuple[float, ...] | None = None):
         self.streams = streams
+        self.waits = RETRY_WAITS if waits is None else waits
         self.active = sorted(streams)
         self.i = self.active.index(first) if first in streams else 0
         self.last: int | None = None
@@ -457,13 +561,13 @@ class _Turns:
                     f"{self.name}: {self.worker} found no samples in a whole pass of its {len(self.active)} "
                     f"stream(s) over {n_shards} shard(s) (skipped: {skipped}{last}); use fewer workers or "
                     "check the shards with `python -m data_tools.verify` (streams: kosmos/data/stream.py)")
-            if retries == len(RETRY_WAITS):  # it found samples before: its shards went away
+            if retries == len(self.waits):  # it found samples before: its shards went away
                 raise DataError(
                     f"{self.name}: no readable shard left: {retries + 1} passes over the {n_shards} shard(s) "
                     f"of {self.worker}'s {len(self.active)} stream(s) ({st.shards[0]}, ...) found no "
-                    f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {skipped}{last}); were they deleted or "
+                    f"sample within {sum(self.waits):.0f}s (skipped: {skipped}{last}); were they deleted or "
                     "moved? Put them back and resume with --resume latest")
-            time.sleep(RETRY_WAITS[retries])
+            time.sleep(self.waits[retries])
             retries += 1
             empty.clear()
             for o in self.active:  # each stream re-reads its empty pass, in the usual turn
@@ -505,7 +609,8 @@ class SourceDataset(IterableDataset):
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
-        self.exiting = _EXITING  # the workers' copy (fork or spawn) of the main process's exit flag
+        self.retry_waits = RETRY_WAITS  # carried to the workers (a forkserver's worker has its own module)
+        self.launch: _Launch | None = None  # set by SourceLoader when it starts workers
         G = self.global_workers
         if streams and streams < G:
             raise ValueError(f"{name}: {streams} logical streams cannot feed {G} global workers")
@@ -550,7 +655,7 @@ class SourceDataset(IterableDataset):
             streams = {s: self.stream(s, buffer, reads) for s in ids}
             for st in streams.values():
                 st.worker = worker
-            turns = _Turns(streams, self.turns.get(logical), worker, self.name)
+            turns = _Turns(streams, self.turns.get(logical), worker, self.name, self.retry_waits)
             for row, carry in packer.pack(turns):
                 rows.append(row)
                 if len(rows) == self.micro_batch_size:
@@ -696,17 +801,25 @@ class SourceLoader:
         self.missing_shards: list[str] = []
         """Shards named in the config that do not exist (allowed by data.allow_missing_shards), for the
         log."""
+        if self.num_workers > 0:
+            start_worker_server()  # now, while the trainer still builds and loads
+
+    def _start(self):
+        """A new DataLoader iterator over the dataset: with workers, it starts them (module docstring)."""
+        if self.num_workers == 0:
+            return iter(DataLoader(self.dataset, batch_size=None, num_workers=0))
+        ctx = _context()
+        start_worker_server()
+        self.dataset.launch = _Launch(os.getpid(), _exit_flag(), dict(os.environ), os.getcwd())
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
+                            multiprocessing_context=ctx)
+        self._workers = _start_workers(loader)
+        return self._workers
 
     def __iter__(self):
-        kw = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_signals} \
-            if self.num_workers > 0 else {}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
         nw = max(1, self.num_workers)
-        if self.num_workers > 0:
-            batches = _start_workers(loader)
-            self._workers = batches
-        else:
-            batches = iter(loader)
+        batches = self._start()
         for batch in batches:
             if "error" in batch:
                 raise DataError(batch["error"])
