@@ -188,30 +188,57 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
 
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_model
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from kosmos.config import save_config
     from kosmos.model import Kosmos, checkpoint_config
+
+    from kosmos.checkpoint import CheckpointError
 
     ckpt, out = Path(ckpt), Path(out_dir)
     src = ckpt / SHARDED
     if not (src / ".metadata").is_file():
         raise FileNotFoundError(f"{ckpt}: not a sharded checkpoint (no {SHARDED}/.metadata)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; give a new or existing folder for the output")
+    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
+        raise CheckpointError(f"{out}: the output must not be the checkpoint {ckpt} or inside it (nothing is "
+                              "written into the checkpoint); give another folder")
+    check_sharded(src)  # every shard file there and long enough, named if not
     cfg = checkpoint_config(ckpt)
     cfg.decoder.compile = False  # nothing to compile for a copy
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "randomly initialised": every weight comes from the checkpoint
         model = Kosmos(cfg, load_vision_weights=False)
     sd = model.state_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
-        dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
+            dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged bytes: miniz, the weights-only
+        # reader, ...; DCP wraps them in a CheckpointException, a BaseException, whose text is a traceback
+        raise CheckpointError(f"{src}: unreadable shard data ({_first_cause(e)})") from None
     model.load_state_dict(sd)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))  # the tied embedding stored once, as in training
+    tmp = out / "model.safetensors.tmp"
+    save_model(model, str(tmp))  # the tied embedding stored once, as in training
+    tmp.replace(out / "model.safetensors")  # a cut write never leaves a model.safetensors behind
     save_config(cfg, out / "config.yaml")
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     return out
+
+
+def _first_cause(e: BaseException) -> str:
+    """`Type: first line` of what went wrong under a DCP CheckpointException (which lists a traceback per
+    rank), else of `e` itself."""
+    failures = getattr(e, "failures", None)
+    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+    err = inner[0] if isinstance(inner, tuple) and inner else e  # DCP keeps (exception, stack summary)
+    err = err if isinstance(err, BaseException) else e
+    text = str(err).strip()
+    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # no advice to unpickle after it
+    return f"{type(err).__name__}: {first}"
 
 
 def _ModelOnly():
@@ -235,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = consolidate(args.ckpt, args.out)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+    except (FileNotFoundError, ValueError) as e:  # ConfigError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output: no space left, no permission
+        print(f"error: {args.out}: cannot write the consolidated model ({e.strerror or e})", file=sys.stderr)
         return 2
     print(f"wrote {out / 'model.safetensors'}")
     return 0

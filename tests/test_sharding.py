@@ -129,6 +129,49 @@ def test_consolidate_names_what_is_wrong(tmp_path, capsys):
         ck.find_checkpoint(plain)  # inference on a sharded checkpoint says how to make its weights
 
 
+def test_consolidating_damaged_or_odd_inputs_is_one_line_and_writes_nothing_into_the_checkpoint(
+        tmp_path, capsys, one_process_group, tiny_tokenizer):
+    """A missing or truncated shard file, shard bytes that do not decode, OUT the checkpoint itself, OUT an
+    existing file: one `error:` line naming the file (before: FileNotFoundError, miniz's RuntimeError, a
+    shutil.Error printed as a list of characters after model.safetensors was written into the checkpoint,
+    FileExistsError)."""
+    import shutil
+
+    from kosmos.config import save_config
+    from kosmos.optim import build_optimizer
+    from kosmos.sharding import SHARDED, main, save_sharded, shard_model
+
+    model = shard_model(tiny_model())
+    ckpt = tmp_path / "step_00000001"
+    save_sharded(ckpt / SHARDED, model, build_optimizer(model, tiny_config("optim.name=adamw").optim))
+    save_config(model.cfg, ckpt / "config.yaml")
+    shutil.copytree(tiny_tokenizer.path, ckpt / "tokenizer")
+    assert main(["consolidate", str(ckpt), str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    shard = next((ckpt / SHARDED).glob("*.distcp"))
+    before = sorted(p.name for p in ckpt.rglob("*"))
+
+    def one_line(args, *words):
+        assert main(["consolidate", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
+        assert sorted(p.name for p in ckpt.rglob("*")) == before, "something was written into the checkpoint"
+
+    one_line([ckpt, ckpt], "must not be the checkpoint")
+    one_line([ckpt, ckpt / "inside"], "must not be the checkpoint")
+    (tmp_path / "a-file").write_text("x")
+    one_line([ckpt, tmp_path / "a-file"], "a-file: exists and is not a folder")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    one_line([ckpt, tmp_path / "o1"], str(shard), "truncated or incomplete")
+    shard.write_bytes(data[:64] + bytes(len(data) - 64))  # the right length, the bytes gone
+    one_line([ckpt, tmp_path / "o2"], str(ckpt / SHARDED), "unreadable shard data (UnpicklingError: ")
+    assert not (tmp_path / "o2" / "model.safetensors").exists()
+    shard.unlink()
+    before.remove(shard.name)
+    one_line([ckpt, tmp_path / "o3"], str(shard), "missing")
+
+
 def test_fsdp_yaml_is_an_fsdp2_plugin_for_accelerate(monkeypatch, one_process_group):
     """configs/accelerate/fsdp.yaml as `accelerate launch` reads it: an FSDP2 plugin (no GPU needed to read
     it), and accelerate's FSDP2 preparation keeps a model the trainer has already sharded."""
