@@ -197,5 +197,7 @@ class ImageRef:
                 return f.read(self.size)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise Skip("missing_image", self.path) from None
+        except ValueError as e:  # a path the OS refuses (a NUL character in it)
+            raise Skip("bad_image_path", f"{self.path!r}: {e}") from None
         except OSError as e:
             raise Skip("unreadable_image", f"{self.path}: {e}") from None
