@@ -146,6 +146,29 @@ def test_pipe_failures_are_counted(shards, tmp_path):
         open_shard("pipe:exit 1", FAST, strict=True).read()
 
 
+def test_a_command_flooding_its_stderr_costs_neither_disk_nor_memory(monkeypatch):
+    """`pipe:yes >&2` grew /tmp by 0.8-1.5 GB in 4 s: a command's whole standard error went to a temporary
+    file, read back whole for its last 300 bytes. Now only a bounded tail is kept, as it comes."""
+    import tempfile
+    import tracemalloc
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: pytest.fail("stderr kept on disk"))
+    spec = "pipe:head -c 30000000 /dev/zero | tr '\\0' x >&2; echo the last words >&2; exit 3"
+    tracemalloc.start()
+    try:
+        got, skipped, failed = samples(spec, options=ReadOptions(timeout=10, retries=0, backoff=0.01))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [] and skipped == {"shard_command_failed": 1}
+    assert failed[spec].startswith("shard_command_failed: exit status 3: xxxx")
+    assert failed[spec].endswith("xthe last words (1 try)") and len(failed[spec]) < 400, failed[spec]
+    assert peak < 2_000_000, f"{peak / 1e6:.1f} MB allocated for 30 MB of stderr"
+    # a command writing to stderr without end, never to stdout: a timeout, as for any silent command
+    got, skipped, failed = samples("pipe:yes >&2", options=ReadOptions(timeout=0.5, retries=0, backoff=0.01))
+    assert got == [] and skipped == {"shard_timeout": 1}
+
+
 def test_resume_skips_samples_unread(shards):
     """A reader resumed at offset k streams past the first k samples without holding their bytes."""
     with ShardServer(Path(shards[0]).parent) as srv:
