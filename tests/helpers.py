@@ -300,13 +300,15 @@ class ShardServer:
                        closes
         flaky/NAME     the first request of each file like cut/, the next ones like ok/
 
-    `requests` lists (path, Range header or None) of every request."""
+    `requests` lists (path, Range header or None) of every request. While `down` is set, every request is
+    answered 500 (the store is down)."""
 
     def __init__(self, root: Path):
         import http.server
         import threading
 
         self.root, self.requests, self.stop = Path(root), [], threading.Event()
+        self.down = False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -320,6 +322,9 @@ class ShardServer:
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
                 path = server.root / name
+                if server.down:
+                    self.send_error(500)
+                    return
                 if mode == "missing" or not path.is_file():
                     self.send_error(404)
                     return

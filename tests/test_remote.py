@@ -213,6 +213,31 @@ def test_training_stream_over_http_resumes_exactly(tmp_path, tiny_tokenizer):
         check_stream_resumes_as_local(shards, [srv.url(f"ok/{Path(p).name}") for p in shards], tiny_tokenizer)
 
 
+def test_a_resume_while_the_store_answers_500_names_the_http_error(tmp_path, tiny_tokenizer):
+    """The samples of the shuffle buffer are read back on resume: with the store down, the resume said they
+    were "gone from the shards (were the shards changed since the checkpoint?)". Now it names the shard and
+    the HTTP error."""
+    shards = text_shards(tmp_path / "d", 2, 6)
+    with ShardServer(tmp_path / "d") as srv:
+        urls = [srv.url(f"ok/{Path(p).name}") for p in shards]
+        first = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, shuffle_buffer=4))
+        _consume(first, 2)
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        srv.down = True
+        resumed = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, shuffle_buffer=4))
+        resumed.load_state_dict(state)
+        with pytest.raises(DataError) as e:
+            next(iter(resumed))
+        msg = str(e.value)
+        assert "gone from the shards" not in msg, msg
+        assert "cannot resume: " in msg and "shard_http_error: HTTP 500" in msg and "ok/text-00000" in msg, msg
+        srv.down = False  # the store is back: the same state resumes
+        resumed = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, shuffle_buffer=4))
+        resumed.load_state_dict(state)
+        assert len(_consume(resumed, 2)) == 2
+
+
 def _consume(loader, n):
     out = []
     for b in loader:
