@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 from data_tools.records import Skip
 from data_tools.tables import open_regular
+from kosmos.data.format import IMAGE_SUFFIXES  # noqa: F401 - the converters' image files, imported from here
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""File suffixes of input images the converters read."""
 
 JPEG_MAX_SIDE = 65_500
 """The longest side libjpeg can encode: an image longer than this after resizing is skipped
