@@ -18,7 +18,6 @@ from data_tools.records import Skip
 from data_tools.tables import open_regular
 from kosmos.data.format import IMAGE_SUFFIXES  # noqa: F401 - the converters' image files, imported from here
 
-
 JPEG_MAX_SIDE = 65_500
 """The longest side libjpeg can encode: an image longer than this after resizing is skipped
 (``too_large_for_jpeg``)."""

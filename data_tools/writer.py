@@ -167,8 +167,8 @@ def output_error(output: Path, e: OSError) -> ConversionError:
     """A write to the output that failed (disk full, quota, I/O error) as one line naming the output and the
     file; a rerun once the cause is fixed resumes, keeping the finished chunks."""
     where = f": {e.filename}" if e.filename else ""
-    return ConversionError(f"output {output} cannot be written ({e.strerror or e}{where}); fix that and run the "
-                           "same command again: finished chunks are kept")
+    return ConversionError(f"output {output} cannot be written ({e.strerror or e}{where}); fix that and run "
+                           "the same command again: finished chunks are kept")
 
 
 def _convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out: Path, max_shard_bytes: int,
@@ -196,7 +196,8 @@ def _convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], ou
                 reason = e.reason if isinstance(e, Skip) else f"unexpected_error_{type(e).__name__}"
                 if isinstance(e, Skip):
                     image_skips.update(e.image_skips)
-                count_skip(skipped, examples, reason, item.source, e.detail if isinstance(e, Skip) else str(e))
+                detail = e.detail if isinstance(e, Skip) else str(e)
+                count_skip(skipped, examples, reason, item.source, detail)
                 continue
             image_skips.update(sample.image_skips)
             files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}

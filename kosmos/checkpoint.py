@@ -244,25 +244,26 @@ def copy_tokenizer(src: str | Path, dst: Path) -> None:
 
 @contextmanager
 def _writing(tmp: Path):
-    """Writes into the unfinished checkpoint folder `tmp`: one that fails (disk full, quota, an I/O error) is a
-    one-line CheckpointError naming the checkpoint, the cause and the free space, and the folder is removed,
-    giving its space back. The earlier checkpoints are untouched: `--resume latest`, once there is room,
-    continues from the last of them."""
+    """Writes into the unfinished checkpoint folder `tmp`: one that fails (disk full, quota, an I/O error) is
+    a one-line CheckpointError naming the checkpoint, the cause and the free space, and the folder is
+    removed, giving its space back. The earlier checkpoints are untouched: `--resume latest`, once there is
+    room, continues from the last of them."""
     from safetensors import SafetensorError
 
     try:
         yield
     except (OSError, SafetensorError, RuntimeError) as e:  # RuntimeError: torch.save's failed zip write
         shutil.rmtree(tmp, ignore_errors=True)
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [""])[0][:200]
+        first = (str(e).splitlines() or [""])[0][:200]
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else first
         where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
         try:
             free = f"; {shutil.disk_usage(tmp.parent).free / 1e6:.1f} MB free there"
         except OSError:
             free = ""
         final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-        raise CheckpointError(f"{final}: the checkpoint could not be written ({type(e).__name__}: {cause}{where}"
-                              f"{free}); make room and resume with --resume latest") from None
+        raise CheckpointError(f"{final}: the checkpoint could not be written ({type(e).__name__}: {cause}"
+                              f"{where}{free}); make room and resume with --resume latest") from None
 
 
 def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict) -> Path | None:

@@ -34,8 +34,9 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 MAX_VOCAB_SIZE = 2**24
-"""The largest `decoder.vocab_size` accepted: far beyond any tokenizer (SentencePiece's are up to ~256K pieces),
-so that a slip (1000000000) is refused here, naming the key, rather than by a 256 GB embedding allocation."""
+"""The largest `decoder.vocab_size` accepted: far beyond any tokenizer (SentencePiece's are up to ~256K
+pieces), so that a slip (1000000000) is refused here, naming the key, rather than by a 256 GB embedding
+allocation."""
 
 MAX_SEED = 2**32 - 1
 """The largest `seed`: numpy's generator (seeded with it by accelerate's set_seed) takes 0 .. 2**32 - 1."""
@@ -502,7 +503,7 @@ def _check_eval_task(task: Any, key: str) -> None:
            f"{', '.join(EVAL_TASK_OPTIONS)} and the task settings {', '.join(sorted(settings))}")
     _check(isinstance(task.get("shots", 0), int) and task.get("shots", 0) >= 0, f"{key}.shots",
            "must be one number >= 0")
-    for name, value in task.items():  # values too: a nested one could be a YAML alias bomb, expanded when saved
+    for name, value in task.items():  # values too: a nested one may be a YAML alias bomb, expanded when saved
         flat = value if isinstance(value, list) else [value]
         _check(all(v is None or isinstance(v, str | int | float | bool) for v in flat), f"{key}.{name}",
                f"must be a number, a string or a list of them, got {_short(value)}")
@@ -608,8 +609,8 @@ class Config:
     """Random seed for initialisation and data order: 0 .. 2**32 - 1 (numpy's range)."""
 
     def __post_init__(self) -> None:
-        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0 .. {MAX_SEED} (2**32 - 1, numpy's seed range), "
-               f"got {self.seed}")
+        _check(0 <= self.seed <= MAX_SEED, "seed",
+               f"must be in 0 .. {MAX_SEED} (2**32 - 1, numpy's seed range), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -786,9 +787,10 @@ def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 MAX_CONFIG_SIZE = 8_000_000
-"""The most a config may hold, counted as the characters of its keys and strings plus one per value, once YAML
-aliases are expanded: a config is saved in full (config.yaml, and in trainer_state.json with every checkpoint),
-so a small file whose aliases expand to 100 MB (an alias bomb) is refused when loaded, naming where it grew."""
+"""The most a config may hold, counted as the characters of its keys and strings plus one per value, once
+YAML aliases are expanded: a config is saved in full (config.yaml, and in trainer_state.json with every
+checkpoint), so a small file whose aliases expand to 100 MB (an alias bomb) is refused when loaded, naming
+where it grew."""
 
 
 def _check_size(data: Any) -> None:
@@ -832,14 +834,14 @@ def _check_size(data: Any) -> None:
     key, node = "", data
     while (big := next(((p, v) for p, v in items(node) if size(v) > MAX_CONFIG_SIZE), None)) is not None:
         key, node = name(key, big[0]), big[1]
-    raise ConfigError(f"config key '{key or 'root'}': the config is larger than {MAX_CONFIG_SIZE:,} characters "
-                      "once its YAML aliases (&anchor, *alias) are expanded; it is saved with every "
-                      "checkpoint: write it out plainly")
+    raise ConfigError(f"config key '{key or 'root'}': the config is larger than {MAX_CONFIG_SIZE:,} "
+                      "characters once its YAML aliases (&anchor, *alias) are expanded; it is saved with "
+                      "every checkpoint: write it out plainly")
 
 
 def _load_yaml(text: str, path: Path) -> Any:
-    """The YAML document `text` (of the file `path`), like yaml.safe_load, but a key given twice in one mapping
-    is a ConfigError naming it and both lines (PyYAML would silently keep the last)."""
+    """The YAML document `text` (of the file `path`), like yaml.safe_load, but a key given twice in one
+    mapping is a ConfigError naming it and both lines (PyYAML would silently keep the last)."""
     import yaml
 
     loader = yaml.SafeLoader(text)
@@ -873,8 +875,8 @@ def _check_duplicate_keys(root: Any, path: Path) -> None:
                 if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
                     line = k.start_mark.line + 1
                     if name in lines:
-                        raise ConfigError(f"{path}: config key '{dotted}' is given twice (lines {lines[name]} "
-                                          f"and {line}); only one may be given")
+                        raise ConfigError(f"{path}: config key '{dotted}' is given twice (lines "
+                                          f"{lines[name]} and {line}); only one may be given")
                     lines[name] = line
                 stack.append((v, dotted))
         elif isinstance(node, yaml.SequenceNode):

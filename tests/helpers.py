@@ -368,10 +368,10 @@ class ShardServer:
 
 class SmallDisk:
     """A folder where writes fail for want of room, as on a full disk, until `room()` (`with SmallDisk(path,
-    size) as disk`). Where this process may mount one (root), a tmpfs of `size` bytes: writes fail with ENOSPC
-    ("No space left on device"), as on a full disk. Elsewhere a simulation: RLIMIT_FSIZE of `size` bytes on this
-    process, SIGXFSZ ignored, so that writing any file past `size` bytes (in the folder or not) fails with
-    EFBIG ("File too large"); keep the block short. `kind` says which: "tmpfs" or "rlimit"."""
+    size) as disk`). Where this process may mount one (root), a tmpfs of `size` bytes: writes fail with
+    ENOSPC ("No space left on device"), as on a full disk. Elsewhere a simulation: RLIMIT_FSIZE of `size`
+    bytes on this process, SIGXFSZ ignored, so that writing any file past `size` bytes (in the folder or not)
+    fails with EFBIG ("File too large"); keep the block short. `kind` says which: "tmpfs" or "rlimit"."""
 
     def __init__(self, folder: Path, size: int):
         self.folder, self.size, self.kind = Path(folder), size, None

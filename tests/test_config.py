@@ -159,7 +159,8 @@ def test_the_help_example_override_is_accepted(capsys):
 def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
     p = tmp_path / "twice.yaml"
     p.write_text("optim:\n  lr: 1.0e-3\ndecoder:\n  layers: 2\noptim:\n  lr: 2.0e-3\n")
-    with pytest.raises(ConfigError, match=r"twice\.yaml: config key 'optim' is given twice \(lines 1 and 5\)"):
+    with pytest.raises(ConfigError, match=r"twice\.yaml: config key 'optim' is given twice \(lines 1 and "
+                                          r"5\)"):
         load_config(p)
     p.write_text("optim:\n  lr: 1.0e-3\n  warmup_steps: 3\n  lr: 2.0e-3\n")
     with pytest.raises(ConfigError, match=r"'optim\.lr' is given twice \(lines 2 and 4\)"):

@@ -469,7 +469,8 @@ def test_the_other_writes_of_a_save_that_fail_are_one_line_too(tiny_tokenizer, t
 
     monkeypatch.setattr(ck, "save_torch", full)
     with pytest.raises(ck.CheckpointError, match=r"step_00000001: the checkpoint could not be written "
-                                                 r"\(RuntimeError: \[enforce fail.*unexpected pos 576 vs 534; "):
+                                                 r"\(RuntimeError: \[enforce fail.*unexpected pos 576 vs "
+                                                 r"534; "):
         _checkpoints(tiny_tokenizer, tmp_path, steps=(1,))
     monkeypatch.setattr(ck, "save_torch", real)
     monkeypatch.setattr(ck, "write_json", lambda obj, path: (_ for _ in ()).throw(

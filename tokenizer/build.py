@@ -257,7 +257,8 @@ def _jsonl_texts(stream: BinaryIO, stats: InputStats, text_field: str,
         yield text
 
 
-def _txt_lines(stream: BinaryIO, stats: InputStats, progress: Callable[[], None]) -> Iterator[str | Iterator[str]]:
+def _txt_lines(stream: BinaryIO, stats: InputStats,
+               progress: Callable[[], None]) -> Iterator[str | Iterator[str]]:
     """The lines of a ``.txt`` input (each a document), read at most READ_PIECE bytes at a time: a line that
     fits is one string, a longer one an iterator over its decoded pieces (``_long_line``), drained here if the
     reader leaves it, so that the next line starts where it ends. A line that is not UTF-8 is skipped and

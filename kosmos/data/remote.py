@@ -242,8 +242,8 @@ class _Pipe(io.RawIOBase):
     def __init__(self, spec: str, timeout: float):
         self.spec, self.timeout = spec, timeout
         self.tail = b""
-        self.proc = subprocess.Popen(spec[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(spec[len(PIPE):], shell=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
         self.err: int | None = self.proc.stderr.fileno()
 
@@ -261,7 +261,8 @@ class _Pipe(io.RawIOBase):
         """Wait for the standard output to be readable, reading the standard error meanwhile; False at the
         deadline."""
         while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([self.fd] + ([self.err] if self.err is not None else []), [], [], left)
+            fds = [self.fd] + ([self.err] if self.err is not None else [])
+            ready, _, _ = select.select(fds, [], [], left)
             if self.err is not None and self.err in ready:
                 self._read_err()
             if self.fd in ready:
@@ -274,7 +275,7 @@ class _Pipe(io.RawIOBase):
         data = os.read(self.fd, len(b))
         if not data:
             deadline = time.monotonic() + self.timeout
-            while self.err is not None and (left := deadline - time.monotonic()) > 0:  # the rest of its stderr
+            while self.err is not None and (left := deadline - time.monotonic()) > 0:  # the rest of stderr
                 if select.select([self.err], [], [], min(left, 0.1))[0]:
                     self._read_err()
                 elif self.proc.poll() is not None:

@@ -116,6 +116,6 @@ def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped:
             from kosmos.data.stream import DataError  # raised in the stream's worker, which reports it
 
             raise DataError(f"cannot resume: {len(lost)} sample(s) to read back from {shards[shard]} (e.g. "
-                            f"{lost[:3]}) could not be read: {failed[shards[shard]]}; is the storage reachable? "
-                            "The same checkpoint resumes once it is")
+                            f"{lost[:3]}) could not be read: {failed[shards[shard]]}; is the storage "
+                            "reachable? The same checkpoint resumes once it is")
     return found
