@@ -253,14 +253,14 @@ def _writing(tmp: Path):
     try:
         yield
     except (OSError, SafetensorError, RuntimeError) as e:  # RuntimeError: torch.save's failed zip write
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 1e6:.1f} MB free there"  # before the removal
+        except OSError:
+            free = ""
         shutil.rmtree(tmp, ignore_errors=True)
         first = (str(e).splitlines() or [""])[0][:200]
         cause = e.strerror if isinstance(e, OSError) and e.strerror else first
         where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
-        try:
-            free = f"; {shutil.disk_usage(tmp.parent).free / 1e6:.1f} MB free there"
-        except OSError:
-            free = ""
         final = tmp.with_name(tmp.name.removesuffix(".tmp"))
         raise CheckpointError(f"{final}: the checkpoint could not be written ({type(e).__name__}: {cause}"
                               f"{where}{free}); make room and resume with --resume latest") from None
