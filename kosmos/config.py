@@ -754,7 +754,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _load_yaml(raw, f"override {item!r}", key) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         out.append((key, value))
@@ -839,9 +839,10 @@ def _check_size(data: Any) -> None:
                       "every checkpoint: write it out plainly")
 
 
-def _load_yaml(text: str, path: Path) -> Any:
-    """The YAML document `text` (of the file `path`), like yaml.safe_load, but a key given twice in one
-    mapping is a ConfigError naming it and both lines (PyYAML would silently keep the last)."""
+def _load_yaml(text: str, path: Path | str, key: str = "") -> Any:
+    """The YAML document `text` (of the file `path`, or the value of the override of config key `key`), like
+    yaml.safe_load, but a key given twice in one mapping is a ConfigError naming it and both lines (PyYAML
+    would silently keep the last)."""
     import yaml
 
     loader = yaml.SafeLoader(text)
@@ -849,19 +850,19 @@ def _load_yaml(text: str, path: Path) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        _check_duplicate_keys(node, path)
+        _check_duplicate_keys(node, path, key)
         return loader.construct_document(node)
     finally:
         loader.dispose()
 
 
-def _check_duplicate_keys(root: Any, path: Path) -> None:
+def _check_duplicate_keys(root: Any, path: Path | str, key: str = "") -> None:
     """Walk the composed YAML node graph (each node once: aliases share nodes) and refuse a mapping that gives
     a key twice, naming its dotted config key and the two lines."""
     import yaml
 
     seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(root, "")]
+    stack: list[tuple[Any, str]] = [(root, key)]
     while stack:
         node, key = stack.pop()
         if id(node) in seen:

@@ -168,6 +168,9 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
     p.write_text("train:\n  eval_tasks:\n  - {task: vqa, data: x, data: y}\n")
     with pytest.raises(ConfigError, match=r"'train\.eval_tasks\[0\]\.data' is given twice"):
         load_config(p)
+    with pytest.raises(ConfigError, match=r"override 'train\.eval_tasks=.*': config key "
+                                          r"'train\.eval_tasks\[0\]\.data' is given twice"):
+        load_config(None, ["train.eval_tasks=[{task: vqa, data: x, data: y}]"])
     # a key that overrides one brought in by a merge key (<<) is not a duplicate
     p.write_text("optim:\n  <<: {lr: 1.0e-3, warmup_steps: 3}\n  lr: 2.0e-3\n")
     assert load_config(p).optim.lr == 2e-3
