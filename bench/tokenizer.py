@@ -6,7 +6,10 @@ Prints
 - encode / decode throughput (MB/s of text) of KosmosTokenizer and of the bare
   SentencePieceProcessor it wraps, on the same documents, and the wrapper's overhead as a ratio;
 - training time per MB of corpus for ``build_tokenizer`` (read + sample + train + write) and for
-  bare ``SentencePieceTrainer.train`` on the same lines, unigram and BPE.
+  bare ``SentencePieceTrainer.train`` on the same lines, unigram and BPE;
+- reading a corpus that is one long line (LONG_LINE_MB, no newline) into the sample: MB/s and the peak
+  memory Python allocated while reading, which stays near READ_PIECE whatever the line's length (issue 22:
+  a 280 MB line did not finish in 600 s at 1.4 GB; now ~2 s).
 
 The corpus is the shipped tiny corpus plus generated captions and sentences (no network). Runs in
 well under a minute on a 2-core CPU.
@@ -23,10 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer import TINY_CORPUS  # noqa: E402
-from tokenizer.build import build_tokenizer, train_sentencepiece  # noqa: E402
+from tokenizer.build import build_tokenizer, sample_lines, train_sentencepiece  # noqa: E402
 
 VOCAB_SIZE = 1000
 TRAIN_MB = 2.0  # size of the generated training corpus
+LONG_LINE_MB = 64  # the corpus that is one line
 REPEATS = 5
 
 
@@ -95,6 +99,23 @@ def bench_training(tmp: Path) -> None:
         print(f"  {model_type:10s} {t_base / mb:11.2f} s/MB {t_ours / mb:12.2f} s/MB {t_ours / t_base:8.2f}x")
 
 
+def bench_long_line(tmp: Path) -> None:
+    import tracemalloc
+
+    corpus = tmp / "one-line.txt"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for _ in range(LONG_LINE_MB):
+            f.write("word " * 200_000)  # 1 MB
+    tracemalloc.start()
+    start = time.perf_counter()
+    _, stats = sample_lines([corpus], 1000, quiet=True)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"one long line: {LONG_LINE_MB} MB in {seconds:.2f} s ({LONG_LINE_MB / seconds:.0f} MB/s, under "
+          f"tracemalloc), {stats[0].lines} chunks, peak {peak / 1e6:.1f} MB allocated while reading")
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -103,6 +124,7 @@ def main() -> None:
         docs = ["\n".join(lines[i : i + 20]) for i in range(0, len(lines), 20)]
         bench_encode(tok, docs)
         bench_training(tmp)
+        bench_long_line(tmp)
 
 
 if __name__ == "__main__":

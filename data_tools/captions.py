@@ -72,6 +72,13 @@ def make_caption_sample(item: Item, opts: ImageOptions) -> Sample:
     )
 
 
+def bad_path(name) -> bool:
+    """Whether an image path read from a record can never name a file: not a string, or one holding a NUL
+    character (valid JSON, ``"im2\\u0000.jpg"``; the OS refuses it). Such a record is skipped and counted
+    (``bad_image_path``) instead of stopping the whole conversion."""
+    return not isinstance(name, str) or "\0" in name
+
+
 def _caption(value) -> str:
     if value is None:
         raise Skip("missing_caption")
@@ -150,6 +157,9 @@ def _coco_records(input: Path, images_root: Path, coco: dict) -> Iterator[Item |
                 reasons.append(s.reason)
         if not good:
             yield Skipped(reasons[0] if reasons else "missing_caption", source)
+            continue
+        if bad_path(fname):
+            yield Skipped("bad_image_path", source, repr(fname))
             continue
         key = f"{iid:012d}" if isinstance(iid, int) else str(iid)
         meta = {"image_id": iid, "file_name": fname, "captions": good}
@@ -265,6 +275,9 @@ def _table_records(input: Path, fmt: str, files: list[Path], images_root: Path |
                     img = decode_text(img).strip()
                 except Skip as s:
                     yield Skipped(s.reason, source)
+                    continue
+                if bad_path(img):
+                    yield Skipped("bad_image_path", source, repr(img))
                     continue
                 key = rec.get(key_col) if key_col else str(Path(img).with_suffix(""))
                 if key is None or key == "":

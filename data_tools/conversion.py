@@ -31,6 +31,7 @@ from data_tools.writer import (
     convert_chunk,
     count_skip,
     listing_digest,
+    output_error,
     sanitize_key,
     write_json_atomic,
 )
@@ -315,7 +316,11 @@ def _run(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
 
     removed = clean_chunks_from(output, n_chunks)  # chunks of a longer input converted here before
     manifest = _build_manifest(conv, output, states, enum_skipped, enum_examples, counts)
-    write_json_atomic(output / MANIFEST, manifest)
+    try:
+        write_json_atomic(output / MANIFEST, manifest)
+    except OSError as e:
+        e.filename = e.filename or str(output / (MANIFEST + ".tmp"))
+        raise output_error(output, e) from None
     print(_summary_line(manifest, output, reused, time.perf_counter() - t0, redone + removed))
     return manifest
 

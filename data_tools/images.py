@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 from data_tools.records import Skip
 from data_tools.tables import open_regular
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""File suffixes of input images the converters read."""
+from kosmos.data.format import IMAGE_SUFFIXES  # noqa: F401 - the converters' image files, imported from here
 
 JPEG_MAX_SIDE = 65_500
 """The longest side libjpeg can encode: an image longer than this after resizing is skipped
@@ -197,5 +195,7 @@ class ImageRef:
                 return f.read(self.size)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise Skip("missing_image", self.path) from None
+        except ValueError as e:  # a path the OS refuses (a NUL character in it)
+            raise Skip("bad_image_path", f"{self.path!r}: {e}") from None
         except OSError as e:
             raise Skip("unreadable_image", f"{self.path}: {e}") from None

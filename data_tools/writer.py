@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data_tools.records import Handler, Item, Skip
+from data_tools.records import ConversionError, Handler, Item, Skip
 from kosmos.data.format import member_name
 
 STATE_DIR = ".convert_state"
@@ -91,6 +91,8 @@ def _feed(h, obj: Any, stats: dict[str, str]) -> None:
                 stats[obj.path] = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError as e:  # missing: the handler counts it; a rerun after it appears redoes the chunk
                 stats[obj.path] = f"error:{e.errno}"
+            except ValueError:  # a path the OS refuses (a NUL character): the handler counts it too
+                stats[obj.path] = "error:bad_path"
         h.update(f"image:{obj.path}:{obj.offset}:{obj.size}:{stats[obj.path]}\0".encode(
             "utf-8", "surrogateescape"))
     elif isinstance(obj, dict):
@@ -152,6 +154,25 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
     written last, so its presence means every shard of the chunk is final.
     """
     out = Path(output)
+    written: list[Path] = []  # this chunk's shard files, removed when writing fails
+    try:
+        return _convert_chunk(handler, ctx, chunk, items, out, max_shard_bytes, listing, written)
+    except OSError as e:  # the output, not an input (a handler's errors are counted): disk full, ...
+        for p in written:
+            p.unlink(missing_ok=True)  # frees the space a rerun needs
+        raise output_error(out, e) from None
+
+
+def output_error(output: Path, e: OSError) -> ConversionError:
+    """A write to the output that failed (disk full, quota, I/O error) as one line naming the output and the
+    file; a rerun once the cause is fixed resumes, keeping the finished chunks."""
+    where = f": {e.filename}" if e.filename else ""
+    return ConversionError(f"output {output} cannot be written ({e.strerror or e}{where}); fix that and run "
+                           "the same command again: finished chunks are kept")
+
+
+def _convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out: Path, max_shard_bytes: int,
+                   listing: str, written: list[Path]) -> dict:
     skipped: Counter = Counter()
     image_skips: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -167,33 +188,45 @@ def convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], out
             cur["bytes"] = (out / (cur["name"] + ".tmp")).stat().st_size
             shards.append(dict(cur))
 
-    for item in items:
-        try:
-            sample = handler(item, ctx)
-        except Exception as e:  # noqa: BLE001 - one bad input never stops the run; it is counted
-            reason = e.reason if isinstance(e, Skip) else f"unexpected_error_{type(e).__name__}"
-            if isinstance(e, Skip):
-                image_skips.update(e.image_skips)
-            count_skip(skipped, examples, reason, item.source, e.detail if isinstance(e, Skip) else str(e))
-            continue
-        image_skips.update(sample.image_skips)
-        files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}
-        size = _tar_size(files)
-        if tar is not None and cur["samples"] and _tar_file_size(cur["est"] + size) > max_shard_bytes:
-            close()
-        if tar is None:
-            name = shard_name(chunk, len(shards))
-            tar = tarfile.open(out / (name + ".tmp"), "w", format=tarfile.GNU_FORMAT)
-            cur = {"name": name, "samples": 0, "images": 0, "est": 0}
-        for name, data in files.items():
-            _add_member(tar, name, data)
-        cur["samples"] += 1
-        cur["images"] += sample.images
-        cur["est"] += size
-    close()
+    try:
+        for item in items:
+            try:
+                sample = handler(item, ctx)
+            except Exception as e:  # noqa: BLE001 - one bad input never stops the run; it is counted
+                reason = e.reason if isinstance(e, Skip) else f"unexpected_error_{type(e).__name__}"
+                if isinstance(e, Skip):
+                    image_skips.update(e.image_skips)
+                detail = e.detail if isinstance(e, Skip) else str(e)
+                count_skip(skipped, examples, reason, item.source, detail)
+                continue
+            image_skips.update(sample.image_skips)
+            files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}
+            size = _tar_size(files)
+            if tar is not None and cur["samples"] and _tar_file_size(cur["est"] + size) > max_shard_bytes:
+                close()
+            if tar is None:
+                name = shard_name(chunk, len(shards))
+                written.append(out / (name + ".tmp"))
+                tar = tarfile.open(written[-1], "w", format=tarfile.GNU_FORMAT)
+                cur = {"name": name, "samples": 0, "images": 0, "est": 0}
+            for name, data in files.items():
+                _add_member(tar, name, data)
+            cur["samples"] += 1
+            cur["images"] += sample.images
+            cur["est"] += size
+        close()
+    except OSError as e:
+        if tar is not None:  # the shard being written: the file a write (a tar's end blocks too) failed on
+            e.filename = e.filename or str(written[-1])
+            try:
+                tar.close()
+            except OSError:
+                pass
+        raise
     for s in shards:
         del s["est"]
         os.replace(out / (s["name"] + ".tmp"), out / s["name"])
+        written.append(out / s["name"])
     state = {"chunk": chunk, "inputs": len(items), "listing": listing, "shards": shards,
              "skipped": dict(skipped), "examples": examples, "image_skips": dict(image_skips)}
     write_json_atomic(_chunk_state_path(out, chunk), state)

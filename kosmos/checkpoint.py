@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,30 @@ def copy_tokenizer(src: str | Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+@contextmanager
+def _writing(tmp: Path):
+    """Writes into the unfinished checkpoint folder `tmp`: one that fails (disk full, quota, an I/O error) is
+    a one-line CheckpointError naming the checkpoint, the cause and the free space, and the folder is
+    removed, giving its space back. The earlier checkpoints are untouched: `--resume latest`, once there is
+    room, continues from the last of them."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as e:  # RuntimeError: torch.save's failed zip write
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 1e6:.1f} MB free there"  # before the removal
+        except OSError:
+            free = ""
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (str(e).splitlines() or [""])[0][:200]
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else first
+        where = f": {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+        raise CheckpointError(f"{final}: the checkpoint could not be written ({type(e).__name__}: {cause}"
+                              f"{where}{free}); make room and resume with --resume latest") from None
+
+
 def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict) -> Path | None:
     """Write the checkpoint of `state["step"]` from every rank; returns its path on the main process (else
     None). All ranks must call it: it synchronises them."""
@@ -270,19 +295,24 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
                 full.pop("decoder.output_projection.weight", None)
             save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
     elif acc.is_main_process:
-        save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
-        save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-    if acc.is_main_process:
-        save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
-        save_config(cfg, tmp / "config.yaml")  # with tokenizer/: a checkpoint is all inference needs
-        copy_tokenizer(cfg.tokenizer.path, tmp / "tokenizer")
-    save_torch(rng_state(), tmp / f"rng_rank{acc.process_index}.pt")
-    write_json(mixture.state_dict(), tmp / f"data_rank{acc.process_index}.json")
+        unwrapped, optim_state = acc.unwrap_model(model), optimizer.state_dict()
+        with _writing(tmp):
+            save_model(unwrapped, str(tmp / "model.safetensors"))
+            save_torch(optim_state, tmp / "optimizer.pt")
+    sched_state, rng, data = scheduler.state_dict(), rng_state(), mixture.state_dict()
+    with _writing(tmp):  # the writes alone: an error of anything else is not a full disk
+        if acc.is_main_process:
+            save_torch(sched_state, tmp / "scheduler.pt")
+            save_config(cfg, tmp / "config.yaml")  # with tokenizer/: a checkpoint is all inference needs
+            copy_tokenizer(cfg.tokenizer.path, tmp / "tokenizer")
+        save_torch(rng, tmp / f"rng_rank{acc.process_index}.pt")
+        write_json(data, tmp / f"data_rank{acc.process_index}.json")
     acc.wait_for_everyone()
     final = None
     if acc.is_main_process:
-        write_json({**state, "world_size": acc.num_processes, "config": cfg.to_dict()},
-                   tmp / "trainer_state.json")
+        with _writing(tmp):
+            write_json({**state, "world_size": acc.num_processes, "config": cfg.to_dict()},
+                       tmp / "trainer_state.json")
         final = finalize(cfg.train.output_dir, step, cfg.train.keep_last)
     acc.wait_for_everyone()
     return final

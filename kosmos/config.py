@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -30,6 +31,15 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+MAX_VOCAB_SIZE = 2**24
+"""The largest `decoder.vocab_size` accepted: far beyond any tokenizer (SentencePiece's are up to ~256K
+pieces), so that a slip (1000000000) is refused here, naming the key, rather than by a 256 GB embedding
+allocation."""
+
+MAX_SEED = 2**32 - 1
+"""The largest `seed`: numpy's generator (seeded with it by accelerate's set_seed) takes 0 .. 2**32 - 1."""
 
 
 @dataclass
@@ -82,6 +92,8 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "layers", "dim", "ffn_dim", "heads", "max_len", "xpos_scale_base"):
             _check(getattr(self, name) > 0, f"decoder.{name}", f"must be positive, got {getattr(self, name)}")
+        _check(self.vocab_size <= MAX_VOCAB_SIZE, "decoder.vocab_size",
+               f"must be at most {MAX_VOCAB_SIZE} (2**24; the paper's is 64007), got {self.vocab_size}")
         _check(self.dim % self.heads == 0, "decoder.heads", f"must divide decoder.dim={self.dim}, got {self.heads}")
         _check(self.head_dim % 2 == 0, "decoder.heads", f"head dim {self.head_dim} must be even for xPos")
         _check(self.activation in ("gelu", "relu", "swish"), "decoder.activation",
@@ -496,6 +508,18 @@ def _check_eval_task(task: Any, key: str) -> None:
            f"{', '.join(EVAL_TASK_OPTIONS)} and the task settings {', '.join(sorted(settings))}")
     _check(isinstance(task.get("shots", 0), int) and task.get("shots", 0) >= 0, f"{key}.shots",
            "must be one number >= 0")
+    for name, value in task.items():  # values too: a nested one may be a YAML alias bomb, expanded when saved
+        flat = value if isinstance(value, list) else [value]
+        _check(all(v is None or isinstance(v, str | int | float | bool) for v in flat), f"{key}.{name}",
+               f"must be a number, a string or a list of them, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for a message (the value may be huge)."""
+    r = reprlib.Repr()  # Python 3.11: no keyword arguments
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring = 2, 4, 4, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass
@@ -587,7 +611,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
-    """Random seed for initialisation and data order."""
+    """Random seed for initialisation and data order: 0 .. 2**32 - 1 (numpy's range)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.seed <= MAX_SEED, "seed",
+               f"must be in 0 .. {MAX_SEED} (2**32 - 1, numpy's seed range), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -731,7 +759,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _load_yaml(raw, f"override {item!r}", key) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         out.append((key, value))
@@ -743,6 +771,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     data = dict(data or {})
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
+    _check_size(data)
     cfg = _build(Config, data)
     # Which keys the user set, for warnings about defaults that matter (Config.given); not a field, so it
     # is neither saved nor compared.
@@ -762,6 +791,104 @@ def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+MAX_CONFIG_SIZE = 8_000_000
+"""The most a config may hold, counted as the characters of its keys and strings plus one per value, once
+YAML aliases are expanded: a config is saved in full (config.yaml, and in trainer_state.json with every
+checkpoint), so a small file whose aliases expand to 100 MB (an alias bomb) is refused when loaded, naming
+where it grew."""
+
+
+def _check_size(data: Any) -> None:
+    """Refuse a config (a nested dict, overrides applied) larger than MAX_CONFIG_SIZE once expanded, naming
+    the deepest key that alone is too large, or one that contains itself (`&a [*a]`). The expanded size is
+    computed over the shared values (what an alias refers to is one object), each once: an alias bomb costs
+    no more than the file that holds it."""
+    sizes: dict[int, int | None] = {}  # id -> expanded size; None while its values are being added up
+
+    def items(node: Any) -> list[tuple[str, Any]]:
+        if isinstance(node, dict):
+            return [(str(k), v) for k, v in node.items()]
+        return [(f"[{i}]", v) for i, v in enumerate(node)] if isinstance(node, list) else []
+
+    def size(node: Any) -> int:
+        if isinstance(node, dict | list):
+            return sizes[id(node)] or 0
+        return 1 + (len(node) if isinstance(node, str | bytes) else 0)
+
+    def name(key: str, part: str) -> str:
+        return key + part if part.startswith("[") or not key else f"{key}.{part}"
+
+    stack: list[tuple[Any, bool, str]] = [(data, False, "")]
+    while stack:
+        node, done, key = stack.pop()
+        if done:
+            sizes[id(node)] = 1 + sum(len(k) + size(v) for k, v in items(node))
+            continue
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = None
+        stack.append((node, True, key))
+        for part, value in items(node):
+            if isinstance(value, dict | list):
+                if id(value) in sizes and sizes[id(value)] is None:
+                    raise ConfigError(f"config key '{name(key, part)}': contains itself (a YAML alias to the "
+                                      "value it is in)")
+                stack.append((value, False, name(key, part)))
+    if size(data) <= MAX_CONFIG_SIZE:
+        return
+    key, node = "", data
+    while (big := next(((p, v) for p, v in items(node) if size(v) > MAX_CONFIG_SIZE), None)) is not None:
+        key, node = name(key, big[0]), big[1]
+    raise ConfigError(f"config key '{key or 'root'}': the config is larger than {MAX_CONFIG_SIZE:,} "
+                      "characters once its YAML aliases (&anchor, *alias) are expanded; it is saved with "
+                      "every checkpoint: write it out plainly")
+
+
+def _load_yaml(text: str, path: Path | str, key: str = "") -> Any:
+    """The YAML document `text` (of the file `path`, or the value of the override of config key `key`), like
+    yaml.safe_load, but a key given twice in one mapping is a ConfigError naming it and both lines (PyYAML
+    would silently keep the last)."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, path, key)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(root: Any, path: Path | str, key: str = "") -> None:
+    """Walk the composed YAML node graph (each node once: aliases share nodes) and refuse a mapping that gives
+    a key twice, naming its dotted config key and the two lines."""
+    import yaml
+
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, key)]
+    while stack:
+        node, key = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for k, v in node.value:
+                name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                dotted = f"{key}.{name}" if key else name
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    line = k.start_mark.line + 1
+                    if name in lines:
+                        raise ConfigError(f"{path}: config key '{dotted}' is given twice (lines "
+                                          f"{lines[name]} and {line}); only one may be given")
+                    lines[name] = line
+                stack.append((v, dotted))
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(v, f"{key}[{i}]") for i, v in enumerate(node.value)]
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The nested dict of a YAML config file, not yet checked."""
     import yaml
@@ -770,7 +897,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text(), path) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

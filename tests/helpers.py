@@ -301,13 +301,15 @@ class ShardServer:
         flaky/NAME     the first request of each file like cut/, the next ones like ok/
         trickle/NAME   the file, a byte every 20 ms (50 bytes/s) until done or the server stops
 
-    `requests` lists (path, Range header or None) of every request."""
+    `requests` lists (path, Range header or None) of every request. While `down` is set, every request is
+    answered 500 (the store is down)."""
 
     def __init__(self, root: Path):
         import http.server
         import threading
 
         self.root, self.requests, self.stop = Path(root), [], threading.Event()
+        self.down = False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -321,6 +323,9 @@ class ShardServer:
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
                 path = server.root / name
+                if server.down:
+                    self.send_error(500)
+                    return
                 if mode == "missing" or not path.is_file():
                     self.send_error(404)
                     return
@@ -364,3 +369,55 @@ class ShardServer:
         self.stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+class SmallDisk:
+    """A folder where writes fail for want of room, as on a full disk, until `room()` (`with SmallDisk(path,
+    size) as disk`). Where this process may mount one (root), a tmpfs of `size` bytes: writes fail with
+    ENOSPC ("No space left on device"), as on a full disk. Elsewhere a simulation: RLIMIT_FSIZE of `size`
+    bytes on this process, SIGXFSZ ignored, so that writing any file past `size` bytes (in the folder or not)
+    fails with EFBIG ("File too large"); keep the block short. `kind` says which: "tmpfs" or "rlimit"."""
+
+    def __init__(self, folder: Path, size: int):
+        self.folder, self.size, self.kind = Path(folder), size, None
+        self._limits = self._handler = None
+
+    def __enter__(self) -> SmallDisk:
+        import os
+        import resource
+        import signal
+        import subprocess
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs",
+                                                 str(self.folder)], capture_output=True).returncode == 0:
+            self.kind = "tmpfs"
+        else:
+            self.kind = "rlimit"
+            self._handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            self._limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.size, self._limits[1]))
+        return self
+
+    def room(self) -> None:
+        """Room again: the tmpfs grows to 1 GB (its pages are only taken as written), or the limit goes."""
+        import resource
+        import signal
+        import subprocess
+
+        if self.kind == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=1g", str(self.folder)], check=True)
+        elif self._limits is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, self._limits)
+            signal.signal(signal.SIGXFSZ, self._handler)
+            self._limits = None
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        self.room()
+        if self.kind == "tmpfs":
+            subprocess.run(["umount", "-l", str(self.folder)], check=True)

@@ -151,3 +151,83 @@ def test_the_help_example_override_is_accepted(capsys):
     assert "optim.lr=1e-4" in capsys.readouterr().out  # the example --help gives works as given
     cfg = load_config(CONFIGS[0].parent / "tiny.yaml", ["train.max_steps=100", "optim.lr=1e-4"])
     assert cfg.optim.lr == 1e-4
+
+
+# ----------------------------------------------------------------------------- issue 22: items 12 and 13
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    p = tmp_path / "twice.yaml"
+    p.write_text("optim:\n  lr: 1.0e-3\ndecoder:\n  layers: 2\noptim:\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: config key 'optim' is given twice \(lines 1 and "
+                                          r"5\)"):
+        load_config(p)
+    p.write_text("optim:\n  lr: 1.0e-3\n  warmup_steps: 3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"'optim\.lr' is given twice \(lines 2 and 4\)"):
+        load_config(p)
+    p.write_text("train:\n  eval_tasks:\n  - {task: vqa, data: x, data: y}\n")
+    with pytest.raises(ConfigError, match=r"'train\.eval_tasks\[0\]\.data' is given twice"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"override 'train\.eval_tasks=.*': config key "
+                                          r"'train\.eval_tasks\[0\]\.data' is given twice"):
+        load_config(None, ["train.eval_tasks=[{task: vqa, data: x, data: y}]"])
+    # a key that overrides one brought in by a merge key (<<) is not a duplicate
+    p.write_text("optim:\n  <<: {lr: 1.0e-3, warmup_steps: 3}\n  lr: 2.0e-3\n")
+    assert load_config(p).optim.lr == 2e-3
+
+
+def test_seed_and_vocab_size_are_bounded_in_the_config():
+    """Both passed validation and failed later with a traceback: numpy's seed range, a 256 GB embedding."""
+    assert load_config(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    for seed in (2**75, 2**32, -1):
+        with pytest.raises(ConfigError, match=r"config key 'seed': must be in 0 \.\. 4294967295"):
+            load_config(None, [f"seed={seed}"])
+    with pytest.raises(ConfigError, match=r"'decoder\.vocab_size': must be at most 16777216"):
+        load_config(None, ["decoder.vocab_size=1000000000"])
+
+
+BOMB = """\
+a: &a [x, x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+"""
+
+
+def test_an_alias_bomb_in_eval_task_values_is_refused_before_anything_is_saved(tmp_path):
+    """A 1.7 KB file whose eval_tasks values (only their keys were checked) expanded to a 128 MB config.yaml,
+    written twice, and a 125 MB trainer_state.json: the values are checked, and the size of the whole config
+    once expanded is bounded."""
+    from kosmos.config import MAX_CONFIG_SIZE
+
+    bomb = "".join(f"  {line}\n" for line in BOMB.splitlines())
+    p = tmp_path / "bomb.yaml"
+    p.write_text(f"x-bomb:\n{bomb}train:\n  eval_tasks:\n  - task: vqa\n    data: x.jsonl\n"
+                 "    stop: *h\n")
+    assert p.stat().st_size < 2000
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: config key 'x-bomb\.g': the config is larger than "
+                                          r"8,000,000 characters"):
+        load_config(p)  # 10**8 values: refused by size before anything else looks at it
+    inner = "".join(f"      {line}\n" for line in BOMB.splitlines())
+    p.write_text(f"train:\n  eval_tasks:\n  - task: vqa\n    data: x.jsonl\n    stop:\n{inner}")
+    with pytest.raises(ConfigError, match=r"'train\.eval_tasks\[0\]\.stop\.g': the config is larger than"):
+        load_config(p)
+    # small nested values are refused by the check of the values; flat lists of scalars are kept
+    with pytest.raises(ConfigError, match=r"'train\.eval_tasks\[0\]\.stop': must be a number, a string or a "
+                                          r"list of them"):
+        load_config(None, ["train.eval_tasks=[{task: vqa, data: x, stop: [[a, b], [c]]}]"])
+    cfg = load_config(None, ["train.eval_tasks=[{task: vqa, data: x, stop: ['.', '?'], num_beams: 2}]"])
+    assert cfg.train.eval_tasks[0]["stop"] == [".", "?"]
+    # a flat list of aliases of one long string: bounded by size too
+    long = "y" * 100_000
+    p.write_text(f"s: &s {long}\ntrain:\n  eval_tasks:\n  - task: vqa\n    data: x\n    stop: ["
+                 + ", ".join(["*s"] * (MAX_CONFIG_SIZE // 100_000 + 1)) + "]\n")
+    with pytest.raises(ConfigError, match=r"'train\.eval_tasks\[0\]\.stop': the config is larger than"):
+        load_config(p)
+    p.write_text("train:\n  eval_tasks: &t\n  - task: vqa\n    data: x\n    stop: *t\n")
+    with pytest.raises(ConfigError, match=r"'train\.eval_tasks\[0\]\.stop': contains itself"):
+        load_config(p)

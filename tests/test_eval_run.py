@@ -359,3 +359,30 @@ def test_score_on_the_run_results_gives_the_run_metrics(ckpt, sets, tmp_path, ca
                  str(folder / "results.json"), "--no-meteor"]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["CIDEr"] == results(out, "coco_captioning")[1]["metrics"]["CIDEr"]
+
+
+def test_an_evaluation_image_folder_takes_every_image_the_converters_take(tmp_path):
+    """Issue 22: GIF and TIFF images, which the converters take, were skipped silently by an evaluation image
+    folder (jpg/jpeg/png/webp/bmp only): one list of image suffixes now."""
+    from PIL import Image
+
+    import data_tools.images
+    import kosmos.data.format
+    import kosmos.eval.datasets
+    from kosmos.eval import run
+    from kosmos.eval.tasks import get_task
+
+    with Image.open(PHOTOS[0]) as im:
+        im = im.convert("RGB").resize((40, 32))
+        for suffix, fmt in ((".jpg", "JPEG"), (".gif", "GIF"), (".tif", "TIFF"), (".TIFF", "TIFF"),
+                            (".webp", "WEBP"), (".bmp", "BMP")):
+            im.save(tmp_path / f"im{suffix}", format=fmt)
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = run.load_task_data(get_task("captioning"), str(tmp_path))
+    assert sorted(item.id for item in data.items) == ["im.TIFF", "im.bmp", "im.gif", "im.jpg", "im.tif",
+                                                      "im.webp"]
+    from kosmos.image import load_image
+
+    assert all(load_image(item.images[0], 32).shape == (3, 32, 32) for item in data.items)
+    suffixes = getattr(kosmos.data.format, "IMAGE_SUFFIXES", None)
+    assert data_tools.images.IMAGE_SUFFIXES is suffixes is kosmos.eval.datasets.IMAGE_SUFFIXES

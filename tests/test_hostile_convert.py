@@ -358,3 +358,57 @@ def test_an_interleaved_conversion_that_writes_nothing_says_why_its_documents_ha
         convert_interleaved("obelics", table, tmp_path / "empty", out, shard_options=_opts(out),
                             doc_options=DocOptions(single_image_drop=0.0))
     assert manifest(out)["skipped_images"] == {"missing_image": 2}
+
+
+# ----------------------------------------------------------- issue 22, item 12: a full disk, a NUL in a path
+
+
+def test_a_full_disk_is_a_one_line_error_naming_the_output_and_a_rerun_with_room_finishes(tmp_path, capsys):
+    """A caption conversion on a disk that fills up (a 20 KB tmpfs where this may mount one, else a 20 KB file
+    size limit: EFBIG) ended with an OSError traceback. Now: one line naming the output and the file, exit 2,
+    the unfinished shard removed (its space given back); run again once there is room, it ends with the
+    shards of a conversion that never failed."""
+    from tests.helpers import SmallDisk
+
+    src = _folder(tmp_path / "src", [f"im{i:02d}" for i in range(12)])
+    fresh = tmp_path / "fresh"
+    opts = ["--no-progress", "--samples-per-shard", "4"]
+    assert captions.main(["-f", "folder", "-i", str(src), "-o", str(fresh), *opts]) == 0
+    assert all(len(b) > 20_000 for b in shard_bytes(fresh).values())
+    capsys.readouterr()
+    with SmallDisk(tmp_path / "disk", 20_000) as disk:
+        out = disk.folder / "out"
+        args = ["-f", "folder", "-i", str(src), "-o", str(out), *opts]
+        assert captions.main(args) == 2
+        err = _one_line_error(capsys, f"output {out} cannot be written (", "shard-000000-000.tar.tmp); ",
+                              "run the same command again")
+        assert ("No space left on device" if disk.kind == "tmpfs" else "File too large") in err
+        assert not list(out.glob("shard-*")), "the unfinished shard is removed"
+        disk.room()
+        assert captions.main(args) == 0
+        assert shard_bytes(out) == shard_bytes(fresh)
+        assert manifest(out)["totals"]["samples"] == 12
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "coco"])
+def test_an_image_path_with_a_nul_character_is_skipped_and_counted(tmp_path, fmt, capsys):
+    """`"im2\\u0000.jpg"` is valid JSON; it stopped the whole conversion with `error: embedded null byte`,
+    naming neither file nor row."""
+    for i in (0, 1):
+        write(tmp_path / f"im{i}.jpg", photo(i))
+    names = ["im0.jpg", "im2\u0000.jpg", "im1.jpg"]
+    if fmt == "jsonl":
+        rows = [{"image": n, "caption": f"caption {i}"} for i, n in enumerate(names)]
+        data = write(tmp_path / "t.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        where = "t.jsonl:1: 'im2\\x00.jpg'"
+    else:
+        coco = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+                "annotations": [{"id": i, "image_id": i, "caption": f"caption {i}"} for i in range(3)]}
+        data = write(tmp_path / "c.json", json.dumps(coco))
+        where = "c.json:image 1: 'im2\\x00.jpg'"
+    out = tmp_path / "out"
+    assert captions.main(["-f", fmt, "-i", str(data), "-o", str(out), "--no-progress"]) == 0
+    m = manifest(out)
+    assert m["totals"]["samples"] == 2 and m["skipped"] == {"bad_image_path": 1}
+    assert m["skipped_examples"]["bad_image_path"] == [where]
+    assert "skipped 1 (bad_image_path=1)" in capsys.readouterr().out

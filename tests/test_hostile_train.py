@@ -517,3 +517,59 @@ def test_resume_on_the_command_line_falls_back_and_refuses_changed_data_settings
     assert "config changed since the checkpoint (allowed): seed: 0 -> 1" in log
     assert f"resumed from {one} at step 1" in log
     assert ck.check_checkpoint(two)["step"] == 2  # written again, whole
+
+
+# ----------------------------------------------------------------------------- issue 22, item 12: a full disk
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_checkpoint_and_a_save_with_room_works(
+        tiny_tokenizer, tmp_path):
+    """The checkpoint save on a full disk ended with a traceback (SafetensorError from the weights). Now one
+    line naming the checkpoint and the cause, the unfinished folder removed (its space given back); once there
+    is room a save works and resumes. A tmpfs where this may mount one (ENOSPC), else a file size limit
+    (EFBIG)."""
+    from kosmos import checkpoint as ck
+    from tests.helpers import SmallDisk
+
+    _checkpoints(tiny_tokenizer, tmp_path / "ok", steps=(1,))
+    weights = (ck.list_checkpoints(tmp_path / "ok")[0] / "model.safetensors").stat().st_size
+    with SmallDisk(tmp_path / "disk", weights // 2) as disk:
+        out = disk.folder / "run"
+        with pytest.raises(ck.CheckpointError) as e:
+            _checkpoints(tiny_tokenizer, out, steps=(1,))
+        msg = str(e.value)
+        assert msg.startswith(f"{out / 'checkpoints' / 'step_00000001'}: the checkpoint could not be written "
+                              "(SafetensorError: "), msg
+        assert msg.endswith("MB free there); make room and resume with --resume latest") and "\n" not in msg
+        assert ("No space left on device" if disk.kind == "tmpfs" else "File too large") in msg, msg
+        assert not (out / "checkpoints" / "step_00000001.tmp").exists() and not ck.list_checkpoints(out)
+        disk.room()
+        cfg, acc, objects = _checkpoints(tiny_tokenizer, out, steps=(1,))
+        path = ck.list_checkpoints(out)[-1]
+        assert ck.resume(acc, [path], cfg, *objects())[1]["step"] == 1
+
+
+def test_the_other_writes_of_a_save_that_fail_are_one_line_too(tiny_tokenizer, tmp_path, monkeypatch):
+    """torch.save on a full disk raises a RuntimeError whose message is its zip writer's (simulated here:
+    the tiny run's torch files are too small to fill a disk alone); a plain file write, an OSError."""
+    from kosmos import checkpoint as ck
+
+    real = ck.save_torch
+
+    def full(obj, path):
+        if path.name == "optimizer.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        real(obj, path)
+
+    monkeypatch.setattr(ck, "save_torch", full)
+    with pytest.raises(ck.CheckpointError, match=r"step_00000001: the checkpoint could not be written "
+                                                 r"\(RuntimeError: \[enforce fail.*unexpected pos 576 vs "
+                                                 r"534; "):
+        _checkpoints(tiny_tokenizer, tmp_path, steps=(1,))
+    monkeypatch.setattr(ck, "save_torch", real)
+    monkeypatch.setattr(ck, "write_json", lambda obj, path: (_ for _ in ()).throw(
+        OSError(28, "No space left on device", str(path))))
+    with pytest.raises(ck.CheckpointError, match=r"\(OSError: No space left on device: .*step_00000001\.tmp/"
+                                                 r"data_rank0\.json; "):
+        _checkpoints(tiny_tokenizer, tmp_path, steps=(1,))
+    assert not list((tmp_path / "checkpoints").iterdir())

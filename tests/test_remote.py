@@ -146,6 +146,29 @@ def test_pipe_failures_are_counted(shards, tmp_path):
         open_shard("pipe:exit 1", FAST, strict=True).read()
 
 
+def test_a_command_flooding_its_stderr_costs_neither_disk_nor_memory(monkeypatch):
+    """`pipe:yes >&2` grew /tmp by 0.8-1.5 GB in 4 s: a command's whole standard error went to a temporary
+    file, read back whole for its last 300 bytes. Now only a bounded tail is kept, as it comes."""
+    import tempfile
+    import tracemalloc
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: pytest.fail("stderr kept on disk"))
+    spec = "pipe:head -c 30000000 /dev/zero | tr '\\0' x >&2; echo the last words >&2; exit 3"
+    tracemalloc.start()
+    try:
+        got, skipped, failed = samples(spec, options=ReadOptions(timeout=10, retries=0, backoff=0.01))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [] and skipped == {"shard_command_failed": 1}
+    assert failed[spec].startswith("shard_command_failed: exit status 3: xxxx")
+    assert failed[spec].endswith("xthe last words (1 try)") and len(failed[spec]) < 400, failed[spec]
+    assert peak < 2_000_000, f"{peak / 1e6:.1f} MB allocated for 30 MB of stderr"
+    # a command writing to stderr without end, never to stdout: a timeout, as for any silent command
+    got, skipped, failed = samples("pipe:yes >&2", options=ReadOptions(timeout=0.5, retries=0, backoff=0.01))
+    assert got == [] and skipped == {"shard_timeout": 1}
+
+
 def test_resume_skips_samples_unread(shards):
     """A reader resumed at offset k streams past the first k samples without holding their bytes."""
     with ShardServer(Path(shards[0]).parent) as srv:
@@ -188,6 +211,32 @@ def test_training_stream_over_http_resumes_exactly(tmp_path, tiny_tokenizer):
     shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
     with ShardServer(tmp_path / "d") as srv:
         check_stream_resumes_as_local(shards, [srv.url(f"ok/{Path(p).name}") for p in shards], tiny_tokenizer)
+
+
+def test_a_resume_while_the_store_answers_500_names_the_http_error(tmp_path, tiny_tokenizer):
+    """The samples of the shuffle buffer are read back on resume: with the store down, the resume said they
+    were "gone from the shards (were the shards changed since the checkpoint?)". Now it names the shard and
+    the HTTP error."""
+    shards = text_shards(tmp_path / "d", 2, 6)
+    with ShardServer(tmp_path / "d") as srv:
+        urls = [srv.url(f"ok/{Path(p).name}") for p in shards]
+        first = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, shuffle_buffer=4))
+        _consume(first, 2)
+        state = json.loads(json.dumps(first.state_dict()))
+        first.close()
+        srv.down = True
+        resumed = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, shuffle_buffer=4))
+        resumed.load_state_dict(state)
+        with pytest.raises(DataError) as e:
+            next(iter(resumed))
+        msg = str(e.value)
+        assert "gone from the shards" not in msg, msg
+        assert "cannot resume: " in msg and "ok/text-00000" in msg, msg
+        assert "shard_http_error: HTTP 500" in msg, msg
+        srv.down = False  # the store is back: the same state resumes
+        resumed = SourceLoader(make_ds("text", urls, tiny_tokenizer, infinite=True, shuffle_buffer=4))
+        resumed.load_state_dict(state)
+        assert len(_consume(resumed, 2)) == 2
 
 
 def _consume(loader, n):

@@ -205,6 +205,77 @@ def test_long_lines_are_chunked_not_dropped(tmp_path):
     assert max(len(line.encode()) for line in lines) <= 16384
 
 
+def _split_lines_before(document: str) -> list[str]:
+    """What tokenizer.build cut a document into before issue 22 (quadratic: `line = line[cut:]`), chunks of
+    blanks alone left out."""
+    from tokenizer.build import CHUNK_CHARS
+
+    out = []
+    for line in document.split("\n"):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        while len(line) > CHUNK_CHARS:
+            cut = line.rfind(" ", CHUNK_CHARS // 2, CHUNK_CHARS)
+            cut = cut if cut > 0 else CHUNK_CHARS
+            out.append(line[:cut])
+            line = line[cut:]
+        out.append(line)
+    return [c for c in out if c.strip()]
+
+
+def test_long_lines_are_cut_as_before_whole_or_streamed_in_pieces():
+    import random
+
+    from tokenizer.build import _split_lines
+
+    rng = random.Random(0)
+    for _ in range(30):
+        parts = []
+        for _ in range(rng.randrange(1, 6)):
+            kind = rng.choice(["words", "nospace", "blank", "crlf", "short"])
+            n = rng.randrange(1, 20_000)
+            parts.append({"words": "word " * (n // 5), "nospace": "x" * n, "blank": " " * n,
+                          "crlf": "ab " * (n // 3) + "\r\r", "short": "a line"}[kind])
+        doc = "\n".join(parts) + rng.choice(["", "\n", "\r\n"])
+        want = _split_lines_before(doc)
+        assert list(_split_lines(doc)) == want
+        cuts = sorted(rng.sample(range(len(doc)), min(len(doc), rng.randrange(1, 40))))
+        pieces = [doc[a:b] for a, b in zip([0, *cuts], [*cuts, len(doc)], strict=True)]
+        assert list(_split_lines(iter(pieces))) == want
+
+
+def test_a_corpus_that_is_one_long_line_is_read_in_bounded_memory(tmp_path):
+    """A 280 MB corpus of one line did not finish in 600 s at 1.4 GB: the line was read whole and cut with
+    `line = line[cut:]`, copying the rest at every cut. Now it is read in pieces of READ_PIECE bytes and cut
+    where it is: what Python allocates while reading stays near a few pieces, whatever the line's length
+    (speed: bench/tokenizer.py)."""
+    import tracemalloc
+
+    from tokenizer import build
+
+    CHUNK_CHARS, READ_PIECE = build.CHUNK_CHARS, getattr(build, "READ_PIECE", 1 << 20)
+    line = "word " * (12 * READ_PIECE // 5)  # 12 MB, no newline
+    (tmp_path / "one.txt").write_text(line, encoding="utf-8")
+    tracemalloc.start()
+    try:
+        lines, stats = sample_lines([tmp_path / "one.txt"], 10, quiet=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert stats[0].documents == 1 and stats[0].lines == len(_split_lines_before(line))
+    assert all(0 < len(c) <= CHUNK_CHARS for c in lines)
+    assert peak < 8 * READ_PIECE, f"{peak / 1e6:.1f} MB allocated to read a {len(line) / 1e6:.0f} MB line"
+    # a long line among short ones, gzipped, one not UTF-8 (skipped, counted): the next lines are intact
+    long = "abc " * (READ_PIECE // 2)
+    data = f"first\n{long}\n".encode() + b"bad \xff " + long.encode() + b"\nlast\n"
+    with gzip.open(tmp_path / "mix.txt.gz", "wb") as f:
+        f.write(data)
+    lines, stats = sample_lines([tmp_path / "mix.txt.gz"], 10_000, quiet=True)
+    assert lines == ["first", *_split_lines_before(long), "last"]
+    assert stats[0].documents == 4 and stats[0].skipped == {"not utf-8": 1}
+
+
 def test_reservoir_sample_is_bounded_uniform_and_seeded():
     def sample(seed, size=100, n=10_000):
         r = Reservoir(size, seed)

@@ -20,8 +20,10 @@ The output folder gets ``tokenizer.model``, ``tokenizer.vocab`` (piece and score
 from __future__ import annotations
 
 import argparse
+import codecs
 import gzip
 import io
+import itertools
 import json
 import os
 import random
@@ -31,10 +33,11 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
 from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
@@ -55,6 +58,9 @@ SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".tar", ".tar.gz", ".tgz")
 # are cut into chunks of at most CHUNK_CHARS characters (<= 4 bytes each) so none is lost.
 MAX_SENTENCE_BYTES = 16384
 CHUNK_CHARS = MAX_SENTENCE_BYTES // 4
+READ_PIECE = 1 << 20
+"""A ``.txt`` input is read at most this many bytes at a time: a longer line (a corpus that is one long line)
+is decoded and cut into chunks piece by piece as it streams, never held whole."""
 
 
 class BuildError(ValueError):
@@ -193,25 +199,10 @@ def _read_documents(
             stream = gzip.open(raw) if name.endswith(".gz") else raw
             jsonl = name.endswith((".jsonl", ".jsonl.gz"))
             try:
-                for n, line in enumerate(stream):
-                    if n % 4096 == 0:
-                        progress()
-                    text = _decode(line, stats)
-                    if text is None:
-                        continue
-                    if jsonl:
-                        if not text.strip():
-                            continue
-                        try:
-                            obj = json.loads(text)
-                        except json.JSONDecodeError:
-                            stats.skip("not json")
-                            continue
-                        text = obj.get(text_field) if isinstance(obj, dict) else None
-                        if not isinstance(text, str):
-                            stats.skip("no text field")
-                            continue
-                    yield text
+                if jsonl:
+                    yield from _jsonl_texts(stream, stats, text_field, progress)
+                else:  # a line is a document, read in bounded pieces
+                    yield from _txt_lines(stream, stats, progress)
             except (OSError, EOFError, zlib.error) as e:  # the documents read before the damage are kept
                 what = "truncated file" if isinstance(e, EOFError) else "corrupt file"
                 if getattr(raw, "error", None) is None:  # else counted below, by its cause
@@ -245,18 +236,117 @@ def _segments_text(raw: bytes, stats: InputStats) -> str | None:
     return "\n".join(texts)
 
 
-def _split_lines(document: str) -> Iterator[str]:
-    """The non-blank lines of a document, long ones cut into chunks SentencePiece accepts."""
-    for line in document.split("\n"):
-        line = line.rstrip("\r")
-        if not line.strip():
+def _jsonl_texts(stream: BinaryIO, stats: InputStats, text_field: str,
+                 progress: Callable[[], None]) -> Iterator[str]:
+    """The `text_field` of each JSON object of a jsonl input (one a line); other lines skipped and counted."""
+    for n, line in enumerate(stream):
+        if n % 4096 == 0:
+            progress()
+        text = _decode(line, stats)
+        if text is None or not text.strip():
             continue
-        while len(line) > CHUNK_CHARS:
-            cut = line.rfind(" ", CHUNK_CHARS // 2, CHUNK_CHARS)
-            cut = cut if cut > 0 else CHUNK_CHARS
-            yield line[:cut]
-            line = line[cut:]
-        yield line
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            stats.skip("not json")
+            continue
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            stats.skip("no text field")
+            continue
+        yield text
+
+
+def _txt_lines(stream: BinaryIO, stats: InputStats,
+               progress: Callable[[], None]) -> Iterator[str | Iterator[str]]:
+    """The lines of a ``.txt`` input (each a document), read at most READ_PIECE bytes at a time: a line that
+    fits is one string, a longer one an iterator over its decoded pieces (``_long_line``), drained here if the
+    reader leaves it, so that the next line starts where it ends. A line that is not UTF-8 is skipped and
+    counted (the chunks of a long one before the bad byte are kept); a read error is raised here, after the
+    pieces read before it."""
+    for n in itertools.count():
+        if n % 4096 == 0:
+            progress()
+        raw = stream.readline(READ_PIECE)
+        if not raw:
+            return
+        if len(raw) < READ_PIECE or raw.endswith(b"\n"):
+            text = _decode(raw, stats)
+            if text is not None:
+                yield text
+            continue
+        error: list[BaseException] = []
+        pieces = _long_line(stream, raw, stats, error, progress)
+        yield pieces
+        for _ in pieces:  # what the reader did not take
+            pass
+        if error:
+            raise error[0]
+
+
+def _long_line(stream: BinaryIO, raw: bytes, stats: InputStats, error: list[BaseException],
+               progress: Callable[[], None]) -> Iterator[str]:
+    """The rest of a line longer than READ_PIECE bytes, whose first piece is `raw`, decoded piece by piece (a
+    character cut between two pieces is completed by the next). A read error ends it and goes into `error`,
+    for `_txt_lines` to raise where its reader expects it."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        while True:
+            end = len(raw) < READ_PIECE or raw.endswith(b"\n")
+            try:
+                text = decoder.decode(raw, final=end)
+            except UnicodeDecodeError:
+                stats.skip("not utf-8")
+                while not end:  # skip the rest of the line
+                    raw = stream.readline(READ_PIECE)
+                    end = len(raw) < READ_PIECE or raw.endswith(b"\n")
+                return
+            yield text
+            if end:
+                return
+            progress()
+            raw = stream.readline(READ_PIECE)
+    except (OSError, EOFError, zlib.error) as e:
+        error.append(e)
+
+
+def _split_lines(document: str | Iterable[str]) -> Iterator[str]:
+    """The non-blank lines of a document (a string, or its pieces in turn: `_txt_lines`), long ones cut into
+    chunks SentencePiece accepts (at most CHUNK_CHARS characters, at a space in the second half of that where
+    there is one). Linear in the length of the document: a line is cut where it is, never copied but for the
+    chunks and the unfinished end of a piece (under CHUNK_CHARS), so a corpus that is one 280 MB line streams
+    in bounded memory. A chunk of blanks alone is left out, as a blank line is."""
+    rest = ""  # the unfinished line of the pieces so far
+    for piece in [document] if isinstance(document, str) else document:
+        lines = piece.split("\n")
+        lines[0] = rest + lines[0]
+        rest = lines.pop()
+        for line in lines:
+            yield from _chunks(line, final=True)
+        if len(rest) > CHUNK_CHARS:
+            done = yield from _chunks(rest, final=False)
+            rest = rest[done:]
+    if rest:
+        yield from _chunks(rest, final=True)
+
+
+def _chunks(line: str, final: bool) -> Generator[str, None, int]:
+    """The non-blank chunks of `line` (its trailing carriage returns left out), cut as `_split_lines` says;
+    returns where the chunks end. Not `final` (more of the line is still to come), only what is surely a
+    whole chunk is given: while more than CHUNK_CHARS characters are left."""
+    end = len(line)
+    while end and line[end - 1] == "\r":
+        end -= 1
+    start = 0
+    while end - start > CHUNK_CHARS:
+        cut = line.rfind(" ", start + CHUNK_CHARS // 2, start + CHUNK_CHARS)
+        cut = cut if cut >= 0 else start + CHUNK_CHARS
+        if not line[start:cut].isspace():
+            yield line[start:cut]
+        start = cut
+    if final and start < end and not line[start:end].isspace():
+        yield line[start:end]
+    return start
 
 
 class Reservoir:

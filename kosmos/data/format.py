@@ -49,6 +49,9 @@ from kosmos.data.remote import ShardError
 KINDS = ("text", "captions", "interleaved")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Image fields of a caption sample, in the order they are looked for."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""Suffixes of the image files read from folders and paths, by the converters (data_tools) and by evaluation
+(kosmos.eval): one list, so that no image the converters take is skipped, uncounted, by an evaluation."""
 TEXT_FIELD = "txt"
 """A text sample's document; a caption sample's caption."""
 JSON_FIELD = "json"

@@ -36,7 +36,6 @@ import os
 import re
 import select
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -272,35 +271,63 @@ running."""
 class _Pipe(io.RawIOBase):
     """The standard output of `sh -c COMMAND`, read with a timeout; EOF checks the exit status. The command
     runs in a session of its own and is killed, with its children, when this object closes or when the process
-    that opened it dies (_REAPER)."""
+    that opened it dies (_REAPER). Its standard error is read as it comes and only its last STDERR_TAIL bytes
+    are kept, for the message of a command that fails: a command that writes without end there (`yes >&2`)
+    costs neither disk nor memory."""
+
+    STDERR_TAIL = 4096
 
     def __init__(self, spec: str, timeout: float):
         self.spec, self.timeout = spec, timeout
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(spec[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=self.err,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.tail = b""
+        self.proc = subprocess.Popen(spec[len(PIPE):], shell=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
         self.reaper = subprocess.Popen(["sh", "-c", _REAPER, "reaper", str(os.getpid()), str(self.proc.pid)],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
+        self.err: int | None = self.proc.stderr.fileno()
 
     def readable(self) -> bool:
         return True
 
+    def _read_err(self) -> None:
+        data = os.read(self.err, 1 << 16)
+        if not data:
+            self.err = None  # the command closed its standard error
+            return
+        self.tail = (self.tail + data)[-self.STDERR_TAIL:]
+
+    def _wait_out(self, deadline: float) -> bool:
+        """Wait for the standard output to be readable, reading the standard error meanwhile; False at the
+        deadline."""
+        while (left := deadline - time.monotonic()) > 0:
+            fds = [self.fd] + ([self.err] if self.err is not None else [])
+            ready, _, _ = select.select(fds, [], [], left)
+            if self.err is not None and self.err in ready:
+                self._read_err()
+            if self.fd in ready:
+                return True
+        return False
+
     def readinto(self, b) -> int:
-        ready, _, _ = select.select([self.fd], [], [], self.timeout)
-        if not ready:
+        if not self._wait_out(time.monotonic() + self.timeout):
             raise _Transient("shard_timeout", f"the command wrote nothing for {self.timeout:g}s")
         data = os.read(self.fd, len(b))
         if not data:
+            deadline = time.monotonic() + self.timeout
+            while self.err is not None and (left := deadline - time.monotonic()) > 0:  # the rest of stderr
+                if select.select([self.err], [], [], min(left, 0.1))[0]:
+                    self._read_err()
+                elif self.proc.poll() is not None:
+                    break  # it exited: what still holds its standard error open is not waited for
             try:
-                code = self.proc.wait(self.timeout)
+                code = self.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise _Transient("shard_timeout", f"the command did not exit {self.timeout:g}s after its "
                                  "output ended") from None
             if code != 0:
-                self.err.seek(0)
-                tail = self.err.read()[-300:].decode("utf-8", "replace").strip().replace("\n", " | ")
+                tail = self.tail[-300:].decode("utf-8", "replace").strip().replace("\n", " | ")
                 detail = f"exit status {code}" + (f": {tail}" if tail else "")
                 raise _Transient("shard_command_failed", detail)
         b[: len(data)] = data
@@ -314,8 +341,8 @@ class _Pipe(io.RawIOBase):
                 except OSError:
                     pass
             self.proc.stdout.close()
+            self.proc.stderr.close()
             self.proc.wait()
-            self.err.close()
             self.reaper.kill()
             self.reaper.wait()
         super().close()

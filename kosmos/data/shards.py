@@ -103,14 +103,24 @@ def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped:
                    options: ReadOptions | None = None) -> dict:
     """The raw samples at `positions` ((shard, offset) pairs), read back from their shards; used to rebuild
     a shuffle buffer or a packer's unfinished document on resume. Reads each shard only as far as needed,
-    and of it only the wanted samples' members."""
+    and of it only the wanted samples' members. A shard that fails to read (after its retries) before all its
+    wanted samples came is a `kosmos.data.stream.DataError` naming it and why (`shard_http_error: HTTP 500
+    ...`, `missing_shard: ...`): the storage, not the shards, is then what changed since the checkpoint."""
     wanted: dict[int, set[int]] = {}
     for shard, offset in positions:
         wanted.setdefault(shard, set()).add(offset)
     found: dict[tuple[int, int], dict] = {}
     scratch: Counter = Counter()  # errors were already counted when these samples were first read
+    failed: dict[str, str] = {}
     for shard, offsets in wanted.items():
         for offset, sample in read_shard(shards[shard], scratch, max_offset=max(offsets),
-                                         want=offsets.__contains__, options=options):
+                                         want=offsets.__contains__, options=options, failed=failed):
             found[(shard, offset)] = sample
+        lost = sorted((shard, o) for o in offsets if (shard, o) not in found)
+        if lost and shards[shard] in failed:
+            from kosmos.data.stream import DataError  # raised in the stream's worker, which reports it
+
+            raise DataError(f"cannot resume: {len(lost)} sample(s) to read back from {shards[shard]} (e.g. "
+                            f"{lost[:3]}) could not be read: {failed[shards[shard]]}; is the storage "
+                            "reachable? The same checkpoint resumes once it is")
     return found

@@ -21,8 +21,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kosmos.data.format import IMAGE_SUFFIXES
+
 IMAGE_PLACEHOLDER = "<image>"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class EvalDataError(ValueError):

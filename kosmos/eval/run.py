@@ -26,12 +26,10 @@ from typing import Any
 
 import torch
 
+from kosmos.data.format import IMAGE_SUFFIXES
 from kosmos.eval.tasks import PAPER, TaskSpec
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
 
 @dataclass
 class Item:
@@ -68,7 +66,7 @@ class TaskData:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -174,7 +172,7 @@ def load_task_data(spec: TaskSpec, data: str, annotations: str | None = None, im
                              '{"image", "question"} rows')
         files = _image_files(path)
         if not files:
-            raise ValueError(f"{data}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            raise ValueError(f"{data}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return TaskData([Item(id=str(p.relative_to(path)), images=[p]) for p in files])
     if kind in ("captioning", "vqa") and path.suffix == ".jsonl":
         items = _jsonl_items(kind, path, Path(images) if images else path.parent)
