@@ -19,6 +19,12 @@ from kosmos.data.format import iter_tar
 from kosmos.data.remote import ReadOptions, is_remote, list_many, open_shard
 
 
+class DataError(RuntimeError):
+    """A source that cannot go on: no sample at all, no readable shard left, samples to resume from that
+    cannot be read back. Raised in the main process (a worker reports it), with a one-line message naming the
+    source or the shard."""
+
+
 def expand_shards(patterns: list[str], allow_missing: bool = False,
                   missing: list[str] | None = None) -> list[str]:
     """The shards named by files, directories (their `*.tar`), globs and brace patterns, local or remote
@@ -104,7 +110,7 @@ def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped:
     """The raw samples at `positions` ((shard, offset) pairs), read back from their shards; used to rebuild
     a shuffle buffer or a packer's unfinished document on resume. Reads each shard only as far as needed,
     and of it only the wanted samples' members. A shard that fails to read (after its retries) before all its
-    wanted samples came is a `kosmos.data.stream.DataError` naming it and why (`shard_http_error: HTTP 500
+    wanted samples came is a `DataError` naming it and why (`shard_http_error: HTTP 500
     ...`, `missing_shard: ...`): the storage, not the shards, is then what changed since the checkpoint."""
     wanted: dict[int, set[int]] = {}
     for shard, offset in positions:
@@ -118,7 +124,6 @@ def read_positions(shards: list[str], positions: list[tuple[int, int]], skipped:
             found[(shard, offset)] = sample
         lost = sorted((shard, o) for o in offsets if (shard, o) not in found)
         if lost and shards[shard] in failed:
-            from kosmos.data.stream import DataError  # raised in the stream's worker, which reports it
 
             raise DataError(f"cannot resume: {len(lost)} sample(s) to read back from {shards[shard]} (e.g. "
                             f"{lost[:3]}) could not be read: {failed[shards[shard]]}; is the storage "

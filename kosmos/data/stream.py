@@ -112,7 +112,7 @@ from kosmos.data.format import CAPTION_CHOICES, LOSSES, captions
 from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.remote import DEFAULT as DEFAULT_READ
 from kosmos.data.remote import ReadOptions
-from kosmos.data.shards import read_positions, read_shard
+from kosmos.data.shards import DataError, read_positions, read_shard  # noqa: F401 - DataError: its home before
 from kosmos.data.state import shard_digest
 from kosmos.procs import die_with, die_with_parent
 from kosmos.sequence import SequenceEncoder
@@ -129,10 +129,6 @@ RETRY_WAITS = (1.0, 2.0, 4.0)
 """Seconds a worker waits before each new pass when a whole pass of all its streams found no sample (shards
 gone mid-run, or a file system that comes back); after the last, a DataError stops the run."""
 
-
-class DataError(RuntimeError):
-    """A source that cannot go on: no sample at all, or no readable shard left. Raised in the main process,
-    with a one-line message naming the source."""
 
 
 START_METHOD = "forkserver"
