@@ -130,17 +130,27 @@ class Kosmos(nn.Module):
         per image) filled with the images' embeddings."""
         x = self.decoder.embed_tokens(input_ids)  # (B, L, D)
         n_images = 0 if images is None else images.shape[0]
+        if not n_images and image_mask is not None:
+            if not _on_host(image_mask):
+                torch._assert_async(~image_mask.any(), "image_mask marks image slots but no images were given")
+            elif bool(image_mask.any()):
+                raise ValueError("image_mask marks image slots but no images were given")
         if n_images:
             if image_mask is None:
                 raise ValueError("images were given without image_mask (where their slots are)")
-            n_slots = int(image_mask.sum())  # device->host sync: a wrong count would silently misplace images
-            if n_slots != n_images * self.num_latents:
-                raise ValueError(f"image_mask marks {n_slots} slots but {n_images} images need "
-                                 f"{n_images * self.num_latents} ({self.num_latents} each)")
+            # A wrong count would misplace images silently: checked on the host where the mask is (CPU), on
+            # the device otherwise (no device-to-host read per micro-batch; the pipeline counts on the host).
+            need = n_images * self.num_latents
+            if _on_host(image_mask):
+                n_slots = int(image_mask.sum())
+                if n_slots != need:
+                    raise ValueError(f"image_mask marks {n_slots} slots but {n_images} images need {need} "
+                                     f"({self.num_latents} each)")
+            else:
+                torch._assert_async(image_mask.sum() == need, "image_mask marks another number of slots than "
+                                    "the images need")
             feats = self.encode_images(images).to(x.dtype)  # (N, n, D)
             x = x.masked_scatter(image_mask.unsqueeze(-1), feats)
-        elif image_mask is not None and bool(image_mask.any()):
-            raise ValueError("image_mask marks image slots but no images were given")
         elif self.always_encode_images:
             # Sharded (kosmos.sharding): every unit's forward and backward is a collective, so every rank runs
             # the image pathway in every micro-batch: one blank image, its output times zero.
@@ -185,6 +195,14 @@ class Kosmos(nn.Module):
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum") / n_tokens.clamp(min=1)
         return KosmosOutput(logits=logits, loss=loss, n_tokens=n_tokens)
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether reading `t`'s values costs no device-to-host copy (a real CPU tensor; not a GPU's, not a fake
+    tensor of a trace, whose values do not exist)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not is_fake(t)
 
 
 def checkpoint_config(ckpt: str | Path, overrides: list[str] | None = None) -> Config:

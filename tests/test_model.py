@@ -414,3 +414,26 @@ def test_checkpoint_predating_scale_embedding_loads_unscaled(tmp_path):
         assert torch.allclose(loaded(ids, images, mask).logits, old(ids, images, mask).logits, atol=1e-5)
     with pytest.raises(ValueError, match=r"decoder\.scale_embedding=false"):
         load_model_weights(tiny_model(), ckpt)
+
+
+@pytest.mark.parametrize("source", ["text", "captions", "interleaved"])
+def test_the_forward_reads_nothing_back_from_the_device(source):
+    """Each source's micro-batch through the forward (and its loss) under fake tensors, whose values do not
+    exist: any int()/.item()/.tolist() of a device tensor in the forward fails there (on a GPU it would stall
+    the queue of kernels every micro-batch). Before: Kosmos.embed read the image-slot count back."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tests.test_train import _micro_batch
+
+    model = tiny_model()
+    rows = {"text": [(30, 0, 0), (12, 0, 0)], "captions": [(0, 1, 6), (0, 1, 3)],
+            "interleaved": [(5, 1, 4), (3, 2, 10)]}[source]
+    batch = _micro_batch(model, rows, 40, seed=1)
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "image_mask", "padding_mask",
+                                                     "images")}
+    if source == "text":
+        batch.pop("images")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = {k: mode.from_tensor(v) for k, v in batch.items()}
+        out = model(**fake)
+    assert out.loss.shape == () and out.logits.shape[:2] == batch["input_ids"].shape
