@@ -38,6 +38,7 @@ from pathlib import Path
 
 from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
 from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
+from kosmos.untrusted import load_json
 from tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -203,7 +204,7 @@ def _read_documents(
                         if not text.strip():
                             continue
                         try:
-                            obj = json.loads(text)
+                            obj = load_json(text)
                         except json.JSONDecodeError:
                             stats.skip("not json")
                             continue
@@ -232,7 +233,7 @@ def _segments_text(raw: bytes, stats: InputStats) -> str | None:
     if text is None:
         return None
     try:
-        segments = json.loads(text).get("segments")
+        segments = load_json(text).get("segments")
     except (json.JSONDecodeError, AttributeError):
         segments = None
     if not isinstance(segments, list):

@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kosmos.untrusted import load_json
+
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -105,7 +107,7 @@ def read_json(path):
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return load_json(f.read())
     except FileNotFoundError:
         raise EvalDataError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -122,7 +124,7 @@ def _read_jsonl(path) -> list[tuple[int, dict]]:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = load_json(line)
                 except json.JSONDecodeError as e:
                     raise EvalDataError(f"{path}:{n}: not valid JSON ({e})") from None
                 if not isinstance(obj, dict):
@@ -332,7 +334,7 @@ def _classnames(classnames) -> list[str]:
             raise EvalDataError(f"{where}: not UTF-8 text ({e})") from None
         if text.lstrip().startswith("["):
             try:
-                names = json.loads(text)
+                names = load_json(text)
             except json.JSONDecodeError as e:
                 raise EvalDataError(f"{where}: not valid JSON ({e})") from None
         else:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from kosmos.eval.tasks import PAPER, TaskSpec
+from kosmos.untrusted import load_json
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    row = load_json(line)
                 except json.JSONDecodeError as e:
                     raise EvalDataError(f"{path}: line {n} is not JSON ({e.msg})") from None
                 if not isinstance(row, dict):
@@ -244,29 +245,30 @@ def query_text(spec: TaskSpec, item: Item, demos: list[Item], seed: int = 0) -> 
 
 
 class ImageLoader:
-    """uint8 images at the model's size; a missing or unreadable one raises `Skip(reason, path)`."""
+    """uint8 images at the model's size; a missing or unusable one raises `Skip(reason, path)`: its reason is
+    `kosmos.untrusted.ImageError`'s (``missing_image``, ``decompression_bomb``, ``truncated_image``, ...;
+    ``bad_image`` for the rest), so an image PIL refuses is skipped and named, never the end of the run."""
+
+    SAME = ("missing_image", "decompression_bomb", "truncated_image")
+    """Reasons kept as they are; other failures count as ``bad_image``."""
 
     def __init__(self, encoder):
         self.encoder = encoder
 
     def __call__(self, image: Any) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from kosmos.untrusted import ImageError, image_errors, open_image
 
-        if isinstance(image, (bytes, bytearray)):
-            import io
-
-            try:
-                with Image.open(io.BytesIO(image)) as im:
-                    return self.encoder.image(im)
-            except (UnidentifiedImageError, OSError) as e:
-                raise Skip("bad_image", f"(shard bytes) {e}") from None
-        path = Path(image)
-        if not path.is_file():
-            raise Skip("missing_image", str(path))
+        shard = isinstance(image, (bytes, bytearray))
+        where = "(shard bytes)" if shard else str(image)
         try:
-            return self.encoder.load_image(path)
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise Skip("bad_image", str(path)) from None
+            if shard:
+                with open_image(image) as im, image_errors():
+                    return self.encoder.image(im)
+            return self.encoder.load_image(Path(image))
+        except ImageError as e:
+            reason = "missing_image" if e.reason == "not_a_file" else (
+                e.reason if e.reason in self.SAME else "bad_image")
+            raise Skip(reason, f"{where} {e.detail}" if shard else where) from None
 
 
 class Skip(Exception):
@@ -407,7 +409,7 @@ def read_predictions(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    rec = json.loads(line)
+                    rec = load_json(line)
                 except json.JSONDecodeError:
                     continue  # the last line of a killed run
                 if "prediction" in rec:
