@@ -136,7 +136,8 @@ def image_errors() -> Iterator[None]:
     except UnidentifiedImageError as e:
         raise ImageError("corrupt_image", str(e)) from None
     except OSError as e:
-        raise ImageError("truncated_image" if "truncated" in str(e).lower() else "corrupt_image", str(e)) from None
+        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
+        raise ImageError(reason, str(e)) from None
     except (ValueError, TypeError, SyntaxError, IndexError, KeyError, EOFError) as e:
         raise ImageError("unsupported_image", f"{type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types

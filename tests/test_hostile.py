@@ -445,8 +445,8 @@ def test_a_deeply_nested_key_json_is_skipped_or_ignored_by_the_training_reader(t
     with pytest.raises(BadSample, match="bad_json"):
         parse_sample("interleaved", {"json": b'{"segments": ' + DEEP.encode() + b"}"})
     # and through the loader: every sample is kept, its unreadable metadata ignored
-    samples = [{"__key__": f"t{i}", "txt": f"sample number {i}".encode(), **({"json": deep} if i == 1 else {})}
-               for i in range(4)]
+    samples = [{"__key__": f"t{i}", "txt": f"sample number {i}".encode(),
+                **({"json": deep} if i == 1 else {})} for i in range(4)]
     path = write_tar(tmp_path / "t.tar", samples)
     loader = SourceLoader(SourceDataset("text", [str(path)], _encoder(tiny_tokenizer), max_len=64,
                                         micro_batch_size=2, shuffle_buffer=0, infinite=False))

@@ -63,7 +63,8 @@ def _image(data: bytes, size: int) -> torch.Tensor:
     try:
         return decode_image(data, size, contiguous=False)  # collate copies it into the micro-batch
     except ImageError as e:
-        raise BadSample("image_too_large" if e.reason == "decompression_bomb" else "bad_image", e.detail) from None
+        reason = "image_too_large" if e.reason == "decompression_bomb" else "bad_image"
+        raise BadSample(reason, e.detail) from None
     except Exception as e:  # noqa: BLE001 - anything else a decoder or the resize raises for odd data
         raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
 
