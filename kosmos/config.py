@@ -491,6 +491,9 @@ def _check_eval_task(task: Any, key: str) -> None:
            f"{', '.join(EVAL_TASK_OPTIONS)} and the task settings {', '.join(sorted(settings))}")
     _check(isinstance(task.get("shots", 0), int) and task.get("shots", 0) >= 0, f"{key}.shots",
            "must be one number >= 0")
+    limit = task.get("limit", 1)
+    _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, f"{key}.limit",
+           f"must be a number of items >= 1, got {limit!r}")
 
 
 @dataclass

@@ -72,39 +72,23 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    from kosmos.eval.datasets import EvalDataError
-
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = load_json(line)
-                except json.JSONDecodeError as e:
-                    raise EvalDataError(f"{path}: line {n} is not JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise EvalDataError(f"{path}: line {n} is not a JSON object")
-                rows.append(row)
-    return rows
-
-
 def _jsonl_items(kind: str, path: Path, root: Path) -> list[Item]:
     """A JSONL of prompts without the benchmark's own format: {"id"?, "image", "question"? (vqa),
-    "captions"/"answers"? (references)}."""
-    from kosmos.eval.datasets import EvalDataError
+    "captions"/"answers"? (references)}; a line that is not UTF-8 or JSON, a field of the wrong type or a
+    repeated id is an EvalDataError naming the file, the line and the field (`kosmos.eval.datasets`)."""
+    from kosmos.eval import datasets as ds
 
-    items = []
-    for n, row in enumerate(_read_jsonl(path)):
-        if "image" not in row:
-            raise EvalDataError(f"{path}: line {n + 1} has no 'image' field")
-        if kind == "vqa" and "question" not in row:
-            raise EvalDataError(f"{path}: line {n + 1} has no 'question' field")
-        refs = row.get("answers") if kind == "vqa" else row.get("captions", row.get("caption"))
-        refs = [refs] if isinstance(refs, str) else list(refs or [])
-        image = Path(row["image"])
-        items.append(Item(id=row.get("id", n), images=[image if image.is_absolute() else root / image],
-                          fields={"question": row.get("question", "")}, references=[str(r) for r in refs]))
+    items, seen = [], {}
+    for n, row in ds._read_jsonl(path):
+        where = f"{path}:{n}"
+        item_id = ds.item_id(row, len(items), where, seen)
+        image = Path(ds._get(row, "image", str, where))
+        question = ds._get(row, "question", str, where) if kind == "vqa" else ""
+        field = "answers" if kind == "vqa" else ("captions" if "captions" in row else "caption")
+        refs = row.get(field)
+        refs = [refs] if isinstance(refs, str) else ds._str_list(refs or [], where, field)
+        items.append(Item(id=item_id, images=[image if image.is_absolute() else root / image],
+                          fields={"question": question}, references=refs))
     return items
 
 
@@ -164,7 +148,25 @@ def load_task_data(spec: TaskSpec, data: str, annotations: str | None = None, im
                    split: str = "test", classnames: str | None = None) -> TaskData:
     """The items of a task from `data`: the benchmark's own files (see `kosmos.eval.datasets`), or for
     captioning and VQA also a folder of images, a JSONL of prompts, or caption shards (predictions only,
-    unless they carry references)."""
+    unless they carry references). Two items with the same id are an EvalDataError naming them: predictions
+    are kept by id, so one of them would be dropped without a word."""
+    return _unique_ids(_load_task_data(spec, data, annotations, images, split, classnames), data)
+
+
+def _unique_ids(data: TaskData, where: str) -> TaskData:
+    from kosmos.eval.datasets import EvalDataError
+
+    seen: dict[str, int] = {}
+    for i, item in enumerate(data.items, 1):
+        first = seen.setdefault(_key(item.id), i)
+        if first != i:
+            raise EvalDataError(f"{where}: items {first} and {i} have the same id {item.id!r}; every item "
+                                "needs its own id")
+    return data
+
+
+def _load_task_data(spec: TaskSpec, data: str, annotations: str | None, images: str | None, split: str,
+                    classnames: str | None) -> TaskData:
     from kosmos.data.remote import is_remote
 
     path = Path(data)
@@ -506,7 +508,8 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
     """Predict every item not predicted yet, then (main process) write the results and metrics.
 
     `dist`: anything with process_index, num_processes, is_main_process and wait_for_everyone() (an
-    accelerate Accelerator or PartialState); None for one process."""
+    accelerate Accelerator or PartialState); None for one process. `limit`: the first that many items
+    (>= 1; None: all)."""
     from tqdm.auto import tqdm
 
     rank = dist.process_index if dist is not None else 0
@@ -515,7 +518,9 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
     main = rank == 0
     folder = Path(out) / task / f"{shots.k}shot"
     folder.mkdir(parents=True, exist_ok=True)
-    items = data.items[:limit] if limit else data.items
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a number of items >= 1 (or None: all), got {limit!r}")
+    items = data.items if limit is None else data.items[:limit]
     done, _ = read_predictions(folder)
     barrier()  # every process has read what is done before any writes more
     todo = [it for it in items if _key(it.id) not in done]
@@ -721,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrieval", action="store_true",
                     help="few-shot: the most similar support images (RICES) instead of random ones")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random demonstrations")
-    ap.add_argument("--limit", type=int, help="evaluate the first N items only")
+    ap.add_argument("--limit", type=int, help="evaluate the first N items only (N >= 1)")
     ap.add_argument("--out", default="results", help="output folder (default results/)")
     ap.add_argument("--prompt", help="the query template ({image}, {question}, {text}, {candidate})")
     ap.add_argument("--demo", help="one demonstration's template ({answer} too)")
@@ -744,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     from kosmos.eval.tasks import get_task
 
     try:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit {args.limit}: expected a number of items >= 1 (leave it out for all)")
         shots_list = _int_list(args.shots)
         spec = get_task(args.task, **_settings(args))
         data = load_task_data(spec, args.data, args.annotations, args.images, args.split, args.classnames)
