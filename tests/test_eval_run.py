@@ -423,7 +423,8 @@ def test_bad_prompt_jsonl_is_one_line_naming_the_file_line_and_field(ckpt, sets,
     assert "prompts.jsonl:2" in err and "UTF-8" in err
     # the benchmark JSONL readers name the line too
     sets["labels"].write_bytes(sets["labels"].read_bytes() + b'{"id": "x\xff"}\n')
-    err = _error(capsys, ckpt, "--task", "labels", "--data", str(sets["labels"]), "--out", str(tmp_path / "o"))
+    err = _error(capsys, ckpt, "--task", "labels", "--data", str(sets["labels"]),
+                 "--out", str(tmp_path / "o"))
     assert "labels.jsonl:4" in err and "UTF-8" in err
 
 
@@ -433,8 +434,7 @@ def test_items_with_the_same_id_are_refused_naming_them(ckpt, sets, tmp_path, ca
     for name in ("labels", "choice"):
         first = sets[name].read_text().splitlines()[0]
         sets[name].write_text(sets[name].read_text() + first + "\n")
-        err = _error(capsys, ckpt, "--task", name if name == "labels" else "choice", "--data", str(sets[name]),
-                     "--out", str(tmp_path / "o"))
+        err = _error(capsys, ckpt, "--task", name, "--data", str(sets[name]), "--out", str(tmp_path / "o"))
         assert f"{sets[name].name}:4" in err and "id" in err and f"{sets[name].name}:1" in err, err
     a, b = caption_shards(tmp_path / "cap", 2, 2)  # two shards of the same keys
     Path(b).rename(tmp_path / "cap" / "cap-000001.tar")
@@ -450,8 +450,8 @@ def test_limit_is_a_number_of_items_from_one(ckpt, sets, tmp_path, capsys):
                      "--out", str(tmp_path / "o"))
         assert f"--limit {bad}" in err
     out = tmp_path / "out"
-    assert run(ckpt, "--task", "captioning", "--data", str(sets["vqa_root"]), "--limit", "2", "--out", str(out),
-               *FAST) == 0
+    assert run(ckpt, "--task", "captioning", "--data", str(sets["vqa_root"]), "--limit", "2",
+               "--out", str(out), *FAST) == 0
     assert results(out, "captioning")[1]["predicted"] == 2
 
 
