@@ -312,6 +312,9 @@ class Predictor:
         from kosmos.generate import GenerationConfig
 
         self.model, self.encoder, self.spec, self.data, self.shots = model, encoder, spec, data, shots
+        self.generates = spec.kind in ("captioning", "vqa", "labels") or (
+            spec.kind == "classification" and spec.mode == "unconstrained")
+        """Whether predictions are generated (`kosmos.generate`, capped at the model's context)."""
         self.load = ImageLoader(encoder)
         tok = encoder.tokenizer
         self.gen = GenerationConfig.for_tokenizer(tok, num_beams=spec.num_beams,
@@ -332,13 +335,17 @@ class Predictor:
         """One record per item: {"id", "prediction", ...} or {"id", "skipped": reason, "path"}."""
         records: list[dict | None] = [None] * len(items)
         prompts, where = [], []
+        max_len = self.model.cfg.decoder.max_len
         for i, item in enumerate(items):
             try:
                 if self.spec.kind == "choice":
                     prompts.append(_choice_prompts(self.spec, item, self.load, self.encoder))
                 else:
                     text, images = query_text(self.spec, item, self.shots.pick(item), self.shots.seed)
-                    prompts.append(_prompt(self.encoder, text, [self.load(x) for x in images]))
+                    prompt = _prompt(self.encoder, text, [self.load(x) for x in images])
+                    if self.generates and len(prompt.ids) >= max_len:  # no room left to generate
+                        raise Skip("prompt_too_long", f"{len(prompt.ids)} tokens, decoder.max_len {max_len}")
+                    prompts.append(prompt)
                 where.append(i)
             except Skip as s:
                 records[i] = {"id": item.id, "skipped": s.reason, "path": s.path}
@@ -635,9 +642,10 @@ def evaluate_tasks(acc, tasks: list[dict], model, encoder, out: str | Path) -> d
     try:
         for entry in tasks:
             opts = {k: v for k, v in entry.items() if k in EVAL_TASK_OPTIONS}
-            spec = get_task(entry["task"], **{k: v for k, v in entry.items() if k not in EVAL_TASK_OPTIONS})
             key = json.dumps(entry, sort_keys=True)
             try:
+                settings = {k: v for k, v in entry.items() if k not in EVAL_TASK_OPTIONS}
+                spec = get_task(entry["task"], **settings)
                 if key not in _TRAIN_DATA:
                     data = load_task_data(spec, opts["data"], opts.get("annotations"), opts.get("images"),
                                           opts.get("split", "test"), opts.get("classnames"))
