@@ -328,7 +328,8 @@ def test_generate_cli_stop_and_no_control_tokens(tmp_path, tiny_tokenizer, monke
 
 @pytest.mark.parametrize("field,value", [("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
                                          ("temperature", -1), ("temperature", float("inf")),
-                                         ("max_new_tokens", -5), ("max_new_tokens", 0), ("max_new_tokens", 2.5),
+                                         ("max_new_tokens", -5), ("max_new_tokens", 0),
+                                         ("max_new_tokens", 2.5),
                                          ("top_k", -1), ("num_beams", 0), ("length_penalty", float("nan"))])
 def test_generation_config_refuses_settings_out_of_range_naming_them(field, value):
     from kosmos.generate import SettingError
@@ -398,6 +399,7 @@ def test_eval_decoding_settings_are_checked_like_the_cli(tmp_path, capsys):
         get_task("coco_captioning", num_beams=0)
     for bad in (["--max-new-tokens", "-5"], ["--set", "num_beams=0"], ["--set", "length_penalty=nan"]):
         with pytest.raises(SystemExit) as e:
-            main(["run", "--checkpoint", str(tmp_path), "--task", "captioning", "--data", str(tmp_path), *bad])
+            main(["run", "--checkpoint", str(tmp_path), "--task", "captioning", "--data", str(tmp_path),
+                  *bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and "must be" in err, err
