@@ -80,9 +80,9 @@ class GenerationConfig:
         _whole(self, "max_new_tokens", 1)
         _whole(self, "top_k", 0)
         _whole(self, "num_beams", 1)
-        _number(self, "temperature", self.temperature >= 0, ">= 0 (0: the most likely token, as greedy)")
-        _number(self, "top_p", 0 < self.top_p <= 1, "in (0, 1] (1: every token)")
-        _number(self, "length_penalty", True, "a number")
+        _number(self, "temperature", lambda v: v >= 0, ">= 0 (0: the most likely token, as greedy)")
+        _number(self, "top_p", lambda v: 0 < v <= 1, "in (0, 1] (1: every token)")
+        _number(self, "length_penalty", lambda v: True, "a number")
         if self.stop and self.decode is None:
             raise ValueError("GenerationConfig.stop needs decode (token ids -> text), e.g. tokenizer.decode")
         if any(not s for s in self.stop):
@@ -120,9 +120,10 @@ def _whole(gen: GenerationConfig, name: str, least: int) -> None:
         raise SettingError(name, value, f"a whole number >= {least}")
 
 
-def _number(gen: GenerationConfig, name: str, ok: bool, problem: str) -> None:
+def _number(gen: GenerationConfig, name: str, ok: Callable[[float], bool], problem: str) -> None:
     value = getattr(gen, name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok:
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or not ok(value):
         raise SettingError(name, value, problem)
 
 
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         try:
             images.append(enc.load_image(path))
         except ImageError as e:
-            ap.exit(2, f"error: --image {path}: {e.reason} ({e.detail})\n")
+            detail = e.detail.removeprefix(str(path)).lstrip(": ")  # the path is named once
+            ap.exit(2, f"error: --image {path}: {e.reason}" + (f" ({detail})" if detail else "") + "\n")
     tok = enc.tokenizer
     prompts = [build_prompt(enc, text, images) for text in (args.prompt or [""])]
     gen = GenerationConfig.for_tokenizer(tok, stop=args.stop, **settings)
