@@ -24,6 +24,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,16 @@ def image_errors() -> Iterator[None]:
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
 
 
+@cache
+def _quiet_bomb_warning() -> None:
+    """PIL's DecompressionBombWarning (an image between once and twice its limit) is silenced once per
+    process: `open_image` refuses such an image itself. (`warnings.catch_warnings` around each open would reset every
+    module's "shown once" registry at each image.)"""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def open_image(source: bytes | bytearray | memoryview | str | Path, max_pixels: int | None = None):
     """A PIL image opened from encoded bytes or a file, header read only (decode with ``load()`` or by
     converting it, inside `image_errors`). Raises `ImageError`: ``decompression_bomb`` when its width x height
@@ -155,8 +166,8 @@ def open_image(source: bytes | bytearray | memoryview | str | Path, max_pixels: 
     data = read_bytes(source) if isinstance(source, str | Path) else bytes(source)
     if not data:
         raise ImageError("empty_image", str(source) if isinstance(source, str | Path) else "")
-    with image_errors(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked below
+    _quiet_bomb_warning()
+    with image_errors():
         img = Image.open(io.BytesIO(data))
     limit = pixel_limit(max_pixels)
     width, height = img.size
