@@ -148,8 +148,8 @@ def image_errors() -> Iterator[None]:
 @cache
 def _quiet_bomb_warning() -> None:
     """PIL's DecompressionBombWarning (an image between once and twice its limit) is silenced once per
-    process: `open_image` refuses such an image itself. (`warnings.catch_warnings` around each open would reset every
-    module's "shown once" registry at each image.)"""
+    process: `open_image` refuses such an image itself. (`warnings.catch_warnings` around each open would
+    reset every module's "shown once" registry at each image.)"""
     from PIL import Image
 
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
