@@ -10,7 +10,8 @@ token of every source and rank weighs the same), clips, and steps 8-bit AdamW on
 schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete one
 with its optimizer, schedule, RNG and data position (a damaged one is named and the one before it taken). A
 resume keeps the settings that change the data order or shapes (seed, max_len, micro_batch_size, shards, ...)
-unless `--allow-config-change KEY,...` names them. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
+unless `--allow-config-change KEY,...` names them; `--reset-data SOURCE,...|all` starts those sources' data
+over instead of restoring it. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another number of
 processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
 
@@ -39,17 +40,21 @@ def parse_args(argv: list[str] | None):
                     help="resume although these keys (or sections, e.g. data.text) differ from the "
                          "checkpoint's, or these sources (data.sources.NAME) were added or removed: seed, "
                          "decoder.max_len, tokenizer.path and data.* are otherwise refused")
+    ap.add_argument("--reset-data", default="", metavar="SOURCE,...|all",
+                    help="resume with these sources' data (or all) started over from scratch, with fresh "
+                         "streams for this run's layout, instead of their saved data position")
     ap.add_argument("overrides", nargs="*",
                     help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
 
 def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
-          allow_change: list[str] | tuple = (), on_report=None) -> dict:
+          allow_change: list[str] | tuple = (), reset_data: list[str] | tuple = (), on_report=None) -> dict:
     """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
     called after every optimizer step with the (source, shard, offset) of the samples it started, and
     `on_report(acc, state, report)` after every log line with its metrics.Report (tests). `allow_change`:
-    config keys a resume may change although they change the data (ck.RESUME_KEYS)."""
+    config keys a resume may change although they change the data (ck.RESUME_KEYS). `reset_data`: sources
+    (or `all`) whose data a resume starts over instead of restoring it."""
     import torch
 
     from kosmos import checkpoint as ck
@@ -71,6 +76,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     # run continues instead of starting over from its initial weights. The checkpoints are checked (files
     # whole, config unchanged) before anything heavy.
     out_dir = Path(cfg.train.output_dir)
+    reset_data = ck.reset_sources(reset_data, cfg)
     notes: list[str] = []
     candidates = ck.pick_checkpoint(ck.resume_candidates(resume, out_dir), cfg, allow_change, notes.append)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and not candidates else None
@@ -85,7 +91,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     path = None
     if candidates:
         path, state = ck.resume(acc, candidates, cfg, model, optimizer, scheduler, mixture, allow_change,
-                                log.info)
+                                log.info, reset_data)
         log.info(f"resumed from {path} at step {state['step']}")
         if mixture.resume_note:
             log.info(mixture.resume_note)
@@ -155,6 +161,26 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     return state
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) of this process as the launcher (accelerate launch, torchrun) set them in the
+    environment, before or without torch.distributed: (0, 1) for a plain `python train_kosmos.py`."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+RANK_0_GRACE_S = 10.0
+"""How long another rank, having met an error that every rank meets, leaves rank 0 to print it and exit (the
+launcher then ends the other ranks) before printing it itself: rank 0 may reach the error later, and a rank
+that exited first would have the launcher end rank 0 before it printed anything."""
+
+
+def wait_for_rank_0() -> None:
+    import time
+
+    time.sleep(RANK_0_GRACE_S)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from kosmos.checkpoint import CheckpointError  # after --help
@@ -162,12 +188,23 @@ def main(argv: list[str] | None = None) -> dict:
     from kosmos.training import check_config
 
     allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+    reset = [k.strip() for k in args.reset_data.split(",") if k.strip()]
     try:
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)  # before any heavy work
-        return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow)
+        return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow,
+                     reset_data=reset)
     except (ConfigError, CheckpointError, DataError) as e:  # one clear line naming the key, file or source
-        print(f"error: {e}", file=sys.stderr)
+        rank, world = launched_rank()
+        if world == 1:
+            print(f"error: {e}", file=sys.stderr)
+        elif isinstance(e, DataError):  # met by this rank's workers: its own, perhaps alone
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
+        elif rank == 0:  # the config and the checkpoint are the same on every rank: so is the error
+            print(f"error: {e}", file=sys.stderr)
+        else:  # rank 0 prints it and exits, and the launcher then ends this rank; should it not, say it here
+            wait_for_rank_0()
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # a second SIGTERM / Ctrl-C
         print("error: stopped by a second signal, without a checkpoint of the current step; "

@@ -319,11 +319,23 @@ def check_checkpoint(path: Path) -> dict:
         check_sharded(path / "sharded")
     else:
         check_safetensors(path / "model.safetensors")
+    from kosmos.data.state import DataStateError, check_data_state, check_trainer_state
+
+    try:
+        check_trainer_state(state, str(path / "trainer_state.json"))
+    except DataStateError as e:
+        raise CheckpointError(str(e)) from None
+    data = {}
     for name in needed:
         if name.endswith(".pt") and not zipfile.is_zipfile(path / name):
             raise CheckpointError(f"{path / name}: truncated or not a torch file (no zip directory)")
         if name.endswith(".json"):
-            _read(read_json, path / name)
+            data[name] = _read(read_json, path / name)
+    for name, sd in data.items():  # the files whole, then what they say
+        try:
+            check_data_state(sd, str(path / name))
+        except DataStateError as e:
+            raise CheckpointError(str(e)) from None
     return state
 
 
@@ -415,18 +427,38 @@ def pick_checkpoint(candidates: list[Path], cfg, allowed=(), say=print) -> list[
     return []
 
 
+def reset_sources(names, cfg) -> list[str]:
+    """The sources `--reset-data NAME,...` names (`all`: every source of this run), checked against this
+    run's sources: an unknown name is a ConfigError naming the known ones."""
+    from kosmos.config import ConfigError
+
+    known = list(cfg.data.active_sources())
+    names = [n.strip() for n in names if n.strip()]
+    if "all" in names:
+        return known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--reset-data {','.join(unknown)}: not a source of this run; its sources are "
+                          f"{', '.join(known)} (or give all)")
+    return names
+
+
 def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixture, allowed=(),
-           say=print) -> tuple[Path, dict]:
+           say=print, reset_data=()) -> tuple[Path, dict]:
     """Load the first usable checkpoint of `candidates` (pick_checkpoint's list) into the prepared objects;
     returns its path and trainer state. One found damaged only when loaded (non-finite weights, an unreadable
     torch file) is reported with `say` and the next one is loaded over it: each load overwrites every
-    object."""
+    object. The sources of `reset_data` (reset_sources) keep the fresh data position they were built with,
+    each with a warning."""
     for i, path in enumerate(candidates):
         try:
             state = check_checkpoint(path)
             for line in config_changes(path, state["config"], cfg, allowed):
                 say(line)
-            loaded = load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
+            loaded = load_checkpoint(acc, path, model, optimizer, scheduler, mixture, reset_data)
+            for name in reset_data:
+                say(f"warning: --reset-data {name}: the data position of {cfg.data.key(name)} in {path.name} "
+                    "is not restored; its data starts from scratch (fresh streams for this layout)")
             for loader in getattr(mixture, "loaders", {}).values():
                 if getattr(loader, "resume_note", None):
                     say(loader.resume_note)
@@ -438,10 +470,12 @@ def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixtur
     raise CheckpointError("no checkpoint to resume")
 
 
-def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> dict:
+def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset_data=()) -> dict:
     """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state. A file
-    that is missing, damaged or holds non-finite weights is a CheckpointError naming it."""
+    that is missing, damaged or holds non-finite weights is a CheckpointError naming it. The sources named in
+    `reset_data` keep their fresh data position."""
     from kosmos.config import ConfigError
+    from kosmos.data.state import DataStateError, check_data_state
     from kosmos.data.stream import rank_data_state
     from kosmos.sharding import SHARDED, is_sharded, load_sharded
 
@@ -464,7 +498,20 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
         set_rng_state(_read(load_torch, path / f"rng_rank{acc.process_index}.pt"))
     # every rank's data position: with another layout the logical streams are dealt anew (kosmos.data.stream)
     data = [_read(read_json, path / f"data_rank{r}.json") for r in range(world)]
+    data = [{k: v for k, v in d.items() if k not in reset_data} for d in data]
+    sources = {n: (loader.dataset.kind, loader.dataset.shards)
+               for n, loader in getattr(mixture, "loaders", {}).items() if n not in reset_data}
+    notes: list[str] = []
+    for r, d in enumerate(data):  # against this run's sources: their kind, their shards
+        try:
+            found = check_data_state(d, str(path / f"data_rank{r}.json"), sources)
+        except DataStateError as e:
+            raise CheckpointError(str(e)) from None
+        notes = notes or found  # the same sources are missing from every rank's file
     mixture.load_state_dict(rank_data_state(data, acc.process_index))
+    if notes:
+        mixture.resume_note = "\n".join(["WARNING: " + n for n in notes] + ([mixture.resume_note]
+                                                                          if mixture.resume_note else []))
     state.pop("config", None)
     state.pop("world_size", None)
     return state

@@ -374,11 +374,16 @@ class DataConfig:
     read_give_up: float = 600.0
     """Stop the run (exit 2, naming the last failure) when a worker's shard reads have kept failing, one
     after the other, for this many seconds without a sample: the storage is down, not one shard."""
+    read_min_speed: float = 10_000.0
+    """Remote shards: bytes per second a read must average over each `read_timeout` seconds; a slower one (a
+    server that trickles a byte at a time never waits `read_timeout` for a single byte) fails like a timeout,
+    is retried, then skipped and counted. 0: no floor."""
 
     def __post_init__(self) -> None:
         _check(self.read_timeout > 0, "data.read_timeout", f"must be positive, got {self.read_timeout}")
         _check(self.read_retries >= 0, "data.read_retries", f"must be >= 0, got {self.read_retries}")
         _check(self.read_give_up > 0, "data.read_give_up", f"must be positive, got {self.read_give_up}")
+        _check(self.read_min_speed >= 0, "data.read_min_speed", f"must be >= 0, got {self.read_min_speed}")
         for name in SOURCES:
             src = getattr(self, name)
             _check(src.kind in ("", name), f"data.{name}.kind",

@@ -299,6 +299,7 @@ class ShardServer:
         cut/NAME       the full Content-Length, but only the first half of the body, then the connection
                        closes
         flaky/NAME     the first request of each file like cut/, the next ones like ok/
+        trickle/NAME   the file, a byte every 20 ms (50 bytes/s) until done or the server stops
 
     `requests` lists (path, Range header or None) of every request."""
 
@@ -337,6 +338,13 @@ class ShardServer:
                     self.wfile.write(data[:100])
                     self.wfile.flush()
                     server.stop.wait(30)
+                    return
+                if mode == "trickle":
+                    for i in range(start, len(data)):
+                        if server.stop.wait(0.02):
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
                     return
                 self.wfile.write(data[start:] if mode != "cut" else data[: len(data) // 2])
                 self.close_connection = True
