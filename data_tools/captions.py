@@ -52,6 +52,7 @@ from data_tools.tables import (
     table_kind,
 )
 from kosmos.data.format import IMAGE_EXTS, IMAGE_FIELD, JSON_FIELD, TEXT_FIELD, TarSpan, iter_tar
+from kosmos.untrusted import load_json
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_path", "file_name", "filename", "path", "jpg")
@@ -189,7 +190,7 @@ def _folder_records(root: Path) -> Iterator[Item | Skipped]:
         side = path.with_suffix(".json")
         if side.is_file():
             try:
-                loaded = json.loads(side.read_bytes().decode("utf-8"))
+                loaded = load_json(side.read_bytes().decode("utf-8"))
                 meta = loaded if isinstance(loaded, dict) else {}
             except (UnicodeDecodeError, json.JSONDecodeError):
                 meta = {}
@@ -305,7 +306,7 @@ def _img2dataset_sample(name: str, key: str, group: dict) -> Item | Skipped:
     meta: dict = {}
     if JSON_FIELD in group:
         try:
-            loaded = json.loads(group[JSON_FIELD].decode("utf-8"))
+            loaded = load_json(group[JSON_FIELD].decode("utf-8"))
             meta = loaded if isinstance(loaded, dict) else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
             meta = {}
@@ -370,7 +371,7 @@ def convert_captions(
         if not input.is_file():
             raise ConversionError(f"coco input {input} must be the captions JSON file")
         try:
-            coco = json.loads(input.read_bytes().decode("utf-8"))
+            coco = load_json(input.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConversionError(f"{input}: not a COCO captions JSON ({e})") from None
         if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:

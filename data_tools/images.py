@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from data_tools.records import Skip
 from data_tools.tables import open_regular
 from kosmos.data.format import IMAGE_SUFFIXES  # noqa: F401 - the converters' image files, imported from here
+from kosmos.untrusted import ImageError, image_errors, open_image
 
 JPEG_MAX_SIDE = 65_500
 """The longest side libjpeg can encode: an image longer than this after resizing is skipped
@@ -110,44 +111,32 @@ def normalize_image(data: bytes, opts: ImageOptions) -> tuple[bytes, tuple[int, 
     ``too_large_for_jpeg`` (a side over ``JPEG_MAX_SIDE`` after resizing, e.g. a 70000x80 banner) or
     ``unencodable_image``.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if not data:
         raise Skip("empty_image")
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        img = open_image(data, opts.max_pixels)  # reads the header only; refuses a bomb before decoding
         width, height = img.size
-        if width * height > opts.max_pixels:
-            raise Skip("decompression_bomb", f"{width}x{height}")
         if opts.min_image_size and min(width, height) < opts.min_image_size:
             raise Skip("image_too_small", f"{width}x{height}")
-        gap = max(opts.jpeg_draft_gap, 2.0) if opts.crop == "center" and opts.jpeg_draft_gap else (
-            opts.jpeg_draft_gap)
-        if opts.image_size and gap and img.format == "JPEG":
-            # Let libjpeg decode at a reduced scale that still leaves at least the target size
-            # (times the gap): decoding and resizing get several times faster.
-            scale = gap * opts.image_size / min(width, height)
-            if scale < 1:
-                img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
-        img.load()
-        try:
-            ImageOps.exif_transpose(img, in_place=True)
-        except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the image
-            pass
-        img = _to_rgb(img)
-    except Skip:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Skip("decompression_bomb", str(e)) from None
-    except UnidentifiedImageError as e:
-        raise Skip("corrupt_image", str(e)) from None
-    except OSError as e:
-        reason = "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
-        raise Skip(reason, str(e)) from None
-    except (ValueError, TypeError, SyntaxError, IndexError, KeyError, EOFError) as e:
-        raise Skip("unsupported_image", f"{type(e).__name__}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a decoder bug must not stop a whole conversion
-        raise Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
+        with image_errors():
+            gap = max(opts.jpeg_draft_gap, 2.0) if opts.crop == "center" and opts.jpeg_draft_gap else (
+                opts.jpeg_draft_gap)
+            if opts.image_size and gap and img.format == "JPEG":
+                # Let libjpeg decode at a reduced scale that still leaves at least the target size
+                # (times the gap): decoding and resizing get several times faster.
+                scale = gap * opts.image_size / min(width, height)
+                if scale < 1:
+                    img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+            img.load()
+            try:
+                ImageOps.exif_transpose(img, in_place=True)
+            except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the image
+                pass
+            img = _to_rgb(img)
+    except ImageError as e:  # a decoder failure drops this image, never the whole conversion
+        raise Skip(e.reason, e.detail) from None
 
     w, h = img.size
     if opts.crop == "center":  # open_clip's geometry (from the size before a reduced decode), then its crop

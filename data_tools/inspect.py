@@ -9,7 +9,6 @@ Remote shards (URLs, `pipe:COMMAND`; see `kosmos.data.remote`) are streamed, and
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from collections import Counter
@@ -18,16 +17,15 @@ from pathlib import Path
 from kosmos.data.format import is_image_field, iter_tar
 from kosmos.data.remote import is_remote, open_shard, shard_name
 from kosmos.data.shards import expand_shards
+from kosmos.untrusted import ImageError, load_json, open_image
 
 
 def _image_desc(data: bytes) -> str:
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:  # the header only
             return f"{img.format} {img.width}x{img.height} {img.mode}, {len(data)} bytes"
-    except Exception as e:  # noqa: BLE001
-        return f"undecodable ({type(e).__name__})"
+    except ImageError as e:
+        return f"undecodable ({e.reason})"
 
 
 def _short(text: str, width: int) -> str:
@@ -47,7 +45,7 @@ def describe(key: str, files: dict[str, bytes], width: int = 100) -> str:
             lines.append(f"  .{ext}: {_short(data.decode('utf-8', 'replace'), width)}")
         elif last == "json":
             try:
-                obj = json.loads(data)
+                obj = load_json(data)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 lines.append(f"  .{ext}: bad JSON, {len(data)} bytes")
                 continue
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = path / "manifest.json" if path.is_dir() else None
     if manifest is not None and manifest.is_file():
         try:
-            m = json.loads(manifest.read_text(encoding="utf-8"))
+            m = load_json(manifest.read_text(encoding="utf-8"))
             print(f"{m.get('tool')} ({m.get('kind')}): {json.dumps(m.get('totals'))}")
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             print(f"warning: {manifest} does not parse ({e})", file=sys.stderr)

@@ -51,6 +51,7 @@ from data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_
 from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
 from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_failure, table_kind
 from kosmos.data.format import JSON_FIELD, TarSpan, image_field, iter_tar
+from kosmos.untrusted import load_json
 
 FORMATS = ("obelics", "mmc4")
 JOINERS = {"obelics": "\n\n", "mmc4": " "}
@@ -186,7 +187,7 @@ def _by_name(refs: dict[str, ImageRef], name: str | None) -> ImageRef | None:
 
 def _json_url(raw: bytes) -> str | None:
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = load_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     url = obj.get("url") if isinstance(obj, dict) else None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from data_tools.records import ConversionError, Skip
+from kosmos.untrusted import load_json
 
 
 class TableError(OSError):
@@ -66,7 +67,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | Skip]]:
                     yield i, Skip("non_utf8_text")
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = load_json(line)
                 except json.JSONDecodeError:
                     yield i, Skip("malformed_json")
                     continue

@@ -47,6 +47,7 @@ from data_tools.cli import add_common_args, run_cli
 from data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
 from data_tools.records import ConversionError, Item, Sample, Skip, Skipped
 from data_tools.tables import check_readable, decode_text, iter_table, list_files, table_failure, table_kind
+from kosmos.untrusted import load_json
 
 FORMATS = ("documents", "instructions")
 
@@ -197,7 +198,7 @@ def _instruction_items(rec: dict, key: str, source: str) -> Iterator[Item | Skip
 def _json_rows(path: Path) -> Iterator[tuple[int, dict | Skip]]:
     """The records of a ``.json`` file: the object itself (row 0), or each element of a list."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = load_json(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         yield 0, Skip("non_utf8_text")
         return

@@ -508,6 +508,9 @@ def _check_eval_task(task: Any, key: str) -> None:
            f"{', '.join(EVAL_TASK_OPTIONS)} and the task settings {', '.join(sorted(settings))}")
     _check(isinstance(task.get("shots", 0), int) and task.get("shots", 0) >= 0, f"{key}.shots",
            "must be one number >= 0")
+    limit = task.get("limit", 1)
+    _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, f"{key}.limit",
+           f"must be a number of items >= 1, got {limit!r}")
     for name, value in task.items():  # values too: a nested one may be a YAML alias bomb, expanded when saved
         flat = value if isinstance(value, list) else [value]
         _check(all(v is None or isinstance(v, str | int | float | bool) for v in flat), f"{key}.{name}",

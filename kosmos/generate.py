@@ -19,6 +19,9 @@ sampling and beam search alike. `stop` strings (`--stop`) end a sequence once it
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,10 +73,29 @@ class GenerationConfig:
     """Token ids -> text (the tokenizer's `decode`); needed by `stop` only."""
 
     def __post_init__(self) -> None:
+        """The decoding settings are checked here, once for the CLI, evaluation and any other caller: a value
+        out of range is a `SettingError` naming the field (`top_p=0` would otherwise end in "probability
+        tensor contains either inf, nan or element < 0" mid-generation, a negative temperature or length
+        would be accepted silently)."""
+        _whole(self, "max_new_tokens", 1)
+        _whole(self, "top_k", 0)
+        _whole(self, "num_beams", 1)
+        _number(self, "temperature", lambda v: v >= 0, ">= 0 (0: the most likely token, as greedy)")
+        _number(self, "top_p", lambda v: 0 < v <= 1, "in (0, 1] (1: every token)")
+        _number(self, "length_penalty", lambda v: True, "a number")
         if self.stop and self.decode is None:
             raise ValueError("GenerationConfig.stop needs decode (token ids -> text), e.g. tokenizer.decode")
         if any(not s for s in self.stop):
             raise ValueError("GenerationConfig.stop: an empty stop string would stop at once")
+
+    def fit(self, prompt_tokens: int, max_len: int) -> GenerationConfig:
+        """This config with `max_new_tokens` at most what the model's context (`decoder.max_len`) leaves after
+        a prompt of `prompt_tokens` (itself when it fits). A prompt that fills the context is a ValueError."""
+        room = max_len - prompt_tokens
+        if room < 1:
+            raise ValueError(f"the prompt is {prompt_tokens} tokens: it fills the model's context "
+                             f"(decoder.max_len = {max_len}), no room to generate")
+        return self if self.max_new_tokens <= room else dataclasses.replace(self, max_new_tokens=room)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, **kwargs) -> GenerationConfig:
@@ -84,6 +106,27 @@ class GenerationConfig:
         return cls(**{**defaults, **kwargs})
 
 
+class SettingError(ValueError):
+    """A decoding setting out of range; `field` is the GenerationConfig field (a CLI names its option)."""
+
+    def __init__(self, field: str, value, problem: str):
+        super().__init__(f"{field} must be {problem}, got {value!r}")
+        self.field, self.value, self.problem = field, value, problem
+
+
+def _whole(gen: GenerationConfig, name: str, least: int) -> None:
+    value = getattr(gen, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SettingError(name, value, f"a whole number >= {least}")
+
+
+def _number(gen: GenerationConfig, name: str, ok: Callable[[float], bool], problem: str) -> None:
+    value = getattr(gen, name)
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or not ok(value):
+        raise SettingError(name, value, problem)
+
+
 def control_ids(tokenizer) -> list[int]:
     """The ids a model must never generate: `<pad>`, `<s>`, `<image>`, `</image>` and `<unk>` where the
     tokenizer has one (eos is not one)."""
@@ -92,6 +135,12 @@ def control_ids(tokenizer) -> list[int]:
     if unk is not None and unk >= 0:
         ids.add(unk)
     return sorted(ids - {tokenizer.eos_id})
+
+
+def context_note(wanted: int, room: int, prompt_tokens: int, max_len: int) -> str:
+    """What `generate` says when it cuts `max_new_tokens` to the context."""
+    return (f"max_new_tokens {wanted} capped at {room}: the prompt's {prompt_tokens} tokens and {room} new "
+            f"ones fill the model's context (decoder.max_len = {max_len})")
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -204,8 +253,15 @@ class _Decoder:
 @torch.no_grad()
 def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None = None,
              generator: torch.Generator | None = None) -> list[list[int]]:
-    """New token ids for each prompt (the eos token is not included)."""
+    """New token ids for each prompt (the eos token is not included); at most what the model's context
+    (`decoder.max_len`) leaves after the longest prompt (`GenerationConfig.fit`: a warning says when that
+    cuts `max_new_tokens`; a prompt that fills the context is a ValueError)."""
     gen = gen or GenerationConfig()
+    longest, max_len = max(len(p.ids) for p in prompts), model.cfg.decoder.max_len
+    fitted = gen.fit(longest, max_len)
+    if fitted is not gen:
+        warnings.warn(context_note(gen.max_new_tokens, fitted.max_new_tokens, longest, max_len), stacklevel=2)
+        gen = fitted
     was_training = model.training
     model.eval()
     try:
@@ -345,6 +401,11 @@ def load_for_inference(checkpoint: str | None = None, config: str | None = None,
     return model, SequenceEncoder.from_config(model.cfg)
 
 
+OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+           "top_p": "--top-p", "num_beams": "--beams", "length_penalty": "--length-penalty"}
+"""The CLI option of each checked GenerationConfig field."""
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint directory, or a run's output dir (its newest "
@@ -372,15 +433,36 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = ap.parse_args(argv)
     if not args.checkpoint and not args.config:
         ap.error("give --checkpoint DIR (or --config YAML for a randomly initialised model)")
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, num_beams=args.beams)
+    try:  # checked before the model is loaded
+        GenerationConfig(**settings)
+    except SettingError as e:
+        ap.exit(2, f"error: {OPTIONS[e.field]} {e.value}: must be {e.problem}\n")
 
     torch.manual_seed(args.seed)
     model, enc = load_for_inference(args.checkpoint, args.config, args.tokenizer, args.overrides, args.device)
-    images = [enc.load_image(p) for p in args.image]
+    from kosmos.untrusted import ImageError
+
+    images = []
+    for path in args.image:
+        try:
+            images.append(enc.load_image(path))
+        except ImageError as e:
+            detail = e.detail.removeprefix(str(path)).lstrip(": ")  # the path is named once
+            ap.exit(2, f"error: --image {path}: {e.reason}" + (f" ({detail})" if detail else "") + "\n")
     tok = enc.tokenizer
     prompts = [build_prompt(enc, text, images) for text in (args.prompt or [""])]
-    gen = GenerationConfig.for_tokenizer(tok, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         num_beams=args.beams, stop=args.stop)
+    gen = GenerationConfig.for_tokenizer(tok, stop=args.stop, **settings)
+    longest, max_len = max(len(p.ids) for p in prompts), model.cfg.decoder.max_len
+    try:
+        fitted = gen.fit(longest, max_len)
+    except ValueError as e:
+        ap.exit(2, f"error: {e}\n")
+    if fitted is not gen:
+        print(f"note: --{context_note(gen.max_new_tokens, fitted.max_new_tokens, longest, max_len)}"
+              .replace("max_new_tokens", "max-new-tokens", 1), file=sys.stderr)
+        gen = fitted
     g = torch.Generator().manual_seed(args.seed)
     outs = generate(model, prompts, gen, generator=g)
     texts = []

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from kosmos.untrusted import ImageError, image_errors, open_image
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 """OpenAI CLIP's pixel statistics (open_clip's default; a pretrained tag may bring its own)."""
@@ -125,8 +127,9 @@ def decode_image(data: bytes, size: int = 224, contiguous: bool = True) -> torch
     """Encoded image bytes -> (3, size, size) uint8 (`contiguous`: as in `resize_crop`; the data loader asks
     for views and copies them into its micro-batch). A grey or colour JPEG that needs no reduced decode is
     decoded by torchvision (PIL's pixels, without PIL's Python around the decode); everything else by PIL,
-    a large JPEG at a reduced scale (`DRAFT_GAP`). Raises what PIL raises for bad data
-    (`Image.DecompressionBombError` for a bomb)."""
+    a large JPEG at a reduced scale (`DRAFT_GAP`). Bad data raises `kosmos.untrusted.ImageError` with its
+    reason (``decompression_bomb`` for an image over PIL's `Image.MAX_IMAGE_PIXELS`, refused from its
+    header)."""
     from PIL import Image
 
     header = jpeg_header(data)
@@ -142,15 +145,20 @@ def decode_image(data: bytes, size: int = 224, contiguous: bool = True) -> torch
                 pass
             else:
                 return resize_crop(pixels.permute(1, 2, 0), size, contiguous=contiguous)
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im, image_errors():
         original = im.size
         im.draft("RGB", (DRAFT_GAP * size, DRAFT_GAP * size))
         return clip_resize_crop(im, size, original, contiguous)
 
 
 def load_image(path: str | Path, size: int = 224) -> torch.Tensor:
-    """An image file -> (3, size, size) uint8 pixels."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return clip_resize_crop(im, size)
+    """An image file -> (3, size, size) uint8 pixels. A file that is missing or no usable image raises
+    `kosmos.untrusted.ImageError` naming its reason (``missing_image``, ``decompression_bomb``,
+    ``corrupt_image``, ...) and the path."""
+    try:
+        with open_image(path) as im, image_errors():
+            return clip_resize_crop(im, size)
+    except ImageError as e:
+        if str(path) in e.detail:
+            raise
+        raise ImageError(e.reason, f"{path}: {e.detail}" if e.detail else str(path)) from None

@@ -386,3 +386,106 @@ def test_an_evaluation_image_folder_takes_every_image_the_converters_take(tmp_pa
     assert all(load_image(item.images[0], 32).shape == (3, 32, 32) for item in data.items)
     suffixes = getattr(kosmos.data.format, "IMAGE_SUFFIXES", None)
     assert data_tools.images.IMAGE_SUFFIXES is suffixes is kosmos.eval.datasets.IMAGE_SUFFIXES
+
+
+# ----------------------------------------------------------------------------- issue 22 items 7 and 9
+
+
+def test_a_decompression_bomb_is_skipped_counted_and_named_on_every_run(ckpt, sets, tmp_path, caplog):
+    from tests.helpers import bomb_png, caption_shards, write_tar
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        shutil.copy(PHOTOS[i], folder / f"p{i}.jpg")
+    (folder / "bomb.png").write_bytes(bomb_png(30_000, 30_000))  # PIL: DecompressionBombError
+    (folder / "big.png").write_bytes(bomb_png(10_000, 10_000))  # PIL: a warning, then 100 M pixels
+    out = tmp_path / "out"
+    for _ in range(2):  # the rerun tries the skipped images again, and skips them again
+        with caplog.at_level("WARNING"):
+            assert run(ckpt, "--task", "captioning", "--data", str(folder), "--out", str(out), *FAST) == 0
+        res, metrics = results(out, "captioning")
+        assert sorted(r["image_id"] for r in res) == ["p0.jpg", "p1.jpg"]
+        assert metrics["skipped"] == {"decompression_bomb": 2}
+        assert "bomb.png" in caplog.text and "big.png" in caplog.text
+        caplog.clear()
+    # the same image inside a caption shard
+    shard = caption_shards(tmp_path / "cap", 1, 2)[0]
+    bombs = write_tar(tmp_path / "bombs.tar", [{"__key__": "b0", "png": bomb_png(30_000, 30_000),
+                                                "txt": b"a bomb"}])
+    out = tmp_path / "out2"
+    for data in (shard, str(bombs)):
+        assert run(ckpt, "--task", "captioning", "--data", data, "--out", str(out / Path(data).stem),
+                   *FAST) == 0
+    assert results(out / "bombs", "captioning")[1]["skipped"] == {"decompression_bomb": 1}
+
+
+def _error(capsys, ckpt, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, *args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_bad_prompt_jsonl_is_one_line_naming_the_file_line_and_field(ckpt, sets, tmp_path, capsys):
+    image = str(sets["vqa_root"] / "COCO_val2014_000000000001.jpg")
+    path = tmp_path / "prompts.jsonl"
+    cases = [
+        ([{"image": 123}], ["prompts.jsonl:1", "image", "expected str"]),
+        ([{"image": image, "captions": 7}], ["prompts.jsonl:1", "captions"]),
+        ([{"id": "1", "image": image}, {"id": "1", "image": image}], ["prompts.jsonl:2", "id", "'1'",
+                                                                        "prompts.jsonl:1"]),
+        ([{"id": [1], "image": image}], ["prompts.jsonl:1", "id"]),
+    ]
+    for rows, words in cases:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        err = _error(capsys, ckpt, "--task", "captioning", "--data", str(path), "--out", str(tmp_path / "o"))
+        assert all(w in err for w in words), (words, err)
+    path.write_text(json.dumps({"image": image, "question": ["what?"]}) + "\n")
+    err = _error(capsys, ckpt, "--task", "vqa", "--data", str(path), "--out", str(tmp_path / "o"))
+    assert "prompts.jsonl:1" in err and "question" in err
+    path.write_bytes(json.dumps({"image": image}).encode() + b'\n{"image": "caf\xe9.jpg"}\n')
+    err = _error(capsys, ckpt, "--task", "captioning", "--data", str(path), "--out", str(tmp_path / "o"))
+    assert "prompts.jsonl:2" in err and "UTF-8" in err
+    # the benchmark JSONL readers name the line too
+    sets["labels"].write_bytes(sets["labels"].read_bytes() + b'{"id": "x\xff"}\n')
+    err = _error(capsys, ckpt, "--task", "labels", "--data", str(sets["labels"]),
+                 "--out", str(tmp_path / "o"))
+    assert "labels.jsonl:4" in err and "UTF-8" in err
+
+
+def test_items_with_the_same_id_are_refused_naming_them(ckpt, sets, tmp_path, capsys):
+    from tests.helpers import caption_shards
+
+    for name in ("labels", "choice"):
+        first = sets[name].read_text().splitlines()[0]
+        sets[name].write_text(sets[name].read_text() + first + "\n")
+        err = _error(capsys, ckpt, "--task", name, "--data", str(sets[name]), "--out", str(tmp_path / "o"))
+        assert f"{sets[name].name}:4" in err and "id" in err and f"{sets[name].name}:1" in err, err
+    a, b = caption_shards(tmp_path / "cap", 2, 2)  # two shards of the same keys
+    Path(b).rename(tmp_path / "cap" / "cap-000001.tar")
+    shutil.copy(a, tmp_path / "cap" / "cap-000001.tar")
+    err = _error(capsys, ckpt, "--task", "captioning", "--data", str(tmp_path / "cap"), "--out",
+                 str(tmp_path / "o"))
+    assert "same id 'c00_000'" in err
+
+
+def test_limit_is_a_number_of_items_from_one(ckpt, sets, tmp_path, capsys):
+    for bad in ("-1", "0"):
+        err = _error(capsys, ckpt, "--task", "captioning", "--data", str(sets["vqa_root"]), "--limit", bad,
+                     "--out", str(tmp_path / "o"))
+        assert f"--limit {bad}" in err
+    out = tmp_path / "out"
+    assert run(ckpt, "--task", "captioning", "--data", str(sets["vqa_root"]), "--limit", "2",
+               "--out", str(out), *FAST) == 0
+    assert results(out, "captioning")[1]["predicted"] == 2
+
+
+def test_train_eval_tasks_limit_is_checked():
+    from kosmos.config import ConfigError
+    from tests.helpers import tiny_config
+
+    for bad in (0, -1, "x"):
+        with pytest.raises(ConfigError, match=r"train.eval_tasks\[0\].limit"):
+            tiny_config(f"train.eval_tasks=[{{task: coco_captioning, data: x.json, limit: {bad}}}]")

@@ -321,3 +321,85 @@ def test_generate_cli_stop_and_no_control_tokens(tmp_path, tiny_tokenizer, monke
     assert free and not any(t in free for t in ("<image>", "</image>", "<pad>", "<s>")), free
     stop = free.strip()[:2]
     assert stop and main([*args, "--stop", stop]) == [free[: free.index(stop)]]
+
+
+# ----------------------------------------------------------------------------- issue 22 item 11
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
+                                         ("temperature", -1), ("temperature", float("inf")),
+                                         ("max_new_tokens", -5), ("max_new_tokens", 0),
+                                         ("max_new_tokens", 2.5),
+                                         ("top_k", -1), ("num_beams", 0), ("length_penalty", float("nan"))])
+def test_generation_config_refuses_settings_out_of_range_naming_them(field, value):
+    from kosmos.generate import SettingError
+
+    with pytest.raises(SettingError, match=f"^{field} must be ") as e:
+        GenerationConfig(**{field: value})
+    assert e.value.field == field and "\n" not in str(e.value)
+    GenerationConfig(top_p=1.0, temperature=0, top_k=0, max_new_tokens=1, num_beams=1)  # the edges are fine
+
+
+def test_generation_is_capped_at_the_context():
+    model = tiny_model()
+    prompt = Prompt(ids=[2] + list(range(10, 250)))  # 241 tokens; tiny: decoder.max_len 256
+    with pytest.warns(UserWarning, match=r"max_new_tokens 100 capped at 15: .*decoder.max_len = 256"):
+        out = generate(model, [prompt], GenerationConfig(max_new_tokens=100))  # 100000: minutes, before
+    assert len(out[0]) == 15
+    assert len(generate(model, [prompt], GenerationConfig(max_new_tokens=15))[0]) == 15  # fits: no warning
+    with pytest.raises(ValueError, match=r"fills the model's context \(decoder.max_len = 256\)"):
+        generate(model, [Prompt(ids=[2] + [10] * 300)], GenerationConfig(max_new_tokens=4))
+
+
+def _cli_error(capsys, argv) -> str:
+    from kosmos.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_generate_cli_arguments_are_one_line_errors(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    import kosmos.generate
+    from kosmos.generate import main
+    from tests.helpers import ROOT, bomb_png, write
+
+    loaded, load = [], kosmos.generate.load_for_inference
+    monkeypatch.setattr(kosmos.generate, "load_for_inference",  # one model for the five runs
+                        lambda *a, **kw: loaded[0] if loaded else loaded.append(load(*a, **kw)) or loaded[0])
+
+    base = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--tokenizer", str(tiny_tokenizer.path),
+            "--prompt", "An image of"]
+    for bad, words in ((["--sample", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+                       (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
+                       (["--max-new-tokens", "-5"], "--max-new-tokens -5: must be a whole number >= 1"),
+                       (["--beams", "0"], "--beams 0: must be")):
+        assert words in _cli_error(capsys, [*base, *bad])
+    images = {"text.jpg": b"this is not an image" * 10, "bomb.png": bomb_png(30_000, 30_000)}
+    for name, data in images.items():
+        write(tmp_path / name, data)
+    for name, reason in (("text.jpg", "corrupt_image"), ("bomb.png", "decompression_bomb"),
+                         ("missing.jpg", "missing_image")):
+        err = _cli_error(capsys, [*base, "--image", str(tmp_path / name)])
+        assert f"--image {tmp_path / name}: {reason}" in err, err
+    # a length beyond the context is capped there, and the CLI says so
+    out = main([*base, "--max-new-tokens", "300"])
+    assert len(out) == 1
+    err = capsys.readouterr().err
+    assert "note: --max-new-tokens 300 capped at" in err and "decoder.max_len = 256" in err
+
+
+def test_eval_decoding_settings_are_checked_like_the_cli(tmp_path, capsys):
+    from kosmos.eval import main
+    from kosmos.eval.tasks import get_task
+
+    with pytest.raises(ValueError, match="num_beams must be a whole number >= 1, got 0"):
+        get_task("coco_captioning", num_beams=0)
+    for bad in (["--max-new-tokens", "-5"], ["--set", "num_beams=0"], ["--set", "length_penalty=nan"]):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "--checkpoint", str(tmp_path), "--task", "captioning", "--data", str(tmp_path),
+                  *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and "must be" in err, err

@@ -360,3 +360,140 @@ def test_tokenizer_build_refuses_shards_without_text_naming_them(tmp_path):
     path = write_tar(tmp_path / "img.tar", [{"__key__": f"i{i}", "jpg": jpeg(i)} for i in range(2)])
     with pytest.raises(BuildError, match=r"no text in the inputs: .*img.tar \(2 no text member\)"):
         sample_lines([path], 100, quiet=True)
+
+
+# ------------------------------------------------------- issue 22 item 8: JSON nested 100,000 levels deep
+
+DEEP = "[" * 100_000 + "]" * 100_000
+"""A 200 KB JSON value 100,000 levels deep: Python's parser raises RecursionError (not a ValueError)."""
+
+
+def test_load_json_refuses_a_deep_value_as_malformed_json():
+    from kosmos.untrusted import MAX_JSON_DEPTH, load_json
+
+    for text in (DEEP, '{"a": ' + DEEP + "}", ("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))):
+        for form in (text, text.encode()):
+            with pytest.raises(json.JSONDecodeError, match=f"nested deeper than {MAX_JSON_DEPTH} levels"):
+                load_json(form)
+    edge = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert load_json(edge) == json.loads(edge)
+    many = {"segments": [{"text": "[" * 300, "n": [1, [2]]}] * 500}  # wide, brackets inside strings: fine
+    assert load_json(json.dumps(many)) == many
+    assert load_json('["\\"[[[", {"x": "]]]\\\\"}]') == ['"[[[', {"x": "]]]\\"}]
+
+
+def _deep_rows(path: Path, good: list[dict], at: int = 1) -> Path:
+    lines = [json.dumps(r) for r in good]
+    lines.insert(at, DEEP)
+    return write(path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("fmt", ["documents", "instructions"])
+def test_a_deeply_nested_text_record_is_skipped_as_malformed_json(tmp_path, fmt, capsys):
+    good = ([{"text": f"document number {i}"} for i in range(3)] if fmt == "documents"
+            else [{"prompt": f"Name a colour {i}.", "response": "Blue."} for i in range(3)])
+    _deep_rows(tmp_path / "in" / "a.jsonl", good)
+    bad = 1
+    if fmt == "instructions":  # a .json file holding one task
+        write(tmp_path / "in" / "b.json", '{"instruction": ' + DEEP + "}")
+        bad += 1
+    out = tmp_path / "out"
+    assert text_main(["--format", fmt, "-i", str(tmp_path / "in"), "-o", str(out), "--no-progress"]) == 0
+    m = manifest(out)
+    assert m["totals"]["samples"] == 3 and m["skipped"] == {"malformed_json": bad}, m
+
+
+@pytest.mark.parametrize("fmt", ["obelics", "mmc4"])
+def test_a_deeply_nested_document_is_skipped_by_the_interleaved_converter_and_urls(tmp_path, fmt):
+    from data_tools.urls import write_urls
+
+    write(tmp_path / "images" / "a.jpg", photo(0))
+    if fmt == "mmc4":
+        docs = [{"key": f"d{i}", "text_list": ["one sentence", "another one"],
+                 "image_info": [{"image_name": "a.jpg", "matched_text_index": 1, "matched_sim": 0.3,
+                                 "raw_url": f"https://example.com/{i}.jpg"}]} for i in range(3)]
+    else:
+        docs = [{"id": f"d{i}", "texts": ["one sentence", None],
+                 "images": [None, f"https://example.com/{i}.jpg"]} for i in range(3)]
+    _deep_rows(tmp_path / "docs" / "docs.jsonl", docs)
+    stats = write_urls(fmt, tmp_path / "docs", tmp_path / "urls.parquet")
+    assert stats["unique_urls"] == 3 and stats["skipped"] == {"malformed_json": 1}
+    if fmt == "mmc4":
+        out = tmp_path / "out"
+        m = convert_interleaved("mmc4", tmp_path / "docs", tmp_path / "images", out, doc_options=KEEP_ALL,
+                                shard_options=_opts(out))
+        assert m["totals"]["samples"] == 3 and m["skipped"] == {"malformed_json": 1}, m
+
+
+def test_tokenizer_build_skips_a_deeply_nested_line_and_shard_document(tmp_path):
+    _deep_rows(tmp_path / "corpus.jsonl", [{"text": f"line {i}"} for i in range(3)])
+    segments = json.dumps({"segments": [{"text": "a paragraph"}]}).encode()
+    write_tar(tmp_path / "doc.tar", [{"__key__": "d0", "json": segments},
+                                     {"__key__": "d1", "json": b'{"segments": ' + DEEP.encode() + b"}"}])
+    lines, stats = sample_lines([tmp_path / "corpus.jsonl", tmp_path / "doc.tar"], 100, quiet=True)
+    assert sorted(lines) == ["a paragraph", "line 0", "line 1", "line 2"]
+    assert stats[0].skipped == {"not json": 1} and stats[1].skipped == {"no text member": 1}
+
+
+def test_a_deeply_nested_key_json_is_skipped_or_ignored_by_the_training_reader(tmp_path, tiny_tokenizer):
+    from kosmos.data.format import BadSample, captions, parse_sample, prompt_chars
+
+    deep = b'{"prompt_chars": 3, "captions": ' + DEEP.encode() + b"}"
+    # metadata that cannot be read is ignored, as malformed metadata always was: the sample is kept
+    assert prompt_chars({"txt": b"hello", "json": deep}, "hello") == 0
+    assert captions({"txt": b"a cat", "json": deep, "jpg": jpeg(0)}) == ["a cat"]
+    with pytest.raises(BadSample, match="bad_json"):
+        parse_sample("interleaved", {"json": b'{"segments": ' + DEEP.encode() + b"}"})
+    # and through the loader: every sample is kept, its unreadable metadata ignored
+    samples = [{"__key__": f"t{i}", "txt": f"sample number {i}".encode(),
+                **({"json": deep} if i == 1 else {})} for i in range(4)]
+    path = write_tar(tmp_path / "t.tar", samples)
+    loader = SourceLoader(SourceDataset("text", [str(path)], _encoder(tiny_tokenizer), max_len=64,
+                                        micro_batch_size=2, shuffle_buffer=0, infinite=False))
+    assert sum(len(b["sample_positions"]) for b in loader) == 4 and not loader.skipped()
+
+
+# ------------------------------------------------------- issue 22 item 7: decompression bombs, every reader
+
+
+BOMBS = {"30000x30000": (30_000, 30_000), "10000x10000": (10_000, 10_000)}
+"""Over twice PIL's limit (DecompressionBombError at open), and between once and twice it (PIL only warns,
+then decodes 100 M pixels)."""
+
+
+def test_a_decompression_bomb_is_skipped_and_counted_by_the_training_loader(tmp_path, tiny_tokenizer):
+    from tests.helpers import bomb_png
+
+    samples = [{"__key__": f"c{i}", "jpg": jpeg(i), "txt": b"a red circle"} for i in range(3)]
+    samples[1:1] = [{"__key__": f"b{k}", "png": bomb_png(*wh), "txt": b"a bomb"} for k, wh in BOMBS.items()]
+    path = write_tar(tmp_path / "cap.tar", samples)
+    loader = SourceLoader(SourceDataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64,
+                                        micro_batch_size=2, shuffle_buffer=0, infinite=False))
+    assert sum(len(b["sample_positions"]) for b in loader) == 3
+    assert dict(loader.skipped()) == {"image_too_large": 2}
+
+
+@pytest.mark.parametrize("size", list(BOMBS))
+def test_a_decompression_bomb_is_skipped_by_every_converter_and_checker(tmp_path, size, capsys):
+    from tests.helpers import bomb_png
+
+    bomb = bomb_png(*BOMBS[size])
+    with pytest.raises(Skip, match="decompression_bomb"):
+        normalize_image(bomb, ImageOptions())
+    # captions from a folder
+    for i in range(2):
+        write(tmp_path / "in" / f"p{i}.jpg", photo(i))
+        write(tmp_path / "in" / f"p{i}.txt", f"photo {i}")
+    write(tmp_path / "in" / "bomb.png", bomb)
+    write(tmp_path / "in" / "bomb.txt", "a bomb")
+    out = tmp_path / "out"
+    assert captions_main(["-f", "folder", "-i", str(tmp_path / "in"), "-o", str(out), "--no-progress"]) == 0
+    m = manifest(out)
+    assert m["totals"]["samples"] == 2 and m["skipped"] == {"decompression_bomb": 1}, m
+    # verify and inspect of a shard holding it: reported, not decoded, not a traceback
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "x.tar", [{"__key__": "k", "png": bomb, "txt": b"a bomb"}])
+    verify_tool.main([str(tmp_path / "s" / "x.tar")])
+    assert "k.png: image does not decode (decompression_bomb" in capsys.readouterr().out
+    inspect_tool.main([str(tmp_path / "s" / "x.tar")])
+    assert "undecodable (decompression_bomb)" in capsys.readouterr().out

@@ -41,6 +41,7 @@ from typing import BinaryIO
 
 from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
 from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
+from kosmos.untrusted import load_json
 from tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -223,7 +224,7 @@ def _segments_text(raw: bytes, stats: InputStats) -> str | None:
     if text is None:
         return None
     try:
-        segments = json.loads(text).get("segments")
+        segments = load_json(text).get("segments")
     except (json.JSONDecodeError, AttributeError):
         segments = None
     if not isinstance(segments, list):
@@ -246,7 +247,7 @@ def _jsonl_texts(stream: BinaryIO, stats: InputStats, text_field: str,
         if text is None or not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            obj = load_json(text)
         except json.JSONDecodeError:
             stats.skip("not json")
             continue

@@ -31,7 +31,6 @@ from __future__ import annotations
 import bz2
 import contextlib
 import io
-import json
 import lzma
 import re
 import struct
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kosmos.data.remote import ShardError
+from kosmos.untrusted import load_json
 
 KINDS = ("text", "captions", "interleaved")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -666,7 +666,7 @@ def _meta(files: Mapping[str, object], key: str) -> object:
     if not isinstance(raw, bytes) or f'"{key}"'.encode() not in raw:
         return None
     try:
-        meta = json.loads(raw.decode("utf-8"))
+        meta = load_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
     return meta.get(key) if isinstance(meta, dict) else None
@@ -726,7 +726,7 @@ def parse_sample(kind: str, files: Mapping[str, object], caption: int | None = N
         if not isinstance(raw, bytes):
             raise BadSample("missing_json")
         try:
-            segments = json.loads(raw.decode("utf-8"))["segments"]
+            segments = load_json(raw.decode("utf-8"))["segments"]
             assert isinstance(segments, list)
         except Exception:  # noqa: BLE001 - not UTF-8, not JSON, not an object, no list of segments
             raise BadSample("bad_json") from None

@@ -24,6 +24,7 @@ import torch
 from kosmos.data.format import LOSSES, BadSample, ImageSegment, parse_sample
 from kosmos.image import decode_image
 from kosmos.sequence import SequenceEncoder
+from kosmos.untrusted import ImageError
 
 
 @dataclass
@@ -55,16 +56,17 @@ costs no more than a short one)."""
 
 
 def _image(data: bytes, size: int) -> torch.Tensor:
-    from PIL import Image
-
+    """Decoded pixels; `BadSample` ``empty_image``, ``image_too_large`` (a decompression bomb, refused from
+    its header: `kosmos.untrusted.open_image`) or ``bad_image``, with PIL's words as its detail."""
     if not data:
         raise BadSample("empty_image")
     try:
         return decode_image(data, size, contiguous=False)  # collate copies it into the micro-batch
-    except Image.DecompressionBombError:
-        raise BadSample("image_too_large") from None
-    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise BadSample("bad_image") from None
+    except ImageError as e:
+        reason = "image_too_large" if e.reason == "decompression_bomb" else "bad_image"
+        raise BadSample(reason, e.detail) from None
+    except Exception as e:  # noqa: BLE001 - anything else a decoder or the resize raises for odd data
+        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
 
 
 def sample_segments(kind: str, raw: dict, image_size: int, caption: int | None = None) -> list:

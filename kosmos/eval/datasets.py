@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kosmos.data.format import IMAGE_SUFFIXES
+from kosmos.untrusted import load_json
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -106,7 +107,7 @@ def read_json(path):
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return load_json(f.read())
     except FileNotFoundError:
         raise EvalDataError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -114,26 +115,45 @@ def read_json(path):
 
 
 def _read_jsonl(path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line."""
+    """(line number, object) for each non-blank line; an EvalDataError naming the file and the line for one
+    that is not UTF-8, not JSON or not an object."""
     path = Path(path)
     rows = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise EvalDataError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                        f"column {e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = load_json(line)
                 except json.JSONDecodeError as e:
                     raise EvalDataError(f"{path}:{n}: not valid JSON ({e})") from None
                 if not isinstance(obj, dict):
                     _fail(f"{path}:{n}", "line", f"expected a JSON object, got {type(obj).__name__}")
                 rows.append((n, obj))
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise EvalDataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
     return rows
+
+
+def item_id(obj: dict, default: int, where, seen: dict[str, str] | None = None) -> int | str:
+    """A JSONL item's "id" (a string or a whole number; default the line number), refused when another item
+    of the file already has it (`seen`: id -> where): predictions, resumes and results are kept by id, so
+    a repeated one would silently drop an item."""
+    value = obj.get("id", default)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        _fail(where, "id", f"expected a string or a whole number, got {type(value).__name__} {value!r:.40}")
+    if seen is not None:
+        key = str(value)
+        if key in seen:
+            _fail(where, "id", f"{value!r} is already the id of {seen[key]}; every item needs its own id")
+        seen[key] = str(where)
+    return value
 
 
 def _get(obj: dict, key: str, kind, where, field: str | None = None):
@@ -333,7 +353,7 @@ def _classnames(classnames) -> list[str]:
             raise EvalDataError(f"{where}: not UTF-8 text ({e})") from None
         if text.lstrip().startswith("["):
             try:
-                names = json.loads(text)
+                names = load_json(text)
             except json.JSONDecodeError as e:
                 raise EvalDataError(f"{where}: not valid JSON ({e})") from None
         else:
@@ -413,10 +433,10 @@ def load_choices(path, image_root=None) -> list[ChoiceItem]:
     {"id", "images": [paths], "text": "... <image> ...", "candidates": [str | {"text", "images"}],
     "answer": int}. "id" defaults to the line number, "images" to [], "answer" to None (unknown)."""
     root = Path(image_root) if image_root is not None else Path(path).parent
-    items = []
+    items, seen = [], {}
     for n, obj in _read_jsonl(path):
         where = f"{path}:{n}"
-        item_id = str(obj.get("id", n))
+        the_id = str(item_id(obj, n, where, seen))
         images = _images(obj.get("images", []), root, where, "images")
         text = _get(obj, "text", str, where)
         _placeholders(text, images, where, "text")
@@ -441,7 +461,7 @@ def load_choices(path, image_root=None) -> list[ChoiceItem]:
         if answer is not None and (isinstance(answer, bool) or not isinstance(answer, int)
                                    or not 0 <= answer < len(candidates)):
             _fail(where, "answer", f"expected a candidate index 0..{len(candidates) - 1}, got {answer!r:.40}")
-        items.append(ChoiceItem(item_id, images, text, candidates, answer))
+        items.append(ChoiceItem(the_id, images, text, candidates, answer))
     return items
 
 
@@ -449,10 +469,11 @@ def load_labels(path, image_root=None) -> list[LabelItem]:
     """Open-vocabulary label items (NxTP) from JSONL {"id", "image", "labels": [...]}; "id" defaults to the
     line number, "labels" to [] (no references)."""
     root = Path(image_root) if image_root is not None else Path(path).parent
-    items = []
+    items, seen = [], {}
     for n, obj in _read_jsonl(path):
         where = f"{path}:{n}"
+        the_id = str(item_id(obj, n, where, seen))
         image = _get(obj, "image", str, where)
         labels = _str_list(obj.get("labels", []), where, "labels")
-        items.append(LabelItem(str(obj.get("id", n)), _resolve(root, image), labels))
+        items.append(LabelItem(the_id, _resolve(root, image), labels))
     return items

@@ -28,6 +28,7 @@ import torch
 
 from kosmos.data.format import IMAGE_SUFFIXES
 from kosmos.eval.tasks import PAPER, TaskSpec
+from kosmos.untrusted import load_json
 
 log = logging.getLogger(__name__)
 
@@ -69,39 +70,23 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    from kosmos.eval.datasets import EvalDataError
-
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalDataError(f"{path}: line {n} is not JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise EvalDataError(f"{path}: line {n} is not a JSON object")
-                rows.append(row)
-    return rows
-
-
 def _jsonl_items(kind: str, path: Path, root: Path) -> list[Item]:
     """A JSONL of prompts without the benchmark's own format: {"id"?, "image", "question"? (vqa),
-    "captions"/"answers"? (references)}."""
-    from kosmos.eval.datasets import EvalDataError
+    "captions"/"answers"? (references)}; a line that is not UTF-8 or JSON, a field of the wrong type or a
+    repeated id is an EvalDataError naming the file, the line and the field (`kosmos.eval.datasets`)."""
+    from kosmos.eval import datasets as ds
 
-    items = []
-    for n, row in enumerate(_read_jsonl(path)):
-        if "image" not in row:
-            raise EvalDataError(f"{path}: line {n + 1} has no 'image' field")
-        if kind == "vqa" and "question" not in row:
-            raise EvalDataError(f"{path}: line {n + 1} has no 'question' field")
-        refs = row.get("answers") if kind == "vqa" else row.get("captions", row.get("caption"))
-        refs = [refs] if isinstance(refs, str) else list(refs or [])
-        image = Path(row["image"])
-        items.append(Item(id=row.get("id", n), images=[image if image.is_absolute() else root / image],
-                          fields={"question": row.get("question", "")}, references=[str(r) for r in refs]))
+    items, seen = [], {}
+    for n, row in ds._read_jsonl(path):
+        where = f"{path}:{n}"
+        item_id = ds.item_id(row, len(items), where, seen)
+        image = Path(ds._get(row, "image", str, where))
+        question = ds._get(row, "question", str, where) if kind == "vqa" else ""
+        field = "answers" if kind == "vqa" else ("captions" if "captions" in row else "caption")
+        refs = row.get(field)
+        refs = [refs] if isinstance(refs, str) else ds._str_list(refs or [], where, field)
+        items.append(Item(id=item_id, images=[image if image.is_absolute() else root / image],
+                          fields={"question": question}, references=refs))
     return items
 
 
@@ -161,7 +146,25 @@ def load_task_data(spec: TaskSpec, data: str, annotations: str | None = None, im
                    split: str = "test", classnames: str | None = None) -> TaskData:
     """The items of a task from `data`: the benchmark's own files (see `kosmos.eval.datasets`), or for
     captioning and VQA also a folder of images, a JSONL of prompts, or caption shards (predictions only,
-    unless they carry references)."""
+    unless they carry references). Two items with the same id are an EvalDataError naming them: predictions
+    are kept by id, so one of them would be dropped without a word."""
+    return _unique_ids(_load_task_data(spec, data, annotations, images, split, classnames), data)
+
+
+def _unique_ids(data: TaskData, where: str) -> TaskData:
+    from kosmos.eval.datasets import EvalDataError
+
+    seen: dict[str, int] = {}
+    for i, item in enumerate(data.items, 1):
+        first = seen.setdefault(_key(item.id), i)
+        if first != i:
+            raise EvalDataError(f"{where}: items {first} and {i} have the same id {item.id!r}; every item "
+                                "needs its own id")
+    return data
+
+
+def _load_task_data(spec: TaskSpec, data: str, annotations: str | None, images: str | None, split: str,
+                    classnames: str | None) -> TaskData:
     from kosmos.data.remote import is_remote
 
     path = Path(data)
@@ -242,29 +245,30 @@ def query_text(spec: TaskSpec, item: Item, demos: list[Item], seed: int = 0) -> 
 
 
 class ImageLoader:
-    """uint8 images at the model's size; a missing or unreadable one raises `Skip(reason, path)`."""
+    """uint8 images at the model's size; a missing or unusable one raises `Skip(reason, path)`: its reason is
+    `kosmos.untrusted.ImageError`'s (``missing_image``, ``decompression_bomb``, ``truncated_image``, ...;
+    ``bad_image`` for the rest), so an image PIL refuses is skipped and named, never the end of the run."""
+
+    SAME = ("missing_image", "decompression_bomb", "truncated_image")
+    """Reasons kept as they are; other failures count as ``bad_image``."""
 
     def __init__(self, encoder):
         self.encoder = encoder
 
     def __call__(self, image: Any) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from kosmos.untrusted import ImageError, image_errors, open_image
 
-        if isinstance(image, (bytes, bytearray)):
-            import io
-
-            try:
-                with Image.open(io.BytesIO(image)) as im:
-                    return self.encoder.image(im)
-            except (UnidentifiedImageError, OSError) as e:
-                raise Skip("bad_image", f"(shard bytes) {e}") from None
-        path = Path(image)
-        if not path.is_file():
-            raise Skip("missing_image", str(path))
+        shard = isinstance(image, (bytes, bytearray))
+        where = "(shard bytes)" if shard else str(image)
         try:
-            return self.encoder.load_image(path)
-        except (UnidentifiedImageError, OSError, ValueError):
-            raise Skip("bad_image", str(path)) from None
+            if shard:
+                with open_image(image) as im, image_errors():
+                    return self.encoder.image(im)
+            return self.encoder.load_image(Path(image))
+        except ImageError as e:
+            reason = "missing_image" if e.reason == "not_a_file" else (
+                e.reason if e.reason in self.SAME else "bad_image")
+            raise Skip(reason, f"{where} {e.detail}" if shard else where) from None
 
 
 class Skip(Exception):
@@ -306,6 +310,9 @@ class Predictor:
         from kosmos.generate import GenerationConfig
 
         self.model, self.encoder, self.spec, self.data, self.shots = model, encoder, spec, data, shots
+        self.generates = spec.kind in ("captioning", "vqa", "labels") or (
+            spec.kind == "classification" and spec.mode == "unconstrained")
+        """Whether predictions are generated (`kosmos.generate`, capped at the model's context)."""
         self.load = ImageLoader(encoder)
         tok = encoder.tokenizer
         self.gen = GenerationConfig.for_tokenizer(tok, num_beams=spec.num_beams,
@@ -326,13 +333,17 @@ class Predictor:
         """One record per item: {"id", "prediction", ...} or {"id", "skipped": reason, "path"}."""
         records: list[dict | None] = [None] * len(items)
         prompts, where = [], []
+        max_len = self.model.cfg.decoder.max_len
         for i, item in enumerate(items):
             try:
                 if self.spec.kind == "choice":
                     prompts.append(_choice_prompts(self.spec, item, self.load, self.encoder))
                 else:
                     text, images = query_text(self.spec, item, self.shots.pick(item), self.shots.seed)
-                    prompts.append(_prompt(self.encoder, text, [self.load(x) for x in images]))
+                    prompt = _prompt(self.encoder, text, [self.load(x) for x in images])
+                    if self.generates and len(prompt.ids) >= max_len:  # no room left to generate
+                        raise Skip("prompt_too_long", f"{len(prompt.ids)} tokens, decoder.max_len {max_len}")
+                    prompts.append(prompt)
                 where.append(i)
             except Skip as s:
                 records[i] = {"id": item.id, "skipped": s.reason, "path": s.path}
@@ -405,7 +416,7 @@ def read_predictions(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    rec = json.loads(line)
+                    rec = load_json(line)
                 except json.JSONDecodeError:
                     continue  # the last line of a killed run
                 if "prediction" in rec:
@@ -502,7 +513,8 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
     """Predict every item not predicted yet, then (main process) write the results and metrics.
 
     `dist`: anything with process_index, num_processes, is_main_process and wait_for_everyone() (an
-    accelerate Accelerator or PartialState); None for one process."""
+    accelerate Accelerator or PartialState); None for one process. `limit`: the first that many items
+    (>= 1; None: all)."""
     from tqdm.auto import tqdm
 
     rank = dist.process_index if dist is not None else 0
@@ -511,7 +523,9 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
     main = rank == 0
     folder = Path(out) / task / f"{shots.k}shot"
     folder.mkdir(parents=True, exist_ok=True)
-    items = data.items[:limit] if limit else data.items
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a number of items >= 1 (or None: all), got {limit!r}")
+    items = data.items if limit is None else data.items[:limit]
     done, _ = read_predictions(folder)
     barrier()  # every process has read what is done before any writes more
     todo = [it for it in items if _key(it.id) not in done]
@@ -626,9 +640,10 @@ def evaluate_tasks(acc, tasks: list[dict], model, encoder, out: str | Path) -> d
     try:
         for entry in tasks:
             opts = {k: v for k, v in entry.items() if k in EVAL_TASK_OPTIONS}
-            spec = get_task(entry["task"], **{k: v for k, v in entry.items() if k not in EVAL_TASK_OPTIONS})
             key = json.dumps(entry, sort_keys=True)
             try:
+                settings = {k: v for k, v in entry.items() if k not in EVAL_TASK_OPTIONS}
+                spec = get_task(entry["task"], **settings)
                 if key not in _TRAIN_DATA:
                     data = load_task_data(spec, opts["data"], opts.get("annotations"), opts.get("images"),
                                           opts.get("split", "test"), opts.get("classnames"))
@@ -717,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrieval", action="store_true",
                     help="few-shot: the most similar support images (RICES) instead of random ones")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random demonstrations")
-    ap.add_argument("--limit", type=int, help="evaluate the first N items only")
+    ap.add_argument("--limit", type=int, help="evaluate the first N items only (N >= 1)")
     ap.add_argument("--out", default="results", help="output folder (default results/)")
     ap.add_argument("--prompt", help="the query template ({image}, {question}, {text}, {candidate})")
     ap.add_argument("--demo", help="one demonstration's template ({answer} too)")
@@ -740,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     from kosmos.eval.tasks import get_task
 
     try:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit {args.limit}: expected a number of items >= 1 (leave it out for all)")
         shots_list = _int_list(args.shots)
         spec = get_task(args.task, **_settings(args))
         data = load_task_data(spec, args.data, args.annotations, args.images, args.split, args.classnames)

@@ -110,7 +110,15 @@ PAPER: dict[tuple[str, int], dict[str, float]] = {
 
 
 def get_task(name: str, **changes) -> TaskSpec:
-    """The task's protocol with `changes` applied; a one-line ValueError names an unknown task or setting."""
+    """The task's protocol with `changes` applied; a one-line ValueError names an unknown task or setting,
+    or a decoding setting out of range (checked by `kosmos.generate.GenerationConfig`, as for the CLI)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
-    return TASKS[name].replace(**changes) if changes else TASKS[name]
+    if not changes:
+        return TASKS[name]
+    spec = TASKS[name].replace(**changes)
+    from kosmos.generate import GenerationConfig
+
+    GenerationConfig(num_beams=spec.num_beams, max_new_tokens=spec.max_new_tokens,
+                     length_penalty=spec.length_penalty)
+    return spec
