@@ -53,6 +53,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
 
     from kosmos import checkpoint as ck
     from kosmos.metrics import Meter, RunLog, eval_line
+    from kosmos.watchdog import Watchdog, die_with_parent, rank_log_path, under_launcher
     from kosmos.training import (
         BadSteps,
         build_accelerator,
@@ -68,6 +69,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     # `--resume` wins over train.init_from when there is a checkpoint to resume, so that a killed fine-tuning
     # run continues instead of starting over from its initial weights. The checkpoints are checked (files
     # whole, config unchanged) before anything heavy.
+    if under_launcher():  # a rank ends with its launcher (killed by a timeout, say) instead of running on
+        die_with_parent()
     out_dir = Path(cfg.train.output_dir)
     notes: list[str] = []
     candidates = ck.pick_checkpoint(ck.resume_candidates(resume, out_dir), cfg, allow_change, notes.append)
@@ -102,21 +105,27 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
     model.train()
-    with log, ck.StopFlag() as stop, contextlib.closing(mixture):  # closing: ends the DataLoader workers
+    # The watchdog ends this rank when a wait (data, a collective, a save) outlasts train.collective_timeout.
+    dog = Watchdog(cfg.train.collective_timeout, acc.process_index,
+                   rank_log_path(out_dir / "train.log", acc.process_index))
+    with log, ck.StopFlag() as stop, contextlib.closing(mixture), dog:  # closing: ends the DataLoader workers
         while state["step"] < max_steps:
+            dog.step = state["step"] + 1
             res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip,
-                             cfg.train.loss_weighting)
+                             cfg.train.loss_weighting, waiting=dog.waiting)
+            dog.warm = True  # compiled: from now on the gradient sync's forward and backward are watched too
             meter.add(res)
             if not bad.passed(res, state):  # skipped: counted and logged; too many in a row raise
                 continue
-            state["step"] = step = state["step"] + 1
+            state["step"] = dog.step = step = state["step"] + 1
             log.advance()
             if on_step is not None:
                 on_step(acc, state, model, res.samples)
             if step % cfg.train.log_every == 0 or step == max_steps:
-                report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
-                                      bad_steps=state["bad_steps"], skipped=mixture.skipped(),
-                                      truncated=mixture.truncated())
+                with dog.waiting("the log-window reduce"):
+                    report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
+                                          bad_steps=state["bad_steps"], skipped=mixture.skipped(),
+                                          truncated=mixture.truncated())
                 state["tokens"] += report.tokens
                 log.info(report.line)
                 for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
@@ -124,14 +133,16 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
                                                                       file=sys.stderr)
                 acc.log(report.metrics, step=step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                if ev := evaluate(acc, cfg, model, encoder, step):
+                if ev := evaluate(acc, cfg, model, encoder, step, waiting=dog.waiting):
                     acc.log(ev, step=step)
                     log.info(eval_line(ev))
-            stop_now = stop.any_rank(acc)
+            with dog.waiting("the stop-flag reduce"):
+                stop_now = stop.any_rank(acc)
             if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
-                seen = torch.tensor(mixture.samples_seen(), device=acc.device)
-                state["samples"] = int(acc.reduce(seen, reduction="sum"))  # every rank's, not rank 0's
-                saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
+                with dog.waiting("the checkpoint save"):  # its barriers wait for rank 0's writing
+                    seen = torch.tensor(mixture.samples_seen(), device=acc.device)
+                    state["samples"] = int(acc.reduce(seen, reduction="sum"))  # every rank's, not rank 0's
+                    saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
                 last_saved = step
                 if saved is not None:  # the main process
                     log.info(f"saved {saved}")

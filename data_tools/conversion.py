@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -35,6 +34,7 @@ from data_tools.writer import (
     sanitize_key,
     write_json_atomic,
 )
+from kosmos.watchdog import die_with_parent  # workers end with the converter, even killed with SIGKILL
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -210,27 +210,6 @@ def _merge_examples(into: dict[str, list[str]], more: dict[str, list[str]]) -> N
         lst.extend(ex[: MAX_EXAMPLES - len(lst)])
 
 
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: the worker ends when the converter's main process does, even killed with SIGKILL,
-    so that no orphan goes on writing into the output folder (where a rerun would race it)."""
-    import ctypes
-    import signal
-
-    try:
-        if ctypes.CDLL(None).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
-            raise OSError("prctl failed")
-    except Exception:  # noqa: BLE001 - no prctl (not Linux): a thread watches the parent instead
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # the parent died before this
-        os._exit(1)
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
 def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
     """Run a conversion end to end and return the manifest (also written to ``manifest.json``).
 
@@ -319,7 +298,7 @@ def _run(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
 
             # spawn, not fork: the workers start clean (no inherited threads or locks).
             with ProcessPoolExecutor(shards.workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+                                     initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 try:
                     schedule(pool)
                     while pending:

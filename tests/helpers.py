@@ -3,6 +3,8 @@
     tiny models     configs/tiny.yaml with overrides, randomly initialised, CPU, fp32
     tiny shards     webdataset shards of the three source kinds, in the training format
     converter I/O   real photos from assets/images, planted bad files, reading converter output back
+    multi-process   `launch`/`start`: N processes under `accelerate launch` (or torchrun), a hard timeout that
+                    kills the whole process group; `alive_with_marker`: what of a run is still running
 
 Imported as `from tests.helpers import ...` (the repository root is on pytest's path).
 """
@@ -11,7 +13,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import struct
 import tarfile
 import warnings
@@ -356,3 +362,106 @@ class ShardServer:
         self.stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# ----------------------------------------------------------------------------- multi-process runs
+
+MARKER = "KOSMOS_TEST_MARKER"
+"""An environment variable that a test sets to a unique value for a run: every process of the run (ranks,
+DataLoader workers, the commands they start) inherits it, so `alive_with_marker` finds what is left."""
+
+
+def launch_env(**extra: str) -> dict:
+    """The environment of a multi-process test: CPU (gloo), one thread per process, this checkout on
+    PYTHONPATH, and TORCH_DISTRIBUTED_DEBUG=DETAIL: gloo checks that all ranks call the same collective with
+    the same shapes, and reports a mismatch instead of hanging."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+def launch_cmd(nproc: int, script, args=(), launcher: str = "accelerate") -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes N SCRIPT ARGS` (CPU, no mixed precision, a free port),
+    or with launcher="torchrun" `python -m torch.distributed.run --nproc_per_node N ...`. `script`: a path,
+    or a list such as ["-m", "kosmos.eval", "run"]."""
+    script = [str(script)] if isinstance(script, (str, Path)) else list(script)
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", free_port(), *script, *map(str, args)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", free_port(), *script, *map(str, args)]
+
+
+def start(nproc: int, script, args=(), *, env: dict | None = None, cwd=ROOT, launcher: str = "accelerate",
+          **popen) -> subprocess.Popen:
+    """The launcher started in a session of its own (its process group: the launcher, the ranks and their
+    workers), for `finish` or `kill_group`. `env`: added to launch_env()."""
+    return subprocess.Popen(launch_cmd(nproc, script, args, launcher), cwd=cwd, env=launch_env(**(env or {})),
+                            start_new_session=True, **popen)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's whole process group (what is still there of it)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def finish(proc: subprocess.Popen, timeout: float, output=lambda: "") -> int:
+    """The launcher's exit status; if it has not ended within `timeout` seconds, its whole process group is
+    killed and the test fails with `output()` (the output so far)."""
+    import pytest
+
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        proc.wait()
+        pytest.fail(f"{' '.join(map(str, proc.args[:8]))} ... did not end within {timeout:g} s: its process group "
+                    f"was killed. Output so far:\n{output()[-4000:]}")
+    finally:
+        if proc.poll() is None:  # an exception in the test (KeyboardInterrupt): nothing left running
+            kill_group(proc)
+
+
+def launch(nproc: int, script, args=(), timeout: float = 300, *, check: bool = True, **kw) -> \
+        subprocess.CompletedProcess:
+    """Run `script` on `nproc` processes (start) to the end, its output captured; past `timeout` seconds its
+    whole process group is killed and the test fails with the output so far. `check`: the test fails unless it
+    exits 0."""
+    import tempfile
+
+    import pytest
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        def output() -> str:
+            out.seek(0)
+            err.seek(0)
+            return out.read() + err.read()
+
+        proc = start(nproc, script, args, stdout=out, stderr=err, text=True, **kw)
+        code = finish(proc, timeout, output)
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(proc.args, code, out.read(), err.read())
+    if check and code != 0:
+        pytest.fail(f"exit status {code}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def alive_with_marker(marker: str) -> list[int]:
+    """Pids of the live processes (zombies have no environment left to read) whose environment has
+    KOSMOS_TEST_MARKER=`marker`."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:  # gone, or not ours
+                continue
+    return found

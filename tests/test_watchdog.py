@@ -1,0 +1,156 @@
+"""kosmos.watchdog: a wait that outlasts train.collective_timeout ends the rank, named, with its stacks and
+without leaving its workers; ranks die with their launcher. The 2-process runs (an asymmetric collective, a
+stalled data worker) are at the end (slow)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from kosmos.config import ConfigError
+from kosmos.watchdog import Watchdog, descendants, kill_descendants, rank_log_path
+from tests.helpers import ROOT, alive_with_marker, launch, tiny_config
+
+
+def _wait_until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_a_wait_longer_than_the_timeout_is_reported_with_the_stacks(tmp_path):
+    tripped = []
+    log = rank_log_path(tmp_path / "train.log", 1)
+    assert log.name == "train.log.rank1" and rank_log_path(tmp_path / "train.log", 0).name == "train.log"
+    with Watchdog(0.3, rank=1, log_path=log, poll=0.02, exit=lambda: tripped.append(1)) as dog:
+        dog.step = 7
+        with dog.waiting("the gradient sync", compute=True):  # not warm: compile time is not a hang
+            time.sleep(0.5)
+        time.sleep(0.5)  # between waits: compute, not watched
+        with dog.waiting("the stop-flag reduce"):
+            time.sleep(0.1)  # within the timeout
+        assert not tripped and not log.exists()
+        with dog.waiting("data.captions"):
+            _wait_until(lambda: tripped)
+    text = log.read_text()
+    assert re.match(r"rank 1: no progress for 0\.\d s at step 7 waiting on data\.captions "
+                    r"\(train\.collective_timeout=0\.3\)", text), text
+    assert "most recent call first" in text and "_wait_until" in text, text  # the main thread's stack
+    assert "Thread 0x" in text and "_run" in text  # the watchdog's own thread: all threads are dumped
+
+
+def test_nested_waits_restart_the_outer_one_and_warm_waits_are_watched():
+    tripped = []
+    dog = Watchdog(0.4, poll=0.02, exit=lambda: tripped.append(dog.tripped)).start()
+    try:
+        with dog.waiting("the checkpoint save"):
+            for _ in range(3):
+                with dog.waiting("inner"):
+                    time.sleep(0.25)  # progress every 0.25 s: never 0.4 s on one wait
+        assert not tripped
+        dog.warm = True
+        with dog.waiting("the gradient sync", compute=True):
+            _wait_until(lambda: tripped)
+        assert "waiting on the gradient sync" in tripped[0]
+    finally:
+        dog.close()
+
+
+def test_collective_timeout_is_checked_and_sets_the_process_group_timeout():
+    from kosmos.training import process_group_timeout
+
+    assert tiny_config().train.collective_timeout == 600
+    assert process_group_timeout(tiny_config()) == 660
+    assert process_group_timeout(tiny_config("train.collective_timeout=5")) == 300  # never below 5 minutes
+    with pytest.raises(ConfigError, match="train.collective_timeout"):
+        tiny_config("train.collective_timeout=0")
+
+
+_SPAWN = """
+import subprocess, sys, time
+subprocess.Popen(["sleep", "60"], start_new_session=True)  # a grandchild in its own session, like pipe:
+time.sleep(60)
+"""
+
+
+def test_kill_descendants_finds_grandchildren_in_other_sessions():
+    child = subprocess.Popen([sys.executable, "-c", _SPAWN])
+    try:
+        _wait_until(lambda: len(descendants(child.pid)) == 1)
+        below = descendants(child.pid)
+        kill_descendants(child.pid)
+        _wait_until(lambda: not os.path.exists(f"/proc/{below[0]}") or _zombie(below[0]))
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+_TRIP = """
+import multiprocessing as mp, sys, time
+from kosmos.watchdog import Watchdog
+
+def worker():
+    import subprocess
+    subprocess.Popen(["sleep", "60"], start_new_session=True).wait()  # a stalled pipe: shard
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    p = mp.Process(target=worker)
+    p.start()
+    print("pids", p.pid, flush=True)
+    with Watchdog(0.5, rank=0, log_path=sys.argv[1]) as dog:
+        dog.step = 3
+        with dog.waiting("data.text"):
+            p.join()
+"""
+
+
+def test_a_tripped_rank_exits_non_zero_and_takes_its_workers_with_it(tmp_path):
+    marker = f"kosmos-test-{uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KOSMOS_TEST_MARKER": marker}
+    res = subprocess.run([sys.executable, "-c", _TRIP, str(tmp_path / "train.log")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res.stderr
+    assert re.search(r"rank 0: no progress for [\d.]+ s at step 3 waiting on data\.text", res.stderr)
+    assert "most recent call first" in (tmp_path / "train.log").read_text()
+    _wait_until(lambda: not alive_with_marker(marker), 10)  # the worker and its `sleep` are gone
+
+
+_ORPHAN = """
+import subprocess, sys, time
+code = ("from kosmos.watchdog import die_with_parent; die_with_parent(); import sys, time; "
+        "open(sys.argv[1], 'w').close(); time.sleep(60)")
+subprocess.Popen([sys.executable, "-c", code, sys.argv[1]])
+time.sleep(60)
+"""
+
+
+def test_die_with_parent_ends_the_child_when_its_parent_is_killed(tmp_path):
+    marker = f"kosmos-test-{uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KOSMOS_TEST_MARKER": marker}
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path / "ready")], env=env)
+    try:
+        _wait_until(lambda: (tmp_path / "ready").exists())  # the child has called die_with_parent
+        assert alive_with_marker(marker)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    _wait_until(lambda: not alive_with_marker(marker), 10)
+
+
+# ----------------------------------------------------------------------------- 2 processes (slow)
