@@ -15,7 +15,7 @@ import pytest
 
 from kosmos.config import ConfigError
 from kosmos.watchdog import Watchdog, descendants, kill_descendants, rank_log_path
-from tests.helpers import ROOT, alive_with_marker, launch, tiny_config
+from tests.helpers import DDP_DEBUG, MARKER, ROOT, alive_with_marker, caption_shards, launch, tiny_config
 
 
 def _wait_until(cond, timeout=30.0):
@@ -154,3 +154,51 @@ def test_die_with_parent_ends_the_child_when_its_parent_is_killed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 2 processes (slow)
+
+
+def _tiny_overrides(tiny_run, out, steps, *extra):
+    return [*tiny_run, f"train.output_dir={out}", f"train.max_steps={steps}", "optim.total_steps=30",
+            "optim.warmup_steps=5", "train.save_every=100", "train.collective_timeout=8",
+            *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")], *extra]
+
+
+def _check_ended_by_the_watchdog(res, out, marker, what):
+    """Exit non-zero; a rank's message naming rank, step and wait, in its log with the stacks; nothing of the
+    run left running."""
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text[-3000:]
+    said = re.findall(r"rank (\d): no progress for [\d.]+ s at step (\d+) waiting on (.+?) \(train", text)
+    assert said and any(w.startswith(what) for _, _, w in said), text[-3000:]
+    logs = {int(r): (out / ("train.log" if r == "0" else f"train.log.rank{r}")).read_text() for r, _, _ in said}
+    assert all(re.search(r"no progress .* step \d+ waiting on", t) and "most recent call first" in t
+               and "train_kosmos.py" in t for t in logs.values()), logs
+    _wait_until(lambda: not alive_with_marker(marker), 30)
+    return said
+
+
+@pytest.mark.slow
+def test_an_asymmetric_collective_ends_the_run_with_the_wait_named(tiny_run, tmp_path):
+    """Rank 1 makes one all-reduce more than rank 0 after step 2. Without TORCH_DISTRIBUTED_DEBUG (as in
+    production) gloo hangs; the watchdog ends the run, names the wait, and nothing is left running."""
+    marker = f"kosmos-test-{uuid.uuid4().hex}"
+    out = tmp_path / "run"
+    res = launch(2, ROOT / "tests" / "hang_check.py", ["--extra-reduce", "2", *_tiny_overrides(tiny_run, out, 6)],
+                 timeout=240, check=False, env={MARKER: marker}, debug="OFF")
+    said = _check_ended_by_the_watchdog(res, out, marker, "the stop-flag reduce")
+    assert ("1", "2", "the stop-flag reduce") in said, said
+    assert "HANG_CHECK_DONE" not in res.stdout
+
+
+@pytest.mark.slow
+def test_a_stalled_data_worker_ends_the_run_with_the_source_named(tiny_run, tmp_path):
+    """Caption shards read through `pipe:` commands that stall once the shard is written (a storage that
+    stops answering, data.read_timeout longer than the collective timeout): the rank waiting for a caption
+    micro-batch ends the run, naming data.captions; its worker and the stalled commands are gone with it."""
+    marker = f"kosmos-test-{uuid.uuid4().hex}"
+    out = tmp_path / "run"
+    shards = ",".join(f"'pipe:cat {s}; sleep 300'" for s in caption_shards(tmp_path / "captions", 2, 12))
+    res = launch(2, ROOT / "tests" / "hang_check.py",
+                 _tiny_overrides(tiny_run, out, 30, f"data.captions.shards=[{shards}]", "data.read_timeout=300"),
+                 timeout=240, check=False, env={MARKER: marker}, debug=DDP_DEBUG)
+    said = _check_ended_by_the_watchdog(res, out, marker, "data.captions")
+    assert "HANG_CHECK_DONE" not in res.stdout
