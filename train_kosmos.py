@@ -12,10 +12,12 @@ with its optimizer, schedule, RNG and data position (a damaged one is named and 
 resume keeps the settings that change the data order or shapes (seed, max_len, micro_batch_size, shards, ...)
 unless `--allow-config-change KEY,...` names them. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another number of
-processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
+processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar. A wait (data, a
+collective, a save) longer than train.collective_timeout ends the run with the rank, step and wait named and
+the stacks in train.log (kosmos/watchdog.py); under a launcher each rank dies with it.
 
 The pieces: kosmos/training.py (builders, train_step, evaluate), kosmos/metrics.py (log window, log line),
-kosmos/checkpoint.py (save, load, resume, the stop signal).
+kosmos/checkpoint.py (save, load, resume, the stop signal), kosmos/watchdog.py (no silent hang).
 """
 
 from __future__ import annotations
