@@ -4,7 +4,7 @@
     tiny shards     webdataset shards of the three source kinds, in the training format
     converter I/O   real photos from assets/images, planted bad files, reading converter output back
     multi-process   `launch`/`start`: N processes under `accelerate launch` (or torchrun), a hard timeout that
-                    kills the whole process group; `alive_with_marker`: what of a run is still running
+                    kills the launcher and all below it; `alive_with_marker`: what of a run is still running
 
 Imported as `from tests.helpers import ...` (the repository root is on pytest's path).
 """
@@ -402,23 +402,31 @@ def launch_cmd(nproc: int, script, args=(), launcher: str = "accelerate") -> lis
 
 def start(nproc: int, script, args=(), *, env: dict | None = None, debug: str = "DETAIL", cwd=ROOT,
           launcher: str = "accelerate", **popen) -> subprocess.Popen:
-    """The launcher started in a session of its own (its process group: the launcher, the ranks and their
-    workers), for `finish` or `kill_group`. `env`: added to launch_env(debug)."""
+    """The launcher started in a session of its own, for `finish` or `kill_group`. `env`: added to
+    launch_env(debug)."""
     return subprocess.Popen(launch_cmd(nproc, script, args, launcher), cwd=cwd,
                             env=launch_env(debug, **(env or {})), start_new_session=True, **popen)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's whole process group (what is still there of it)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL the launcher's process group and every process below the launcher: torchrun (under
+    `accelerate launch` too) starts each rank in a session of its own, out of the launcher's group, and a
+    rank's workers run `pipe:` commands in sessions of their own. All are found before any is killed (the
+    children of a killed process are orphaned, out of reach)."""
+    from kosmos.watchdog import descendants
+
+    below = descendants(proc.pid)
+    for kill in [lambda: os.killpg(proc.pid, signal.SIGKILL)] + [lambda p=p: os.kill(p, signal.SIGKILL)
+                                                                 for p in below]:
+        try:
+            kill()
+        except ProcessLookupError:
+            pass
 
 
 def finish(proc: subprocess.Popen, timeout: float, output=lambda: "") -> int:
-    """The launcher's exit status; if it has not ended within `timeout` seconds, its whole process group is
-    killed and the test fails with `output()` (the output so far)."""
+    """The launcher's exit status; if it has not ended within `timeout` seconds, it and every process below it
+    are killed (kill_group) and the test fails with `output()` (the output so far)."""
     import pytest
 
     try:
@@ -426,8 +434,8 @@ def finish(proc: subprocess.Popen, timeout: float, output=lambda: "") -> int:
     except subprocess.TimeoutExpired:
         kill_group(proc)
         proc.wait()
-        pytest.fail(f"{' '.join(map(str, proc.args[:8]))} ... did not end within {timeout:g} s: its process group "
-                    f"was killed. Output so far:\n{output()[-4000:]}")
+        pytest.fail(f"{' '.join(map(str, proc.args[:8]))} ... did not end within {timeout:g} s: it and all below "
+                    f"it were killed. Output so far:\n{output()[-4000:]}")
     finally:
         if proc.poll() is None:  # an exception in the test (KeyboardInterrupt): nothing left running
             kill_group(proc)
@@ -435,8 +443,8 @@ def finish(proc: subprocess.Popen, timeout: float, output=lambda: "") -> int:
 
 def launch(nproc: int, script, args=(), timeout: float = 300, *, check: bool = True, **kw) -> \
         subprocess.CompletedProcess:
-    """Run `script` on `nproc` processes (start) to the end, its output captured; past `timeout` seconds its
-    whole process group is killed and the test fails with the output so far. `check`: the test fails unless it
+    """Run `script` on `nproc` processes (start) to the end, its output captured; past `timeout` seconds it and
+    every process below it are killed and the test fails with the output so far. `check`: the test fails unless it
     exits 0."""
     import tempfile
 
@@ -472,3 +480,12 @@ def alive_with_marker(marker: str) -> list[int]:
             except OSError:  # gone, or not ours
                 continue
     return found
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL what is left of a run (alive_with_marker): a failed test leaves nothing running."""
+    for pid in alive_with_marker(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

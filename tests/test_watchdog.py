@@ -15,7 +15,27 @@ import pytest
 
 from kosmos.config import ConfigError
 from kosmos.watchdog import Watchdog, descendants, kill_descendants, rank_log_path
-from tests.helpers import DDP_DEBUG, MARKER, ROOT, alive_with_marker, caption_shards, launch, tiny_config
+from tests.helpers import (
+    DDP_DEBUG,
+    MARKER,
+    ROOT,
+    alive_with_marker,
+    caption_shards,
+    kill_group,
+    kill_marked,
+    launch,
+    start,
+    tiny_config,
+)
+
+
+@pytest.fixture
+def marker():
+    """A unique KOSMOS_TEST_MARKER value for a run; whatever still has it at the end is killed (a failed test
+    leaves nothing running)."""
+    value = f"kosmos-test-{uuid.uuid4().hex}"
+    yield value
+    kill_marked(value)
 
 
 def _wait_until(cond, timeout=30.0):
@@ -120,9 +140,8 @@ if __name__ == "__main__":
 """
 
 
-def test_a_tripped_rank_exits_non_zero_and_takes_its_workers_with_it(tmp_path):
-    marker = f"kosmos-test-{uuid.uuid4().hex}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KOSMOS_TEST_MARKER": marker}
+def test_a_tripped_rank_exits_non_zero_and_takes_its_workers_with_it(tmp_path, marker):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MARKER: marker}
     res = subprocess.run([sys.executable, "-c", _TRIP, str(tmp_path / "train.log")], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 3, res.stderr
@@ -140,9 +159,8 @@ time.sleep(60)
 """
 
 
-def test_die_with_parent_ends_the_child_when_its_parent_is_killed(tmp_path):
-    marker = f"kosmos-test-{uuid.uuid4().hex}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KOSMOS_TEST_MARKER": marker}
+def test_die_with_parent_ends_the_child_when_its_parent_is_killed(tmp_path, marker):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MARKER: marker}
     parent = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path / "ready")], env=env)
     try:
         _wait_until(lambda: (tmp_path / "ready").exists())  # the child has called die_with_parent
@@ -177,10 +195,9 @@ def _check_ended_by_the_watchdog(res, out, marker, what):
 
 
 @pytest.mark.slow
-def test_an_asymmetric_collective_ends_the_run_with_the_wait_named(tiny_run, tmp_path):
+def test_an_asymmetric_collective_ends_the_run_with_the_wait_named(tiny_run, tmp_path, marker):
     """Rank 1 makes one all-reduce more than rank 0 after step 2. Without TORCH_DISTRIBUTED_DEBUG (as in
     production) gloo hangs; the watchdog ends the run, names the wait, and nothing is left running."""
-    marker = f"kosmos-test-{uuid.uuid4().hex}"
     out = tmp_path / "run"
     res = launch(2, ROOT / "tests" / "hang_check.py", ["--extra-reduce", "2", *_tiny_overrides(tiny_run, out, 6)],
                  timeout=240, check=False, env={MARKER: marker}, debug="OFF")
@@ -190,15 +207,37 @@ def test_an_asymmetric_collective_ends_the_run_with_the_wait_named(tiny_run, tmp
 
 
 @pytest.mark.slow
-def test_a_stalled_data_worker_ends_the_run_with_the_source_named(tiny_run, tmp_path):
+def test_a_stalled_data_worker_ends_the_run_with_the_source_named(tiny_run, tmp_path, marker):
     """Caption shards read through `pipe:` commands that stall once the shard is written (a storage that
     stops answering, data.read_timeout longer than the collective timeout): the rank waiting for a caption
     micro-batch ends the run, naming data.captions; its worker and the stalled commands are gone with it."""
-    marker = f"kosmos-test-{uuid.uuid4().hex}"
     out = tmp_path / "run"
     shards = ",".join(f"'pipe:cat {s}; sleep 300'" for s in caption_shards(tmp_path / "captions", 2, 12))
     res = launch(2, ROOT / "tests" / "hang_check.py",
                  _tiny_overrides(tiny_run, out, 30, f"data.captions.shards=[{shards}]", "data.read_timeout=300"),
                  timeout=240, check=False, env={MARKER: marker}, debug=DDP_DEBUG)
-    said = _check_ended_by_the_watchdog(res, out, marker, "data.captions")
+    _check_ended_by_the_watchdog(res, out, marker, "data.captions")
     assert "HANG_CHECK_DONE" not in res.stdout
+
+
+@pytest.mark.slow
+def test_ranks_die_with_their_launcher(tiny_run, tmp_path, marker):
+    """The launcher alone killed (SIGKILL, as a test's timeout or an OOM killer does): torchrun starts each rank
+    in a session of its own, so only die_with_parent ends them. No DataLoader workers here (workers=0): that
+    they die with their rank is kosmos.data.stream's part."""
+    out = tmp_path / "run"
+    no_workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
+    with open(tmp_path / "log", "w") as log:
+        proc = start(2, ROOT / "tests" / "hang_check.py", _tiny_overrides(tiny_run, out, 10_000, *no_workers),
+                     env={MARKER: marker}, debug=DDP_DEBUG, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_until(lambda: "mixture per step" in (tmp_path / "log").read_text() or proc.poll() is not None,
+                        240)
+            assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+            ranks = [p for p in descendants(proc.pid) if p in alive_with_marker(marker)]
+            assert len(ranks) == 2, ranks
+            proc.kill()  # the launcher only
+            proc.wait()
+            _wait_until(lambda: not alive_with_marker(marker), 30)
+        finally:
+            kill_group(proc)
