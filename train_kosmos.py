@@ -10,7 +10,8 @@ token of every source and rank weighs the same), clips, and steps 8-bit AdamW on
 schedule. Checkpoints go to train.output_dir/checkpoints; `--resume latest` picks up the newest complete one
 with its optimizer, schedule, RNG and data position (a damaged one is named and the one before it taken). A
 resume keeps the settings that change the data order or shapes (seed, max_len, micro_batch_size, shards, ...)
-unless `--allow-config-change KEY,...` names them. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
+unless `--allow-config-change KEY,...` names them; `--reset-data SOURCE,...|all` starts those sources' data
+over instead of restoring it. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another number of
 processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar. A wait (data, a
 collective, a save) longer than train.collective_timeout ends the run with the rank, step and wait named and
@@ -41,19 +42,25 @@ def parse_args(argv: list[str] | None):
                     help="resume although these keys (or sections, e.g. data.text) differ from the "
                          "checkpoint's, or these sources (data.sources.NAME) were added or removed: seed, "
                          "decoder.max_len, tokenizer.path and data.* are otherwise refused")
+    ap.add_argument("--reset-data", default="", metavar="SOURCE,...|all",
+                    help="resume with these sources' data (or all) started over from scratch, with fresh "
+                         "streams for this run's layout, instead of their saved data position")
     ap.add_argument("overrides", nargs="*",
                     help="dotted config overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     return ap.parse_args(argv)
 
 
 def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
-          allow_change: list[str] | tuple = ()) -> dict:
+          allow_change: list[str] | tuple = (), reset_data: list[str] | tuple = (), on_report=None) -> dict:
     """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
-    called after every optimizer step with the (source, shard, offset) of the samples it started (tests).
-    `allow_change`: config keys a resume may change although they change the data (ck.RESUME_KEYS)."""
+    called after every optimizer step with the (source, shard, offset) of the samples it started, and
+    `on_report(acc, state, report)` after every log line with its metrics.Report (tests). `allow_change`:
+    config keys a resume may change although they change the data (ck.RESUME_KEYS). `reset_data`: sources
+    (or `all`) whose data a resume starts over instead of restoring it."""
     import torch
 
     from kosmos import checkpoint as ck
+    from kosmos.distributed import all_reduce_sum
     from kosmos.metrics import Meter, RunLog, eval_line
     from kosmos.watchdog import Watchdog, die_with_parent, rank_log_path, under_launcher
     from kosmos.training import (
@@ -74,6 +81,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     if under_launcher():  # a rank ends with its launcher (killed by a timeout, say) instead of running on
         die_with_parent()
     out_dir = Path(cfg.train.output_dir)
+    reset_data = ck.reset_sources(reset_data, cfg)
     notes: list[str] = []
     candidates = ck.pick_checkpoint(ck.resume_candidates(resume, out_dir), cfg, allow_change, notes.append)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and not candidates else None
@@ -88,7 +96,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     path = None
     if candidates:
         path, state = ck.resume(acc, candidates, cfg, model, optimizer, scheduler, mixture, allow_change,
-                                log.info)
+                                log.info, reset_data)
         log.info(f"resumed from {path} at step {state['step']}")
         if mixture.resume_note:
             log.info(mixture.resume_note)
@@ -102,7 +110,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
 
     # ---- the loop: step, log, evaluate, save
     max_steps = cfg.train.max_steps or cfg.optim.total_steps
-    meter = Meter(acc, acc.unwrap_model(model), peak_flops(cfg, acc.device))
+    meter = Meter(acc, acc.unwrap_model(model), peak_flops(cfg, acc.device), names=list(mixture.plans),
+                  totals=state.get("sources"))
+    warned: set[str] = set()  # sources past data.<source>.max_epochs, warned once
     log.start_bar(max_steps, state["step"])
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
@@ -126,10 +136,18 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
             if step % cfg.train.log_every == 0 or step == max_steps:
                 with dog.waiting("the log-window reduce"):
                     report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
-                                          bad_steps=state["bad_steps"], skipped=mixture.skipped(),
-                                          truncated=mixture.truncated())
+                                          bad_steps=state["bad_steps"], **mixture.figures())
                 state["tokens"] += report.tokens
+                state["sources"] = report.sources
                 log.info(report.line)
+                for name, fig in report.sources.items():
+                    limit = cfg.data.source(name).max_epochs
+                    if limit and fig["epoch"] >= limit and name not in warned:
+                        warned.add(name)
+                        log.info(f"WARNING: {name} started pass {fig['epoch'] + 1} over its data, more than "
+                                 f"{cfg.data.key(name)}.max_epochs={limit}: its samples are being repeated")
+                if on_report is not None:
+                    on_report(acc, state, report)
                 for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
                     log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
                                                                       file=sys.stderr)
@@ -143,7 +161,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
             if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
                 with dog.waiting("the checkpoint save"):  # its barriers wait for rank 0's writing
                     seen = torch.tensor(mixture.samples_seen(), device=acc.device)
-                    state["samples"] = int(acc.reduce(seen, reduction="sum"))  # every rank's, not rank 0's
+                    state["samples"] = int(all_reduce_sum(acc, seen, "samples seen"))  # every rank's
                     saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
                 last_saved = step
                 if saved is not None:  # the main process
@@ -156,6 +174,26 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     return state
 
 
+def launched_rank() -> tuple[int, int]:
+    """(rank, world size) of this process as the launcher (accelerate launch, torchrun) set them in the
+    environment, before or without torch.distributed: (0, 1) for a plain `python train_kosmos.py`."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+RANK_0_GRACE_S = 10.0
+"""How long another rank, having met an error that every rank meets, leaves rank 0 to print it and exit (the
+launcher then ends the other ranks) before printing it itself: rank 0 may reach the error later, and a rank
+that exited first would have the launcher end rank 0 before it printed anything."""
+
+
+def wait_for_rank_0() -> None:
+    import time
+
+    time.sleep(RANK_0_GRACE_S)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from kosmos.checkpoint import CheckpointError  # after --help
@@ -163,12 +201,23 @@ def main(argv: list[str] | None = None) -> dict:
     from kosmos.training import check_config
 
     allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+    reset = [k.strip() for k in args.reset_data.split(",") if k.strip()]
     try:
         cfg = load_config(args.config, args.overrides)
         check_config(cfg)  # before any heavy work
-        return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow)
+        return train(cfg, resume=args.resume, progress=not args.no_progress, allow_change=allow,
+                     reset_data=reset)
     except (ConfigError, CheckpointError, DataError) as e:  # one clear line naming the key, file or source
-        print(f"error: {e}", file=sys.stderr)
+        rank, world = launched_rank()
+        if world == 1:
+            print(f"error: {e}", file=sys.stderr)
+        elif isinstance(e, DataError):  # met by this rank's workers: its own, perhaps alone
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
+        elif rank == 0:  # the config and the checkpoint are the same on every rank: so is the error
+            print(f"error: {e}", file=sys.stderr)
+        else:  # rank 0 prints it and exits, and the launcher then ends this rank; should it not, say it here
+            wait_for_rank_0()
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # a second SIGTERM / Ctrl-C
         print("error: stopped by a second signal, without a checkpoint of the current step; "

@@ -331,11 +331,12 @@ RESUME_KEYS = ("seed", "decoder.max_len", "tokenizer.path", "data.")
 """Config keys (and prefixes) that change the data order or the shapes of what a resumed run reads: a
 resume refuses to change them unless `--allow-config-change` names them. Not compared under `data.`: the
 eval shards, the worker count (the data position is dealt over another one: kosmos.data.stream), the
-`allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
+epoch warning (`max_epochs`), the `allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
 
 
 def _resume_key(key: str) -> bool:
-    if key.endswith((".eval_shards", ".workers")) or key.split(".")[-1].startswith(("allow_", "read_")):
+    if key.endswith((".eval_shards", ".workers", ".max_epochs")) or \
+            key.split(".")[-1].startswith(("allow_", "read_")):
         return False
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
 
@@ -414,18 +415,38 @@ def pick_checkpoint(candidates: list[Path], cfg, allowed=(), say=print) -> list[
     return []
 
 
+def reset_sources(names, cfg) -> list[str]:
+    """The sources `--reset-data NAME,...` names (`all`: every source of this run), checked against this
+    run's sources: an unknown name is a ConfigError naming the known ones."""
+    from kosmos.config import ConfigError
+
+    known = list(cfg.data.active_sources())
+    names = [n.strip() for n in names if n.strip()]
+    if "all" in names:
+        return known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--reset-data {','.join(unknown)}: not a source of this run; its sources are "
+                          f"{', '.join(known)} (or give all)")
+    return names
+
+
 def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixture, allowed=(),
-           say=print) -> tuple[Path, dict]:
+           say=print, reset_data=()) -> tuple[Path, dict]:
     """Load the first usable checkpoint of `candidates` (pick_checkpoint's list) into the prepared objects;
     returns its path and trainer state. One found damaged only when loaded (non-finite weights, an unreadable
     torch file) is reported with `say` and the next one is loaded over it: each load overwrites every
-    object."""
+    object. The sources of `reset_data` (reset_sources) keep the fresh data position they were built with,
+    each with a warning."""
     for i, path in enumerate(candidates):
         try:
             state = check_checkpoint(path)
             for line in config_changes(path, state["config"], cfg, allowed):
                 say(line)
-            loaded = load_checkpoint(acc, path, model, optimizer, scheduler, mixture)
+            loaded = load_checkpoint(acc, path, model, optimizer, scheduler, mixture, reset_data)
+            for name in reset_data:
+                say(f"warning: --reset-data {name}: the data position of {cfg.data.key(name)} in {path.name} "
+                    "is not restored; its data starts from scratch (fresh streams for this layout)")
             for loader in getattr(mixture, "loaders", {}).values():
                 if getattr(loader, "resume_note", None):
                     say(loader.resume_note)
@@ -437,9 +458,10 @@ def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixtur
     raise CheckpointError("no checkpoint to resume")
 
 
-def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> dict:
+def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset_data=()) -> dict:
     """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state. A file
-    that is missing, damaged or holds non-finite weights is a CheckpointError naming it."""
+    that is missing, damaged or holds non-finite weights is a CheckpointError naming it. The sources named in
+    `reset_data` keep their fresh data position."""
     from kosmos.config import ConfigError
     from kosmos.data.stream import rank_data_state
     from kosmos.sharding import SHARDED, is_sharded, load_sharded
@@ -463,6 +485,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture) -> di
         set_rng_state(_read(load_torch, path / f"rng_rank{acc.process_index}.pt"))
     # every rank's data position: with another layout the logical streams are dealt anew (kosmos.data.stream)
     data = [_read(read_json, path / f"data_rank{r}.json") for r in range(world)]
+    data = [{k: v for k, v in d.items() if k not in reset_data} for d in data]
     mixture.load_state_dict(rank_data_state(data, acc.process_index))
     state.pop("config", None)
     state.pop("world_size", None)
@@ -494,10 +517,12 @@ class StopFlag:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
     def any_rank(self, acc) -> bool:
+        from kosmos.distributed import all_reduce_sum
+
         if acc.num_processes == 1:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item() > 0)  # sync point, once per step
+        return bool(all_reduce_sum(acc, flag, "stop flag").item() > 0)  # sync point, once per step
 
 
 if __name__ == "__main__":  # python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR

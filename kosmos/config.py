@@ -318,6 +318,10 @@ class SourceConfig:
     """Text sources: what the loss of an instruction sample (from `python -m data_tools.text --format
     instructions`, whose shards mark the prompt) covers: `all`, the whole templated text (as the paper trains
     it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is unaffected."""
+    max_epochs: int = 0
+    """Warn once, in the log, when a logical stream of this source starts its pass number max_epochs + 1
+    (the source repeated more than max_epochs times; the epoch each source is in shows in the log line as
+    `e0`, `e1`, ...). Only a warning: the run goes on. 0: never warn."""
     caption_choice: str = "random"
     """Caption sources whose samples carry several captions (COCO's five; a `captions` list in `KEY.json`):
     `random`, one caption per visit drawn from (seed, epoch, sample), so every caption is used over the
@@ -370,11 +374,16 @@ class DataConfig:
     read_give_up: float = 600.0
     """Stop the run (exit 2, naming the last failure) when a worker's shard reads have kept failing, one
     after the other, for this many seconds without a sample: the storage is down, not one shard."""
+    read_min_speed: float = 10_000.0
+    """Remote shards: bytes per second a read must average over each `read_timeout` seconds; a slower one (a
+    server that trickles a byte at a time never waits `read_timeout` for a single byte) fails like a timeout,
+    is retried, then skipped and counted. 0: no floor."""
 
     def __post_init__(self) -> None:
         _check(self.read_timeout > 0, "data.read_timeout", f"must be positive, got {self.read_timeout}")
         _check(self.read_retries >= 0, "data.read_retries", f"must be >= 0, got {self.read_retries}")
         _check(self.read_give_up > 0, "data.read_give_up", f"must be positive, got {self.read_give_up}")
+        _check(self.read_min_speed >= 0, "data.read_min_speed", f"must be >= 0, got {self.read_min_speed}")
         for name in SOURCES:
             src = getattr(self, name)
             _check(src.kind in ("", name), f"data.{name}.kind",
@@ -397,6 +406,7 @@ class DataConfig:
             _check(src.workers >= 0, f"{key}.workers", "must be >= 0")
             _check(src.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
             _check(src.max_tokens >= 0, f"{key}.max_tokens", "must be >= 0 (0: no cap)")
+            _check(src.max_epochs >= 0, f"{key}.max_epochs", "must be >= 0 (0: never warn)")
             _check(src.loss in LOSSES, f"{key}.loss",
                    f"must be one of {', '.join(LOSSES)}, got {src.loss!r}")
             _check(src.caption_choice in CAPTION_CHOICES, f"{key}.caption_choice",

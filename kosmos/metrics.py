@@ -4,8 +4,11 @@
 log line and turns it into tracker metrics (losses, lr, tokens/s, padding, MFU, memory, skipped samples)
 and the log line. `train/loss` is the mean over every loss token of the window, all sources and ranks: the
 objective that train_step optimises (with the default `train.loss_weighting: tokens`); `train/<source>_loss`
-the same per source, by the source's name (`data.sources.<name>` included), as are the skipped samples
-(`train/skipped/<source>`, all ranks; `train/skipped/<source>/<reason>`, this rank). `RunLog` writes the
+the same per source, by the source's name (`data.sources.<name>` included), as are, since the start of the
+run and over all ranks, the tokens, images and samples seen, the skipped and truncated samples and the epoch
+(`train/tokens/<source>`, ..., `train/epoch/<source>`; `train/skipped/<source>/<reason>` is this rank's).
+The window is reduced in one all-reduce of a vector laid out by the config's sources, the same on every
+rank whatever each saw (kosmos.distributed), so the figures are right on any number of ranks. `RunLog` writes the
 lines people read: through the progress bar's writer, so that they never break the bar, and into
 `train.output_dir/train.log`.
 """
@@ -13,7 +16,8 @@ lines people read: through the progress bar's writer, so that they never break t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +27,10 @@ if TYPE_CHECKING:
     from kosmos.training import StepResult
 
 
+SOURCE_FIELDS = ("loss_sum", "loss_tokens", "tokens", "images", "samples")
+"""A source's figures of one log window on one rank: the loss sum and loss tokens of the applied steps; the
+non-padding tokens, images and samples started of every computed step."""
+
 @dataclass
 class Report:
     metrics: dict[str, float]
@@ -31,22 +39,53 @@ class Report:
     """The log line."""
     tokens: int
     """Non-padding tokens of the window over all ranks (skipped steps included: they were computed)."""
+    sources: dict[str, dict] = field(default_factory=dict)
+    """Per source, all ranks: `loss` (the window's, absent when no loss token), and since the start of the
+    run `tokens`, `images`, `samples`, `skipped`, `truncated`, and `epoch`, `epoch_min` (the furthest and the
+    least advanced of its logical streams: 0 is the first pass). What trainer_state.json keeps."""
+    names: list[str] = field(default_factory=list, repr=False)
+    mine: torch.Tensor | None = field(default=None, repr=False)
+    """This rank's packed window before the reduction (see local())."""
+
+    def local(self) -> dict[str, dict[str, float]]:
+        """Per source, this rank's window before the reduction (SOURCE_FIELDS): for checking the reduction
+        (a device-to-host copy; tests call it, the loop does not)."""
+        if self.mine is None:
+            return {}
+        flat = self.mine.tolist()
+        k = 2 * len(self.names)
+        out = {}
+        for i, n in enumerate(self.names):
+            tok, img, smp = flat[k + 3 + 6 * i:k + 6 + 6 * i]
+            out[n] = dict(zip(SOURCE_FIELDS, (flat[2 * i], flat[2 * i + 1], tok, img, smp), strict=True))
+        return out
 
 
 class Meter:
-    """One log window: per-source (loss sum, tokens) of the applied steps, and rows, real tokens and images
-    of every computed step, for throughput and MFU. Kept on the device and reduced over the ranks only in
-    `report()`, which every rank must call (it is a collective) and which starts the next window."""
+    """One log window: per-source (loss sum, loss tokens) of the applied steps, and rows, real tokens, images
+    and samples of every computed step, for throughput, MFU and the per-source counts. Kept on the device and
+    reduced over the ranks only in `report()`, which every rank must call (it is a collective) and which
+    starts the next window.
 
-    def __init__(self, acc, model, peak_flops: float | None):
+    The reduction is one all-reduce of one vector whose layout every rank knows from the config alone: the
+    sources in `names` order (the mixture's, the same on every rank), zeros for a source this rank did not
+    see in the window, and each source's logical streams (kosmos.distributed). `totals` carries the tokens and
+    images seen per source over a resume (trainer_state.json's `sources`)."""
+
+    def __init__(self, acc, model, peak_flops: float | None, names: Sequence[str] = (),
+                 totals: dict[str, dict] | None = None):
         self.acc = acc
         self.peak = peak_flops
+        self.names = list(names)
         self.dec_flops = model.cfg.flops_per_token()
         self.img_flops = model.cfg.flops_per_image()  # frozen blocks: forward only (kosmos.config)
+        self.totals = {n: {"tokens": int((totals or {}).get(n, {}).get("tokens", 0)),
+                           "images": int((totals or {}).get(n, {}).get("images", 0))} for n in self.names}
         self._reset()
 
     def _reset(self) -> None:
         self.losses: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, list[int]] = {}  # per source: tokens, images, samples of computed steps
         self.rows = self.real = self.images = 0
         self.t0 = time.perf_counter()
 
@@ -54,42 +93,86 @@ class Meter:
         self.rows += result.rows
         self.real += result.real
         self.images += result.images
+        for name, c in result.counts.items():
+            have = self.counts.setdefault(name, [0, 0, 0])
+            for i, v in enumerate(c):
+                have[i] += v
         if result.ok:  # a skipped step's losses are not finite
             for name, s in result.losses.items():
                 self.losses[name] = self.losses[name] + s if name in self.losses else s.clone()
 
     def report(self, step: int, *, lr: float, gnorm: float, bad_steps: int,
-               skipped: dict[str, dict[str, int]], truncated: dict[str, int] | None = None) -> Report:
-        """Reduce the window over the ranks (in the same order on every rank) and start a new one. `skipped`
-        is this rank's skipped samples per source and reason (mixture.skipped()), `truncated` its samples cut
-        to `data.<source>.max_tokens` per source (mixture.truncated())."""
+               skipped: dict[str, dict[str, int]], truncated: dict[str, int] | None = None,
+               samples: dict[str, int] | None = None, epochs: dict[str, list[int]] | None = None) -> Report:
+        """Reduce the window over the ranks (one all-reduce) and start a new one. The other figures are this
+        rank's since the start of the run, per source (mixture.figures()): `skipped` samples by reason,
+        `truncated` samples cut to `data.<source>.max_tokens`, `samples` started, and `epochs`, the epoch of
+        each of the source's logical streams that this rank reads (0 for the others: each stream is read by
+        one rank, so the sum over the ranks is every stream's)."""
+        from kosmos.distributed import all_reduce_sum, pack
+
         acc = self.acc
+        names = self.names or list(dict.fromkeys([*skipped, *self.losses, *self.counts]))
+        unknown = (set(self.losses) | set(self.counts) | set(skipped)) - set(names)
+        if unknown:
+            raise KeyError(f"figures for {sorted(unknown)} outside the meter's sources {names}")
         elapsed = time.perf_counter() - self.t0
-        counts = torch.tensor([self.rows, self.real, self.images], device=acc.device, dtype=torch.float64)
-        rows, real, images = acc.reduce(counts, reduction="sum").tolist()
-        per_source = {n: acc.reduce(w, reduction="sum") for n, w in self.losses.items()}
-        losses = {n: (w[0] / w[1].clamp(min=1)).item() for n, w in per_source.items()}  # sync point
-        total = sum(w[0] for w in per_source.values()) / sum(w[1] for w in per_source.values()).clamp(min=1)
-        by_reason = {f"train/skipped/{src}/{reason}": n for src, reasons in skipped.items()
-                     for reason, n in reasons.items()}  # this rank's workers
-        # per source, all ranks: every rank has the same sources in the same order (the mixture's loaders)
-        mine = [float(sum(reasons.values())) for reasons in skipped.values()]
-        per_source_skipped = dict(zip(skipped, acc.reduce(torch.tensor(mine or [0.0], device=acc.device),
-                                                          reduction="sum").long().tolist(), strict=False))
-        n_skipped = sum(per_source_skipped.values())
+        truncated, samples, epochs = truncated or {}, samples or {}, epochs or {}
+        n_streams = [len(epochs.get(n, ())) for n in names]
+        local = {n: [*self.counts.get(n, (0, 0, 0))] for n in names}
+        host = [float(self.rows), float(self.real), float(self.images)]
+        host += pack(names, {n: [*local[n], sum(skipped.get(n, {}).values()), truncated.get(n, 0),
+                                 samples.get(n, 0)] for n in names}, 6)
+        host += [float(e) for n in names for e in epochs.get(n, ())]
+        zero = torch.zeros(2, device=acc.device)
+        device_part = torch.stack([self.losses.get(n, zero).float() for n in names]).double().flatten() \
+            if names else torch.zeros(0, device=acc.device, dtype=torch.float64)
+        vec = torch.cat([device_part, torch.tensor(host, device=acc.device, dtype=torch.float64)])
+        mine = vec.clone()  # this rank's window, for Report.local()
+        flat = all_reduce_sum(acc, vec, "log window").tolist()  # sync point: once per log window
+        lossv, flat = flat[:2 * len(names)], flat[2 * len(names):]
+        rows, real, images = flat[:3]
+        per = flat[3:3 + 6 * len(names)]
+        stream_epochs = flat[3 + 6 * len(names):]
+        sources: dict[str, dict] = {}
+        losses: dict[str, float] = {}
+        total_sum = total_tokens = 0.0
+        for i, n in enumerate(names):
+            loss_sum, loss_tokens = lossv[2 * i], lossv[2 * i + 1]
+            tok, img, smp, skp, trn, seen = per[6 * i:6 * i + 6]
+            self.totals.setdefault(n, {"tokens": 0, "images": 0})
+            self.totals[n]["tokens"] += int(tok)
+            self.totals[n]["images"] += int(img)
+            k0 = sum(n_streams[:i])
+            ep = [int(e) for e in stream_epochs[k0:k0 + n_streams[i]]] or [0]
+            fig = {"tokens": self.totals[n]["tokens"], "images": self.totals[n]["images"],
+                   "samples": int(seen), "skipped": int(skp), "truncated": int(trn),
+                   "epoch": max(ep), "epoch_min": min(ep), "window_samples": int(smp)}
+            if loss_tokens > 0:
+                fig["loss"] = losses[n] = loss_sum / loss_tokens
+                total_sum, total_tokens = total_sum + loss_sum, total_tokens + loss_tokens
+            sources[n] = fig
+        by_reason = {f"train/skipped/{src}/{reason}": k for src, reasons in skipped.items()
+                     for reason, k in reasons.items()}  # this rank's workers
         flops = rows * self.dec_flops + images * self.img_flops
-        metrics = {"train/loss": total.item(), **{f"train/{n}_loss": v for n, v in losses.items()},
+        metrics = {"train/loss": total_sum / max(total_tokens, 1.0),
+                   **{f"train/{n}_loss": v for n, v in losses.items()},
                    "train/lr": lr, "train/grad_norm": gnorm,
                    "train/tokens_per_s": real / elapsed, "train/padding": 1 - real / max(1, rows),
-                   "train/skipped_samples": n_skipped, "train/bad_steps": bad_steps,
-                   "train/mem_gib": memory_gib(acc.device)}
+                   "train/skipped_samples": sum(f["skipped"] for f in sources.values()),
+                   "train/bad_steps": bad_steps, "train/mem_gib": memory_gib(acc.device)}
         if self.peak:
             metrics["train/mfu"] = flops / elapsed / (self.peak * acc.num_processes)
-        metrics.update({f"train/skipped/{src}": n for src, n in per_source_skipped.items()})
+        for n, f in sources.items():
+            metrics[f"train/skipped/{n}"] = f["skipped"]
+            metrics[f"train/truncated/{n}"] = f["truncated"]
+            for key in ("tokens", "images", "samples", "epoch"):
+                metrics[f"train/{key}/{n}"] = f[key]
         metrics.update(by_reason)
-        metrics.update({f"train/truncated/{src}": n for src, n in (truncated or {}).items()})  # this rank
         self._reset()
-        return Report(metrics, log_line(step, metrics, losses, per_source_skipped), int(real))
+        line = log_line(step, metrics, losses, {n: f["skipped"] for n, f in sources.items()},
+                        {n: (f["epoch_min"], f["epoch"]) for n, f in sources.items()} if epochs else None)
+        return Report(metrics, line, int(real), sources, names, mine)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -101,12 +184,17 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def log_line(step: int, m: dict, losses: dict, skipped: dict[str, int] | None = None) -> str:
-    """The step's line: the loss, then each source's by name, ...; the skipped samples of all ranks, with
-    the sources that had some by name (`skipped 6 (captions 5, web 1)`)."""
+def log_line(step: int, m: dict, losses: dict, skipped: dict[str, int] | None = None,
+             epochs: dict[str, tuple[int, int]] | None = None) -> str:
+    """The step's line: the loss, then each source's by name with the epoch its logical streams are in
+    (`captions 3.500 e1`; `e1-2` while some streams are a pass ahead), ...; the skipped samples of all ranks,
+    with the sources that had some by name (`skipped 6 (captions 5, web 1)`)."""
     by_source = ", ".join(f"{n} {k}" for n, k in (skipped or {}).items() if k)
     parts = [f"step {step:>6}", f"loss {m['train/loss']:.4f}"]
-    parts += [f"{n} {v:.3f}" for n, v in losses.items()]
+    for n, v in losses.items():
+        lo, hi = (epochs or {}).get(n, (None, None))
+        ep = "" if lo is None else f" e{lo}" if lo == hi else f" e{lo}-{hi}"
+        parts.append(f"{n} {v:.3f}{ep}")
     parts += [f"lr {m['train/lr']:.2e}", f"gnorm {m['train/grad_norm']:.3f}",
               f"tok/s {m['train/tokens_per_s']:,.0f}",
               f"mfu {m['train/mfu']:.1%}" if "train/mfu" in m else "mfu n/a",

@@ -259,6 +259,8 @@ class StepResult:
     images: int = 0
     samples: list[tuple] = field(default_factory=list)
     """(source, shard, offset) of every sample the step started on this rank."""
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    """Per source: non-padding tokens, images and samples started of this rank's micro-batches."""
 
 
 def budget_weights(mixture) -> dict[str, float]:
@@ -290,7 +292,8 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
 
     `waiting(what, compute=False)` (kosmos.watchdog.Watchdog.waiting) is told of the waits: each micro-batch
     (`data.<source>`), and on several processes the gradient sync (the last micro-batch's forward and backward,
-    where DDP all-reduces, with compute; then the token count's all-reduce and the gradient norm)."""
+    where DDP all-reduces, with compute; then the step's reduction and the gradient norm)."""
+    from kosmos.distributed import all_reduce_sum
     from kosmos.sharding import full, gradient_sync, is_sharded, local
 
     n_micro = sum(mixture.counts().values())
@@ -303,8 +306,11 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     for i, (name, batch) in enumerate(mixture.step(waiting)):
         res.samples += [(name, *pos) for pos in batch["sample_positions"]]
         res.rows += batch["input_ids"].numel()
-        res.real += int(batch["n_real"])
-        res.images += len(batch["images"])
+        real, images = int(batch["n_real"]), len(batch["images"])
+        res.real += real
+        res.images += images
+        c = res.counts.setdefault(name, [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + real, c[1] + images, c[2] + len(batch["sample_positions"])
         sync = i == n_micro - 1
         if fsdp2:  # reduce-scatter on the last micro-batch only (what acc.no_sync does under FSDP2)
             gradient_sync(model, sync)
@@ -319,9 +325,16 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
         n_tokens += out.n_tokens
         s = torch.stack([out.loss.detach().float() * out.n_tokens, out.n_tokens.float()])
         res.losses[name] = res.losses[name] + s if name in res.losses else s
+    # One reduction: the step's loss tokens and the ranks whose loss is not finite, so that every rank skips
+    # the same steps (a rank stepping alone would leave the others behind, and their collectives apart).
+    nonfinite = sum((~torch.isfinite(s[0])).double() for s in res.losses.values()) if res.losses else 0.0
     with waiting("the gradient sync") if several else contextlib.nullcontext():
+        counts = all_reduce_sum(acc, torch.stack([n_tokens.double(),
+                                                  torch.as_tensor(nonfinite, device=acc.device,
+                                                                  dtype=torch.float64)]),
+                                "loss tokens and non-finite losses of the step")
         if weights is None:
-            total = acc.reduce(n_tokens, reduction="sum") if several else n_tokens
+            total = counts[0]
             scale = (slots * acc.num_processes / total.clamp(min=1)).float()
             grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: this shard
             torch._foreach_mul_(grads, scale)
@@ -330,7 +343,7 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
         else:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         res.gnorm = float(full(gnorm))  # sync point: once per step, also the NaN/inf check
-    res.ok = math.isfinite(res.gnorm) and all(math.isfinite(float(s[0])) for s in res.losses.values())
+    res.ok = math.isfinite(res.gnorm) and float(counts[1]) == 0  # the same on every rank
     if res.ok:
         optimizer.step()
         scheduler.step()
@@ -377,7 +390,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
                               train=False)
         with acc.autocast():
             loss, _ = source_loss(model, loader, acc.device, cfg.train.eval_batches,
-                                  reduce=lambda t: _reduce(acc, t, waiting, f"the evaluation of {name}"),
+                                  reduce=lambda t: _reduce(acc, t, waiting, name),
                                   ranks=acc.num_processes)
         loader.close()
         results[f"eval/{name}_loss"] = loss
@@ -391,6 +404,9 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
     return results
 
 
-def _reduce(acc, t: torch.Tensor, waiting, what: str) -> torch.Tensor:
-    with waiting(what):
-        return acc.reduce(t, reduction="sum")
+def _reduce(acc, t: torch.Tensor, waiting, name: str) -> torch.Tensor:
+    """A held-out loss reduction of source `name`, told to the watchdog."""
+    from kosmos.distributed import all_reduce_sum
+
+    with waiting(f"the evaluation of {name}"):
+        return all_reduce_sum(acc, t, f"held-out {name}")

@@ -2,7 +2,7 @@
 trains configs/tiny.yaml for a few steps and checks, after every step, that the two ranks saw different
 samples and hold bit-identical weights. Prints DIST_OK on success. With `--samples DIR` first, each rank
 also writes the (source, shard, offset[, caption]) of the samples it started, per step, to
-DIR/rank{R}.json."""
+DIR/rank{R}.json. With `--resume SPEC` (after --samples, if both), the run resumes (train_kosmos --resume)."""
 
 import json
 import sys
@@ -19,6 +19,9 @@ def main():
     args, out = sys.argv[1:], None
     if args[:1] == ["--samples"]:
         out, args = Path(args[1]), args[2:]
+    resume = None
+    if args[:1] == ["--resume"]:
+        resume, args = args[1], args[2:]
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", args)
     checked = []
     steps = []
@@ -36,7 +39,7 @@ def main():
         if out is not None:
             (out / f"rank{acc.process_index}.json").write_text(json.dumps(steps))
 
-    train_kosmos.train(cfg, on_step=on_step)
+    train_kosmos.train(cfg, resume=resume, on_step=on_step)
     print(f"DIST_OK rank checked steps {checked}", flush=True)
 
 

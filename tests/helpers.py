@@ -305,6 +305,7 @@ class ShardServer:
         cut/NAME       the full Content-Length, but only the first half of the body, then the connection
                        closes
         flaky/NAME     the first request of each file like cut/, the next ones like ok/
+        trickle/NAME   the file, a byte every 20 ms (50 bytes/s) until done or the server stops
 
     `requests` lists (path, Range header or None) of every request."""
 
@@ -344,6 +345,13 @@ class ShardServer:
                     self.wfile.flush()
                     server.stop.wait(30)
                     return
+                if mode == "trickle":
+                    for i in range(start, len(data)):
+                        if server.stop.wait(0.02):
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                    return
                 self.wfile.write(data[start:] if mode != "cut" else data[: len(data) // 2])
                 self.close_connection = True
 
@@ -375,15 +383,17 @@ DDP_DEBUG = "INFO"
 """TORCH_DISTRIBUTED_DEBUG for runs that wrap the model in DistributedDataParallel (the trainer without
 train.sharding=fsdp2): torch 2.14.1 segfaults in DDP's constructor (Logger.set_construction_data_and_log)
 when the process group is DETAIL's ProcessGroupWrapper (gloo, CPU; a 10-line DDP script does it every time
-here), so those runs cannot have DETAIL's collective checks."""
+here), so those runs have the project's own check only (KOSMOS_CHECK_COLLECTIVES, kosmos.distributed)."""
 
 
 def launch_env(debug: str = "DETAIL", **extra: str) -> dict:
     """The environment of a multi-process test: CPU (gloo), one thread per process, this checkout on
-    PYTHONPATH, and TORCH_DISTRIBUTED_DEBUG=`debug`: with DETAIL, gloo checks that all ranks call the same
-    collective with the same shapes, and reports a mismatch instead of hanging (DDP_DEBUG: not with DDP)."""
+    PYTHONPATH, the stacks of a crashed rank (PYTHONFAULTHANDLER), KOSMOS_CHECK_COLLECTIVES=1 (every
+    reduction of kosmos.distributed compared over the ranks first) and TORCH_DISTRIBUTED_DEBUG=`debug`: with
+    DETAIL, gloo checks that all ranks call the same collective with the same shapes and reports a mismatch
+    instead of hanging (not with DDP: DDP_DEBUG). `extra` overrides any of them."""
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "TORCH_DISTRIBUTED_DEBUG": debug,
+            "PYTHONFAULTHANDLER": "1", "KOSMOS_CHECK_COLLECTIVES": "1", "TORCH_DISTRIBUTED_DEBUG": debug,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
 
 

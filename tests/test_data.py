@@ -313,14 +313,103 @@ def test_a_restored_buffer_larger_than_the_stream_s_drains(tmp_path, tiny_tokeni
         assert {tuple(p) for p in st["buffer"]} <= set(got), size
 
 
-def test_elastic_resume_refuses_more_workers_than_streams(tmp_path, tiny_tokenizer):
+def test_elastic_resume_on_more_workers_than_streams_splits_them(tmp_path, tiny_tokenizer):
+    """Once refused ("3 logical streams, which cannot feed this run's 4 global workers"): the 3 streams are
+    split by samples into 6, and the split position is saved and resumed again."""
     shards, kw = _resume_setup(tmp_path, tiny_tokenizer)  # 3 shards: 3 logical streams
     first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 1}))
     consume(first, 2)
     assert first.state_dict()["n_streams"] == 3
     other = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 4}))
-    with pytest.raises(ValueError, match="3 logical streams, which cannot feed this run's 4 global workers"):
-        other.load_state_dict(_rank_states([first])[0])
+    other.load_state_dict(_rank_states([first])[0])
+    assert "3 logical streams split by samples into 6" in other.resume_note
+    consume(other, 3)
+    sd = json.loads(json.dumps(other.state_dict()))
+    assert sd["n_streams"] == 6 and {tuple(st["part"]) for st in sd["streams"].values()} == \
+        {(s, 3, j, 2) for s in range(3) for j in range(2)}
+    again = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "num_workers": 4}))
+    again.load_state_dict(sd)  # the same layout: exactly where it was
+    assert again.dataset.n_streams == 6 and again.resume_note is None and len(consume(again, 2)) == 2
+
+
+def test_split_streams_split_again_and_lose_nothing_of_the_epoch(tmp_path, tiny_tokenizer):
+    """Infinite, shuffled: 1 x 1 -> 2 processes (1 stream split into 2) -> 1 x 3 workers (2 split into 4).
+    Within the epoch every sample a stream has read is consumed once, or waits in its shuffle buffer or as its
+    next document."""
+    shards = interleaved_shards(tmp_path / "d", 1, 40, words=(5, 30))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, infinite=True)
+
+    def loaders(ws, nw):
+        return [SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, rank=r, world_size=ws,
+                                     num_workers=nw, **kw)) for r in range(ws)]
+
+    consumed = Counter()
+    saved = None
+    for (ws, nw), n in (((1, 1), 3), ((2, 1), 2), ((1, 3), 2)):
+        now = loaders(ws, nw)
+        for r, ld in enumerate(now):
+            if saved is not None:
+                ld.load_state_dict(saved[r] if r < len(saved) else saved[0])
+            consumed.update(tuple(p) for b in consume(ld, n) for p in b["sample_positions"])
+        saved = _rank_states(now)
+    final = {s: st for sd in saved for s, st in sd["streams"].items()}
+    assert saved[0]["n_streams"] == len(final) == 4 and max(consumed.values()) == 1
+    assert sorted(tuple(st["part"]) for st in final.values()) == [(0, 1, b, 4) for b in range(4)]
+    waiting, passed = Counter(), Counter()
+    for s, st in final.items():
+        assert st["epoch"] == 0, "the test should stay in the first epoch"
+        passed.update((0, o) for o in range(40) if o <= st["offset"] and o % 4 == st["part"][2])
+        waiting.update(tuple(p) for p in st["buffer"])
+        if st["carry"] and st["carry"][-1] == 0:  # the next row starts it
+            waiting[tuple(st["carry"][:-1])] += 1
+    assert not consumed & waiting
+    assert consumed + waiting == passed
+
+
+SCALE_UP = {  # shards of the source; (world_size, workers) after the checkpoint (before it: 1 x 1)
+    "1 shard -> 2 processes": (1, (2, 1)),
+    "1 shard -> 3 workers": (1, (1, 3)),
+    "3 shards -> 2 processes": (3, (2, 1)),
+    "3 shards -> 1 x 3 workers": (3, (1, 3)),
+    "3 shards -> 2 x 2 workers": (3, (2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", SCALE_UP)
+@pytest.mark.parametrize("kind", ["interleaved", "captions"])
+def test_scaling_up_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_tokenizer, case, kind):
+    """A pass on 1 process x 1 worker cut by a checkpoint and resumed on more global workers than the source
+    has streams (one per shard): the streams are split by samples (stream.split_streams), and the samples
+    consumed before and after are those of the uninterrupted pass, each once."""
+    n_shards, (ws1, nw1) = SCALE_UP[case]
+    make = interleaved_shards if kind == "interleaved" else caption_shards
+    shards = make(tmp_path / "d", n_shards, 15 if n_shards == 1 else 7,
+                  **({"words": (5, 30)} if kind == "interleaved" else {"captions": 3}))
+    kw = dict(shuffle_buffer=4, micro_batch_size=2, caption_choice="all")
+
+    def loaders(ws, nw):  # 1 x 1: one stream per shard, as training makes them (the checkpoint sets S after)
+        return [SourceLoader(make_ds(kind, shards, tiny_tokenizer, rank=r, world_size=ws, num_workers=nw,
+                                     streams=n_shards if ws * nw == 1 else 0, **kw)) for r in range(ws)]
+
+    def positions(batches):
+        return Counter(tuple(p) for b in batches for p in b["sample_positions"])
+
+    full = positions(consume(loaders(1, 1)[0]))
+    assert max(full.values()) == 1 and len(full) >= 15
+    first = loaders(1, 1)
+    head = positions(consume(first[0], 3))
+    saved = _rank_states(first)
+    assert any(st["carry"] or st["buffer"] for st in saved[0]["streams"].values())
+    for st in saved[0]["streams"].values():  # as written before streams recorded their part
+        del st["part"]
+    tail = Counter()
+    for r, ld in enumerate(loaders(ws1, nw1)):
+        ld.load_state_dict(saved[0])
+        assert "elastic resume" in ld.resume_note
+        assert ld.dataset.n_streams >= ws1 * nw1
+        tail += positions(consume(ld))
+    assert not head & tail, "a sample consumed before the checkpoint was consumed again"
+    assert head + tail == full
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_tokenizer):
@@ -404,6 +493,14 @@ def test_mixture_plan_refuses_drift_beyond_the_tolerance_unless_allowed():
     assert p.drift() > 0.05 and p.sources["interleaved"].micro_batches == 1
     cfg = load_config(None, ["data.captions.shards=[x]"])
     assert list(plan(cfg).sources) == ["captions"]  # any source may be left out
+
+
+def test_mixture_drift_refusal_names_the_source_most_off():
+    over = [*PAPER, "data.interleaved.tokens_per_step=8000"]
+    with pytest.raises(ValueError, match=r"change data.interleaved.tokens_per_step or "
+                                         r"data.interleaved.micro_batch_size \(8,000 tokens budgeted, 16,384 "
+                                         r"in micro-batches of 8 x 2048\), or set data.allow_mixture_drift"):
+        plan(load_config(ROOT / "configs" / "kosmos1.yaml", over), world_size=8)
 
 
 def test_mixture_rotates_slots_and_restores_the_rotation_from_its_state():

@@ -319,14 +319,15 @@ def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_toke
     from kosmos.data import build_loader
     from tests.helpers import tiny_config
 
-    for bad in ("data.read_timeout=0", "data.read_retries=-1", "data.read_give_up=0"):
+    for bad in ("data.read_timeout=0", "data.read_retries=-1", "data.read_give_up=0", "data.read_min_speed=-1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             tiny_config(bad)
     cfg = tiny_config(f"tokenizer.path={tiny_tokenizer.path}", "data.text.shards=[http://127.0.0.1:1/ok/t.tar]",
-                      "data.read_timeout=2.5", "data.read_retries=7", "data.read_give_up=30")
+                      "data.read_timeout=2.5", "data.read_retries=7", "data.read_give_up=30",
+                      "data.read_min_speed=500")
     loader = build_loader(cfg, "text", SequenceEncoder.from_config(cfg))
-    assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7, give_up=30)
-    assert not any(_resume_key(f"data.read_{k}") for k in ("timeout", "retries", "give_up"))
+    assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7, give_up=30, min_speed=500)
+    assert not any(_resume_key(f"data.read_{k}") for k in ("timeout", "retries", "give_up", "min_speed"))
     assert _resume_key("data.text.shards")
 
 
@@ -375,3 +376,128 @@ def test_a_missing_url_among_six_shards_is_counted_and_training_goes_on(tmp_path
         assert {p[0] for b in batches for p in b["sample_positions"]} == {0, 2, 3, 5}
         assert loader.skipped()["shard_not_found"] >= 1 and loader.skipped()["shard_timeout"] >= 1
         assert set(loader.failed_shards()) == {urls[1], urls[4]}
+
+
+def test_a_server_that_trickles_fails_like_a_timeout(shards):
+    """50 bytes/s: no read ever waits `timeout` for a byte, so only the speed floor ends it (before: the shard,
+    a few KB, took minutes; a 60 KB one about 17 hours, with no step meanwhile)."""
+    name = Path(shards[0]).name
+    with ShardServer(Path(shards[0]).parent) as srv:
+        url = srv.url(f"trickle/{name}")
+        got, skipped, failed = samples(url, options=replace(FAST, timeout=0.5, min_speed=1000))
+        assert got == [] and skipped == {"shard_timeout": 1}, skipped
+        assert "below data.read_min_speed=1000" in failed[url] and "2 tries" in failed[url]
+        assert sum(p.startswith("/trickle") for p, _ in srv.requests) == 2  # retried once, then skipped
+        # the floor off: it reads on (cut short here by asking for the first sample only)
+        assert next(iter(open_shard(url, replace(FAST, min_speed=0)).read(200)), None) is not None
+
+
+class _EndpointConnectionError(Exception):
+    """What botocore raises when S3 goes away: no OSError."""
+
+
+def _flaky_fs(fail_listing: bool):
+    """A memory:// file system whose reads fail with a library's own exception after 300 bytes (and whose
+    listing fails too, if asked)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Flaky(MemoryFileSystem):
+        protocol = "flaky"
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.removeprefix("flaky://"))
+
+        def _open(self, path, mode="rb", **kw):
+            f = super()._open(path, mode, **kw)
+            read = f.read
+
+            def failing(n=-1):
+                if f.tell() >= 300:
+                    raise _EndpointConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:1/"')
+                return read(min(n, 300 - f.tell()) if n and n > 0 else 300 - f.tell())
+
+            f.read = failing
+            return f
+
+        def ls(self, path, detail=True, **kw):
+            if fail_listing:
+                raise _EndpointConnectionError("Unable to locate credentials")
+            return super().ls(path, detail=detail, **kw)
+
+        def isdir(self, path):
+            if fail_listing:
+                raise _EndpointConnectionError("Unable to locate credentials")
+            return super().isdir(path)
+
+    return Flaky
+
+
+def test_an_object_store_going_away_is_retried_counted_and_listing_errors_are_one_line(shards):
+    """Errors of an fsspec protocol's library that are no OSError (botocore's EndpointConnectionError when S3
+    stops mid-run) go through the retry, count and give-up path like HTTP failures (before: the DataLoader
+    worker died with a traceback); at start, a listing that fails is a one-line error naming the spec."""
+    import fsspec
+
+    fsspec.register_implementation("flaky", _flaky_fs(False), clobber=True)
+    fs = fsspec.filesystem("flaky")
+    fs.pipe("/bucket/cap-000000.tar", Path(shards[0]).read_bytes())
+    got, skipped, failed = samples("flaky://bucket/cap-000000.tar")
+    assert skipped == {"shard_unreadable": 1}, skipped
+    assert "_EndpointConnectionError: Could not connect" in failed["flaky://bucket/cap-000000.tar"]
+    fsspec.register_implementation("flaky", _flaky_fs(True), clobber=True)
+    with pytest.raises(ValueError, match=r"^flaky://bucket/: cannot list it: _EndpointConnectionError: Unable"):
+        expand_shards(["flaky://bucket/"])
+    with pytest.raises(ValueError, match=r"cannot list it"):  # a brace pattern: one listing of the folder
+        expand_shards(["flaky://bucket/cap-{000000..000001}.tar"])
+
+
+_PIPE_READER = """
+import sys
+from kosmos.data.remote import ReadOptions, open_shard
+print("reading", flush=True)
+open_shard(sys.argv[1], ReadOptions(timeout=300)).read(10)
+"""
+
+
+def test_a_pipe_command_dies_with_the_process_that_read_it(tmp_path):
+    """The command of a pipe: shard runs in a session of its own (a signal to the trainer's process group must
+    not end it); when the process reading it is killed (SIGKILL: no code of it runs), the command and its
+    children go too, within a few seconds. Before: left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    marker = 400000 + os.getpid() % 100000  # a number no other sleep of this machine uses
+
+    def running() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and f"sleep\0{marker}" in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+        return pids
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", _PIPE_READER, f"pipe:sleep {marker} | cat"], cwd=root,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout.readline().strip() == "reading"
+    for _ in range(100):
+        if running():
+            break
+        time.sleep(0.1)
+    assert running(), "the command did not start"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(100):
+        if not running():
+            break
+        time.sleep(0.1)
+    left = running()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the pipe's command outlived the process that read it"

@@ -124,6 +124,51 @@ def test_config_errors_name_the_key_before_heavy_work(tmp_path, capsys):
     assert "optim.lrr" in capsys.readouterr().err
 
 
+def test_reset_data_names_known_sources_or_all(tmp_path):
+    shards = [f"data.{s}.shards=[{tmp_path}/x.tar]" for s in ("text", "captions")]
+    cfg = load_config(TINY, [*shards, "data.interleaved.tokens_per_step=0"])
+    assert ck.reset_sources(["all"], cfg) == ["text", "captions"]
+    assert ck.reset_sources(["captions", " "], cfg) == ["captions"]
+    with pytest.raises(ValueError, match=r"--reset-data txt: not a source of this run; its sources are text, "
+                                         r"captions \(or give all\)"):
+        ck.reset_sources(["text", "txt"], cfg)
+
+
+@pytest.mark.parametrize("error", ["config", "data"])
+def test_a_distributed_run_prints_an_error_once(tmp_path, capsys, monkeypatch, error):
+    """Under a launcher (RANK, WORLD_SIZE): an error every rank meets (config, checkpoint) is printed by
+    rank 0 alone; one a rank's data workers meet is printed by that rank, named; every rank exits 2."""
+    from kosmos.config import ConfigError
+    from kosmos.data.stream import DataError
+
+    def fail(*a, **kw):
+        raise (ConfigError if error == "config" else DataError)("it went wrong")
+
+    monkeypatch.setattr("kosmos.training.check_config", fail)
+
+    def ended_by_the_launcher():  # rank 0 exited 2: torch.distributed.run ends the other ranks (SIGTERM)
+        raise SystemExit(-15)
+
+    monkeypatch.setattr(train_kosmos, "wait_for_rank_0", ended_by_the_launcher)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    printed = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            train_kosmos.main(["--config", TINY])
+        assert e.value.code == (-15 if error == "config" and rank == "1" else 2)
+        printed.append(capsys.readouterr().err)
+    if error == "config":
+        assert printed == ["error: it went wrong\n", ""]
+        # rank 0 did not end the run within the grace: rank 1 says it
+        monkeypatch.setattr(train_kosmos, "wait_for_rank_0", lambda: None)
+        with pytest.raises(SystemExit) as e:
+            train_kosmos.main(["--config", TINY])
+        assert e.value.code == 2 and capsys.readouterr().err == "error: rank 1: it went wrong\n"
+    else:
+        assert printed == ["error: rank 0: it went wrong\n", "error: rank 1: it went wrong\n"]
+
+
 def test_missing_shards_are_named(tiny_tokenizer, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_kosmos.main(["--config", TINY, f"tokenizer.path={tiny_tokenizer.path}",
@@ -159,7 +204,7 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     # 100 FLOPs per token, 2 x 10 x 4 per image (a forward of 10 parameters over 3 patches + 1 class token)
     model = SimpleNamespace(cfg=SimpleNamespace(flops_per_token=lambda: 100.0, flops_per_image=lambda: 2 * 10 * 4))
     acc = _TwoRanks()
-    meter = metrics.Meter(acc, model, peak_flops=10_000.0)
+    meter = metrics.Meter(acc, model, peak_flops=10_000.0, names=["captions", "text"])
     stat = lambda mean, n: torch.tensor([mean * n, float(n)])  # noqa: E731  (loss sum, tokens)
     counts = {"rows": 64, "real": 40, "images": 2}
     meter.add(StepResult(True, 1.0, {"captions": stat(2.0, 10), "text": stat(3.0, 30)}, **counts))
@@ -168,6 +213,7 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     clock[0] += 2.0
     report = meter.report(10, lr=1e-4, gnorm=1.5, bad_steps=1,
                           skipped={"captions": {"bad_image": 3}, "text": {}})
+    assert report.local()["captions"]["loss_sum"] == pytest.approx(2.0 * 10 + 4.0 * 30)  # before the reduction
     m = report.metrics
     # losses: token-weighted over the applied steps only (the skipped step's NaN is left out)
     assert m["train/captions_loss"] == pytest.approx(3.5) and m["train/text_loss"] == pytest.approx(3.0)
@@ -180,14 +226,14 @@ def test_meter_reduces_the_window_over_ranks_and_formats_the_log_line(monkeypatc
     assert m["train/skipped/captions/bad_image"] == 3  # this rank, by reason
     assert m["train/skipped/captions"] == 6 and m["train/skipped/text"] == 0  # by source, all ranks
     assert m["train/lr"] == 1e-4 and m["train/grad_norm"] == 1.5 and m["train/bad_steps"] == 1
-    assert acc.reduced == 4  # counts, two sources, skipped: a fixed number of collectives per log line
+    assert acc.reduced == 1  # one packed all-reduce per log line, whatever each rank saw
     head, mem = report.line.rsplit(" | ", 1)
     assert head == ("step     10 | loss 3.2857 | captions 3.500 | text 3.000 | lr 1.00e-04 | gnorm 1.500 | "
                     "tok/s 120 | mfu 98.4% | pad 37.5% | skipped 6 (captions 6) | bad 1")
     assert mem.startswith("mem ") and mem.endswith("GiB")
     assert meter.losses == {} and meter.rows == meter.real == meter.images == 0  # a new window
 
-    meter = metrics.Meter(acc, model, peak_flops=None)
+    meter = metrics.Meter(acc, model, peak_flops=None, names=["text"])
     meter.add(StepResult(True, 1.0, {"text": stat(3.0, 30)}, rows=64, real=40, images=0))
     clock[0] += 1.0
     assert "| mfu n/a |" in meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={}).line
@@ -565,6 +611,41 @@ def test_two_processes_resume_on_one_without_replaying_or_skipping_samples(tiny_
             assert now["samples"] >= st["samples"]
         assert all(st["epoch"] == 0 for st in final[name]["streams"].values()), \
             "the test should stay in epoch 0"
+
+
+@pytest.mark.slow
+def test_one_process_resumes_on_two_with_a_one_shard_source_and_resets_data(tiny_run, tmp_path):
+    """Scaling up: trained on 1 process with a text source of one shard (one logical stream), resumed with
+    --resume latest on 2 processes (gloo): the stream is split by samples over the 2 ranks, which then read
+    disjoint samples (dist_check). Then --reset-data text starts the text over on 1 process, with a
+    warning."""
+    from tests.helpers import text_shards
+
+    text_shards(tmp_path / "one", 1, 300)
+    out = tmp_path / "run"
+    only_text = ["data.captions.tokens_per_step=0", "data.interleaved.tokens_per_step=0",
+                 f"data.text.shards=[{tmp_path / 'one'}]", "data.text.shuffle_buffer=4",
+                 "data.text.tokens_per_step=2048"]  # a micro-batch per rank on 2
+    cfg = load_config(TINY, [*_overrides(tiny_run, out, 1), *only_text])
+    train_kosmos.train(cfg, progress=False)
+    saved = ck.read_json(ck.list_checkpoints(out)[-1] / "data_rank0.json")["text"]
+    assert saved["n_streams"] == 1 and saved["world_size"] == 1
+
+    res = _two_processes(["--resume", "latest", *_overrides(tiny_run, out, 2), *only_text])
+    assert res.stdout.count("DIST_OK") == 2 and "[2]" in res.stdout, res.stdout[-2000:]
+    log = (out / "train.log").read_text()
+    assert "resumed from" in log and "1 logical streams split by samples into 2" in log, log[-2000:]
+    split = [ck.read_json(ck.list_checkpoints(out)[-1] / f"data_rank{r}.json")["text"] for r in range(2)]
+    assert [sd["n_streams"] for sd in split] == [2, 2]
+    assert [list(sd["streams"]) for sd in split] == [["0"], ["1"]]
+
+    cfg = load_config(TINY, [*_overrides(tiny_run, out, 3), *only_text])
+    assert train_kosmos.train(cfg, resume="latest", progress=False, reset_data=["text"])["step"] == 3
+    log = (out / "train.log").read_text()
+    assert "warning: --reset-data text: the data position of data.text in step_00000002 is not " \
+           "restored" in log
+    final = ck.read_json(ck.list_checkpoints(out)[-1] / "data_rank0.json")["text"]
+    assert final["n_streams"] == 1 and final["streams"]["0"]["part"] == [0, 1, 0, 1]  # fresh (else 2 streams)
 
 
 @pytest.mark.slow

@@ -148,9 +148,19 @@ def plan(cfg: Config, world_size: int = 1) -> MixturePlan:
             f"config key 'data.mixture_tolerance': on {world_size} process(es) the mixture can be at best "
             f"{ratio(best)} with {best.tokens:,} tokens per step, {best.drift():.1%} off the budgets "
             f"(target {ratio(best, target=True, names=False)}, {best.budget:,} tokens) and beyond the "
-            f"tolerance {tol:.1%}; "
-            f"change data.<source>.tokens_per_step or micro_batch_size, or set data.allow_mixture_drift=true")
+            f"tolerance {tol:.1%}; change {_most_off(cfg, best)}, or set data.allow_mixture_drift=true")
     return best
+
+
+def _most_off(cfg: Config, p: MixturePlan) -> str:
+    """The keys to change for the source(s) whose tokens per step are furthest from their budget once made of
+    whole micro-batches (what the tolerance refusal names)."""
+    off = {n: abs(s.tokens_per_step / s.budget - 1) for n, s in p.sources.items()}
+    worst = [n for n, e in off.items() if e >= max(off.values()) - 1e-9]
+    return " or ".join(
+        f"{cfg.data.key(n)}.tokens_per_step or {cfg.data.key(n)}.micro_batch_size ({p.sources[n].budget:,} "
+        f"tokens budgeted, {p.sources[n].tokens_per_step:,} in micro-batches of "
+        f"{p.sources[n].micro_batch_size} x {cfg.decoder.max_len})" for n in worst)
 
 
 def ratio(p: MixturePlan, target: bool = False, names: bool = True) -> str:
@@ -182,7 +192,7 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
         shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
         loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name),
         read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
-                                 give_up=cfg.data.read_give_up))
+                                 give_up=cfg.data.read_give_up, min_speed=cfg.data.read_min_speed))
     loader = SourceLoader(ds)
     loader.missing_shards = missing
     return loader
@@ -271,6 +281,14 @@ class Mixture:
     def truncated(self) -> dict[str, int]:
         """Samples cut to `data.<source>.max_tokens` so far, per source (this rank)."""
         return {name: loader.truncated() for name, loader in self.loaders.items()}
+
+    def figures(self) -> dict[str, dict]:
+        """This rank's figures since the start of the run, per source, for metrics.Meter.report: `skipped`
+        (by reason), `truncated`, `samples` (started) and `epochs` (per logical stream, see
+        SourceLoader.epochs)."""
+        return {"skipped": self.skipped(), "truncated": self.truncated(),
+                "samples": {name: loader.samples_seen() for name, loader in self.loaders.items()},
+                "epochs": {name: loader.epochs() for name, loader in self.loaders.items()}}
 
 
 def build_mixture(cfg: Config, encoder: SequenceEncoder, *, rank: int = 0, world_size: int = 1) -> Mixture:

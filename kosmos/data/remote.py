@@ -12,17 +12,23 @@ are listed through fsspec where the protocol can list (s3, gs, memory, ...); pla
 directory, so HTTP shards are named one by one or by a brace pattern.
 
 Reads stream: a shard is read front to back once, never downloaded whole first. Every read has a timeout
-(`ReadOptions.timeout`: seconds without a byte, connecting included); a transient failure (timeout,
+(`ReadOptions.timeout`: seconds without a byte, connecting included) and a floor on its speed
+(`ReadOptions.min_speed`, averaged over each `timeout` seconds, so that a server trickling a byte at a time
+cannot hold a worker for hours); a transient failure (timeout, a read below the floor,
 connection reset, HTTP 5xx or 429, a body cut short, a command that exits non-zero or stalls) is retried
 `ReadOptions.retries` times with a doubling wait, resuming at the byte where it stopped (an HTTP range
 request; a server that ignores ranges, or a command, is read again from the start and the bytes already
-read are skipped). A shard that keeps failing ends with a `ShardError`, whose `reason` the reader counts
+read are skipped). Every error of an fsspec protocol's library (botocore's EndpointConnectionError when S3
+goes away, say, which is no OSError) is such a failure too; listing shards at start that fails is a one-line
+ValueError naming the spec. A `pipe:` command runs in a session of its own (a signal to the trainer's process
+group does not reach it) and dies with the process that started it, even one killed with SIGKILL. A shard that keeps failing ends with a `ShardError`, whose `reason` the reader counts
 (`shard_not_found`, `shard_timeout`, `shard_http_error`, `shard_cut_short`, `shard_command_failed`,
 `shard_unreadable`) and whose message names the URL. HTTP 404/410 and other 4xx are not retried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import http.client
 import io
@@ -55,6 +61,9 @@ class ReadOptions:
     give_up: float = 600.0
     """A worker whose shard reads keep failing, one after the other, for this many seconds (their timeouts and
     retries) without a sample in between stops the run (`kosmos.data.stream`)."""
+    min_speed: float = 10_000.0
+    """Bytes per second a read must average over each window of `timeout` seconds (`data.read_min_speed`); a
+    slower one, a server that trickles, fails as a timeout does (0: no floor)."""
 
 
 DEFAULT = ReadOptions()
@@ -76,6 +85,11 @@ class _Transient(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
+
+
+def _oneline(e: BaseException) -> str:
+    """`Type: message` on one line (botocore's and aiohttp's messages can span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
 
 
 def is_url(spec: str) -> bool:
@@ -167,11 +181,24 @@ def list_shards(item: str) -> list[str]:
     def url(p: str) -> str:
         return fs.unstrip_protocol(p) if hasattr(fs, "unstrip_protocol") else prefix + p.split("://")[-1]
 
-    if any(ch in path for ch in "*?["):
-        return sorted(url(p) for p in fs.glob(path))
-    if fs.isdir(path):
-        return sorted(url(p) for p in fs.glob(path.rstrip("/") + "/*.tar"))
-    return [item] if fs.exists(path) else []
+    with _listing(item):
+        if any(ch in path for ch in "*?["):
+            return sorted(url(p) for p in fs.glob(path))
+        if fs.isdir(path):
+            return sorted(url(p) for p in fs.glob(path.rstrip("/") + "/*.tar"))
+        return [item] if fs.exists(path) else []
+
+
+@contextlib.contextmanager
+def _listing(spec: str):
+    """Listing `spec` at start: whatever the protocol's library raises (no credentials, an unreachable
+    endpoint: botocore's own errors) becomes a one-line ValueError naming the spec."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the protocol library's errors are its own types
+        raise ValueError(f"{spec}: cannot list it: {_oneline(e)}") from None
 
 
 def list_many(items: list[str]) -> list[list[str]]:
@@ -192,7 +219,8 @@ def list_many(items: list[str]) -> list[list[str]]:
         check_spec(items[idx[0]])
         fs, path = _fsspec(folder)
         try:
-            entries = fs.ls(path, detail=True)
+            with _listing(folder):
+                entries = fs.ls(path, detail=True)
         except FileNotFoundError:
             entries = []
         kinds = {str(e["name"]).rstrip("/"): e.get("type") for e in entries}
@@ -233,14 +261,27 @@ def _http(url: str, pos: int, timeout: float) -> tuple[BinaryIO, int | None, int
     return resp, int(length) if length and length.isdigit() else None, 0
 
 
+_REAPER = ('while kill -0 "$1" 2>/dev/null && kill -0 -"$2" 2>/dev/null; do sleep 1; done; '
+           'kill -KILL -"$2" 2>/dev/null')
+"""`sh -c _REAPER reaper OWNER GROUP`: once process OWNER is gone (or the group ended), kill process group
+GROUP. A pipe: command runs in a session of its own, out of reach of the signals sent to the trainer's
+process group; without this, a worker killed while it read would leave the command (and its children)
+running."""
+
+
 class _Pipe(io.RawIOBase):
-    """The standard output of `sh -c COMMAND`, read with a timeout; EOF checks the exit status."""
+    """The standard output of `sh -c COMMAND`, read with a timeout; EOF checks the exit status. The command
+    runs in a session of its own and is killed, with its children, when this object closes or when the process
+    that opened it dies (_REAPER)."""
 
     def __init__(self, spec: str, timeout: float):
         self.spec, self.timeout = spec, timeout
         self.err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(spec[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=self.err,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self.reaper = subprocess.Popen(["sh", "-c", _REAPER, "reaper", str(os.getpid()), str(self.proc.pid)],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
 
     def readable(self) -> bool:
@@ -275,6 +316,8 @@ class _Pipe(io.RawIOBase):
             self.proc.stdout.close()
             self.proc.wait()
             self.err.close()
+            self.reaper.kill()
+            self.reaper.wait()
         super().close()
 
 
@@ -293,6 +336,7 @@ class ShardReader(io.RawIOBase):
         self.total: int | None = None
         self._f = None
         self._tries = 0
+        self._window = (0.0, 0)  # (time, position) the current speed window started at
 
     def readable(self) -> bool:
         return True
@@ -316,12 +360,13 @@ class ShardReader(io.RawIOBase):
                 f = fs.open(path, "rb")
             except FileNotFoundError:
                 raise ShardError(spec, "shard_not_found", "no such object") from None
-            except OSError as e:
-                raise _Transient("shard_unreadable", f"{type(e).__name__}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - OSError, and the protocol library's own (botocore, aiohttp)
+                raise _Transient("shard_unreadable", _oneline(e)) from None
             if self.pos:
                 f.seek(self.pos)
             start = self.pos
         self._f = f
+        self._window = (time.monotonic(), self.pos)  # the speed floor's window (_read_raw)
         skip = self.pos - start  # a server that ignored the range, or a command: skip what was read
         if skip < 0:
             raise _Transient("shard_http_error", f"asked for byte {self.pos}, the answer starts at {start}")
@@ -330,16 +375,29 @@ class ShardReader(io.RawIOBase):
             if not got:
                 raise _Transient("shard_cut_short", f"ended at byte {self.pos - skip} on a retry")
             skip -= len(got)
+        self._window = (time.monotonic(), self.pos)
 
     def _read_raw(self, n: int) -> bytes:
         try:
-            data = self._f.read(n)
+            # HTTP: what has arrived (read() would wait for all n bytes, so a trickle never reached the check)
+            data = self._f.read1(n) if isinstance(self._f, http.client.HTTPResponse) else self._f.read(n)
         except _Transient:
             raise
         except TimeoutError:
             raise _Transient("shard_timeout", f"no byte for {self.options.timeout:g}s") from None
         except (OSError, http.client.HTTPException, ValueError) as e:
-            raise _Transient("shard_unreadable", f"{type(e).__name__}: {e}") from None
+            raise _Transient("shard_unreadable", _oneline(e)) from None
+        except Exception as e:  # noqa: BLE001 - an fsspec protocol's library (botocore, aiohttp, ...)
+            if isinstance(self._f, (_Pipe, http.client.HTTPResponse)):
+                raise
+            raise _Transient("shard_unreadable", _oneline(e)) from None
+        now = time.monotonic()
+        if self.options.min_speed and now - self._window[0] >= self.options.timeout:
+            rate = (self.pos + len(data) - self._window[1]) / (now - self._window[0])
+            if rate < self.options.min_speed:
+                raise _Transient("shard_timeout", f"{rate:,.0f} bytes/s over {now - self._window[0]:.0f}s, below "
+                                 f"data.read_min_speed={self.options.min_speed:g}")
+            self._window = (now, self.pos + len(data))
         return data
 
     def _close_f(self) -> None:

@@ -25,10 +25,20 @@ another world size or worker count (elastic resume), every rank reads the data p
 that wrote the checkpoint, and the S stream states are dealt to the new global workers (s mod G'); a worker
 starts with the unfinished documents of its streams, then takes its streams in turn from the first. Each
 stream goes on exactly where it was, so no sample of the epoch is replayed or skipped; only the
-interleaving of the streams into rows, and thus the batches, differ from an uninterrupted run. S is fixed by
-the first run (it is in the checkpoint): a layout with more global workers than S is refused.
-Micro-batches that workers had prefetched but the trainer had not consumed are not part of the state; they
-are produced again.
+interleaving of the streams into rows, and thus the batches, differ from an uninterrupted run. S is set by
+the first run and kept in the checkpoint, except when a layout has more global workers than S (see "Scaling
+up" below). Micro-batches that workers had prefetched but the trainer had not consumed are not part of the
+state; they are produced again.
+
+Scaling up. In general a stream reads a part (a, A, b, B) of its source: the shards order[a::A], of each the
+samples at offsets b mod B. A stream of a first run reads (s, S, 0, 1) (whole shards) or (0, 1, s, S) (split
+shards); its state records the part ("part"; a state without it has the first run's). Resumed on G > S
+global workers (a 1-shard source, say, saved by 1 process and resumed on 2), every stream s is split into m
+= ceil(G / S): the streams s + S*j, j < m, read (a, A, b + B*j, B*m), which together are exactly s's samples.
+Each child goes on from s's cursor (epoch, shard, offset, caption), takes the samples of s's shuffle buffer
+and s's unfinished document that are its own, and a shuffle RNG drawn from s's (split_streams); S becomes
+S*m for good. So no sample of the epoch is replayed or skipped here either. `--reset-data SOURCE`
+(train_kosmos.py) instead starts a source's data over, with fresh streams for the run's layout.
 
 Every caption counts. A caption sample with several captions (`KEY.json` `"captions"`, see
 `kosmos.data.format.captions`) is visited as `data.<source>.caption_choice` says:
@@ -86,8 +96,8 @@ from kosmos.sequence import SequenceEncoder
 
 
 MAX_STREAMS = 64
-"""Logical streams per source in training, unless there are fewer shards (or more global workers): the most
-global workers (world_size x workers) a checkpoint can be resumed on."""
+"""Logical streams per source in training, unless there are fewer shards (or more global workers). A resume on
+more global workers (world_size x workers) than a checkpoint's streams splits them (module docstring)."""
 
 MAX_FAILED = 20
 """Skipped shards a stream's state names (the newest); all of them are counted in `skipped`."""
@@ -180,7 +190,11 @@ class LogicalStream:
         self.encoder, self.max_tokens = encoder, max_tokens
         self.loss, self.caption_choice = loss, caption_choice
         self.seed, self.infinite, self.buffer_size = seed, infinite, shuffle_buffer
-        self.split_samples = len(shards) < S
+        part = (state or {}).get("part")
+        self.part: tuple[int, int, int, int] = tuple(part) if part else default_part(s, S, len(shards))
+        """(a, A, b, B): this stream reads the shards order[a::A], of each the samples at offsets b mod B
+        (module docstring, "Scaling up")."""
+        self.split_samples = self.part[3] > 1
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{s}")
         self.skipped: Counter = Counter()
         self.truncated = 0  # samples cut to max_tokens
@@ -198,7 +212,8 @@ class LogicalStream:
         order = list(range(len(self.shards)))
         if self.infinite:
             random.Random(f"kosmos-shards-{self.seed}-{epoch}").shuffle(order)
-        return order if self.split_samples else order[self.s :: self.S]
+        a, A = self.part[:2]
+        return order[a::A]
 
     def _visits(self, shard: int, offset: int, raw: dict) -> list[tuple[int, ...]]:
         """The positions under which this epoch visits a sample: `(shard, offset)`, or for a caption sample
@@ -227,11 +242,11 @@ class LogicalStream:
             whole = (self.k, self.offset) == (0, -1)  # not a pass resumed part-way (perhaps at its very end)
             while self.k < len(order):
                 shard = order[self.k]
-                start, s, S, split = self.offset, self.s, self.S, self.split_samples
+                start, (_, _, b, B) = self.offset, self.part
                 t0, got_before = time.monotonic(), got
 
                 def want(offset: int) -> bool:  # the samples before the cursor are streamed past, unread
-                    return offset >= start and not (split and offset % S != s)
+                    return offset >= start and offset % B == b
 
                 for offset, raw in read_shard(self.shards[shard], self.skipped, want=want,
                                               options=self.read_options, failed=self.failed):
@@ -328,6 +343,7 @@ class LogicalStream:
             "carry": [*carry.pos, carry.start] if carry is not None else None,  # position, then tokens done
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
             "failed": dict(self.failed), "wait": {str(s): e for s, e in self.wait.items()},
+            "part": list(self.part),
         }
 
     def _restore(self, st: dict) -> None:
@@ -553,6 +569,40 @@ class SourceDataset(IterableDataset):
         return batch
 
 
+def default_part(s: int, S: int, n_shards: int) -> tuple[int, int, int, int]:
+    """The part (a, A, b, B) of a source that stream s of S reads when first made (and in a saved state
+    without "part"): the whole shards order[s::S] when there are at least S shards, else of every shard the
+    samples at offsets s mod S."""
+    return (s, S, 0, 1) if n_shards >= S else (0, 1, s, S)
+
+
+def split_streams(states: dict[int, dict], S: int, m: int, n_shards: int) -> dict[int, dict]:
+    """The states of S streams split into S * m (module docstring, "Scaling up"): stream s, reading part
+    (a, A, b, B), becomes the streams s + S*j (j < m) reading (a, A, b + B*j, B*m), each going on from s's
+    cursor; s's shuffle buffer and unfinished document go to the child whose samples they are; each child's
+    shuffle RNG is drawn from s's; the counts (samples, skipped, ...) stay with child 0, so that sums over
+    the streams are unchanged."""
+    out: dict[int, dict] = {}
+    for s, st in states.items():
+        a, A, b, B = st.get("part") or default_part(s, S, n_shards)
+
+        def child(offset: int, b: int = b, B: int = B) -> int:  # which child reads the sample at offset
+            return (offset % (B * m) - b) // B
+
+        parent = random.Random()
+        _set_rng_state(parent, st["rng"])
+        key = parent.getrandbits(64)
+        for j in range(m):
+            out[s + S * j] = {
+                **st, "part": [a, A, b + B * j, B * m],
+                "buffer": [p for p in st["buffer"] if child(p[1]) == j],
+                "carry": st["carry"] if st["carry"] is not None and child(st["carry"][1]) == j else None,
+                "rng": _rng_state(random.Random(f"kosmos-split-{key}-{j}")), "wait": {},
+                **({} if j == 0 else {"skipped": {}, "samples": 0, "truncated": 0, "failed": {}}),
+            }
+    return out
+
+
 def _upgrade(sd: dict, rank: int) -> dict:
     """A source's data position written before logical streams (one stream per global worker, S = G) in
     today's form."""
@@ -653,6 +703,11 @@ class SourceLoader:
         """Samples cut to `max_tokens` so far, over this rank's streams."""
         return sum(st.get("truncated", 0) for st in self.states.values())
 
+    def epochs(self) -> list[int]:
+        """The epoch of each of the source's logical streams that this rank reads (0 for the others and for
+        a stream not yet started): summed over the ranks, every stream's, since each is read by one rank."""
+        return [int(self.states[s]["epoch"]) if s in self.states else 0 for s in range(self.dataset.n_streams)]
+
     def state_dict(self) -> dict:
         ds = self.dataset
         return {"kind": ds.kind, "world_size": ds.world_size, "num_workers": self.num_workers,
@@ -663,30 +718,36 @@ class SourceLoader:
     def load_state_dict(self, sd: dict) -> None:
         """Restore a data position: this rank's own when the layout (world size, workers per rank) is the
         checkpoint's; else the streams dealt over this layout from every rank's entry (`sd["ranks"]`, see
-        rank_data_state), the turns and DataLoader's round robin starting afresh."""
+        rank_data_state), the turns and DataLoader's round robin starting afresh, and split by samples first
+        (split_streams) when they are fewer than this layout's global workers."""
         ds = self.dataset
         own = _upgrade(sd, ds.rank)
         S, G = own["n_streams"], ds.global_workers
         layout = f"world_size={own['world_size']} and {own['num_workers']} workers per rank"
-        if S < G:
-            raise ConfigError(
-                f"{ds.name}: the data position was saved with {layout} in {S} logical streams, which cannot "
-                f"feed this run's {G} global workers (world_size={ds.world_size} x {self.num_workers} "
-                f"workers); use at most {S} (or start the data from scratch)")
         if (own["world_size"], own["num_workers"]) == (ds.world_size, self.num_workers):
-            states = own["streams"]
+            if S < G:  # not written by this layout, which makes at least G streams
+                raise ConfigError(
+                    f"{ds.name}: the data position has {S} logical streams, fewer than this run's {G} "
+                    f"global workers; start this source's data over with --reset-data {ds.name}")
+            states = {int(s): st for s, st in own["streams"].items()}
             self.turns = {int(w): s for w, s in own["turns"].items()}
             self.next_worker = own["next_worker"]
         else:
             ranks = sd.get("ranks") or []
             if len(ranks) != own["world_size"]:
                 raise ConfigError(f"{ds.name}: the data position was saved with {layout}; another layout "
-                                  "needs the data positions of every rank (data_rank*.json)")
-            states = {k: v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
+                                  "needs the data positions of every rank (data_rank*.json), or start this "
+                                  f"source's data over with --reset-data {ds.name}")
+            states = {int(k): v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
             self.turns, self.next_worker = {}, 0
+            how = f"its {S} logical streams dealt over the new workers"
+            if S < G:  # more global workers than streams: split each stream by samples
+                m = -(-G // S)
+                states = split_streams(states, S, m, len(ds.shards))
+                how = f"its {S} logical streams split by samples into {S * m}, dealt over the new workers"
+                S *= m
             self.resume_note = (f"{ds.name}: data position saved with {layout}, resumed with "
-                                f"world_size={ds.world_size} and {self.num_workers}: its {S} logical streams "
-                                "dealt over the new workers (elastic resume)")
+                                f"world_size={ds.world_size} and {self.num_workers}: {how} (elastic resume)")
         ds.n_streams = S
         mine = set(s for w in range(max(1, self.num_workers)) for s in ds.streams_of(w))
         self.states = {int(s): st for s, st in states.items() if int(s) in mine}
