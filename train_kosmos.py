@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     from kosmos import checkpoint as ck
     from kosmos.distributed import all_reduce_sum
     from kosmos.metrics import Meter, RunLog, eval_line
-    from kosmos.watchdog import Watchdog, die_with_parent, rank_log_path, under_launcher
+    from kosmos.procs import die_with_parent
+    from kosmos.watchdog import Watchdog, rank_log_path, under_launcher
     from kosmos.training import (
         BadSteps,
         build_accelerator,
@@ -79,7 +81,7 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     # run continues instead of starting over from its initial weights. The checkpoints are checked (files
     # whole, config unchanged) before anything heavy.
     if under_launcher():  # a rank ends with its launcher (killed by a timeout, say) instead of running on
-        die_with_parent()
+        die_with_parent(os.getppid())
     out_dir = Path(cfg.train.output_dir)
     reset_data = ck.reset_sources(reset_data, cfg)
     notes: list[str] = []

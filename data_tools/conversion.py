@@ -34,7 +34,7 @@ from data_tools.writer import (
     sanitize_key,
     write_json_atomic,
 )
-from kosmos.watchdog import die_with_parent  # workers end with the converter, even killed with SIGKILL
+from kosmos.procs import die_with_parent
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

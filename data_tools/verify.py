@@ -104,6 +104,10 @@ def verify_shard(path: str | Path, kind: str | None = None,
         for sample in iter_tar(f, skipped, errors=errors):
             if sample.cut:  # the tar broke inside this sample: reported below
                 continue
+            if sample.unsupported:  # the training reader skips the sample (incomplete_sample)
+                rep.problems.append(f"{sample.key}: members the reader cannot read: "
+                                    f"{', '.join(sample.unsupported)}; write them as plain files")
+                continue
             key, files = sample.key, sample.files
             rep.samples += 1
             if key in seen:

@@ -319,11 +319,22 @@ def check_checkpoint(path: Path) -> dict:
         check_sharded(path / "sharded")
     else:
         check_safetensors(path / "model.safetensors")
+    from kosmos.data.state import DataStateError, check_data_state, check_trainer_state
+
+    try:
+        check_trainer_state(state, str(path / "trainer_state.json"))
+    except DataStateError as e:
+        raise CheckpointError(str(e)) from None
     for name in needed:
         if name.endswith(".pt") and not zipfile.is_zipfile(path / name):
             raise CheckpointError(f"{path / name}: truncated or not a torch file (no zip directory)")
         if name.endswith(".json"):
-            _read(read_json, path / name)
+            data = _read(read_json, path / name)
+            if name.startswith("data_rank"):
+                try:
+                    check_data_state(data, str(path / name))
+                except DataStateError as e:
+                    raise CheckpointError(str(e)) from None
     return state
 
 
@@ -463,6 +474,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     that is missing, damaged or holds non-finite weights is a CheckpointError naming it. The sources named in
     `reset_data` keep their fresh data position."""
     from kosmos.config import ConfigError
+    from kosmos.data.state import DataStateError, check_data_state
     from kosmos.data.stream import rank_data_state
     from kosmos.sharding import SHARDED, is_sharded, load_sharded
 
@@ -486,7 +498,19 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     # every rank's data position: with another layout the logical streams are dealt anew (kosmos.data.stream)
     data = [_read(read_json, path / f"data_rank{r}.json") for r in range(world)]
     data = [{k: v for k, v in d.items() if k not in reset_data} for d in data]
+    sources = {n: (loader.dataset.kind, loader.dataset.shards)
+               for n, loader in getattr(mixture, "loaders", {}).items() if n not in reset_data}
+    notes: list[str] = []
+    for r, d in enumerate(data):  # against this run's sources: their kind, their shards
+        try:
+            found = check_data_state(d, str(path / f"data_rank{r}.json"), sources)
+        except DataStateError as e:
+            raise CheckpointError(str(e)) from None
+        notes = notes or found  # the same sources are missing from every rank's file
     mixture.load_state_dict(rank_data_state(data, acc.process_index))
+    if notes:
+        mixture.resume_note = "\n".join(["WARNING: " + n for n in notes] + ([mixture.resume_note]
+                                                                          if mixture.resume_note else []))
     state.pop("config", None)
     state.pop("world_size", None)
     return state

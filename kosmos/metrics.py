@@ -112,7 +112,7 @@ class Meter:
         from kosmos.distributed import all_reduce_sum, pack
 
         acc = self.acc
-        names = self.names or list(dict.fromkeys([*skipped, *self.losses, *self.counts]))
+        names = self.names or list(dict.fromkeys([*skipped, *(truncated or {}), *self.losses, *self.counts]))
         unknown = (set(self.losses) | set(self.counts) | set(skipped)) - set(names)
         if unknown:
             raise KeyError(f"figures for {sorted(unknown)} outside the meter's sources {names}")

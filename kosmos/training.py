@@ -117,7 +117,7 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
     from accelerate.utils import set_seed
 
     from kosmos.config import save_config
-    from kosmos.data import build_mixture
+    from kosmos.data import build_mixture, start_worker_server
     from kosmos.optim import build_optimizer, build_scheduler
     from kosmos.sequence import SequenceEncoder
     from kosmos.sharding import is_sharded, shard_for_run
@@ -126,6 +126,8 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
     set_seed(cfg.seed)  # the same initial weights on every rank
+    if any(src.workers for src in cfg.data.active_sources().values()):
+        start_worker_server()  # its imports (seconds) overlap the model's build (kosmos/data/stream.py)
     tok = build_tokenizer(cfg)
     model = build_model(cfg, init_from)
     model = shard_for_run(acc, cfg, model)  # FSDP2 when asked (kosmos.sharding); before the optimizer

@@ -1,4 +1,4 @@
-"""No silent hang, nothing left running: a watchdog per rank, and processes that die with their parent.
+"""No silent hang, nothing left running: a watchdog per rank.
 
 `Watchdog` is a thread that the training loop (train_kosmos.py) tells what it is about to wait on
 (`with dog.waiting("data.captions"): ...`). When one wait outlasts `train.collective_timeout`, the rank
@@ -8,7 +8,8 @@ stderr, kills its own descendants (DataLoader workers and the commands they run,
 exits with status `EXIT_STATUS`. The other ranks then see their peer gone (an error in their next
 collective) or trip their own watchdog; the launcher ends them too.
 
-Stdlib only and nothing heavy: kosmos.data and data_tools use `die_with_parent` too.
+A rank under a launcher also dies with it (`under_launcher`, kosmos.procs.die_with_parent in train_kosmos).
+Stdlib only.
 """
 
 from __future__ import annotations
@@ -163,29 +164,8 @@ def kill_descendants(pid: int | None = None) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def die_with_parent(parent: int | None = None) -> None:
-    """This process ends (SIGKILL) when its parent does, even killed with SIGKILL: a converter's worker, a
-    rank under a launcher, so that no orphan goes on. `parent`: the pid expected (default: the current
-    parent); if it is already gone, this process exits now. PR_SET_PDEATHSIG on Linux; elsewhere a thread
-    watches the parent."""
-    import ctypes
-
-    parent = os.getppid() if parent is None else parent
-    try:
-        if ctypes.CDLL(None).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG: SIGKILL when the parent dies
-            raise OSError("prctl failed")
-    except Exception:  # noqa: BLE001 - no prctl (not Linux): a thread watches the parent instead
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # the parent died before this
-        os._exit(1)
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
 def under_launcher() -> bool:
-    """Started by a launcher (`accelerate launch`, torchrun), which sets these for each rank."""
+    """Started by a launcher (`accelerate launch`, torchrun), which sets these for each rank: the rank is then
+    to die with it (torchrun starts each rank in a session of its own, out of reach of a signal to the
+    launcher's process group)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ

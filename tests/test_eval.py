@@ -71,3 +71,24 @@ def test_eval_cli_without_held_out_shards_says_so(tmp_path, tiny_tokenizer, caps
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(ckpt), "--shards", "pictures=x.tar"])
     assert "SOURCE=PATTERN" in capsys.readouterr().err
+
+
+def test_a_checkpoints_own_pipe_shards_are_not_run_unless_allowed(tmp_path, tiny_tokenizer, capsys):
+    """A checkpoint from elsewhere whose config names `pipe:COMMAND` eval shards: `kosmos.eval loss` with the
+    checkpoint's defaults refuses to run the command (before: run through the shell, no question asked);
+    --allow-checkpoint-commands runs it, and a pipe: typed with --shards is the user's own."""
+    from kosmos.eval import main
+
+    texts = text_shards(tmp_path / "txt", 1, 5)
+    marker = tmp_path / "ran"
+    model = tiny_model(f"data.text.eval_shards=['pipe:touch {marker}; cat {texts[0]}']")
+    ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, model)
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(ckpt)])
+    assert e.value.code == 2 and not marker.exists()
+    err = capsys.readouterr().err
+    assert "runs a shell command" in err and "--allow-checkpoint-commands" in err and "--shards text=" in err
+    assert main(["--checkpoint", str(ckpt), "--allow-checkpoint-commands"]) == 0 and marker.exists()
+    marker.unlink()
+    assert main(["--checkpoint", str(ckpt), "--shards", f"text=pipe:touch {marker}; cat {texts[0]}"]) == 0
+    assert marker.exists()

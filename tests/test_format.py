@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -49,6 +50,10 @@ def test_member_names_round_trip():
     assert member_name("k1", "img0.jpg") == "k1.img0.jpg" and image_field(3) == "img3.jpg"
     assert split_member("dir/k1.img0.JPG") == ("dir/k1", "img0.jpg")
     assert split_member("a.b/c") is None and split_member("__index__.json") is None
+    # webdataset drops only __NAME__ metadata; other names starting with __ are samples
+    assert split_member("__meta__/x.txt") is None and split_member("__foo.txt") == ("__foo", "txt")
+    assert split_member("__foo/bar.txt") == ("__foo/bar", "txt")
+    assert split_member("dir/__x__.txt") == ("dir/__x__", "txt")
     assert split_member(member_name("x-1_y", image_field(0))) == ("x-1_y", "img0.jpg")
 
 
@@ -81,19 +86,22 @@ def test_iter_tar_counts_cut_and_broken_tars(tmp_path):
     full = _tar(tmp_path / "full.tar", members).read_bytes()
     header = 512 + 1024  # one member: header + 700 bytes padded to 1024
     cases = {
-        2 * header: ("truncated_shard", 1, False),  # cut at a member boundary: no end blocks
+        # cut at a member boundary: no end blocks; k0 may have had more members, so it is cut too
+        2 * header: ("truncated_shard", 1, False),
         2 * header + 600: ("broken_shard", 2, True),  # cut inside k1.txt: k1 comes out cut (and empty)
         3 * header + 512 + 100: ("broken_shard", 2, True),  # cut inside k1.json: k1 has its txt only
-        3 * header + 100: ("truncated_shard", 2, False),  # cut inside a header: tarfile stops quietly
+        # cut inside k1.json's header: the parser stops quietly, k1 (its txt only) comes out cut
+        3 * header + 100: ("truncated_shard", 2, False),
     }
-    for cut, (reason, n, was_cut) in cases.items():
+    for cut, (reason, n, with_error) in cases.items():
         path = tmp_path / f"cut{cut}.tar"
         path.write_bytes(full[:cut])
         errors: list[str] = []
         samples, skipped = _samples(path, errors=errors)
         assert skipped == {reason: 1}, cut
-        assert len(samples) == n and samples[0] == ("k0", {"txt": b"A" * 700, "json": b"A" * 700}, False)
-        assert samples[-1][2] is was_cut and bool(errors) is was_cut
+        assert len(samples) == n and samples[0][:2] == ("k0", {"txt": b"A" * 700, "json": b"A" * 700})
+        assert [s[2] for s in samples] == [False] * (n - 1) + [True], cut  # the last sample is never whole
+        assert bool(errors) is with_error
     (tmp_path / "junk.tar").write_bytes(b"\x07" * 5000)
     assert _samples(tmp_path / "junk.tar") == ([], Counter(broken_shard=1))
     samples, skipped = _samples(tmp_path / "full.tar")
@@ -163,6 +171,79 @@ def test_iter_tar_counts_a_damaged_header(tmp_path):
     pax[512:515] = b"135"
     (tmp_path / "pax.tar").write_bytes(pax)
     assert _samples(tmp_path / "pax.tar") == ([], Counter(broken_shard=1))
+
+
+def _gnu_tar() -> str | None:
+    tar = shutil.which("tar")
+    if tar is None or b"GNU tar" not in subprocess.run([tar, "--version"], capture_output=True).stdout:
+        return None
+    return tar
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix:0.0", "posix:0.1", "posix:1.0"])
+def test_iter_tar_reads_sparse_members(tmp_path, fmt, monkeypatch):
+    """`tar --sparse` of a file with holes, in each GNU sparse format: the member was dropped uncounted
+    (GNU), given as its stored bytes only (pax 0.0), or given as a sample ./GNUSparseFile.PID/k holding the
+    sparse map and the data (pax 0.1, 1.0). Now it is the file, under its name; cut anywhere, no wrong
+    byte and the loss counted; too large (`MAX_SPARSE`), counted as unsupported_member and withheld."""
+    tar = _gnu_tar()
+    if tar is None:
+        pytest.skip("needs GNU tar")
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "k.bin", "wb") as f:  # 8 data runs: the GNU header's sparse map needs an extension block
+        for i in range(8):
+            f.seek(i * 20000)
+            f.write(bytes([65 + i]) * 3000)
+        f.truncate(200_000)
+    (src / "h.bin").write_bytes(b"")
+    with open(src / "h.bin", "wb") as f:  # all hole
+        f.truncate(50_000)
+    (src / "k.txt").write_bytes(b"caption")
+    (src / "z.txt").write_bytes(b"last")
+    fmt, _, version = fmt.partition(":")
+    opts = [f"--sparse-version={version}"] if version else []
+    path = tmp_path / "s.tar"
+    subprocess.run([tar, f"--format={fmt}", "--sparse", *opts, "-cf", str(path), "-C", str(src), "k.bin",
+                    "k.txt", "h.bin", "z.txt"], check=True)
+    want = {"k": {"bin": (src / "k.bin").read_bytes(), "txt": b"caption"}, "h": {"bin": bytes(50_000)},
+            "z": {"txt": b"last"}}
+    samples, skipped = _samples(path)
+    assert samples == [(k, files, False) for k, files in want.items()] and not skipped
+    full = path.read_bytes()
+    for cut in [*range(0, len(full), 512), *range(100, len(full), 1000)]:
+        skipped = Counter()
+        got = list(iter_tar(io.BytesIO(full[:cut]), skipped))
+        for s in got:
+            assert all(want[s.key][f] == v for f, v in s.files.items()), cut
+            assert not s.whole or s.files == want[s.key], cut
+        lost = 3 - len([s for s in got if s.whole])
+        assert not lost or set(skipped) & {"broken_shard", "truncated_shard"}, cut
+    monkeypatch.setattr("kosmos.data.format.MAX_SPARSE", 100_000)
+    samples, skipped = _samples(path)
+    assert [(k, files) for k, files, _ in samples] == [("k", {"txt": b"caption"}), *list(want.items())[1:]]
+    assert skipped == {"unsupported_member": 1}
+    from kosmos.data.shards import read_shard
+
+    skipped = Counter()
+    assert [s["__key__"] for _, s in read_shard(str(path), skipped)] == ["h", "z"]
+    assert skipped == {"unsupported_member": 1, "incomplete_sample": 1}
+
+
+def test_read_shard_withholds_the_last_sample_of_a_cut_tar(tmp_path):
+    """A tar cut at a member boundary inside a sample: the sample came out without its later members and
+    unflagged (a text sample without its json, trained as if whole); now it is not given, and counted."""
+    from kosmos.data.shards import read_shard
+
+    members = [(f"k{i}.{ext}", bytes([65 + i]) * 700) for i in range(3) for ext in ("txt", "json")]
+    full = _tar(tmp_path / "full.tar", members).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(full[:5 * (512 + 1024)])  # after k2.txt: k2.json is gone
+    skipped: Counter = Counter()
+    got = [(offset, s["__key__"], sorted(s)) for offset, s in read_shard(str(cut), skipped)]
+    whole = ["__key__", "__url__", "json", "txt"]
+    assert got == [(0, "k0", whole), (1, "k1", whole)]
+    assert skipped == {"truncated_shard": 1, "incomplete_sample": 1}
 
 
 def test_iter_tar_spans_and_compressed(tmp_path):

@@ -294,15 +294,15 @@ def test_truncated_counts_reach_the_tracker_without_another_collective():
     from kosmos.training import StepResult
 
     calls = []
-    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1,
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=2,
                           reduce=lambda t, reduction: calls.append(reduction) or t)
     model = SimpleNamespace(cfg=SimpleNamespace(flops_per_token=lambda: 1.0, flops_per_image=lambda: 1.0))
-    meter = Meter(acc, model, peak_flops=None)
+    meter = Meter(acc, model, peak_flops=None, names=["captions", "text"])
     meter.add(StepResult(True, 1.0, {"captions": torch.tensor([2.0, 1.0])}, rows=4, real=3, images=1))
     m = meter.report(1, lr=1e-4, gnorm=1.0, bad_steps=0, skipped={},
                      truncated={"captions": 2, "text": 0}).metrics
     assert m["train/truncated/captions"] == 2 and m["train/truncated/text"] == 0
-    assert len(calls) == 3  # counts, one source, skipped: the same collectives as without truncation
+    assert len(calls) == 1  # the one packed reduction of the window, truncation included
 
 
 def test_max_tokens_config_defaults_and_check():

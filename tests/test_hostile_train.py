@@ -258,7 +258,7 @@ def test_shards_gone_mid_run_stop_the_source_after_a_bounded_retry(tiny_tokenize
     from kosmos.sequence import SequenceEncoder
     from tests.helpers import text_shards
 
-    monkeypatch.setattr(stream, "RETRY_WAITS", (0.05, 0.1))  # forked workers see it too
+    monkeypatch.setattr(stream, "RETRY_WAITS", (0.05, 0.1))  # the dataset carries it to its workers
     shards = text_shards(tmp_path, 4, 10)
     ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
                        num_workers=workers, shuffle_buffer=0)
@@ -349,6 +349,100 @@ def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(t
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
     assert time.monotonic() - start < 30
+
+
+def _loader_script(shards, tokenizer_dir, *lines, **kw) -> str:
+    """Python code that makes `loader`, a SourceLoader of a text source over `shards` with 2 workers, then
+    runs `lines`."""
+    args = ", ".join(f"{k}={v}" for k, v in kw.items())
+    return "\n".join([
+        "import os, signal, sys, time", "from kosmos.data.remote import ReadOptions",
+        "from kosmos.data.stream import SourceDataset, SourceLoader",
+        "from kosmos.sequence import SequenceEncoder",
+        "from tokenizer import KosmosTokenizer",
+        f"enc = SequenceEncoder(KosmosTokenizer.from_dir({str(tokenizer_dir)!r}), 4, 32)",
+        f"loader = SourceLoader(SourceDataset('text', {shards!r}, enc, max_len=64, micro_batch_size=2, "
+        f"num_workers=2, shuffle_buffer=0{', ' + args if args else ''}))", *lines, ""])
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie nobody reaps counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_the_main_process_even_killed_with_sigkill(tiny_tokenizer):
+    """A main process killed with SIGKILL runs no exit handler: its workers, here both blocked reading a
+    shard that never comes (a `pipe:` command that sleeps), must end with it all the same, not go on as
+    orphans."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    code = _loader_script(["pipe:sleep 600"], tiny_tokenizer.path,
+                          "loader._start()", "print(*[p.pid for p in loader._workers._workers], flush=True)",
+                          "time.sleep(600)", read_options="ReadOptions(timeout=600, retries=0)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.communicate(timeout=60)
+        for _ in range(600):  # until both workers run their stream (their init done, SIGINT ignored)
+            status = [open(f"/proc/{w}/status").read() for w in workers]
+            if all(int(s.split("SigIgn:")[1].split()[0], 16) & 2 for s in status) and all(
+                    any(open(f"/proc/{t}/comm").read().strip() == "sleep" for t in _children(w))
+                    for w in workers):
+                break
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        for _ in range(300):
+            if all(_gone(w) for w in workers):
+                break
+            time.sleep(0.1)
+        assert all(_gone(w) for w in workers), "a worker outlived its main process killed with SIGKILL"
+    finally:
+        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the `sleep`s the workers started
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of the children of `pid` and theirs (the shell of a `pipe:` command, its `sleep`)."""
+    import os
+
+    kids = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += [int(c) for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+        except FileNotFoundError:
+            pass
+    return kids + [g for k in kids for g in _children(k) if not _gone(k)]
+
+
+def test_a_sigterm_to_the_whole_process_group_leaves_the_workers_and_their_server_running(tiny_tokenizer,
+                                                                                         tmp_path):
+    """`timeout`, SLURM and container stops signal the whole process group: the process that starts the
+    workers (multiprocessing's forkserver) must not die of it either, or the main process (which handles the
+    signal) takes its workers for dead while it still needs batches for its last step."""
+    import os
+    import subprocess
+
+    from tests.helpers import text_shards
+
+    shards = text_shards(tmp_path, 4, 10)
+    code = _loader_script(
+        shards, tiny_tokenizer.path,
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)",
+        "next(loader)", "os.killpg(0, signal.SIGTERM); os.killpg(0, signal.SIGINT); time.sleep(1)",
+        "for _ in range(6): next(loader)", "loader.close()", "print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- end to end (slow)

@@ -309,7 +309,8 @@ def test_a_broken_or_truncated_tar_reads_the_same_streamed_as_local(tmp_path):
         path.write_bytes(full[:cut])
         local, local_skipped, _ = samples(str(path))
         streamed, skipped, failed = samples(f"pipe:cat {path}")
-        assert local_skipped == skipped == {reason: 1}, (cut, skipped)
+        # the last sample, cut or perhaps cut, is not given but counted
+        assert local_skipped == skipped == {reason: 1, "incomplete_sample": 1}, (cut, skipped)
         assert streamed == local and list(failed) == [f"pipe:cat {path}"]
 
 

@@ -1,5 +1,5 @@
 """s3:// shards through s3fs against a local S3 server (moto's, started here on loopback): listing, batched
-brace patterns, reads, resume, missing objects, and a training stream read by DataLoader workers (forked
+brace patterns, reads, resume, missing objects, and a training stream read by DataLoader workers (started
 after the parent has used the file system). Skipped when s3fs or moto is not installed."""
 
 from collections import Counter
@@ -72,8 +72,9 @@ def test_s3_shards_list_and_read_as_local(s3, tmp_path):
 
 
 def test_training_stream_over_s3_in_workers_resumes_exactly(s3, tmp_path, tiny_tokenizer):
-    """Workers fork after the parent listed the bucket (s3fs's event loop thread does not survive a fork):
-    they read the same batches as from local files, and a resume continues exactly."""
+    """Workers start after the parent listed the bucket (s3fs runs an event loop thread, which a worker
+    forked from the parent would not have): they read the same batches as from local files, and a resume
+    continues exactly."""
     shards = interleaved_shards(tmp_path / "d", 3, 5, words=(5, 30))
     _put(s3, shards, "il")
     check_stream_resumes_as_local(shards, expand_shards([f"s3://{BUCKET}/il/"]), tiny_tokenizer)

@@ -1,10 +1,9 @@
 """kosmos.watchdog: a wait that outlasts train.collective_timeout ends the rank, named, with its stacks and
-without leaving its workers; ranks die with their launcher. The 2-process runs (an asymmetric collective, a
+without leaving its workers; ranks die with their launcher (kosmos.procs.die_with_parent). The 2-process runs (an asymmetric collective, a
 stalled data worker) are at the end (slow)."""
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -148,27 +147,6 @@ def test_a_tripped_rank_exits_non_zero_and_takes_its_workers_with_it(tmp_path, m
     assert re.search(r"rank 0: no progress for [\d.]+ s at step 3 waiting on data\.text", res.stderr)
     assert "most recent call first" in (tmp_path / "train.log").read_text()
     _wait_until(lambda: not alive_with_marker(marker), 10)  # the worker and its `sleep` are gone
-
-
-_ORPHAN = """
-import subprocess, sys, time
-code = ("from kosmos.watchdog import die_with_parent; die_with_parent(); import sys, time; "
-        "open(sys.argv[1], 'w').close(); time.sleep(60)")
-subprocess.Popen([sys.executable, "-c", code, sys.argv[1]])
-time.sleep(60)
-"""
-
-
-def test_die_with_parent_ends_the_child_when_its_parent_is_killed(tmp_path, marker):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), MARKER: marker}
-    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path / "ready")], env=env)
-    try:
-        _wait_until(lambda: (tmp_path / "ready").exists())  # the child has called die_with_parent
-        assert alive_with_marker(marker)
-    finally:
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
-    _wait_until(lambda: not alive_with_marker(marker), 10)
 
 
 # ----------------------------------------------------------------------------- 2 processes (slow)

@@ -28,12 +28,16 @@ and the tools that check them (`data_tools`); this module imports nothing heavy.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import io
 import json
+import lzma
 import re
 import struct
 import tarfile
+import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,10 +86,15 @@ def image_field(index: int) -> str:
 
 
 def split_member(name: str) -> tuple[str, str] | None:
-    """``(key, field)`` of a member name, the field lowercased; None for a name that is no sample member
-    (no dot in its file name, or a webdataset-internal name starting with ``__``)."""
+    """``(key, field)`` of a member name, the field lowercased; None for a name that is no sample member: no
+    dot in its file name, or webdataset-internal metadata, whose name's first part is ``__NAME__``
+    (``__index__.json``, ``__meta__/x.txt``). Other names starting with ``__`` (``__foo.txt``) are samples,
+    as webdataset reads them."""
     m = _MEMBER.match(name)
-    if m is None or name.startswith("__"):
+    if m is None:
+        return None
+    first = m.group(1).split("/", 1)[0]
+    if len(first) >= 4 and first.startswith("__") and first.endswith("__"):
         return None
     return m.group(1), m.group(2).lower()
 
@@ -114,7 +123,15 @@ class TarSample:
     files: dict[str, bytes | TarSpan] = field(default_factory=dict)
     """Field -> bytes (or `TarSpan` for a field the reader chose not to read)."""
     cut: bool = False
-    """The tar broke while this sample was read: members after the break are missing."""
+    """The tar broke or ended early while this sample was read: members after the break may be missing."""
+    unsupported: list[str] = field(default_factory=list)
+    """Names of members of this sample the reader cannot read (multi-volume continuations, sparse files
+    larger than `MAX_SPARSE`), each counted as ``unsupported_member``: the sample is not whole."""
+
+    @property
+    def whole(self) -> bool:
+        """Whether the sample has every member the tar gave it: not `cut` and none `unsupported`."""
+        return not self.cut and not self.unsupported
 
 
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
@@ -156,6 +173,9 @@ def _octal(field: bytes, what: str) -> int:
         raise tarfile.ReadError(f"bad {what} field {field!r}") from None
 
 
+_REPEATED = ("GNU.sparse.offset", "GNU.sparse.numbytes")
+
+
 def _pax(data: bytes) -> dict[str, str]:
     """A pax extended header's records (``LEN KEY=VALUE\\n`` ...)."""
     out, i = {}, 0
@@ -166,7 +186,10 @@ def _pax(data: bytes) -> dict[str, str]:
             if n <= sp - i or i + n > len(data) or data[i + n - 1] != 0x0A:  # each record ends with "\n"
                 raise ValueError
             key, _, value = data[sp + 1:i + n - 1].partition(b"=")
-            out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+            k, v = key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+            if k in _REPEATED and k in out:  # GNU sparse 0.0: one record per run, kept as a list "a,b,..."
+                v = out[k] + "," + v
+            out[k] = v
             i += n
     except ValueError:
         raise tarfile.ReadError("bad pax extended header") from None
@@ -174,38 +197,220 @@ def _pax(data: bytes) -> dict[str, str]:
 
 
 class _Member:
-    """A regular member of a tar being streamed (`_plain_members`, `_tarfile_members`): read its data with
-    `read()` right away, or leave it (the reader skips it)."""
+    """A regular member of a tar being streamed (`_plain_members`): read its data with `read()` right away,
+    or leave it (the reader skips it). A member with ``unsupported`` set (why, e.g. ``"sparse"``) has data
+    the reader cannot give as the file's bytes: it must be left, and counted."""
 
-    __slots__ = ("name", "size", "offset_data", "_f", "read_done")
+    __slots__ = ("name", "size", "offset_data", "_f", "read_done", "unsupported", "data")
 
-    def __init__(self, f: BinaryIO, name: str, size: int, offset_data: int):
+    def __init__(self, f: BinaryIO, name: str, size: int, offset_data: int, unsupported: str = "",
+                 data: bytes | None = None):
         self._f, self.name, self.size, self.offset_data, self.read_done = f, name, size, offset_data, False
+        self.unsupported = unsupported
+        self.data = data
+        """The content already read (a sparse file, rebuilt): no byte range of the tar holds it."""
 
     def read(self) -> bytes:
         self.read_done = True
-        return self._f.read(self.size)
+        return self._f.read(self.size) if self.data is None else self.data
 
 
-def _tarfile_members(f: BinaryIO) -> Iterator[_Member]:
-    """The regular members of a compressed tar, through tarfile's streaming mode."""
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
-        for info in tar:
-            tar.members = []  # streaming: do not keep every header in memory
-            if info.isreg():
-                yield _Member(tar.extractfile(info), info.name, info.size, info.offset_data)
+MAX_SPARSE = 1 << 26
+"""The largest sparse file rebuilt in memory, 64 MiB (its size is what the header says, not what the tar
+holds: a few kB could claim terabytes); a larger one counts as ``unsupported_member``."""
+
+
+def _numbers(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()] if text.strip() else []
+    except ValueError:
+        raise tarfile.ReadError(f"bad sparse {what} {text[:40]!r}") from None
+    if any(x < 0 for x in out):
+        raise tarfile.ReadError(f"bad sparse {what} {text[:40]!r}")
+    return out
+
+
+def _sparse(f: BinaryIO, header: bytes, kind: bytes, pax: dict[str, str],
+            size: int) -> tuple[bytes | None, int]:
+    """A GNU sparse file's content and how many bytes of sparse map blocks came before its ``size`` bytes of
+    data, read from ``f`` just after its header: GNU/oldgnu type ``S`` (map in the header and extension
+    blocks), pax 0.0 (``GNU.sparse.offset``/``numbytes`` records), 0.1 (``GNU.sparse.map``) and 1.0 (map
+    at the start of the data). For each of the map's (offset, length) runs the data holds the bytes, in
+    order; the rest of the file is zeros. After it, ``f`` is at the data's padding. The content is None,
+    with ``f`` at the data, for a variant not known or a file larger than `MAX_SPARSE`: the caller skips it
+    as unsupported. Raises for a map that does not fit the data (a broken tar)."""
+    extra, runs_read = 0, 0
+    if kind == b"S":
+        entries = [header[386 + 24 * i:410 + 24 * i] for i in range(4)]
+        real = _octal(header[483:495], "sparse size")
+        ext = header[482]
+        while ext:  # more map entries in extension blocks after the header
+            block = f.read(_BLOCK)
+            if len(block) != _BLOCK:
+                raise EOFError("tar cut inside a sparse map")
+            entries += [block[24 * i:24 * i + 24] for i in range(21)]
+            ext, extra = block[504], extra + _BLOCK
+        flat = [_octal(e[k:k + 12], "sparse map") for e in entries if e[0] for k in (0, 12)]
+    elif pax.get("GNU.sparse.major") == "1" and pax.get("GNU.sparse.minor") == "0":
+        real = _numbers(pax.get("GNU.sparse.realsize", ""), "size")
+        if len(real) != 1 or real[0] > MAX_SPARSE:
+            return None, 0
+        text = b""
+        while True:  # "N\n" then N "offset\nlength\n" pairs, padded to whole blocks
+            block = f.read(_BLOCK)
+            if len(block) != _BLOCK or runs_read + _BLOCK > size:
+                raise EOFError("tar cut inside a sparse map")
+            text, runs_read = text + block, runs_read + _BLOCK
+            lines = text.split(b"\n")
+            if lines[0] and len(lines) - 1 >= 1 + 2 * int(lines[0]):
+                break
+        try:
+            n = int(lines[0])
+            flat = [int(x) for x in lines[1:1 + 2 * n]]
+        except ValueError:
+            raise tarfile.ReadError("bad sparse map") from None
+        real = real[0]
+    elif "GNU.sparse.map" in pax or "GNU.sparse.numblocks" in pax:
+        real = _numbers(pax.get("GNU.sparse.size", ""), "size")
+        if len(real) != 1:
+            return None, 0
+        real = real[0]
+        if "GNU.sparse.map" in pax:
+            flat = _numbers(pax["GNU.sparse.map"], "map")
+        else:
+            offsets = _numbers(pax.get("GNU.sparse.offset", ""), "map")
+            lengths = _numbers(pax.get("GNU.sparse.numbytes", ""), "map")
+            if len(offsets) != len(lengths):
+                raise tarfile.ReadError("bad sparse map")
+            flat = [x for pair in zip(offsets, lengths, strict=True) for x in pair]
+    else:
+        return None, 0
+    if real > MAX_SPARSE:  # (pax 1.0 was checked before its map was read)
+        return None, extra
+    if len(flat) % 2:
+        raise tarfile.ReadError("bad sparse map")
+    runs = list(zip(flat[::2], flat[1::2], strict=True))
+    end = 0
+    for offset, length in runs:
+        if offset < end or offset + length > real:
+            raise tarfile.ReadError("bad sparse map")
+        end = offset + length
+    if (mapped := sum(length for _, length in runs)) != size - runs_read:
+        raise tarfile.ReadError(f"sparse map of {mapped} bytes for {size - runs_read} bytes of data")
+    out = bytearray(real)
+    for offset, length in runs:
+        chunk = f.read(length)
+        if len(chunk) != length:
+            raise EOFError("tar cut inside a sparse file")
+        out[offset:offset + length] = chunk
+    return bytes(out), extra
+
+
+def _decompressor(magic: bytes):
+    if magic.startswith(b"\x1f\x8b"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip: checks the CRC-32 and length at the end
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2Decompressor()  # checks each block's CRC
+    return lzma.LZMADecompressor(lzma.FORMAT_XZ)  # checks each block's check (CRC-64 by default)
+
+
+_CHUNK = 1 << 16
+_ZLIB = type(zlib.decompressobj())
+
+
+_OUT = 1 << 20
+"""The most bytes one decompressor call gives: a small input that inflates hugely (a bomb) comes in pieces."""
+
+
+def _inflate(f: BinaryIO, limit: int | None = None) -> Iterator[tuple[bytes, bool]]:
+    """The decompressed bytes of a gzip/bzip2/xz file read from ``f`` (one stream or several concatenated,
+    as ``cat a.gz b.gz`` makes them), as ``(chunk, stream_checked)``: ``stream_checked`` is true on the
+    chunk that ends a stream whose check (CRC) matched. Stops after ``limit`` bytes when given. Raises
+    EOFError where the file ends inside a stream, and the decompressor's error (zlib.error, OSError,
+    lzma.LZMAError) at corrupt data or a wrong check. Trailing zero padding is ignored, and so is other
+    data after a complete stream that does not start like one (as gzip -d does)."""
+    magic = f.read(6)
+    data, d, given = magic, _decompressor(magic), 0
+    pending = False  # the decompressor holds output for input it already has
+    while True:
+        if not data and not pending:
+            data = f.read(_CHUNK)
+            if not data:
+                raise EOFError("compressed stream cut short (no end-of-stream marker)")
+        out = d.decompress(data, _OUT)
+        # zlib hands back the input it did not use; bz2 and lzma keep it and say whether they need more
+        data = d.unused_data if d.eof else getattr(d, "unconsumed_tail", b"")
+        pending = len(out) == _OUT if isinstance(d, _ZLIB) else not d.needs_input
+        if limit is not None and given + len(out) >= limit:
+            yield out[:limit - given], False
+            return
+        given += len(out)
+        if d.eof:
+            yield out, True
+            rest = data + f.read(max(0, 6 - len(data)))
+            if not rest.startswith(_COMPRESSED):  # the end (zero padding, or trailing data tar ignores)
+                return
+            data, d, pending = rest, _decompressor(rest), False
+        elif out:
+            yield out, False
+
+
+def _checked_length(f: BinaryIO) -> tuple[int, Exception | None]:
+    """How many decompressed bytes of the compressed file ``f`` can be trusted, and the error that ends the
+    rest (None when the whole file is sound). Only data of streams whose check matched is trusted: a
+    decompressor gives data before it reaches the check that would reject it, and a corrupt stream can
+    look cut: decoding from a changed byte on may run to the end of the file with no error, giving wrong
+    bytes (5 of 20,000 four-byte changes of gzip files did, in tests/test_tar_damage.py's corpus, when the
+    data of a stream that looked cut was used). Reads ``f`` from where it is to its end."""
+    total, checked = 0, 0
+    try:
+        for chunk, done in _inflate(f):
+            total += len(chunk)
+            if done:
+                checked = total
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        what = "cut short" if isinstance(e, EOFError) else "corrupt"
+        return checked, EOFError(f"compressed tar {what} ({e}); of its {total} decompressed bytes the "
+                                 f"{total - checked} after the last stream whose check matched are not used")
+    return total, None
+
+
+class _Inflated(io.RawIOBase):
+    """The first ``limit`` decompressed bytes of a compressed file, as a forward-only stream."""
+
+    def __init__(self, f: BinaryIO, limit: int):
+        self.chunks, self.buf, self.pos = _inflate(f, limit), b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return 0
+            self.buf = chunk[0]
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        self.pos += n
+        return n
 
 
 def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
     """The regular members of an uncompressed tar read from ``f``, front to back: what tarfile's streaming
     mode gives for the formats tar writers produce (ustar, GNU long names, pax ``path``/``size``), at a
     fraction of its cost per header (most of a loader worker's time went into tarfile's header parsing).
-    Other members (directories, links, ...) are skipped. Ends quietly at a zero block or where the data ends
-    between members, as tarfile does (the caller checks the end-of-archive blocks). Raises, as for a broken
-    tar, where tarfile raises (data cut inside a member, an extended header with no member after it) and
-    also at a header with a wrong checksum or a malformed pax record: there tarfile ends quietly or renames
-    the member, and the rest of the shard was lost uncounted. A seekable ``f`` has the members left unread
-    skipped by seeking."""
+    Compressed tars come here decompressed (`iter_tar`). Other members (directories, links, ...) are
+    skipped. GNU sparse files (type ``S``, or pax headers with ``GNU.sparse.*`` records: `tar --sparse` in
+    any format) are given rebuilt (`_sparse`), under the file's real name (pax 0.1/1.0 store them as
+    ``./GNUSparseFile.PID/NAME``); multi-volume continuations (``M``), a sparse file larger than
+    `MAX_SPARSE` or of an unknown variant are given with ``unsupported`` set and their data unread: their
+    stored bytes are not the file's. Ends quietly at a zero block or
+    where the data ends between members, as tarfile does (the caller checks the end-of-archive blocks).
+    Raises, as for a broken tar, where tarfile raises (data cut inside a member, an extended header with no
+    member after it) and also at a header with a wrong checksum or a malformed pax record: there tarfile
+    ends quietly or renames the member, and the rest of the shard was lost uncounted. A seekable ``f`` has
+    the members left unread skipped by seeking."""
     end = None  # bytes from here to the end of a seekable file
     if seekable:
         start = f.tell()
@@ -248,7 +453,18 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
                 raise tarfile.ReadError(f"bad pax size {pax['size']!r}") from None
             pad = -size % _BLOCK
             pos = data_at + size + pad
-        if "path" in pax:
+        unsupported = ""
+        sparse: bytes | None = None  # a sparse file's content, rebuilt from its data runs
+        if kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax):
+            sparse, extra = _sparse(f, header, kind, pax, size)
+            data_at, pos = data_at + extra, pos + extra
+            if sparse is None:
+                unsupported = "sparse"
+        elif kind == b"M":
+            unsupported = "continued from another volume"
+        if "GNU.sparse.name" in pax:  # pax sparse 0.1/1.0: "path" is ./GNUSparseFile.PID/NAME
+            name = pax["GNU.sparse.name"]
+        elif "path" in pax:
             name = pax["path"]
         elif long_name is not None:
             name = long_name
@@ -258,8 +474,13 @@ def _plain_members(f: BinaryIO, seekable: bool) -> Iterator[_Member]:
                 "utf-8", "surrogateescape")
         long_name, pax, extended = None, {}, False
         member = None
-        if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):
-            member = _Member(f, name, size, data_at)
+        if sparse is not None:  # its data runs are read: what is left is the padding
+            yield _Member(f, name, len(sparse), data_at, data=sparse)
+            if len(f.read(pad)) != pad:
+                raise EOFError(f"tar cut inside the padding of {name}")
+            continue
+        if unsupported or (kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))):
+            member = _Member(f, name, size, data_at, unsupported)
             yield member
         if member is not None and member.read_done:
             if len(f.read(pad)) != pad:
@@ -284,14 +505,25 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
     streamed: regular members grouped by key (see the module docstring), other members ignored.
 
     A field seen twice in one sample keeps its first bytes and counts ``duplicate_member`` in ``skipped``.
-    A tar that breaks (bad header, data cut inside a member, corrupt compression) ends early and counts
-    ``broken_shard``; the sample being read then comes out with ``cut`` set. An uncompressed tar that ends
-    quietly at a member boundary without the end-of-archive blocks counts ``truncated_shard``. The
-    exception text of a break is appended to ``errors`` when given.
+    A GNU sparse file (`tar --sparse`) is given whole, its holes as zeros. A member the reader cannot read
+    (a multi-volume continuation, a sparse file larger than `MAX_SPARSE`) counts ``unsupported_member`` and
+    is named in its sample's `TarSample.unsupported`. A tar that breaks (bad header, data cut inside a
+    member, corrupt compression) ends early and counts ``broken_shard``; a tar that ends quietly at a
+    member boundary without the end-of-archive blocks counts ``truncated_shard``. Either way the last
+    sample comes out with ``cut`` set: its members after the break may be missing (`TarSample.whole` is
+    false). The exception text of a break is appended to ``errors`` when given.
+
+    A compressed tar is first read through to its end to check it (gzip's CRC-32, bzip2's block CRCs, xz's
+    checks), then decompressed again for its members: only data of a stream whose check matched is used,
+    so a corrupt or cut compressed tar gives no byte from its damaged stream (for the common single-stream
+    ``.tar.gz``: no sample) and counts ``broken_shard``; a decompressor gives data before the check that
+    rejects it. Decompressing twice costs CPU, never wrong bytes; a stream that cannot seek is first spooled
+    (compressed) to a temporary file.
 
     With ``read``, fields for which it is false are not read but given as `TarSpan` byte ranges (only for
     an uncompressed tar; a compressed one is read whole). With ``want``, the samples whose index is not
-    wanted have no field read (all `TarSpan`s): a resumed reader skips what it already had cheaply.
+    wanted have no field read (all `TarSpan`s): a resumed reader skips what it already had cheaply. A
+    sparse file is always given as bytes (no byte range of the tar holds it).
 
     A stream that cannot seek (a URL or pipe from `kosmos.data.remote`) is read once, front to back, and
     checked for the end-of-archive blocks at its end. A shard whose read fails for good (`ShardError`, after
@@ -300,21 +532,39 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
     skipped = skipped if skipped is not None else Counter()
     own = isinstance(source, str | Path)
     f: BinaryIO = open(source, "rb") if own else source  # closed below
+    opened = f
     current: TarSample | None = None
     index = -1  # of the current sample
-    tail: _Tail | None = None
+    tail: _Tail | None = None  # counts the bytes of a tar read as a stream, for the end-of-archive check
+    spool = None
+    damaged: Exception | None = None  # what a compressed tar's check found
     try:
-        if getattr(f, "seekable", lambda: False)():
-            start = f.tell()
-            compressed = f.read(6).startswith(_COMPRESSED)
-            f.seek(start)
-        else:  # a stream (a URL, a pipe): read once, front to back
-            tail = _Tail(f)
-            f = io.BufferedReader(tail, 1 << 16)
         try:
-            if tail is not None:  # here: a stream that fails at once is counted like one that fails later
+            seekable = getattr(f, "seekable", lambda: False)()
+            if seekable:
+                start = f.tell()
+                compressed = f.read(6).startswith(_COMPRESSED)
+                f.seek(start)
+            else:  # a stream (a URL, a pipe): read once, front to back
+                # here: a stream that fails at once is counted like one that fails later
+                f = io.BufferedReader(f, _CHUNK) if not hasattr(f, "peek") else f
                 compressed = f.peek(6)[:6].startswith(_COMPRESSED)
-            members = _tarfile_members(f) if compressed else _plain_members(f, seekable=tail is None)
+            body: BinaryIO = f
+            if compressed:
+                if not seekable:
+                    spool = tempfile.SpooledTemporaryFile(64 << 20)
+                    while chunk := f.read(1 << 20):
+                        spool.write(chunk)
+                    f, start = spool, 0
+                    f.seek(0)
+                trusted, damaged = _checked_length(f)
+                f.seek(start)
+                tail = _Tail(_Inflated(f, trusted))
+                body = io.BufferedReader(tail, _CHUNK)
+            elif not seekable:
+                tail = _Tail(f)
+                body = io.BufferedReader(tail, _CHUNK)
+            members = _plain_members(body, seekable=tail is None)
             with contextlib.closing(members):
                 for info in members:
                     parts = split_member(info.name)
@@ -327,35 +577,43 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
                     if current is None:
                         current = TarSample(key)
                         index += 1
+                    if info.unsupported:
+                        skipped["unsupported_member"] += 1
+                        current.unsupported.append(f"{info.name} ({info.unsupported})")
+                        continue
                     if name in current.files:
                         skipped["duplicate_member"] += 1
                         continue
-                    if want is not None and not want(index):
+                    if want is not None and not want(index) and info.data is None:
                         current.files[name] = TarSpan(info.offset_data, info.size)
                         continue
-                    if read is not None and not compressed and not read(name):
+                    if read is not None and not compressed and not read(name) and info.data is None:
                         current.files[name] = TarSpan(info.offset_data, info.size)
                         continue
                     data = info.read()
                     if len(data) != info.size:
                         raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
                     current.files[name] = data
-            # tarfile stops quietly at a cut that falls on a member boundary; a complete archive ends
-            # with zero blocks.
-            if not compressed and tail is not None:
-                while f.read(1 << 16):  # the rest: end-of-archive blocks and padding
+            # The member parser stops quietly at a cut that falls on a member boundary (or inside a
+            # header); a complete archive ends with zero blocks.
+            if tail is not None:
+                while body.read(1 << 16):  # the rest: end-of-archive blocks and padding
                     pass
                 if isinstance(getattr(source, "error", None), ShardError):  # ended early at a member boundary
                     raise source.error
-                if tail.n < 1024 or bytes(tail.last) != bytes(1024):
-                    skipped["truncated_shard"] += 1
-            elif not compressed:
+                if damaged is not None:
+                    raise damaged
+                ended = tail.n >= 1024 and bytes(tail.last) == bytes(1024)
+            else:
                 end = f.seek(0, 2)
-                if end - start < 1024 or (f.seek(end - 1024) is not None and f.read(1024) != bytes(1024)):
-                    skipped["truncated_shard"] += 1
-        except (tarfile.TarError, EOFError, OSError) as e:
+                ended = end - start >= 1024 and f.seek(end - 1024) is not None and f.read(1024) == bytes(1024)
+            if not ended:
+                skipped["truncated_shard"] += 1
+                if current is not None:  # it may have had more members after the cut
+                    current.cut = True
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             failed = getattr(source, "error", None)  # a remote stream's failure: the cause of this break
-            why = failed if isinstance(failed, ShardError) else e
+            why = failed if isinstance(failed, ShardError) else damaged or e
             skipped[why.reason if isinstance(why, ShardError) else "broken_shard"] += 1
             if errors is not None:
                 errors.append(f"{type(why).__name__}: {why}")
@@ -365,7 +623,9 @@ def iter_tar(source: str | Path | BinaryIO, skipped: Counter | None = None, *,
             yield current
     finally:
         if own:
-            f.close()
+            opened.close()
+        if spool is not None:
+            spool.close()
 
 
 # ------------------------------------------------------------------------------------ sample parsing

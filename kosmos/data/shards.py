@@ -56,8 +56,10 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None, *,
                failed: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
     """(offset, raw sample) for each sample of the shard, in order: ``{"__key__", "__url__", field: bytes}``
     with members grouped by `kosmos.data.format.iter_tar`. A broken or truncated tar ends the shard early and
-    is counted in `skipped`; the sample cut by the break comes out incomplete and is rejected (and counted)
-    when decoded. A shard gone since the run started (`missing_shard`) or that cannot be opened
+    is counted in `skipped`. A sample that is not whole (the last one of such a tar, whose members after the
+    break may be missing, or one with a member the reader cannot read, `unsupported_member`) is not given
+    and counts `incomplete_sample`: a text sample cut before its metadata would otherwise train as if whole.
+    A shard gone since the run started (`missing_shard`) or that cannot be opened
     (`unreadable_shard`) gives no sample and is counted. Stops after `max_offset` when given.
 
     `path` may be a URL or `pipe:COMMAND`, read as a stream with `options`' timeout and retries; a remote
@@ -79,7 +81,10 @@ def read_shard(path: str, skipped: Counter, max_offset: int | None = None, *,
     try:
         with f:
             for offset, sample in enumerate(iter_tar(f, counts, want=want, errors=errors)):
-                if want is None or want(offset):
+                if not sample.whole:
+                    if want is None or want(offset):
+                        counts["incomplete_sample"] += 1
+                elif want is None or want(offset):
                     yield offset, {"__key__": sample.key, "__url__": path, **sample.files}
                 if max_offset is not None and offset >= max_offset:
                     return

@@ -68,6 +68,23 @@ mid-run) waits and tries again (`RETRY_WAITS`), each stream re-reading the same 
 a `DataError` naming the source; so does a worker that never found any sample. Workers ignore SIGTERM and
 SIGINT, which go to the whole process group (`timeout`, SLURM, container stops, Ctrl-C): the main process
 handles them, saves a checkpoint and ends the workers.
+
+How workers start. A source's DataLoader workers are not forked from the main process: they are forked by
+multiprocessing's forkserver (`START_METHOD`), a process of its own that runs no thread. Forking a process
+that runs other threads (tqdm's monitor, the queue feeder threads of the sources started before, a gloo or
+s3fs thread) can leave the child waiting forever on a lock that one of them held at the fork (seen: a worker
+stuck in PyOS_AfterFork_Child, a 2-process run hung); and loaders are started mid-run (each source at its
+first micro-batch, evaluation loaders at every evaluation), when such threads always exist. The server is
+started once per process (when training starts, before it builds the model, or else when the first loader with
+workers is made) and imports what the workers need (`PRELOAD`: torch, this module, the tokenizer, the image
+decoders) before it forks any: about as long as `import torch, torchvision` (seconds; `python
+bench/workers.py` measures), paid once and overlapping the trainer's own start, after which a worker starts in
+well under a second and no longer imports torchvision for its first JPEG. A worker gets the dataset pickled
+(the tokenizer by its serialized model), and the main process's environment and working directory as they are
+when it starts (`_Launch`); a module global patched in the main process is not seen by the workers (what they
+must see travels in the dataset, as `retry_waits`). A worker dies with the main process, even one killed with
+SIGKILL (`kosmos.procs`). The server ignores SIGTERM and SIGINT, as the workers do, and ends once the main
+process and its workers have.
 """
 
 from __future__ import annotations
@@ -78,9 +95,13 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -92,6 +113,8 @@ from kosmos.data.samples import BadSample, Encoded, encode_sample
 from kosmos.data.remote import DEFAULT as DEFAULT_READ
 from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import read_positions, read_shard
+from kosmos.data.state import shard_digest
+from kosmos.procs import die_with, die_with_parent
 from kosmos.sequence import SequenceEncoder
 
 
@@ -112,17 +135,85 @@ class DataError(RuntimeError):
     with a one-line message naming the source."""
 
 
-_EXITING = multiprocessing.Event()
-"""Set when the main process exits: from then on a worker takes SIGTERM as multiprocessing's exit handler's
-terminate(), which it must obey, and no longer as a signal to the process group."""
-atexit.register(_EXITING.set)  # registered after multiprocessing's own exit handler, so it runs before it
+START_METHOD = "forkserver"
+"""How the DataLoader workers are started (module docstring): "forkserver", or "fork" (what it was before;
+bench/workers.py compares the two)."""
+
+PRELOAD = ["kosmos.data._forkserver"]
+"""What the forkserver imports once, before it forks any worker: the modules every worker needs (torch,
+this module, the tokenizer's and the image decoders'), so that no worker imports them again."""
 
 
-def _worker_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: SIGTERM and SIGINT sent to the whole process group (`timeout`, SLURM
-    preemption, container stops, Ctrl-C) are the main process's to handle (a checkpoint, then a clean exit);
-    a worker killed by one would crash the run instead. Once the main process exits, SIGTERM ends it."""
-    exiting = get_worker_info().dataset.exiting
+def _context():
+    """The multiprocessing context the workers are started in; for the forkserver, with PRELOAD (which only
+    takes effect when this process's forkserver starts, at its first worker)."""
+    ctx = multiprocessing.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+_EXITING = None
+
+
+def _exit_flag():
+    """Set when the main process exits: from then on a worker takes SIGTERM as multiprocessing's exit
+    handler's terminate(), which it must obey, and no longer as a signal to the process group. Made at the
+    first worker start (a forkserver context's semaphore starts multiprocessing's resource tracker: not at
+    import) and from that context, so that it pickles for the forkserver's workers (fork's workers share it
+    all the same)."""
+    global _EXITING
+    if _EXITING is None:
+        _EXITING = multiprocessing.get_context("forkserver").Event()
+        atexit.register(_EXITING.set)  # registered after multiprocessing's own exit handler: runs before it
+    return _EXITING
+
+
+@dataclass
+class _Launch:
+    """What a worker takes from the main process that starts it (SourceLoader): which process it must not
+    outlive (`owner`, the main process: a forkserver's worker has the server as its parent), the exit flag,
+    and the main process's environment and working directory (a forkserver's worker would otherwise have the
+    server's, as they were when it started)."""
+
+    owner: int
+    exiting: Any
+    environ: dict[str, str]
+    cwd: str
+
+
+def start_worker_server() -> None:
+    """Start the workers' forkserver unless it runs (or START_METHOD is "fork"). It starts in the background:
+    its imports (seconds) then overlap what the main process does before its first micro-batch (training
+    calls it before it builds the model; a SourceLoader with workers, when it is made)."""
+    if START_METHOD == "forkserver":
+        from multiprocessing import forkserver
+
+        _context()  # its preload
+        forkserver.ensure_running()
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker dies with the main process, even one killed with SIGKILL
+    (`kosmos.procs`: the kernel's parent-death signal when the main process forked it, else a thread that
+    waits for the main process), takes the main process's environment and working directory, and leaves
+    SIGTERM and SIGINT sent to the process group to the main process (_worker_signals)."""
+    launch: _Launch = get_worker_info().dataset.launch
+    if os.getppid() == launch.owner:
+        die_with_parent(launch.owner)
+    else:
+        die_with(launch.owner)
+    if os.environ != launch.environ:
+        os.environ.clear()
+        os.environ.update(launch.environ)
+    os.chdir(launch.cwd)
+    _worker_signals(launch.exiting)
+
+
+def _worker_signals(exiting) -> None:
+    """SIGTERM and SIGINT sent to the whole process group (`timeout`, SLURM preemption, container stops,
+    Ctrl-C) are the main process's to handle (a checkpoint, then a clean exit); a worker killed by one would
+    crash the run instead. Once the main process exits (`exiting` set), SIGTERM ends it."""
 
     def on_sigterm(signum, frame):
         if exiting.is_set():
@@ -134,15 +225,28 @@ def _worker_signals(worker_id: int) -> None:
 
 
 def _start_workers(loader: DataLoader):
-    """`iter(loader)`, which forks its worker processes, with the garbage collector's objects frozen during
-    the fork: a worker never collects what it inherited. Garbage of the main process (a torch.distributed
+    """`iter(loader)`, which starts its worker processes.
+
+    A forked worker (START_METHOD "fork", or a plain DataLoader) is forked with the garbage collector's
+    objects frozen: it never collects what it inherited. Garbage of the main process (a torch.distributed
     process group no longer referenced, say, whose destructor joins threads that a forked child does not
     have) would otherwise be finalised inside a worker, which then hangs or aborts ("terminate called after
-    throwing an instance of 'std::system_error'", seen in CI). The main process collects it as usual."""
+    throwing an instance of 'std::system_error'", seen in CI). The main process collects it as usual. (The
+    forkserver's workers inherit nothing of the main process's heap.)
+
+    A forkserver's worker would first re-run the main script (or import the main module), as multiprocessing
+    does so that what the parent defined in `__main__` unpickles: the workers need nothing from it (the
+    dataset and the worker functions are the project's), and a script without `if __name__ ==
+    "__main__":` would start over in every worker. So `__main__` is hidden while the workers start."""
+    main = sys.modules["__main__"]
     gc.freeze()
     try:
+        if loader.num_workers and loader.multiprocessing_context is not None \
+                and loader.multiprocessing_context.get_start_method() != "fork":
+            sys.modules["__main__"] = types.ModuleType("__main__")
         return iter(loader)
     finally:
+        sys.modules["__main__"] = main
         gc.unfreeze()
 
 
@@ -195,6 +299,10 @@ class LogicalStream:
         """(a, A, b, B): this stream reads the shards order[a::A], of each the samples at offsets b mod B
         (module docstring, "Scaling up")."""
         self.split_samples = self.part[3] > 1
+        pinned = (state or {}).get("order")
+        self.pinned: tuple[int, list[int]] | None = (pinned["epoch"], list(pinned["shards"])) if pinned else None
+        """(epoch, shards): the shards this stream reads in that epoch, fixed when the shard list changed since
+        the checkpoint (remap_streams): the rest of the pass that was under way, over the shards that remain."""
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{s}")
         self.skipped: Counter = Counter()
         self.truncated = 0  # samples cut to max_tokens
@@ -209,6 +317,8 @@ class LogicalStream:
     # ------------------------------------------------------------------ order and reading
 
     def _order(self, epoch: int) -> list[int]:
+        if self.pinned is not None and self.pinned[0] == epoch:
+            return list(self.pinned[1])
         order = list(range(len(self.shards)))
         if self.infinite:
             random.Random(f"kosmos-shards-{self.seed}-{epoch}").shuffle(order)
@@ -344,6 +454,8 @@ class LogicalStream:
             "skipped": dict(self.skipped), "samples": self.n_samples, "truncated": self.truncated,
             "failed": dict(self.failed), "wait": {str(s): e for s, e in self.wait.items()},
             "part": list(self.part),
+            **({"order": {"epoch": self.pinned[0], "shards": self.pinned[1]}}
+               if self.pinned is not None and self.pinned[0] == self.epoch else {}),
         }
 
     def _restore(self, st: dict) -> None:
@@ -383,8 +495,9 @@ class _Turns:
     sample does the worker wait and retry (`RETRY_WAITS`), then stop with a DataError."""
 
     def __init__(self, streams: dict[int, LogicalStream], first: int | None, worker: str = "the worker",
-                 name: str = ""):
+                 name: str = "", waits: tuple[float, ...] | None = None):
         self.streams = streams
+        self.waits = RETRY_WAITS if waits is None else waits
         self.active = sorted(streams)
         self.i = self.active.index(first) if first in streams else 0
         self.last: int | None = None
@@ -448,13 +561,13 @@ class _Turns:
                     f"{self.name}: {self.worker} found no samples in a whole pass of its {len(self.active)} "
                     f"stream(s) over {n_shards} shard(s) (skipped: {skipped}{last}); use fewer workers or "
                     "check the shards with `python -m data_tools.verify` (streams: kosmos/data/stream.py)")
-            if retries == len(RETRY_WAITS):  # it found samples before: its shards went away
+            if retries == len(self.waits):  # it found samples before: its shards went away
                 raise DataError(
                     f"{self.name}: no readable shard left: {retries + 1} passes over the {n_shards} shard(s) "
                     f"of {self.worker}'s {len(self.active)} stream(s) ({st.shards[0]}, ...) found no "
-                    f"sample within {sum(RETRY_WAITS):.0f}s (skipped: {skipped}{last}); were they deleted or "
+                    f"sample within {sum(self.waits):.0f}s (skipped: {skipped}{last}); were they deleted or "
                     "moved? Put them back and resume with --resume latest")
-            time.sleep(RETRY_WAITS[retries])
+            time.sleep(self.waits[retries])
             retries += 1
             empty.clear()
             for o in self.active:  # each stream re-reads its empty pass, in the usual turn
@@ -496,7 +609,8 @@ class SourceDataset(IterableDataset):
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
-        self.exiting = _EXITING  # the workers' copy (fork or spawn) of the main process's exit flag
+        self.retry_waits = RETRY_WAITS  # carried to the workers (a forkserver's worker has its own module)
+        self.launch: _Launch | None = None  # set by SourceLoader when it starts workers
         G = self.global_workers
         if streams and streams < G:
             raise ValueError(f"{name}: {streams} logical streams cannot feed {G} global workers")
@@ -541,7 +655,7 @@ class SourceDataset(IterableDataset):
             streams = {s: self.stream(s, buffer, reads) for s in ids}
             for st in streams.values():
                 st.worker = worker
-            turns = _Turns(streams, self.turns.get(logical), worker, self.name)
+            turns = _Turns(streams, self.turns.get(logical), worker, self.name, self.retry_waits)
             for row, carry in packer.pack(turns):
                 rows.append(row)
                 if len(rows) == self.micro_batch_size:
@@ -574,6 +688,53 @@ def default_part(s: int, S: int, n_shards: int) -> tuple[int, int, int, int]:
     without "part"): the whole shards order[s::S] when there are at least S shards, else of every shard the
     samples at offsets s mod S."""
     return (s, S, 0, 1) if n_shards >= S else (0, 1, s, S)
+
+
+def remap_streams(states: dict[int, dict], S: int, old: list[str], new: list[str], seed: int,
+                  infinite: bool = True) -> tuple[dict[int, dict], str]:
+    """The states of S streams saved over the shard list `old`, for the list `new` (shards added, removed or
+    renamed since the checkpoint): every position names a shard by its index in the sorted list, so each is
+    moved to the same shard's new index. The pass under way goes on over the shards of it that remain, in
+    its order (pinned as the stream's `order` for that epoch), from the same sample when its shard remains;
+    shuffle-buffer samples and unfinished documents of removed shards are dropped; added shards are read
+    from the next pass on. Returns the states and a note of what changed and what was dropped."""
+    index = {name: i for i, name in enumerate(new)}
+    moved = [index.get(name) for name in old]
+    dropped = {"buffered samples": 0, "unfinished documents": 0, "shards of the current pass": 0}
+    out: dict[int, dict] = {}
+    for s, st in states.items():
+        a, A, b, B = st.get("part") or default_part(s, S, len(old))
+        if st.get("order") and st["order"]["epoch"] == st["epoch"]:
+            order = list(st["order"]["shards"])
+        else:
+            order = list(range(len(old)))
+            if infinite:
+                random.Random(f"kosmos-shards-{seed}-{st['epoch']}").shuffle(order)
+            order = order[a::A]
+        rest = order[st["k"]:]
+        kept = [moved[i] for i in rest if moved[i] is not None]
+        dropped["shards of the current pass"] += len(rest) - len(kept)
+        current_gone = bool(rest) and moved[rest[0]] is None
+        buffer = [[moved[p[0]], *p[1:]] for p in st["buffer"] if moved[p[0]] is not None]
+        dropped["buffered samples"] += len(st["buffer"]) - len(buffer)
+        carry = st["carry"]
+        if carry is not None and moved[carry[0]] is None:
+            carry = None
+            dropped["unfinished documents"] += 1
+        elif carry is not None:
+            carry = [moved[carry[0]], *carry[1:]]
+        out[s] = {**st, "part": [a, A, b, B], "k": 0, "buffer": buffer, "carry": carry,
+                  "order": {"epoch": st["epoch"], "shards": kept},
+                  **({"offset": -1, "sub": 0} if current_gone else {})}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    lost = ", ".join(f"{n} {what}" for what, n in dropped.items() if n)
+    note = (f"the shard list changed since the checkpoint: {len(added)} added, {len(removed)} removed"
+            f"{' (' + ', '.join((removed or added)[:2]) + ', ...)' if added or removed else ''}; positions moved "
+            f"to the shards' new places, the current pass goes on over the shards that remain"
+            f"{', added ones are read from the next pass' if added else ''}"
+            f"{'; dropped with the removed shards: ' + lost if lost else ''}")
+    return out, note
 
 
 def split_streams(states: dict[int, dict], S: int, m: int, n_shards: int) -> dict[int, dict]:
@@ -640,17 +801,25 @@ class SourceLoader:
         self.missing_shards: list[str] = []
         """Shards named in the config that do not exist (allowed by data.allow_missing_shards), for the
         log."""
+        if self.num_workers > 0:
+            start_worker_server()  # now, while the trainer still builds and loads
+
+    def _start(self):
+        """A new DataLoader iterator over the dataset: with workers, it starts them (module docstring)."""
+        if self.num_workers == 0:
+            return iter(DataLoader(self.dataset, batch_size=None, num_workers=0))
+        ctx = _context()
+        start_worker_server()
+        self.dataset.launch = _Launch(os.getpid(), _exit_flag(), dict(os.environ), os.getcwd())
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
+                            multiprocessing_context=ctx)
+        self._workers = _start_workers(loader)
+        return self._workers
 
     def __iter__(self):
-        kw = {"prefetch_factor": self.prefetch_factor, "worker_init_fn": _worker_signals} \
-            if self.num_workers > 0 else {}
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, **kw)
         nw = max(1, self.num_workers)
-        if self.num_workers > 0:
-            batches = _start_workers(loader)
-            self._workers = batches
-        else:
-            batches = iter(loader)
+        batches = self._start()
         for batch in batches:
             if "error" in batch:
                 raise DataError(batch["error"])
@@ -709,11 +878,30 @@ class SourceLoader:
         return [int(self.states[s]["epoch"]) if s in self.states else 0 for s in range(self.dataset.n_streams)]
 
     def state_dict(self) -> dict:
+        """The position of what was consumed; with the digest of the shard list (and on rank 0 the list
+        itself), so that a resume over a changed shard folder is noticed and remapped (remap_streams)."""
         ds = self.dataset
         return {"kind": ds.kind, "world_size": ds.world_size, "num_workers": self.num_workers,
                 "n_streams": ds.n_streams, "next_worker": self.next_worker,
                 "turns": {str(w): s for w, s in self.turns.items()},
-                "streams": {str(s): st for s, st in self.states.items()}}
+                "streams": {str(s): st for s, st in self.states.items()},
+                "shards_digest": shard_digest(ds.shards), **({"shards": list(ds.shards)} if ds.rank == 0 else {})}
+
+    def _remapped(self, states: dict[int, dict], sd: dict, S: int) -> dict[int, dict]:
+        """`states` for this run's shard list, when it is not the one they were saved with (remap_streams);
+        refused, naming --reset-data, when the checkpoint holds the digest but not the list."""
+        ds = self.dataset
+        saved = sd.get("shards_digest")
+        if saved is None or saved == shard_digest(ds.shards):  # the same list (or a checkpoint before digests)
+            return states
+        old = sd.get("shards") or next((d.get("shards") for d in sd.get("ranks") or [] if d.get("shards")), None)
+        if old is None:
+            raise ConfigError(f"{ds.name}: the shard list changed since the checkpoint, which does not hold the "
+                              f"list it was saved with (rank 0's data position); start this source's data over "
+                              f"with --reset-data {ds.name}")
+        states, note = remap_streams(states, S, old, ds.shards, ds.seed, ds.infinite)
+        self.resume_note = f"{ds.name}: {note}"
+        return states
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore a data position: this rank's own when the layout (world size, workers per rank) is the
@@ -721,6 +909,7 @@ class SourceLoader:
         rank_data_state), the turns and DataLoader's round robin starting afresh, and split by samples first
         (split_streams) when they are fewer than this layout's global workers."""
         ds = self.dataset
+        self.resume_note = None
         own = _upgrade(sd, ds.rank)
         S, G = own["n_streams"], ds.global_workers
         layout = f"world_size={own['world_size']} and {own['num_workers']} workers per rank"
@@ -729,7 +918,7 @@ class SourceLoader:
                 raise ConfigError(
                     f"{ds.name}: the data position has {S} logical streams, fewer than this run's {G} "
                     f"global workers; start this source's data over with --reset-data {ds.name}")
-            states = {int(s): st for s, st in own["streams"].items()}
+            states = self._remapped({int(s): st for s, st in own["streams"].items()}, sd, S)
             self.turns = {int(w): s for w, s in own["turns"].items()}
             self.next_worker = own["next_worker"]
         else:
@@ -739,6 +928,7 @@ class SourceLoader:
                                   "needs the data positions of every rank (data_rank*.json), or start this "
                                   f"source's data over with --reset-data {ds.name}")
             states = {int(k): v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
+            states = self._remapped(states, sd, S)
             self.turns, self.next_worker = {}, 0
             how = f"its {S} logical streams dealt over the new workers"
             if S < G:  # more global workers than streams: split each stream by samples
@@ -746,7 +936,8 @@ class SourceLoader:
                 states = split_streams(states, S, m, len(ds.shards))
                 how = f"its {S} logical streams split by samples into {S * m}, dealt over the new workers"
                 S *= m
-            self.resume_note = (f"{ds.name}: data position saved with {layout}, resumed with "
+            self.resume_note = ((self.resume_note + "\n") if self.resume_note else "") + (
+                                f"{ds.name}: data position saved with {layout}, resumed with "
                                 f"world_size={ds.world_size} and {self.num_workers}: {how} (elastic resume)")
         ds.n_streams = S
         mine = set(s for w in range(max(1, self.num_workers)) for s in ds.streams_of(w))

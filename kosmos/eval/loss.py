@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="held-out shards of a source of the checkpoint's config, by name (text, captions, "
                          "interleaved or a data.sources.<name>); repeat for several. Default: each "
                          "source's eval_shards in the checkpoint's config")
+    ap.add_argument("--allow-checkpoint-commands", action="store_true",
+                    help="run the `pipe:COMMAND` shards that the checkpoint's own config names (refused by "
+                         "default: a checkpoint from elsewhere must not run shell commands)")
     ap.add_argument("--max-batches", type=int, default=None, help="micro-batches per source (default: all)")
     ap.add_argument("--output", help="also write the results to this JSON file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from kosmos.data import build_loader
+    from kosmos.data.remote import PIPE
     from kosmos.model import Kosmos
 
     model = Kosmos.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
@@ -100,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, patterns in given.items():  # given shards replace the config's for that source
         named[name].eval_shards = patterns
     sources = [n for n, src in named.items() if src.eval_shards]
+    for name in sources:  # what the user typed may run commands; what the checkpoint brought may not
+        commands = [p for p in named[name].eval_shards if str(p).strip().startswith(PIPE)]
+        if name not in given and commands and not args.allow_checkpoint_commands:
+            ap.exit(2, f"error: {cfg.data.key(name)}.eval_shards in the checkpoint's config runs a shell command "
+                       f"({commands[0][:80]}); a checkpoint may not run commands: give the shards with "
+                       f"--shards {name}=PATTERN, or allow them with --allow-checkpoint-commands\n")
     if not sources:
         ap.error("no held-out shards: pass --shards SOURCE=PATTERN (the checkpoint's config names none)")
     encoder = SequenceEncoder.from_config(cfg)

@@ -1,0 +1,28 @@
+"""Imported by the data workers' forkserver only (`kosmos.data.stream.PRELOAD`, multiprocessing's
+`set_forkserver_preload`), before it forks any worker; nothing else imports it.
+
+It imports what every worker needs, once, so that a worker forked from the server has it already: torch,
+the stream (and with it the packing, samples and shard readers), the tokenizer and SentencePiece, and the
+image decoders (PIL, torchvision.io), which `kosmos.image` imports lazily.
+
+And it makes the server ignore SIGTERM. The server runs in the main process's process group, so a SIGTERM
+sent to the group (`timeout`, SLURM preemption, a container stop) reaches it too. Killed by it, it would
+take every worker down in the main process's eyes, while the main process still needs batches to finish
+its step and save: multiprocessing learns a forkserver child's exit from the server, and a dead server reads
+as workers that "exited unexpectedly" (checked: tests/test_hostile_train.py). multiprocessing's server
+already ignores SIGINT, and ends by itself once the main process and the workers have ended (at EOF on the
+pipe they hold).
+"""
+
+import contextlib
+import signal
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+import torch  # noqa: E402, F401
+
+import kosmos.data.stream  # noqa: E402, F401
+
+for name in ("numpy", "PIL.Image", "sentencepiece", "torchvision.io", "tokenizer"):
+    with contextlib.suppress(ImportError):  # what is not installed, a worker does not use
+        __import__(name)
