@@ -325,16 +325,17 @@ def check_checkpoint(path: Path) -> dict:
         check_trainer_state(state, str(path / "trainer_state.json"))
     except DataStateError as e:
         raise CheckpointError(str(e)) from None
+    data = {}
     for name in needed:
         if name.endswith(".pt") and not zipfile.is_zipfile(path / name):
             raise CheckpointError(f"{path / name}: truncated or not a torch file (no zip directory)")
         if name.endswith(".json"):
-            data = _read(read_json, path / name)
-            if name.startswith("data_rank"):
-                try:
-                    check_data_state(data, str(path / name))
-                except DataStateError as e:
-                    raise CheckpointError(str(e)) from None
+            data[name] = _read(read_json, path / name)
+    for name, sd in data.items():  # the files whole, then what they say
+        try:
+            check_data_state(sd, str(path / name))
+        except DataStateError as e:
+            raise CheckpointError(str(e)) from None
     return state
 
 

@@ -75,11 +75,11 @@ class _Data:
     def __init__(self, pos: int = 0):
         self.pos = pos
 
-    def state_dict(self) -> dict:
-        return {"captions": {"pos": self.pos}}
+    def state_dict(self) -> dict:  # the mixture's own entry: a valid data state without a source
+        return {"_mixture": {"steps": self.pos}}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.pos = sd["captions"]["pos"]
+        self.pos = sd["_mixture"]["steps"]
 
 
 def _checkpoints(tiny_tokenizer, out, steps=(1, 2)):
