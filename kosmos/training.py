@@ -293,8 +293,8 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     would need the whole step's batches (images included) in host memory at once.
 
     `waiting(what, compute=False)` (kosmos.watchdog.Watchdog.waiting) is told of the waits: each micro-batch
-    (`data.<source>`), and on several processes the gradient sync (the last micro-batch's forward and backward,
-    where DDP all-reduces, with compute; then the step's reduction and the gradient norm)."""
+    (`data.<source>`), and on several processes the gradient sync (the last micro-batch's forward and
+    backward, where DDP all-reduces, with compute; then the step's reduction and the gradient norm)."""
     from kosmos.distributed import all_reduce_sum
     from kosmos.sharding import full, gradient_sync, is_sharded, local
 

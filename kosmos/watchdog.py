@@ -97,7 +97,8 @@ class Watchdog:
     def trip(self, what: str, waited: float) -> None:
         """Report the wait (message and all threads' stacks, to the log and stderr), then end the process."""
         self.tripped = (f"rank {self.rank}: no progress for {waited:.1f} s at step {self.step} waiting on "
-                        f"{what} (train.collective_timeout={self.timeout:g}); the stacks of all threads follow")
+                        f"{what} (train.collective_timeout={self.timeout:g}); the stacks of all threads "
+                        f"follow")
         for out in self._outputs():
             try:
                 out.write(self.tripped + "\n")

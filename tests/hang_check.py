@@ -25,7 +25,8 @@ def main():
         return any_rank(self, acc)
 
     ck.StopFlag.any_rank = asymmetric
-    train_kosmos.train(cfg, progress=False, on_step=lambda acc, state, model, samples: steps.append(state["step"]))
+    train_kosmos.train(cfg, progress=False,
+                       on_step=lambda acc, state, model, samples: steps.append(state["step"]))
     print("HANG_CHECK_DONE", flush=True)
 
 

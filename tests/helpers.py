@@ -444,8 +444,8 @@ def finish(proc: subprocess.Popen, timeout: float, output=lambda: "") -> int:
     except subprocess.TimeoutExpired:
         kill_group(proc)
         proc.wait()
-        pytest.fail(f"{' '.join(map(str, proc.args[:8]))} ... did not end within {timeout:g} s: it and all below "
-                    f"it were killed. Output so far:\n{output()[-4000:]}")
+        pytest.fail(f"{' '.join(map(str, proc.args[:8]))} ... did not end within {timeout:g} s: it and all "
+                    f"below it were killed. Output so far:\n{output()[-4000:]}")
     finally:
         if proc.poll() is None:  # an exception in the test (KeyboardInterrupt): nothing left running
             kill_group(proc)
@@ -453,9 +453,9 @@ def finish(proc: subprocess.Popen, timeout: float, output=lambda: "") -> int:
 
 def launch(nproc: int, script, args=(), timeout: float = 300, *, check: bool = True, **kw) -> \
         subprocess.CompletedProcess:
-    """Run `script` on `nproc` processes (start) to the end, its output captured; past `timeout` seconds it and
-    every process below it are killed and the test fails with the output so far. `check`: the test fails unless it
-    exits 0."""
+    """Run `script` on `nproc` processes (start) to the end, its output captured; past `timeout` seconds it
+    and every process below it are killed and the test fails with the output so far. `check`: the test fails
+    unless it exits 0."""
     import tempfile
 
     import pytest

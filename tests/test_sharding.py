@@ -235,7 +235,7 @@ def _launch(tiny_run, out, steps, log, *extra, **kw):
 
 
 def _finish(proc, log_path, timeout: float = 600) -> int:
-    """The launcher's exit status; past `timeout` it and all below it are killed and the test fails with the log."""
+    """The launcher's exit status; past `timeout` all of it is killed and the test fails with the log."""
     return finish(proc, timeout, lambda: log_path.read_text())
 
 

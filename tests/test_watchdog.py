@@ -1,6 +1,6 @@
 """kosmos.watchdog: a wait that outlasts train.collective_timeout ends the rank, named, with its stacks and
-without leaving its workers; ranks die with their launcher (kosmos.procs.die_with_parent). The 2-process runs (an asymmetric collective, a
-stalled data worker) are at the end (slow)."""
+without leaving its workers; ranks die with their launcher (kosmos.procs.die_with_parent). The 2-process
+runs (an asymmetric collective, a stalled data worker, a killed launcher) are at the end (slow)."""
 
 import os
 import re
@@ -165,7 +165,7 @@ def _check_ended_by_the_watchdog(res, out, marker, what):
     assert res.returncode != 0, text[-3000:]
     said = re.findall(r"rank (\d): no progress for [\d.]+ s at step (\d+) waiting on (.+?) \(train", text)
     assert said and any(w.startswith(what) for _, _, w in said), text[-3000:]
-    logs = {int(r): (out / ("train.log" if r == "0" else f"train.log.rank{r}")).read_text() for r, _, _ in said}
+    logs = {int(r): rank_log_path(out / "train.log", int(r)).read_text() for r, _, _ in said}
     assert all(re.search(r"no progress .* step \d+ waiting on", t) and "most recent call first" in t
                and "train_kosmos.py" in t for t in logs.values()), logs
     _wait_until(lambda: not alive_with_marker(marker), 30)
@@ -178,7 +178,8 @@ def test_an_asymmetric_collective_ends_the_run_with_the_wait_named(tiny_run, tmp
     (TORCH_DISTRIBUTED_DEBUG, KOSMOS_CHECK_COLLECTIVES), as in production, gloo hangs; the watchdog ends the
     run, names the wait, and nothing is left running."""
     out = tmp_path / "run"
-    res = launch(2, ROOT / "tests" / "hang_check.py", ["--extra-reduce", "2", *_tiny_overrides(tiny_run, out, 6)],
+    res = launch(2, ROOT / "tests" / "hang_check.py",
+                 ["--extra-reduce", "2", *_tiny_overrides(tiny_run, out, 6)],
                  timeout=240, check=False, env={MARKER: marker, "KOSMOS_CHECK_COLLECTIVES": "0"}, debug="OFF")
     said = _check_ended_by_the_watchdog(res, out, marker, "the stop-flag reduce")
     assert ("1", "2", "the stop-flag reduce") in said, said
@@ -193,7 +194,8 @@ def test_a_stalled_data_worker_ends_the_run_with_the_source_named(tiny_run, tmp_
     out = tmp_path / "run"
     shards = ",".join(f"'pipe:cat {s}; sleep 300'" for s in caption_shards(tmp_path / "captions", 2, 12))
     res = launch(2, ROOT / "tests" / "hang_check.py",
-                 _tiny_overrides(tiny_run, out, 30, f"data.captions.shards=[{shards}]", "data.read_timeout=300"),
+                 _tiny_overrides(tiny_run, out, 30, f"data.captions.shards=[{shards}]",
+                                 "data.read_timeout=300"),
                  timeout=240, check=False, env={MARKER: marker}, debug=DDP_DEBUG)
     _check_ended_by_the_watchdog(res, out, marker, "data.captions")
     assert "HANG_CHECK_DONE" not in res.stdout
@@ -201,8 +203,8 @@ def test_a_stalled_data_worker_ends_the_run_with_the_source_named(tiny_run, tmp_
 
 @pytest.mark.slow
 def test_ranks_die_with_their_launcher(tiny_run, tmp_path, marker):
-    """The launcher alone killed (SIGKILL, as a test's timeout or an OOM killer does): torchrun starts each rank
-    in a session of its own, so only die_with_parent ends them. No DataLoader workers here (workers=0): that
+    """The launcher alone killed (SIGKILL, as a test's timeout or an OOM killer does): torchrun starts each
+    rank in a session of its own, so only die_with_parent ends them. No DataLoader workers here (workers=0): that
     they die with their rank is kosmos.data.stream's part."""
     out = tmp_path / "run"
     no_workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
@@ -210,8 +212,8 @@ def test_ranks_die_with_their_launcher(tiny_run, tmp_path, marker):
         proc = start(2, ROOT / "tests" / "hang_check.py", _tiny_overrides(tiny_run, out, 10_000, *no_workers),
                      env={MARKER: marker}, debug=DDP_DEBUG, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_until(lambda: "mixture per step" in (tmp_path / "log").read_text() or proc.poll() is not None,
-                        240)
+            _wait_until(lambda: "mixture per step" in (tmp_path / "log").read_text()
+                        or proc.poll() is not None, 240)
             assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
             ranks = [p for p in descendants(proc.pid) if p in alive_with_marker(marker)]
             assert len(ranks) == 2, ranks
