@@ -204,8 +204,8 @@ def test_a_stalled_data_worker_ends_the_run_with_the_source_named(tiny_run, tmp_
 @pytest.mark.slow
 def test_ranks_die_with_their_launcher(tiny_run, tmp_path, marker):
     """The launcher alone killed (SIGKILL, as a test's timeout or an OOM killer does): torchrun starts each
-    rank in a session of its own, so only die_with_parent ends them. No DataLoader workers here (workers=0): that
-    they die with their rank is kosmos.data.stream's part."""
+    rank in a session of its own, so only die_with_parent ends them. No DataLoader workers here (workers=0):
+    that they die with their rank is kosmos.data.stream's part."""
     out = tmp_path / "run"
     no_workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
     with open(tmp_path / "log", "w") as log:
