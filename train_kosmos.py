@@ -13,16 +13,19 @@ resume keeps the settings that change the data order or shapes (seed, max_len, m
 unless `--allow-config-change KEY,...` names them; `--reset-data SOURCE,...|all` starts those sources' data
 over instead of restoring it. SIGTERM or Ctrl-C saves a checkpoint and exits 0.
 `train.init_from=CHECKPOINT` starts a new run from a checkpoint's weights only (fine-tuning, another number of
-processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar.
+processes). Log lines also go to train.output_dir/train.log; `--no-progress` drops the bar. A wait (data, a
+collective, a save) longer than train.collective_timeout ends the run with the rank, step and wait named and
+the stacks in train.log (kosmos/watchdog.py); under a launcher each rank dies with it.
 
 The pieces: kosmos/training.py (builders, train_step, evaluate), kosmos/metrics.py (log window, log line),
-kosmos/checkpoint.py (save, load, resume, the stop signal).
+kosmos/checkpoint.py (save, load, resume, the stop signal), kosmos/watchdog.py (no silent hang).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +63,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     from kosmos import checkpoint as ck
     from kosmos.distributed import all_reduce_sum
     from kosmos.metrics import Meter, RunLog, eval_line
+    from kosmos.procs import die_with_parent
+    from kosmos.watchdog import Watchdog, rank_log_path, under_launcher
     from kosmos.training import (
         BadSteps,
         build_accelerator,
@@ -75,6 +80,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     # `--resume` wins over train.init_from when there is a checkpoint to resume, so that a killed fine-tuning
     # run continues instead of starting over from its initial weights. The checkpoints are checked (files
     # whole, config unchanged) before anything heavy.
+    if under_launcher():  # a rank ends with its launcher (killed by a timeout, say) instead of running on
+        die_with_parent(os.getppid())
     out_dir = Path(cfg.train.output_dir)
     reset_data = ck.reset_sources(reset_data, cfg)
     notes: list[str] = []
@@ -112,20 +119,26 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
     model.train()
-    with log, ck.StopFlag() as stop, contextlib.closing(mixture):  # closing: ends the DataLoader workers
+    # The watchdog ends this rank when a wait (data, a collective, a save) outlasts train.collective_timeout.
+    dog = Watchdog(cfg.train.collective_timeout, acc.process_index,
+                   rank_log_path(out_dir / "train.log", acc.process_index))
+    with log, ck.StopFlag() as stop, contextlib.closing(mixture), dog:  # closing: ends the DataLoader workers
         while state["step"] < max_steps:
+            dog.step = state["step"] + 1
             res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip,
-                             cfg.train.loss_weighting)
+                             cfg.train.loss_weighting, waiting=dog.waiting)
+            dog.warm = True  # compiled: from now on the gradient sync's forward and backward are watched too
             meter.add(res)
             if not bad.passed(res, state):  # skipped: counted and logged; too many in a row raise
                 continue
-            state["step"] = step = state["step"] + 1
+            state["step"] = dog.step = step = state["step"] + 1
             log.advance()
             if on_step is not None:
                 on_step(acc, state, model, res.samples)
             if step % cfg.train.log_every == 0 or step == max_steps:
-                report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
-                                      bad_steps=state["bad_steps"], **mixture.figures())
+                with dog.waiting("the log-window reduce"):
+                    report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
+                                          bad_steps=state["bad_steps"], **mixture.figures())
                 state["tokens"] += report.tokens
                 state["sources"] = report.sources
                 log.info(report.line)
@@ -142,14 +155,16 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
                                                                       file=sys.stderr)
                 acc.log(report.metrics, step=step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                if ev := evaluate(acc, cfg, model, encoder, step):
+                if ev := evaluate(acc, cfg, model, encoder, step, waiting=dog.waiting):
                     acc.log(ev, step=step)
                     log.info(eval_line(ev))
-            stop_now = stop.any_rank(acc)
+            with dog.waiting("the stop-flag reduce"):
+                stop_now = stop.any_rank(acc)
             if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
-                seen = torch.tensor(mixture.samples_seen(), device=acc.device)
-                state["samples"] = int(all_reduce_sum(acc, seen, "samples seen"))  # every rank's, not rank 0's
-                saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
+                with dog.waiting("the checkpoint save"):  # its barriers wait for rank 0's writing
+                    seen = torch.tensor(mixture.samples_seen(), device=acc.device)
+                    state["samples"] = int(all_reduce_sum(acc, seen, "samples seen"))  # every rank's
+                    saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
                 last_saved = step
                 if saved is not None:  # the main process
                     log.info(f"saved {saved}")

@@ -573,6 +573,16 @@ class TrainConfig:
     optimizer, schedule and data position: for fine-tuning (a resume may change the number of processes:
     kosmos.data.stream). Weights only, never unpickled. `--resume` wins when train.output_dir
     has a checkpoint to resume, so a killed fine-tuning run continues instead of starting over."""
+    collective_timeout: float = 600.0
+    """Seconds one rank may wait, in the training loop, on a micro-batch of a source (`data.<source>`), the
+    gradient sync, the stop-flag and log-window reduces, the held-out loss reduces of an evaluation, or a
+    checkpoint save (its barriers, rank 0's writing included), before the run ends: the rank writes `rank R:
+    no progress for T s at step S waiting on WHAT` and the stacks of all its threads to train.log (rank R > 0:
+    train.log.rankR) and stderr, kills its DataLoader workers and exits with status 3 (kosmos.watchdog).
+    Not watched: setup, the first step's forward and backward (torch.compile), benchmark tasks
+    (train.eval_tasks); there the process group's timeout, max(collective_timeout + 60, 300) seconds, ends a
+    hung collective. The default leaves room for a slow checkpoint save of a big model; raise it if saves or
+    shard reads take longer."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive or null")
@@ -581,6 +591,8 @@ class TrainConfig:
         for name in ("log_every", "save_every", "keep_last", "max_bad_steps", "eval_batches"):
             _check(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.collective_timeout > 0, "train.collective_timeout",
+               f"must be positive (seconds), got {self.collective_timeout}")
         _check(self.tracker in ("tensorboard", "wandb", "none"), "train.tracker",
                f"must be tensorboard, wandb or none, got {self.tracker!r}")
         _check(self.sharding in ("none", "fsdp2"), "train.sharding",

@@ -59,14 +59,28 @@ def check_config(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- building
 
 
+def process_group_timeout(cfg: Config) -> float:
+    """Seconds the process group gives a collective (and the rendezvous) before it fails:
+    `train.collective_timeout` plus a minute, so that the watchdog (kosmos.watchdog), which names the wait,
+    speaks first where it watches; at least 5 minutes, so that a short timeout (in tests) does not fail a
+    rank that starts or loads slower than the others."""
+    return max(cfg.train.collective_timeout + 60, 300.0)
+
+
 def build_accelerator(cfg: Config):
+    """The Accelerator: mixed precision, tracker, and the process group's timeout (process_group_timeout)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     log_with = None if cfg.train.tracker == "none" else cfg.train.tracker
-    return Accelerator(mixed_precision=mp, log_with=log_with, project_dir=cfg.train.output_dir)
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout(cfg)))
+    return Accelerator(mixed_precision=mp, log_with=log_with, project_dir=cfg.train.output_dir,
+                       kwargs_handlers=[pg])
 
 
 def build_tokenizer(cfg: Config):
@@ -259,8 +273,12 @@ def budget_weights(mixture) -> dict[str, float]:
     return {n: s.budget / p.budget * p.world_size / s.micro_batches for n, s in p.sources.items()}
 
 
+def _unwatched(what: str, compute: bool = False):
+    return contextlib.nullcontext()
+
+
 def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
-               loss_weighting: str = "tokens") -> StepResult:
+               loss_weighting: str = "tokens", waiting=_unwatched) -> StepResult:
     """One optimizer step: this rank's planned micro-batches (gradients synchronised over the ranks only on
     its last; ranks may run different numbers), clipping, then the optimizer and schedule step, unless the
     loss or the gradient is not finite: then the gradients are dropped and `ok` is False (the caller counts
@@ -272,7 +290,11 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     the size of a mean loss, which fp16 needs), and the gradients are then rescaled by
     slots * world_size / (loss tokens of the step): one all-reduce of the count per step, batches never held
     back, and world_size undoes DDP's mean over the ranks. Counting the labels of all micro-batches first
-    would need the whole step's batches (images included) in host memory at once."""
+    would need the whole step's batches (images included) in host memory at once.
+
+    `waiting(what, compute=False)` (kosmos.watchdog.Watchdog.waiting) is told of the waits: each micro-batch
+    (`data.<source>`), and on several processes the gradient sync (the last micro-batch's forward and
+    backward, where DDP all-reduces, with compute; then the step's reduction and the gradient norm)."""
     from kosmos.distributed import all_reduce_sum
     from kosmos.sharding import full, gradient_sync, is_sharded, local
 
@@ -282,7 +304,8 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     weights = budget_weights(mixture) if loss_weighting == "budget" else None
     res = StepResult(ok=True, gnorm=0.0)
     n_tokens = torch.zeros((), device=acc.device, dtype=torch.long)
-    for i, (name, batch) in enumerate(mixture.step()):
+    several = acc.num_processes > 1
+    for i, (name, batch) in enumerate(mixture.step(waiting)):
         res.samples += [(name, *pos) for pos in batch["sample_positions"]]
         res.rows += batch["input_ids"].numel()
         real, images = int(batch["n_real"]), len(batch["images"])
@@ -293,8 +316,9 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
         sync = i == n_micro - 1
         if fsdp2:  # reduce-scatter on the last micro-batch only (what acc.no_sync does under FSDP2)
             gradient_sync(model, sync)
-        ctx = contextlib.nullcontext() if sync or fsdp2 or acc.num_processes == 1 else acc.no_sync(model)
-        with ctx:
+        ctx = contextlib.nullcontext() if sync or fsdp2 or not several else acc.no_sync(model)
+        wait = waiting("the gradient sync", compute=True) if sync and several else contextlib.nullcontext()
+        with ctx, wait:
             out = forward(acc, model, batch)
             if weights is None:
                 acc.backward(out.loss * out.n_tokens / slots)
@@ -306,19 +330,21 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
     # One reduction: the step's loss tokens and the ranks whose loss is not finite, so that every rank skips
     # the same steps (a rank stepping alone would leave the others behind, and their collectives apart).
     nonfinite = sum((~torch.isfinite(s[0])).double() for s in res.losses.values()) if res.losses else 0.0
-    counts = all_reduce_sum(acc, torch.stack([n_tokens.double(), torch.as_tensor(nonfinite, device=acc.device,
-                                                                                 dtype=torch.float64)]),
-                            "loss tokens and non-finite losses of the step")
-    if weights is None:
-        total = counts[0]
-        scale = (slots * acc.num_processes / total.clamp(min=1)).float()
-        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: this rank's shard
-        torch._foreach_mul_(grads, scale)
-    if grad_clip > 0:
-        gnorm = acc.clip_grad_norm_(model.parameters(), grad_clip)
-    else:
-        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    res.gnorm = float(full(gnorm))  # sync point: once per step, also the NaN/inf check
+    with waiting("the gradient sync") if several else contextlib.nullcontext():
+        counts = all_reduce_sum(acc, torch.stack([n_tokens.double(),
+                                                  torch.as_tensor(nonfinite, device=acc.device,
+                                                                  dtype=torch.float64)]),
+                                "loss tokens and non-finite losses of the step")
+        if weights is None:
+            total = counts[0]
+            scale = (slots * acc.num_processes / total.clamp(min=1)).float()
+            grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP2: this shard
+            torch._foreach_mul_(grads, scale)
+        if grad_clip > 0:
+            gnorm = acc.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        res.gnorm = float(full(gnorm))  # sync point: once per step, also the NaN/inf check
     res.ok = math.isfinite(res.gnorm) and float(counts[1]) == 0  # the same on every rank
     if res.ok:
         optimizer.step()
@@ -348,14 +374,14 @@ class BadSteps:
         return False
 
 
-def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float]:
+def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched) -> dict[str, float]:
     """Loss and perplexity per source on its eval shards (at most train.eval_batches micro-batches each, per
     rank, and no more than the rank with the fewest has), summed over the ranks: the numbers `python -m
     kosmos.eval loss` gives for a checkpoint when every rank reads the same number of micro-batches; then the
     benchmarks of train.eval_tasks (`python -m kosmos.eval run`), their predictions under
-    train.output_dir/eval/step_XXXXXXXX/."""
+    train.output_dir/eval/step_XXXXXXXX/. `waiting` (kosmos.watchdog.Watchdog.waiting) is told of the
+    held-out loss's reduces over the ranks (not of the benchmarks')."""
     from kosmos.data import build_loader
-    from kosmos.distributed import all_reduce_sum
     from kosmos.eval.loss import perplexity, source_loss
 
     results = {}
@@ -366,7 +392,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
                               train=False)
         with acc.autocast():
             loss, _ = source_loss(model, loader, acc.device, cfg.train.eval_batches,
-                                  reduce=lambda t: all_reduce_sum(acc, t, f"held-out {name}"),
+                                  reduce=lambda t: _reduce(acc, t, waiting, name),
                                   ranks=acc.num_processes)
         loader.close()
         results[f"eval/{name}_loss"] = loss
@@ -378,3 +404,11 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0) -> dict[str, float
         with acc.autocast():
             results.update(evaluate_tasks(acc, cfg.train.eval_tasks, acc.unwrap_model(model), encoder, out))
     return results
+
+
+def _reduce(acc, t: torch.Tensor, waiting, name: str) -> torch.Tensor:
+    """A held-out loss reduction of source `name`, told to the watchdog."""
+    from kosmos.distributed import all_reduce_sum
+
+    with waiting(f"the evaluation of {name}"):
+        return all_reduce_sum(acc, t, f"held-out {name}")

@@ -3,6 +3,8 @@
     tiny models     configs/tiny.yaml with overrides, randomly initialised, CPU, fp32
     tiny shards     webdataset shards of the three source kinds, in the training format
     converter I/O   real photos from assets/images, planted bad files, reading converter output back
+    multi-process   `launch`/`start`: N processes under `accelerate launch` (or torchrun), a hard timeout that
+                    kills the launcher and all below it; `alive_with_marker`: what of a run is still running
 
 Imported as `from tests.helpers import ...` (the repository root is on pytest's path).
 """
@@ -11,7 +13,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import struct
 import tarfile
 import warnings
@@ -421,3 +427,132 @@ class SmallDisk:
         self.room()
         if self.kind == "tmpfs":
             subprocess.run(["umount", "-l", str(self.folder)], check=True)
+
+
+# ----------------------------------------------------------------------------- multi-process runs
+
+MARKER = "KOSMOS_TEST_MARKER"
+"""An environment variable that a test sets to a unique value for a run: every process of the run (ranks,
+DataLoader workers, the commands they start) inherits it, so `alive_with_marker` finds what is left."""
+
+
+DDP_DEBUG = "INFO"
+"""TORCH_DISTRIBUTED_DEBUG for runs that wrap the model in DistributedDataParallel (the trainer without
+train.sharding=fsdp2): torch 2.14.1 segfaults in DDP's constructor (Logger.set_construction_data_and_log)
+when the process group is DETAIL's ProcessGroupWrapper (gloo, CPU; a 10-line DDP script does it every time
+here), so those runs have the project's own check only (KOSMOS_CHECK_COLLECTIVES, kosmos.distributed)."""
+
+
+def launch_env(debug: str = "DETAIL", **extra: str) -> dict:
+    """The environment of a multi-process test: CPU (gloo), one thread per process, this checkout on
+    PYTHONPATH, the stacks of a crashed rank (PYTHONFAULTHANDLER), KOSMOS_CHECK_COLLECTIVES=1 (every
+    reduction of kosmos.distributed compared over the ranks first) and TORCH_DISTRIBUTED_DEBUG=`debug`: with
+    DETAIL, gloo checks that all ranks call the same collective with the same shapes and reports a mismatch
+    instead of hanging (not with DDP: DDP_DEBUG). `extra` overrides any of them."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1", "KOSMOS_CHECK_COLLECTIVES": "1", "TORCH_DISTRIBUTED_DEBUG": debug,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+def launch_cmd(nproc: int, script, args=(), launcher: str = "accelerate") -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes N SCRIPT ARGS` (CPU, no mixed precision, a free port),
+    or with launcher="torchrun" `python -m torch.distributed.run --nproc_per_node N ...`. `script`: a path,
+    or a list such as ["-m", "kosmos.eval", "run"]."""
+    script = [str(script)] if isinstance(script, (str, Path)) else list(script)
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", free_port(), *script, *map(str, args)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", free_port(), *script, *map(str, args)]
+
+
+def start(nproc: int, script, args=(), *, env: dict | None = None, debug: str = "DETAIL", cwd=ROOT,
+          launcher: str = "accelerate", **popen) -> subprocess.Popen:
+    """The launcher started in a session of its own, for `finish` or `kill_group`. `env`: added to
+    launch_env(debug)."""
+    return subprocess.Popen(launch_cmd(nproc, script, args, launcher), cwd=cwd,
+                            env=launch_env(debug, **(env or {})), start_new_session=True, **popen)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group and every process below the launcher: torchrun (under
+    `accelerate launch` too) starts each rank in a session of its own, out of the launcher's group, and a
+    rank's workers run `pipe:` commands in sessions of their own. All are found before any is killed (the
+    children of a killed process are orphaned, out of reach)."""
+    from kosmos.watchdog import descendants
+
+    below = descendants(proc.pid)
+    for kill in [lambda: os.killpg(proc.pid, signal.SIGKILL)] + [lambda p=p: os.kill(p, signal.SIGKILL)
+                                                                 for p in below]:
+        try:
+            kill()
+        except ProcessLookupError:
+            pass
+
+
+def finish(proc: subprocess.Popen, timeout: float, output=lambda: "") -> int:
+    """The launcher's exit status; if it has not ended within `timeout` seconds, it and every process below it
+    are killed (kill_group) and the test fails with `output()` (the output so far)."""
+    import pytest
+
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        proc.wait()
+        pytest.fail(f"{' '.join(map(str, proc.args[:8]))} ... did not end within {timeout:g} s: it and all "
+                    f"below it were killed. Output so far:\n{output()[-4000:]}")
+    finally:
+        if proc.poll() is None:  # an exception in the test (KeyboardInterrupt): nothing left running
+            kill_group(proc)
+
+
+def launch(nproc: int, script, args=(), timeout: float = 300, *, check: bool = True, **kw) -> \
+        subprocess.CompletedProcess:
+    """Run `script` on `nproc` processes (start) to the end, its output captured; past `timeout` seconds it
+    and every process below it are killed and the test fails with the output so far. `check`: the test fails
+    unless it exits 0."""
+    import tempfile
+
+    import pytest
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        def output() -> str:
+            out.seek(0)
+            err.seek(0)
+            return out.read() + err.read()
+
+        proc = start(nproc, script, args, stdout=out, stderr=err, text=True, **kw)
+        code = finish(proc, timeout, output)
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(proc.args, code, out.read(), err.read())
+    if check and code != 0:
+        pytest.fail(f"exit status {code}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def alive_with_marker(marker: str) -> list[int]:
+    """Pids of the live processes (zombies have no environment left to read) whose environment has
+    KOSMOS_TEST_MARKER=`marker`."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:  # gone, or not ours
+                continue
+    return found
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL what is left of a run (alive_with_marker): a failed test leaves nothing running."""
+    for pid in alive_with_marker(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import free_port, instruction_shards, write_tar
+from tests.helpers import DDP_DEBUG, instruction_shards, launch, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,17 +166,9 @@ def test_plan_streams_and_reductions_are_identical_on_every_rank_at_scale(world,
 
 
 def _launch(nproc: int, script: str, args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
-    # KOSMOS_CHECK_COLLECTIVES: every reduction compared over the ranks first (kosmos.distributed); torch's
-    # TORCH_DISTRIBUTED_DEBUG=DETAIL makes DDP's constructor crash (SIGSEGV) on gloo in torch 2.14.1
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONFAULTHANDLER": "1", "KOSMOS_CHECK_COLLECTIVES": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           free_port(), str(ROOT / "tests" / script), *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    """tests/SCRIPT on `nproc` processes (tests.helpers.launch: KOSMOS_CHECK_COLLECTIVES=1; DDP, so without
+    TORCH_DISTRIBUTED_DEBUG=DETAIL, which makes DDP's constructor crash on gloo in torch 2.14.1)."""
+    return launch(nproc, ROOT / "tests" / script, args, timeout=timeout, debug=DDP_DEBUG)
 
 
 def easy_text_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:

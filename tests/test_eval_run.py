@@ -4,15 +4,12 @@ a tiny random model: official result files, metrics, determinism, resume, skips,
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import PHOTOS, ROOT, checkpoint_dir, tiny_model
+from tests.helpers import PHOTOS, checkpoint_dir, launch, tiny_model
 
 FAST = ["--no-progress", "--max-new-tokens", "4", "--metrics", "BLEU,ROUGE-L,CIDEr"]  # METEOR: ~13 s
 
@@ -275,13 +272,7 @@ def test_two_processes_give_the_predictions_and_metrics_of_one(ckpt, sets, tmp_p
     one = tmp_path / "one"
     run(ckpt, *args[2:], "--out", str(one))
     two = tmp_path / "two"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "kosmos.eval", "run",
-           *args, "--out", str(two)]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(2, ["-m", "kosmos.eval", "run"], [*args, "--out", str(two)], timeout=600, cwd=tmp_path)  # DETAIL
     files = sorted(p.name for p in (two / "vqav2" / "0shot").glob("predictions.*.jsonl"))
     assert files == ["predictions.rank0.jsonl", "predictions.rank1.jsonl"]  # both processes worked
     assert results(two, "vqav2") [0] == results(one, "vqav2")[0]

@@ -16,7 +16,17 @@ import torch
 
 from kosmos import checkpoint as ck
 from kosmos.config import ConfigError
-from tests.helpers import ROOT, free_port, make_row, random_images, tiny_config, tiny_model
+from tests.helpers import (
+    DDP_DEBUG,
+    ROOT,
+    finish,
+    launch,
+    make_row,
+    random_images,
+    start,
+    tiny_config,
+    tiny_model,
+)
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -235,11 +245,8 @@ def test_a_truncated_or_missing_shard_is_named_before_loading(tmp_path):
 
 
 def _torchrun(*args, **env) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", free_port(), str(ROOT / "tests" / "fsdp_check.py"), *args]
-    res = subprocess.run(cmd, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout
+    """tests/fsdp_check.py ARGS on 2 processes (torchrun; no DDP wrapper: DETAIL's collective checks)."""
+    return launch(2, ROOT / "tests" / "fsdp_check.py", args, timeout=600, launcher="torchrun", env=env).stdout
 
 
 @pytest.mark.slow
@@ -264,12 +271,15 @@ def _launch(tiny_run, out, steps, log, *extra, **kw):
          # two micro-batches of every rank in every step: FSDP needs the same number of passes on each rank
          "data.captions.micro_batch_size=4",
          *[f"data.{s}.shuffle_buffer=4" for s in ("captions", "text", "interleaved")]]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", free_port(), str(ROOT / "train_kosmos.py"), "--config", TINY,
-           "--no-progress", *o, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, **kw)
+    # DDP's constructor cannot run under DETAIL (tests.helpers.DDP_DEBUG); the FSDP2 runs have no DDP wrapper
+    debug = "DETAIL" if "train.sharding=fsdp2" in extra else DDP_DEBUG
+    return start(2, ROOT / "train_kosmos.py", ["--config", TINY, "--no-progress", *o, *extra], debug=debug,
+                 stdout=log, stderr=subprocess.STDOUT, **kw)
+
+
+def _finish(proc, log_path, timeout: float = 600) -> int:
+    """The launcher's exit status; past `timeout` all of it is killed and the test fails with the log."""
+    return finish(proc, timeout, lambda: log_path.read_text())
 
 
 def _losses(run) -> dict[int, float]:
@@ -292,7 +302,7 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
 
     def run(name, n, *extra):
         with open(tmp_path / f"{name}.log", "a") as log:
-            rc = _launch(tiny_run, runs[name], n, log, *extra).wait(600)
+            rc = _finish(_launch(tiny_run, runs[name], n, log, *extra), tmp_path / f"{name}.log")
         assert rc == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
 
     run("ddp", 2)
@@ -365,10 +375,6 @@ def test_fsdp2_periodic_evaluation_reports_the_held_out_loss(tiny_run, tmp_path)
         proc = _launch(tiny_run, tmp_path / "run", 2, log, "train.sharding=fsdp2", "data.captions.workers=1",
                        f"data.captions.eval_shards=[{big[0]},{small[0]}]", "train.eval_every=2",
                        "train.eval_batches=1000")
-        try:
-            assert proc.wait(300) == 0, (tmp_path / "log").read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        assert _finish(proc, tmp_path / "log", 300) == 0, (tmp_path / "log").read_text()[-3000:]
     line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if x.startswith("eval "))
     assert line.split()[1::2] == ["captions_loss", "captions_ppl"] and 0 < float(line.split()[2]) < 20

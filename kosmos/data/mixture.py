@@ -21,12 +21,13 @@ part of each rank's data state, so a resumed run deals the same micro-batches as
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kosmos.config import SOURCES, Config
+from kosmos.config import SOURCES, Config, DataConfig
 from kosmos.data.remote import ReadOptions
 from kosmos.data.shards import expand_shards
 from kosmos.data.stream import SourceDataset, SourceLoader
@@ -219,15 +220,19 @@ class Mixture:
         """This rank's micro-batches per source in the next step."""
         return self.plan.counts(self.rank, self.steps)
 
-    def step(self) -> Iterator[tuple[str, dict]]:
-        """(source, micro-batch) pairs of this rank for one optimizer step, sources taking turns."""
+    def step(self, waiting=None) -> Iterator[tuple[str, dict]]:
+        """(source, micro-batch) pairs of this rank for one optimizer step, sources taking turns. `waiting`:
+        a context manager factory (kosmos.watchdog.Watchdog.waiting) that each wait for a micro-batch runs
+        under, named by its source's config key (`data.captions`, `data.sources.web`)."""
         left = dict(self.counts())
         self.steps += 1
         while any(left.values()):
             for name in self.plans:
                 if left[name]:
                     left[name] -= 1
-                    yield name, next(self.loaders[name])
+                    with waiting(DataConfig.key(name)) if waiting else contextlib.nullcontext():
+                        batch = next(self.loaders[name])
+                    yield name, batch
 
     def _plan_state(self) -> dict[str, int]:
         return {n: p.micro_batches for n, p in self.plans.items()}
