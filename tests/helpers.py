@@ -82,6 +82,20 @@ def make_row(model: Kosmos, text_before: int, n_images: int, text_after: int, se
     return torch.tensor([ids]), torch.tensor([mask])
 
 
+class MixtureStandIn:
+    """A mixture stand-in for checkpoint tests: just a data position, kept under the mixture's own entry of
+    the data state (a valid data state without a source: kosmos.data.state)."""
+
+    def __init__(self, pos: int = 0):
+        self.pos = pos
+
+    def state_dict(self) -> dict:
+        return {"_mixture": {"steps": self.pos}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.pos = sd["_mixture"]["steps"]
+
+
 def checkpoint_dir(run: Path, tokenizer_dir: Path, model: Kosmos, step: int = 7) -> Path:
     """A checkpoint as the trainer writes it, for inference: weights, the resolved config, the tokenizer."""
     import shutil

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import train_kosmos
-from tests.helpers import ROOT
+from tests.helpers import ROOT, MixtureStandIn
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -69,19 +69,6 @@ def test_brace_pattern_naming_missing_shards_is_refused_or_allowed_with_a_count(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class _Data:
-    """A mixture stand-in: just a data position."""
-
-    def __init__(self, pos: int = 0):
-        self.pos = pos
-
-    def state_dict(self) -> dict:  # the mixture's own entry: a valid data state without a source
-        return {"_mixture": {"steps": self.pos}}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.pos = sd["_mixture"]["steps"]
-
-
 def _checkpoints(tiny_tokenizer, out, steps=(1, 2)):
     """Checkpoints of `steps` as the trainer writes them (a tiny model, a stand-in data position); returns
     what loads them back: (config, accelerator, a fresh (model, optimizer, scheduler, data))."""
@@ -98,7 +85,7 @@ def _checkpoints(tiny_tokenizer, out, steps=(1, 2)):
     def objects(seed=0):
         model = tiny_model(seed=seed)
         opt = build_optimizer(model, cfg.optim)
-        return model, opt, build_scheduler(opt, cfg.optim), _Data(seed)
+        return model, opt, build_scheduler(opt, cfg.optim), MixtureStandIn(seed)
 
     for step in steps:
         state = {"step": step, "tokens": 0, "bad_steps": 0, "samples": 0}

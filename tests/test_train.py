@@ -13,7 +13,7 @@ import train_kosmos
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
-from tests.helpers import DDP_DEBUG, ROOT, launch, tiny_model
+from tests.helpers import DDP_DEBUG, ROOT, MixtureStandIn, launch, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -62,19 +62,6 @@ def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
         ck.resolve_resume(str(ck.checkpoint_dir(tmp_path) / "step_00000020.tmp"), tmp_path)
 
 
-class _Data:
-    """A mixture stand-in: just a data position."""
-
-    def __init__(self, pos: int):
-        self.pos = pos
-
-    def state_dict(self) -> dict:
-        return {"captions": {"pos": self.pos}}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.pos = sd["captions"]["pos"]
-
-
 def test_checkpoint_carries_config_and_tokenizer_and_loads_back(tiny_tokenizer, tmp_path):
     from pathlib import Path
 
@@ -89,7 +76,7 @@ def test_checkpoint_carries_config_and_tokenizer_and_loads_back(tiny_tokenizer, 
     def objects(seed):
         model = tiny_model(seed=seed)
         opt = build_optimizer(model, cfg.optim)
-        return model, opt, build_scheduler(opt, cfg.optim), _Data(seed)
+        return model, opt, build_scheduler(opt, cfg.optim), MixtureStandIn(seed)
 
     model, opt, sched, data = objects(0)
     state = {"step": 3, "tokens": 10, "bad_steps": 1, "samples": 5}
