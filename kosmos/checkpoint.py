@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kosmos.untrusted import load_json
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -116,7 +118,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict) -> None:
-    version, internal, gauss = json.loads(st["python"])
+    version, internal, gauss = load_json(st["python"])
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = st["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -192,7 +194,7 @@ def check_safetensors(path: Path) -> None:
             n = int.from_bytes(f.read(8), "little")
             if size < 8 or n > size - 8:
                 raise ValueError(f"a header of {n} bytes")
-            header = json.loads(f.read(n))
+            header = load_json(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file, or truncated ({size} bytes; {e})") from None
@@ -206,7 +208,7 @@ def write_json(obj, path: Path) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(path.read_text())
+    return load_json(path.read_text())
 
 
 def find_checkpoint(path: str | Path) -> Path:

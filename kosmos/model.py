@@ -210,13 +210,12 @@ def checkpoint_config(ckpt: str | Path, overrides: list[str] | None = None) -> C
     file existed, the copy in `trainer_state.json`), with the tokenizer path pointed at the checkpoint's own
     copy of the tokenizer when it has one. Keys the saved config predates take the behaviour the checkpoint
     was trained with, not today's default (`kosmos.config.fill_legacy_keys`)."""
-    import json
-
     from kosmos.config import ConfigError, config_from_dict, fill_legacy_keys
+    from kosmos.untrusted import load_json
 
     ckpt = Path(ckpt)
     state = ckpt / "trainer_state.json"
-    old = json.loads(state.read_text()).get("config") if state.is_file() else None
+    old = load_json(state.read_text()).get("config") if state.is_file() else None
     if (ckpt / "config.yaml").is_file():
         cfg = load_config(ckpt / "config.yaml", overrides, legacy=True)
     elif isinstance(old, dict):

@@ -9,8 +9,8 @@ And it makes the server ignore SIGTERM. The server runs in the main process's pr
 sent to the group (`timeout`, SLURM preemption, a container stop) reaches it too. Killed by it, it would
 take every worker down in the main process's eyes, while the main process still needs batches to finish
 its step and save: multiprocessing learns a forkserver child's exit from the server, and a dead server reads
-as workers that "exited unexpectedly" (checked: tests/test_hostile_train.py). multiprocessing's server
-already ignores SIGINT, and ends by itself once the main process and the workers have ended (at EOF on the
+as workers that "exited unexpectedly" (checked: tests/test_hostile_train.py). It ignores SIGINT
+from here too, so that workers are born ignoring it (see below); the server ends by itself once the main process and the workers have ended (at EOF on the
 pipe they hold).
 """
 
@@ -18,6 +18,10 @@ import contextlib
 import signal
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# SIGINT too, although multiprocessing's server ignores it: the server gives each child the handler it found
+# at its start, and a worker that met Ctrl-C (a SIGINT to the group) before its worker_init_fn ran would die
+# of Python's KeyboardInterrupt; ignored from here on, a worker is born ignoring both.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import torch  # noqa: E402, F401
 
