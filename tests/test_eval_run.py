@@ -153,6 +153,7 @@ def test_vqa_writes_question_ids_and_scores_accuracy(ckpt, sets, tmp_path):
     assert metrics["metrics"]["rules"] == "lmms-eval" and metrics["protocol"]["vqa_rules"] == "lmms-eval"
     row = next(x for x in (out / "results.md").read_text().splitlines() if x.startswith("| vqav2 |"))
     assert "(lmms-eval rules)" in row and "accuracy 51.0 (EvalAI, test-dev)" in row
+    assert metrics["paper_convention"] == "EvalAI, test-dev"
     assert run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations",
                str(sets["annotations"]), "--images", str(sets["vqa_root"]), "--out", str(tmp_path / "o17"),
                "--set", "vqa_rules=vqa2017", *FAST) == 0

@@ -559,6 +559,7 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
         metrics = score(spec, data, preds)
         summary = {"task": task, "shots": shots.k, "predicted": len(preds), "items": len(items),
                    "skipped": skipped_all, "metrics": metrics, "paper": PAPER.get((task, shots.k), {}),
+                   "paper_convention": PAPER_CONVENTIONS.get(task) if (task, shots.k) in PAPER else None,
                    "protocol": spec.__dict__ | {"stop": list(spec.stop)}}
         (folder / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
         (Path(out) / "results.md").write_text(markdown_table(Path(out)))
