@@ -37,11 +37,15 @@ so every score names the one it used:
              b439d829 changed it): every prediction first goes through EvalAIAnswerProcessor (from
              facebookresearch/mmf: lowercase, `,` and `?` deleted, `'s` -> ` 's`, then the punctuation and
              number/article/contraction steps, its comma test being "commas between digits"), then the
-             vqa2021 rule. The default because it is how a VQAv2 test-dev number is produced on EvalAI, the
-             server the papers' test-dev figures come from: mmf's processor, written "to process an answer
-             similar to EvalAI", is what mmf applies to predictions before writing the EvalAI submission, and
-             EvalAI's VQA challenge scores the submitted answers with the official evaluation. EvalAI's own
-             scoring code is not public, so this rests on those two sources, not on the server's code.
+             vqa2021 rule. The default because it is the rule meant to score as EvalAI's server does (the
+             server behind VQAv2 test-dev, where the papers' VQAv2 numbers come from): the prediction
+             normalised as for an EvalAI submission, then the official code's current version. What that
+             rests on:
+             mmf names the processor after the server ("Processes an answer similar to Eval AI") and its
+             `vqa_evalai_accuracy` metric ("similar comparision to Eval AI") normalises every prediction with
+             it; visualqa.org's evaluation page lists the normalisation as applied to every answer. EvalAI's
+             own scoring code is not public, so none of this is the server's code, and mmf's metric (which
+             also normalises every annotator answer) differs from lmms-eval's in that.
              (lmms-eval since 28ea9a11, 2025-08, normalises both sides always; that rule is not offered.)
   vizwiz     VizWiz's own vqaEval.py (the Python evaluation distributed with the VizWiz VQA API): the
              prediction normalised as in vqa2017 but with VizWiz's contraction table (most apostrophes are
