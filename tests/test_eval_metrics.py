@@ -165,6 +165,10 @@ def test_load_vqa_official_and_vizwiz(tmp_path):
     items = load_vqa(viz, None, tmp_path / "v")
     assert items[0].id == "VizWiz_val_00000001.jpg" and items[0].answers == ["soup"] * 10
     assert items[0].image == str(tmp_path / "v" / "VizWiz_val_00000001.jpg") and items[1].answers == []
+    assert (items[0].answerable, items[1].answerable) == (1, None)
+    write(viz, [{"image": "x.jpg", "question": "?", "answerable": "yes"}])
+    with pytest.raises(EvalDataError, match=r"val.json: \[0\].answerable: expected 0 or 1, got 'yes'"):
+        load_vqa(viz, None, tmp_path)
     write(viz, [{"image": "x.jpg"}])
     with pytest.raises(EvalDataError, match=r"val.json: \[0\].question: missing"):
         load_vqa(viz, None, tmp_path)
