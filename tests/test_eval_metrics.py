@@ -315,7 +315,7 @@ def test_vqa_rules_differ_as_the_issue_says():
     assert vqa_accuracy(*thousand, "vizwiz") == pytest.approx(0.6)
     assert vqa_accuracy(*thousand, "vqa2017") == 1.0
     assert VIZWIZ_CONTRACTIONS["dont"] == "don\u2019t" and VIZWIZ_CONTRACTIONS["weve"] == "we've"
-    with pytest.raises(ValueError, match="unknown VQA rules 'evalai'; vqa_rules: vqa2017 | vqa2021"):
+    with pytest.raises(ValueError, match=r"unknown VQA rules 'evalai'; vqa_rules: vqa2017 \| vqa2021 \|"):
         vqa_accuracy("yes", ["yes"], "evalai")
 
 

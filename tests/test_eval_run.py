@@ -310,7 +310,8 @@ def test_train_eval_tasks_are_checked_with_the_key_named():
                        ("[{task: vqav2}]", "needs task and data"),
                        ("[{task: vqav2, data: x, beams: 2}]", "beams"),
                        ("[{task: vqav2, data: x, shots: [0, 4]}]", "shots"),
-                       ("[{task: vqav2, data: x, vqa_rules: evalai}]", "vqa_rules: must be one of vqa2017")):
+                       ("[{task: vqav2, data: x, vqa_rules: evalai}]",
+                        "eval_tasks[0].vqa_rules': must be one of vqa2017")):
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
             tiny_config(f"train.eval_tasks={bad}")
 
