@@ -497,7 +497,7 @@ EVAL_TASK_OPTIONS = ("task", "data", "annotations", "images", "split", "classnam
 
 def _check_eval_task(task: Any, key: str) -> None:
     """One `train.eval_tasks` entry: a known task, its data, known options and task settings."""
-    from kosmos.eval.tasks import TASKS, TaskSpec
+    from kosmos.eval.tasks import TASKS, VQA_RULES, TaskSpec
 
     _check(isinstance(task, dict), key, f"must be a mapping with task and data, got {task!r}")
     _check("task" in task and "data" in task, key, f"needs task and data, got {sorted(task)}")
@@ -511,6 +511,8 @@ def _check_eval_task(task: Any, key: str) -> None:
     limit = task.get("limit", 1)
     _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, f"{key}.limit",
            f"must be a number of items >= 1, got {limit!r}")
+    _check(task.get("vqa_rules", VQA_RULES[0]) in VQA_RULES, f"{key}.vqa_rules",
+           f"must be one of {' | '.join(VQA_RULES)}, got {_short(task.get('vqa_rules'))}")
     for name, value in task.items():  # values too: a nested one may be a YAML alias bomb, expanded when saved
         flat = value if isinstance(value, list) else [value]
         _check(all(v is None or isinstance(v, str | int | float | bool) for v in flat), f"{key}.{name}",

@@ -2,8 +2,9 @@
 kosmos.eval.score.
 
 Caption goldens: pycocoevalcap's own COCOEvalCap with the Java PTB tokenizer on the set in
-tests/caption_goldens.py, computed once by `python -m tests.caption_goldens` and written here. VQA cases are
-computed by hand from the official rules.
+tests/caption_goldens.py, computed once by `python -m tests.caption_goldens` and written here. VQA hand cases
+are computed from the official rules; the randomised VQA cases of tests/vqa_rule_cases.py are checked against
+each rule's reference code's own scores (GOLDENS there, with the commits they come from).
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ from kosmos.eval.datasets import (
 )
 from kosmos.eval.label_metrics import normalize_label, score_labels
 from kosmos.eval.score import main as score_main
-from kosmos.eval.vqa_metrics import normalize_answer, postprocess_answer, score_vqa, vqa_accuracy
+from kosmos.eval.vqa_metrics import (
+    VIZWIZ_CONTRACTIONS,
+    VQA_RULES,
+    normalize_answer,
+    postprocess_answer,
+    score_vqa,
+    vqa_accuracy,
+)
 from tests.caption_goldens import PREDICTIONS, REFERENCES
+from tests.vqa_rule_cases import GOLDENS, SEED, N, cases, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,6 +165,10 @@ def test_load_vqa_official_and_vizwiz(tmp_path):
     items = load_vqa(viz, None, tmp_path / "v")
     assert items[0].id == "VizWiz_val_00000001.jpg" and items[0].answers == ["soup"] * 10
     assert items[0].image == str(tmp_path / "v" / "VizWiz_val_00000001.jpg") and items[1].answers == []
+    assert (items[0].answerable, items[1].answerable) == (1, None)
+    write(viz, [{"image": "x.jpg", "question": "?", "answerable": "yes"}])
+    with pytest.raises(EvalDataError, match=r"val.json: \[0\].answerable: expected 0 or 1, got 'yes'"):
+        load_vqa(viz, None, tmp_path)
     write(viz, [{"image": "x.jpg"}])
     with pytest.raises(EvalDataError, match=r"val.json: \[0\].question: missing"):
         load_vqa(viz, None, tmp_path)
@@ -243,36 +256,81 @@ def test_normalize_answer_rules(raw, expected):
 
 
 def test_vqa_accuracy_leave_one_out():
-    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
-    assert vqa_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)  # (3 x 2/3 + 7 x 1) / 10
-    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)  # (2 x 1/3 + 8 x 2/3) / 10, not 2/3
-    assert vqa_accuracy("two", ["2"] + ["3"] * 9) == pytest.approx(0.3)  # 9 subsets with 1 match: 9/3/10
-    assert vqa_accuracy("4", ["2"] * 10) == 0.0
+    def acc(p, a):
+        return vqa_accuracy(p, a, "vqa2017")
+
+    assert acc("yes", ["yes"] * 10) == 1.0
+    assert acc("2", ["2"] * 4 + ["3"] * 6) == 1.0
+    assert acc("2", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)  # (3 x 2/3 + 7 x 1) / 10
+    assert acc("2", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)  # (2 x 1/3 + 8 x 2/3) / 10, not 2/3
+    assert acc("two", ["2"] + ["3"] * 9) == pytest.approx(0.3)  # 9 subsets with 1 match: 9/3/10
+    assert acc("4", ["2"] * 10) == 0.0
 
 
 def test_vqa_annotator_answers_get_punctuation_only_when_they_disagree():
+    def acc(p, a):
+        return vqa_accuracy(p, a, "vqa2017")
+
     # all agree: compared as written, so the normalised prediction "t shirt" does not match "t-shirt"
-    assert vqa_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
+    assert acc("t-shirt", ["t-shirt"] * 10) == 0.0
     # they disagree: each gets the punctuation step ("t-shirt" -> "t shirt") and 9 match
-    assert vqa_accuracy("t-shirt", ["t-shirt"] * 9 + ["shirt"]) == 1.0
+    assert acc("t-shirt", ["t-shirt"] * 9 + ["shirt"]) == 1.0
     # never lowercased nor number-mapped, even when they disagree
-    assert vqa_accuracy("yes", ["Yes"] * 10) == 0.0
-    assert vqa_accuracy("two", ["two"] * 5 + ["2"] * 5) == pytest.approx(1.0)  # "two" -> "2": 5 of the 10
-    assert vqa_accuracy("two", ["two"] * 10) == 0.0
+    assert acc("yes", ["Yes"] * 10) == 0.0
+    assert acc("two", ["two"] * 5 + ["2"] * 5) == pytest.approx(1.0)  # "two" -> "2": 5 of the 10
+    assert acc("two", ["two"] * 10) == 0.0
 
 
 def test_score_vqa_breakdown_and_rounding():
     answers = {1: ["2"] * 2 + ["3"] * 8, 2: ["yes"] * 10, 3: ["red"] * 10}
     preds = {1: "2", 2: "Yes.", 3: "blue"}
     out = score_vqa(answers, preds, answer_types={1: "number", 2: "yes/no", 3: "other"},
-                    question_types={1: "how many", 2: "is the", 3: "what color"})
-    assert out == {"accuracy": 53.33, "n": 3,  # (0.6 + 1 + 0) / 3
+                    question_types={1: "how many", 2: "is the", 3: "what color"}, rules="vqa2017")
+    assert out == {"accuracy": 53.33, "n": 3, "rules": "vqa2017",  # (0.6 + 1 + 0) / 3
                    "per_answer_type": {"number": 60.0, "other": 0.0, "yes/no": 100.0},
                    "per_question_type": {"how many": 60.0, "is the": 100.0, "what color": 0.0}}
     assert score_vqa(answers, {2: "no"})["per_answer_type"] == {}
     with pytest.raises(ValueError, match=r"1 of 2 predicted question ids have no annotator answers: 9"):
         score_vqa(answers, {2: "no", 9: "x"})
+
+
+@pytest.mark.parametrize("rule", VQA_RULES)
+def test_vqa_rules_equal_their_reference_code_on_randomised_cases(rule):
+    # GOLDENS: the reference implementation's own scores for these cases (see tests/vqa_rule_cases.py)
+    got = encode([vqa_accuracy(p, a, rule) for p, a in cases(SEED, N)])
+    assert len(got) == len(GOLDENS[rule]) == N
+    diff = [i for i in range(N) if got[i] != GOLDENS[rule][i]]
+    assert not diff, f"{len(diff)} of {N} differ, first {cases(SEED, N)[diff[0]]!r}"
+
+
+def test_vqa_rules_differ_as_the_issue_says():
+    yes, two = ("Yes", ["yes"] * 10), ("two", ["2"] * 10)
+    none = ("none", ["none"] * 5 + ["nothing"] * 5)
+    for rule, expected in (("vqa2017", (1, 1, 0)), ("vqa2021", (0, 0, 1)), ("lmms-eval", (1, 1, 1))):
+        assert tuple(vqa_accuracy(p, a, rule) for p, a in (yes, two, none)) == expected, rule
+    # VizWiz never normalises the annotators' answers; the VQA rules give them the punctuation step
+    us = ("u.s.", ["u.s."] * 7 + ["usa", "america", "united states"])
+    thousand = ("1000", ["1000", "1000"] + ["1,000"] * 8)
+    assert vqa_accuracy(*us, "vizwiz") == 0.0 and vqa_accuracy(*us, "vqa2017") == 1.0
+    assert vqa_accuracy(*thousand, "vizwiz") == pytest.approx(0.6)
+    assert vqa_accuracy(*thousand, "vqa2017") == 1.0
+    assert VIZWIZ_CONTRACTIONS["dont"] == "don\u2019t" and VIZWIZ_CONTRACTIONS["weve"] == "we've"
+    with pytest.raises(ValueError, match=r"unknown VQA rules 'evalai'; vqa_rules: vqa2017 \| vqa2021 \|"):
+        vqa_accuracy("yes", ["yes"], "evalai")
+
+
+def test_score_vqa_names_the_rule_and_vizwiz_answerability():
+    answers = {"a.jpg": ["unanswerable"] * 10, "b.jpg": ["unanswerable"] * 6 + ["blue"] * 4,
+               "c.jpg": ["red"] * 10, "d.jpg": ["red"] * 10}
+    preds = {"a.jpg": "Unanswerable.", "b.jpg": "blue", "c.jpg": "unanswerable", "d.jpg": "red"}
+    marks = {"a.jpg": 0, "b.jpg": 0, "c.jpg": 1, "d.jpg": 1}
+    out = score_vqa(answers, preds, rules="vizwiz", answerable=marks)
+    assert out["rules"] == "vizwiz" and out["accuracy"] == 75.0 and out["n_answerability"] == 4
+    assert out["accuracy_unanswerable"] == 100.0 and out["accuracy_answerable"] == 50.0
+    # said "unanswerable" for a (right) and c (wrong); b was unanswerable too
+    assert (out["unanswerable_precision"], out["unanswerable_recall"], out["unanswerable_f1"]) == (50, 50, 50)
+    assert "accuracy_answerable" not in score_vqa(answers, preds, rules="vizwiz")
+    assert score_vqa(answers, preds)["rules"] == "lmms-eval"  # the default
 
 
 def test_postprocess_answer():
@@ -460,10 +518,12 @@ def test_score_cli_vqa_and_vizwiz(tmp_path, capsys):
     preds = write(tmp_path / "res.json", [{"question_id": 420, "answer": "Black"},
                                           {"question_id": 70, "answer": "two"}])
     files = ["--questions", str(q), "--annotations", str(a), "--predictions", str(preds)]
-    assert score_main(["vqa", *files]) == 0
+    assert score_main(["vqa", *files, "--rules", "vqa2017"]) == 0
     assert last_json(capsys.readouterr().out) == {
         "accuracy": 80.0, "n": 2, "per_answer_type": {"number": 60.0, "other": 100.0},
-        "per_question_type": {"how many": 60.0, "what color is the": 100.0}}
+        "per_question_type": {"how many": 60.0, "what color is the": 100.0}, "rules": "vqa2017"}
+    assert score_main(["vqa", *files]) == 0
+    assert last_json(capsys.readouterr().out)["rules"] == "lmms-eval"  # the default
     write(preds, [{"question_id": 420, "answer": "black"}, {"question_id": 71, "answer": "2"}])
     assert score_main(["vqa", *files]) == 2
     assert "1 of 2 predicted ids are not in the references: 71" in capsys.readouterr().err
@@ -476,7 +536,24 @@ def test_score_cli_vqa_and_vizwiz(tmp_path, capsys):
          "answers": [{"answer": a, "answer_confidence": "yes"} for a in ["soup"] * 9 + ["unanswerable"]]}])
     res = write(tmp_path / "viz_res.json", [{"image": "VizWiz_val_1.jpg", "answer": "Soup."}])
     assert score_main(["vqa", "--questions", str(viz), "--predictions", str(res)]) == 0
-    assert last_json(capsys.readouterr().out)["per_answer_type"] == {"other": 100.0}
+    out = capsys.readouterr().out
+    assert last_json(out)["per_answer_type"] == {"other": 100.0} and last_json(out)["rules"] == "vizwiz"
+    assert "[vizwiz rules]" in out and "accuracy_answerable" not in last_json(out)
+    # VizWiz's answerable marks: answerability figures; its own rules leave "U.S." annotators as written
+    rows = [("other", ["u.s."] * 7 + ["usa"] * 3), ("unanswerable", ["unanswerable"] * 10)]
+    viz = write(tmp_path / "val.json", [
+        {"image": f"VizWiz_val_{i}.jpg", "question": "What?", "answer_type": t,
+         "answerable": int(t != "unanswerable"),
+         "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]}
+        for i, (t, answers) in enumerate(rows)])
+    write(res, [{"image": "VizWiz_val_0.jpg", "answer": "u.s."},
+                {"image": "VizWiz_val_1.jpg", "answer": "unanswerable"}])
+    assert score_main(["vqa", "--questions", str(viz), "--predictions", str(res)]) == 0
+    out = last_json(capsys.readouterr().out)
+    got = (out["accuracy"], out["accuracy_answerable"], out["accuracy_unanswerable"], out["unanswerable_f1"])
+    assert got == (50.0, 0.0, 100.0, 100.0)
+    assert score_main(["vqa", "--questions", str(viz), "--predictions", str(res), "--rules", "vqa2017"]) == 0
+    assert last_json(capsys.readouterr().out)["accuracy"] == 100.0
 
 
 def test_score_cli_subprocess(tmp_path):

@@ -146,6 +146,15 @@ def test_vqa_writes_question_ids_and_scores_accuracy(ckpt, sets, tmp_path):
     assert sorted(r["question_id"] for r in res) == [101, 102, 103, 104]
     assert all("\n" not in r["answer"] for r in res)
     assert 0 <= metrics["metrics"]["accuracy"] <= 100 and "per_answer_type" in metrics["metrics"]
+    # the rule is named in metrics.json and results.md, the paper's number with its convention
+    assert metrics["metrics"]["rules"] == "lmms-eval" and metrics["protocol"]["vqa_rules"] == "lmms-eval"
+    row = next(x for x in (out / "results.md").read_text().splitlines() if x.startswith("| vqav2 |"))
+    assert "(lmms-eval rules)" in row and "accuracy 51.0 (EvalAI, test-dev)" in row
+    assert metrics["paper_convention"] == "EvalAI, test-dev"
+    assert run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--annotations",
+               str(sets["annotations"]), "--images", str(sets["vqa_root"]), "--out", str(tmp_path / "o17"),
+               "--set", "vqa_rules=vqa2017", *FAST) == 0
+    assert results(tmp_path / "o17", "vqav2")[1]["metrics"]["rules"] == "vqa2017"
 
 
 def test_vqa_few_shot_prompts_carry_k_demonstrations_never_the_query(ckpt, sets):
@@ -263,6 +272,9 @@ def test_bad_input_is_one_line_naming_the_file(ckpt, sets, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--set", "beams=3")
     assert e.value.code == 2 and "beams" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run(ckpt, "--task", "vqav2", "--data", str(sets["questions"]), "--set", "vqa_rules=evalai")
+    assert e.value.code == 2 and "unknown vqa_rules 'evalai'; vqa_rules: vqa2017 |" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -288,7 +300,9 @@ def test_train_eval_tasks_are_checked_with_the_key_named():
     for bad, words in (("[{task: cocoo, data: x}]", "train.eval_tasks[0].task"),
                        ("[{task: vqav2}]", "needs task and data"),
                        ("[{task: vqav2, data: x, beams: 2}]", "beams"),
-                       ("[{task: vqav2, data: x, shots: [0, 4]}]", "shots")):
+                       ("[{task: vqav2, data: x, shots: [0, 4]}]", "shots"),
+                       ("[{task: vqav2, data: x, vqa_rules: evalai}]",
+                        "eval_tasks[0].vqa_rules': must be one of vqa2017")):
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
             tiny_config(f"train.eval_tasks={bad}")
 

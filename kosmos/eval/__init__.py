@@ -3,7 +3,7 @@
     python -m kosmos.eval run --checkpoint runs/kosmos --task coco_captioning --data dataset_coco.json \\
         --images coco/ [--shots 0,4,8] [--out results/]
     python -m kosmos.eval score captioning --annotations REFS.json --predictions PREDS.json
-    python -m kosmos.eval score vqa --questions Q.json --annotations A.json --predictions PREDS.json
+    python -m kosmos.eval score vqa --questions Q.json --annotations A.json --predictions P.json [--rules R]
     python -m kosmos.eval loss --checkpoint runs/kosmos [--shards captions=shards/coco_val ...]
 
 `run` (kosmos.eval.run) predicts and scores a task (protocols in kosmos.eval.tasks); `score`

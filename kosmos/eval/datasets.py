@@ -63,6 +63,8 @@ class VQAItem:
     """The (10) annotator answers, [] without annotations."""
     answer_type: str | None = None
     question_type: str | None = None
+    answerable: int | None = None
+    """VizWiz's `answerable` (1, or 0 for a question its annotators could not answer); None elsewhere."""
 
 
 @dataclass
@@ -315,8 +317,12 @@ def _vizwiz(data: list, path, root: Path) -> list[VQAItem]:
         if not isinstance(answers, list):
             _fail(path, f"[{i}].answers", f"expected a list, got {type(answers).__name__}")
         answers = [_get(x, "answer", str, path, f"[{i}].answers[{j}].answer") for j, x in enumerate(answers)]
+        answerable = q.get("answerable")
+        if answerable is not None and answerable not in (0, 1):
+            _fail(path, f"[{i}].answerable", f"expected 0 or 1, got {answerable!r:.40}")
         items.append(VQAItem(image, _resolve(root, image), question, answers,
-                             _optional_str(q, "answer_type", path, f"[{i}].answer_type")))
+                             _optional_str(q, "answer_type", path, f"[{i}].answer_type"),
+                             answerable=None if answerable is None else int(answerable)))
     return items
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kosmos.data.format import IMAGE_SUFFIXES
-from kosmos.eval.tasks import PAPER, TaskSpec
+from kosmos.eval.tasks import PAPER, PAPER_CONVENTIONS, TaskSpec
 from kosmos.untrusted import load_json
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def _from_datasets(kind: str, data: str, annotations: str | None, images: str | 
         vizwiz = bool(vqa) and isinstance(vqa[0].id, str) and annotations is None
         return TaskData([Item(id=q.id, images=[q.image], fields={"question": q.question},
                               references=q.answers,
-                              extra={"answer_type": q.answer_type, "question_type": q.question_type})
+                              extra={"answer_type": q.answer_type, "question_type": q.question_type,
+                                     "answerable": q.answerable})
                          for q in vqa], id_key="image" if vizwiz else "question_id")
     if kind == "classification":
         items, names = ds.load_classification(data, classnames)
@@ -466,7 +467,9 @@ def score(spec: TaskSpec, data: TaskData, preds: dict[str, dict]) -> dict[str, f
 
         return score_vqa({_key(it.id): it.references for it in scored}, p,
                          answer_types={_key(it.id): it.extra.get("answer_type") for it in scored},
-                         question_types={_key(it.id): it.extra.get("question_type") for it in scored})
+                         question_types={_key(it.id): it.extra.get("question_type") for it in scored},
+                         rules=spec.vqa_rules,
+                         answerable={_key(it.id): it.extra.get("answerable") for it in scored})
     if spec.kind == "labels":
         from kosmos.eval.label_metrics import score_labels
 
@@ -483,14 +486,19 @@ def score(spec: TaskSpec, data: TaskData, preds: dict[str, dict]) -> dict[str, f
 
 
 def markdown_table(out: Path) -> str:
-    """Every metrics.json under `out` as one markdown table, with the paper's numbers beside."""
+    """Every metrics.json under `out` as one markdown table, with the paper's numbers beside: VQA scores name
+    their rule (`vqa_rules`), the paper's the convention it is known to use."""
     rows = []
     for path in sorted(out.glob("*/*shot/metrics.json")):
         m = json.loads(path.read_text())
         main = {k: v for k, v in m["metrics"].items() if isinstance(v, (int, float)) and k != "n"}
         paper = PAPER.get((m["task"], m["shots"]), {})
         cells = ", ".join(f"{k} {v:.1f}" for k, v in main.items()) or "(predictions only)"
+        if "rules" in m["metrics"]:
+            cells += f" ({m['metrics']['rules']} rules)"
         ref = ", ".join(f"{k} {v}" for k, v in paper.items()) or "-"
+        if paper and m["task"] in PAPER_CONVENTIONS:
+            ref += f" ({PAPER_CONVENTIONS[m['task']]})"
         skipped = sum(m.get("skipped", {}).values())
         rows.append(f"| {m['task']} | {m['shots']} | {m['predicted']} | {skipped} | {cells} | {ref} |")
     head = "| task | shots | predicted | skipped | metrics | KOSMOS-1 paper |\n|---|---|---|---|---|---|\n"
@@ -565,6 +573,7 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
         metrics = score(spec, data, preds)
         summary = {"task": task, "shots": shots.k, "predicted": len(preds), "items": len(items),
                    "skipped": skipped_all, "metrics": metrics, "paper": PAPER.get((task, shots.k), {}),
+                   "paper_convention": PAPER_CONVENTIONS.get(task) if (task, shots.k) in PAPER else None,
                    "protocol": spec.__dict__ | {"stop": list(spec.stop)}}
         (folder / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
         (Path(out) / "results.md").write_text(markdown_table(Path(out)))

@@ -7,7 +7,10 @@
 captioning: REFS is a COCO caption file or Karpathy's dataset_*.json (the images of --split); PREDS the COCO
 results format [{"image_id", "caption"}]. Metrics as pycocoevalcap computes them, x100.
 vqa: the official question and annotation JSON (VQAv2, OK-VQA), or VizWiz's single file; PREDS the VQA
-results format [{"question_id", "answer"}] (VizWiz: [{"image", "answer"}]). Official VQA accuracy, percent.
+results format [{"question_id", "answer"}] (VizWiz: [{"image", "answer"}]). VQA accuracy, percent, by the rule
+--rules names (vqa2017 | vqa2021 | lmms-eval | vizwiz; default lmms-eval, VizWiz's file vizwiz: see
+kosmos.eval.vqa_metrics); the rule's name is in the output. VizWiz's file with `answerable` marks adds the
+answerability figures.
 
 The last line of stdout is one JSON object with the metrics. Predictions for ids the references lack, or
 references without a prediction, are an error (exit 2) naming how many and which; --allow-missing scores
@@ -23,6 +26,7 @@ import warnings
 from collections import Counter
 
 from kosmos.eval.datasets import EvalDataError, load_captions, load_vqa, read_json
+from kosmos.eval.vqa_metrics import VQA_RULES
 
 
 def _few(ids: list) -> str:
@@ -98,7 +102,7 @@ def score_captioning(args) -> dict:
 
 
 def score_vqa_file(args) -> dict:
-    from kosmos.eval.vqa_metrics import score_vqa
+    from kosmos.eval.vqa_metrics import DEFAULT_RULES, score_vqa
 
     items = load_vqa(args.questions, args.annotations, image_root=".", image_pattern="{image_id}")
     # VQA results [{"question_id", "answer"}]; VizWiz's [{"image", "answer"}] (its items' ids are image names)
@@ -114,16 +118,21 @@ def score_vqa_file(args) -> dict:
         raise EvalDataError(f"{src}: {len(unanswered)} of {len(preds)} predicted questions have no "
                             f"annotator answers: {_few(unanswered)}"
                             + ("" if args.annotations else " (VQAv2 and OK-VQA need --annotations)"))
+    vizwiz = id_key == "image"
+    rules = args.rules or ("vizwiz" if vizwiz else DEFAULT_RULES)
     return score_vqa({k: by_id[k].answers for k in preds}, preds,
                      answer_types={k: by_id[k].answer_type for k in preds},
-                     question_types={k: by_id[k].question_type for k in preds})
+                     question_types={k: by_id[k].question_type for k in preds}, rules=rules,
+                     answerable={k: by_id[k].answerable for k in preds})
 
 
 def _summary(task: str, scores: dict) -> str:
     if task == "captioning":
         return "  ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "n") + f"  (n={scores['n']})"
     types = "  ".join(f"{t} {v:.2f}" for t, v in scores["per_answer_type"].items())
-    return f"accuracy {scores['accuracy']:.2f}" + (f"  ({types})" if types else "") + f"  (n={scores['n']})"
+    rules = f"  [{scores['rules']} rules]" if "rules" in scores else ""
+    return (f"accuracy {scores['accuracy']:.2f}" + (f"  ({types})" if types else "") + f"  (n={scores['n']})"
+            + rules)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     vqa.add_argument("--annotations", help="official annotation JSON (none for VizWiz)")
     vqa.add_argument("--predictions", required=True,
                      help='[{"question_id", "answer"}] (VizWiz: [{"image", "answer"}])')
+    vqa.add_argument("--rules", choices=VQA_RULES,
+                     help="which VQA accuracy convention (default: lmms-eval; VizWiz's file: vizwiz)")
     for p in (cap, vqa):
         p.add_argument("--allow-missing", action="store_true",
                        help="score the predicted subset when some references have no prediction")

@@ -23,13 +23,21 @@ set (as the paper), the same for an item whatever the batch or the number of pro
 picks the k support images most similar to the query instead (cosine of mean-pooled CLIP features of the
 model's own vision tower, as OpenFlamingo's RICES).
 
-The published numbers (`PAPER`) are what `python -m kosmos.eval run` prints beside its own.
+VQA accuracy follows one of several conventions (`vqa_rules`, see kosmos.eval.vqa_metrics): `lmms-eval` by
+default (predictions normalised as for an EvalAI submission, then the official 2021 rule), `vizwiz` for
+VizWiz (its own evaluation), `vqa2017` / `vqa2021` the official evaluation's two versions. Every score names
+its rule.
+
+The published numbers (`PAPER`) are what `python -m kosmos.eval run` prints beside its own, with the
+convention they are known to use (`PAPER_CONVENTIONS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+from kosmos.eval.vqa_metrics import DEFAULT_RULES, VQA_RULES
 
 KINDS = ("captioning", "vqa", "classification", "choice", "labels")
 
@@ -64,7 +72,14 @@ class TaskSpec:
     metrics: list[str] = field(default_factory=list)
     """captioning only: which of BLEU, METEOR, ROUGE-L, CIDEr, SPICE (empty: all but SPICE, which needs
     Stanford models that pycocoevalcap downloads; METEOR's Java start takes ~13 s)."""
+    vqa_rules: str = DEFAULT_RULES
+    """vqa only: which VQA accuracy convention scores the answers: vqa2017 | vqa2021 | lmms-eval | vizwiz
+    (kosmos.eval.vqa_metrics says what each is and why lmms-eval is the default; VizWiz's task: vizwiz)."""
     description: str = ""
+
+    def __post_init__(self):
+        if self.vqa_rules not in VQA_RULES:
+            raise ValueError(f"unknown vqa_rules {self.vqa_rules!r}; vqa_rules: {' | '.join(VQA_RULES)}")
 
     def replace(self, **changes) -> TaskSpec:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -87,7 +102,8 @@ TASKS: dict[str, TaskSpec] = {
     "captioning": _CAPTION,
     "vqav2": _VQA.replace(description="VQAv2 (official question/annotation JSON; test-dev through EvalAI)"),
     "okvqa": _VQA.replace(description="OK-VQA (VQA-format question/annotation JSON)"),
-    "vizwiz": _VQA.replace(description="VizWiz (its official single-file JSON)"),
+    "vizwiz": _VQA.replace(description="VizWiz (its official single-file JSON), scored by VizWiz's rules",
+                           vqa_rules="vizwiz"),
     "vqa": _VQA,
     "imagenet": TaskSpec("classification", prompt="{image}The photo of the", num_beams=2, max_new_tokens=10,
                          description="zero-shot classification: folder per class, or CSV + class names"),
@@ -106,6 +122,15 @@ PAPER: dict[tuple[str, int], dict[str, float]] = {
     ("vqav2", 0): {"accuracy": 51.0},
     ("vizwiz", 0): {"accuracy": 29.2},
     ("vqav2", 4): {"accuracy": 51.8},
+}
+
+PAPER_CONVENTIONS: dict[str, str] = {
+    # How each benchmark's published number was scored, as far as it is known: the paper reports VQAv2 on
+    # test-dev, whose answers only EvalAI's server has (so: EvalAI, whatever our `vqa_rules`); VizWiz likewise
+    # on its test-dev server (accuracy only: the paper reports no answerability figures). The VizWiz split
+    # is taken from memory of the paper and was not checked against its text here.
+    "vqav2": "EvalAI, test-dev",
+    "vizwiz": "VizWiz server (EvalAI), test-dev (unverified)",
 }
 
 

@@ -1,6 +1,6 @@
-"""VQA accuracy exactly as the official VQA evaluation computes it (GT-Vision-Lab `vqaEval.py`).
+"""VQA accuracy exactly as the official evaluations compute it, by a named rule (`VQA_RULES`, below).
 
-The rule, per question:
+The 2017 official rule (GT-Vision-Lab `vqaEval.py`, `vqa2017`), per question:
   1. The predicted answer is always normalised: newlines and tabs become spaces, the ends are stripped,
      then punctuation (below), then lowercase, number words to digits ("none"/"zero" -> "0" ...
      "ten" -> "10"), the articles a/an/the dropped, and contraction spellings without apostrophe fixed
@@ -20,6 +20,39 @@ official code passes re.UNICODE where `re.sub` takes its count). Apostrophes and
 
 Scores are percent, rounded to 2 decimals as the official code rounds them; per answer type and per
 question type likewise.
+
+Which rule (`rules`, the task setting `vqa_rules`, `score vqa --rules`): the rule above is one of several in
+use, and they give different numbers for the same predictions (on realistic model answers, several points),
+so every score names the one it used:
+
+  vqa2017    GT-Vision-Lab/VQA vqaEval.py at a4f1afd ("updated for v2.0", 2017): the rule above.
+  vqa2021    the same file at its HEAD a013f00 ("Fixed processing answers bug", 2021), which OpenFlamingo's
+             vqa_metric.py copies: the annotators' answers have newlines/tabs made spaces and their ends
+             stripped; the prediction is normalised (punctuation, then lowercase/numbers/articles/
+             contractions) only when the annotators disagree, and then so are their answers (both steps).
+             So `Yes` against ten `yes` scores 0 and `two` against ten `2` scores 0, while `none` against
+             5 x `none` + 5 x `nothing` scores 1 (the five `none` become `0` too; under vqa2017 they stay
+             `none` and the prediction `0` matches no one).
+  lmms-eval  (the default) lmms-eval's vqav2_process_results as of 1afb184d (2025-07-15, the last before
+             b439d829 changed it): every prediction first goes through EvalAIAnswerProcessor (from
+             facebookresearch/mmf: lowercase, `,` and `?` deleted, `'s` -> ` 's`, then the punctuation and
+             number/article/contraction steps, its comma test being "commas between digits"), then the
+             vqa2021 rule. The default because it is the rule meant to score as EvalAI's server does (the
+             server behind VQAv2 test-dev, where the papers' VQAv2 numbers come from): the prediction
+             normalised as for an EvalAI submission, then the official code's current version. What that
+             rests on:
+             mmf names the processor after the server ("Processes an answer similar to Eval AI") and its
+             `vqa_evalai_accuracy` metric ("similar comparision to Eval AI") normalises every prediction with
+             it; visualqa.org's evaluation page lists the normalisation as applied to every answer. EvalAI's
+             own scoring code is not public, so none of this is the server's code, and mmf's metric (which
+             also normalises every annotator answer) differs from lmms-eval's in that.
+             (lmms-eval since 28ea9a11, 2025-08, normalises both sides always; that rule is not offered.)
+  vizwiz     VizWiz's own vqaEval.py (the Python evaluation distributed with the VizWiz VQA API): the
+             prediction normalised as in vqa2017 but with VizWiz's contraction table (most apostrophes are
+             typographic, e.g. `dont` -> `don’t`), the annotators' answers never normalised. So `u.s.`
+             against 7 x `u.s.` scores 0 (the prediction becomes `us`).
+
+All four leave annotators out by position (the references compare answer records, unique by answer_id).
 """
 
 from __future__ import annotations
@@ -69,12 +102,33 @@ _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 # sic: "(?!<=" is a negative lookahead, not a lookbehind; in effect: any period not followed by a digit
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _MAX_PERIODS = 32  # re.UNICODE's value, passed as the count by the official code
+# mmf's EvalAIAnswerProcessor (lmms-eval): one or more commas between digits
+_COMMAS_BETWEEN_DIGITS = re.compile(r"(?<=\d)(,)+(?=\d)")
+
+# VizWiz's table: the official one with typographic apostrophes (U+2019), except in the entries VizWiz's file
+# writes with a straight one (its first five values, two keys and three values further on).
+_STRAIGHT_KEYS = frozenset({"couldn'tve", "hadn'tve"})
+_STRAIGHT_VALUES = frozenset({"ain't", "aren't", "can't", "could've", "couldn't", "we've", "where's",
+                              "who've"})
 
 
-def process_punctuation(text: str) -> str:
-    """The official punctuation step (see the module docstring)."""
+def _typographic(text: str, straight: frozenset) -> str:
+    return text if text in straight else text.replace("'", "\u2019")
+
+
+VIZWIZ_CONTRACTIONS = {_typographic(k, _STRAIGHT_KEYS): _typographic(v, _STRAIGHT_VALUES)
+                       for k, v in CONTRACTIONS.items()}
+
+VQA_RULES = ("vqa2017", "vqa2021", "lmms-eval", "vizwiz")
+DEFAULT_RULES = "lmms-eval"
+"""The default for VQAv2 / OK-VQA / any VQA task (VizWiz's task sets `vizwiz`); see the module docstring."""
+
+
+def process_punctuation(text: str, comma_between_digits: re.Pattern = _COMMA_BETWEEN_DIGITS) -> str:
+    """The official punctuation step (see the module docstring); `comma_between_digits` the test that deletes
+    every punctuation mark (EvalAI's processor uses `_COMMAS_BETWEEN_DIGITS`)."""
     out = text
-    delete_all = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    delete_all = comma_between_digits.search(text) is not None
     for p in PUNCTUATION:
         if delete_all or p + " " in text or " " + p in text:
             out = out.replace(p, "")
@@ -83,10 +137,23 @@ def process_punctuation(text: str) -> str:
     return _PERIOD.sub("", out, count=_MAX_PERIODS)
 
 
-def process_digit_article(text: str) -> str:
+def process_digit_article(text: str, contractions: dict = CONTRACTIONS) -> str:
     """Lowercase, number words to digits, articles dropped, contractions fixed, words joined by one space."""
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+    return " ".join(contractions.get(w, w) for w in words if w not in ARTICLES)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def evalai_answer(text: str) -> str:
+    """mmf's EvalAIAnswerProcessor, as lmms-eval applies it to every prediction: lowercase, `,` and `?`
+    deleted, `'s` -> ` 's`, stripped, then the punctuation step (comma test: commas between digits) and the
+    number/article/contraction step."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = process_punctuation(_clean(text), _COMMAS_BETWEEN_DIGITS)
+    return process_digit_article(text)
 
 
 def normalize_answer(text: str) -> str:
@@ -103,12 +170,31 @@ def postprocess_answer(generated: str) -> str:
     return answer[:-1].rstrip() if answer.endswith(".") else answer
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """Official VQA accuracy (0..1) of one predicted answer against the annotators' answers."""
+def _compared(prediction: str, answers: list[str], rules: str) -> tuple[str, list[str]]:
+    """The prediction and the annotators' answers as rule `rules` compares them."""
+    if rules == "vqa2017":
+        gts = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+        return normalize_answer(prediction), gts
+    if rules == "vizwiz":
+        pred = process_digit_article(process_punctuation(_clean(prediction)), VIZWIZ_CONTRACTIONS)
+        return pred, list(answers)
+    if rules in ("vqa2021", "lmms-eval"):
+        comma = _COMMA_BETWEEN_DIGITS if rules == "vqa2021" else _COMMAS_BETWEEN_DIGITS
+        pred = _clean(prediction) if rules == "vqa2021" else evalai_answer(prediction)
+        gts = [_clean(a) for a in answers]
+        if len(set(gts)) > 1:
+            gts = [process_digit_article(process_punctuation(a, comma)) for a in gts]
+            pred = process_digit_article(process_punctuation(pred, comma))
+        return pred, gts
+    raise ValueError(f"unknown VQA rules {rules!r}; vqa_rules: {' | '.join(VQA_RULES)}")
+
+
+def vqa_accuracy(prediction: str, answers: list[str], rules: str = DEFAULT_RULES) -> float:
+    """VQA accuracy (0..1) of one predicted answer against the annotators' answers, by rule `rules` (one of
+    VQA_RULES; see the module docstring)."""
     if not answers:
         raise ValueError("vqa_accuracy: no annotator answers to compare with")
-    pred = normalize_answer(prediction)
-    gts = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+    pred, gts = _compared(prediction, answers, rules)
     matches = [g == pred for g in gts]
     total = sum(matches)
     return sum(min(1.0, (total - m) / 3) for m in matches) / len(gts)
@@ -119,23 +205,56 @@ def _percent(values: list[float]) -> float:
 
 
 def score_vqa(answers: dict, predictions: dict, answer_types: dict | None = None,
-              question_types: dict | None = None) -> dict:
-    """Accuracy over the question ids of `predictions`: {"accuracy": percent (2 decimals), "per_answer_type":
-    {type: percent}, "per_question_type": {type: percent}, "n": questions}. Ids without annotator answers
-    are an error naming how many and which."""
+              question_types: dict | None = None, rules: str = DEFAULT_RULES,
+              answerable: dict | None = None) -> dict:
+    """Accuracy over the question ids of `predictions` by rule `rules`: {"accuracy": percent (2 decimals),
+    "per_answer_type": {type: percent}, "per_question_type": {type: percent}, "n": questions, "rules": the
+    rule's name}. Ids without annotator answers are an error naming how many and which.
+
+    `answerable` ({id: 0/1}, VizWiz's field) adds the answerability figures over the ids that have it:
+    "accuracy_answerable" / "accuracy_unanswerable" (the accuracy over each group) and, taking a prediction
+    that normalises to `unanswerable` as the model's "unanswerable" verdict, "unanswerable_precision",
+    "unanswerable_recall", "unanswerable_f1" (percent). VizWiz's own code scores unanswerability from a
+    separate predicted probability (average precision and F1); a generated answer gives no probability, so
+    average precision is left out. Papers (KOSMOS-1 included) report accuracy only."""
+    if rules not in VQA_RULES:
+        raise ValueError(f"unknown VQA rules {rules!r}; vqa_rules: {' | '.join(VQA_RULES)}")
     check_references(predictions, answers, "question ids", "annotator answers")
-    overall = []
+    overall, acc_by_id = [], {}
     by_answer_type, by_question_type = defaultdict(list), defaultdict(list)
     for qid, pred in predictions.items():
-        acc = vqa_accuracy(pred, answers[qid])
+        acc = acc_by_id[qid] = vqa_accuracy(pred, answers[qid], rules)
         overall.append(acc)
         if answer_types is not None and answer_types.get(qid) is not None:
             by_answer_type[answer_types[qid]].append(acc)
         if question_types is not None and question_types.get(qid) is not None:
             by_question_type[question_types[qid]].append(acc)
-    return {
+    out = {
         "accuracy": _percent(overall),
         "per_answer_type": {t: _percent(v) for t, v in sorted(by_answer_type.items())},
         "per_question_type": {t: _percent(v) for t, v in sorted(by_question_type.items())},
         "n": len(overall),
+        "rules": rules,
     }
+    marked = {q: int(answerable[q]) for q in predictions if answerable and answerable.get(q) is not None}
+    if marked:
+        out.update(_answerability(predictions, marked, acc_by_id))
+    return out
+
+
+def _answerability(predictions: dict, marked: dict, acc_by_id: dict) -> dict:
+    out = {}
+    for name, flag in (("accuracy_answerable", 1), ("accuracy_unanswerable", 0)):
+        accs = [acc_by_id[q] for q, a in marked.items() if a == flag]
+        if accs:
+            out[name] = _percent(accs)
+    said = {q: normalize_answer(predictions[q]) == "unanswerable" for q in marked}
+    hits = sum(said[q] and not a for q, a in marked.items())
+    n_said, n_true = sum(said.values()), sum(not a for a in marked.values())
+    precision = hits / n_said if n_said else 0.0
+    recall = hits / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    out.update({"unanswerable_precision": round(100 * precision, 2),
+                "unanswerable_recall": round(100 * recall, 2),
+                "unanswerable_f1": round(100 * f1, 2), "n_answerability": len(marked)})
+    return out
