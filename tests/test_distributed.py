@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import free_port, instruction_shards, write_tar
+from tests.helpers import easy_text_shards, free_port, instruction_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,14 +177,6 @@ def _launch(nproc: int, script: str, args: list[str], timeout: int = 420) -> sub
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
-
-
-def easy_text_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:
-    """Text that a model learns at once: one word, repeated."""
-    root.mkdir(parents=True, exist_ok=True)
-    doc = b" ".join([b"yes"] * 40)
-    return [str(write_tar(root / f"easy-{s:06d}.tar", [{"__key__": f"e{s}_{i}", "txt": doc}
-                                                        for i in range(per_shard)])) for s in range(n_shards)]
 
 
 @pytest.mark.slow
