@@ -11,7 +11,7 @@ import pytest
 
 from tests.soak import Soak, prepare, run_seed
 
-CI_SEEDS = [3, 8, 10]
+CI_SEEDS = [36, 48]
 """Chosen for coverage (test_ci_seeds_cover_the_features) and to stay within about 3 minutes on 2 cores."""
 
 FAKE_DATA = {"tokenizer": "tok", "held_out": ["held.tar"],
@@ -36,7 +36,7 @@ def _features(soak: Soak) -> set[str]:
 
 def test_one_seed_is_one_configuration_and_it_loads():
     from kosmos.config import load_config
-    from kosmos.training import check_config
+    from kosmos.data.mixture import plan
     from tests.soak import TINY
 
     for seed in range(40):
@@ -46,7 +46,7 @@ def test_one_seed_is_one_configuration_and_it_loads():
         assert all(0 <= s.workers <= 2 for s in a.sources.values())
         assert all(1 <= x <= 3 for x in (a.log_every, a.eval_every, a.save_every))
         cfg = load_config(TINY, a.overrides(FAKE_DATA, Path("out")))
-        check_config(cfg)
+        plan(cfg, a.nproc)  # within data.mixture_tolerance (a refusal would be a ValueError)
         assert list(cfg.data.active_sources()) == list(a.sources)
         assert cfg.train.sharding == a.sharding and cfg.decoder.document_mask == a.document_mask
         if a.scenario != "plain":
