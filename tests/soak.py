@@ -100,7 +100,7 @@ class Source:
 
 @dataclass
 class Soak:
-    """One seed's configuration; `overrides(...)` and `command(...)` give the exact launches."""
+    """One seed's configuration; `overrides(...)` (and launch_command) give the exact launches."""
 
     seed: int
     nproc: int
@@ -119,6 +119,7 @@ class Soak:
     stop_who: str = ""  # a rank's number, or "all"
     resume_nproc: int = 0
     loss: str = "all"  # the instruction source's data.sources.inst.loss
+    strict: bool = False  # data.mixture_tolerance=0: the exact budgets, however the passes fall
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -139,12 +140,15 @@ class Soak:
             w = min(budget, rng.choice([0, 0, 1, 1, 2]))
             budget -= w
             sources[n] = Source(rng.randint(1, 3), rng.choice([1, 2, 4]), w)
+        strict = False
         if sharding == "fsdp2" and rng.random() < 0.8:  # most fsdp2 seeds: a plan with equal passes
             total = sum(s.micro_batches for s in sources.values())
             while total % nproc:
                 s = sources[rng.choice(chosen)]
                 s.micro_batches += 1
                 total += 1
+        elif sharding == "fsdp2":  # the others: the budgets exactly (no rebalancing), often unequal: refused
+            strict = True
         steps = rng.randint(3, 5)
         scenario = rng.choice(["plain", "resume", "resume", "elastic", "elastic"])
         if sharding == "fsdp2" and scenario == "elastic":
@@ -154,7 +158,7 @@ class Soak:
                    document_mask=rng.random() < 0.5, held_out=rng.random() < 0.4,
                    eval_tasks=sharding == "none" and rng.random() < 0.3,
                    optim="adamw" if sharding == "fsdp2" else rng.choice(["adamw", "adamw8bit"]), steps=steps,
-                   scenario=scenario, loss=rng.choice(["all", "response"]))
+                   scenario=scenario, loss=rng.choice(["all", "response"]), strict=strict)
         if scenario != "plain":
             soak.stop_at = rng.randint(1, steps - 2)
             soak.stop_who = rng.choice(["0", str(nproc - 1), "all"])
@@ -168,6 +172,8 @@ class Soak:
              f"optim.name={self.optim}", "train.tracker=none", f"train.log_every={self.log_every}",
              f"train.eval_every={self.eval_every}", f"train.save_every={self.save_every}", "train.keep_last=2",
              f"train.sharding={self.sharding}", f"decoder.document_mask={str(self.document_mask).lower()}"]
+        if self.strict:
+            o.append("data.mixture_tolerance=0")
         for n in BUILTIN:
             if n not in self.sources:
                 o.append(f"data.{n}.tokens_per_step=0")
@@ -197,7 +203,8 @@ class Soak:
         return (f"seed {self.seed}: {self.nproc} proc {'fsdp2' if self.sharding == 'fsdp2' else 'ddp'}, "
                 f"{self.steps} steps, [{src}], log/eval/save {self.log_every}/{self.eval_every}/"
                 f"{self.save_every}, docmask {int(self.document_mask)}, held-out {int(self.held_out)}, "
-                f"eval_tasks {int(self.eval_tasks)}, {self.optim}, {what[self.scenario]}")
+                f"eval_tasks {int(self.eval_tasks)}, {self.optim}{', tolerance 0' * self.strict}, "
+                f"{what[self.scenario]}")
 
 
 def launch_command(nproc: int, args: list[str]) -> list[str]:

@@ -11,8 +11,11 @@ import pytest
 
 from tests.soak import Soak, prepare, run_seed
 
-CI_SEEDS = [36, 48]
-"""Chosen for coverage (test_ci_seeds_cover_the_features) and to stay within about 3 minutes on 2 cores."""
+CI_SEEDS = [36, 48, 64]
+"""Chosen for coverage (test_ci_seeds_cover_the_features) and to stay within about 3 minutes on 2 cores: 36 is
+FSDP2 cut by a SIGTERM to every rank between two log lines and resumed exactly, 48 DDP on 3 processes with
+unequal passes and eval_tasks, cut by a SIGTERM to rank 0 and resumed on 1 process, 64 FSDP2 with unequal
+passes, refused in one line."""
 
 FAKE_DATA = {"tokenizer": "tok", "held_out": ["held.tar"],
              **{n: [f"{n}-{i}.tar" for i in range(5)] for n in ("captions", "text", "interleaved", "easy",
@@ -27,6 +30,7 @@ def _features(soak: Soak) -> set[str]:
            "unequal passes" if lo != hi else "equal passes"}
     if soak.scenario != "plain":
         out.add("sigterm one rank" if soak.stop_who != "all" else "sigterm every rank")
+    out |= {"fsdp2 refused"} if soak.sharding == "fsdp2" and lo != hi else set()
     out |= {"eval_tasks"} if soak.eval_tasks else set()
     out |= {"held-out"} if soak.held_out else set()
     out |= {f"workers{min(s.workers, 1)}" for s in soak.sources.values()}
@@ -58,7 +62,8 @@ def test_one_seed_is_one_configuration_and_it_loads():
 def test_ci_seeds_cover_the_features():
     got = set().union(*(_features(Soak.generate(s)) for s in CI_SEEDS))
     want = {"resume", "elastic", "none", "fsdp2", "2proc", "docmask0", "docmask1", "unequal passes",
-            "eval_tasks", "held-out", "workers0", "workers1", "inst", "sigterm one rank", "sigterm every rank"}
+            "eval_tasks", "held-out", "workers0", "workers1", "inst", "sigterm one rank", "sigterm every rank",
+            "3proc", "fsdp2 refused"}
     assert want <= got, sorted(want - got)
 
 
