@@ -49,7 +49,7 @@ N_SHARDS = 5  # per source: logical streams for an elastic resume on 3 processes
 DATA_VERSION = 2  # made again by prepare() when this changes
 BUILTIN = ("text", "captions", "interleaved")  # the order of the mixture and the log line
 NAMED = {"easy": "text", "inst": "text"}  # a named text source, a named instruction source
-TIMEOUT = 240  # seconds per launch: a hang fails the seed, it never blocks the soak
+TIMEOUT = 300  # seconds per launch: a hang fails the seed, it never blocks the soak
 
 
 class SoakFailure(AssertionError):
