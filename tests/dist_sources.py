@@ -85,7 +85,7 @@ def main():
             assert all(torch.equal(every[0], w) for w in every), f"step {state['step']}: weights differ"
         if phase:
             digest = hashlib.sha256(weights.cpu().numpy().tobytes()).hexdigest()[:16]
-            steps.append({"step": state["step"], "samples": sorted(samples), "weights": digest})
+            steps.append({"step": state["step"], "samples": [list(x) for x in samples], "weights": digest})
             (out / f"{prefix}rank{acc.process_index}.json").write_text(json.dumps(steps))
         if sigterm and state["step"] == sigterm[0] and sigterm[1] in ("all", str(acc.process_index)):
             os.kill(os.getpid(), signal.SIGTERM)
