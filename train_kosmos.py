@@ -118,6 +118,29 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
     log.start_bar(max_steps, state["step"])
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
     last_saved = state["step"]
+
+    def report_window(step: int, res) -> None:
+        """The log line of the window that ends at `step` (a collective: every rank calls it at the same
+        steps), its cumulative per-source figures into the trainer state."""
+        with dog.waiting("the log-window reduce"):
+            report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
+                                  bad_steps=state["bad_steps"], **mixture.figures())
+        state["tokens"] += report.tokens
+        state["sources"] = report.sources
+        log.info(report.line)
+        for name, fig in report.sources.items():
+            limit = cfg.data.source(name).max_epochs
+            if limit and fig["epoch"] >= limit and name not in warned:
+                warned.add(name)
+                log.info(f"WARNING: {name} started pass {fig['epoch'] + 1} over its data, more than "
+                         f"{cfg.data.key(name)}.max_epochs={limit}: its samples are being repeated")
+        if on_report is not None:
+            on_report(acc, state, report)
+        for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
+            log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
+                                                              file=sys.stderr)
+        acc.log(report.metrics, step=step)
+
     model.train()
     # The watchdog ends this rank when a wait (data, a collective, a save) outlasts train.collective_timeout.
     dog = Watchdog(cfg.train.collective_timeout, acc.process_index,
@@ -135,25 +158,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
             log.advance()
             if on_step is not None:
                 on_step(acc, state, model, res.samples)
-            if step % cfg.train.log_every == 0 or step == max_steps:
-                with dog.waiting("the log-window reduce"):
-                    report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
-                                          bad_steps=state["bad_steps"], **mixture.figures())
-                state["tokens"] += report.tokens
-                state["sources"] = report.sources
-                log.info(report.line)
-                for name, fig in report.sources.items():
-                    limit = cfg.data.source(name).max_epochs
-                    if limit and fig["epoch"] >= limit and name not in warned:
-                        warned.add(name)
-                        log.info(f"WARNING: {name} started pass {fig['epoch'] + 1} over its data, more than "
-                                 f"{cfg.data.key(name)}.max_epochs={limit}: its samples are being repeated")
-                if on_report is not None:
-                    on_report(acc, state, report)
-                for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
-                    log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
-                                                                      file=sys.stderr)
-                acc.log(report.metrics, step=step)
+            logged = step % cfg.train.log_every == 0 or step == max_steps
+            if logged:
+                report_window(step, res)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 if ev := evaluate(acc, cfg, model, encoder, step, waiting=dog.waiting):
                     acc.log(ev, step=step)
@@ -161,6 +168,8 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
             with dog.waiting("the stop-flag reduce"):
                 stop_now = stop.any_rank(acc)
             if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
+                if not logged:  # the checkpoint's cumulative figures (tokens, images) count every step so far,
+                    report_window(step, res)  # so that a resume goes on from the right totals
                 with dog.waiting("the checkpoint save"):  # its barriers wait for rank 0's writing
                     seen = torch.tensor(mixture.samples_seen(), device=acc.device)
                     state["samples"] = int(all_reduce_sum(acc, seen, "samples seen"))  # every rank's

@@ -538,7 +538,8 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """`auto` (bf16 where the device supports it, else fp32), `bf16`, `fp16` or `no`."""
     log_every: int = 10
-    """Steps between log lines (and tracker points)."""
+    """Steps between log lines (and tracker points); a checkpoint written between them gets a line too, so
+    that the cumulative figures it saves count every step before it."""
     eval_every: int = 1000
     """Steps between evaluations on data.*.eval_shards (0: never)."""
     eval_batches: int = 20

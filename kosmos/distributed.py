@@ -16,7 +16,7 @@ configuration (`configs/kosmos1.yaml`: 1.67B parameters of which 1.36B trainable
     training.train_step (FSDP2 only)       all-gather weights / reduce-scatter    every micro-batch  per unit
     training.train_step (FSDP2 only)       gradient norm (clip_grad_norm_)        every step        1 fp32
     checkpoint.StopFlag.any_rank           "a rank was signalled"                 every step        1 fp32
-    metrics.Meter.report                   the log window, packed                 every log_every   3 + 8 x sources
+    metrics.Meter.report                   the log window, packed                 log_every, saves  3 + 8 x sources
                                                                                                     + streams, fp64
     train_kosmos.train -> save             barriers (3) + samples seen            every save_every  1 int64
     checkpoint.save_checkpoint (FSDP2)     DCP save planning and writes           every save_every  per shard

@@ -2,10 +2,19 @@
 trains configs/tiny.yaml with the overrides given after OUT and checks, at every log line, that each
 per-source figure equals the one recomputed from every rank's own window, gathered separately (not through
 the reduction under test), and after every step that the ranks hold bit-identical weights. The main process
-writes the reports' per-source figures to OUT/reports.json. Prints SOURCES_OK on success."""
+writes the reports' per-source figures to OUT/reports.json. Prints SOURCES_OK on success.
 
+Options before the overrides (tests/soak.py): `--phase NAME` names the files written: OUT/NAME.reports.json and,
+per rank, OUT/NAME.rank{R}.json with every step's sorted (source, shard, offset) of the samples the rank
+started and a hash of the full weights; `--sigterm STEP:WHO` sends SIGTERM at that step to rank WHO's own
+process, or to every rank's (`all`), as a preemption would; `--resume` resumes from the newest checkpoint.
+Like train_kosmos.main, a ConfigError / CheckpointError / DataError is one `error: ...` line and exit 2."""
+
+import hashlib
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +22,7 @@ import torch
 from accelerate.utils import gather_object
 
 import train_kosmos  # the checkout's: the test puts it on PYTHONPATH
-from kosmos.config import load_config
+from kosmos.config import ConfigError, load_config
 
 
 def check_report(every: list[dict], report) -> None:
@@ -33,16 +42,53 @@ def check_report(every: list[dict], report) -> None:
     assert math.isclose(report.metrics["train/loss"], total, rel_tol=1e-9)
 
 
+def weights_of(acc, model) -> torch.Tensor:
+    """The full weights as one flat fp32 vector (a collective under train.sharding=fsdp2: every rank calls
+    it)."""
+    from kosmos.sharding import full
+
+    return torch.cat([full(p.detach()).float().flatten() for p in acc.unwrap_model(model).parameters()])
+
+
 def main():
+    from kosmos.checkpoint import CheckpointError, list_checkpoints
+    from kosmos.data.stream import DataError
+    from kosmos.sharding import is_sharded
+    from kosmos.training import check_config
+
     out, args = Path(sys.argv[1]), sys.argv[2:]
+    phase, sigterm, resume = None, None, None
+    while args[:1] and args[0].startswith("--"):
+        opt = args.pop(0)
+        if opt == "--phase":
+            phase = args.pop(0)
+        elif opt == "--sigterm":
+            at, who = args.pop(0).split(":")
+            sigterm = (int(at), who)
+        elif opt == "--resume":
+            resume = "latest"
+        else:
+            raise SystemExit(f"dist_sources.py: unknown option {opt}")
+    prefix = f"{phase}." if phase else ""
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", args)
-    reports = []
+    reports, steps = [], []
     tokens = {}
+    if resume and (saved := list_checkpoints(cfg.train.output_dir)):
+        # the cumulative figures go on from the checkpoint's
+        sources = json.loads((saved[-1] / "trainer_state.json").read_text()).get("sources") or {}
+        tokens = {n: int(f["tokens"]) for n, f in sources.items()}
 
     def on_step(acc, state, model, samples):
-        weights = torch.cat([p.detach().float().flatten() for p in acc.unwrap_model(model).parameters()])
-        every = acc.gather(weights[None])
-        assert all(torch.equal(every[0], w) for w in every), f"step {state['step']}: weights differ"
+        weights = weights_of(acc, model)
+        if not is_sharded(acc.unwrap_model(model)):  # DDP: every rank holds the whole model
+            every = acc.gather(weights[None])
+            assert all(torch.equal(every[0], w) for w in every), f"step {state['step']}: weights differ"
+        if phase:
+            digest = hashlib.sha256(weights.cpu().numpy().tobytes()).hexdigest()[:16]
+            steps.append({"step": state["step"], "samples": [list(x) for x in samples], "weights": digest})
+            (out / f"{prefix}rank{acc.process_index}.json").write_text(json.dumps(steps))
+        if sigterm and state["step"] == sigterm[0] and sigterm[1] in ("all", str(acc.process_index)):
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_report(acc, state, report):
         every = gather_object([report.local()])
@@ -52,9 +98,14 @@ def main():
             assert report.sources[name]["tokens"] == tokens[name], name
         reports.append({"step": state["step"], "line": report.line, "sources": report.sources})
         if acc.is_main_process:
-            (out / "reports.json").write_text(json.dumps(reports))
+            (out / f"{prefix}reports.json").write_text(json.dumps(reports))
 
-    train_kosmos.train(cfg, on_step=on_step, on_report=on_report, progress=False)
+    try:
+        check_config(cfg)
+        train_kosmos.train(cfg, resume=resume, on_step=on_step, on_report=on_report, progress=False)
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"SOURCES_OK {len(reports)} reports", flush=True)
 
 

@@ -177,6 +177,14 @@ def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> li
     return _make_shards(root, "inst", n_shards, per_shard, seed, sample)
 
 
+def easy_text_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:
+    """Text that a model learns at once: one word, repeated."""
+    root.mkdir(parents=True, exist_ok=True)
+    doc = b" ".join([b"yes"] * 40)
+    return [str(write_tar(root / f"easy-{s:06d}.tar", [{"__key__": f"e{s}_{i}", "txt": doc}
+                                                        for i in range(per_shard)])) for s in range(n_shards)]
+
+
 def caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0,
                    captions: int = 1) -> list[str]:
     """Caption shards; with ``captions`` > 1, sample i has 1 + i % captions distinct captions, COCO-style:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import DDP_DEBUG, instruction_shards, launch, write_tar
+from tests.helpers import DDP_DEBUG, easy_text_shards, instruction_shards, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,14 +169,6 @@ def _launch(nproc: int, script: str, args: list[str], timeout: int = 420) -> sub
     """tests/SCRIPT on `nproc` processes (tests.helpers.launch: KOSMOS_CHECK_COLLECTIVES=1; DDP, so without
     TORCH_DISTRIBUTED_DEBUG=DETAIL, which makes DDP's constructor crash on gloo in torch 2.14.1)."""
     return launch(nproc, ROOT / "tests" / script, args, timeout=timeout, debug=DDP_DEBUG)
-
-
-def easy_text_shards(root: Path, n_shards: int, per_shard: int) -> list[str]:
-    """Text that a model learns at once: one word, repeated."""
-    root.mkdir(parents=True, exist_ok=True)
-    doc = b" ".join([b"yes"] * 40)
-    return [str(write_tar(root / f"easy-{s:06d}.tar", [{"__key__": f"e{s}_{i}", "txt": doc}
-                                                        for i in range(per_shard)])) for s in range(n_shards)]
 
 
 @pytest.mark.slow
