@@ -733,6 +733,20 @@ def remap_streams(states: dict[int, dict], S: int, old: list[str], new: list[str
     return out, note
 
 
+def complete_streams(states: dict[int, dict], wanted, S: int, n_shards: int, seed: int) -> dict[int, dict]:
+    """`states` with a fresh state (the start of the first pass, its part written out) for each stream of
+    `wanted` that has none: a stream that no worker had read from when the checkpoint was written. Its part
+    depends on the shard count and S it was made with, so it must be fixed before the streams are split or
+    the shard list changes; else the new streams' defaults would overlap the split ones' samples."""
+    out = dict(states)
+    for s in wanted:
+        if s not in out:
+            out[s] = {"epoch": 0, "k": 0, "offset": -1, "sub": 0, "buffer": [], "carry": None,
+                      "rng": _rng_state(random.Random(f"kosmos-shuffle-{seed}-{s}")), "skipped": {}, "samples": 0,
+                      "truncated": 0, "failed": {}, "wait": {}, "part": list(default_part(s, S, n_shards))}
+    return out
+
+
 def split_streams(states: dict[int, dict], S: int, m: int, n_shards: int) -> dict[int, dict]:
     """The states of S streams split into S * m (module docstring, "Scaling up"): stream s, reading part
     (a, A, b, B), becomes the streams s + S*j (j < m) reading (a, A, b + B*j, B*m), each going on from s's
@@ -883,9 +897,10 @@ class SourceLoader:
                 "streams": {str(s): st for s, st in self.states.items()},
                 "shards_digest": shard_digest(ds.shards), **({"shards": list(ds.shards)} if ds.rank == 0 else {})}
 
-    def _remapped(self, states: dict[int, dict], sd: dict, S: int) -> dict[int, dict]:
-        """`states` for this run's shard list, when it is not the one they were saved with (remap_streams);
-        refused, naming --reset-data, when the checkpoint holds the digest but not the list."""
+    def _remapped(self, states: dict[int, dict], sd: dict, S: int, wanted) -> dict[int, dict]:
+        """`states` for this run's shard list, when it is not the one they were saved with (remap_streams;
+        the streams of `wanted` without a state completed first, with the old list's parts); refused, naming
+        --reset-data, when the checkpoint holds the digest but not the list."""
         ds = self.dataset
         saved = sd.get("shards_digest")
         if saved is None or saved == shard_digest(ds.shards):  # the same list (or a checkpoint before digests)
@@ -895,6 +910,7 @@ class SourceLoader:
             raise ConfigError(f"{ds.name}: the shard list changed since the checkpoint, which does not hold the "
                               f"list it was saved with (rank 0's data position); start this source's data over "
                               f"with --reset-data {ds.name}")
+        states = complete_streams(states, wanted, S, len(old), ds.seed)
         states, note = remap_streams(states, S, old, ds.shards, ds.seed, ds.infinite)
         self.resume_note = f"{ds.name}: {note}"
         return states
@@ -914,7 +930,9 @@ class SourceLoader:
                 raise ConfigError(
                     f"{ds.name}: the data position has {S} logical streams, fewer than this run's {G} "
                     f"global workers; start this source's data over with --reset-data {ds.name}")
-            states = self._remapped({int(s): st for s, st in own["streams"].items()}, sd, S)
+            nw = max(1, self.num_workers)
+            mine = [s for w in range(nw) for s in range(ds.rank * nw + w, S, G)]
+            states = self._remapped({int(s): st for s, st in own["streams"].items()}, sd, S, mine)
             self.turns = {int(w): s for w, s in own["turns"].items()}
             self.next_worker = own["next_worker"]
         else:
@@ -924,12 +942,13 @@ class SourceLoader:
                                   "needs the data positions of every rank (data_rank*.json), or start this "
                                   f"source's data over with --reset-data {ds.name}")
             states = {int(k): v for r, d in enumerate(ranks) for k, v in _upgrade(d, r)["streams"].items()}
-            states = self._remapped(states, sd, S)
+            states = self._remapped(states, sd, S, range(S))
             self.turns, self.next_worker = {}, 0
             how = f"its {S} logical streams dealt over the new workers"
             if S < G:  # more global workers than streams: split each stream by samples
                 m = -(-G // S)
-                states = split_streams(states, S, m, len(ds.shards))
+                states = split_streams(complete_streams(states, range(S), S, len(ds.shards), ds.seed), S, m,
+                                       len(ds.shards))
                 how = f"its {S} logical streams split by samples into {S * m}, dealt over the new workers"
                 S *= m
             self.resume_note = ((self.resume_note + "\n") if self.resume_note else "") + (
