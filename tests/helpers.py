@@ -555,6 +555,15 @@ def launch(nproc: int, script, args=(), timeout: float = 300, *, check: bool = T
     return res
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie nobody reaps counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def alive_with_marker(marker: str) -> list[int]:
     """Pids of the live processes (zombies have no environment left to read) whose environment has
     KOSMOS_TEST_MARKER=`marker`."""

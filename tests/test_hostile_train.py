@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import train_kosmos
-from tests.helpers import ROOT, MixtureStandIn
+from tests.helpers import ROOT, MixtureStandIn, process_gone
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -352,15 +352,6 @@ def _loader_script(shards, tokenizer_dir, *lines, **kw) -> str:
         f"num_workers=2, shuffle_buffer=0{', ' + args if args else ''}))", *lines, ""])
 
 
-def _gone(pid: int) -> bool:
-    """Whether process `pid` has ended (a zombie nobody reaps counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_die_with_the_main_process_even_killed_with_sigkill(tiny_tokenizer):
     """A main process killed with SIGKILL runs no exit handler: its workers, here both blocked reading a
@@ -389,10 +380,10 @@ def test_workers_die_with_the_main_process_even_killed_with_sigkill(tiny_tokeniz
         proc.kill()
         proc.wait()
         for _ in range(300):
-            if all(_gone(w) for w in workers):
+            if all(process_gone(w) for w in workers):
                 break
             time.sleep(0.1)
-        assert all(_gone(w) for w in workers), "a worker outlived its main process killed with SIGKILL"
+        assert all(process_gone(w) for w in workers), "a worker outlived its main process killed with SIGKILL"
     finally:
         proc.kill()
         os.killpg(proc.pid, signal.SIGKILL)  # the `sleep`s the workers started
@@ -408,7 +399,7 @@ def _children(pid: int) -> list[int]:
             kids += [int(c) for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
         except FileNotFoundError:
             pass
-    return kids + [g for k in kids for g in _children(k) if not _gone(k)]
+    return kids + [g for k in kids for g in _children(k) if not process_gone(k)]
 
 
 def test_a_sigterm_to_the_whole_process_group_leaves_the_workers_and_their_server_running(tiny_tokenizer,

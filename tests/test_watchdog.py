@@ -22,6 +22,7 @@ from tests.helpers import (
     kill_group,
     kill_marked,
     launch,
+    process_gone,
     start,
     tiny_config,
 )
@@ -104,18 +105,10 @@ def test_kill_descendants_finds_grandchildren_in_other_sessions():
         _wait_until(lambda: len(descendants(child.pid)) == 1)
         below = descendants(child.pid)
         kill_descendants(child.pid)
-        _wait_until(lambda: not os.path.exists(f"/proc/{below[0]}") or _zombie(below[0]))
+        _wait_until(lambda: process_gone(below[0]))
     finally:
         child.kill()
         child.wait()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 _TRIP = """
