@@ -40,18 +40,12 @@ def make_data(root: Path) -> list[str]:
     import io
     import random
 
-    from data_tools import captions, interleaved
-    from data_tools.shapes import make_shapes
+    from data_tools.shapes import toy_shards
     from tokenizer import TINY_CORPUS
     from tokenizer.build import build_tokenizer
 
     build_tokenizer([TINY_CORPUS], root / "tok", 1000, character_coverage=0.995, quiet=True)
-    make_shapes(root / "shapes", 400, size=64, seed=0, docs=60)
-    common = ["--no-progress", "--samples-per-shard", "100", "--image-size", "64"]
-    captions.main(["--format", "folder", "--input", str(root / "shapes" / "images"),
-                   "--output", str(root / "captions"), *common])
-    interleaved.main(["--format", "mmc4", "--input", str(root / "shapes" / "mmc4.jsonl"), "--images-root",
-                      str(root / "shapes" / "images"), "--output", str(root / "interleaved"), *common])
+    toy_shards(root)  # shapes, converted into caption and interleaved shards
     words = TINY_CORPUS.read_text(encoding="utf-8").split()
     rng = random.Random(0)
     (root / "text").mkdir()

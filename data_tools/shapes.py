@@ -79,6 +79,21 @@ def make_shapes(output: str | Path, n: int, size: int = 96, seed: int = 0, docs:
     return items
 
 
+def toy_shards(root: str | Path, n: int = 400, size: int = 64, docs: int = 60) -> None:
+    """The tests' and benchmarks' small set: `n` shapes (`make_shapes`, seed 0) under root/shapes, converted
+    into caption shards (root/captions) and MMC4-style interleaved shards (root/interleaved) of 100 samples
+    each at `size` pixels, through the real converters."""
+    from data_tools import captions, interleaved
+
+    root = Path(root)
+    make_shapes(root / "shapes", n, size=size, seed=0, docs=docs)
+    common = ["--no-progress", "--samples-per-shard", "100", "--image-size", str(size)]
+    captions.main(["--format", "folder", "--input", str(root / "shapes" / "images"),
+                   "--output", str(root / "captions"), *common])
+    interleaved.main(["--format", "mmc4", "--input", str(root / "shapes" / "mmc4.jsonl"), "--images-root",
+                      str(root / "shapes" / "images"), "--output", str(root / "interleaved"), *common])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", "-o", required=True, help="folder to write images/ (and mmc4.jsonl) into")

@@ -22,17 +22,11 @@ def tiny_run(tmp_path_factory, tiny_tokenizer):
     """Shards of all three sources for training configs/tiny.yaml, and the overrides that point at them:
     generated shapes with captions (through data_tools.captions), MMC4-style documents about them (through
     data_tools.interleaved) and short text documents."""
-    from data_tools import captions, interleaved
-    from data_tools.shapes import make_shapes
+    from data_tools.shapes import toy_shards
     from tests.helpers import text_shards
 
     root = tmp_path_factory.mktemp("tiny_run")
-    make_shapes(root / "shapes", 400, size=64, seed=0, docs=60)
-    common = ["--no-progress", "--samples-per-shard", "100", "--image-size", "64"]
-    captions.main(["--format", "folder", "--input", str(root / "shapes" / "images"),
-                   "--output", str(root / "captions"), *common])
-    interleaved.main(["--format", "mmc4", "--input", str(root / "shapes" / "mmc4.jsonl"), "--images-root",
-                      str(root / "shapes" / "images"), "--output", str(root / "interleaved"), *common])
+    toy_shards(root)  # shapes, converted into caption and interleaved shards
     text_shards(root / "text", 4, 200)
     tok_dir = tiny_tokenizer.path
     return [f"tokenizer.path={tok_dir}", f"data.captions.shards=[{root / 'captions'}]",
