@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = args.config or str(ROOT / "configs" / "tiny.yaml")
     cfg = load_config(config, decoder_overrides(args, small_vocab=8192))
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "vision tower randomly initialised" is expected here
-        model = Kosmos(cfg, load_vision_weights=False)
+    model = Kosmos(cfg)
     model.to(device=device, dtype=dtype).eval()
 
     rng = random.Random(0)

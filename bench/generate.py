@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = decoder_overrides(args, small_vocab=8192) + [f"decoder.attention={args.attention}"]
     cfg = load_config(config, overrides)
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "vision tower randomly initialised" is expected here
-        model = Kosmos(cfg, load_vision_weights=False)
+    model = Kosmos(cfg)
     model.to(device=device, dtype=dtype).eval()
 
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(config, overrides + [f"decoder.attention={name.split('+')[0]}",
                                                f"decoder.compile={'compile' in name}"])
         torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "vision tower randomly initialised" is expected here
-            model = Kosmos(cfg, load_vision_weights=False)
+        model = Kosmos(cfg)
         model.to(device=device, dtype=dtype).train()
         if models:
             model.load_state_dict(next(iter(models.values())).state_dict())

@@ -20,7 +20,7 @@ A checkpoint directory is all that inference needs: weights, config and tokenize
 On resume a checkpoint is checked before anything is loaded (every file there, JSON that parses, a
 safetensors file as long as its header says, zip-complete torch files) and its weights must be finite; a
 damaged one is a `CheckpointError` naming the file, and `--resume latest` then falls back to the previous
-complete checkpoint, saying so. Keys that change the data order or shapes (`RESUME_KEYS`) must be those
+complete checkpoint, saying so. Keys that change the data order or shapes (`kosmos.config.FIXED`) must be those
 the checkpoint was trained with, unless `--allow-config-change` names them.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import signal
 import zipfile
@@ -38,29 +37,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kosmos.errors import KosmosError
+from kosmos.sharding import is_sharded
 from kosmos.untrusted import load_json
+from kosmos.weights import (  # noqa: F401 - finding and checking weights; re-exported for training
+    STEP_RE,
+    CheckpointError,
+    CheckpointNotFound,
+    check_finite,
+    check_safetensors,
+    checkpoint_dir,
+    find_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+)
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: incomplete, damaged (truncated, not parseable) or with non-finite
-    weights. The message names the file."""
-
-
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoint_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)
-             and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
-
+SHARDED = "sharded"
+"""The folder of a sharded (FSDP2) checkpoint's model and optimizer shards."""
 
 def resume_candidates(spec: str | None, output_dir: str | Path) -> list[Path]:
     """The checkpoints `--resume spec` may start from, in the order to try: for `latest`, the complete ones
@@ -127,104 +120,12 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load `model.safetensors` (the file, or a checkpoint directory holding it) into `model`. Never
-    unpickles; weights that do not fit the model fail with the file and the first mismatches named, and so
-    do saved settings that the weights do not record (`kosmos.model.check_checkpoint_fits`)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model weights at {path} (expected a .safetensors file or a checkpoint dir)")
-    from kosmos.model import check_checkpoint_fits
-
-    check_checkpoint_fits(model, path.parent)  # settings the weights do not record must agree too
-    check_safetensors(path)
-    try:
-        missing, unexpected = load_model(model, str(path), strict=False)
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise ValueError(f"{path}: weights do not fit this config ({len(lines)} mismatches, e.g. "
-                         f"{'; '.join(lines[:2]) or e}); is it the config the checkpoint was trained with?") from None
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit this config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    check_finite(model, path)
-
-
-def check_finite(model: torch.nn.Module, path: str | Path) -> None:
-    """Refuse weights with NaN or inf, naming the tensors: a damaged file or a diverged run would otherwise
-    load silently and fail later as a non-finite loss. One pass over the weights, at load time only. A
-    sharded model (FSDP2) is checked shard by shard, the counts summed over the ranks (one all-reduce), so
-    that every rank raises the same error."""
-    import torch.distributed as dist
-
-    from kosmos.sharding import local
-
-    names, counts, sharded = [], [], False
-    for name, t in model.state_dict().items():
-        shard = local(t)  # a DTensor: this rank's shard
-        t, sharded = shard, sharded or shard is not t
-        if t.is_floating_point():
-            names.append(name)
-            counts.append(torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()]))
-    if not counts:
-        return
-    total = torch.stack(counts)
-    if sharded and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    bad = [f"{name} ({nan} NaN, {inf} inf)" for name, (nan, inf) in zip(names, total.tolist(), strict=True)
-           if nan or inf]
-    if bad:
-        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-        raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s): {', '.join(bad[:4])}"
-                              f"{more}; resume from an earlier checkpoint (--resume PATH)")
-
-
-def check_safetensors(path: Path) -> None:
-    """A truncated or padded safetensors file, from its header alone (the file is not read)."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"a header of {n} bytes")
-            header = load_json(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a safetensors file, or truncated ({size} bytes; {e})") from None
-    if 8 + n + end != size:
-        raise CheckpointError(f"{path}: {size} bytes, but its header describes {8 + n + end}: truncated or "
-                              "damaged")
-
-
 def write_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
 def read_json(path: Path):
     return load_json(path.read_text())
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from `path`: the directory itself when it holds `model.safetensors`, else the
-    newest complete checkpoint of a run's output directory (or of its `checkpoints/` folder)."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    for root in (path, path.parent if path.name == "checkpoints" else None):
-        if root is not None and list_checkpoints(root):
-            return list_checkpoints(root)[-1]
-    if (path / "sharded" / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: a sharded checkpoint; make its model.safetensors with "
-                                f"`python -m kosmos.checkpoint consolidate {path} OUT_DIR`")
-    raise FileNotFoundError(f"{path}: neither a checkpoint (no model.safetensors) nor a run directory with "
-                            "complete checkpoints in checkpoints/")
 
 
 # ----------------------------------------------------------------------------- training checkpoints
@@ -274,7 +175,6 @@ def save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state: dict)
     from safetensors.torch import save_model
 
     from kosmos.config import save_config
-    from kosmos.sharding import SHARDED, is_sharded, save_sharded
 
     step = state["step"]
     tmp = tmp_path_for(cfg.train.output_dir, step)
@@ -346,7 +246,6 @@ def check_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     if fsdp2:
-        from kosmos.sharding import check_sharded
 
         check_sharded(path / "sharded")
     else:
@@ -371,20 +270,6 @@ def check_checkpoint(path: Path) -> dict:
     return state
 
 
-RESUME_KEYS = ("seed", "decoder.max_len", "tokenizer.path", "data.")
-"""Config keys (and prefixes) that change the data order or the shapes of what a resumed run reads: a
-resume refuses to change them unless `--allow-config-change` names them. Not compared under `data.`: the
-eval shards, the worker count (the data position is dealt over another one: kosmos.data.stream), the
-epoch warning (`max_epochs`), the `allow_*` switches and how remote shards are read (`read_timeout`, `read_retries`)."""
-
-
-def _resume_key(key: str) -> bool:
-    if key.endswith((".eval_shards", ".workers", ".max_epochs")) or \
-            key.split(".")[-1].startswith(("allow_", "read_")):
-        return False
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS)
-
-
 _SOURCE = object()
 """config_changes: the change is a source added or removed."""
 
@@ -400,12 +285,13 @@ def _active_sources(data: dict) -> list[str]:
 
 
 def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
-    """Compare the keys of RESUME_KEYS between the config checkpoint `path` was trained with (`saved`, a
+    """Compare the keys fixed on resume (`kosmos.config.is_fixed_on_resume`: field metadata) between the
+    config checkpoint `path` was trained with (`saved`, a
     nested dict) and this run's `cfg`, and the sources that take part: a source added or removed is a change
     of its key (`data.sources.<name>`). A change that `allowed` does not name (a key, or a section such as
     `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
     Keys the checkpoint predates are not compared."""
-    from kosmos.config import ConfigError, flatten
+    from kosmos.config import ConfigError, flatten, is_fixed_on_resume
 
     ours = flatten(cfg.to_dict())
     theirs = flatten(saved)
@@ -413,7 +299,7 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
         if not any(k == key or k.startswith(key + ".") for k in (*ours, *theirs)):
             raise ConfigError(f"--allow-config-change {key}: not a config key")
     changed = [(k, theirs[k], v) for k, v in ours.items()
-               if _resume_key(k) and k in theirs and theirs[k] != v]
+               if is_fixed_on_resume(k) and k in theirs and theirs[k] != v]
     before, now = _active_sources(saved.get("data") or {}), _active_sources(cfg.to_dict()["data"])
     # data.text/captions/interleaved are always in both configs: their keys compare above
     sources = [(k, "added") for k in now if k not in before and k.startswith("data.sources.")]
@@ -509,7 +395,6 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     from kosmos.config import ConfigError
     from kosmos.data.state import DataStateError, check_data_state
     from kosmos.data.stream import rank_data_state
-    from kosmos.sharding import SHARDED, is_sharded, load_sharded
 
     state = check_checkpoint(path)
     world = int(state["world_size"])
@@ -582,7 +467,152 @@ class StopFlag:
         return bool(all_reduce_sum(acc, flag, "stop flag").item() > 0)  # sync point, once per step
 
 
-if __name__ == "__main__":  # python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR
-    from kosmos.sharding import main
+# ----------------------------------------------------------------------------- sharded checkpoints (FSDP2)
 
+
+def save_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
+    """Every rank writes its shard of the model and optimizer state into `path` (torch.distributed.checkpoint:
+    one file per rank and a metadata file; nothing is gathered). All ranks must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, _inner(optimizer))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
+    """Read `save_sharded`'s files into the sharded model and optimizer (same number of ranks). DCP reads
+    tensors and plain values only: nothing is unpickled as code."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / ".metadata").is_file():
+        raise CheckpointNotFound(f"{path}: no sharded checkpoint here (no torch.distributed.checkpoint "
+                                 ".metadata)")
+    opt = _inner(optimizer)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def check_sharded(path: Path) -> None:
+    """Every file that the metadata of sharded checkpoint `path` points into is there and long enough (sizes
+    only, nothing read): a truncated or missing shard is a CheckpointError naming it, before any rank loads
+    (a failure inside the collective load could leave the ranks disagreeing)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - whatever a damaged metadata file raises
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__})") from None
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        f = path / name
+        size = f.stat().st_size if f.is_file() else None
+        if size is None or size < end:
+            raise CheckpointError(f"{f}: {'missing' if size is None else f'{size} bytes'}, but the sharded "
+                                  f"checkpoint's metadata needs {end}: truncated or incomplete")
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+
+
+def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """One process, no process group: the model weights of sharded checkpoint `ckpt` into
+    out_dir/model.safetensors, with the checkpoint's config.yaml and tokenizer/, so that
+    `kosmos.weights.load_model(out_dir)` (generation, evaluation) loads it. Returns out_dir."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_model
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from kosmos.config import Config, save_config
+    from kosmos.model import Kosmos
+
+    ckpt, out = Path(ckpt), Path(out_dir)
+    src = ckpt / SHARDED
+    if not (src / ".metadata").is_file():
+        raise CheckpointNotFound(f"{ckpt}: not a sharded checkpoint (no {SHARDED}/.metadata)")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; give a new or existing folder for the output")
+    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
+        raise CheckpointError(f"{out}: the output must not be the checkpoint {ckpt} or inside it (nothing is "
+                              "written into the checkpoint); give another folder")
+    check_sharded(src)  # every shard file there and long enough, named if not
+    cfg = Config.from_checkpoint(ckpt)
+    cfg.decoder.compile = False  # nothing to compile for a copy
+    model = Kosmos(cfg)
+    sd = model.state_dict()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
+            dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged bytes: miniz, the weights-only
+        # reader, ...; DCP wraps them in a CheckpointException, a BaseException, whose text is a traceback
+        raise CheckpointError(f"{src}: unreadable shard data ({_first_cause(e)})") from None
+    model.load_state_dict(sd)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp"
+    save_model(model, str(tmp))  # the tied embedding stored once, as in training
+    tmp.replace(out / "model.safetensors")  # a cut write never leaves a model.safetensors behind
+    save_config(cfg, out / "config.yaml")
+    if (ckpt / "tokenizer").is_dir():
+        shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    return out
+
+
+def _first_cause(e: BaseException) -> str:
+    """`Type: first line` of what went wrong under a DCP CheckpointException (which lists a traceback per
+    rank), else of `e` itself."""
+    failures = getattr(e, "failures", None)
+    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+    err = inner[0] if isinstance(inner, tuple) and inner else e  # DCP keeps (exception, stack summary)
+    err = err if isinstance(err, BaseException) else e
+    text = str(err).strip()
+    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # no advice to unpickle after it
+    return f"{type(err).__name__}: {first}"
+
+
+def _ModelOnly():
+    """A load planner that reads the model's entries and leaves the optimizer's in the file."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    return DefaultLoadPlanner(allow_partial_load=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR`: a `KosmosError` is one `error:` line
+    and exit 2 (`kosmos.errors.run_cli`)."""
+    from kosmos.errors import run_cli
+
+    return run_cli(_command, argv)
+
+
+def _command(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m kosmos.checkpoint",
+                                 description="Tools for training checkpoints.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("consolidate", help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "
+                                           "config and tokenizer, for generation and evaluation")
+    c.add_argument("ckpt", help="a checkpoint directory of a sharded run (it holds sharded/)")
+    c.add_argument("out", help="output directory")
+    args = ap.parse_args(argv)
+    try:
+        out = consolidate(args.ckpt, args.out)
+    except OSError as e:  # the output: no space left, no permission
+        if isinstance(e, KosmosError):
+            raise
+        raise KosmosError(f"{args.out}: cannot write the consolidated model ({e.strerror or e})") from None
+    print(f"wrote {out / 'model.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR
     raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Console scripts (see ``[project.scripts]`` in pyproject.toml) for the commands whose ``main`` returns data.
 
 A console script runs ``sys.exit(main())``: an int is the exit status, None is 0, and any other object is
-printed to stderr and exits 1. ``train_kosmos.main`` returns the final training state (a dict),
+printed to stderr and exits 1. ``kosmos.train.main`` returns the final training state (a dict),
 ``kosmos.generate.main`` the generated texts and ``kosmos.summary.main`` the parameter counts, which suits
 tests and notebooks but not a shell. These shims read the command line like the modules do (``main()``
 with no argv parses sys.argv) and return 0; failures still exit non-zero through the exceptions and
@@ -16,24 +16,24 @@ from __future__ import annotations
 
 
 def train() -> int:
-    """``kosmos-train``: ``python train_kosmos.py`` (one process; for several, ``accelerate launch``)."""
-    import train_kosmos
+    """``kosmos-train``: ``python -m kosmos.train`` (one process; for several, ``accelerate launch``)."""
+    from kosmos.train import main
 
-    train_kosmos.main()
+    main()
     return 0
 
 
 def generate() -> int:
     """``kosmos-generate``: ``python -m kosmos.generate``."""
+    from kosmos.errors import run_cli
     from kosmos.generate import main
 
-    main()
-    return 0
+    return run_cli(main)
 
 
 def summary() -> int:
     """``kosmos-summary``: ``python -m kosmos.summary``."""
+    from kosmos.errors import run_cli
     from kosmos.summary import main
 
-    main()
-    return 0
+    return run_cli(main)

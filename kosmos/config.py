@@ -21,10 +21,19 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kosmos.data.format import CAPTION_CHOICES, KINDS, LOSSES
+from kosmos.errors import KosmosError
+
+KINDS = ("text", "captions", "interleaved")
+"""The kinds of data source (`data.<source>.kind`), which are also the three unnamed sources' names."""
+LOSSES = ("all", "response")
+"""What an instruction sample's loss covers (`data.<source>.loss`): the whole text (the paper; default), or
+the response only (no loss on `<s>` and the prompt)."""
+CAPTION_CHOICES = ("first", "random", "all")
+"""How a caption sample with several captions is visited (`data.<source>.caption_choice`; see
+`kosmos.data.stream`)."""
 
 
-class ConfigError(ValueError):
+class ConfigError(KosmosError, ValueError):
     """A bad config: unknown key, wrong type or invalid value. The message names the key."""
 
 
@@ -40,6 +49,10 @@ allocation."""
 
 MAX_SEED = 2**32 - 1
 """The largest `seed`: numpy's generator (seeded with it by accelerate's set_seed) takes 0 .. 2**32 - 1."""
+
+FIXED = {"fixed_on_resume": True}
+"""Field metadata of the keys a resume must keep (`fixed_on_resume`): they change the data order or the shapes
+of what a run reads. `is_fixed_on_resume` reads it; `--allow-config-change KEY` lets a resume change one."""
 
 
 @dataclass
@@ -62,7 +75,7 @@ class DecoderConfig:
     """Dropout on residual branches and embeddings."""
     attention_dropout: float = 0.1
     """Dropout on attention probabilities."""
-    max_len: int = 2048
+    max_len: int = field(default=2048, metadata=FIXED)
     """Maximum sequence length (packed row length in training)."""
     xpos_scale_base: int = 512
     """xPos scale base (Sun et al., 2022); the paper uses 512."""
@@ -287,7 +300,7 @@ class ConnectorConfig:
 class TokenizerConfig:
     """Where the SentencePiece tokenizer lives (built with `python -m tokenizer.build`)."""
 
-    path: str | None = None
+    path: str | None = field(default=None, metadata=FIXED)
     """Directory holding tokenizer.model and tokenizer_config.json."""
 
 
@@ -304,29 +317,29 @@ checkpoint and `python -m kosmos.eval loss --shards NAME=PATTERN`."""
 class SourceConfig:
     """One training source: its kind, its shards and its share of each optimizer step."""
 
-    kind: str = ""
+    kind: str = field(default="", metadata=FIXED)
     """How its samples are read: `text` (`KEY.txt` documents), `captions` (an image and its caption(s)) or
     `interleaved` (`KEY.json` segments + images). Required under `data.sources.<name>`; `data.text`,
     `data.captions` and `data.interleaved` are of their own kind (left empty, it is filled in)."""
-    shards: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list, metadata=FIXED)
     """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`);
     local, URLs (`https://`, `s3://`, ...) or `pipe:COMMAND` (kosmos/data/remote.py)."""
     eval_shards: list[str] = field(default_factory=list)
     """Held-out shards for periodic evaluation (same forms as `shards`)."""
-    tokens_per_step: int = 0
+    tokens_per_step: int = field(default=0, metadata=FIXED)
     """Token budget of this source per optimizer step, all ranks together (0 leaves the source out)."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = field(default=8, metadata=FIXED)
     """Packed rows per forward pass."""
     workers: int = 2
     """DataLoader worker processes for this source, per rank."""
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = field(default=1000, metadata=FIXED)
     """Samples held by each worker's shuffle buffer (0: no shuffling beyond the shard order)."""
-    max_tokens: int = 0
+    max_tokens: int = field(default=0, metadata=FIXED)
     """A sample longer than this many tokens (`<s>`, text and image spans) is cut there, never inside an
     image span; its tail is dropped and counted (`train/truncated/<source>`). 0: no cap. Default 512 for
     captions (a 1 MB caption would otherwise fill thousands of rows), none for text and interleaved documents
     (the paper packs long documents over several rows)."""
-    loss: str = "all"
+    loss: str = field(default="all", metadata=FIXED)
     """Text sources: what the loss of an instruction sample (from `python -m data_tools.text --format
     instructions`, whose shards mark the prompt) covers: `all`, the whole templated text (as the paper trains
     it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is unaffected."""
@@ -334,7 +347,7 @@ class SourceConfig:
     """Warn once, in the log, when a logical stream of this source starts its pass number max_epochs + 1
     (the source repeated more than max_epochs times; the epoch each source is in shows in the log line as
     `e0`, `e1`, ...). Only a warning: the run goes on. 0: never warn."""
-    caption_choice: str = "random"
+    caption_choice: str = field(default="random", metadata=FIXED)
     """Caption sources whose samples carry several captions (COCO's five; a `captions` list in `KEY.json`):
     `random`, one caption per visit drawn from (seed, epoch, sample), so every caption is used over the
     epochs while an epoch still shows each image once (the same images and epoch length as with one caption;
@@ -369,7 +382,7 @@ class DataConfig:
     data.text/captions/interleaved in the plan, in the order given; a name must not be one of those three
     (configure them there). Each reads its shards in an order seeded by (seed, name)
     (`kosmos.data.mixture.source_seed`): two sources given the same shards do not read them in step."""
-    mixture_tolerance: float = 0.05
+    mixture_tolerance: float = field(default=0.05, metadata=FIXED)
     """How far (relative) the step's total tokens or a source's share of them may be from the budgets once
     rounded to whole micro-batches (kosmos/data/mixture.py); beyond it the run is refused."""
     allow_mixture_drift: bool = False
@@ -606,6 +619,49 @@ class TrainConfig:
             _check_eval_task(task, f"train.eval_tasks[{i}]")
 
 
+def is_fixed_on_resume(key: str) -> bool:
+    """Whether the dotted config `key` must keep the checkpoint's value on resume (its field carries `FIXED`
+    metadata): the seed, `decoder.max_len`, `tokenizer.path` and the data keys that change the data order or
+    shapes (`data.<source>.shards`, `micro_batch_size`, ...; not `workers`, `eval_shards`, `max_epochs`, the
+    `allow_*` switches or how remote shards are read). `data.sources.<name>.KEY` is a source's KEY."""
+    cls: Any = Config
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        f = fields.get(parts[i])
+        if f is None:
+            return False
+        if f.metadata.get("fixed_on_resume"):
+            return i == len(parts) - 1 or not dataclasses.is_dataclass(_field_type(cls, f.name))
+        tp = _field_type(cls, f.name)
+        if typing.get_origin(tp) is dict:  # data.sources.<name>
+            tp, i = typing.get_args(tp)[1], i + 1
+        cls, i = tp, i + 1
+    return False
+
+
+def fixed_on_resume_keys() -> list[str]:
+    """The keys `is_fixed_on_resume` accepts, for help texts and docs (`<source>`: any source's name)."""
+    out = []
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            tp = _field_type(cls, f.name)
+            if f.metadata.get("fixed_on_resume"):
+                out.append(prefix + f.name)
+            elif dataclasses.is_dataclass(tp) and tp is not SourceConfig:
+                walk(tp, f"{prefix}{f.name}.")
+    walk(Config, "")
+    out += [f"data.<source>.{f.name}" for f in dataclasses.fields(SourceConfig)
+            if f.metadata.get("fixed_on_resume")]
+    return out
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """A nested dict (a config's `to_dict()`, a saved one) as flat `section.key` entries."""
     out = {}
@@ -628,7 +684,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
+    seed: int = field(default=0, metadata=FIXED)
     """Random seed for initialisation and data order: 0 .. 2**32 - 1 (numpy's range)."""
 
     def __post_init__(self) -> None:
@@ -637,6 +693,27 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | Path, overrides: list[str] | None = None) -> Config:
+        """The config a checkpoint directory was trained with: its `config.yaml` (or, in checkpoints from
+        before that file existed, the copy in `trainer_state.json`), with the tokenizer path pointed at the
+        checkpoint's own copy of the tokenizer when it has one. Keys the saved config predates take the
+        behaviour the checkpoint was trained with, not today's default (`fill_legacy_keys`)."""
+        from kosmos.untrusted import load_json
+
+        ckpt = Path(ckpt)
+        state = ckpt / "trainer_state.json"
+        old = load_json(state.read_text()).get("config") if state.is_file() else None
+        if (ckpt / "config.yaml").is_file():
+            cfg = load_config(ckpt / "config.yaml", overrides, legacy=True)
+        elif isinstance(old, dict):
+            cfg = config_from_dict(fill_legacy_keys(old), overrides)
+        else:
+            raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint; pass the config it was trained with")
+        if (ckpt / "tokenizer" / "tokenizer.model").is_file():
+            cfg.tokenizer.path = str((ckpt / "tokenizer").resolve())
+        return cfg
 
     def given(self, key: str) -> bool:
         """Whether the dotted `key` was set by the YAML file or an override (not a default). A config built
@@ -941,8 +1018,8 @@ def fill_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's saved config (nested dict) with every key it predates set to the behaviour it was
     trained with, where that differs from the key's default today. A checkpoint's config.yaml lists every
     key its code knew, so a missing key means older code: filling in today's default instead would
-    silently change what the weights compute. Applied to checkpoints only (`kosmos.model.checkpoint_config`,
-    and the check in `kosmos.checkpoint.load_model_weights`), never to configs written by hand.
+    silently change what the weights compute. Applied to checkpoints only (`Config.from_checkpoint`,
+    and the check in `kosmos.weights.load_model_weights`), never to configs written by hand.
 
     * `vision.quick_gelu`: older code took the architecture's activation whatever the tag, so GELU for
       `ViT-L-14` with `openai` weights (QuickGELU only for `-quickgelu` model names).

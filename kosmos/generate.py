@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kosmos.errors import KosmosError
 from kosmos.model import Kosmos
 from kosmos.sequence import SequenceEncoder
 
@@ -106,7 +107,7 @@ class GenerationConfig:
         return cls(**{**defaults, **kwargs})
 
 
-class SettingError(ValueError):
+class SettingError(KosmosError, ValueError):
     """A decoding setting out of range; `field` is the GenerationConfig field (a CLI names its option)."""
 
     def __init__(self, field: str, value, problem: str):
@@ -375,27 +376,12 @@ def build_prompt(encoder: SequenceEncoder, text: str, images: list[torch.Tensor]
 def load_for_inference(checkpoint: str | None = None, config: str | None = None, tokenizer: str | None = None,
                        overrides: list[str] | None = None,
                        device: str = "cpu") -> tuple[Kosmos, SequenceEncoder]:
-    """(model in eval mode on `device`, its SequenceEncoder). A checkpoint directory (or a run directory)
-    is enough: its config.yaml and tokenizer copy are used. `config` builds a model from a YAML instead
-    (random weights unless a checkpoint is given too: for checkpoints that carry no config); `tokenizer`
-    overrides the tokenizer directory."""
-    from kosmos.config import load_config
+    """(model in eval mode on `device`, its SequenceEncoder): `kosmos.weights.load_model` (a checkpoint
+    directory, or a run directory, is enough; `config` builds the model from a YAML instead), then the
+    sequence encoder of its config; `tokenizer` overrides the tokenizer directory."""
+    from kosmos.weights import load_model
 
-    if checkpoint is None and config is None:
-        raise ValueError("give a checkpoint directory (or a config, for random weights)")
-    if config is None:
-        model = Kosmos.from_checkpoint(checkpoint, device=device, overrides=overrides)
-    else:
-        cfg = load_config(config, overrides or [])
-        with warnings.catch_warnings():
-            if checkpoint:  # the weights come from the checkpoint: no "randomly initialised" warning
-                warnings.simplefilter("ignore")
-            model = Kosmos(cfg, load_vision_weights=checkpoint is None)
-        if checkpoint:
-            from kosmos.checkpoint import find_checkpoint, load_model_weights
-
-            load_model_weights(model, find_checkpoint(checkpoint))
-        model = model.to(device).eval()
+    model = load_model(checkpoint, config, overrides, device)
     if tokenizer:
         model.cfg.tokenizer.path = tokenizer
     return model, SequenceEncoder.from_config(model.cfg)
@@ -473,4 +459,6 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    from kosmos.errors import run_cli
+
+    raise SystemExit(run_cli(main))

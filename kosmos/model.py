@@ -15,15 +15,13 @@ A decoder-only Transformer reads text in which every image is a span `<image> [n
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kosmos.config import Config, DecoderConfig, load_config
+from kosmos.config import Config, DecoderConfig
 from kosmos.decoder import build_decoder
 from kosmos.sequence import IGNORE_INDEX
 from kosmos.vision import VisionEncoder
@@ -86,35 +84,19 @@ def build_connector(cfg: Config, vision_width: int) -> tuple[nn.Module, nn.Linea
 
 
 class Kosmos(nn.Module):
-    def __init__(self, cfg: Config, load_vision_weights: bool = True):
+    def __init__(self, cfg: Config):
+        """A randomly initialised model of `cfg` (no file is read: `kosmos.weights.load_model` loads a
+        checkpoint, `kosmos.weights.load_clip_weights` CLIP's weights)."""
         super().__init__()
         self.cfg = cfg
         d = cfg.decoder
-        self.vision = VisionEncoder(cfg.vision, load_weights=load_vision_weights)
+        self.vision = VisionEncoder(cfg.vision)
         self.resampler, self.proj = build_connector(cfg, self.vision.width)
         # torchscale applies Magneto's initialisation in this constructor (its gain times PyTorch's default
         # init of each nn.Linear); we never re-initialise after it.
         self.decoder = build_decoder(d, build_token_embedding(d))
         self.num_latents = cfg.connector.num_latents
         self.always_encode_images = False  # set by kosmos.sharding.shard_model: see Kosmos.embed
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        overrides: list[str] | None = None) -> Kosmos:
-        """A trained model, in eval mode, from a checkpoint directory alone: its `config.yaml` and
-        `model.safetensors` (read without unpickling). `path` may also be a run's output directory (its
-        newest checkpoint is taken). When the checkpoint carries its tokenizer (`tokenizer/`),
-        `model.cfg.tokenizer.path` points at it, so `SequenceEncoder.from_config(model.cfg)` works from any
-        working directory. `overrides` are dotted config overrides (e.g. `decoder.attention=torchscale`)."""
-        from kosmos.checkpoint import find_checkpoint, load_model_weights
-
-        ckpt = find_checkpoint(path)
-        cfg = checkpoint_config(ckpt, overrides)
-        with warnings.catch_warnings():  # the weights come from the checkpoint, not from CLIP
-            warnings.simplefilter("ignore")
-            model = cls(cfg, load_vision_weights=False)
-        load_model_weights(model, ckpt)
-        return model.to(device).eval()
 
     # ------------------------------------------------------------------ pieces
 
@@ -203,56 +185,6 @@ def _on_host(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return t.device.type == "cpu" and not is_fake(t)
-
-
-def checkpoint_config(ckpt: str | Path, overrides: list[str] | None = None) -> Config:
-    """The config a checkpoint was trained with: its `config.yaml` (or, in checkpoints from before that
-    file existed, the copy in `trainer_state.json`), with the tokenizer path pointed at the checkpoint's own
-    copy of the tokenizer when it has one. Keys the saved config predates take the behaviour the checkpoint
-    was trained with, not today's default (`kosmos.config.fill_legacy_keys`)."""
-    from kosmos.config import ConfigError, config_from_dict, fill_legacy_keys
-    from kosmos.untrusted import load_json
-
-    ckpt = Path(ckpt)
-    state = ckpt / "trainer_state.json"
-    old = load_json(state.read_text()).get("config") if state.is_file() else None
-    if (ckpt / "config.yaml").is_file():
-        cfg = load_config(ckpt / "config.yaml", overrides, legacy=True)
-    elif isinstance(old, dict):
-        cfg = config_from_dict(fill_legacy_keys(old), overrides)
-    else:
-        raise ConfigError(f"{ckpt}: no config.yaml in the checkpoint; pass the config it was trained with")
-    if (ckpt / "tokenizer" / "tokenizer.model").is_file():
-        cfg.tokenizer.path = str((ckpt / "tokenizer").resolve())
-    return cfg
-
-
-def check_checkpoint_fits(model: nn.Module, ckpt: str | Path) -> None:
-    """Refuse the weights of checkpoint directory `ckpt` for a model whose config computes something else
-    with them although every shape fits: settings that the weights do not record (the CLIP activation, the
-    token embedding scale). Checkpoints without a saved config are not checked."""
-    from kosmos.config import ConfigError
-    from kosmos.vision import resolve_quick_gelu
-
-    cfg = getattr(model, "cfg", None)
-    ckpt = Path(ckpt)
-    if not isinstance(cfg, Config) or not ((ckpt / "config.yaml").is_file()
-                                           or (ckpt / "trainer_state.json").is_file()):
-        return
-    try:
-        saved = checkpoint_config(ckpt)
-    except (ConfigError, ValueError):  # a config this code cannot read: only the shapes are checked
-        return
-    wanted = {"vision.quick_gelu": (resolve_quick_gelu(saved.vision), resolve_quick_gelu(cfg.vision)),
-              "decoder.scale_embedding": (saved.decoder.scale_embedding, cfg.decoder.scale_embedding)}
-    for key, (theirs, ours) in wanted.items():
-        if theirs != ours:
-            theirs, ours = str(theirs).lower(), str(ours).lower()
-            raise ValueError(
-                f"{ckpt} was trained with {key}={theirs} but this model has {ours}; "
-                "the weights would compute "
-                f"something else: set {key}={theirs} (a checkpoint whose config.yaml lacks the key predates "
-                "it and keeps the old behaviour)")
 
 
 def count_parameters(model: Kosmos) -> dict[str, int]:

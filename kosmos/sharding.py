@@ -1,7 +1,6 @@
 """Sharded training with FSDP2 (`torch.distributed.fsdp.fully_shard`): the project's one wrapping function,
-sharded checkpoints (torch.distributed.checkpoint) and their consolidation into one model.safetensors.
-
-    python -m kosmos.checkpoint consolidate RUN/checkpoints/step_00001000 OUT_DIR
+and the helpers that see through its DTensors. Wrapping only: sharded checkpoints (torch.distributed.checkpoint)
+and their consolidation into one model.safetensors live in `kosmos.checkpoint`.
 
 `shard_model` is used everywhere a model is sharded: under `accelerate launch` with
 configs/accelerate/fsdp.yaml (FSDP2 on GPUs: accelerate finds the model already sharded and keeps it), and
@@ -28,15 +27,8 @@ DTensor of the same sharding) with the same hyperparameters, or `adamw`.
 
 from __future__ import annotations
 
-import shutil
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
-
-SHARDED = "sharded"
-"""The checkpoint's folder of torch.distributed.checkpoint files (model and optimizer, every rank's shard)."""
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -122,151 +114,3 @@ def full(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_sharded(path: Path, model: nn.Module, optimizer) -> None:
-    """Every rank writes its shard of the model and optimizer state into `path` (torch.distributed.checkpoint:
-    one file per rank and a metadata file; nothing is gathered). All ranks must call it."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, _inner(optimizer))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-
-
-def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
-    """Read `save_sharded`'s files into the sharded model and optimizer (same number of ranks). DCP reads
-    tensors and plain values only: nothing is unpickled as code."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path}: no sharded checkpoint here (no torch.distributed.checkpoint "
-                                ".metadata)")
-    opt = _inner(optimizer)
-    msd, osd = get_state_dict(model, opt)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
-def check_sharded(path: Path) -> None:
-    """Every file that the metadata of sharded checkpoint `path` points into is there and long enough (sizes
-    only, nothing read): a truncated or missing shard is a CheckpointError naming it, before any rank loads
-    (a failure inside the collective load could leave the ranks disagreeing)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from kosmos.checkpoint import CheckpointError
-
-    try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
-    except Exception as e:  # noqa: BLE001 - whatever a damaged metadata file raises
-        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__})") from None
-    ends: dict[str, int] = {}
-    for info in storage.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        f = path / name
-        size = f.stat().st_size if f.is_file() else None
-        if size is None or size < end:
-            raise CheckpointError(f"{f}: {'missing' if size is None else f'{size} bytes'}, but the sharded "
-                                  f"checkpoint's metadata needs {end}: truncated or incomplete")
-
-
-def _inner(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-
-
-def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """One process, no process group: the model weights of sharded checkpoint `ckpt` into
-    out_dir/model.safetensors, with the checkpoint's config.yaml and tokenizer/, so that
-    `Kosmos.from_checkpoint(out_dir)` (generation, evaluation) loads it. Returns out_dir."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_model
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from kosmos.config import save_config
-    from kosmos.model import Kosmos, checkpoint_config
-
-    from kosmos.checkpoint import CheckpointError
-
-    ckpt, out = Path(ckpt), Path(out_dir)
-    src = ckpt / SHARDED
-    if not (src / ".metadata").is_file():
-        raise FileNotFoundError(f"{ckpt}: not a sharded checkpoint (no {SHARDED}/.metadata)")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder; give a new or existing folder for the output")
-    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
-        raise CheckpointError(f"{out}: the output must not be the checkpoint {ckpt} or inside it (nothing is "
-                              "written into the checkpoint); give another folder")
-    check_sharded(src)  # every shard file there and long enough, named if not
-    cfg = checkpoint_config(ckpt)
-    cfg.decoder.compile = False  # nothing to compile for a copy
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "randomly initialised": every weight comes from the checkpoint
-        model = Kosmos(cfg, load_vision_weights=False)
-    sd = model.state_dict()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
-            dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged bytes: miniz, the weights-only
-        # reader, ...; DCP wraps them in a CheckpointException, a BaseException, whose text is a traceback
-        raise CheckpointError(f"{src}: unreadable shard data ({_first_cause(e)})") from None
-    model.load_state_dict(sd)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_model(model, str(tmp))  # the tied embedding stored once, as in training
-    tmp.replace(out / "model.safetensors")  # a cut write never leaves a model.safetensors behind
-    save_config(cfg, out / "config.yaml")
-    if (ckpt / "tokenizer").is_dir():
-        shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    return out
-
-
-def _first_cause(e: BaseException) -> str:
-    """`Type: first line` of what went wrong under a DCP CheckpointException (which lists a traceback per
-    rank), else of `e` itself."""
-    failures = getattr(e, "failures", None)
-    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
-    err = inner[0] if isinstance(inner, tuple) and inner else e  # DCP keeps (exception, stack summary)
-    err = err if isinstance(err, BaseException) else e
-    text = str(err).strip()
-    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # no advice to unpickle after it
-    return f"{type(err).__name__}: {first}"
-
-
-def _ModelOnly():
-    """A load planner that reads the model's entries and leaves the optimizer's in the file."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    return DefaultLoadPlanner(allow_partial_load=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kosmos.checkpoint consolidate SHARDED_CKPT OUT_DIR`."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m kosmos.checkpoint",
-                                 description="Tools for training checkpoints.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("consolidate", help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "
-                                           "config and tokenizer, for generation and evaluation")
-    c.add_argument("ckpt", help="a checkpoint directory of a sharded run (it holds sharded/)")
-    c.add_argument("out", help="output directory")
-    args = ap.parse_args(argv)
-    try:
-        out = consolidate(args.ckpt, args.out)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError and CheckpointError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the output: no space left, no permission
-        print(f"error: {args.out}: cannot write the consolidated model ({e.strerror or e})", file=sys.stderr)
-        return 2
-    print(f"wrote {out / 'model.safetensors'}")
-    return 0

@@ -6,7 +6,6 @@ The model is built on the meta device, so this costs no memory even for the full
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import torch
 
@@ -15,10 +14,8 @@ from kosmos.model import Kosmos, count_parameters
 
 
 def summarize(cfg) -> dict[str, int]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.device("meta"):
-            model = Kosmos(cfg, load_vision_weights=False)
+    with torch.device("meta"):
+        model = Kosmos(cfg)
     return count_parameters(model)
 
 
@@ -41,4 +38,6 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    main()
+    from kosmos.errors import run_cli
+
+    raise SystemExit(run_cli(main))

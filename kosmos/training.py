@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kosmos.config import Config, ConfigError, flatten
-from kosmos.eval.loss import to_device
+from kosmos.data.packing import to_device
 
 TRACKER_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
 """The packages a `train.tracker` needs (any one of them); accelerate only warns and logs nothing without."""
@@ -94,19 +94,17 @@ def build_tokenizer(cfg: Config):
 
 
 def build_model(cfg: Config, init_from: str | Path | None = None):
-    """The model, with the weights of `init_from` (a checkpoint dir or .safetensors file) if given; loaded
-    before accelerate wraps (and, under FSDP, shards) it, so the same code serves every distributed type."""
-    import warnings
-
-    from kosmos.checkpoint import load_model_weights
+    """The model, with the weights of `init_from` (a checkpoint dir or .safetensors file) if given, else
+    CLIP's (`vision.pretrained`); loaded before accelerate wraps (and, under FSDP, shards) it, so the same code
+    serves every distributed type."""
     from kosmos.model import Kosmos
+    from kosmos.weights import load_clip_weights, load_model_weights
 
+    model = Kosmos(cfg)  # decoder.compile is applied inside (kosmos/decoder.py)
     if init_from is None:
-        return Kosmos(cfg)  # decoder.compile is applied inside (kosmos/decoder.py)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "randomly initialised": the checkpoint brings the vision weights
-        model = Kosmos(cfg, load_vision_weights=False)
-    load_model_weights(model, init_from)
+        load_clip_weights(model.vision)
+    else:
+        load_model_weights(model, init_from)  # the checkpoint brings the vision weights too
     return model
 
 

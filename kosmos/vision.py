@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,29 +21,8 @@ from kosmos.image import CLIP_MEAN, CLIP_STD
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a torch file without unpickling code
-    (`torch.load(weights_only=True)`). Nested {"state_dict": ...} checkpoints are unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file's name
-        raise ValueError(f"{path}: not a loadable weights-only torch file ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return sd
-
-
-def _is_local_file(spec: str) -> bool:
+def is_local_weights(spec: str) -> bool:
+    """Whether `vision.pretrained` names a file (rather than an open_clip tag)."""
     return spec.endswith(WEIGHT_SUFFIXES) or os.sep in spec or Path(spec).exists()
 
 
@@ -62,7 +40,7 @@ def resolve_quick_gelu(cfg: VisionConfig) -> bool:
 
     if open_clip_architecture(cfg.model_name).get("quick_gelu", False):
         return True
-    if cfg.pretrained and not _is_local_file(cfg.pretrained):
+    if cfg.pretrained and not is_local_weights(cfg.pretrained):
         from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
         tag_cfg = get_pretrained_cfg(cfg.model_name, cfg.pretrained)
@@ -77,39 +55,20 @@ def resolve_quick_gelu(cfg: VisionConfig) -> bool:
 class VisionEncoder(nn.Module):
     """open_clip VisionTransformer -> patch tokens (N, num_patches, width)."""
 
-    def __init__(self, cfg: VisionConfig, load_weights: bool = True):
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
-        import open_clip
         from open_clip.model import _build_vision_tower
 
-        self.cfg = cfg
-        spec = cfg.pretrained if load_weights else None
-        # The activation is not in the weights: resolved from the config and the tag (not from whether
-        # weights are loaded now), so a model rebuilt from a checkpoint runs the activation it trained with.
-        self.quick_gelu = resolve_quick_gelu(cfg)
-        if spec and not _is_local_file(spec):
-            # A named open_clip tag: open_clip fetches and loads the weights (the only place anything may be
-            # downloaded). open_clip 2.32 builds the architecture's activation whatever the tag (for
-            # `openai` it builds nn.GELU and only warns), so we pass the resolved one, and our vision.*
-            # overrides with it (open_clip resizes the position embedding to a changed image_size).
-            clip = open_clip.create_model(cfg.model_name, pretrained=spec, quick_gelu=self.quick_gelu,
-                                          vision_cfg=cfg.resolved())
-            visual = clip.visual
-            del clip
-        else:
-            from kosmos.config import open_clip_architecture
+        from kosmos.config import open_clip_architecture
 
-            arch = open_clip_architecture(cfg.model_name)
-            visual = _build_vision_tower(arch["embed_dim"], cfg.resolved(), quick_gelu=self.quick_gelu)
-            if spec:
-                self._load_local(visual, spec)
-            elif load_weights:
-                warnings.warn(
-                    f"vision.pretrained is null: the {cfg.model_name} image encoder is randomly initialised "
-                    "(fine for tests and toy runs; set vision.pretrained to a tag or a local file "
-                    "to use CLIP)",
-                    stacklevel=2,
-                )
+        self.cfg = cfg
+        # The activation is not in the weights: resolved from the config and the tag, so a model rebuilt from
+        # a checkpoint runs the activation it trained with. The tower starts randomly initialised: CLIP's
+        # weights are loaded by `kosmos.weights.load_clip_weights` (training's fresh start), a checkpoint's by
+        # `kosmos.weights.load_model_weights`; building the model never reads a file or the network.
+        self.quick_gelu = resolve_quick_gelu(cfg)
+        arch = open_clip_architecture(cfg.model_name)
+        visual = _build_vision_tower(arch["embed_dim"], cfg.resolved(), quick_gelu=self.quick_gelu)
         # We use the patch tokens, not the pooled contrastive embedding: drop the unused projection so
         # that every trainable parameter receives a gradient (DDP requires it).
         visual.proj = None
@@ -126,25 +85,11 @@ class VisionEncoder(nn.Module):
                 f"{self.width}, but the config resolves to {cfg.input_size} px, {cfg.num_patches} x "
                 f"{cfg.feature_width}")
         # Pixels come in as uint8; the model normalises them with the statistics the tower was trained with
-        # (open_clip sets them for pretrained tags; CLIP's otherwise). Plain floats, not buffers: nothing to
+        # (CLIP's; `load_clip_weights` sets those of an open_clip tag). Plain floats, not buffers: nothing to
         # save, and a model cast to bf16 still normalises in fp32.
         self.pixel_mean = tuple(float(m) for m in (getattr(visual, "image_mean", None) or CLIP_MEAN))
         self.pixel_std = tuple(float(s) for s in (getattr(visual, "image_std", None) or CLIP_STD))
         self.freeze(cfg.trainable_blocks)
-
-    @staticmethod
-    def _load_local(visual: nn.Module, path: str) -> None:
-        sd = load_state_dict_file(path)
-        if any(k.startswith("visual.") for k in sd):  # a full CLIP checkpoint: keep the image tower
-            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-        sd.pop("proj", None)
-        own = visual.state_dict()
-        own.pop("proj", None)
-        missing = sorted(set(own) - set(sd))
-        if missing:
-            raise ValueError(f"{path}: not a {type(visual).__name__} checkpoint; "
-                             f"missing keys {missing[:5]}...")
-        visual.load_state_dict(sd, strict=False)
 
     def freeze(self, trainable_blocks: int) -> None:
         """Freeze everything but the last `trainable_blocks` transformer blocks and the final norm; with

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import struct
 import tarfile
-import warnings
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -52,9 +51,7 @@ def tiny_config(*overrides: str) -> Config:
 
 def tiny_model(*overrides: str, seed: int = 0) -> Kosmos:
     torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "randomly initialised" is expected here
-        return Kosmos(tiny_config(*overrides))
+    return Kosmos(tiny_config(*overrides))
 
 
 def random_images(model: Kosmos, n: int, seed: int = 0) -> torch.Tensor:

@@ -231,3 +231,29 @@ def test_an_alias_bomb_in_eval_task_values_is_refused_before_anything_is_saved(t
     p.write_text("train:\n  eval_tasks: &t\n  - task: vqa\n    data: x\n    stop: *t\n")
     with pytest.raises(ConfigError, match=r"'train\.eval_tasks\[0\]\.stop': contains itself"):
         load_config(p)
+
+
+def test_the_keys_fixed_on_resume_come_from_the_fields_metadata():
+    """One source for what a resume may not change: the config fields' `fixed_on_resume` metadata, from which
+    the refusal (kosmos.checkpoint.config_changes) and `--allow-config-change`'s help are derived."""
+    import train_kosmos
+    from kosmos.config import fixed_on_resume_keys, is_fixed_on_resume
+
+    fixed = ["seed", "decoder.max_len", "tokenizer.path", "data.mixture_tolerance", "data.text.shards",
+             "data.captions.micro_batch_size", "data.sources.inst.tokens_per_step", "data.interleaved.max_tokens",
+             "data.text.loss", "data.captions.caption_choice", "data.text.shuffle_buffer", "data.sources.x.kind"]
+    free = ["decoder.dim", "optim.lr", "train.max_steps", "data.text.workers", "data.text.eval_shards",
+            "data.text.max_epochs", "data.allow_missing_shards", "data.allow_mixture_drift", "data.read_timeout",
+            "data.read_min_speed", "data.sources.x.workers", "data.text", "data.sources", "no.such.key"]
+    assert [k for k in fixed if not is_fixed_on_resume(k)] == []
+    assert [k for k in free if is_fixed_on_resume(k)] == []
+    keys = fixed_on_resume_keys()
+    assert {"seed", "decoder.max_len", "tokenizer.path", "data.<source>.shards"} <= set(keys)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        train_kosmos.parse_args(["--help"])
+    text = " ".join(out.getvalue().split())
+    assert all(k in text for k in keys), text

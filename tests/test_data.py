@@ -632,7 +632,7 @@ def test_packer_numbers_documents_per_row():
     batch = collate(rows, image_size=8)
     assert batch["doc_ids"].shape == batch["input_ids"].shape
     assert torch.equal(batch["doc_ids"] == 0, batch["padding_mask"])
-    from kosmos.eval.loss import to_device  # the trainer's and evaluation's way to the model
+    from kosmos.data.packing import to_device  # the trainer's and evaluation's way to the model
 
     assert torch.equal(to_device(batch, "cpu")["doc_ids"], batch["doc_ids"])
 

@@ -7,8 +7,8 @@ from tests.helpers import caption_shards, checkpoint_dir, text_shards, tiny_mode
 
 
 def test_eval_cli_reports_the_token_mean_loss_per_source(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    from kosmos.data.packing import to_device
     from kosmos.eval import main, source_loss
-    from kosmos.eval.loss import to_device
 
     model = tiny_model("data.captions.micro_batch_size=2", "data.text.micro_batch_size=2")
     ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, model)
@@ -25,10 +25,10 @@ def test_eval_cli_reports_the_token_mean_loss_per_source(tmp_path, tiny_tokenize
 
     # the same number by hand: summed token losses over all micro-batches / all target tokens
     from kosmos.data import build_loader
-    from kosmos.model import Kosmos
     from kosmos.sequence import SequenceEncoder
+    from kosmos.weights import load_model
 
-    loaded = Kosmos.from_checkpoint(ckpt)
+    loaded = load_model(ckpt)
     loaded.cfg.data.captions.eval_shards = caps
     enc = SequenceEncoder.from_config(loaded.cfg)
     loss_sum = tokens = 0.0

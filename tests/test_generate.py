@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kosmos.weights import load_model
 from kosmos.generate import GenerationConfig, Prompt, filter_logits, generate
 from tests.helpers import checkpoint_dir, make_row, random_images, tiny_model
 
@@ -149,7 +150,6 @@ def test_generate_cli_with_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
 
 def test_a_checkpoint_directory_is_all_generation_needs(tmp_path, tiny_tokenizer, monkeypatch, capsys):
     from kosmos.generate import main
-    from kosmos.model import Kosmos
     from kosmos.sequence import SequenceEncoder
     from tests.helpers import ROOT
 
@@ -159,7 +159,7 @@ def test_a_checkpoint_directory_is_all_generation_needs(tmp_path, tiny_tokenizer
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # no configs/ here: nothing may be read relative to the clone
 
-    loaded = Kosmos.from_checkpoint(ckpt)
+    loaded = load_model(ckpt)
     assert not loaded.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k

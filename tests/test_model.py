@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from kosmos.weights import load_model
 from kosmos.decoder import apply_xpos
 from kosmos.model import Kosmos
 from kosmos.vision import VisionEncoder
@@ -156,19 +157,28 @@ def test_activation_checkpointing_gives_same_grads():
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
 
 
+def _loaded(cfg) -> VisionEncoder:
+    """A tower of `cfg` with the CLIP weights its `vision.pretrained` names (building one reads nothing)."""
+    from kosmos.weights import load_clip_weights
+
+    enc = VisionEncoder(cfg)
+    load_clip_weights(enc)
+    return enc
+
+
 def test_vision_weights_load_from_local_files_without_pickle(tmp_path):
     from safetensors.torch import save_file
 
     cfg = tiny_config().vision
     torch.manual_seed(1)
-    src = VisionEncoder(cfg, load_weights=False)
+    src = VisionEncoder(cfg)
     sd = {k: v.clone() for k, v in src.visual.state_dict().items()}
     save_file(sd, str(tmp_path / "vision.safetensors"))
     torch.save({"state_dict": {f"visual.{k}": v for k, v in sd.items()}}, tmp_path / "clip_full.pt")
     for name in ("vision.safetensors", "clip_full.pt"):
         cfg.pretrained = str(tmp_path / name)
         torch.manual_seed(2)
-        enc = VisionEncoder(cfg)
+        enc = _loaded(cfg)
         for k, v in enc.visual.state_dict().items():
             assert torch.equal(v, sd[k]), (name, k)
     # a pickle that would run code is refused, with the file named
@@ -179,7 +189,7 @@ def test_vision_weights_load_from_local_files_without_pickle(tmp_path):
     torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
     cfg.pretrained = str(tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="evil.pt"):
-        VisionEncoder(cfg)
+        _loaded(cfg)
 
 
 def test_paper_model_size_on_meta_device():
@@ -240,7 +250,8 @@ def test_openai_tag_builds_quickgelu_and_matches_open_clip(tmp_path, monkeypatch
         return str(tmp_path / "openai.bin")
 
     monkeypatch.setattr(open_clip.factory, "download_pretrained", fake_download)
-    enc = VisionEncoder(cfg).eval()
+    assert VisionEncoder(cfg) and not fetched  # building the model downloads nothing
+    enc = _loaded(cfg).eval()
     assert fetched and fetched[0]["quick_gelu"] is True
     assert enc.quick_gelu is True
     assert isinstance(enc.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
@@ -282,7 +293,7 @@ def test_local_openai_weights_with_quick_gelu_true(tmp_path):
     ref = _random_clip(cfg, quick_gelu=True)
     torch.save(ref.state_dict(), tmp_path / "clip.pt")
     cfg = tiny_config(*TINY_B32, f"vision.pretrained={tmp_path / 'clip.pt'}", "vision.quick_gelu=true").vision
-    enc = VisionEncoder(cfg).eval()
+    enc = _loaded(cfg).eval()
     assert enc.quick_gelu is True
     images = torch.randint(0, 256, (2, 3, enc.image_size, enc.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(1))
@@ -292,7 +303,7 @@ def test_local_openai_weights_with_quick_gelu_true(tmp_path):
     assert (ours - want).abs().max() < 1e-5
     cfg.quick_gelu = False
     with torch.no_grad():
-        gelu_tokens = VisionEncoder(cfg).eval()(images)
+        gelu_tokens = _loaded(cfg).eval()(images)
     assert (gelu_tokens - want).abs().max() > 1e-3
 
 
@@ -318,12 +329,12 @@ def test_checkpoint_predating_quick_gelu_keeps_gelu(tmp_path):
     """Before vision.quick_gelu, `openai` weights ran with GELU: such a checkpoint is rebuilt with GELU
     (what it was trained with), and its weights are refused by a model that would run QuickGELU."""
     from kosmos.checkpoint import load_model_weights
-    from kosmos.model import checkpoint_config
+    from kosmos.config import Config
 
     ckpt = _saved_checkpoint(tmp_path, tiny_model(), drop={"vision": ["quick_gelu"]},
                              set_={"vision": {"pretrained": "openai"}})
-    assert checkpoint_config(ckpt).vision.quick_gelu is False
-    assert Kosmos.from_checkpoint(ckpt).vision.quick_gelu is False  # no download: weights from the checkpoint
+    assert Config.from_checkpoint(ckpt).vision.quick_gelu is False
+    assert load_model(ckpt).vision.quick_gelu is False  # no download: weights from the checkpoint
     with pytest.raises(ValueError, match=r"vision\.quick_gelu=false"):
         load_model_weights(tiny_model("vision.quick_gelu=true"), ckpt)
     load_model_weights(tiny_model("vision.quick_gelu=false"), ckpt)
@@ -352,8 +363,9 @@ def _paper_embedding_rms(*overrides: str) -> tuple[float, float]:
     embed = build_token_embedding(cfg.decoder)
     ids = torch.randint(0, cfg.decoder.vocab_size, (4, 256))
     cfg_vision = load_config(ROOT / "configs" / "kosmos1.yaml", ["vision.layers=1"]).vision
+    tower = VisionEncoder(cfg_vision).eval()
     with pytest.warns(UserWarning, match="randomly initialised"):
-        tower = VisionEncoder(cfg_vision).eval()
+        _loaded(cfg_vision)
     resampler, proj = build_connector(cfg, tower.width)
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
@@ -401,12 +413,12 @@ def test_checkpoint_predating_scale_embedding_loads_unscaled(tmp_path):
     """A checkpoint whose config.yaml lacks decoder.scale_embedding was trained without the scale: it is
     rebuilt without it (same logits as the model that was saved), and a scaled model refuses its weights."""
     from kosmos.checkpoint import load_model_weights
-    from kosmos.model import checkpoint_config
+    from kosmos.config import Config
 
     old = tiny_model("decoder.scale_embedding=false").eval()
     ckpt = _saved_checkpoint(tmp_path, old, drop={"decoder": ["scale_embedding"]})
-    assert checkpoint_config(ckpt).decoder.scale_embedding is False
-    loaded = Kosmos.from_checkpoint(ckpt)
+    assert Config.from_checkpoint(ckpt).decoder.scale_embedding is False
+    loaded = load_model(ckpt)
     assert loaded.decoder.embed_tokens.scale == 1.0
     ids, mask = make_row(old, 3, 1, 4)
     images = random_images(old, 1)

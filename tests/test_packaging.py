@@ -125,7 +125,7 @@ def test_console_script_resolves_to_a_main_returning_an_exit_status(wheel, scrip
         "kosmos/cli.py")
 
 
-@pytest.mark.parametrize("shim, module", [("train", "train_kosmos"), ("generate", "kosmos.generate"),
+@pytest.mark.parametrize("shim, module", [("train", "kosmos.train"), ("generate", "kosmos.generate"),
                                           ("summary", "kosmos.summary")])
 def test_cli_shims_run_the_main_on_sys_argv_and_exit_0(monkeypatch, shim, module):
     """The mains behind the shims return data (a dict, a list): the shim calls them and returns 0."""

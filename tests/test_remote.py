@@ -364,8 +364,7 @@ def test_a_broken_or_truncated_tar_reads_the_same_streamed_as_local(tmp_path):
 
 
 def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_tokenizer):
-    from kosmos.checkpoint import _resume_key
-    from kosmos.config import ConfigError
+    from kosmos.config import ConfigError, is_fixed_on_resume
     from kosmos.data import build_loader
     from tests.helpers import tiny_config
 
@@ -377,8 +376,8 @@ def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_toke
                       "data.read_min_speed=500")
     loader = build_loader(cfg, "text", SequenceEncoder.from_config(cfg))
     assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7, give_up=30, min_speed=500)
-    assert not any(_resume_key(f"data.read_{k}") for k in ("timeout", "retries", "give_up", "min_speed"))
-    assert _resume_key("data.text.shards")
+    assert not any(is_fixed_on_resume(f"data.read_{k}") for k in ("timeout", "retries", "give_up", "min_speed"))
+    assert is_fixed_on_resume("data.text.shards")
 
 
 def test_a_protocol_without_its_package_is_refused_at_start():

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kosmos.weights import load_model
 from kosmos import checkpoint as ck
 from kosmos.config import ConfigError
 from tests.helpers import (
@@ -126,7 +127,7 @@ def test_bnb_and_benchmarks_are_refused_when_sharded(one_process_group):
 
 
 def test_consolidate_names_what_is_wrong(tmp_path, capsys):
-    from kosmos.sharding import main
+    from kosmos.checkpoint import main
 
     plain = tmp_path / "step_00000001"
     plain.mkdir()
@@ -149,7 +150,8 @@ def test_consolidating_damaged_or_odd_inputs_is_one_line_and_writes_nothing_into
 
     from kosmos.config import save_config
     from kosmos.optim import build_optimizer
-    from kosmos.sharding import SHARDED, main, save_sharded, shard_model
+    from kosmos.checkpoint import SHARDED, main, save_sharded
+    from kosmos.sharding import shard_model
 
     model = shard_model(tiny_model())
     ckpt = tmp_path / "step_00000001"
@@ -224,7 +226,7 @@ def test_non_finite_weights_of_a_sharded_model_are_named(one_process_group, tmp_
 def test_a_truncated_or_missing_shard_is_named_before_loading(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from kosmos.sharding import check_sharded
+    from kosmos.checkpoint import check_sharded
 
     path = tmp_path / "sharded"
     dcp.save({"model": tiny_model().state_dict()}, checkpoint_id=str(path))  # one process: no group needed
@@ -295,7 +297,6 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
     run."""
     from safetensors.torch import load_file
 
-    from kosmos.model import Kosmos
 
     steps = 6
     runs = {k: tmp_path / k for k in ("ddp", "full", "cut")}
@@ -322,7 +323,7 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
     assert w_ddp.keys() == w_fsdp.keys()
     worst = max((w_ddp[k] - w_fsdp[k]).abs().max().item() for k in w_ddp)
     assert worst < 1e-5, f"FSDP2 weights after 2 steps differ from DDP's by {worst:.2e}"
-    model = Kosmos.from_checkpoint(tmp_path / "c2")  # consolidated: loads on one process for inference
+    model = load_model(tmp_path / "c2")  # consolidated: loads on one process for inference
     assert not model.training and (tmp_path / "c2" / "tokenizer" / "tokenizer.model").is_file()
 
     with open(tmp_path / "cut.log", "w") as log:
@@ -345,7 +346,7 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
     assert ck.load_torch(a / "scheduler.pt") == ck.load_torch(b / "scheduler.pt")  # schedule position
     for r in (0, 1):  # data position of each rank
         assert ck.read_json(a / f"data_rank{r}.json") == ck.read_json(b / f"data_rank{r}.json")
-    from kosmos.sharding import consolidate
+    from kosmos.checkpoint import consolidate
 
     wa = load_file(consolidate(a, tmp_path / "ca") / "model.safetensors")
     wb = load_file(consolidate(b, tmp_path / "cb") / "model.safetensors")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_kosmos
+from kosmos.weights import load_model
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
@@ -93,10 +94,9 @@ def test_checkpoint_carries_config_and_tokenizer_and_loads_back(tiny_tokenizer, 
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
     # the directory alone is a usable model: its config, its weights, its tokenizer copy
-    from kosmos.model import Kosmos
     from kosmos.sequence import SequenceEncoder
 
-    model3 = Kosmos.from_checkpoint(path)
+    model3 = load_model(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model3.state_dict().values()))
     assert Path(model3.cfg.tokenizer.path) == (path / "tokenizer").resolve()
     assert SequenceEncoder.from_config(model3.cfg).tokenizer.encode(text) == tiny_tokenizer.encode(text)
@@ -136,7 +136,7 @@ def test_a_distributed_run_prints_an_error_once(tmp_path, capsys, monkeypatch, e
     def ended_by_the_launcher():  # rank 0 exited 2: torch.distributed.run ends the other ranks (SIGTERM)
         raise SystemExit(-15)
 
-    monkeypatch.setattr(train_kosmos, "wait_for_rank_0", ended_by_the_launcher)
+    monkeypatch.setattr("kosmos.train.wait_for_rank_0", ended_by_the_launcher)
     monkeypatch.setenv("WORLD_SIZE", "2")
     printed = []
     for rank in ("0", "1"):
@@ -148,7 +148,7 @@ def test_a_distributed_run_prints_an_error_once(tmp_path, capsys, monkeypatch, e
     if error == "config":
         assert printed == ["error: it went wrong\n", ""]
         # rank 0 did not end the run within the grace: rank 1 says it
-        monkeypatch.setattr(train_kosmos, "wait_for_rank_0", lambda: None)
+        monkeypatch.setattr("kosmos.train.wait_for_rank_0", lambda: None)
         with pytest.raises(SystemExit) as e:
             train_kosmos.main(["--config", TINY])
         assert e.value.code == 2 and capsys.readouterr().err == "error: rank 1: it went wrong\n"

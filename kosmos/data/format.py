@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from kosmos.config import CAPTION_CHOICES, KINDS, LOSSES  # noqa: F401 - re-exported: the allowed values live in config
 from kosmos.data.remote import ShardError
 from kosmos.untrusted import load_json
 
-KINDS = ("text", "captions", "interleaved")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Image fields of a caption sample, in the order they are looked for."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -58,12 +58,6 @@ JSON_FIELD = "json"
 """An interleaved sample's document; metadata beside the other kinds."""
 IMAGE_FIELD = "jpg"
 """The image of a caption sample as the converters write it."""
-LOSSES = ("all", "response")
-"""What an instruction sample's loss covers (`data.<source>.loss`): the whole text (the paper; default), or
-the response only (no loss on `<s>` and the prompt)."""
-CAPTION_CHOICES = ("first", "random", "all")
-"""How a caption sample with several captions is visited (`data.<source>.caption_choice`; see
-`kosmos.data.stream`)."""
 
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext rule
 

@@ -138,3 +138,18 @@ def _stack_images(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
     for i, img in enumerate(images):
         out[i].copy_(img.permute(1, 2, 0) if last else img)
     return out.permute(0, 3, 1, 2) if last else out
+
+
+def to_device(batch: dict, device) -> dict:
+    """A micro-batch as the model's keyword arguments, on `device`; images stay uint8 (the model
+    normalises them). `doc_ids` (document masking) is passed when the batch has it."""
+    images = batch["images"]
+    doc_ids = batch.get("doc_ids")
+    return {
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "labels": batch["labels"].to(device, non_blocking=True),
+        "image_mask": batch["image_mask"].to(device, non_blocking=True),
+        "padding_mask": batch["padding_mask"].to(device, non_blocking=True),
+        "images": images.to(device, non_blocking=True) if len(images) else None,
+        "doc_ids": doc_ids.to(device, non_blocking=True) if doc_ids is not None else None,
+    }

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 
 from kosmos.data.format import iter_tar
 from kosmos.data.remote import ReadOptions, is_remote, list_many, open_shard
+from kosmos.errors import KosmosError
 
 
-class DataError(RuntimeError):
+class DataError(KosmosError, RuntimeError):
     """A source that cannot go on: no sample at all, no readable shard left, samples to resume from that
     cannot be read back. Raised in the main process (a worker reports it), with a one-line message naming the
     source or the shard."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kosmos.errors import KosmosError
+
 MIXTURE_KEY = "_mixture"
 """The data state's entry for the mixture itself (kosmos.data.mixture.Mixture.STATE_KEY)."""
 
@@ -23,7 +25,7 @@ def shard_digest(shards: list[str]) -> str:
     return hashlib.sha1("\n".join(map(str, shards)).encode()).hexdigest()[:16]
 
 
-class DataStateError(ValueError):
+class DataStateError(KosmosError, ValueError):
     """A saved data position that does not have the shape it must have: the message names the file and the
     field."""
 

@@ -20,7 +20,15 @@ COMMANDS = ("run", "score", "loss")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to `run`, `score` or `loss` (the default, for `python -m kosmos.eval --checkpoint ...`)."""
+    """Dispatch to `run`, `score` or `loss` (the default, for `python -m kosmos.eval --checkpoint ...`); an
+    error the user can fix (`KosmosError`: a sharded checkpoint, weights that do not fit) is one `error:`
+    line and exit 2 (`kosmos.errors.run_cli`; `--debug` shows the traceback)."""
+    from kosmos.errors import run_cli
+
+    return run_cli(_dispatch, argv)
+
+
+def _dispatch(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kosmos.data.format import IMAGE_SUFFIXES
+from kosmos.errors import KosmosError
 from kosmos.untrusted import load_json
 
 IMAGE_PLACEHOLDER = "<image>"
 
 
-class EvalDataError(ValueError):
+class EvalDataError(KosmosError, ValueError):
     """A malformed benchmark file; the message names the file and the field."""
 
 

@@ -13,22 +13,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from kosmos.data.packing import to_device  # noqa: F401 - the micro-batch as model arguments
 from kosmos.sequence import SequenceEncoder
-
-
-def to_device(batch: dict, device) -> dict:
-    """A micro-batch as the model's keyword arguments, on `device`; images stay uint8 (the model
-    normalises them). `doc_ids` (document masking) is passed when the batch has it."""
-    images = batch["images"]
-    doc_ids = batch.get("doc_ids")
-    return {
-        "input_ids": batch["input_ids"].to(device, non_blocking=True),
-        "labels": batch["labels"].to(device, non_blocking=True),
-        "image_mask": batch["image_mask"].to(device, non_blocking=True),
-        "padding_mask": batch["padding_mask"].to(device, non_blocking=True),
-        "images": images.to(device, non_blocking=True) if len(images) else None,
-        "doc_ids": doc_ids.to(device, non_blocking=True) if doc_ids is not None else None,
-    }
 
 
 @torch.no_grad()
@@ -90,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from kosmos.data import build_loader
     from kosmos.data.remote import PIPE
-    from kosmos.model import Kosmos
+    from kosmos.weights import load_model
 
-    model = Kosmos.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
+    model = load_model(args.checkpoint, overrides=args.overrides, device=args.device)
     cfg = model.cfg
     named = cfg.data.named_sources()
     given: dict[str, list[str]] = {}

@@ -1,0 +1,104 @@
+"""One error type (`kosmos.errors.KosmosError`): what a user can fix is one `error:` line and exit 2, from every
+command; `--debug` (or KOSMOS_DEBUG=1) shows the traceback instead.
+
+Each case below used to end in a traceback: a checkpoint whose weights do not fit the config (ValueError), a
+sharded checkpoint given to generation or evaluation (FileNotFoundError), `vision.pretrained=openai` on a
+machine without network (106 lines ending in open_clip's FileNotFoundError) and `kosmos-summary` with a
+missing config (ConfigError outside the trainer).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kosmos.errors import KosmosError, MissingFileError, run_cli
+from tests.helpers import ROOT, TINY, checkpoint_dir, tiny_model
+
+
+def _one_line(capsys, code: int, *phrases: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, err)
+    return lines[0]
+
+
+def test_the_project_errors_are_kosmos_errors_with_their_old_bases():
+    from kosmos.config import ConfigError
+    from kosmos.data.shards import DataError
+    from kosmos.data.state import DataStateError
+    from kosmos.eval.datasets import EvalDataError
+    from kosmos.weights import CheckpointError, CheckpointNotFound
+
+    for cls, base in [(ConfigError, ValueError), (CheckpointError, ValueError), (DataError, RuntimeError),
+                      (DataStateError, ValueError), (EvalDataError, ValueError),
+                      (CheckpointNotFound, FileNotFoundError), (MissingFileError, FileNotFoundError)]:
+        assert issubclass(cls, KosmosError) and issubclass(cls, base), cls
+    assert KosmosError("x").exit_code == 2
+
+
+def test_run_cli_prints_one_line_or_the_traceback_with_debug(capsys, monkeypatch):
+    def main(argv=None):
+        if argv and argv[0] == "bug":
+            raise RuntimeError("a bug keeps its traceback")
+        raise KosmosError("config key 'x': fix it")
+
+    _one_line(capsys, run_cli(main, ["a"]), "config key 'x'")
+    with pytest.raises(KosmosError):
+        run_cli(main, ["a", "--debug"])
+    monkeypatch.setenv("KOSMOS_DEBUG", "1")
+    with pytest.raises(KosmosError):
+        run_cli(main, ["a"])
+    monkeypatch.delenv("KOSMOS_DEBUG")
+    with pytest.raises(RuntimeError):
+        run_cli(main, ["bug"])
+    assert run_cli(lambda argv: {"data": 1}, []) == 0 and run_cli(lambda argv: 3, []) == 3
+
+
+def test_summary_with_a_missing_config_is_one_line(capsys, tmp_path):
+    from kosmos.summary import main
+
+    _one_line(capsys, run_cli(main, [str(tmp_path / "nope.yaml")]), "nope.yaml")
+
+
+def test_weights_that_do_not_fit_are_one_line(capsys, tmp_path, tiny_tokenizer):
+    from kosmos.generate import main
+
+    ckpt = checkpoint_dir(tmp_path, tiny_tokenizer.path, tiny_model())
+    line = _one_line(capsys, run_cli(main, ["--checkpoint", str(ckpt), "decoder.layers=3"]),
+                     "model.safetensors", "do not fit")
+    assert "decoder.layers.2" in line  # the missing layer is named
+
+
+def test_a_sharded_checkpoint_for_inference_is_one_line_naming_consolidate(capsys, tmp_path):
+    import kosmos.eval
+    from kosmos.generate import main
+
+    ckpt = tmp_path / "step_00000010"
+    (ckpt / "sharded").mkdir(parents=True)
+    (ckpt / "sharded" / ".metadata").write_bytes(b"")
+    _one_line(capsys, run_cli(main, ["--checkpoint", str(ckpt)]), "python -m kosmos.checkpoint consolidate")
+    _one_line(capsys, kosmos.eval.main(["loss", "--checkpoint", str(ckpt)]), "kosmos.checkpoint consolidate")
+
+
+@pytest.mark.slow
+def test_offline_clip_weights_are_one_line_from_the_commands(tmp_path, tiny_run):
+    """No network (HF_HUB_OFFLINE=1, nothing cached): `vision.pretrained=openai` fails as one line in
+    generation and in training, where it used to end a 106-line traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    clip = ["vision.pretrained=openai", "vision.model_name=ViT-B-32"]
+    for cmd in ([sys.executable, "-m", "kosmos.generate", "--config", str(TINY), *clip],
+                [sys.executable, str(ROOT / "train_kosmos.py"), "--config", str(TINY), "--no-progress",
+                 *tiny_run, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", *clip]):
+        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2, p.stderr[-3000:]
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "vision.pretrained='openai'" in errors[0] and "local file" in errors[0], \
+            p.stderr[-3000:]
