@@ -77,7 +77,8 @@ from kosmos.sequence import SequenceEncoder
 
 MAX_STREAMS = 64
 """Logical streams per source in training, unless there are fewer shards (or more global workers). A resume on
-more global workers (world_size x workers) than a checkpoint's streams splits them (docs/data.md, "Scaling up")."""
+more global workers (world_size x workers) than a checkpoint's streams splits them (docs/data.md,
+"Scaling up")."""
 
 MAX_FAILED = 20
 """Skipped shards a stream's state names (the newest); all of them are counted in `skipped`."""
@@ -280,7 +281,8 @@ class LogicalStream:
 
     def _visits(self, shard: int, offset: int, raw: dict) -> list[tuple[int, ...]]:
         """The positions under which this epoch visits a sample: `(shard, offset)`, or for a caption sample
-        with several captions `(shard, offset, caption)` per caption visited (docs/data.md, "Every caption counts")."""
+        with several captions `(shard, offset, caption)` per caption visited
+        (docs/data.md, "Every caption counts")."""
         if self.kind != "captions" or self.caption_choice == "first":
             return [(shard, offset)]
         try:
