@@ -51,3 +51,37 @@ def test_a_changed_docstring_makes_the_docs_stale(monkeypatch):
 
     monkeypatch.setattr(gen_config_docs, "field_docs", edited)
     assert gen_config_docs.render() != (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+
+
+def test_every_command_and_flag_in_the_docs_exists():
+    """Each command of README.md and docs/*.md: its module or script exists and its parser takes its
+    arguments (the runnable blocks also run under `make docs-check`); each --flag is some command's."""
+    from scripts import docs_check
+
+    problems = docs_check.check_pages(docs_check.pages())
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_check_finds_a_wrong_flag_module_and_config_key(tmp_path):
+    from scripts import docs_check
+
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Run `python -m data_tools.verify --no-such-flag`.\n\n"
+        "<!-- docs-check: not run: an example -->\n```bash\n"
+        "python -m kosmos.no_such_module --help\n"
+        "python -m data_tools.captions --format nonsense --input a --output b\n"
+        "python train_kosmos.py --config configs/tiny.yaml optim.lrr=1e-4\n"
+        "make no-such-target\n```\n\n"
+        "```bash\npython -m data_tools.verify shards/\n```\n", encoding="utf-8")
+    problems = "\n".join(docs_check.check_pages([page]))
+    assert "--no-such-flag" in problems
+    assert "kosmos.no_such_module" in problems
+    assert "invalid choice: 'nonsense'" in problems
+    assert "unknown config key 'optim.lrr'" in problems
+    assert "no make target ['no-such-target']" in problems
+    assert "a bash block without" in problems
+
+
+def test_the_readme_stays_short():
+    assert (ROOT / "README.md").stat().st_size <= 16_000, "README.md over 16 KB: move details to docs/"
