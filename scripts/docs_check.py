@@ -321,9 +321,36 @@ def known_flags() -> set[str]:
     return flags
 
 
-def check_pages(paths: list[Path]) -> list[str]:
-    """What is wrong with the commands and flags of these pages (empty: nothing)."""
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    out, fence = set(), False
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and line.startswith("#"):
+            out.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return out
+
+
+def check_links(path: Path) -> list[str]:
+    """Links to other files of the checkout and to headings (`#anchor`) that do not exist."""
     problems = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                problems.append(f"{_rel(path)}:{n}: link to {file}, which does not exist")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                problems.append(f"{_rel(path)}:{n}: link to #{anchor}, no such heading in {_rel(dest)}")
+    return problems
+
+
+def check_pages(paths: list[Path]) -> list[str]:
+    """What is wrong with the commands, flags and links of these pages (empty: nothing)."""
+    problems = [p for path in paths for p in check_links(path)]
     for path in paths:
         for block in blocks(path):
             where = f"{block.page}:{block.line}"
