@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -175,7 +174,8 @@ def _stop_after_parsing() -> Iterator[None]:
                 ns = real(parser, args, namespace)
         except SystemExit as e:
             msg = err.getvalue().strip().splitlines()
-            raise _Parsed(parser, None, None if e.code in (0, None) else (msg[-1] if msg else f"exit {e.code}"))
+            error = None if e.code in (0, None) else (msg[-1] if msg else f"exit {e.code}")
+            raise _Parsed(parser, None, error) from None
         finally:
             depth[0] -= 1
         raise _Parsed(parser, ns, None)
@@ -191,8 +191,10 @@ def _stop_after_parsing() -> Iterator[None]:
 
 
 def _console_scripts() -> dict[str, str]:
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["project"]["scripts"]
+    """pyproject.toml's [project.scripts]: name -> "module:function" (read without tomllib: Python 3.10)."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.]+:\w+)"', section, re.M))
 
 
 def parse(target: list[str], args: list[str]) -> _Parsed:
@@ -358,8 +360,9 @@ def check_pages(paths: list[Path]) -> list[str]:
                 problems.append(f"{where}: a bash block without `<!-- docs-check: run NAME -->` or "
                                 f"`<!-- docs-check: not run: REASON -->` on the line before it")
             elif block.fixture is not None and block.fixture not in FIXTURES:
-                problems.append(f"{where}: unknown fixture {block.fixture!r} (scripts/docs_check.py FIXTURES)")
-        cmds = [(c, True) for b in blocks(path) for c in b.commands] + [(c, False) for c in inline_commands(path)]
+                problems.append(f"{where}: unknown fixture {block.fixture!r} (docs_check.FIXTURES)")
+        cmds = [(c, True) for b in blocks(path) for c in b.commands]
+        cmds += [(c, False) for c in inline_commands(path)]
         for cmd, complete in cmds:
             err = check_command(cmd, complete)
             if err:
@@ -412,7 +415,8 @@ def run_block(block: Block) -> list[str]:
             print(f"  exit {r.returncode}, {time.monotonic() - start:.0f} s", flush=True)
             if r.returncode:
                 tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
-                return [f"{cmd.page}:{cmd.line}: `{cmd.text}` exited {r.returncode}:\n    " + "\n    ".join(tail)]
+                where = f"{cmd.page}:{cmd.line}: `{cmd.text}` exited {r.returncode}"
+                return [f"{where}:\n    " + "\n    ".join(tail)]
     return []
 
 
@@ -424,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = pages(args.pages)
     start = time.monotonic()
     problems = check_pages(paths)
-    n_cmds = sum(len(b.commands) for p in paths for b in blocks(p)) + sum(len(inline_commands(p)) for p in paths)
-    print(f"checked {n_cmds} commands and the flags of {len(paths)} pages in {time.monotonic() - start:.0f} s")
+    n_cmds = sum(len(b.commands) for p in paths for b in blocks(p))
+    n_cmds += sum(len(inline_commands(p)) for p in paths)
+    took = time.monotonic() - start
+    print(f"checked {n_cmds} commands and the flags and links of {len(paths)} pages in {took:.0f} s")
     if not args.no_run:
         for path in paths:
             for block in blocks(path):

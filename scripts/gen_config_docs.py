@@ -88,7 +88,8 @@ def _sources(data: Any) -> list[str]:
         mine = _default(getattr(plain, f.name))
         if f.name == "kind":
             defaults, mine = [f"`{n}`" for n in named], "(required)"
-        out.append(f"| `{f.name}` | " + " | ".join(defaults) + f" | {mine} | {_cell(sdocs.get(f.name, ''))} |")
+        doc = _cell(sdocs.get(f.name, ""))
+        out.append(f"| `{f.name}` | " + " | ".join(defaults) + f" | {mine} | {doc} |")
     return out + [""]
 
 
@@ -113,7 +114,8 @@ def render() -> str:
     out = [HEADER]
     plain = [f for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))]
     out += ["## Top level", "", "| key | default | description |", "|---|---|---|"]
-    out += [f"| `{f.name}` | {_default(getattr(cfg, f.name))} | {_cell(top.get(f.name, ''))} |" for f in plain]
+    out += [f"| `{f.name}` | {_default(getattr(cfg, f.name))} | {_cell(top.get(f.name, ''))} |"
+            for f in plain]
     out.append("")
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if args.check:
         if not OUTPUT.is_file() or OUTPUT.read_text(encoding="utf-8") != text:
-            print(f"{OUTPUT.relative_to(ROOT)} is stale: run python scripts/gen_config_docs.py", file=sys.stderr)
+            print(f"{OUTPUT.relative_to(ROOT)} is stale: run python scripts/gen_config_docs.py",
+                  file=sys.stderr)
             return 1
         print(f"{OUTPUT.relative_to(ROOT)} is up to date")
         return 0
