@@ -74,7 +74,8 @@ def test_docs_check_finds_a_wrong_flag_module_and_config_key(tmp_path):
         "python train_kosmos.py --config configs/tiny.yaml optim.lrr=1e-4\n"
         "make no-such-target\n```\n\n"
         "```bash\npython -m data_tools.verify shards/\n```\n\n"
-        "See [there](#no-such-heading) and [this](no_such_file.md).\n", encoding="utf-8")
+        "See [there](#no-such-heading) and [this](no_such_file.md).\n\n"
+        "```python\nfrom kosmos.model import Kosmos, NoSuchName\n```\n", encoding="utf-8")
     problems = "\n".join(docs_check.check_pages([page]))
     assert "--no-such-flag" in problems
     assert "kosmos.no_such_module" in problems
@@ -82,6 +83,7 @@ def test_docs_check_finds_a_wrong_flag_module_and_config_key(tmp_path):
     assert "unknown config key 'optim.lrr'" in problems
     assert "no make target ['no-such-target']" in problems
     assert "a bash block without" in problems
+    assert "kosmos.model has no ['NoSuchName']" in problems
     assert "no such heading" in problems and "no_such_file.md, which does not exist" in problems
 
 
