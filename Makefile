@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo bench lint clean docs docs-check
 
 setup: .venv/.installed .venv/.editable
 
@@ -29,6 +29,14 @@ test-fast: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+## docs/config.md, from the config dataclasses' field docstrings (tests/test_docs.py fails when it is stale).
+docs: setup
+	$(PY) scripts/gen_config_docs.py
+
+## Runs the commands of README.md and docs/*.md marked runnable; checks the modules and flags of the others.
+docs-check: setup
+	$(PY) scripts/docs_check.py
 
 ## Every benchmark script in bench/ (bench/_*.py are helpers, not benchmarks).
 bench: setup

@@ -4,8 +4,8 @@ The geometry is open_clip's (torchvision `Resize(size, bicubic)` + `CenterCrop(s
 becomes `int(size * long / short)`, the crop starts at `round((side - size) / 2)`); the resampling runs on
 uint8 pixels in torch's antialiased bicubic kernel (PIL's filter, vectorised: within one uint8 level of
 PIL's result). An image already `size` x `size` (shards pre-sized at conversion, `--image-size 224 --crop
-center`) is only converted. Measured against open_clip's own preprocessing on the shipped photos: README,
-"Image preprocessing".
+center`) is only converted. Measured against open_clip's own preprocessing on the shipped photos:
+docs/data.md, "Image preprocessing".
 
 Data workers ship uint8 pixels (4x less to copy between processes than floats); the model normalises
 them itself with its tower's mean and std (`VisionEncoder.normalize`), so nothing outside the model needs

@@ -1,59 +1,16 @@
 """One source's stream: shards -> shuffled samples -> packed micro-batches, split over ranks and workers,
 with a position that is saved in every checkpoint and restored exactly.
 
-Who reads what. Each source is split into S logical streams (`MAX_STREAMS` or the number of shards,
-whichever is smaller, and at least the G = world_size x workers global workers; in evaluation S = G): with
-at least S shards, stream s reads shards order[s::S] whole (order: the sorted shard list, shuffled per epoch
-with the seed); with fewer shards than streams, every stream reads every shard and keeps the samples whose
-offset in the shard is s modulo S. Either way one pass gives every sample to exactly one stream. Global
-worker g reads the streams s with s mod G = g, taking samples from them in turn (one each, in stream order),
-and packs them into rows. In training the stream is infinite (epoch after epoch per stream, a new shard order
-each time); for evaluation it is one pass in the sorted order. The data order of a run is a function of the
-seed, the shards, S and G: another process or worker count gives another (equally valid) order.
-
-The resume guarantee. Each micro-batch leaves its worker with the states of its streams: per stream the
-epoch, how far it has read (shard and sample offset, and the caption cursor `sub`), the positions of the
-samples in its shuffle buffer, the buffer's RNG state, and the unfinished document the next row continues
-(position and token offset: the packer's only pending state, handed back to the stream it came from); plus
-the worker's own turn (which stream gives the next sample). The main process keeps, per stream, the state of
-the last micro-batch it actually consumed, per worker its turn, and which worker comes next. Resumed with
-the same world size and workers per rank, every worker is rebuilt exactly there: the shuffle buffers are
-re-read from their positions, the unfinished document is re-read and cut at its offset, the turn and
-DataLoader's round robin restart where they were. So it yields exactly the micro-batches that the
-uninterrupted run would have yielded next: nothing consumed is replayed and nothing is skipped. Resumed with
-another world size or worker count (elastic resume), every rank reads the data positions of all the ranks
-that wrote the checkpoint, and the S stream states are dealt to the new global workers (s mod G'); a worker
-starts with the unfinished documents of its streams, then takes its streams in turn from the first. Each
-stream goes on exactly where it was, so no sample of the epoch is replayed or skipped; only the
-interleaving of the streams into rows, and thus the batches, differ from an uninterrupted run. S is set by
-the first run and kept in the checkpoint, except when a layout has more global workers than S (see "Scaling
-up" below). Micro-batches that workers had prefetched but the trainer had not consumed are not part of the
-state; they are produced again.
-
-Scaling up. In general a stream reads a part (a, A, b, B) of its source: the shards order[a::A], of each the
-samples at offsets b mod B. A stream of a first run reads (s, S, 0, 1) (whole shards) or (0, 1, s, S) (split
-shards); its state records the part ("part"; a state without it has the first run's). Resumed on G > S
-global workers (a 1-shard source, say, saved by 1 process and resumed on 2), every stream s is split into m
-= ceil(G / S): the streams s + S*j, j < m, read (a, A, b + B*j, B*m), which together are exactly s's samples.
-Each child goes on from s's cursor (epoch, shard, offset, caption), takes the samples of s's shuffle buffer
-and s's unfinished document that are its own, and a shuffle RNG drawn from s's (split_streams); S becomes
-S*m for good. So no sample of the epoch is replayed or skipped here either. `--reset-data SOURCE`
-(train_kosmos.py) instead starts a source's data over, with fresh streams for the run's layout.
-
-Every caption counts. A caption sample with several captions (`KEY.json` `"captions"`, see
-`kosmos.data.format.captions`) is visited as `data.<source>.caption_choice` says:
-
-    first    KEY.txt, every time (what training did before the key existed)
-    random   (default) one caption per visit, drawn from (seed, epoch, shard, offset): each epoch still sees
-             every image once, so the source's images and epoch length are as with one caption, while over
-             the epochs every caption is used; the draw is a pure function of the position, so a resumed or
-             repeated run draws the same captions
-    all      each caption is a sample of its own: an image with 5 captions is visited 5 times per epoch
-             (spread by the shuffle buffer; without one its captions follow each other)
-
-Such a visit's position is `(shard, offset, caption)` (a sample with one caption keeps `(shard, offset)`), and
-the cursor also remembers how many visits of the sample at `offset` were read (`sub`), so that the caption is
-part of what a checkpoint stores and restores.
+Each source is split into S logical streams (whole shards order[s::S], or with fewer shards than streams
+every S-th sample of each), read by the G = world_size x workers global workers (stream s by worker s mod G),
+shuffled and packed into rows. Every micro-batch carries the states of its streams (epoch, shard, offset,
+caption cursor `sub`, shuffle buffer positions and RNG, the unfinished document, the worker's turn); the main
+process keeps those of the last micro-batch it consumed, and a checkpoint stores them. Resumed on the same
+layout, the run yields exactly the micro-batches an uninterrupted run would have; on another (elastic
+resume), the stream states are dealt over the new workers, and on more global workers than S every stream is
+split by samples (`split_streams`), so no sample of the epoch is replayed or skipped. How a caption sample
+with several captions is visited (`caption_choice`) is part of the position. The full description, the
+one copy of it: docs/data.md, "What resume guarantees for the data".
 
 Faults. A shard that vanishes or breaks is skipped and counted; so is a remote one (a URL or pipe:, see
 `kosmos.data.remote`) that keeps failing after its retries, by reason, and the stream's state names it
@@ -120,7 +77,8 @@ from kosmos.sequence import SequenceEncoder
 
 MAX_STREAMS = 64
 """Logical streams per source in training, unless there are fewer shards (or more global workers). A resume on
-more global workers (world_size x workers) than a checkpoint's streams splits them (module docstring)."""
+more global workers (world_size x workers) than a checkpoint's streams splits them (docs/data.md,
+"Scaling up")."""
 
 MAX_FAILED = 20
 """Skipped shards a stream's state names (the newest); all of them are counted in `skipped`."""
@@ -293,7 +251,7 @@ class LogicalStream:
         part = (state or {}).get("part")
         self.part: tuple[int, int, int, int] = tuple(part) if part else default_part(s, S, len(shards))
         """(a, A, b, B): this stream reads the shards order[a::A], of each the samples at offsets b mod B
-        (module docstring, "Scaling up")."""
+        (docs/data.md, "Scaling up")."""
         self.split_samples = self.part[3] > 1
         pinned = (state or {}).get("order")
         self.pinned: tuple[int, list[int]] | None = (pinned["epoch"], list(pinned["shards"])) if pinned else None
@@ -323,7 +281,8 @@ class LogicalStream:
 
     def _visits(self, shard: int, offset: int, raw: dict) -> list[tuple[int, ...]]:
         """The positions under which this epoch visits a sample: `(shard, offset)`, or for a caption sample
-        with several captions `(shard, offset, caption)` per caption visited (module docstring)."""
+        with several captions `(shard, offset, caption)` per caption visited
+        (docs/data.md, "Every caption counts")."""
         if self.kind != "captions" or self.caption_choice == "first":
             return [(shard, offset)]
         try:
@@ -611,7 +570,7 @@ class SourceDataset(IterableDataset):
         if streams and streams < G:
             raise ValueError(f"{name}: {streams} logical streams cannot feed {G} global workers")
         self.n_streams = streams or (max(G, min(MAX_STREAMS, len(self.shards))) if infinite else G)
-        """S, the logical streams (module docstring); a restored data position sets the saved one."""
+        """S, the logical streams (docs/data.md); a restored data position sets the saved one."""
         self.states: dict[int, dict] = {}  # logical stream -> state to resume from
         self.turns: dict[int, int] = {}  # logical worker -> the stream whose turn it is
         self.worker_offset = 0  # physical worker 0 plays this logical worker (DataLoader starts at 0)
@@ -748,7 +707,7 @@ def complete_streams(states: dict[int, dict], wanted, S: int, n_shards: int, see
 
 
 def split_streams(states: dict[int, dict], S: int, m: int, n_shards: int) -> dict[int, dict]:
-    """The states of S streams split into S * m (module docstring, "Scaling up"): stream s, reading part
+    """The states of S streams split into S * m (docs/data.md, "Scaling up"): stream s, reading part
     (a, A, b, B), becomes the streams s + S*j (j < m) reading (a, A, b + B*j, B*m), each going on from s's
     cursor; s's shuffle buffer and unfinished document go to the child whose samples they are; each child's
     shuffle RNG is drawn from s's; the counts (samples, skipped, ...) stay with child 0, so that sums over
