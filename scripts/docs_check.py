@@ -201,8 +201,14 @@ def _console_scripts() -> dict[str, str]:
     return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.]+:\w+)"', section, re.M))
 
 
+SHIMS = {"train_kosmos.py": "kosmos.train"}
+"""Scripts that only hand over to a module's main: checked as `python -m` that module."""
+
+
 def parse(target: list[str], args: list[str]) -> _Parsed:
     """Runs a command (`["-m", "mod"]`, `["script.py"]` or `["kosmos-x"]`) up to its argument parsing."""
+    if target[0] in SHIMS:
+        target = ["-m", SHIMS[target[0]]]
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [target[-1], *args]
     try:

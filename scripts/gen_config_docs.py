@@ -55,6 +55,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _described(f: dataclasses.Field, doc: str) -> str:
+    """The description cell; a key a resume must keep (`fixed_on_resume` metadata) says so first."""
+    fixed = f.metadata.get("fixed_on_resume")
+    return _cell(("**Fixed on resume** (`--allow-config-change` to change it). " if fixed else "") + doc)
+
+
 def _rows(obj: Any, prefix: str) -> list[str]:
     """Table rows for the plain fields of one dataclass instance (the sources get a table of their own)."""
     docs = field_docs(type(obj))
@@ -63,7 +69,7 @@ def _rows(obj: Any, prefix: str) -> list[str]:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value) or (f.name == "sources" and isinstance(value, dict)):
             continue
-        rows.append(f"| `{prefix}{f.name}` | {_default(value)} | {_cell(docs.get(f.name, ''))} |")
+        rows.append(f"| `{prefix}{f.name}` | {_default(value)} | {_described(f, docs.get(f.name, ''))} |")
     return rows
 
 
@@ -88,7 +94,7 @@ def _sources(data: Any) -> list[str]:
         mine = _default(getattr(plain, f.name))
         if f.name == "kind":
             defaults, mine = [f"`{n}`" for n in named], "(required)"
-        doc = _cell(sdocs.get(f.name, ""))
+        doc = _described(f, sdocs.get(f.name, ""))
         out.append(f"| `{f.name}` | " + " | ".join(defaults) + f" | {mine} | {doc} |")
     return out + [""]
 
@@ -114,7 +120,7 @@ def render() -> str:
     out = [HEADER]
     plain = [f for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))]
     out += ["## Top level", "", "| key | default | description |", "|---|---|---|"]
-    out += [f"| `{f.name}` | {_default(getattr(cfg, f.name))} | {_cell(top.get(f.name, ''))} |"
+    out += [f"| `{f.name}` | {_default(getattr(cfg, f.name))} | {_described(f, top.get(f.name, ''))} |"
             for f in plain]
     out.append("")
     for f in dataclasses.fields(cfg):
