@@ -352,20 +352,21 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
 
 
 class BadSteps:
-    """A step with a NaN/inf loss or gradient is skipped and counted (state["bad_steps"], kept in
+    """A step with a NaN/inf loss or gradient is skipped and counted (`TrainState.bad_steps`, kept in
     checkpoints); `limit` in a row stop the run: by then the model has usually diverged."""
 
     def __init__(self, limit: int, info):
         self.limit, self.info, self.in_row = limit, info, 0
 
-    def passed(self, res: StepResult, state: dict) -> bool:
+    def passed(self, res: StepResult, state) -> bool:
+        """Whether the step counts; a skipped one adds to `state.bad_steps` (a kosmos.checkpoint.TrainState)."""
         if res.ok:
             self.in_row = 0
             return True
-        state["bad_steps"] += 1
+        state.bad_steps += 1
         self.in_row += 1
-        self.info(f"step {state['step']}: non-finite loss or gradient, step skipped "
-                  f"({self.in_row} in a row, {state['bad_steps']} in all)")
+        self.info(f"step {state.step}: non-finite loss or gradient, step skipped "
+                  f"({self.in_row} in a row, {state.bad_steps} in all)")
         if self.in_row >= self.limit:
             raise RuntimeError(f"{self.in_row} steps in a row had a NaN/inf loss or gradient: stopping. "
                                f"Lower optim.lr, check the data, or resume from an earlier checkpoint.")
