@@ -13,6 +13,7 @@ written. Protocols: `kosmos.eval.tasks`; what depends on the task's kind (readin
 ranking, result format, metrics): `kosmos.eval.kinds`; readers: `kosmos.eval.datasets`; RICES:
 `kosmos.eval.rices`. During training, `kosmos.train_eval` runs `train.eval_tasks` through `run_task`.
 """
+
 from __future__ import annotations
 
 import dataclasses
