@@ -26,7 +26,7 @@ def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | 
     """The `train.eval_tasks` of a run on the model being trained (all ranks take part): numeric metrics as
     `eval/TASK/METRIC` (`eval/TASK_Kshot/METRIC` for few-shot); predictions under `out`."""
     from kosmos.eval.datasets import EvalDataError
-    from kosmos.eval.run import build_shots, load_task_data, run_task
+    from kosmos.eval.run import build_shots, load_support, load_task_data, run_task
     from kosmos.eval.tasks import get_task
 
     results: dict[str, float] = {}
@@ -40,9 +40,9 @@ def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | 
                 if key not in _TRAIN_DATA:
                     data = load_task_data(spec, task.data, task.annotations, task.images, task.split,
                                           task.classnames)
-                    if task.shots and task.support:
-                        data.support = load_task_data(spec, task.support, task.support_annotations,
-                                                      task.images, "train").items
+                    if task.shots:
+                        data.support = load_support(spec, task.data, task.support, task.support_annotations,
+                                                    task.images, task.classnames)
                     _TRAIN_DATA[key] = data
                 data = _TRAIN_DATA[key]
                 shots = build_shots(model, encoder, spec, data, task.shots, task.seed, task.retrieval)

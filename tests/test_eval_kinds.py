@@ -183,3 +183,28 @@ def test_the_kinds_package_says_how_to_add_a_kind():
     doc = kosmos.eval.kinds.__doc__
     assert "@register" in doc and "EVAL_TASK_NAMES" in doc
     assert Path(kosmos.eval.kinds.__file__).name == "__init__.py"
+
+
+def test_training_eval_tasks_take_their_support_set_as_the_cli_does(ckpt, tmp_path):
+    """One support-set path: a few-shot `train.eval_tasks` entry on a Karpathy file draws its demonstrations
+    from the train split, as `python -m kosmos.eval run --shots` does (it drew them from the evaluated items)."""
+    from kosmos import train_eval
+    from kosmos.config import EvalTaskConfig
+    from kosmos.eval.run import load_support
+    from kosmos.eval.tasks import get_task
+    from kosmos.generate import load_for_inference
+    from tests.test_eval_run import make_sets
+
+    sets = make_sets(tmp_path / "data")
+    spec = get_task("coco_captioning")
+    assert [s.id for s in load_support(spec, str(sets["karpathy"]), images=str(sets["coco_root"]))] == [5, 6, 7]
+    assert load_support(spec, str(sets["vqa_root"])) is None  # a folder of images: the evaluated items
+    task = EvalTaskConfig(task="coco_captioning", data=str(sets["karpathy"]), images=str(sets["coco_root"]),
+                          shots=1, limit=2, settings={"max_new_tokens": 2, "metrics": ["BLEU"]})
+    model, enc = load_for_inference(str(ckpt))
+    model.train()
+    results = train_eval.evaluate_tasks(None, [task], model, enc, tmp_path / "out")
+    assert model.training  # put back as it was
+    assert "eval/coco_captioning_1shot/BLEU-4" in results
+    data = next(d for k, d in train_eval._TRAIN_DATA.items() if str(sets["karpathy"]) in k)
+    assert [s.id for s in data.support] == [5, 6, 7]

@@ -36,8 +36,8 @@ from kosmos.untrusted import load_json
 log = logging.getLogger(__name__)
 
 __all__ = ["ImageLoader", "Item", "Predictor", "RunResult", "Shots", "Skip", "TaskData", "build_shots",
-           "fill", "load_task_data", "main", "markdown_table", "official_results", "query_text",
-           "read_predictions", "run_task", "score"]
+           "fill", "load_support", "load_task_data", "main", "markdown_table", "official_results",
+           "query_text", "read_predictions", "run_task", "score"]
 
 
 def load_task_data(spec: TaskSpec, data: str, annotations: str | None = None, images: str | None = None,
@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = get_task(args.task, **_settings(args))
         data = load_task_data(spec, args.data, args.annotations, args.images, args.split, args.classnames)
         if max(shots_list) > 0:
-            data.support = _support(spec, args)
+            data.support = load_support(spec, args.data, args.support, args.support_annotations,
+                                        args.images, args.classnames)
     except (ValueError, FileNotFoundError, EvalDataError) as e:
         ap.exit(2, f"error: {e}\n")
     if not data.items:
@@ -407,19 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _support(spec: TaskSpec, args) -> list[Item] | None:
-    """The few-shot support set: --support, or the kind's support split of --data (captioning: Karpathy's
-    train split), or None (the evaluated items themselves)."""
-    if args.support:
-        return load_task_data(spec, args.support, args.support_annotations, args.images, "train",
-                              args.classnames).items
-    split = get_kind(spec.kind).support_split(args.data)
+def load_support(spec: TaskSpec, data: str, support: str | None = None,
+                 support_annotations: str | None = None, images: str | None = None,
+                 classnames: str | None = None) -> list[Item] | None:
+    """The few-shot support set, for the CLI and `train.eval_tasks` alike: `support` (read as `data` is,
+    its "train" split), or the kind's support split of `data` (captioning: Karpathy's train split), or None
+    (demonstrations come from the evaluated items themselves, never the query)."""
+    if support:
+        return load_task_data(spec, support, support_annotations, images, "train", classnames).items
+    split = get_kind(spec.kind).support_split(data)
     if split is not None:
         try:
-            items = load_task_data(spec, args.data, None, args.images, split).items
-        except Exception:  # noqa: BLE001 - not a Karpathy file with a train split
+            items = load_task_data(spec, data, None, images, split).items
+        except Exception:  # noqa: BLE001 - not a file with that split
             items = []
         if items:
             return items
-    log.warning("few-shot: no --support set; demonstrations come from the evaluated items (never the query)")
+    log.warning("few-shot: no support set; demonstrations come from the evaluated items (never the query)")
     return None
