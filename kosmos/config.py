@@ -491,10 +491,6 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
-EVAL_TASK_OPTIONS = ("task", "data", "annotations", "images", "split", "classnames", "shots", "support",
-                     "support_annotations", "retrieval", "seed", "limit")
-"""The keys of a `train.eval_tasks` entry that are options of the run (`EvalTaskConfig`'s fields); the
-others are task settings."""
 EVAL_TASK_NAMES = ("coco_captioning", "flickr30k_captioning", "captioning", "vqav2", "okvqa", "vizwiz", "vqa",
                    "imagenet", "classification", "choice", "labels")
 """The benchmark tasks, as `kosmos.eval.tasks.TASKS` names them (it checks that they agree): here so that a
@@ -519,15 +515,23 @@ class EvalTaskConfig:
     data: str
     """As `--data`: the benchmark's file, a folder, shards or a JSONL."""
     annotations: str | None = None
+    """vqa: the annotations JSON (answers); without it, predictions only."""
     images: str | None = None
+    """The image root (default: the folder of `data`)."""
     split: str = "test"
+    """The Karpathy split evaluated."""
     classnames: str | None = None
+    """classification: class names, one per line or a JSON list."""
     shots: int = 0
-    """Demonstrations (one number)."""
+    """Demonstrations before each query (one number)."""
     support: str | None = None
+    """The few-shot support set, in the format of `data` (default: as `python -m kosmos.eval run`)."""
     support_annotations: str | None = None
+    """vqa: the support set's annotations."""
     retrieval: bool = False
+    """Few-shot: the most similar support images (RICES) instead of random ones."""
     seed: int = 0
+    """Seed of the random demonstrations."""
     limit: int = 200
     """Items evaluated at most (the first ones)."""
     settings: dict[str, Any] = field(default_factory=dict)
@@ -566,6 +570,11 @@ class EvalTaskConfig:
                f"{_short(entry.get('seed'))}")
         options = {k: v for k, v in entry.items() if k in EVAL_TASK_OPTIONS and v is not None}
         return cls(**options, settings={k: v for k, v in entry.items() if k not in EVAL_TASK_OPTIONS})
+
+
+EVAL_TASK_OPTIONS = tuple(f.name for f in dataclasses.fields(EvalTaskConfig) if f.name != "settings")
+"""The keys of a `train.eval_tasks` entry that are options of the run (`EvalTaskConfig`'s fields); the
+others are task settings."""
 
 
 def _check_eval_task(task: Any, key: str) -> None:
