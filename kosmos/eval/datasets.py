@@ -56,8 +56,13 @@ class Item:
 
     @property
     def key(self) -> str:
-        """The id as predictions, resumes and scores keep it (JSON text: 1 and "1" are two ids)."""
-        return json.dumps(self.id)
+        """The id as predictions, resumes and scores keep it (`id_text`)."""
+        return id_text(self.id)
+
+
+def id_text(item_id: Any) -> str:
+    """An item id as predictions, resumes and scores keep it: its JSON text (1 and "1" are two ids)."""
+    return json.dumps(item_id)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kosmos.eval.datasets import Item, TaskData, unique_ids
+from kosmos.eval.datasets import Item, TaskData, id_text, unique_ids
 from kosmos.eval.kinds import KINDS, get_kind
 from kosmos.eval.prompts import ImageLoader, Shots, Skip, fill, query_text
 from kosmos.eval.tasks import PAPER, PAPER_CONVENTIONS, TaskSpec
@@ -97,11 +97,6 @@ class Predictor:
 # ----------------------------------------------------------------------------- files
 
 
-def _key(x: Any) -> str:
-    """An id as predictions are kept by it (`Item.key`)."""
-    return json.dumps(x)
-
-
 def read_predictions(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """From `folder`'s predictions.*.jsonl: every prediction record by id, and each id's last skip reason
     (skipped items have no prediction: a rerun tries them again). A line cut by a crash is ignored."""
@@ -115,9 +110,9 @@ def read_predictions(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
                 except json.JSONDecodeError:
                     continue  # the last line of a killed run
                 if "prediction" in rec:
-                    done[_key(rec["id"])] = rec
+                    done[id_text(rec["id"])] = rec
                 if "skipped" in rec:
-                    skips[_key(rec["id"])] = rec["skipped"]
+                    skips[id_text(rec["id"])] = rec["skipped"]
     return done, skips
 
 
