@@ -12,12 +12,16 @@ resuming, skips, result files) the same for every kind:
     official_result one prediction in the benchmark's results format (results.json)
     has_reference / score   the metrics over the predicted items that have references
 
-Adding a kind (for instance a likelihood-ranked choice, or extractive QA): write `kosmos/eval/kinds/NAME.py`
-with a subclass of `TaskKind` decorated with `@register` (`name = "NAME"`; override what differs from the
-defaults below: at least `read`, `predict` and `score`), then give it tasks in `kosmos.eval.tasks.TASKS`
-(their names also go into `kosmos.config.EVAL_TASK_NAMES`, which checks `train.eval_tasks` without
-importing the evaluation). Every module of this package is imported when the package is, so the file is all
-it takes; tests/test_eval_run.py registers a kind inside a test and runs it end to end.
+Adding a kind (for instance a likelihood-ranked choice, or extractive QA):
+  1. write `kosmos/eval/kinds/NAME.py` with a subclass of `TaskKind` decorated with `@register`
+     (`name = "NAME"`; `few_shot = True` if demonstrations make sense), overriding what differs from the
+     defaults below: at least `read`, `predict` and `score`. Every module of this package is imported with
+     it, so nothing else needs to know of the file;
+  2. give it tasks in `kosmos.eval.tasks.TASKS` (`TaskSpec(kind="NAME", prompt=...)`), and add their names to
+     `kosmos.config.EVAL_TASK_NAMES` (the config checks `train.eval_tasks` without importing the evaluation;
+     tasks.py refuses to import when the two differ);
+  3. a reader fixture and an end-to-end run on the tiny model, as tests/test_eval_run.py has for each kind
+     (tests/test_eval_kinds.py registers a kind inside a test and runs it through `run_task`).
 """
 
 from __future__ import annotations
