@@ -377,8 +377,8 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
     """Loss and perplexity per source on its eval shards (at most train.eval_batches micro-batches each, per
     rank, and no more than the rank with the fewest has), summed over the ranks: the numbers `python -m
     kosmos.eval loss` gives for a checkpoint when every rank reads the same number of micro-batches; then the
-    benchmarks of train.eval_tasks (`python -m kosmos.eval run`), their predictions under
-    train.output_dir/eval/step_XXXXXXXX/. `waiting` (kosmos.watchdog.Watchdog.waiting) is told of the
+    benchmarks of train.eval_tasks (`kosmos.train_eval`, as `python -m kosmos.eval run`), their predictions
+    under train.output_dir/eval/step_XXXXXXXX/. `waiting` (kosmos.watchdog.Watchdog.waiting) is told of the
     held-out loss's reduces over the ranks (not of the benchmarks')."""
     from kosmos.data import build_loader
     from kosmos.eval.loss import perplexity, source_loss
@@ -397,11 +397,14 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
         results[f"eval/{name}_loss"] = loss
         results[f"eval/{name}_ppl"] = perplexity(loss)
     if cfg.train.eval_tasks:
-        from kosmos.eval.run import evaluate_tasks
+        from kosmos.config import EvalTaskConfig
+        from kosmos.train_eval import evaluate_tasks
 
+        tasks = [EvalTaskConfig.from_dict(t, f"train.eval_tasks[{i}]")
+                 for i, t in enumerate(cfg.train.eval_tasks)]
         out = Path(cfg.train.output_dir) / "eval" / f"step_{step:08d}"
         with acc.autocast():
-            results.update(evaluate_tasks(acc, cfg.train.eval_tasks, acc.unwrap_model(model), encoder, out))
+            results.update(evaluate_tasks(acc, tasks, acc.unwrap_model(model), encoder, out))
     return results
 
 
