@@ -662,6 +662,15 @@ class TrainConfig:
     (train.eval_tasks); there the process group's timeout, max(collective_timeout + 60, 300) seconds, ends a
     hung collective. The default leaves room for a slow checkpoint save of a big model; raise it if saves or
     shard reads take longer."""
+    ddp_fixed_reduction_order: bool = False
+    """DDP only: all-reduce the gradients as one bucket laid out in a fixed parameter order
+    (kosmos.distributed.fixed_order_allreduce), so that a resume on the same number of processes gives
+    bit-identical weights on 3 or more processes too. By default DDP re-buckets the gradients after a
+    process's first step, which moves them within the ring all-reduce and changes the order in which 3+ ranks'
+    values are summed: a resumed run's first step then differs from the uninterrupted run's in the last bits
+    (same data, same losses). Costs the overlap of the gradient all-reduce with the backward (one all-reduce
+    after it) and a copy of the gradients per step: for reproducibility checks, not for speed. FSDP2's
+    reductions have a fixed layout already; 1 and 2 processes are bit-identical either way."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive or null")

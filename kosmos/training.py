@@ -72,15 +72,17 @@ def build_accelerator(cfg: Config):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     log_with = None if cfg.train.tracker == "none" else cfg.train.tracker
-    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout(cfg)))
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout(cfg)))]
+    if cfg.train.ddp_fixed_reduction_order:  # the whole model one bucket (kosmos.distributed.fixed_order_allreduce)
+        handlers.append(DistributedDataParallelKwargs(bucket_cap_mb=2**20))
     return Accelerator(mixed_precision=mp, log_with=log_with, project_dir=cfg.train.output_dir,
-                       kwargs_handlers=[pg])
+                       kwargs_handlers=handlers)
 
 
 def build_tokenizer(cfg: Config):
@@ -134,6 +136,10 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
         optimizer = acc.prepare(optimizer)
     else:
         model, optimizer = acc.prepare(model, optimizer)
+        if cfg.train.ddp_fixed_reduction_order and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            from kosmos.distributed import fixed_order_allreduce
+
+            fixed_order_allreduce(model)  # bit-identical resumes on 3+ processes too
     # The scheduler stays unwrapped: accelerate's wrapper steps it once per process per call.
     scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.optim)
     encoder = SequenceEncoder.from_config(cfg, tok)

@@ -319,7 +319,7 @@ def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(t
         os.kill(proc.pid, signal.SIGTERM)
         os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.5)
-    assert all(p.is_alive() for p in procs)
+    assert all(p.is_alive() for p in procs), [(p.pid, p.exitcode) for p in procs]  # -15/-2: killed by it
     for _ in range(6):
         next(loader)  # no "DataLoader worker ... killed by signal"
     loader.close()
