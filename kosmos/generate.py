@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmos.errors import KosmosError
-from kosmos.model import Kosmos
+from kosmos.model import Kosmos, evaluating
 from kosmos.sequence import SequenceEncoder
 
 
@@ -263,9 +263,7 @@ def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None 
     if fitted is not gen:
         warnings.warn(context_note(gen.max_new_tokens, fitted.max_new_tokens, longest, max_len), stacklevel=2)
         gen = fitted
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if model.cfg.decoder.attention == "torchscale" and len({len(p.ids) for p in prompts}) > 1:
             # The stock attention turns left padding into NaN: decode such prompts one at a time.
             return [generate(model, [p], gen, generator)[0] for p in prompts]
@@ -276,8 +274,6 @@ def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None 
         if gen.num_beams > 1:
             return _beam_search(dec, len(prompts), gen)
         return _sample(dec, len(prompts), gen, generator)
-    finally:
-        model.train(was_training)
 
 
 def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator) -> list[list[int]]:

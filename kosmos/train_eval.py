@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from kosmos.config import EvalTaskConfig
+from kosmos.model import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,7 @@ def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | 
     from kosmos.eval.tasks import get_task
 
     results: dict[str, float] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for task in tasks:
             key = json.dumps(dataclasses.asdict(task), sort_keys=True)
             try:
@@ -55,6 +54,4 @@ def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | 
             for metric, value in res.metrics.items():
                 if isinstance(value, (int, float)) and metric != "n":
                     results[f"eval/{name}/{metric}"] = float(value)
-    finally:
-        model.train(was_training)
     return results

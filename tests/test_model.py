@@ -449,3 +449,15 @@ def test_the_forward_reads_nothing_back_from_the_device(source):
         fake = {k: mode.from_tensor(v) for k, v in batch.items()}
         out = model(**fake)
     assert out.loss.shape == () and out.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_evaluating_puts_the_model_back_in_its_mode_even_after_an_error():
+    from kosmos.model import evaluating
+
+    model = tiny_model()
+    for mode in (True, False):
+        model.train(mode)
+        with pytest.raises(RuntimeError), evaluating(model):
+            assert not model.training and not model.decoder.training
+            raise RuntimeError("inside")
+        assert model.training is mode and model.decoder.training is mode
