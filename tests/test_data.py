@@ -816,7 +816,7 @@ def test_loader_workers_never_finalise_the_main_process_garbage(tmp_path):
     import gc
     import os
 
-    from kosmos.data.stream import _start_workers
+    from kosmos.data.workers import start_workers
 
     log = tmp_path / "finalised"
 
@@ -830,7 +830,7 @@ def test_loader_workers_never_finalise_the_main_process_garbage(tmp_path):
         a, b = Cycle(), Cycle()
         a.other, b.other = b, a
         del a, b
-        it = _start_workers(torch.utils.data.DataLoader(_GcProbe(), batch_size=None, num_workers=1))
+        it = start_workers(torch.utils.data.DataLoader(_GcProbe(), batch_size=None, num_workers=1))
     finally:
         gc.enable()
     worker = next(iter(it))

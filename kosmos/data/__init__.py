@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kosmos.data.mixture import Mixture, build_loader, build_mixture, plan
-    from kosmos.data.stream import SourceDataset, SourceLoader, start_worker_server
+    from kosmos.data.stream import SourceDataset, SourceLoader
+    from kosmos.data.workers import start_worker_server
 
 _LAZY = {"Mixture": "mixture", "build_loader": "mixture", "build_mixture": "mixture", "plan": "mixture",
-         "SourceDataset": "stream", "SourceLoader": "stream", "start_worker_server": "stream"}
+         "SourceDataset": "stream", "SourceLoader": "stream", "start_worker_server": "workers"}
 
 __all__ = ["Mixture", "SourceDataset", "SourceLoader", "build_loader", "build_mixture", "plan",
            "start_worker_server"]
