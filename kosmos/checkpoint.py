@@ -394,7 +394,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     `reset_data` keep their fresh data position."""
     from kosmos.config import ConfigError
     from kosmos.data.state import DataStateError, check_data_state
-    from kosmos.data.stream import rank_data_state
+    from kosmos.data.streams import rank_data_state
 
     state = check_checkpoint(path)
     world = int(state["world_size"])

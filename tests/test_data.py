@@ -207,7 +207,7 @@ def test_a_document_whose_head_image_does_not_fit_starts_in_the_next_row_only():
 
 def _rank_states(loaders):
     """What a checkpoint stores for one source (each rank's state), as every rank of a resume reads it."""
-    from kosmos.data.stream import rank_data_state
+    from kosmos.data.streams import rank_data_state
 
     per_rank = [json.loads(json.dumps({"src": ld.state_dict()})) for ld in loaders]
     return [rank_data_state(per_rank, r)["src"] for r in range(len(per_rank))]

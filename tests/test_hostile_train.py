@@ -240,12 +240,12 @@ def test_shards_gone_mid_run_stop_the_source_after_a_bounded_retry(tiny_tokenize
                                                                    workers, fault):
     import time
 
-    from kosmos.data import stream
+    from kosmos.data import retry
     from kosmos.data.stream import DataError, SourceDataset, SourceLoader
     from kosmos.sequence import SequenceEncoder
     from tests.helpers import text_shards
 
-    monkeypatch.setattr(stream, "RETRY_WAITS", (0.05, 0.1))  # the dataset carries it to its workers
+    monkeypatch.setattr(retry, "RETRY_WAITS", (0.05, 0.1))  # the dataset carries it to its workers
     shards = text_shards(tmp_path, 4, 10)
     ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
                        num_workers=workers, shuffle_buffer=0)

@@ -7,6 +7,9 @@ interleaved; `kosmos.config.DataConfig.named_sources`) -> packed, mixed micro-ba
     remote.py   shards from URLs (HTTP, fsspec protocols) and pipe:COMMAND: streamed, timeouts, retries
     samples.py  raw sample -> token ids, image slots and images (per source kind); bad samples counted
     packing.py  samples -> fixed-length rows; rows -> micro-batches
+    streams.py  logical streams (pure Python): which samples each reads, in which order; their positions
+    retry.py    the rules that stop a source (reads that keep failing, passes that find nothing)
+    workers.py  the DataLoader worker processes: forkserver, launch, signals, start and close
     stream.py   per source: logical streams over ranks and workers, shuffle, pack; exact and elastic resume
     mixture.py  token budget per source per step -> micro-batches per source
 

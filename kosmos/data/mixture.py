@@ -11,7 +11,7 @@ neither the ratio nor the total depends on the number of processes:
   its own and the ranks' pass counts differ by at most one (the others wait at the gradient sync).
 * The step's micro-batches are dealt to the ranks in turn; rank r at step t takes the share of slot
   (r + t) mod world_size, so that over world_size steps every rank reads every source equally (each rank
-  reads its own part of every source's shards, see kosmos/data/stream.py).
+  reads its own part of every source's shards, see kosmos/data/streams.py).
 * The ratio or total off by more than `data.mixture_tolerance` (relative) is refused unless
   `data.allow_mixture_drift`; the effective numbers are printed at start (training.describe_mixture).
 
