@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kosmos.config import load_config
-from kosmos.data import SourceDataset, SourceLoader, plan
+from kosmos.data import SourceLoader, plan
 from kosmos.data.packing import Packer
 from kosmos.data.samples import encode_sample
 from kosmos.data.shards import expand_shards
@@ -19,6 +19,7 @@ from tests.helpers import (
     instruction_shards,
     interleaved_shards,
     jpeg,
+    source_dataset,
     text_shards,
     write_tar,
 )
@@ -29,7 +30,7 @@ NL = 4  # image slots per image in these tests
 def make_ds(kind, shards, tok, **kw):
     args = dict(max_len=64, micro_batch_size=2, seed=0, shuffle_buffer=0, infinite=False)
     args.update(kw)
-    return SourceDataset(kind, shards, SequenceEncoder(tok, NL, 32), **args)
+    return source_dataset(kind, shards, SequenceEncoder(tok, NL, 32), **args)
 
 
 def consume(loader, n=None):
@@ -854,6 +855,7 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
     shards = text_shards(tmp_path, 4, 10)
     code = "\n".join([
         "import os, threading",
+        "from kosmos.config import SourceConfig",
         "from kosmos.data.stream import SourceDataset, SourceLoader",
         "from kosmos.sequence import SequenceEncoder",
         "from tokenizer import KosmosTokenizer",
@@ -865,8 +867,9 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
         "        [t.join() for t in ts]",
         "for _ in range(3): threading.Thread(target=churn, daemon=True).start()",
         "for i in range(10):",
-        f"    loaders = [SourceLoader(SourceDataset('text', {shards!r}, enc, max_len=64, micro_batch_size=2, "
-        "num_workers=2, seed=s)) for s in range(2)]",
+        "    source = SourceConfig(kind='text', micro_batch_size=2, workers=2)",
+        f"    loaders = [SourceLoader(SourceDataset(source, {shards!r}, enc, max_len=64, seed=s))",
+        "               for s in range(2)]",
         "    for loader in loaders:",
         "        next(loader)",
         "        for p in loader._workers._workers:",

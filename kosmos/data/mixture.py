@@ -22,6 +22,7 @@ part of each rank's data state, so a resumed run deals the same micro-batches as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from collections.abc import Iterator
@@ -186,13 +187,12 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
     src = cfg.data.source(name)
     missing: list[str] = []
     shards = expand_shards(src.shards if train else src.eval_shards, cfg.data.allow_missing_shards, missing)
-    ds = SourceDataset(
-        src.kind, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
-        num_workers=src.workers, rank=rank, world_size=world_size, seed=source_seed(cfg, name),
-        shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
-        loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name),
-        read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
-                                 give_up=cfg.data.read_give_up, min_speed=cfg.data.read_min_speed))
+    read = ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
+                       give_up=cfg.data.read_give_up, min_speed=cfg.data.read_min_speed)
+    ds = SourceDataset(src if train else dataclasses.replace(src, shuffle_buffer=0), shards, encoder,
+                       max_len=cfg.decoder.max_len, rank=rank, world_size=world_size,
+                       seed=source_seed(cfg, name), infinite=train, name=name, key=cfg.data.key(name),
+                       read_options=read)
     loader = SourceLoader(ds)
     loader.missing_shards = missing
     return loader

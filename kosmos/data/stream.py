@@ -22,7 +22,7 @@ from collections import Counter
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kosmos.config import ConfigError
+from kosmos.config import ConfigError, SourceConfig
 from kosmos.data import retry
 from kosmos.data.format import CAPTION_CHOICES, LOSSES
 from kosmos.data.packing import Packer, Row, collate
@@ -46,37 +46,42 @@ from kosmos.sequence import SequenceEncoder
 
 
 class SourceDataset(IterableDataset):
-    """Packed micro-batches of one source for one rank; each carries its worker's state. `kind` says how its
-    samples are read; `name` (default: the kind) and `key` (its config key, default `data.<name>`) are for
-    messages."""
+    """Packed micro-batches of one source for one rank; each carries its worker's state.
 
-    def __init__(self, kind: str, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
-                 micro_batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, infinite: bool = True, max_tokens: int = 0, loss: str = "all",
-                 caption_choice: str = "random", streams: int = 0, name: str | None = None,
-                 key: str | None = None, read_options: ReadOptions | None = None):
+    `source`: the source's settings (`data.<name>`, kosmos.config.SourceConfig): its kind (how its samples
+    are read), micro_batch_size, workers (per rank), shuffle_buffer, max_tokens, loss and caption_choice; its
+    `shards` patterns are not read here: `shards` is the expanded list (kosmos.data.shards.expand_shards), the
+    training or the evaluation shards. `infinite`: training (passes without end, shards shuffled per epoch) or
+    one pass in order. `seed` orders the data (kosmos.data.mixture.source_seed); `streams`, the logical
+    streams (0: the default, MAX_STREAMS at most); `name` (default: the kind) and `key` (its config key,
+    default `data.<name>`) are for messages; `read_options`, for remote shards (`data.read_*`)."""
+
+    def __init__(self, source: SourceConfig, shards: list[str], encoder: SequenceEncoder, *, max_len: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, infinite: bool = True, streams: int = 0,
+                 name: str | None = None, key: str | None = None, read_options: ReadOptions | None = None):
         super().__init__()
+        kind, max_tokens = source.kind, source.max_tokens
         self.read_options = read_options
         self.name = name = name or kind
         key = key or f"data.{name}"
         if not shards:
             raise ValueError(f"{name}: no shards")
-        if loss not in LOSSES:
-            raise ValueError(f"config key '{key}.loss': {loss!r} is not one of {', '.join(LOSSES)}")
-        if caption_choice not in CAPTION_CHOICES:
-            raise ValueError(f"config key '{key}.caption_choice': {caption_choice!r} is not one of "
+        if source.loss not in LOSSES:
+            raise ValueError(f"config key '{key}.loss': {source.loss!r} is not one of {', '.join(LOSSES)}")
+        if source.caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"config key '{key}.caption_choice': {source.caption_choice!r} is not one of "
                              f"{', '.join(CAPTION_CHOICES)}")
-        self.loss, self.caption_choice = loss, caption_choice
+        self.loss, self.caption_choice = source.loss, source.caption_choice
         if 0 < max_tokens < encoder.span + 2:
             raise ValueError(f"config key '{key}.max_tokens': {max_tokens} cannot hold <s>, an image "
                              f"span ({encoder.span} tokens) and a token of text; use 0 (no cap) or at least "
                              f"{encoder.span + 2}")
         self.max_tokens = max_tokens
         self.kind, self.shards, self.encoder, self.max_len = kind, list(shards), encoder, max_len
-        self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
+        self.micro_batch_size, self.num_workers = source.micro_batch_size, source.workers
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.shuffle_buffer, self.infinite = shuffle_buffer, infinite
-        self.retry_waits = retry.RETRY_WAITS  # carried to the workers (a forkserver's worker has its own module)
+        self.shuffle_buffer, self.infinite = source.shuffle_buffer, infinite
+        self.retry_waits = retry.RETRY_WAITS  # carried to the workers (a forkserver's worker has its own)
         self.launch: Launch | None = None  # set by SourceLoader when it starts workers
         G = self.global_workers
         if streams and streams < G:
