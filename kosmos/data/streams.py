@@ -338,8 +338,8 @@ class Turns:
                 continue
             # a whole pass of every stream of the worker found nothing: wait, or a DataError
             skipped, last = self._summary()
-            self.retry.retry(samples=sum(x.n_samples for x in self.streams.values()), n_streams=len(self.active),
-                             shards=st.shards, skipped=skipped, last=last)
+            self.retry.retry(samples=sum(x.n_samples for x in self.streams.values()),
+                             n_streams=len(self.active), shards=st.shards, skipped=skipped, last=last)
             empty.clear()
             for o in self.active:  # each stream re-reads its empty pass, in the usual turn
                 self.streams[o].rewind()
@@ -348,6 +348,8 @@ class Turns:
 
 _END = object()
 
+
+# ------------------------------------------------------------ saved positions: parts, layouts, shard lists
 
 def default_part(s: int, S: int, n_shards: int) -> tuple[int, int, int, int]:
     """The part (a, A, b, B) of a source that stream s of S reads when first made (and in a saved state
