@@ -365,7 +365,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     has it already (the files are not checked twice)."""
     from kosmos.config import ConfigError
     from kosmos.data.state import DataStateError, check_data_state
-    from kosmos.data.stream import rank_data_state
+    from kosmos.data.streams import rank_data_state
 
     state = dict(checked) if checked is not None else check_checkpoint(path)
     world = int(state["world_size"])

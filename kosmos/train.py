@@ -205,7 +205,7 @@ def wait_for_rank_0() -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from kosmos.data.stream import DataError  # after --help
+    from kosmos.data.shards import DataError  # after --help
     from kosmos.errors import KosmosError, debugging
     from kosmos.training import check_config
 

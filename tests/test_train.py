@@ -126,7 +126,7 @@ def test_a_distributed_run_prints_an_error_once(tmp_path, capsys, monkeypatch, e
     """Under a launcher (RANK, WORLD_SIZE): an error every rank meets (config, checkpoint) is printed by
     rank 0 alone; one a rank's data workers meet is printed by that rank, named; every rank exits 2."""
     from kosmos.config import ConfigError
-    from kosmos.data.stream import DataError
+    from kosmos.data.shards import DataError
 
     def fail(*a, **kw):
         raise (ConfigError if error == "config" else DataError)("it went wrong")

@@ -1,4 +1,4 @@
-"""Imported by the data workers' forkserver only (`kosmos.data.stream.PRELOAD`, multiprocessing's
+"""Imported by the data workers' forkserver only (`kosmos.data.workers.PRELOAD`, multiprocessing's
 `set_forkserver_preload`), before it forks any worker; nothing else imports it.
 
 It imports what every worker needs, once, so that a worker forked from the server has it already: torch,
