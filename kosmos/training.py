@@ -127,7 +127,7 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
         save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
     set_seed(cfg.seed)  # the same initial weights on every rank
     if any(src.workers for src in cfg.data.active_sources().values()):
-        start_worker_server()  # its imports (seconds) overlap the model's build (kosmos/data/stream.py)
+        start_worker_server()  # its imports (seconds) overlap the model's build (kosmos/data/workers.py)
     tok = build_tokenizer(cfg)
     model = build_model(cfg, init_from)
     model = shard_for_run(acc, cfg, model)  # FSDP2 when asked (kosmos.sharding); before the optimizer
