@@ -42,19 +42,20 @@ from kosmos.errors import KosmosError
 from kosmos.sharding import is_sharded
 from kosmos.untrusted import load_json
 from kosmos.weights import (  # noqa: F401 - finding and checking weights; re-exported for training
+    SHARDED,
     STEP_RE,
     CheckpointError,
     CheckpointNotFound,
     check_finite,
     check_safetensors,
+    check_sharded,
     checkpoint_dir,
     find_checkpoint,
     list_checkpoints,
     load_model_weights,
+    load_sharded_weights,
 )
 
-SHARDED = "sharded"
-"""The folder of a sharded (FSDP2) checkpoint's model and optimizer shards."""
 
 def resume_candidates(spec: str | None, output_dir: str | Path) -> list[Path]:
     """The checkpoints `--resume spec` may start from, in the order to try: for `latest`, the complete ones
@@ -592,27 +593,6 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
-def check_sharded(path: Path) -> None:
-    """Every file that the metadata of sharded checkpoint `path` points into is there and long enough (sizes
-    only, nothing read): a truncated or missing shard is a CheckpointError naming it, before any rank loads
-    (a failure inside the collective load could leave the ranks disagreeing)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
-    except Exception as e:  # noqa: BLE001 - whatever a damaged metadata file raises
-        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__})") from None
-    ends: dict[str, int] = {}
-    for info in storage.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        f = path / name
-        size = f.stat().st_size if f.is_file() else None
-        if size is None or size < end:
-            raise CheckpointError(f"{f}: {'missing' if size is None else f'{size} bytes'}, but the sharded "
-                                  f"checkpoint's metadata needs {end}: truncated or incomplete")
-
-
 def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
 
@@ -621,11 +601,7 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     """One process, no process group: the model weights of sharded checkpoint `ckpt` into
     out_dir/model.safetensors, with the checkpoint's config.yaml and tokenizer/, so that
     `kosmos.weights.load_model(out_dir)` (generation, evaluation) loads it. Returns out_dir."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_model
-    from torch.distributed.checkpoint.api import CheckpointException
 
     from kosmos.config import Config, save_config
     from kosmos.model import Kosmos
@@ -639,19 +615,10 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
         raise CheckpointError(f"{out}: the output must not be the checkpoint {ckpt} or inside it (nothing is "
                               "written into the checkpoint); give another folder")
-    check_sharded(src)  # every shard file there and long enough, named if not
     cfg = Config.from_checkpoint(ckpt)
     cfg.decoder.compile = False  # nothing to compile for a copy
     model = Kosmos(cfg)
-    sd = model.state_dict()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
-            dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged bytes: miniz, the weights-only
-        # reader, ...; DCP wraps them in a CheckpointException, a BaseException, whose text is a traceback
-        raise CheckpointError(f"{src}: unreadable shard data ({_first_cause(e)})") from None
-    model.load_state_dict(sd)
+    load_sharded_weights(model, ckpt, check_values=False)  # every shard file checked first, named if not
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     save_model(model, str(tmp))  # the tied embedding stored once, as in training
@@ -660,25 +627,6 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     return out
-
-
-def _first_cause(e: BaseException) -> str:
-    """`Type: first line` of what went wrong under a DCP CheckpointException (which lists a traceback per
-    rank), else of `e` itself."""
-    failures = getattr(e, "failures", None)
-    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
-    err = inner[0] if isinstance(inner, tuple) and inner else e  # DCP keeps (exception, stack summary)
-    err = err if isinstance(err, BaseException) else e
-    text = str(err).strip()
-    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # no advice to unpickle after it
-    return f"{type(err).__name__}: {first}"
-
-
-def _ModelOnly():
-    """A load planner that reads the model's entries and leaves the optimizer's in the file."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    return DefaultLoadPlanner(allow_partial_load=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,14 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from kosmos.weights import load_model
 from kosmos import checkpoint as ck
 from kosmos.config import ConfigError
+from kosmos.weights import load_model
 from tests.helpers import (
     DDP_DEBUG,
     ROOT,
@@ -136,8 +137,10 @@ def test_consolidate_names_what_is_wrong(tmp_path, capsys):
     assert err.startswith("error: ") and "not a sharded checkpoint" in err and err.count("\n") == 1
     (plain / "sharded").mkdir()
     (plain / "sharded" / ".metadata").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="kosmos.checkpoint consolidate"):
-        ck.find_checkpoint(plain)  # inference on a sharded checkpoint says how to make its weights
+    (plain / "config.yaml").write_text(Path(TINY).read_text())
+    assert ck.find_checkpoint(plain) == plain  # inference reads a sharded checkpoint's shards itself
+    with pytest.raises(ck.CheckpointError, match=r"sharded/\.metadata: unreadable"):
+        load_model(plain)  # ... and names what is wrong with them
 
 
 def test_consolidating_damaged_or_odd_inputs_is_one_line_and_writes_nothing_into_the_checkpoint(
@@ -148,9 +151,9 @@ def test_consolidating_damaged_or_odd_inputs_is_one_line_and_writes_nothing_into
     FileExistsError)."""
     import shutil
 
+    from kosmos.checkpoint import SHARDED, main, save_sharded
     from kosmos.config import save_config
     from kosmos.optim import build_optimizer
-    from kosmos.checkpoint import SHARDED, main, save_sharded
     from kosmos.sharding import shard_model
 
     model = shard_model(tiny_model())
@@ -325,6 +328,9 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
     assert worst < 1e-5, f"FSDP2 weights after 2 steps differ from DDP's by {worst:.2e}"
     model = load_model(tmp_path / "c2")  # consolidated: loads on one process for inference
     assert not model.training and (tmp_path / "c2" / "tokenizer" / "tokenizer.model").is_file()
+    on_the_fly = load_model(full_ck[0])  # the sharded checkpoint as it is: read in memory, the same weights
+    assert not on_the_fly.training and all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), on_the_fly.state_dict().values(), strict=True))
 
     with open(tmp_path / "cut.log", "w") as log:
         proc = _launch(tiny_run, runs["cut"], steps, log, "train.sharding=fsdp2")
