@@ -23,9 +23,11 @@ _TRAIN_DATA: dict[str, object] = {}
 """Each task's data (`kosmos.eval.datasets.TaskData`) by its config, read once per process."""
 
 
-def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | Path) -> dict[str, float]:
+def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | Path,
+                   source: dict | None = None) -> dict[str, float]:
     """The `train.eval_tasks` of a run on the model being trained (all ranks take part): numeric metrics as
-    `eval/TASK/METRIC` (`eval/TASK_Kshot/METRIC` for few-shot); predictions under `out`."""
+    `eval/TASK/METRIC` (`eval/TASK_Kshot/METRIC` for few-shot); predictions under `out`, their provenance
+    `source` (the run and its step)."""
     from kosmos.eval.datasets import EvalDataError
     from kosmos.eval.run import build_shots, load_support, load_task_data, run_task
     from kosmos.eval.tasks import get_task
@@ -49,7 +51,7 @@ def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | 
                 log.warning("train.eval_tasks %s: %s (left out)", task.task, e)
                 continue
             res = run_task(model, encoder, task.task, spec, data, out, shots, dist=acc, limit=task.limit,
-                           progress=False)
+                           progress=False, source=source)
             name = task.task + (f"_{shots.k}shot" if shots.k else "")
             for metric, value in res.metrics.items():
                 if isinstance(value, (int, float)) and metric != "n":

@@ -79,7 +79,7 @@ def build_accelerator(cfg: Config):
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     log_with = None if cfg.train.tracker == "none" else cfg.train.tracker
     handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout(cfg)))]
-    if cfg.train.ddp_fixed_reduction_order:  # the whole model one bucket (kosmos.distributed.fixed_order_allreduce)
+    if cfg.train.ddp_fixed_reduction_order:  # one bucket (kosmos.distributed.fixed_order_allreduce)
         handlers.append(DistributedDataParallelKwargs(bucket_cap_mb=2**20))
     return Accelerator(mixed_precision=mp, log_with=log_with, project_dir=cfg.train.output_dir,
                        kwargs_handlers=handlers)
@@ -97,8 +97,8 @@ def build_tokenizer(cfg: Config):
 
 def build_model(cfg: Config, init_from: str | Path | None = None):
     """The model, with the weights of `init_from` (a checkpoint dir or .safetensors file) if given, else
-    CLIP's (`vision.pretrained`); loaded before accelerate wraps (and, under FSDP, shards) it, so the same code
-    serves every distributed type."""
+    CLIP's (`vision.pretrained`); loaded before accelerate wraps (and, under FSDP, shards) it, so the same
+    code serves every distributed type."""
     from kosmos.model import Kosmos
     from kosmos.weights import load_clip_weights, load_model_weights
 
@@ -136,7 +136,8 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
         optimizer = acc.prepare(optimizer)
     else:
         model, optimizer = acc.prepare(model, optimizer)
-        if cfg.train.ddp_fixed_reduction_order and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if cfg.train.ddp_fixed_reduction_order and ddp:
             from kosmos.distributed import fixed_order_allreduce
 
             fixed_order_allreduce(model)  # bit-identical resumes on 3+ processes too
@@ -365,7 +366,7 @@ class BadSteps:
         self.limit, self.info, self.in_row = limit, info, 0
 
     def passed(self, res: StepResult, state) -> bool:
-        """Whether the step counts; a skipped one adds to `state.bad_steps` (a kosmos.checkpoint.TrainState)."""
+        """Whether the step counts; a skipped one adds to `state.bad_steps` (kosmos.checkpoint.TrainState)."""
         if res.ok:
             self.in_row = 0
             return True
@@ -410,7 +411,8 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
                  for i, t in enumerate(cfg.train.eval_tasks)]
         out = Path(cfg.train.output_dir) / "eval" / f"step_{step:08d}"
         with acc.autocast():
-            results.update(evaluate_tasks(acc, tasks, acc.unwrap_model(model), encoder, out))
+            source = {"run": str(Path(cfg.train.output_dir).resolve()), "step": step}  # the weights trained
+            results.update(evaluate_tasks(acc, tasks, acc.unwrap_model(model), encoder, out, source))
     return results
 
 

@@ -248,6 +248,38 @@ def check_sharded(path: Path) -> None:
 
 
 
+_IDENTITY: dict[tuple, dict] = {}
+
+
+def weights_identity(ckpt: str | Path) -> dict:
+    """What a number computed from checkpoint directory `ckpt` came from: its resolved path, its step (from
+    `trainer_state.json`, None without one) and the sha256 of its weights (`model.safetensors`, or a sharded
+    checkpoint's files under `sharded/` in name order). Hashing reads the weights once per process (about 10
+    s for the paper's 3.3 GB model); later calls for an unchanged file are free."""
+    import hashlib
+
+    ckpt = Path(ckpt).resolve()
+    files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").is_file() else \
+        sorted(p for p in (ckpt / SHARDED).rglob("*") if p.is_file())
+    key = (str(ckpt), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _IDENTITY:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(ckpt).as_posix().encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        step = None
+        state = ckpt / "trainer_state.json"
+        if state.is_file():
+            try:
+                step = load_json(state.read_text()).get("step")
+            except ValueError:
+                step = None
+        _IDENTITY[key] = {"path": str(ckpt), "step": step, "sha256": h.hexdigest()}
+    return dict(_IDENTITY[key])
+
+
 def load_model(checkpoint: str | Path | None = None, config: str | Path | None = None,
                overrides: list[str] | None = None, device: str | torch.device = "cpu"):
     """The one inference loader: a `Kosmos` in eval mode on `device`.
