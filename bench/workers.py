@@ -95,7 +95,7 @@ def measure(start: str, what: str, overrides: list[str], repeats: int, ballast_m
 
     run = source if what == "source" else tiny
     if lead:
-        stream.start_worker_server()
+        workers.start_worker_server()
         time.sleep(lead)
     out = {"cold": run(), "warm": [run() for _ in range(repeats)]}
     del ballast
