@@ -150,6 +150,8 @@ class _Run:
         if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
             acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
         log.info(describe_mixture(acc, cfg, self.mixture))
+        if note := schedule_note(cfg, self.scheduler):
+            log.info(note)
         self.meter = Meter(acc, acc.unwrap_model(self.model), peak_flops(cfg, acc.device),
                            names=list(self.mixture.plans), totals=self.state.sources or None)
         self.warned: set[str] = set()  # sources past data.<source>.max_epochs, warned once
@@ -181,6 +183,18 @@ class _Run:
             log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
                                                               file=sys.stderr)
         acc.log(report.metrics, step=state.step)
+
+
+def schedule_note(cfg, scheduler) -> str | None:
+    """A warning when `train.max_steps` ends the run before its learning-rate schedule ends
+    (`optim.total_steps`): the rate stops high instead of decaying, with no other sign."""
+    max_steps, total = cfg.train.max_steps, cfg.optim.total_steps
+    if not max_steps or max_steps >= total:
+        return None
+    left = scheduler.lr_lambdas[0](max_steps) if hasattr(scheduler, "lr_lambdas") else None
+    at = f": the learning rate stops at {left:.0%} of its peak" if left is not None else ""
+    return (f"WARNING: train.max_steps={max_steps} ends the run before its schedule, optim.total_steps={total}"
+            f"{at}; set optim.total_steps={max_steps} for a schedule that ends with the run")
 
 
 def launched_rank() -> tuple[int, int]:

@@ -100,13 +100,14 @@ def build_model(cfg: Config, init_from: str | Path | None = None):
     CLIP's (`vision.pretrained`); loaded before accelerate wraps (and, under FSDP, shards) it, so the same
     code serves every distributed type."""
     from kosmos.model import Kosmos
-    from kosmos.weights import load_clip_weights, load_model_weights
+    from kosmos.weights import find_checkpoint, load_clip_weights, load_model_weights
 
     model = Kosmos(cfg)  # decoder.compile is applied inside (kosmos/decoder.py)
     if init_from is None:
         load_clip_weights(model.vision)
-    else:
-        load_model_weights(model, init_from)  # the checkpoint brings the vision weights too
+    else:  # a checkpoint dir, a run dir (its newest checkpoint), a sharded one, or a .safetensors file
+        path = Path(init_from)
+        load_model_weights(model, find_checkpoint(path) if path.is_dir() else path)  # vision weights too
     return model
 
 

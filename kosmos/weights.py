@@ -350,6 +350,17 @@ def load_clip_weights(vision) -> None:
     else:
         import open_clip
 
+        from kosmos.config import open_clip_architecture
+
+        arch = open_clip_architecture(cfg.model_name)["vision_cfg"]
+        changed = [f"vision.{k}={getattr(cfg, k)} (the weights' {arch.get(k)})"
+                   for k in ("width", "layers", "patch_size", "head_width")
+                   if getattr(cfg, k) is not None and getattr(cfg, k) != arch.get(k)]
+        if changed:  # before anything is downloaded: these weights cannot fill this tower
+            raise CheckpointError(
+                f"vision.pretrained={spec!r}: {cfg.model_name}'s weights do not fit this tower: "
+                f"{', '.join(changed)}; drop those overrides, or set vision.pretrained=null for a random "
+                "tower (vision.image_size may differ: the position embedding is resized)")
         # open_clip 2.32 builds the architecture's activation whatever the tag (for `openai` it builds
         # nn.GELU and only warns), so we pass the resolved one, and our vision.* overrides with it (open_clip
         # resizes the position embedding to a changed image_size).

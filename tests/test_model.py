@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from kosmos.weights import load_model
 from kosmos.decoder import apply_xpos
 from kosmos.model import Kosmos
 from kosmos.vision import VisionEncoder
+from kosmos.weights import load_model
 from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 
@@ -463,3 +463,28 @@ def test_evaluating_puts_the_model_back_in_its_mode_even_after_an_error():
             assert not model.training and not model.decoder.training
             raise RuntimeError("inside")
         assert model.training is mode and model.decoder.training is mode
+
+
+def test_clip_weights_that_cannot_fit_the_tower_are_refused_before_any_download(monkeypatch):
+    """vision.pretrained=openai with tiny.yaml's width-64 tower: one line naming the overrides, and nothing
+    fetched (it used to download ViT-L's weights, then fail after 106 lines)."""
+    import open_clip
+
+    from kosmos.weights import CheckpointError
+
+    def no_download(*a, **kw):
+        raise AssertionError("nothing may be downloaded for a tower the weights cannot fill")
+
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    enc = VisionEncoder(tiny_config("vision.pretrained=openai").vision)
+    with pytest.raises(CheckpointError) as e:
+        _loaded_into(enc)
+    msg = str(e.value)
+    assert "\n" not in msg and "vision.width=64 (the weights' 1024)" in msg and "vision.layers=2" in msg
+    assert "vision.pretrained=null" in msg
+
+
+def _loaded_into(enc):
+    from kosmos.weights import load_clip_weights
+
+    load_clip_weights(enc)
