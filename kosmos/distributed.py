@@ -17,9 +17,9 @@ configuration (`configs/kosmos1.yaml`: 1.67B parameters of which 1.36B trainable
     training.train_step (FSDP2 only)       all-gather weights / reduce-scatter    every micro-batch  per unit
     training.train_step (FSDP2 only)       gradient norm (clip_grad_norm_)        every step        1 fp32
     checkpoint.StopFlag.any_rank           "a rank was signalled"                 every step        1 fp32
-    metrics.Meter.report                   the log window, packed                 log_every, saves  3 + 8 x sources
-                                                                                                    + streams, fp64
-    train_kosmos.train -> save             barriers (3) + samples seen            every save_every  1 int64
+    metrics.Meter.report                   the log window, packed                 log_every, saves  fp64: 3 +
+                                                                                   8 x sources + streams
+    train.train -> Checkpointer.maybe_save barriers (3) + samples seen            every save_every  1 int64
     checkpoint.save_checkpoint (FSDP2)     DCP save planning and writes           every save_every  per shard
     training.evaluate -> eval.loss         "every rank has a micro-batch" + sum   per eval batch    1 + 2 fp64
     training.evaluate -> eval.run          barriers, gathered predictions         every eval_every  objects
@@ -118,13 +118,14 @@ def unpack(names: Sequence[str], flat: Sequence[float], width: int) -> dict[str,
 
 def fixed_order_allreduce(ddp_model) -> None:
     """Register a DDP communication hook that all-reduces (averages) each bucket's gradients flattened in the
-    parameters' order in the module, whatever order DDP's bucket holds them in (`train.ddp_fixed_reduction_order`,
-    which also makes the whole model one bucket). DDP builds its buckets in reverse parameter order, then
-    rebuilds them once, after a process's first backward, in the order the gradients became ready; each element
-    of a ring all-reduce over 3+ ranks is summed in an order that depends on its position, so a process that
-    resumes sums its first step in another order than the uninterrupted run did at that step (a difference in
-    the last bits; on 2 ranks a + b = b + a). With one bucket in a fixed order the positions, and so the sums,
-    are the same in every step of every run. Must be called before the first forward."""
+    parameters' order in the module, whatever order DDP's bucket holds them in
+    (`train.ddp_fixed_reduction_order`, which also makes the whole model one bucket). DDP builds its buckets
+    in reverse parameter order, then rebuilds them once, after a process's first backward, in the order the
+    gradients became ready; each element of a ring all-reduce over 3+ ranks is summed in an order that depends
+    on its position, so a process that resumes sums its first step in another order than the uninterrupted run
+    did at that step (a difference in the last bits; on 2 ranks a + b = b + a). With one bucket in a fixed
+    order the positions, and so the sums, are the same in every step of every run. Must be called before the
+    first forward."""
     import torch.distributed as dist
 
     index = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}

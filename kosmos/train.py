@@ -157,7 +157,8 @@ class _Run:
         self.warned: set[str] = set()  # sources past data.<source>.max_epochs, warned once
         log.start_bar(cfg.train.max_steps or cfg.optim.total_steps, self.state.step)
         self.model.train()
-        # The watchdog ends this rank when a wait (data, a collective, a save) outlasts train.collective_timeout.
+        # The watchdog ends this rank when a wait (data, a collective, a save) outlasts
+        # train.collective_timeout.
         self.dog = Watchdog(cfg.train.collective_timeout, acc.process_index,
                             rank_log_path(out_dir / "train.log", acc.process_index))
 
@@ -193,8 +194,9 @@ def schedule_note(cfg, scheduler) -> str | None:
         return None
     left = scheduler.lr_lambdas[0](max_steps) if hasattr(scheduler, "lr_lambdas") else None
     at = f": the learning rate stops at {left:.0%} of its peak" if left is not None else ""
-    return (f"WARNING: train.max_steps={max_steps} ends the run before its schedule, optim.total_steps={total}"
-            f"{at}; set optim.total_steps={max_steps} for a schedule that ends with the run")
+    return (f"WARNING: train.max_steps={max_steps} ends the run before its schedule, "
+            f"optim.total_steps={total}{at}; set optim.total_steps={max_steps} for a schedule that ends with "
+            "the run")
 
 
 def launched_rank() -> tuple[int, int]:

@@ -150,8 +150,9 @@ def check_checkpoint_fits(model: torch.nn.Module, ckpt: str | Path) -> None:
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load `model.safetensors` (the file, or a checkpoint directory holding it; a sharded run's checkpoint
-    directory is read shard by shard, `load_sharded_weights`) into `model`. Never unpickles; weights that do not fit the model fail with the file and the first mismatches named, and so
-    do saved settings that the weights do not record (`check_checkpoint_fits`)."""
+    directory is read shard by shard, `load_sharded_weights`) into `model`. Never unpickles; weights that do
+    not fit the model fail with the file and the first mismatches named, and so do saved settings that the
+    weights do not record (`check_checkpoint_fits`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -184,11 +185,11 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 def load_sharded_weights(model: torch.nn.Module, ckpt: str | Path, check_values: bool = True) -> None:
     """The model weights of a sharded (FSDP2) checkpoint `ckpt` (its `sharded/` folder), read into `model` in
-    this one process, without a process group: what `python -m kosmos.checkpoint consolidate` (kosmos-consolidate)
-    writes out once, done in memory, so that generation and evaluation take a sharded run's checkpoint as it
-    is. The shard files are checked first (sizes, `check_sharded`); the optimizer's entries stay in the files;
-    torch.distributed.checkpoint reads tensors and plain values only. `check_values`: refuse NaN/inf weights
-    (`check_finite`)."""
+    this one process, without a process group: what `kosmos-consolidate` (`python -m kosmos.checkpoint
+    consolidate`) writes out once, done in memory, so that generation and evaluation take a sharded run's
+    checkpoint as it is. The shard files are checked first (sizes, `check_sharded`); the optimizer's entries
+    stay in the files; torch.distributed.checkpoint reads tensors and plain values only. `check_values`:
+    refuse NaN/inf weights (`check_finite`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.api import CheckpointException
@@ -201,7 +202,8 @@ def load_sharded_weights(model: torch.nn.Module, ckpt: str | Path, check_values:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
-            dcp.load({"model": sd}, checkpoint_id=str(src), planner=DefaultLoadPlanner(allow_partial_load=True))
+            planner = DefaultLoadPlanner(allow_partial_load=True)  # the optimizer's entries stay in the files
+            dcp.load({"model": sd}, checkpoint_id=str(src), planner=planner)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged bytes: miniz, the weights-only
         # reader, ...; DCP wraps them in a CheckpointException, a BaseException, whose text is a traceback
         raise CheckpointError(f"{src}: unreadable shard data ({_first_cause(e)})") from None
@@ -209,7 +211,8 @@ def load_sharded_weights(model: torch.nn.Module, ckpt: str | Path, check_values:
         model.load_state_dict(sd)
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise CheckpointError(f"{src}: weights do not fit this config ({'; '.join(lines[:2]) or e})") from None
+        detail = "; ".join(lines[:2]) or e
+        raise CheckpointError(f"{src}: weights do not fit this config ({detail})") from None
     if check_values:
         check_finite(model, src)
 
@@ -295,7 +298,10 @@ def load_model(checkpoint: str | Path | None = None, config: str | Path | None =
     if checkpoint is None and config is None:
         raise KosmosError("give a checkpoint directory (or a config, for random weights)")
     ckpt = find_checkpoint(checkpoint) if checkpoint is not None else None
-    cfg = load_config(config, overrides or []) if config is not None else Config.from_checkpoint(ckpt, overrides)
+    if config is not None:
+        cfg = load_config(config, overrides or [])
+    else:
+        cfg = Config.from_checkpoint(ckpt, overrides)
     model = Kosmos(cfg)
     if ckpt is not None:
         load_model_weights(model, ckpt)
@@ -338,9 +344,9 @@ def load_clip_weights(vision) -> None:
     cfg = vision.cfg
     spec = cfg.pretrained
     if not spec:
-        warnings.warn(f"vision.pretrained is null: the {cfg.model_name} image encoder is randomly initialised "
-                      "(fine for tests and toy runs; set vision.pretrained to a tag or a local file to use "
-                      "CLIP)", stacklevel=2)
+        warnings.warn(f"vision.pretrained is null: the {cfg.model_name} image encoder is randomly "
+                      "initialised (fine for tests and toy runs; set vision.pretrained to a tag or a local "
+                      "file to use CLIP)", stacklevel=2)
         return
     if is_local_weights(spec):
         sd = load_state_dict_file(spec)
