@@ -17,11 +17,11 @@ Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` 
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
 A checkpoint directory is all that inference needs: weights, config and tokenizer.
 
-On resume a checkpoint is checked before anything is loaded (every file there, JSON that parses, a
-safetensors file as long as its header says, zip-complete torch files) and its weights must be finite; a
-damaged one is a `CheckpointError` naming the file, and `--resume latest` then falls back to the previous
-complete checkpoint, saying so. Keys that change the data order or shapes (`kosmos.config.FIXED`) must be those
-the checkpoint was trained with, unless `--allow-config-change` names them.
+On resume a checkpoint is checked before anything is loaded (every file there, JSON that parses, a safetensors
+file as long as its header says, zip-complete torch files) and its weights must be finite; a damaged one is a
+`CheckpointError` naming the file, and `--resume latest` then falls back to the previous complete checkpoint,
+saying so. Keys that change the data order or shapes (`kosmos.config.FIXED`) must be those the checkpoint was
+trained with, unless `--allow-config-change` names them.
 """
 
 from __future__ import annotations
@@ -276,16 +276,6 @@ _SOURCE = object()
 """config_changes: the change is a source added or removed."""
 
 
-def _active_sources(data: dict) -> list[str]:
-    """The config keys (`data.text`, `data.sources.<name>`) of the sources that take part in a config's `data`
-    section (a nested dict, as saved): those with shards and a positive budget (DataConfig.active_sources)."""
-    from kosmos.config import SOURCES, DataConfig
-
-    named = {**{n: data.get(n) for n in SOURCES}, **(data.get("sources") or {})}
-    return [DataConfig.key(n) for n, src in named.items()
-            if isinstance(src, dict) and src.get("shards") and src.get("tokens_per_step", 0) > 0]
-
-
 def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     """Compare the keys fixed on resume (`kosmos.config.is_fixed_on_resume`: field metadata) between the
     config checkpoint `path` was trained with (`saved`, a
@@ -293,7 +283,7 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     of its key (`data.sources.<name>`). A change that `allowed` does not name (a key, or a section such as
     `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
     Keys the checkpoint predates are not compared."""
-    from kosmos.config import ConfigError, flatten, is_fixed_on_resume
+    from kosmos.config import ConfigError, DataConfig, flatten, is_fixed_on_resume
 
     ours = flatten(cfg.to_dict())
     theirs = flatten(saved)
@@ -302,7 +292,8 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
             raise ConfigError(f"--allow-config-change {key}: not a config key")
     changed = [(k, theirs[k], v) for k, v in ours.items()
                if is_fixed_on_resume(k) and k in theirs and theirs[k] != v]
-    before, now = _active_sources(saved.get("data") or {}), _active_sources(cfg.to_dict()["data"])
+    before = DataConfig.active_keys(saved.get("data") or {})
+    now = DataConfig.active_keys(cfg.to_dict()["data"])
     # data.text/captions/interleaved are always in both configs: their keys compare above
     sources = [(k, "added") for k in now if k not in before and k.startswith("data.sources.")]
     sources += [(k, "removed") for k in before if k not in now and k.startswith("data.sources.")]
@@ -428,8 +419,9 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
-        return cls(step=int(d.get("step", 0)), tokens=int(d.get("tokens", 0)), samples=int(d.get("samples", 0)),
-                   bad_steps=int(d.get("bad_steps", 0)), sources=dict(d.get("sources") or {}))
+        return cls(step=int(d.get("step", 0)), tokens=int(d.get("tokens", 0)),
+                   samples=int(d.get("samples", 0)), bad_steps=int(d.get("bad_steps", 0)),
+                   sources=dict(d.get("sources") or {}))
 
 
 class Checkpointer:
@@ -460,8 +452,8 @@ class Checkpointer:
         return self.candidates
 
     def resume(self) -> tuple[Path, TrainState]:
-        """Load the first usable picked checkpoint into the attached objects: its path and state. The sources of
-        `reset_data` keep the fresh data position they were built with, each with a warning."""
+        """Load the first usable picked checkpoint into the attached objects: its path and state. The sources
+        of `reset_data` keep the fresh data position they were built with, each with a warning."""
         acc, model, optimizer, scheduler, mixture = self._objects
 
         def load(path: Path, checked: dict) -> dict:
@@ -475,7 +467,8 @@ class Checkpointer:
             self.say(line)
         for name in self.reset_data:
             self.say(f"warning: --reset-data {name}: the data position of {self.cfg.data.key(name)} in "
-                     f"{path.name} is not restored; its data starts from scratch (fresh streams for this layout)")
+                     f"{path.name} is not restored; its data starts from scratch (fresh streams for this "
+                     "layout)")
         for loader in getattr(mixture, "loaders", {}).values():
             if getattr(loader, "resume_note", None):
                 self.say(loader.resume_note)
@@ -504,8 +497,8 @@ class Checkpointer:
                 if i + 1 < len(candidates):
                     self.say(f"{e}; falling back to the previous checkpoint, {candidates[i + 1].name}")
         if len(errors) > 1 and load is None:
-            raise CheckpointError(f"no usable checkpoint among the {len(errors)} in {candidates[0].parent}; the "
-                                  f"newest: {errors[0]}")
+            raise CheckpointError(f"no usable checkpoint among the {len(errors)} in {candidates[0].parent}; "
+                                  f"the newest: {errors[0]}")
         if errors:
             raise errors[-1] if load is not None else errors[0]
         return None
@@ -513,7 +506,8 @@ class Checkpointer:
     def due(self, step: int, last: bool = False, stop: bool = False) -> bool:
         return step % self.cfg.train.save_every == 0 or last or stop
 
-    def maybe_save(self, state: TrainState, last: bool = False, stop: bool = False, before=None) -> Path | None:
+    def maybe_save(self, state: TrainState, last: bool = False, stop: bool = False,
+                   before=None) -> Path | None:
         """Save `state.step` when due (`train.save_every`, the last step, a stop): `before()` first (the log
         window, so that the saved cumulative figures count every step), then every rank's samples seen are
         summed into `state.samples` and the checkpoint is written. Returns its path on the main process."""
@@ -611,7 +605,8 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     if not (src / ".metadata").is_file():
         raise CheckpointNotFound(f"{ckpt}: not a sharded checkpoint (no {SHARDED}/.metadata)")
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder; give a new or existing folder for the output")
+        raise CheckpointError(f"{out}: exists and is not a folder; give a new or existing folder for the "
+                              "output")
     if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
         raise CheckpointError(f"{out}: the output must not be the checkpoint {ckpt} or inside it (nothing is "
                               "written into the checkpoint); give another folder")

@@ -599,3 +599,11 @@ def source_dataset(kind: str, shards: list[str], encoder, *, micro_batch_size: i
                           shuffle_buffer=shuffle_buffer, max_tokens=max_tokens, loss=loss,
                           caption_choice=caption_choice)
     return SourceDataset(source, shards, encoder, **dataset_args)
+
+
+def blocked_signals(queue) -> None:
+    """A multiprocessing target: put the signals this process was born blocking (tests of the data workers'
+    forkserver)."""
+    import signal
+
+    queue.put(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))

@@ -555,3 +555,24 @@ def test_the_other_writes_of_a_save_that_fail_are_one_line_too(tiny_tokenizer, t
                                                  r"data_rank0\.json; "):
         _checkpoints(tiny_tokenizer, tmp_path, steps=(1,))
     assert not list((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_workers_are_born_with_sigterm_and_sigint_blocked_until_their_handlers_are_set():
+    """torch's worker loop installs a SIGTERM handler that dies before our worker_init_fn runs: a SIGTERM to
+    the process group in that window killed a worker (seen under load, exit code -15). Workers are now born
+    from the forkserver with SIGTERM and SIGINT blocked, and kosmos.data.workers unblocks them once its
+    handlers are in place."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    code = ("from kosmos.data import workers\nfrom tests.helpers import blocked_signals\n"
+            "ctx = workers.context()\nq = ctx.SimpleQueue()\np = ctx.Process(target=blocked_signals, args=(q,))\n"
+            "p.start()\nprint(q.get())\np.join()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    blocked = set(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert {int(signal.SIGTERM), int(signal.SIGINT)} <= blocked, blocked

@@ -316,6 +316,13 @@ class SourceConfig:
         return {"max_tokens": 512} if given.get("kind") == "captions" else {}
 
 
+def takes_part(src: SourceConfig | dict[str, Any]) -> bool:
+    """Whether a source takes part in a run (a SourceConfig, or one saved as a dict): it has shards and a
+    positive token budget."""
+    get = src.get if isinstance(src, dict) else (lambda k, d=None: getattr(src, k, d))
+    return bool(get("shards")) and (get("tokens_per_step", 0) or 0) > 0
+
+
 @dataclass
 class DataConfig:
     """The sources, mixed by token budget per step (the paper: 0.5M text, 0.5M image-caption, 0.2M interleaved
@@ -404,8 +411,14 @@ class DataConfig:
 
     def active_sources(self) -> dict[str, SourceConfig]:
         """The sources that take part: with shards and a positive budget, in named_sources() order."""
-        return {name: src for name, src in self.named_sources().items()
-                if src.shards and src.tokens_per_step > 0}
+        return {name: src for name, src in self.named_sources().items() if takes_part(src)}
+
+    @staticmethod
+    def active_keys(data: dict[str, Any]) -> list[str]:
+        """`active_sources`' keys (`data.text`, `data.sources.<name>`) of a `data` section saved as a nested
+        dict (a checkpoint's config, which this code may not be able to build: only the two keys are read)."""
+        named = {**{n: data.get(n) for n in SOURCES}, **(data.get("sources") or {})}
+        return [DataConfig.key(n) for n, src in named.items() if isinstance(src, dict) and takes_part(src)]
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`; a ConfigError listing the names when there is none."""

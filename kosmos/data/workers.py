@@ -125,6 +125,8 @@ def _worker_signals(exiting) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # born with both blocked (kosmos.data._forkserver): what arrived since is delivered now, to the handlers above
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def start_workers(loader: DataLoader):
