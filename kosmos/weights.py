@@ -358,7 +358,9 @@ def load_clip_weights(vision) -> None:
 
         from kosmos.config import open_clip_architecture
 
-        arch = open_clip_architecture(cfg.model_name)["vision_cfg"]
+        from open_clip.model import CLIPVisionCfg
+
+        arch = {**vars(CLIPVisionCfg()), **open_clip_architecture(cfg.model_name)["vision_cfg"]}
         changed = [f"vision.{k}={getattr(cfg, k)} (the weights' {arch.get(k)})"
                    for k in ("width", "layers", "patch_size", "head_width")
                    if getattr(cfg, k) is not None and getattr(cfg, k) != arch.get(k)]
