@@ -488,3 +488,10 @@ def _loaded_into(enc):
     from kosmos.weights import load_clip_weights
 
     load_clip_weights(enc)
+
+
+def test_summary_prints_each_count_in_the_unit_that_suits_it():
+    from kosmos.summary import human
+
+    assert [human(n) for n in (7, 4_160, 336_512, 12_345_678, 1_666_511_872)] == [
+        "7", "4.2K", "336.5K", "12.3M", "1.667B"]  # a toy model was 0.000B
