@@ -635,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
 def _command(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m kosmos.checkpoint",
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.checkpoint"),
                                  description="Tools for training checkpoints.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("consolidate", help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "

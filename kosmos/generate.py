@@ -389,7 +389,10 @@ OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.generate"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint directory, or a run's output dir (its newest "
                                          "checkpoint); its config.yaml and tokenizer/ are used")
     ap.add_argument("--config", help="YAML config instead of the checkpoint's "

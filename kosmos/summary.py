@@ -28,7 +28,10 @@ def summarize(cfg) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.summary"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config, e.g. configs/kosmos1.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. decoder.layers=12")
     args = ap.parse_args(argv)

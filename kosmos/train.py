@@ -34,7 +34,13 @@ from kosmos.config import load_config
 
 
 def parse_args(argv: list[str] | None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kosmos.errors import command_name
+
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    as_script = script.endswith(".py") and script != "__main__.py"  # python train_kosmos.py
+    prog = f"python {script}" if as_script else command_name("kosmos.train")
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True,
                     help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
     ap.add_argument("--resume",

@@ -106,3 +106,15 @@ def test_offline_clip_weights_are_one_line_from_the_commands(tmp_path, tiny_run)
         errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "vision.pretrained='openai'" in errors[0] and "local file" in errors[0], \
             p.stderr[-3000:]
+
+
+def test_usage_lines_name_the_command_that_was_run(monkeypatch, capsys):
+    from kosmos.errors import command_name
+    from kosmos.generate import main
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/kosmos-eval", "run"])
+    assert command_name("kosmos.eval", "run") == "kosmos-eval run"
+    monkeypatch.setattr(sys, "argv", ["/src/kosmos/generate.py", "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m kosmos.generate ")  # not `generate.py`

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
+        from kosmos.errors import command_name
+
+        usage = f"{command_name('kosmos.eval')} {{{','.join(COMMANDS)}}} [options]"
+        print(f"usage: {usage}  (--help after a command for its options)\n")
         print(__doc__)
         return 0 if argv else 2
     command = argv.pop(0) if argv[0] in COMMANDS else "loss"

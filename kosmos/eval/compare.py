@@ -60,7 +60,9 @@ def compare_table(folders: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kosmos.eval compare", description=__doc__,
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.eval", "compare"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", metavar="DIR", help="result folders (kosmos.eval run --out)")
     args = ap.parse_args(argv)

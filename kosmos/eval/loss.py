@@ -53,7 +53,9 @@ def perplexity(loss: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kosmos.eval", description=__doc__,
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.eval", "loss"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="checkpoint directory, or a run's output dir (its newest checkpoint)")

@@ -429,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     from kosmos.eval.tasks import TASKS
 
     tasks = "\n".join(f"  {name:<22} {spec.description}" for name, spec in TASKS.items())
-    ap = argparse.ArgumentParser(prog="python -m kosmos.eval run", description=__doc__ + "\ntasks:\n" + tasks,
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.eval", "run"),
+                                 description=__doc__ + "\ntasks:\n" + tasks,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run's output dir")
     ap.add_argument("--task", required=True, choices=list(TASKS), metavar="TASK", help="see the list above")
