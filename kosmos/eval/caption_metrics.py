@@ -22,6 +22,7 @@ import io
 import os
 import re
 import shutil
+import subprocess
 import threading
 import warnings
 from collections.abc import Iterable
@@ -122,11 +123,27 @@ def ptb_tokenize(caption: str) -> str:
 # ----------------------------------------------------------------------------- scoring
 
 
+class _QuietJava:
+    """What pycocoevalcap's PTB tokenizer sees as `subprocess` (only its own module's name is rebound): Popen
+    with the Java program's stderr, one `PTBTokenizer tokenized ...` line per call, sent to /dev/null. Its
+    output, the tokens, still comes through stdout, and a failure still shows as a wrong result."""
+
+    PIPE = subprocess.PIPE
+
+    @staticmethod
+    def Popen(*args, **kwargs):  # noqa: N802 - subprocess's name
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        return subprocess.Popen(*args, **kwargs)
+
+
 def _tokenize(gts: dict, res: dict, java: str | None) -> tuple[dict, dict]:
     if java is None:
         return ({k: [ptb_tokenize(c["caption"]) for c in v] for k, v in gts.items()},
                 {k: [ptb_tokenize(c["caption"]) for c in v] for k, v in res.items()})
+    from pycocoevalcap.tokenizer import ptbtokenizer
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ptbtokenizer.subprocess = _QuietJava  # its "PTBTokenizer tokenized N tokens at ..." stay out of stderr
 
     def clean(records: dict) -> dict:
         return {k: [{"caption": _LINE_BREAKS.sub(" ", c["caption"])} for c in v] for k, v in records.items()}
