@@ -250,6 +250,11 @@ def test_openai_tag_builds_quickgelu_and_matches_open_clip(tmp_path, monkeypatch
         return str(tmp_path / "openai.bin")
 
     monkeypatch.setattr(open_clip.factory, "download_pretrained", fake_download)
+    # the served "openai" weights are the tiny tower's: the fit check (before any download) must see them so
+    import kosmos.config
+
+    served = {**kosmos.config.open_clip_architecture(cfg.model_name), "vision_cfg": cfg.resolved()}
+    monkeypatch.setattr("kosmos.config.open_clip_architecture", lambda name: served)
     assert VisionEncoder(cfg) and not fetched  # building the model downloads nothing
     enc = _loaded(cfg).eval()
     assert fetched and fetched[0]["quick_gelu"] is True
