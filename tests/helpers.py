@@ -16,9 +16,9 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
-import struct
 import tarfile
 import zlib
 from functools import lru_cache

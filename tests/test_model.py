@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from kosmos.weights import load_model
 from kosmos.decoder import apply_xpos
 from kosmos.model import Kosmos
 from kosmos.vision import VisionEncoder
+from kosmos.weights import load_model
 from tests.helpers import make_row, random_images, tiny_config, tiny_model
 
 

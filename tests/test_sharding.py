@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kosmos.weights import load_model
 from kosmos import checkpoint as ck
 from kosmos.config import ConfigError
+from kosmos.weights import load_model
 from tests.helpers import (
     DDP_DEBUG,
     ROOT,
@@ -148,9 +148,9 @@ def test_consolidating_damaged_or_odd_inputs_is_one_line_and_writes_nothing_into
     FileExistsError)."""
     import shutil
 
+    from kosmos.checkpoint import SHARDED, main, save_sharded
     from kosmos.config import save_config
     from kosmos.optim import build_optimizer
-    from kosmos.checkpoint import SHARDED, main, save_sharded
     from kosmos.sharding import shard_model
 
     model = shard_model(tiny_model())

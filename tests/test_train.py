@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import train_kosmos
-from kosmos.weights import load_model
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
+from kosmos.weights import load_model
 from tests.helpers import DDP_DEBUG, ROOT, MixtureStandIn, launch, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
