@@ -10,19 +10,19 @@ fixed order and back.
 The collectives of a training step (DDP; `train_kosmos.train`), in order, with their sizes at the paper's
 configuration (`configs/kosmos1.yaml`: 1.67B parameters of which 1.36B trainable, 3 sources):
 
-    where                                  what                                   when              size
-    training.train_step                    DDP gradient all-reduce (buckets)      last micro-batch  1.36B fp32
-    training.train_step                    loss tokens, ranks with a NaN/inf loss every step        2 fp64
-    training.train_step (FSDP2 only)       all-gather weights / reduce-scatter    every micro-batch  per unit
-    training.train_step (FSDP2 only)       gradient norm (clip_grad_norm_)        every step        1 fp32
-    checkpoint.StopFlag.any_rank           "a rank was signalled"                 every step        1 fp32
-    metrics.Meter.report                   the log window, packed                 log_every, saves  3 + 8 x sources
-                                                                                                    + streams, fp64
-    train_kosmos.train -> save             barriers (3) + samples seen            every save_every  1 int64
-    checkpoint.save_checkpoint (FSDP2)     DCP save planning and writes           every save_every  per shard
-    training.evaluate -> eval.loss         "every rank has a micro-batch" + sum   per eval batch    1 + 2 fp64
-    training.evaluate -> eval.run          barriers, gathered predictions         every eval_every  objects
-    checkpoint.check_finite (FSDP2 load)   non-finite counts                      on resume         tensors
+  where                                 what                                  when              size
+  training.train_step                   DDP gradient all-reduce (buckets)     last micro-batch  1.36B fp32
+  training.train_step                   loss tokens, ranks with NaN/inf loss  every step        2 fp64
+  training.train_step (FSDP2 only)      all-gather weights / reduce-scatter   each micro-batch  per unit
+  training.train_step (FSDP2 only)      gradient norm (clip_grad_norm_)       every step        1 fp32
+  checkpoint.StopFlag.any_rank          "a rank was signalled"                every step        1 fp32
+  metrics.Meter.report                  the log window, packed                log_every, saves  3+8 x sources
+                                                                                                + streams fp64
+  train_kosmos.train -> save            barriers (3) + samples seen           every save_every  1 int64
+  checkpoint.save_checkpoint (FSDP2)    DCP save planning and writes          every save_every  per shard
+  training.evaluate -> eval.loss        "every rank has a micro-batch" + sum  per eval batch    1 + 2 fp64
+  training.evaluate -> eval.run         barriers, gathered predictions        every eval_every  objects
+  checkpoint.check_finite (FSDP2 load)  non-finite counts                     on resume         tensors
 
 Setup adds accelerate's own (process group creation, DDP's parameter broadcast) and a resume's loads. Every
 row is issued by every rank: the per-step ones unconditionally; the per-window, per-save and per-eval ones at

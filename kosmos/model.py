@@ -114,7 +114,8 @@ class Kosmos(nn.Module):
         n_images = 0 if images is None else images.shape[0]
         if not n_images and image_mask is not None:
             if not _on_host(image_mask):
-                torch._assert_async(~image_mask.any(), "image_mask marks image slots but no images were given")
+                torch._assert_async(~image_mask.any(),
+                                    "image_mask marks image slots but no images were given")
             elif bool(image_mask.any()):
                 raise ValueError("image_mask marks image slots but no images were given")
         if n_images:

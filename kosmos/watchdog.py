@@ -160,9 +160,9 @@ def kill_descendants(pid: int | None = None) -> None:
     """SIGKILL every process below `pid` (default: this one): DataLoader workers and what they started, in
     their own sessions or not, all found before any is killed (a killed worker's children would be orphaned,
     out of reach)."""
-    for pid in descendants(pid):
+    for child in descendants(pid):
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(child, signal.SIGKILL)
 
 
 def under_launcher() -> bool:

@@ -195,7 +195,10 @@ def load_model(checkpoint: str | Path | None = None, config: str | Path | None =
     if checkpoint is None and config is None:
         raise KosmosError("give a checkpoint directory (or a config, for random weights)")
     ckpt = find_checkpoint(checkpoint) if checkpoint is not None else None
-    cfg = load_config(config, overrides or []) if config is not None else Config.from_checkpoint(ckpt, overrides)
+    if config is not None:
+        cfg = load_config(config, overrides or [])
+    else:
+        cfg = Config.from_checkpoint(ckpt, overrides)
     model = Kosmos(cfg)
     if ckpt is not None:
         load_model_weights(model, ckpt)
@@ -238,9 +241,9 @@ def load_clip_weights(vision) -> None:
     cfg = vision.cfg
     spec = cfg.pretrained
     if not spec:
-        warnings.warn(f"vision.pretrained is null: the {cfg.model_name} image encoder is randomly initialised "
-                      "(fine for tests and toy runs; set vision.pretrained to a tag or a local file to use "
-                      "CLIP)", stacklevel=2)
+        warnings.warn(f"vision.pretrained is null: the {cfg.model_name} image encoder is randomly "
+                      "initialised (fine for tests and toy runs; set vision.pretrained to a tag or a local "
+                      "file to use CLIP)", stacklevel=2)
         return
     if is_local_weights(spec):
         sd = load_state_dict_file(spec)

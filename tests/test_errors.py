@@ -1,5 +1,5 @@
-"""One error type (`kosmos.errors.KosmosError`): what a user can fix is one `error:` line and exit 2, from every
-command; `--debug` (or KOSMOS_DEBUG=1) shows the traceback instead.
+"""One error type (`kosmos.errors.KosmosError`): what a user can fix is one `error:` line and exit 2, from
+every command; `--debug` (or KOSMOS_DEBUG=1) shows the traceback instead.
 
 Each case below used to end in a traceback: a checkpoint whose weights do not fit the config (ValueError), a
 sharded checkpoint given to generation or evaluation (FileNotFoundError), `vision.pretrained=openai` on a

@@ -368,7 +368,8 @@ def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_toke
     from kosmos.data import build_loader
     from tests.helpers import tiny_config
 
-    for bad in ("data.read_timeout=0", "data.read_retries=-1", "data.read_give_up=0", "data.read_min_speed=-1"):
+    for bad in ("data.read_timeout=0", "data.read_retries=-1", "data.read_give_up=0",
+                "data.read_min_speed=-1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             tiny_config(bad)
     cfg = tiny_config(f"tokenizer.path={tiny_tokenizer.path}", "data.text.shards=[http://127.0.0.1:1/ok/t.tar]",
@@ -376,7 +377,8 @@ def test_read_settings_are_checked_passed_on_and_do_not_block_a_resume(tiny_toke
                       "data.read_min_speed=500")
     loader = build_loader(cfg, "text", SequenceEncoder.from_config(cfg))
     assert loader.dataset.read_options == ReadOptions(timeout=2.5, retries=7, give_up=30, min_speed=500)
-    assert not any(is_fixed_on_resume(f"data.read_{k}") for k in ("timeout", "retries", "give_up", "min_speed"))
+    assert not any(is_fixed_on_resume(f"data.read_{k}")
+                   for k in ("timeout", "retries", "give_up", "min_speed"))
     assert is_fixed_on_resume("data.text.shards")
 
 
@@ -428,8 +430,8 @@ def test_a_missing_url_among_six_shards_is_counted_and_training_goes_on(tmp_path
 
 
 def test_a_server_that_trickles_fails_like_a_timeout(shards):
-    """50 bytes/s: no read ever waits `timeout` for a byte, so only the speed floor ends it (before: the shard,
-    a few KB, took minutes; a 60 KB one about 17 hours, with no step meanwhile)."""
+    """50 bytes/s: no read ever waits `timeout` for a byte, so only the speed floor ends it (before: the
+    shard, a few KB, took minutes; a 60 KB one about 17 hours, with no step meanwhile)."""
     name = Path(shards[0]).name
     with ShardServer(Path(shards[0]).parent) as srv:
         url = srv.url(f"trickle/{name}")
@@ -495,7 +497,8 @@ def test_an_object_store_going_away_is_retried_counted_and_listing_errors_are_on
     assert skipped == {"shard_unreadable": 1}, skipped
     assert "_EndpointConnectionError: Could not connect" in failed["flaky://bucket/cap-000000.tar"]
     fsspec.register_implementation("flaky", _flaky_fs(True), clobber=True)
-    with pytest.raises(ValueError, match=r"^flaky://bucket/: cannot list it: _EndpointConnectionError: Unable"):
+    with pytest.raises(ValueError,
+                       match=r"^flaky://bucket/: cannot list it: _EndpointConnectionError: Unable"):
         expand_shards(["flaky://bucket/"])
     with pytest.raises(ValueError, match=r"cannot list it"):  # a brace pattern: one listing of the folder
         expand_shards(["flaky://bucket/cap-{000000..000001}.tar"])
@@ -524,7 +527,8 @@ def test_a_pipe_command_dies_with_the_process_that_read_it(tmp_path):
         pids = []
         for d in Path("/proc").iterdir():
             try:
-                if d.name.isdigit() and f"sleep\0{marker}" in (d / "cmdline").read_bytes().decode(errors="replace"):
+                cmdline = (d / "cmdline").read_bytes().decode(errors="replace") if d.name.isdigit() else ""
+                if f"sleep\0{marker}" in cmdline:
                     pids.append(int(d.name))
             except OSError:
                 pass
