@@ -211,19 +211,22 @@ class Soak:
 
 
 def launch_command(nproc: int, args: list[str]) -> list[str]:
-    from tests.helpers import free_port
-
+    """The launch of dist_sources.py on `nproc` processes; in env() (tests.helpers.STANDALONE) its
+    rendezvous binds port 0 itself: no port is chosen here."""
     multi = ["--multi_gpu"] if nproc > 1 else []
     return [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            free_port(), str(ROOT / "tests" / "dist_sources.py"), *args]
+            "0", str(ROOT / "tests" / "dist_sources.py"), *args]
 
 
 def env() -> dict:
-    # KOSMOS_CHECK_COLLECTIVES: every reduction compared over the ranks (kosmos.distributed)
+    # KOSMOS_CHECK_COLLECTIVES: every reduction compared over the ranks (kosmos.distributed); STANDALONE: the
+    # rendezvous binds port 0 itself
+    from tests.helpers import STANDALONE
+
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONFAULTHANDLER": "1", "KOSMOS_CHECK_COLLECTIVES": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **STANDALONE}
 
 
 def descendants(pid: int) -> list[int]:
