@@ -11,22 +11,19 @@ values such as sizes.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import re
 import sys
-import textwrap
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 from data_tools.conversion import ShardOptions
 from data_tools.images import ImageOptions
 from data_tools.records import ConversionError
+from kosmos.docstrings import field_docs
 
 
 def parse_size(text: str) -> int:
@@ -36,27 +33,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500MB, 1G or 1000000)")
     mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a class and its bases: field name -> the string literal right below the
-    field's annotated assignment, as one line."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object:
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):  # no source (built in, or defined interactively)
-            continue
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-        for node, after in zip(body, body[1:], strict=False):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
-                docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
-    return docs
 
 
 def _help(doc: str) -> str:

@@ -32,6 +32,7 @@ import shutil
 import signal
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -324,25 +325,9 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
 def pick_checkpoint(candidates: list[Path], cfg, allowed=(), say=print) -> list[Path]:
     """`candidates` (resume_candidates) from the first whose files are all there and whole and whose config
     fits this run's (config_changes: a ConfigError otherwise); each damaged one before it is reported with
-    `say`, as a fallback. Cheap: run before the model is built, so that a refusal comes at once. When none
-    is usable, a CheckpointError."""
-    errors = []
-    for i, path in enumerate(candidates):
-        try:
-            state = check_checkpoint(path)
-        except CheckpointError as e:
-            errors.append(e)
-            if i + 1 < len(candidates):
-                say(f"{e}; falling back to the previous checkpoint, {candidates[i + 1].name}")
-            continue
-        config_changes(path, state["config"], cfg, allowed)
-        return candidates[i:]
-    if len(errors) > 1:
-        raise CheckpointError(f"no usable checkpoint among the {len(errors)} in {candidates[0].parent}; the "
-                              f"newest: {errors[0]}")
-    if errors:
-        raise errors[0]
-    return []
+    `say`, as a fallback. Cheap: run before the model is built. When none is usable, a CheckpointError.
+    (`Checkpointer.pick`.)"""
+    return Checkpointer(cfg, allowed, say=say).pick(candidates)
 
 
 def reset_sources(names, cfg) -> list[str]:
@@ -363,40 +348,26 @@ def reset_sources(names, cfg) -> list[str]:
 
 def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixture, allowed=(),
            say=print, reset_data=()) -> tuple[Path, dict]:
-    """Load the first usable checkpoint of `candidates` (pick_checkpoint's list) into the prepared objects;
-    returns its path and trainer state. One found damaged only when loaded (non-finite weights, an unreadable
-    torch file) is reported with `say` and the next one is loaded over it: each load overwrites every
-    object. The sources of `reset_data` (reset_sources) keep the fresh data position they were built with,
-    each with a warning."""
-    for i, path in enumerate(candidates):
-        try:
-            state = check_checkpoint(path)
-            for line in config_changes(path, state["config"], cfg, allowed):
-                say(line)
-            loaded = load_checkpoint(acc, path, model, optimizer, scheduler, mixture, reset_data)
-            for name in reset_data:
-                say(f"warning: --reset-data {name}: the data position of {cfg.data.key(name)} in {path.name} "
-                    "is not restored; its data starts from scratch (fresh streams for this layout)")
-            for loader in getattr(mixture, "loaders", {}).values():
-                if getattr(loader, "resume_note", None):
-                    say(loader.resume_note)
-            return path, loaded
-        except CheckpointError as e:
-            if i + 1 == len(candidates):
-                raise
-            say(f"{e}; falling back to the previous checkpoint, {candidates[i + 1].name}")
-    raise CheckpointError("no checkpoint to resume")
+    """Load the first usable checkpoint of `candidates` into the prepared objects; returns its path and
+    trainer state (a dict). (`Checkpointer.resume`.)"""
+    ckpt = Checkpointer(cfg, allowed, reset_data, say=say)
+    ckpt.candidates = list(candidates)
+    ckpt.attach(acc, model, optimizer, scheduler, mixture)
+    path, state = ckpt.resume()
+    return path, state.state_dict()
 
 
-def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset_data=()) -> dict:
+def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset_data=(),
+                    checked: dict | None = None) -> dict:
     """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state. A file
     that is missing, damaged or holds non-finite weights is a CheckpointError naming it. The sources named in
-    `reset_data` keep their fresh data position."""
+    `reset_data` keep their fresh data position. `checked`: `check_checkpoint(path)`'s result, when the caller
+    has it already (the files are not checked twice)."""
     from kosmos.config import ConfigError
     from kosmos.data.state import DataStateError, check_data_state
     from kosmos.data.stream import rank_data_state
 
-    state = check_checkpoint(path)
+    state = dict(checked) if checked is not None else check_checkpoint(path)
     world = int(state["world_size"])
     if world != acc.num_processes and (is_sharded(model) or _sharded(acc)):
         raise ConfigError(f"{path} was written by {world} processes, this run has {acc.num_processes}; "
@@ -432,6 +403,131 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     state.pop("config", None)
     state.pop("world_size", None)
     return state
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what `trainer_state.json` holds beside the world size and the config. The data position
+    is not here: each rank's `data_rankR.json` comes from the mixture (`Mixture.state_dict`)."""
+
+    step: int = 0
+    """Optimizer steps taken (skipped steps not counted)."""
+    tokens: int = 0
+    """Target tokens trained on, all ranks."""
+    samples: int = 0
+    """Samples started, all ranks (summed at each save)."""
+    bad_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient (kosmos.training.BadSteps)."""
+    sources: dict[str, dict] = field(default_factory=dict)
+    """Cumulative per-source figures of the last log line (kosmos.metrics.Report.sources)."""
+
+    def state_dict(self) -> dict:
+        out = {"step": self.step, "tokens": self.tokens, "bad_steps": self.bad_steps, "samples": self.samples}
+        return {**out, "sources": self.sources} if self.sources else out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(step=int(d.get("step", 0)), tokens=int(d.get("tokens", 0)), samples=int(d.get("samples", 0)),
+                   bad_steps=int(d.get("bad_steps", 0)), sources=dict(d.get("sources") or {}))
+
+
+class Checkpointer:
+    """What a run resumes from, and when and how it is saved.
+
+    Resume: `pick` (before the model is built: cheap) checks each candidate once, files and config, and keeps
+    the usable ones; `resume` (once the objects are prepared) loads the first, falling back to the next when
+    one turns out damaged only when loaded (non-finite weights). Both go through one fallback loop,
+    `_first_usable`. Save: `maybe_save` at `train.save_every`, the last step and a stop, unsharded or sharded
+    (`save_checkpoint`); a collective, so every rank calls it at the same steps."""
+
+    def __init__(self, cfg, allow_change=(), reset_data=(), say=print):
+        self.cfg, self.allowed, self.say = cfg, tuple(allow_change), say
+        self.reset_data = reset_sources(reset_data, cfg)
+        self.candidates: list[Path] = []
+        self.last_saved = 0
+        self._checked: dict[Path, dict] = {}
+        self._objects: tuple | None = None
+
+    def attach(self, acc, model, optimizer, scheduler, mixture) -> None:
+        """The prepared objects that a resume loads into and a save writes."""
+        self._objects = (acc, model, optimizer, scheduler, mixture)
+
+    def pick(self, candidates: list[Path]) -> list[Path]:
+        """The candidates (resume_candidates) from the first usable one on; [] when there are none."""
+        found = self._first_usable(candidates)
+        self.candidates = list(candidates[found[0]:]) if found else []
+        return self.candidates
+
+    def resume(self) -> tuple[Path, TrainState]:
+        """Load the first usable picked checkpoint into the attached objects: its path and state. The sources of
+        `reset_data` keep the fresh data position they were built with, each with a warning."""
+        acc, model, optimizer, scheduler, mixture = self._objects
+
+        def load(path: Path, checked: dict) -> dict:
+            return load_checkpoint(acc, path, model, optimizer, scheduler, mixture, self.reset_data, checked)
+
+        found = self._first_usable(self.candidates, load)
+        if found is None:
+            raise CheckpointError("no checkpoint to resume")
+        _, path, state, notes = found
+        for line in notes:
+            self.say(line)
+        for name in self.reset_data:
+            self.say(f"warning: --reset-data {name}: the data position of {self.cfg.data.key(name)} in "
+                     f"{path.name} is not restored; its data starts from scratch (fresh streams for this layout)")
+        for loader in getattr(mixture, "loaders", {}).values():
+            if getattr(loader, "resume_note", None):
+                self.say(loader.resume_note)
+        state = TrainState.from_dict(state)
+        self.last_saved = state.step
+        return path, state
+
+    def _check(self, path: Path) -> dict:
+        if path not in self._checked:
+            self._checked[path] = check_checkpoint(path)
+        return self._checked[path]
+
+    def _first_usable(self, candidates: list[Path], load=None):
+        """The one fallback loop: (index, path, state, config-change notes) of the first candidate whose files
+        are whole, whose config fits (a refused change is a ConfigError, no fallback) and, with `load`, that
+        loads; each unusable one before it is said, naming the next. None when there are no candidates; a
+        CheckpointError when none is usable."""
+        errors = []
+        for i, path in enumerate(candidates):
+            try:
+                state = self._check(path)
+                notes = config_changes(path, state["config"], self.cfg, self.allowed)
+                return i, path, (load(path, state) if load is not None else state), notes
+            except CheckpointError as e:
+                errors.append(e)
+                if i + 1 < len(candidates):
+                    self.say(f"{e}; falling back to the previous checkpoint, {candidates[i + 1].name}")
+        if len(errors) > 1 and load is None:
+            raise CheckpointError(f"no usable checkpoint among the {len(errors)} in {candidates[0].parent}; the "
+                                  f"newest: {errors[0]}")
+        if errors:
+            raise errors[-1] if load is not None else errors[0]
+        return None
+
+    def due(self, step: int, last: bool = False, stop: bool = False) -> bool:
+        return step % self.cfg.train.save_every == 0 or last or stop
+
+    def maybe_save(self, state: TrainState, last: bool = False, stop: bool = False, before=None) -> Path | None:
+        """Save `state.step` when due (`train.save_every`, the last step, a stop): `before()` first (the log
+        window, so that the saved cumulative figures count every step), then every rank's samples seen are
+        summed into `state.samples` and the checkpoint is written. Returns its path on the main process."""
+        if not self.due(state.step, last, stop):
+            return None
+        from kosmos.distributed import all_reduce_sum
+
+        acc, model, optimizer, scheduler, mixture = self._objects
+        if before is not None:
+            before()
+        seen = torch.tensor(mixture.samples_seen(), device=acc.device)
+        state.samples = int(all_reduce_sum(acc, seen, "samples seen"))  # every rank's
+        saved = save_checkpoint(acc, self.cfg, model, optimizer, scheduler, mixture, state.state_dict())
+        self.last_saved = state.step
+        return saved
 
 
 class StopFlag:

@@ -507,32 +507,95 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
-EVAL_TASK_OPTIONS = ("task", "data", "annotations", "images", "split", "classnames", "shots", "support",
-                     "support_annotations", "retrieval", "seed", "limit")
+EVAL_TASK_NAMES = ("coco_captioning", "flickr30k_captioning", "captioning", "vqav2", "okvqa", "vizwiz", "vqa",
+                   "imagenet", "classification", "choice", "labels")
+"""The benchmark tasks, as `kosmos.eval.tasks.TASKS` names them (it checks that they agree): here so that a
+config is checked without importing the evaluation."""
+EVAL_TASK_SETTINGS = ("kind", "prompt", "demo", "separator", "num_beams", "max_new_tokens", "length_penalty",
+                      "stop", "mode", "answer", "top_k", "batch_size", "metrics", "vqa_rules", "description")
+"""The task settings an entry may change: the fields of `kosmos.eval.tasks.TaskSpec` (it checks that they
+agree)."""
+VQA_RULES = ("vqa2017", "vqa2021", "lmms-eval", "vizwiz")
+"""The VQA accuracy conventions (`kosmos.eval.vqa_metrics`, which takes them from here)."""
+_EVAL_TASK_STRINGS = ("data", "annotations", "images", "split", "classnames", "support",
+                      "support_annotations")
+
+
+@dataclass
+class EvalTaskConfig:
+    """One `train.eval_tasks` entry, checked and typed (`from_dict`): the options of `python -m kosmos.eval
+    run` and the task settings it changes (`kosmos.eval.tasks.TaskSpec`)."""
+
+    task: str
+    """A task of `kosmos.eval.tasks.TASKS` (EVAL_TASK_NAMES)."""
+    data: str
+    """As `--data`: the benchmark's file, a folder, shards or a JSONL."""
+    annotations: str | None = None
+    """vqa: the annotations JSON (answers); without it, predictions only."""
+    images: str | None = None
+    """The image root (default: the folder of `data`)."""
+    split: str = "test"
+    """The Karpathy split evaluated."""
+    classnames: str | None = None
+    """classification: class names, one per line or a JSON list."""
+    shots: int = 0
+    """Demonstrations before each query (one number)."""
+    support: str | None = None
+    """The few-shot support set, in the format of `data` (default: as `python -m kosmos.eval run`)."""
+    support_annotations: str | None = None
+    """vqa: the support set's annotations."""
+    retrieval: bool = False
+    """Few-shot: the most similar support images (RICES) instead of random ones."""
+    seed: int = 0
+    """Seed of the random demonstrations."""
+    limit: int = 200
+    """Items evaluated at most (the first ones)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Task settings by name (`num_beams`, `prompt`, ...): the entry's other keys."""
+
+    @classmethod
+    def from_dict(cls, entry: Any, key: str = "train.eval_tasks[0]") -> EvalTaskConfig:
+        """The entry as a config; a ConfigError naming `key` (and the option) for an unknown task, option
+        or setting, or a value of the wrong kind."""
+        _check(isinstance(entry, dict), key, f"must be a mapping with task and data, got {entry!r}")
+        _check("task" in entry and "data" in entry, key, f"needs task and data, got {sorted(entry)}")
+        _check(entry["task"] in EVAL_TASK_NAMES, f"{key}.task",
+               f"unknown task {entry['task']!r}; tasks: {', '.join(EVAL_TASK_NAMES)}")
+        unknown = sorted(set(entry) - set(EVAL_TASK_OPTIONS) - set(EVAL_TASK_SETTINGS))
+        settings = ", ".join(sorted(EVAL_TASK_SETTINGS))
+        _check(not unknown, key, f"unknown option(s) {', '.join(unknown)}; options: "
+               f"{', '.join(EVAL_TASK_OPTIONS)} and the task settings {settings}")
+        _check(isinstance(entry.get("shots", 0), int) and entry.get("shots", 0) >= 0, f"{key}.shots",
+               "must be one number >= 0")
+        limit = entry.get("limit", 1)
+        _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, f"{key}.limit",
+               f"must be a number of items >= 1, got {limit!r}")
+        _check(entry.get("vqa_rules", VQA_RULES[0]) in VQA_RULES, f"{key}.vqa_rules",
+               f"must be one of {' | '.join(VQA_RULES)}, got {_short(entry.get('vqa_rules'))}")
+        for name, value in entry.items():  # values too: a nested one may be an alias bomb, expanded on save
+            flat = value if isinstance(value, list) else [value]
+            _check(all(v is None or isinstance(v, str | int | float | bool) for v in flat), f"{key}.{name}",
+                   f"must be a number, a string or a list of them, got {_short(value)}")
+        for name in _EVAL_TASK_STRINGS:
+            value = entry.get(name)
+            _check(value is None and name != "data" or isinstance(value, str), f"{key}.{name}",
+                   f"must be a string, got {_short(value)}")
+        _check(isinstance(entry.get("retrieval", False), bool), f"{key}.retrieval",
+               f"must be true or false, got {_short(entry.get('retrieval'))}")
+        _check(isinstance(entry.get("seed", 0), int), f"{key}.seed", f"must be a whole number, got "
+               f"{_short(entry.get('seed'))}")
+        options = {k: v for k, v in entry.items() if k in EVAL_TASK_OPTIONS and v is not None}
+        return cls(**options, settings={k: v for k, v in entry.items() if k not in EVAL_TASK_OPTIONS})
+
+
+EVAL_TASK_OPTIONS = tuple(f.name for f in dataclasses.fields(EvalTaskConfig) if f.name != "settings")
+"""The keys of a `train.eval_tasks` entry that are options of the run (`EvalTaskConfig`'s fields); the
+others are task settings."""
 
 
 def _check_eval_task(task: Any, key: str) -> None:
     """One `train.eval_tasks` entry: a known task, its data, known options and task settings."""
-    from kosmos.eval.tasks import TASKS, VQA_RULES, TaskSpec
-
-    _check(isinstance(task, dict), key, f"must be a mapping with task and data, got {task!r}")
-    _check("task" in task and "data" in task, key, f"needs task and data, got {sorted(task)}")
-    _check(task["task"] in TASKS, f"{key}.task", f"unknown task {task['task']!r}; tasks: {', '.join(TASKS)}")
-    settings = {f.name for f in dataclasses.fields(TaskSpec)}
-    unknown = sorted(set(task) - set(EVAL_TASK_OPTIONS) - settings)
-    _check(not unknown, key, f"unknown option(s) {', '.join(unknown)}; options: "
-           f"{', '.join(EVAL_TASK_OPTIONS)} and the task settings {', '.join(sorted(settings))}")
-    _check(isinstance(task.get("shots", 0), int) and task.get("shots", 0) >= 0, f"{key}.shots",
-           "must be one number >= 0")
-    limit = task.get("limit", 1)
-    _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, f"{key}.limit",
-           f"must be a number of items >= 1, got {limit!r}")
-    _check(task.get("vqa_rules", VQA_RULES[0]) in VQA_RULES, f"{key}.vqa_rules",
-           f"must be one of {' | '.join(VQA_RULES)}, got {_short(task.get('vqa_rules'))}")
-    for name, value in task.items():  # values too: a nested one may be a YAML alias bomb, expanded when saved
-        flat = value if isinstance(value, list) else [value]
-        _check(all(v is None or isinstance(v, str | int | float | bool) for v in flat), f"{key}.{name}",
-               f"must be a number, a string or a list of them, got {_short(value)}")
+    EvalTaskConfig.from_dict(task, key)
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -410,7 +410,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
+    ap.add_argument("--beams", "--num-beams", dest="beams", type=int, default=1,
+                    help="beam search with this many beams (--num-beams: the same, as in kosmos.eval run)")
     ap.add_argument("--stop", action="append", default=[],
                     help="stop a sequence when its text contains this string (printed without it); "
                          "repeat for several")

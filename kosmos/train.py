@@ -58,136 +58,129 @@ def parse_args(argv: list[str] | None):
 
 def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
           allow_change: list[str] | tuple = (), reset_data: list[str] | tuple = (), on_report=None) -> dict:
-    """Run the training loop; returns the final trainer state. `on_step(acc, state, model, samples)` is
-    called after every optimizer step with the (source, shard, offset) of the samples it started, and
-    `on_report(acc, state, report)` after every log line with its metrics.Report (tests). `allow_change`:
-    config keys a resume may change although they change the data (`kosmos.config.is_fixed_on_resume`). `reset_data`: sources
-    (or `all`) whose data a resume starts over instead of restoring it."""
-    import torch
-
+    """Run the training loop; returns the final trainer state (`TrainState.state_dict()` and `last_saved`).
+    `on_step(acc, state, model, samples)` is called after every optimizer step with the (source, shard,
+    offset) of the samples it started, and `on_report(acc, state, report)` after every log line with its
+    metrics.Report (tests). `allow_change`: config keys a resume may change although they change the data
+    (`kosmos.config.is_fixed_on_resume`). `reset_data`: sources (or `all`) whose data a resume starts over."""
     from kosmos import checkpoint as ck
-    from kosmos.distributed import all_reduce_sum
-    from kosmos.metrics import Meter, RunLog, eval_line
-    from kosmos.procs import die_with_parent
-    from kosmos.training import (
-        BadSteps,
-        build_accelerator,
-        describe_mixture,
-        evaluate,
-        flat_config,
-        peak_flops,
-        setup,
-        train_step,
-    )
-    from kosmos.watchdog import Watchdog, rank_log_path, under_launcher
+    from kosmos.metrics import eval_line
+    from kosmos.training import BadSteps, evaluate, train_step
 
-    # ---- setup: the weights come from the checkpoint to resume, else from train.init_from, else the seed.
-    # `--resume` wins over train.init_from when there is a checkpoint to resume, so that a killed fine-tuning
-    # run continues instead of starting over from its initial weights. The checkpoints are checked (files
-    # whole, config unchanged) before anything heavy.
-    if under_launcher():  # a rank ends with its launcher (killed by a timeout, say) instead of running on
-        die_with_parent(os.getppid())
-    out_dir = Path(cfg.train.output_dir)
-    reset_data = ck.reset_sources(reset_data, cfg)
-    notes: list[str] = []
-    candidates = ck.pick_checkpoint(ck.resume_candidates(resume, out_dir), cfg, allow_change, notes.append)
-    init_from = Path(cfg.train.init_from) if cfg.train.init_from and not candidates else None
-    acc = build_accelerator(cfg)
-    log = RunLog(acc, out_dir / "train.log", progress=progress)
-    for note in notes:
-        log.info(note)
-    encoder, model, optimizer, scheduler, mixture = setup(acc, cfg, init_from)
-
-    # ---- resume
-    state = {"step": 0, "tokens": 0, "bad_steps": 0, "samples": 0}
-    path = None
-    if candidates:
-        path, state = ck.resume(acc, candidates, cfg, model, optimizer, scheduler, mixture, allow_change,
-                                log.info, reset_data)
-        log.info(f"resumed from {path} at step {state['step']}")
-        if mixture.resume_note:
-            log.info(mixture.resume_note)
-    elif resume:
-        log.info(f"--resume {resume}: no checkpoint in {out_dir}, starting a new run")
-    if init_from is not None:
-        log.info(f"initialised from {init_from}: model weights only; new optimizer, schedule and data")
-    if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
-        acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
-    log.info(describe_mixture(acc, cfg, mixture))
-
-    # ---- the loop: step, log, evaluate, save
-    max_steps = cfg.train.max_steps or cfg.optim.total_steps
-    meter = Meter(acc, acc.unwrap_model(model), peak_flops(cfg, acc.device), names=list(mixture.plans),
-                  totals=state.get("sources"))
-    warned: set[str] = set()  # sources past data.<source>.max_epochs, warned once
-    log.start_bar(max_steps, state["step"])
+    run = _Run(cfg, resume, progress, allow_change, reset_data, on_report)  # setup and resume
+    acc, model, state, log, dog, mixture = run.acc, run.model, run.state, run.log, run.dog, run.mixture
     bad = BadSteps(cfg.train.max_bad_steps, log.info)
-    last_saved = state["step"]
-
-    def report_window(step: int, res) -> None:
-        """The log line of the window that ends at `step` (a collective: every rank calls it at the same
-        steps), its cumulative per-source figures into the trainer state."""
-        with dog.waiting("the log-window reduce"):
-            report = meter.report(step, lr=scheduler.get_last_lr()[0], gnorm=res.gnorm,
-                                  bad_steps=state["bad_steps"], **mixture.figures())
-        state["tokens"] += report.tokens
-        state["sources"] = report.sources
-        log.info(report.line)
-        for name, fig in report.sources.items():
-            limit = cfg.data.source(name).max_epochs
-            if limit and fig["epoch"] >= limit and name not in warned:
-                warned.add(name)
-                log.info(f"WARNING: {name} started pass {fig['epoch'] + 1} over its data, more than "
-                         f"{cfg.data.key(name)}.max_epochs={limit}: its samples are being repeated")
-        if on_report is not None:
-            on_report(acc, state, report)
-        for line in mixture.shard_failures():  # named by each rank (the counts are in the line above)
-            log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
-                                                              file=sys.stderr)
-        acc.log(report.metrics, step=step)
-
-    model.train()
-    # The watchdog ends this rank when a wait (data, a collective, a save) outlasts train.collective_timeout.
-    dog = Watchdog(cfg.train.collective_timeout, acc.process_index,
-                   rank_log_path(out_dir / "train.log", acc.process_index))
+    max_steps = cfg.train.max_steps or cfg.optim.total_steps
     with log, ck.StopFlag() as stop, contextlib.closing(mixture), dog:  # closing: ends the DataLoader workers
-        while state["step"] < max_steps:
-            dog.step = state["step"] + 1
-            res = train_step(acc, model, optimizer, scheduler, mixture, cfg.optim.grad_clip,
+        while state.step < max_steps:
+            dog.step = state.step + 1
+            res = train_step(acc, model, run.optimizer, run.scheduler, mixture, cfg.optim.grad_clip,
                              cfg.train.loss_weighting, waiting=dog.waiting)
             dog.warm = True  # compiled: from now on the gradient sync's forward and backward are watched too
-            meter.add(res)
+            run.meter.add(res)
             if not bad.passed(res, state):  # skipped: counted and logged; too many in a row raise
                 continue
-            state["step"] = dog.step = step = state["step"] + 1
+            state.step = dog.step = step = state.step + 1
             log.advance()
             if on_step is not None:
                 on_step(acc, state, model, res.samples)
             logged = step % cfg.train.log_every == 0 or step == max_steps
             if logged:
-                report_window(step, res)
+                run.report_window(res)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                if ev := evaluate(acc, cfg, model, encoder, step, waiting=dog.waiting):
+                if ev := evaluate(acc, cfg, model, run.encoder, step, waiting=dog.waiting):
                     acc.log(ev, step=step)
                     log.info(eval_line(ev))
             with dog.waiting("the stop-flag reduce"):
                 stop_now = stop.any_rank(acc)
-            if step % cfg.train.save_every == 0 or step == max_steps or stop_now:
-                if not logged:  # the checkpoint's cumulative figures (tokens, images) count every step so far,
-                    report_window(step, res)  # so that a resume goes on from the right totals
-                with dog.waiting("the checkpoint save"):  # its barriers wait for rank 0's writing
-                    seen = torch.tensor(mixture.samples_seen(), device=acc.device)
-                    state["samples"] = int(all_reduce_sum(acc, seen, "samples seen"))  # every rank's
-                    saved = ck.save_checkpoint(acc, cfg, model, optimizer, scheduler, mixture, state)
-                last_saved = step
-                if saved is not None:  # the main process
-                    log.info(f"saved {saved}")
+            with dog.waiting("the checkpoint save"):  # its barriers wait for rank 0's writing
+                # a checkpoint between log lines writes the window's line first: its cumulative figures
+                # (tokens, images) then count every step so far, and a resume goes on from the right totals
+                saved = run.checkpointer.maybe_save(state, last=step == max_steps, stop=stop_now,
+                                                    before=None if logged else lambda: run.report_window(res))
+            if saved is not None:  # the main process
+                log.info(f"saved {saved}")
             if stop_now:
                 log.info(f"stopped by signal at step {step}; resume with --resume latest")
                 break
     acc.end_training()
-    state["last_saved"] = last_saved
-    return state
+    return {**state.state_dict(), "last_saved": run.checkpointer.last_saved}
+
+
+class _Run:
+    """A training run's objects, set up: the checkpoints to resume checked before anything heavy, the
+    accelerator, the log, the model, optimizer, schedule and mixture (kosmos.training.setup), the resumed
+    (or fresh) TrainState, the log window (`report_window`) and the watchdog."""
+
+    def __init__(self, cfg, resume, progress, allow_change, reset_data, on_report):
+        from kosmos import checkpoint as ck
+        from kosmos.metrics import Meter, RunLog
+        from kosmos.procs import die_with_parent
+        from kosmos.training import build_accelerator, describe_mixture, flat_config, peak_flops, setup
+        from kosmos.watchdog import Watchdog, rank_log_path, under_launcher
+
+        # The weights come from the checkpoint to resume, else from train.init_from, else the seed. `--resume`
+        # wins over train.init_from when there is a checkpoint to resume, so that a killed fine-tuning run
+        # continues instead of starting over from its initial weights. The checkpoints are checked (files
+        # whole, config unchanged) before anything heavy.
+        if under_launcher():  # a rank ends with its launcher (killed by a timeout, say) instead of running on
+            die_with_parent(os.getppid())
+        self.cfg, self.on_report, out_dir = cfg, on_report, Path(cfg.train.output_dir)
+        notes: list[str] = []
+        self.checkpointer = ckpt = ck.Checkpointer(cfg, allow_change, reset_data, say=notes.append)
+        candidates = ckpt.pick(ck.resume_candidates(resume, out_dir))
+        init_from = Path(cfg.train.init_from) if cfg.train.init_from and not candidates else None
+        self.acc = acc = build_accelerator(cfg)
+        self.log = log = RunLog(acc, out_dir / "train.log", progress=progress)
+        for note in notes:
+            log.info(note)
+        ckpt.say = log.info
+        self.encoder, self.model, self.optimizer, self.scheduler, self.mixture = setup(acc, cfg, init_from)
+        ckpt.attach(acc, self.model, self.optimizer, self.scheduler, self.mixture)
+        self.state, path = ck.TrainState(), None
+        if candidates:
+            path, self.state = ckpt.resume()
+            log.info(f"resumed from {path} at step {self.state.step}")
+            if self.mixture.resume_note:
+                log.info(self.mixture.resume_note)
+        elif resume:
+            log.info(f"--resume {resume}: no checkpoint in {out_dir}, starting a new run")
+        if init_from is not None:
+            log.info(f"initialised from {init_from}: model weights only; new optimizer, schedule and data")
+        if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
+            acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
+        log.info(describe_mixture(acc, cfg, self.mixture))
+        self.meter = Meter(acc, acc.unwrap_model(self.model), peak_flops(cfg, acc.device),
+                           names=list(self.mixture.plans), totals=self.state.sources or None)
+        self.warned: set[str] = set()  # sources past data.<source>.max_epochs, warned once
+        log.start_bar(cfg.train.max_steps or cfg.optim.total_steps, self.state.step)
+        self.model.train()
+        # The watchdog ends this rank when a wait (data, a collective, a save) outlasts train.collective_timeout.
+        self.dog = Watchdog(cfg.train.collective_timeout, acc.process_index,
+                            rank_log_path(out_dir / "train.log", acc.process_index))
+
+    def report_window(self, res) -> None:
+        """The log line of the window that ends at this step (a collective: every rank calls it at the same
+        steps), its cumulative per-source figures into the trainer state."""
+        acc, state, log = self.acc, self.state, self.log
+        with self.dog.waiting("the log-window reduce"):
+            report = self.meter.report(state.step, lr=self.scheduler.get_last_lr()[0], gnorm=res.gnorm,
+                                       bad_steps=state.bad_steps, **self.mixture.figures())
+        state.tokens += report.tokens
+        state.sources = report.sources
+        log.info(report.line)
+        for name, fig in report.sources.items():
+            limit = self.cfg.data.source(name).max_epochs
+            if limit and fig["epoch"] >= limit and name not in self.warned:
+                self.warned.add(name)
+                log.info(f"WARNING: {name} started pass {fig['epoch'] + 1} over its data, more than "
+                         f"{self.cfg.data.key(name)}.max_epochs={limit}: its samples are being repeated")
+        if self.on_report is not None:
+            self.on_report(acc, state, report)
+        for line in self.mixture.shard_failures():  # named by each rank (the counts are in the line above)
+            log.info(line) if acc.is_main_process else print(f"rank {acc.process_index}: {line}",
+                                                              file=sys.stderr)
+        acc.log(report.metrics, step=state.step)
 
 
 def launched_rank() -> tuple[int, int]:

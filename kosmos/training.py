@@ -352,20 +352,21 @@ def train_step(acc, model, optimizer, scheduler, mixture, grad_clip: float,
 
 
 class BadSteps:
-    """A step with a NaN/inf loss or gradient is skipped and counted (state["bad_steps"], kept in
+    """A step with a NaN/inf loss or gradient is skipped and counted (`TrainState.bad_steps`, kept in
     checkpoints); `limit` in a row stop the run: by then the model has usually diverged."""
 
     def __init__(self, limit: int, info):
         self.limit, self.info, self.in_row = limit, info, 0
 
-    def passed(self, res: StepResult, state: dict) -> bool:
+    def passed(self, res: StepResult, state) -> bool:
+        """Whether the step counts; a skipped one adds to `state.bad_steps` (a kosmos.checkpoint.TrainState)."""
         if res.ok:
             self.in_row = 0
             return True
-        state["bad_steps"] += 1
+        state.bad_steps += 1
         self.in_row += 1
-        self.info(f"step {state['step']}: non-finite loss or gradient, step skipped "
-                  f"({self.in_row} in a row, {state['bad_steps']} in all)")
+        self.info(f"step {state.step}: non-finite loss or gradient, step skipped "
+                  f"({self.in_row} in a row, {state.bad_steps} in all)")
         if self.in_row >= self.limit:
             raise RuntimeError(f"{self.in_row} steps in a row had a NaN/inf loss or gradient: stopping. "
                                f"Lower optim.lr, check the data, or resume from an earlier checkpoint.")
@@ -376,8 +377,8 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
     """Loss and perplexity per source on its eval shards (at most train.eval_batches micro-batches each, per
     rank, and no more than the rank with the fewest has), summed over the ranks: the numbers `python -m
     kosmos.eval loss` gives for a checkpoint when every rank reads the same number of micro-batches; then the
-    benchmarks of train.eval_tasks (`python -m kosmos.eval run`), their predictions under
-    train.output_dir/eval/step_XXXXXXXX/. `waiting` (kosmos.watchdog.Watchdog.waiting) is told of the
+    benchmarks of train.eval_tasks (`kosmos.train_eval`, as `python -m kosmos.eval run`), their predictions
+    under train.output_dir/eval/step_XXXXXXXX/. `waiting` (kosmos.watchdog.Watchdog.waiting) is told of the
     held-out loss's reduces over the ranks (not of the benchmarks')."""
     from kosmos.data import build_loader
     from kosmos.eval.loss import perplexity, source_loss
@@ -396,11 +397,14 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
         results[f"eval/{name}_loss"] = loss
         results[f"eval/{name}_ppl"] = perplexity(loss)
     if cfg.train.eval_tasks:
-        from kosmos.eval.run import evaluate_tasks
+        from kosmos.config import EvalTaskConfig
+        from kosmos.train_eval import evaluate_tasks
 
+        tasks = [EvalTaskConfig.from_dict(t, f"train.eval_tasks[{i}]")
+                 for i, t in enumerate(cfg.train.eval_tasks)]
         out = Path(cfg.train.output_dir) / "eval" / f"step_{step:08d}"
         with acc.autocast():
-            results.update(evaluate_tasks(acc, cfg.train.eval_tasks, acc.unwrap_model(model), encoder, out))
+            results.update(evaluate_tasks(acc, tasks, acc.unwrap_model(model), encoder, out))
     return results
 
 

@@ -30,12 +30,12 @@ def main():
         assert acc.num_processes == 2, f"expected 2 processes, got {acc.num_processes}"
         weights = torch.cat([p.detach().float().flatten() for p in acc.unwrap_model(model).parameters()])
         both = acc.gather(weights[None])  # (2, n)
-        assert torch.equal(both[0], both[1]), f"step {state['step']}: weights differ between ranks"
+        assert torch.equal(both[0], both[1]), f"step {state.step}: weights differ between ranks"
         seen = gather_object([sorted(samples)])
         shared = set(seen[0]) & set(seen[1])
         assert seen[0] and seen[1] and not shared, \
-            f"step {state['step']}: ranks share data {sorted(shared)[:5]}"
-        checked.append(state["step"])
+            f"step {state.step}: ranks share data {sorted(shared)[:5]}"
+        checked.append(state.step)
         steps.append(sorted(samples))
         if out is not None:
             (out / f"rank{acc.process_index}.json").write_text(json.dumps(steps))

@@ -82,12 +82,12 @@ def main():
         weights = weights_of(acc, model)
         if not is_sharded(acc.unwrap_model(model)):  # DDP: every rank holds the whole model
             every = acc.gather(weights[None])
-            assert all(torch.equal(every[0], w) for w in every), f"step {state['step']}: weights differ"
+            assert all(torch.equal(every[0], w) for w in every), f"step {state.step}: weights differ"
         if phase:
             digest = hashlib.sha256(weights.cpu().numpy().tobytes()).hexdigest()[:16]
-            steps.append({"step": state["step"], "samples": [list(x) for x in samples], "weights": digest})
+            steps.append({"step": state.step, "samples": [list(x) for x in samples], "weights": digest})
             (out / f"{prefix}rank{acc.process_index}.json").write_text(json.dumps(steps))
-        if sigterm and state["step"] == sigterm[0] and sigterm[1] in ("all", str(acc.process_index)):
+        if sigterm and state.step == sigterm[0] and sigterm[1] in ("all", str(acc.process_index)):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def on_report(acc, state, report):
@@ -96,7 +96,7 @@ def main():
         for name in report.sources:  # cumulative tokens: the sum of every window's
             tokens[name] = tokens.get(name, 0) + int(sum(r[name]["tokens"] for r in every))
             assert report.sources[name]["tokens"] == tokens[name], name
-        reports.append({"step": state["step"], "line": report.line, "sources": report.sources})
+        reports.append({"step": state.step, "line": report.line, "sources": report.sources})
         if acc.is_main_process:
             (out / f"{prefix}reports.json").write_text(json.dumps(reports))
 

@@ -26,7 +26,7 @@ def main():
 
     ck.StopFlag.any_rank = asymmetric
     train_kosmos.train(cfg, progress=False,
-                       on_step=lambda acc, state, model, samples: steps.append(state["step"]))
+                       on_step=lambda acc, state, model, samples: steps.append(state.step))
     print("HANG_CHECK_DONE", flush=True)
 
 

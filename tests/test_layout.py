@@ -29,14 +29,14 @@ ALLOWED: dict[str, set[str]] = {}  # the library imports no script (kosmos.cli r
 
 LAYERS = [  # lowest first; a module name or a package prefix (kosmos.data: every module under it)
     ("base", ["kosmos", "kosmos.errors", "kosmos.untrusted", "kosmos.procs", "kosmos.distributed",
-              "kosmos.watchdog"]),  # import nothing of kosmos but each other
+              "kosmos.watchdog", "kosmos.docstrings"]),  # import nothing of kosmos but each other
     ("config", ["kosmos.config"]),
     ("model", ["kosmos.image", "kosmos.sequence", "kosmos.decoder", "kosmos.vision", "kosmos.model",
                "kosmos.sharding", "kosmos.optim", "kosmos.data"]),  # the network and its inputs; no file
     ("weights", ["kosmos.weights"]),  # finding, checking and loading weights; the one inference loader
     ("checkpoint", ["kosmos.checkpoint"]),  # training save / load / resume, sharded too; consolidate
     ("inference", ["kosmos.generate", "kosmos.eval"]),
-    ("training", ["kosmos.training", "kosmos.metrics"]),
+    ("training", ["kosmos.training", "kosmos.train_eval", "kosmos.metrics"]),
     ("entry points", ["kosmos.train", "kosmos.cli", "kosmos.summary", "kosmos.eval.__main__"]),
 ]
 

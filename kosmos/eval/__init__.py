@@ -48,7 +48,7 @@ def _dispatch(argv: list[str] | None = None) -> int:
 
 
 def __getattr__(name: str):
-    # lazily: kosmos.eval.tasks stays importable without torch (kosmos.config uses it)
+    # lazily: kosmos.eval.tasks and the metrics stay importable without torch
     if name == "source_loss":
         from kosmos.eval.loss import source_loss
 

@@ -8,7 +8,11 @@
                     names
     choices         JSONL {"id", "images", "text" with <image> placeholders, "candidates", "answer"}
     labels          JSONL {"id", "image", "labels"} (open-vocabulary labels, NxTP)
+    prompts         JSONL {"id"?, "image", "question"?, "captions"/"answers"?} (captioning and VQA without
+                    the benchmark's own files), a folder of images, or caption shards (predictions only,
+                    unless they carry references)
 
+Each task kind (`kosmos.eval.kinds`) turns what these readers give into the runner's `Item`s (`TaskData`).
 Malformed input raises `EvalDataError`, one line naming the file and the field. A missing image file is not
 an error here: items carry the path, the runner counts and skips the missing ones. Relative image paths
 in JSONL/CSV resolve against `image_root`, by default the file's folder.
@@ -18,14 +22,60 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kosmos.data.format import IMAGE_SUFFIXES
 from kosmos.errors import KosmosError
 from kosmos.untrusted import load_json
 
+log = logging.getLogger(__name__)
+
 IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Item:
+    """One query of any task, in the runner's terms."""
+
+    id: Any
+    images: list[Any]
+    """Image paths (or encoded bytes, from shards), in prompt order."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Template fields: `question` (vqa), `text` (choice)."""
+    references: list[str] = field(default_factory=list)
+    """Reference captions, annotator answers or labels ([] when unknown)."""
+    label: int | None = None
+    """classification: the class index; choice: the right candidate."""
+    candidates: list[Any] = field(default_factory=list)
+    """choice: strings or {"text", "images"}."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Kept for scoring: answer_type, question_type."""
+
+    @property
+    def key(self) -> str:
+        """The id as predictions, resumes and scores keep it (`id_text`)."""
+        return id_text(self.id)
+
+
+def id_text(item_id: Any) -> str:
+    """An item id as predictions, resumes and scores keep it: its JSON text (1 and "1" are two ids)."""
+    return json.dumps(item_id)
+
+
+@dataclass
+class TaskData:
+    items: list[Item]
+    support: list[Item] | None = None
+    """Demonstrations for few-shot (items with references)."""
+    classnames: list[str] = field(default_factory=list)
+    id_key: str = "image_id"
+    """The id field of the official results format (VQA: question_id; VizWiz: image)."""
+    read_skipped: dict[str, int] = field(default_factory=dict)
+    """Samples of the data that could not be read as items, by reason (shards)."""
 
 
 class EvalDataError(KosmosError, ValueError):
@@ -117,9 +167,10 @@ def read_json(path):
         raise EvalDataError(f"{path}: not valid JSON ({e})") from None
 
 
-def _read_jsonl(path) -> list[tuple[int, dict]]:
+def read_jsonl(path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; an EvalDataError naming the file and the line for one
-    that is not UTF-8, not JSON or not an object."""
+    that is not UTF-8, not JSON or not an object. The one JSONL reader of the benchmark files (prompts,
+    choices, labels)."""
     path = Path(path)
     rows = []
     try:
@@ -384,9 +435,7 @@ def _class_folder(root: Path, names: list[str] | None) -> tuple[list[ClassItem],
         _fail(root, "classnames", f"{len(names)} class names for {len(folders)} class folders")
     items = []
     for label, folder in enumerate(folders):
-        for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                items.append(ClassItem(f.relative_to(root).as_posix(), str(f), label))
+        items += [ClassItem(f.relative_to(root).as_posix(), str(f), label) for f in image_files(folder)]
     return items, names
 
 
@@ -441,7 +490,7 @@ def load_choices(path, image_root=None) -> list[ChoiceItem]:
     "answer": int}. "id" defaults to the line number, "images" to [], "answer" to None (unknown)."""
     root = Path(image_root) if image_root is not None else Path(path).parent
     items, seen = [], {}
-    for n, obj in _read_jsonl(path):
+    for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
         the_id = str(item_id(obj, n, where, seen))
         images = _images(obj.get("images", []), root, where, "images")
@@ -477,10 +526,81 @@ def load_labels(path, image_root=None) -> list[LabelItem]:
     line number, "labels" to [] (no references)."""
     root = Path(image_root) if image_root is not None else Path(path).parent
     items, seen = [], {}
-    for n, obj in _read_jsonl(path):
+    for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
         the_id = str(item_id(obj, n, where, seen))
         image = _get(obj, "image", str, where)
         labels = _str_list(obj.get("labels", []), where, "labels")
         items.append(LabelItem(the_id, _resolve(root, image), labels))
     return items
+
+
+# ----------------------------------------------------------------------------- prompts, image folders, shards
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (any depth, by `kosmos.data.format.IMAGE_SUFFIXES`, the converters'
+    list), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_image_folder(path: Path) -> list[Item]:
+    """One item per image file under `path`, its id the path relative to `path` (no references)."""
+    files = image_files(path)
+    if not files:
+        raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return [Item(id=str(p.relative_to(path)), images=[p]) for p in files]
+
+
+def load_prompts(path: Path, root: Path, questions: bool = False) -> list[Item]:
+    """A JSONL of prompts without the benchmark's own format: {"id"?, "image", "question"? (`questions`),
+    "captions"/"caption"? (references; with `questions`: "answers")}; a line that is not UTF-8 or JSON, a
+    field of the wrong type or a repeated id is an EvalDataError naming the file, the line and the field."""
+    items, seen = [], {}
+    for n, row in read_jsonl(path):
+        where = f"{path}:{n}"
+        the_id = item_id(row, len(items), where, seen)
+        image = Path(_get(row, "image", str, where))
+        question = _get(row, "question", str, where) if questions else ""
+        name = "answers" if questions else ("captions" if "captions" in row else "caption")
+        refs = row.get(name)
+        refs = [refs] if isinstance(refs, str) else _str_list(refs or [], where, name)
+        items.append(Item(id=the_id, images=[image if image.is_absolute() else root / image],
+                          fields={"question": question}, references=refs))
+    return items
+
+
+def load_caption_shards(pattern: str) -> tuple[list[Item], Counter]:
+    """Caption shards (this project's format; local, URLs or pipe:, see `kosmos.data.remote`): each sample's
+    image, its caption as the reference. Samples the training reader would reject are counted by reason, so
+    are shards that cannot be read (and named in the log)."""
+    from kosmos.data.format import BadSample, ImageSegment, parse_sample
+    from kosmos.data.shards import expand_shards, read_shard
+
+    items, skipped = [], Counter()
+    failed: dict[str, str] = {}
+    for shard in expand_shards([pattern]):
+        for _, raw in read_shard(shard, skipped, failed=failed):
+            try:
+                segments = parse_sample("captions", raw)
+            except BadSample as e:
+                skipped[e.reason] += 1
+                continue
+            image = next(s.data for s in segments if isinstance(s, ImageSegment))
+            text = " ".join(s for s in segments if isinstance(s, str)).strip()
+            items.append(Item(id=raw["__key__"], images=[image], references=[text] if text else []))
+    for shard, why in failed.items():
+        log.warning("skipped shard %s (%s)", shard, why)
+    return items, skipped
+
+
+def unique_ids(data: TaskData, where: str) -> TaskData:
+    """`data`, or an EvalDataError naming two items with the same id: predictions are kept by id, so one of
+    them would be dropped without a word."""
+    seen: dict[str, int] = {}
+    for i, item in enumerate(data.items, 1):
+        first = seen.setdefault(item.key, i)
+        if first != i:
+            raise EvalDataError(f"{where}: items {first} and {i} have the same id {item.id!r}; every item "
+                                "needs its own id")
+    return data

@@ -37,9 +37,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from kosmos.config import EVAL_TASK_NAMES, EVAL_TASK_SETTINGS
 from kosmos.eval.vqa_metrics import DEFAULT_RULES, VQA_RULES
-
-KINDS = ("captioning", "vqa", "classification", "choice", "labels")
 
 
 @dataclass
@@ -47,7 +46,8 @@ class TaskSpec:
     """One benchmark's protocol. `{image}` marks an image in a template."""
 
     kind: str
-    """captioning | vqa | classification | choice | labels: which reader, decoding and metric."""
+    """captioning | vqa | classification | choice | labels (`kosmos.eval.kinds`): which reader, prompts,
+    decoding or ranking, and metric."""
     prompt: str
     """The query. captioning/classification/labels: `{image}` only; vqa: `{question}` too; choice:
     `{text}` (the item's context, `<image>` placeholders for its images) and `{candidate}`."""
@@ -56,8 +56,11 @@ class TaskSpec:
     separator: str = "\n"
     """Between demonstrations, and between the last one and the query."""
     num_beams: int = 1
+    """Beam search with this many beams (1: greedy)."""
     max_new_tokens: int = 20
+    """Tokens generated at most (fewer where the model's context ends)."""
     length_penalty: float = 1.0
+    """Beam search: a finished beam's score is its log-probability / length ** length_penalty."""
     stop: list[str] = field(default_factory=list)
     """Strings that end a generation (besides `</s>`); the text is cut before them."""
     mode: str = "constrained"
@@ -114,6 +117,12 @@ TASKS: dict[str, TaskSpec] = {
     "labels": TaskSpec("labels", prompt="{image}The objects in this image are:", max_new_tokens=30,
                        description="open-vocabulary labels (NxTP): JSONL with reference labels"),
 }
+
+_SETTINGS = tuple(f.name for f in dataclasses.fields(TaskSpec))
+if tuple(TASKS) != EVAL_TASK_NAMES or _SETTINGS != EVAL_TASK_SETTINGS:
+    # kosmos.config checks train.eval_tasks by these names without importing the evaluation
+    raise RuntimeError("kosmos.config.EVAL_TASK_NAMES / EVAL_TASK_SETTINGS must list the tasks of TASKS and "
+                       "the fields of TaskSpec, in order: add a new task or setting there too")
 
 PAPER: dict[tuple[str, int], dict[str, float]] = {
     # KOSMOS-1 (1.6B) as the paper reports it (Tables 2 and 3): Karpathy test splits; VQAv2 test-dev.

@@ -60,6 +60,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from kosmos.config import VQA_RULES  # the names, where kosmos.config checks train.eval_tasks with them
 from kosmos.eval.datasets import check_references
 
 # The official contraction table (keys with capitals never match the lowercased text; kept as published).
@@ -119,7 +120,6 @@ def _typographic(text: str, straight: frozenset) -> str:
 VIZWIZ_CONTRACTIONS = {_typographic(k, _STRAIGHT_KEYS): _typographic(v, _STRAIGHT_VALUES)
                        for k, v in CONTRACTIONS.items()}
 
-VQA_RULES = ("vqa2017", "vqa2021", "lmms-eval", "vizwiz")
 DEFAULT_RULES = "lmms-eval"
 """The default for VQAv2 / OK-VQA / any VQA task (VizWiz's task sets `vizwiz`); see the module docstring."""
 
