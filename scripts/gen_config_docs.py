@@ -2,8 +2,8 @@
 
 The descriptions are the fields' attribute docstrings in kosmos/config.py (the string right below each
 field), read by the same `field_docs` (kosmos/docstrings.py) that gives the converters' and
-`kosmos.eval run`'s options their help, so a key is described once, in the dataclass. tests/test_docs.py fails when
-docs/config.md differs from what this writes: after changing a field, run
+`kosmos.eval run`'s options their help, so a key is described once, in the dataclass. tests/test_docs.py
+fails when docs/config.md differs from what this writes: after changing a field, run
 
     python scripts/gen_config_docs.py          # or: make docs; --check only compares, exit 1 if stale
 """
