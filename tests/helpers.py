@@ -563,6 +563,37 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def loader_workers(pid: int | None = None) -> list[int]:
+    """The live DataLoader worker processes of process `pid` (default: this one), from /proc (Linux).
+    kosmos.data starts them from a forkserver (a child of `pid` whose command line names
+    multiprocessing.forkserver), so they are that server's children: what a test checks of the workers
+    (their pids, signals, parents), found as a user would find them, not through the loader's internals."""
+    from kosmos.watchdog import descendants
+
+    pid = os.getpid() if pid is None else pid
+    below = [(p, _stat(p)) for p in descendants(pid)]
+    below = [(p, st) for p, st in below if st and st[0] != "Z"]
+
+    def cmdline(p: int) -> bytes:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    servers = {p for p, st in below if int(st[1]) == pid and b"forkserver" in cmdline(p)}
+    return [p for p, st in below if int(st[1]) in servers]
+
+
 def alive_with_marker(marker: str) -> list[int]:
     """Pids of the live processes (zombies have no environment left to read) whose environment has
     KOSMOS_TEST_MARKER=`marker`."""

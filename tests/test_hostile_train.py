@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import train_kosmos
-from tests.helpers import ROOT, MixtureStandIn, process_gone
+from tests.helpers import ROOT, MixtureStandIn, loader_workers, process_gone
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -287,12 +287,13 @@ def test_a_second_signal_stops_at_once(monkeypatch):
 
     from kosmos import checkpoint as ck
 
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with ck.StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested  # the first: a checkpoint at the end of the step
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # the handlers it replaced are back
 
 
 def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(tiny_tokenizer, tmp_path):
@@ -301,7 +302,6 @@ def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(t
     import os
     import signal
     import subprocess
-    import time
 
     from kosmos.data.stream import SourceDataset, SourceLoader
     from kosmos.sequence import SequenceEncoder
@@ -312,16 +312,18 @@ def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(t
                        num_workers=2, shuffle_buffer=0)
     loader = SourceLoader(ds)
     next(loader)
-    procs = list(loader._workers._workers)
-    for proc in procs:
-        os.kill(proc.pid, signal.SIGTERM)
-        os.kill(proc.pid, signal.SIGINT)
-    time.sleep(0.5)
-    assert all(p.is_alive() for p in procs)
-    for _ in range(6):
-        next(loader)  # no "DataLoader worker ... killed by signal"
+    workers = loader_workers()
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    # no "DataLoader worker ... killed by signal": a worker has at most prefetch_factor batches made ahead,
+    # so each of the two hands over at least one batch made after its signals (no sleep needed)
+    for _ in range(2 * (loader.prefetch_factor + 1)):
+        next(loader)
+    assert not any(process_gone(pid) for pid in workers)
     loader.close()
-    assert not any(p.is_alive() for p in procs)
+    assert all(process_gone(pid) for pid in workers)
 
     # a process that leaves a loader's workers running (a reference cycle keeps it) still exits at once
     code = (f"from kosmos.data.stream import SourceDataset, SourceLoader\n"
@@ -360,21 +362,24 @@ def test_workers_die_with_the_main_process_even_killed_with_sigkill(tiny_tokeniz
     import subprocess
     import time
 
-    code = _loader_script(["pipe:sleep 600"], tiny_tokenizer.path,
-                          "loader._start()", "print(*[p.pid for p in loader._workers._workers], flush=True)",
-                          "time.sleep(600)", read_options="ReadOptions(timeout=600, retries=0)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    # next(loader) waits for a sample for ever: the workers read a shard that never comes
+    code = _loader_script(["pipe:sleep 600"], tiny_tokenizer.path, "next(loader)",
+                          read_options="ReadOptions(timeout=600, retries=0)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     try:
-        workers = [int(p) for p in proc.stdout.readline().split()]
-        assert len(workers) == 2, proc.communicate(timeout=60)
-        for _ in range(600):  # until both workers run their stream (their init done, SIGINT ignored)
+        def running(workers) -> bool:  # both workers run their stream (their init done, SIGINT ignored)
             status = [open(f"/proc/{w}/status").read() for w in workers]
-            if all(int(s.split("SigIgn:")[1].split()[0], 16) & 2 for s in status) and all(
-                    any(open(f"/proc/{t}/comm").read().strip() == "sleep" for t in _children(w))
-                    for w in workers):
-                break
+            return len(workers) == 2 and all(int(s.split("SigIgn:")[1].split()[0], 16) & 2 for s in status) \
+                and all(any(open(f"/proc/{t}/comm").read().strip() == "sleep" for t in _children(w))
+                        for w in workers)
+
+        workers: list[int] = []
+        deadline = time.monotonic() + 300  # a deadline for a hang only
+        while not running(workers):
+            assert proc.poll() is None and time.monotonic() < deadline, f"workers did not start: {workers}"
             time.sleep(0.1)
+            workers = loader_workers(proc.pid)
         proc.kill()
         proc.wait()
         for _ in range(300):
