@@ -554,6 +554,12 @@ def launch(nproc: int, script, args=(), timeout: float = 300, *, check: bool = T
     return res
 
 
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to its first `keep` fraction, as a copy or a write cut short leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
 def process_gone(pid: int) -> bool:
     """Whether process `pid` has ended (a zombie nobody reaps counts as ended)."""
     try:

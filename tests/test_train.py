@@ -13,8 +13,7 @@ import train_kosmos
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
-from kosmos.weights import load_model
-from tests.helpers import DDP_DEBUG, ROOT, MixtureStandIn, launch, tiny_model
+from tests.helpers import DDP_DEBUG, ROOT, launch, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -46,62 +45,6 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
     assert f(150_187) == pytest.approx(0.5, abs=1e-3)
     assert f(300_000) == 0.0 and f(400_000) == 0.0
     assert all(f(s) >= f(s + 1000) for s in range(375, 299_000, 1000))
-
-
-def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
-    for step in (5, 10, 15):
-        tmp = ck.tmp_path_for(tmp_path, step)
-        tmp.mkdir(parents=True)
-        (tmp / "trainer_state.json").write_text("{}")
-        ck.finalize(tmp_path, step, keep_last=2)
-    ck.tmp_path_for(tmp_path, 20).mkdir()  # a run killed while writing step 20
-    names = [p.name for p in ck.list_checkpoints(tmp_path)]
-    assert names == ["step_00000010", "step_00000015"]
-    assert ck.resolve_resume("latest", tmp_path).name == "step_00000015"
-    assert ck.resolve_resume("latest", tmp_path / "elsewhere") is None
-    with pytest.raises(ck.CheckpointError, match="not a complete checkpoint"):
-        ck.resolve_resume(str(ck.checkpoint_dir(tmp_path) / "step_00000020.tmp"), tmp_path)
-
-
-def test_checkpoint_carries_config_and_tokenizer_and_loads_back(tiny_tokenizer, tmp_path):
-    from pathlib import Path
-
-    from kosmos.optim import build_optimizer, build_scheduler
-    from kosmos.training import build_accelerator
-    from tokenizer import KosmosTokenizer
-
-    cfg = load_config(TINY, [f"tokenizer.path={tiny_tokenizer.path}", f"train.output_dir={tmp_path}",
-                             "train.tracker=none"])
-    acc = build_accelerator(cfg)
-
-    def objects(seed):
-        model = tiny_model(seed=seed)
-        opt = build_optimizer(model, cfg.optim)
-        return model, opt, build_scheduler(opt, cfg.optim), MixtureStandIn(seed)
-
-    model, opt, sched, data = objects(0)
-    state = {"step": 3, "tokens": 10, "bad_steps": 1, "samples": 5}
-    path = ck.save_checkpoint(acc, cfg, model, opt, sched, data, state)
-    assert path == ck.checkpoint_dir(tmp_path) / "step_00000003" and not list(tmp_path.rglob("*.tmp"))
-    assert load_config(path / "config.yaml") == cfg  # the resolved config, loadable as it is
-    files = sorted(f.name for f in Path(tiny_tokenizer.path).iterdir() if f.is_file())
-    assert "tokenizer.model" in files and sorted(f.name for f in (path / "tokenizer").iterdir()) == files
-    text = "a red circle on the left"
-    assert KosmosTokenizer.from_dir(path / "tokenizer").encode(text) == tiny_tokenizer.encode(text)
-
-    model2, opt2, sched2, data2 = objects(1)
-    assert ck.load_checkpoint(acc, path, model2, opt2, sched2, data2) == state and data2.pos == 0
-    assert all(torch.equal(a, b)
-               for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True))
-
-    # the directory alone is a usable model: its config, its weights, its tokenizer copy
-    from kosmos.sequence import SequenceEncoder
-
-    model3 = load_model(path)
-    assert all(torch.equal(a, b)
-               for a, b in zip(model.state_dict().values(), model3.state_dict().values(), strict=True))
-    assert Path(model3.cfg.tokenizer.path) == (path / "tokenizer").resolve()
-    assert SequenceEncoder.from_config(model3.cfg).tokenizer.encode(text) == tiny_tokenizer.encode(text)
 
 
 def test_config_errors_name_the_key_before_heavy_work(tmp_path, capsys):
