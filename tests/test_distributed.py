@@ -238,6 +238,7 @@ except CollectiveMismatch as e:
 """
 
 
+@pytest.mark.slow
 def test_a_collective_one_rank_alone_makes_is_named_instead_of_hanging(tmp_path):
     """KOSMOS_CHECK_COLLECTIVES=1 (the tests' setting): rank 1 reduces the stop flag where rank 0 reduces the
     step's loss tokens; both ranks stop with CollectiveMismatch naming the two reductions. Without the check

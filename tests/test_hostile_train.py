@@ -116,6 +116,7 @@ def test_a_shard_gone_among_others_is_skipped_and_counted(tiny_tokenizer, tmp_pa
     assert loader.skipped() == {"missing_shard": 1}
 
 
+@pytest.mark.slow
 def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(tiny_tokenizer, tmp_path):
     """A signal to the process group reaches the workers too: they go on (the main process saves and ends
     them); once the main process exits, multiprocessing's terminate() ends workers it was not closed."""
@@ -173,6 +174,7 @@ def _loader_script(shards, tokenizer_dir, *lines, **kw) -> str:
         f"num_workers=2, shuffle_buffer=0{', ' + args if args else ''}))", *lines, ""])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_die_with_the_main_process_even_killed_with_sigkill(tiny_tokenizer):
     """A main process killed with SIGKILL runs no exit handler: its workers, here both blocked reading a
@@ -226,6 +228,7 @@ def _children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in _children(k) if not process_gone(k)]
 
 
+@pytest.mark.slow
 def test_a_sigterm_to_the_whole_process_group_leaves_the_workers_and_their_server_running(tiny_tokenizer,
                                                                                          tmp_path):
     """`timeout`, SLURM and container stops signal the whole process group: the process that starts the
