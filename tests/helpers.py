@@ -36,6 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def loaded_vision(cfg):
+    """A vision tower of `cfg` (a VisionConfig) with the CLIP weights its `vision.pretrained` names
+    (building one reads nothing: kosmos.weights.load_clip_weights does)."""
+    from kosmos.vision import VisionEncoder
+    from kosmos.weights import load_clip_weights
+
+    enc = VisionEncoder(cfg)
+    load_clip_weights(enc)
+    return enc
+
+
 def tiny_config(*overrides: str) -> Config:
     return load_config(TINY, list(overrides))
 
