@@ -71,13 +71,13 @@ def baseline(paths: list[str]) -> tuple[int, float]:
 
 
 def pipeline(paths, tok, max_len, latents, size) -> tuple[int, int, int, float]:
-    from kosmos.config import DataConfig
+    from kosmos.config import DataConfig, SourceConfig
     from kosmos.data import SourceDataset  # imported before the clock starts
     from kosmos.sequence import SequenceEncoder
 
-    ds = SourceDataset("captions", paths, SequenceEncoder(tok, latents, size), max_len=max_len,
-                       micro_batch_size=4, shuffle_buffer=0, infinite=False,
-                       max_tokens=DataConfig().captions.max_tokens)  # the training default
+    source = SourceConfig(kind="captions", micro_batch_size=4, workers=0, shuffle_buffer=0,
+                          max_tokens=DataConfig().captions.max_tokens)  # the training default
+    ds = SourceDataset(source, paths, SequenceEncoder(tok, latents, size), max_len=max_len, infinite=False)
     rows = images = full_rows = full_real = 0
     t0 = time.perf_counter()
     batches = [b for b in ds if not b.get("empty")]
@@ -94,11 +94,12 @@ def pipeline(paths, tok, max_len, latents, size) -> tuple[int, int, int, float]:
 def through_worker(paths, tok, max_len, latents, size) -> float:
     """Images/s of the same pipeline in one DataLoader worker process, handed to this one as training gets
     them (shared memory), the first micro-batch (worker start-up) not counted."""
+    from kosmos.config import SourceConfig
     from kosmos.data.stream import SourceDataset, SourceLoader
     from kosmos.sequence import SequenceEncoder
 
-    ds = SourceDataset("captions", paths, SequenceEncoder(tok, latents, size), max_len=max_len,
-                       micro_batch_size=4, num_workers=1, shuffle_buffer=0, infinite=False)
+    source = SourceConfig(kind="captions", micro_batch_size=4, workers=1, shuffle_buffer=0)
+    ds = SourceDataset(source, paths, SequenceEncoder(tok, latents, size), max_len=max_len, infinite=False)
     loader = SourceLoader(ds)
     try:
         batches = iter(loader)

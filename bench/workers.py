@@ -4,7 +4,7 @@
 
 Makes the shards of configs/tiny.yaml's three sources (generated shapes with captions, MMC4-style documents
 about them, short text documents: as tests/conftest.py's tiny_run) and a tiny tokenizer, then per start
-method (`kosmos.data.stream.START_METHOD`), each in a fresh Python process:
+method (`kosmos.data.workers.START_METHOD`), each in a fresh Python process:
   source    a text source with 2 workers: `next(loader)` on a new SourceLoader, then `close()`; the first
             loader of the process (cold: for forkserver the server's start and preload included) and the
             best and median of the next `--repeats` (warm)
@@ -67,11 +67,11 @@ def measure(start: str, what: str, overrides: list[str], repeats: int, ballast_m
 
     import kosmos.training  # noqa: F401  (what a training process has imported: torch, torchvision, ...)
     from kosmos.config import load_config
-    from kosmos.data import stream
+    from kosmos.data import workers
     from kosmos.data.mixture import build_loader, build_mixture
     from kosmos.sequence import SequenceEncoder
 
-    stream.START_METHOD = start
+    workers.START_METHOD = start
     ballast = torch.ones(ballast_mb * 2**18) if ballast_mb else None  # float32: 4 bytes, touched
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, "data.text.workers=2"])
     encoder = SequenceEncoder.from_config(cfg)
@@ -95,7 +95,7 @@ def measure(start: str, what: str, overrides: list[str], repeats: int, ballast_m
 
     run = source if what == "source" else tiny
     if lead:
-        stream.start_worker_server()
+        workers.start_worker_server()
         time.sleep(lead)
     out = {"cold": run(), "warm": [run() for _ in range(repeats)]}
     del ballast

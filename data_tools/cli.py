@@ -79,7 +79,7 @@ class OptionSpec:
                 if default:
                     names = self.names.get(f.name, (f"--no-{dashed}",))
                     parser.add_argument(*names, dest=f.name, action="store_false", default=True,
-                                        help=f"{doc} On by default; this option turns it off.")
+                                        help=f"{doc} Done by default; {names[0]} turns it off.")
                 else:
                     names = self.names.get(f.name, (f"--{dashed}",))
                     parser.add_argument(*names, dest=f.name, action="store_true", default=False, help=doc)

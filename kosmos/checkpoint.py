@@ -17,11 +17,11 @@ Every file goes into `step_XXXXXXXX.tmp/`, which is renamed to `step_XXXXXXXX/` 
 at any moment leaves either a complete checkpoint or a `.tmp` folder that is ignored (and later removed).
 A checkpoint directory is all that inference needs: weights, config and tokenizer.
 
-On resume a checkpoint is checked before anything is loaded (every file there, JSON that parses, a
-safetensors file as long as its header says, zip-complete torch files) and its weights must be finite; a
-damaged one is a `CheckpointError` naming the file, and `--resume latest` then falls back to the previous
-complete checkpoint, saying so. Keys that change the data order or shapes (`kosmos.config.FIXED`) must be those
-the checkpoint was trained with, unless `--allow-config-change` names them.
+On resume a checkpoint is checked before anything is loaded (every file there, JSON that parses, a safetensors
+file as long as its header says, zip-complete torch files) and its weights must be finite; a damaged one is a
+`CheckpointError` naming the file, and `--resume latest` then falls back to the previous complete checkpoint,
+saying so. Keys that change the data order or shapes (`kosmos.config.FIXED`) must be those the checkpoint was
+trained with, unless `--allow-config-change` names them.
 """
 
 from __future__ import annotations
@@ -42,19 +42,20 @@ from kosmos.errors import KosmosError
 from kosmos.sharding import is_sharded
 from kosmos.untrusted import load_json
 from kosmos.weights import (  # noqa: F401 - finding and checking weights; re-exported for training
+    SHARDED,
     STEP_RE,
     CheckpointError,
     CheckpointNotFound,
     check_finite,
     check_safetensors,
+    check_sharded,
     checkpoint_dir,
     find_checkpoint,
     list_checkpoints,
     load_model_weights,
+    load_sharded_weights,
 )
 
-SHARDED = "sharded"
-"""The folder of a sharded (FSDP2) checkpoint's model and optimizer shards."""
 
 def resume_candidates(spec: str | None, output_dir: str | Path) -> list[Path]:
     """The checkpoints `--resume spec` may start from, in the order to try: for `latest`, the complete ones
@@ -275,16 +276,6 @@ _SOURCE = object()
 """config_changes: the change is a source added or removed."""
 
 
-def _active_sources(data: dict) -> list[str]:
-    """The config keys (`data.text`, `data.sources.<name>`) of the sources that take part in a config's `data`
-    section (a nested dict, as saved): those with shards and a positive budget (DataConfig.active_sources)."""
-    from kosmos.config import SOURCES, DataConfig
-
-    named = {**{n: data.get(n) for n in SOURCES}, **(data.get("sources") or {})}
-    return [DataConfig.key(n) for n, src in named.items()
-            if isinstance(src, dict) and src.get("shards") and src.get("tokens_per_step", 0) > 0]
-
-
 def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     """Compare the keys fixed on resume (`kosmos.config.is_fixed_on_resume`: field metadata) between the
     config checkpoint `path` was trained with (`saved`, a
@@ -292,7 +283,7 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     of its key (`data.sources.<name>`). A change that `allowed` does not name (a key, or a section such as
     `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
     Keys the checkpoint predates are not compared."""
-    from kosmos.config import ConfigError, flatten, is_fixed_on_resume
+    from kosmos.config import ConfigError, DataConfig, flatten, is_fixed_on_resume
 
     ours = flatten(cfg.to_dict())
     theirs = flatten(saved)
@@ -301,7 +292,8 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
             raise ConfigError(f"--allow-config-change {key}: not a config key")
     changed = [(k, theirs[k], v) for k, v in ours.items()
                if is_fixed_on_resume(k) and k in theirs and theirs[k] != v]
-    before, now = _active_sources(saved.get("data") or {}), _active_sources(cfg.to_dict()["data"])
+    before = DataConfig.active_keys(saved.get("data") or {})
+    now = DataConfig.active_keys(cfg.to_dict()["data"])
     # data.text/captions/interleaved are always in both configs: their keys compare above
     sources = [(k, "added") for k in now if k not in before and k.startswith("data.sources.")]
     sources += [(k, "removed") for k in before if k not in now and k.startswith("data.sources.")]
@@ -365,7 +357,7 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
     has it already (the files are not checked twice)."""
     from kosmos.config import ConfigError
     from kosmos.data.state import DataStateError, check_data_state
-    from kosmos.data.stream import rank_data_state
+    from kosmos.data.streams import rank_data_state
 
     state = dict(checked) if checked is not None else check_checkpoint(path)
     world = int(state["world_size"])
@@ -427,8 +419,9 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:
-        return cls(step=int(d.get("step", 0)), tokens=int(d.get("tokens", 0)), samples=int(d.get("samples", 0)),
-                   bad_steps=int(d.get("bad_steps", 0)), sources=dict(d.get("sources") or {}))
+        return cls(step=int(d.get("step", 0)), tokens=int(d.get("tokens", 0)),
+                   samples=int(d.get("samples", 0)), bad_steps=int(d.get("bad_steps", 0)),
+                   sources=dict(d.get("sources") or {}))
 
 
 class Checkpointer:
@@ -459,8 +452,8 @@ class Checkpointer:
         return self.candidates
 
     def resume(self) -> tuple[Path, TrainState]:
-        """Load the first usable picked checkpoint into the attached objects: its path and state. The sources of
-        `reset_data` keep the fresh data position they were built with, each with a warning."""
+        """Load the first usable picked checkpoint into the attached objects: its path and state. The sources
+        of `reset_data` keep the fresh data position they were built with, each with a warning."""
         acc, model, optimizer, scheduler, mixture = self._objects
 
         def load(path: Path, checked: dict) -> dict:
@@ -474,7 +467,8 @@ class Checkpointer:
             self.say(line)
         for name in self.reset_data:
             self.say(f"warning: --reset-data {name}: the data position of {self.cfg.data.key(name)} in "
-                     f"{path.name} is not restored; its data starts from scratch (fresh streams for this layout)")
+                     f"{path.name} is not restored; its data starts from scratch (fresh streams for this "
+                     "layout)")
         for loader in getattr(mixture, "loaders", {}).values():
             if getattr(loader, "resume_note", None):
                 self.say(loader.resume_note)
@@ -503,8 +497,8 @@ class Checkpointer:
                 if i + 1 < len(candidates):
                     self.say(f"{e}; falling back to the previous checkpoint, {candidates[i + 1].name}")
         if len(errors) > 1 and load is None:
-            raise CheckpointError(f"no usable checkpoint among the {len(errors)} in {candidates[0].parent}; the "
-                                  f"newest: {errors[0]}")
+            raise CheckpointError(f"no usable checkpoint among the {len(errors)} in {candidates[0].parent}; "
+                                  f"the newest: {errors[0]}")
         if errors:
             raise errors[-1] if load is not None else errors[0]
         return None
@@ -512,7 +506,8 @@ class Checkpointer:
     def due(self, step: int, last: bool = False, stop: bool = False) -> bool:
         return step % self.cfg.train.save_every == 0 or last or stop
 
-    def maybe_save(self, state: TrainState, last: bool = False, stop: bool = False, before=None) -> Path | None:
+    def maybe_save(self, state: TrainState, last: bool = False, stop: bool = False,
+                   before=None) -> Path | None:
         """Save `state.step` when due (`train.save_every`, the last step, a stop): `before()` first (the log
         window, so that the saved cumulative figures count every step), then every rank's samples seen are
         summed into `state.samples` and the checkpoint is written. Returns its path on the main process."""
@@ -592,27 +587,6 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
-def check_sharded(path: Path) -> None:
-    """Every file that the metadata of sharded checkpoint `path` points into is there and long enough (sizes
-    only, nothing read): a truncated or missing shard is a CheckpointError naming it, before any rank loads
-    (a failure inside the collective load could leave the ranks disagreeing)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        storage = FileSystemReader(str(path)).read_metadata().storage_data
-    except Exception as e:  # noqa: BLE001 - whatever a damaged metadata file raises
-        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__})") from None
-    ends: dict[str, int] = {}
-    for info in storage.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        f = path / name
-        size = f.stat().st_size if f.is_file() else None
-        if size is None or size < end:
-            raise CheckpointError(f"{f}: {'missing' if size is None else f'{size} bytes'}, but the sharded "
-                                  f"checkpoint's metadata needs {end}: truncated or incomplete")
-
-
 def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
 
@@ -621,11 +595,7 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     """One process, no process group: the model weights of sharded checkpoint `ckpt` into
     out_dir/model.safetensors, with the checkpoint's config.yaml and tokenizer/, so that
     `kosmos.weights.load_model(out_dir)` (generation, evaluation) loads it. Returns out_dir."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_model
-    from torch.distributed.checkpoint.api import CheckpointException
 
     from kosmos.config import Config, save_config
     from kosmos.model import Kosmos
@@ -635,23 +605,15 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     if not (src / ".metadata").is_file():
         raise CheckpointNotFound(f"{ckpt}: not a sharded checkpoint (no {SHARDED}/.metadata)")
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder; give a new or existing folder for the output")
+        raise CheckpointError(f"{out}: exists and is not a folder; give a new or existing folder for the "
+                              "output")
     if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
         raise CheckpointError(f"{out}: the output must not be the checkpoint {ckpt} or inside it (nothing is "
                               "written into the checkpoint); give another folder")
-    check_sharded(src)  # every shard file there and long enough, named if not
     cfg = Config.from_checkpoint(ckpt)
     cfg.decoder.compile = False  # nothing to compile for a copy
     model = Kosmos(cfg)
-    sd = model.state_dict()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
-            dcp.load({"model": sd}, checkpoint_id=str(src), planner=_ModelOnly())
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged bytes: miniz, the weights-only
-        # reader, ...; DCP wraps them in a CheckpointException, a BaseException, whose text is a traceback
-        raise CheckpointError(f"{src}: unreadable shard data ({_first_cause(e)})") from None
-    model.load_state_dict(sd)
+    load_sharded_weights(model, ckpt, check_values=False)  # every shard file checked first, named if not
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     save_model(model, str(tmp))  # the tied embedding stored once, as in training
@@ -660,25 +622,6 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     return out
-
-
-def _first_cause(e: BaseException) -> str:
-    """`Type: first line` of what went wrong under a DCP CheckpointException (which lists a traceback per
-    rank), else of `e` itself."""
-    failures = getattr(e, "failures", None)
-    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
-    err = inner[0] if isinstance(inner, tuple) and inner else e  # DCP keeps (exception, stack summary)
-    err = err if isinstance(err, BaseException) else e
-    text = str(err).strip()
-    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # no advice to unpickle after it
-    return f"{type(err).__name__}: {first}"
-
-
-def _ModelOnly():
-    """A load planner that reads the model's entries and leaves the optimizer's in the file."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    return DefaultLoadPlanner(allow_partial_load=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
 def _command(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m kosmos.checkpoint",
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.checkpoint"),
                                  description="Tools for training checkpoints.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("consolidate", help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "

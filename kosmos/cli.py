@@ -37,3 +37,14 @@ def summary() -> int:
     from kosmos.summary import main
 
     return run_cli(main)
+
+
+def consolidate(argv: list[str] | None = None) -> int:
+    """``kosmos-consolidate SHARDED_CKPT OUT_DIR``: ``python -m kosmos.checkpoint consolidate ...`` (one
+    model.safetensors with the checkpoint's config and tokenizer; generation and evaluation also read a
+    sharded checkpoint as it is, in memory)."""
+    import sys
+
+    from kosmos.checkpoint import main
+
+    return main(["consolidate", *(sys.argv[1:] if argv is None else argv)])

@@ -10,19 +10,20 @@ fixed order and back.
 The collectives of a training step (DDP; `train_kosmos.train`), in order, with their sizes at the paper's
 configuration (`configs/kosmos1.yaml`: 1.67B parameters of which 1.36B trainable, 3 sources):
 
-  where                                 what                                  when              size
-  training.train_step                   DDP gradient all-reduce (buckets)     last micro-batch  1.36B fp32
-  training.train_step                   loss tokens, ranks with NaN/inf loss  every step        2 fp64
-  training.train_step (FSDP2 only)      all-gather weights / reduce-scatter   each micro-batch  per unit
-  training.train_step (FSDP2 only)      gradient norm (clip_grad_norm_)       every step        1 fp32
-  checkpoint.StopFlag.any_rank          "a rank was signalled"                every step        1 fp32
-  metrics.Meter.report                  the log window, packed                log_every, saves  3+8 x sources
-                                                                                                + streams fp64
-  train_kosmos.train -> save            barriers (3) + samples seen           every save_every  1 int64
-  checkpoint.save_checkpoint (FSDP2)    DCP save planning and writes          every save_every  per shard
-  training.evaluate -> eval.loss        "every rank has a micro-batch" + sum  per eval batch    1 + 2 fp64
-  training.evaluate -> eval.run         barriers, gathered predictions        every eval_every  objects
-  checkpoint.check_finite (FSDP2 load)  non-finite counts                     on resume         tensors
+    where                                  what                                   when              size
+    training.train_step                    DDP gradient all-reduce (buckets)      last micro-batch  1.36B fp32
+                                           (train.ddp_fixed_reduction_order: one, fixed order)
+    training.train_step                    loss tokens, ranks with a NaN/inf loss every step        2 fp64
+    training.train_step (FSDP2 only)       all-gather weights / reduce-scatter    every micro-batch  per unit
+    training.train_step (FSDP2 only)       gradient norm (clip_grad_norm_)        every step        1 fp32
+    checkpoint.StopFlag.any_rank           "a rank was signalled"                 every step        1 fp32
+    metrics.Meter.report                   the log window, packed                 log_every, saves  fp64: 3 +
+                                                                                   8 x sources + streams
+    train.train -> Checkpointer.maybe_save barriers (3) + samples seen            every save_every  1 int64
+    checkpoint.save_checkpoint (FSDP2)     DCP save planning and writes           every save_every  per shard
+    training.evaluate -> eval.loss         "every rank has a micro-batch" + sum   per eval batch    1 + 2 fp64
+    training.evaluate -> eval.run          barriers, gathered predictions         every eval_every  objects
+    checkpoint.check_finite (FSDP2 load)   non-finite counts                      on resume         tensors
 
 Setup adds accelerate's own (process group creation, DDP's parameter broadcast) and a resume's loads. Every
 row is issued by every rank: the per-step ones unconditionally; the per-window, per-save and per-eval ones at
@@ -40,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+
 
 CHECK_ENV = "KOSMOS_CHECK_COLLECTIVES"
 """Set to 1, every all_reduce_sum first compares what each rank is about to reduce (its name, shape and
@@ -112,3 +114,32 @@ def pack(names: Sequence[str], figures: Mapping[str, Sequence[float]], width: in
 def unpack(names: Sequence[str], flat: Sequence[float], width: int) -> dict[str, list[float]]:
     """The inverse of `pack`."""
     return {name: list(flat[i * width:(i + 1) * width]) for i, name in enumerate(names)}
+
+
+def fixed_order_allreduce(ddp_model) -> None:
+    """Register a DDP communication hook that all-reduces (averages) each bucket's gradients flattened in the
+    parameters' order in the module, whatever order DDP's bucket holds them in
+    (`train.ddp_fixed_reduction_order`, which also makes the whole model one bucket). DDP builds its buckets
+    in reverse parameter order, then rebuilds them once, after a process's first backward, in the order the
+    gradients became ready; each element of a ring all-reduce over 3+ ranks is summed in an order that depends
+    on its position, so a process that resumes sums its first step in another order than the uninterrupted run
+    did at that step (a difference in the last bits; on 2 ranks a + b = b + a). With one bucket in a fixed
+    order the positions, and so the sums, are the same in every step of every run. Must be called before the
+    first forward."""
+    import torch.distributed as dist
+
+    index = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}
+
+    def hook(state, bucket):
+        params, grads = bucket.parameters(), bucket.gradients()
+        order = sorted(range(len(params)), key=lambda i: index[id(params[i])])
+        flat = torch.cat([grads[i].reshape(-1) for i in order]).div_(dist.get_world_size())
+        sizes = [grads[i].numel() for i in order]
+
+        def unflatten(fut):
+            parts = dict(zip(order, fut.value()[0].split(sizes), strict=True))
+            return torch.cat([parts[i] for i in range(len(params))]).view_as(bucket.buffer())
+
+        return dist.all_reduce(flat, async_op=True).get_future().then(unflatten)
+
+    ddp_model.register_comm_hook(None, hook)

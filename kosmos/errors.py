@@ -33,6 +33,16 @@ class MissingFileError(KosmosError, FileNotFoundError):
     """A file or folder the command needs is not there (the message names it and what makes it)."""
 
 
+def command_name(module: str, sub: str = "") -> str:
+    """How the running command was called, for its usage line: the console script (`kosmos-eval run`) when
+    it was one, else `python -m MODULE` (argparse's default would say `__main__.py` or `generate.py`)."""
+    import os
+
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    name = script if script.startswith("kosmos-") else f"python -m {module}"
+    return f"{name} {sub}".strip()
+
+
 def debugging(argv: Sequence[str] | None = None) -> bool:
     """Whether the traceback is wanted: `--debug` in `argv`, or KOSMOS_DEBUG set to anything but 0/empty."""
     return "--debug" in (argv or ()) or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kosmos.errors import KosmosError
-from kosmos.model import Kosmos
+from kosmos.model import Kosmos, evaluating
 from kosmos.sequence import SequenceEncoder
 
 
@@ -264,9 +264,7 @@ def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None 
     if fitted is not gen:
         warnings.warn(context_note(gen.max_new_tokens, fitted.max_new_tokens, longest, max_len), stacklevel=2)
         gen = fitted
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if model.cfg.decoder.attention == "torchscale" and len({len(p.ids) for p in prompts}) > 1:
             # The stock attention turns left padding into NaN: decode such prompts one at a time.
             return [generate(model, [p], gen, generator)[0] for p in prompts]
@@ -277,8 +275,6 @@ def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None 
         if gen.num_beams > 1:
             return _beam_search(dec, len(prompts), gen)
         return _sample(dec, len(prompts), gen, generator)
-    finally:
-        model.train(was_training)
 
 
 def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator) -> list[list[int]]:
@@ -394,7 +390,10 @@ OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.generate"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint directory, or a run's output dir (its newest "
                                          "checkpoint); its config.yaml and tokenizer/ are used")
     ap.add_argument("--config", help="YAML config instead of the checkpoint's "

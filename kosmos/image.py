@@ -59,15 +59,58 @@ def resize_crop(pixels: torch.Tensor, size: int = 224,
     return torch.from_numpy(np.ascontiguousarray(x.numpy()))  # numpy transposes uint8 ~4x faster than torch
 
 
+TORCH_MODES = ("RGB", "L")
+"""PIL modes whose resampling gives the same pixels before and after the conversion to RGB (grey is one
+channel copied three times): converted first, then resized in torch on uint8. Every other mode is resized by
+PIL in its own mode, then converted, as open_clip's eval transform does (`Resize`, `CenterCrop`, then
+`_convert_to_rgb`; OpenAI's CLIP the same), so that the pixels are open_clip's exactly:
+
+    mode            what the conversion does (PIL's convert("RGB"), after the resize)
+    RGBA, LA, PA    alpha dropped: the colour stored under a transparent pixel shows (often black); the
+                    resize, in RGBA, mixes colours weighted by alpha (PIL premultiplies)
+    P               palette looked up; resized with NEAREST (PIL resizes palette images so), transparency
+                    ignored
+    1               bilevel: NEAREST resize, then 0 -> black, 1 -> white
+    I;16, I, F      16/32-bit and float: resized in their own range, then clipped to 0..255, so a 16-bit
+                    photo (values up to 65535) comes out nearly white, as it does for open_clip
+    CMYK            PIL's naive conversion (no colour profile): R = 255 - C - K, ...
+    YCbCr, LAB, HSV PIL's conversion
+    EXIF            the orientation tag is not applied (open_clip does not apply it): a photo stored
+                    sideways is seen sideways; rotate such files at conversion if that matters
+
+Checked mode by mode against open_clip's transform in tests/test_image.py (every loader: training's
+`decode_image`, generation's and evaluation's `load_image`)."""
+
+
 def clip_resize_crop(image, size: int = 224, original: tuple[int, int] | None = None,
                      contiguous: bool = True) -> torch.Tensor:
     """PIL image (any mode) -> (3, size, size) uint8: shorter side resized to `size` (bicubic), centre crop
-    (`original`, `contiguous`: as in `resize_crop`)."""
+    (`original`, `contiguous`: as in `resize_crop`). A mode outside `TORCH_MODES` is resized by PIL in its
+    own mode and converted after, as open_clip does."""
     import numpy as np
 
-    if image.mode != "RGB":
+    if image.mode not in TORCH_MODES:
+        image = _pil_resize_crop(image, size, original).convert("RGB")
+    elif image.mode != "RGB":
         image = image.convert("RGB")
     return resize_crop(torch.from_numpy(np.array(image, dtype=np.uint8)), size, original, contiguous)
+
+
+def _pil_resize_crop(image, size: int, original: tuple[int, int] | None = None):
+    """open_clip's eval geometry done by PIL in the image's own mode (torchvision's `Resize(size, bicubic)`
+    on a PIL image is `image.resize(..., BICUBIC)`, which PIL turns into NEAREST for modes 1 and P), then
+    `CenterCrop(size)`. `original`: the (width, height) the geometry is computed from (a reduced decode)."""
+    from PIL import Image
+
+    w, h = original or image.size
+    if (w, h) != (size, size) or image.size != (size, size):
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        nw, nh = (size, new_long) if w <= h else (new_long, size)
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    nw, nh = image.size
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:

@@ -8,8 +8,8 @@ the same per source, by the source's name (`data.sources.<name>` included), as a
 run and over all ranks, the tokens, images and samples seen, the skipped and truncated samples and the epoch
 (`train/tokens/<source>`, ..., `train/epoch/<source>`; `train/skipped/<source>/<reason>` is this rank's).
 The window is reduced in one all-reduce of a vector laid out by the config's sources, the same on every
-rank whatever each saw (kosmos.distributed), so the figures are right on any number of ranks. `RunLog`
-writes the lines people read: through the progress bar's writer, so that they never break the bar, and into
+rank whatever each saw (kosmos.distributed), so the figures are right on any number of ranks. `RunLog` writes
+the lines people read: through the progress bar's writer, so that they never break the bar, and into
 `train.output_dir/train.log`.
 """
 

@@ -14,7 +14,9 @@ A decoder-only Transformer reads text in which every image is a span `<image> [n
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +188,18 @@ def _on_host(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return t.device.type == "cpu" and not is_fake(t)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) for the block, then back in the mode it was in: evaluation, ranking
+    and generation in the middle of training leave the model training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(model: Kosmos) -> dict[str, int]:

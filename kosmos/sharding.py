@@ -1,7 +1,6 @@
 """Sharded training with FSDP2 (`torch.distributed.fsdp.fully_shard`): the project's one wrapping function,
 and the helpers that see through its DTensors. Wrapping only: sharded checkpoints
-(torch.distributed.checkpoint) and their consolidation into one model.safetensors live in
-`kosmos.checkpoint`.
+(torch.distributed.checkpoint) and their consolidation into one model.safetensors live in `kosmos.checkpoint`.
 
 `shard_model` is used everywhere a model is sharded: under `accelerate launch` with
 configs/accelerate/fsdp.yaml (FSDP2 on GPUs: accelerate finds the model already sharded and keeps it), and

@@ -13,6 +13,14 @@ from kosmos.config import load_config
 from kosmos.model import Kosmos, count_parameters
 
 
+def human(n: int) -> str:
+    """A parameter count in the unit that suits it: 1.674B, 336.5K, 12.3M."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3f}B" if unit == "B" else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def summarize(cfg) -> dict[str, int]:
     with torch.device("meta"):
         model = Kosmos(cfg)
@@ -20,7 +28,10 @@ def summarize(cfg) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.summary"), description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config, e.g. configs/kosmos1.yaml")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. decoder.layers=12")
     args = ap.parse_args(argv)
@@ -29,11 +40,9 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     d = cfg.decoder
     print(f"{args.config}: decoder {d.layers} layers x {d.dim} (ffn {d.ffn_dim}, {d.heads} heads), "
           f"vocab {d.vocab_size}, vision {cfg.vision.model_name}, {cfg.connector.num_latents} latents/image")
-    for name in ("vision", "resampler", "projection", "decoder", "embeddings"):
-        print(f"  {name:<12} {counts[name]:>15,}  {counts[name] / 1e6:9.1f}M")
-    print(f"  {'total':<12} {counts['total']:>15,}  {counts['total'] / 1e9:9.3f}B")
-    print(f"  {'trainable':<12} {counts['trainable']:>15,}  {counts['trainable'] / 1e9:9.3f}B")
-    print(f"  decoder with embeddings: {(counts['decoder'] + counts['embeddings']) / 1e9:.3f}B")
+    for name in ("vision", "resampler", "projection", "decoder", "embeddings", "total", "trainable"):
+        print(f"  {name:<12} {counts[name]:>15,}  {human(counts[name]):>9}")
+    print(f"  decoder with embeddings: {human(counts['decoder'] + counts['embeddings'])}")
     return counts
 
 

@@ -34,7 +34,13 @@ from kosmos.config import load_config
 
 
 def parse_args(argv: list[str] | None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kosmos.errors import command_name
+
+    script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    as_script = script.endswith(".py") and script != "__main__.py"  # python train_kosmos.py
+    prog = f"python {script}" if as_script else command_name("kosmos.train")
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True,
                     help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
     ap.add_argument("--resume",
@@ -150,12 +156,15 @@ class _Run:
         if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
             acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
         log.info(describe_mixture(acc, cfg, self.mixture))
+        if note := schedule_note(cfg, self.scheduler):
+            log.info(note)
         self.meter = Meter(acc, acc.unwrap_model(self.model), peak_flops(cfg, acc.device),
                            names=list(self.mixture.plans), totals=self.state.sources or None)
         self.warned: set[str] = set()  # sources past data.<source>.max_epochs, warned once
         log.start_bar(cfg.train.max_steps or cfg.optim.total_steps, self.state.step)
         self.model.train()
-        # The watchdog ends this rank when a wait (data, a collective, a save) outlasts train.collective_timeout.
+        # The watchdog ends this rank when a wait (data, a collective, a save) outlasts
+        # train.collective_timeout.
         self.dog = Watchdog(cfg.train.collective_timeout, acc.process_index,
                             rank_log_path(out_dir / "train.log", acc.process_index))
 
@@ -183,6 +192,19 @@ class _Run:
         acc.log(report.metrics, step=state.step)
 
 
+def schedule_note(cfg, scheduler) -> str | None:
+    """A warning when `train.max_steps` ends the run before its learning-rate schedule ends
+    (`optim.total_steps`): the rate stops high instead of decaying, with no other sign."""
+    max_steps, total = cfg.train.max_steps, cfg.optim.total_steps
+    if not max_steps or max_steps >= total:
+        return None
+    left = scheduler.lr_lambdas[0](max_steps) if hasattr(scheduler, "lr_lambdas") else None
+    at = f": the learning rate stops at {left:.0%} of its peak" if left is not None else ""
+    return (f"WARNING: train.max_steps={max_steps} ends the run before its schedule, "
+            f"optim.total_steps={total}{at}; set optim.total_steps={max_steps} for a schedule that ends with "
+            "the run")
+
+
 def launched_rank() -> tuple[int, int]:
     """(rank, world size) of this process as the launcher (accelerate launch, torchrun) set them in the
     environment, before or without torch.distributed: (0, 1) for a plain `python train_kosmos.py`."""
@@ -205,7 +227,7 @@ def wait_for_rank_0() -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from kosmos.data.stream import DataError  # after --help
+    from kosmos.data.shards import DataError  # after --help
     from kosmos.errors import KosmosError, debugging
     from kosmos.training import check_config
 

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from kosmos.config import EvalTaskConfig
+from kosmos.model import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +23,17 @@ _TRAIN_DATA: dict[str, object] = {}
 """Each task's data (`kosmos.eval.datasets.TaskData`) by its config, read once per process."""
 
 
-def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | Path) -> dict[str, float]:
+def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | Path,
+                   source: dict | None = None) -> dict[str, float]:
     """The `train.eval_tasks` of a run on the model being trained (all ranks take part): numeric metrics as
-    `eval/TASK/METRIC` (`eval/TASK_Kshot/METRIC` for few-shot); predictions under `out`."""
+    `eval/TASK/METRIC` (`eval/TASK_Kshot/METRIC` for few-shot); predictions under `out`, their provenance
+    `source` (the run and its step)."""
     from kosmos.eval.datasets import EvalDataError
     from kosmos.eval.run import build_shots, load_support, load_task_data, run_task
     from kosmos.eval.tasks import get_task
 
     results: dict[str, float] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for task in tasks:
             key = json.dumps(dataclasses.asdict(task), sort_keys=True)
             try:
@@ -50,11 +51,9 @@ def evaluate_tasks(acc, tasks: list[EvalTaskConfig], model, encoder, out: str | 
                 log.warning("train.eval_tasks %s: %s (left out)", task.task, e)
                 continue
             res = run_task(model, encoder, task.task, spec, data, out, shots, dist=acc, limit=task.limit,
-                           progress=False)
+                           progress=False, source=source)
             name = task.task + (f"_{shots.k}shot" if shots.k else "")
             for metric, value in res.metrics.items():
                 if isinstance(value, (int, float)) and metric != "n":
                     results[f"eval/{name}/{metric}"] = float(value)
-    finally:
-        model.train(was_training)
     return results

@@ -72,15 +72,17 @@ def build_accelerator(cfg: Config):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     log_with = None if cfg.train.tracker == "none" else cfg.train.tracker
-    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout(cfg)))
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=process_group_timeout(cfg)))]
+    if cfg.train.ddp_fixed_reduction_order:  # one bucket (kosmos.distributed.fixed_order_allreduce)
+        handlers.append(DistributedDataParallelKwargs(bucket_cap_mb=2**20))
     return Accelerator(mixed_precision=mp, log_with=log_with, project_dir=cfg.train.output_dir,
-                       kwargs_handlers=[pg])
+                       kwargs_handlers=handlers)
 
 
 def build_tokenizer(cfg: Config):
@@ -95,16 +97,17 @@ def build_tokenizer(cfg: Config):
 
 def build_model(cfg: Config, init_from: str | Path | None = None):
     """The model, with the weights of `init_from` (a checkpoint dir or .safetensors file) if given, else
-    CLIP's (`vision.pretrained`); loaded before accelerate wraps (and, under FSDP, shards) it, so the same code
-    serves every distributed type."""
+    CLIP's (`vision.pretrained`); loaded before accelerate wraps (and, under FSDP, shards) it, so the same
+    code serves every distributed type."""
     from kosmos.model import Kosmos
-    from kosmos.weights import load_clip_weights, load_model_weights
+    from kosmos.weights import find_checkpoint, load_clip_weights, load_model_weights
 
     model = Kosmos(cfg)  # decoder.compile is applied inside (kosmos/decoder.py)
     if init_from is None:
         load_clip_weights(model.vision)
-    else:
-        load_model_weights(model, init_from)  # the checkpoint brings the vision weights too
+    else:  # a checkpoint dir, a run dir (its newest checkpoint), a sharded one, or a .safetensors file
+        path = Path(init_from)
+        load_model_weights(model, find_checkpoint(path) if path.is_dir() else path)  # vision weights too
     return model
 
 
@@ -125,7 +128,7 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
         save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
     set_seed(cfg.seed)  # the same initial weights on every rank
     if any(src.workers for src in cfg.data.active_sources().values()):
-        start_worker_server()  # its imports (seconds) overlap the model's build (kosmos/data/stream.py)
+        start_worker_server()  # its imports (seconds) overlap the model's build (kosmos/data/workers.py)
     tok = build_tokenizer(cfg)
     model = build_model(cfg, init_from)
     model = shard_for_run(acc, cfg, model)  # FSDP2 when asked (kosmos.sharding); before the optimizer
@@ -134,6 +137,11 @@ def setup(acc, cfg: Config, init_from: str | Path | None = None):
         optimizer = acc.prepare(optimizer)
     else:
         model, optimizer = acc.prepare(model, optimizer)
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if cfg.train.ddp_fixed_reduction_order and ddp:
+            from kosmos.distributed import fixed_order_allreduce
+
+            fixed_order_allreduce(model)  # bit-identical resumes on 3+ processes too
     # The scheduler stays unwrapped: accelerate's wrapper steps it once per process per call.
     scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.optim)
     encoder = SequenceEncoder.from_config(cfg, tok)
@@ -359,7 +367,7 @@ class BadSteps:
         self.limit, self.info, self.in_row = limit, info, 0
 
     def passed(self, res: StepResult, state) -> bool:
-        """Whether the step counts; a skipped one adds to `state.bad_steps` (a kosmos.checkpoint.TrainState)."""
+        """Whether the step counts; a skipped one adds to `state.bad_steps` (kosmos.checkpoint.TrainState)."""
         if res.ok:
             self.in_row = 0
             return True
@@ -404,7 +412,8 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
                  for i, t in enumerate(cfg.train.eval_tasks)]
         out = Path(cfg.train.output_dir) / "eval" / f"step_{step:08d}"
         with acc.autocast():
-            results.update(evaluate_tasks(acc, tasks, acc.unwrap_model(model), encoder, out))
+            source = {"run": str(Path(cfg.train.output_dir).resolve()), "step": step}  # the weights trained
+            results.update(evaluate_tasks(acc, tasks, acc.unwrap_model(model), encoder, out, source))
     return results
 
 

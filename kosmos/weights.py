@@ -25,6 +25,8 @@ from kosmos.errors import KosmosError, MissingFileError
 from kosmos.untrusted import load_json
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+SHARDED = "sharded"
+"""The folder of a sharded (FSDP2) checkpoint's model and optimizer shards (torch.distributed.checkpoint)."""
 
 
 class CheckpointError(KosmosError, ValueError):
@@ -54,17 +56,15 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from `path`: the directory itself when it holds `model.safetensors`, else the
-    newest complete checkpoint of a run's output directory (or of its `checkpoints/` folder)."""
+    """A checkpoint directory from `path`: the directory itself when it holds `model.safetensors` (or, from a
+    sharded run, `sharded/`), else the newest complete checkpoint of a run's output directory (or of its
+    `checkpoints/` folder)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
+    if (path / "model.safetensors").is_file() or (path / SHARDED / ".metadata").is_file():
+        return path  # a sharded one is read in this process (load_sharded_weights)
     for root in (path, path.parent if path.name == "checkpoints" else None):
         if root is not None and list_checkpoints(root):
             return list_checkpoints(root)[-1]
-    if (path / "sharded" / ".metadata").is_file():
-        raise CheckpointNotFound(f"{path}: a sharded checkpoint; make its model.safetensors with "
-                                 f"`python -m kosmos.checkpoint consolidate {path} OUT_DIR`")
     raise CheckpointNotFound(f"{path}: neither a checkpoint (no model.safetensors) nor a run directory with "
                              "complete checkpoints in checkpoints/")
 
@@ -149,16 +149,19 @@ def check_checkpoint_fits(model: torch.nn.Module, ckpt: str | Path) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load `model.safetensors` (the file, or a checkpoint directory holding it) into `model`. Never
-    unpickles; weights that do not fit the model fail with the file and the first mismatches named, and so
-    do saved settings that the weights do not record (`check_checkpoint_fits`)."""
+    """Load `model.safetensors` (the file, or a checkpoint directory holding it; a sharded run's checkpoint
+    directory is read shard by shard, `load_sharded_weights`) into `model`. Never unpickles; weights that do
+    not fit the model fail with the file and the first mismatches named, and so do saved settings that the
+    weights do not record (`check_checkpoint_fits`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     path = Path(path)
     if path.is_dir():
-        if not (path / "model.safetensors").is_file() and (path / "sharded" / ".metadata").is_file():
-            find_checkpoint(path)  # a sharded checkpoint: says how to consolidate it
+        if not (path / "model.safetensors").is_file() and (path / SHARDED / ".metadata").is_file():
+            check_checkpoint_fits(model, path)
+            load_sharded_weights(model, path)  # a sharded run's checkpoint: its shards, in this process
+            return
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointNotFound(f"no model weights at {path} (expected a .safetensors file or a checkpoint "
@@ -178,6 +181,106 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: weights do not fit this config: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
     check_finite(model, path)
+
+
+def load_sharded_weights(model: torch.nn.Module, ckpt: str | Path, check_values: bool = True) -> None:
+    """The model weights of a sharded (FSDP2) checkpoint `ckpt` (its `sharded/` folder), read into `model` in
+    this one process, without a process group: what `kosmos-consolidate` (`python -m kosmos.checkpoint
+    consolidate`) writes out once, done in memory, so that generation and evaluation take a sharded run's
+    checkpoint as it is. The shard files are checked first (sizes, `check_sharded`); the optimizer's entries
+    stay in the files; torch.distributed.checkpoint reads tensors and plain values only. `check_values`:
+    refuse NaN/inf weights (`check_finite`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    src = Path(ckpt) / SHARDED
+    if not (src / ".metadata").is_file():
+        raise CheckpointNotFound(f"{ckpt}: not a sharded checkpoint (no {SHARDED}/.metadata)")
+    check_sharded(src)  # every shard file there and long enough, named if not
+    sd = model.state_dict()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group: loading in a single process": meant
+            planner = DefaultLoadPlanner(allow_partial_load=True)  # the optimizer's entries stay in the files
+            dcp.load({"model": sd}, checkpoint_id=str(src), planner=planner)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - damaged bytes: miniz, the weights-only
+        # reader, ...; DCP wraps them in a CheckpointException, a BaseException, whose text is a traceback
+        raise CheckpointError(f"{src}: unreadable shard data ({_first_cause(e)})") from None
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        detail = "; ".join(lines[:2]) or e
+        raise CheckpointError(f"{src}: weights do not fit this config ({detail})") from None
+    if check_values:
+        check_finite(model, src)
+
+
+def _first_cause(e: BaseException) -> str:
+    """`Type: first line` of what went wrong under a DCP CheckpointException (which lists a traceback per
+    rank), else of `e` itself."""
+    failures = getattr(e, "failures", None)
+    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+    err = inner[0] if isinstance(inner, tuple) and inner else e  # DCP keeps (exception, stack summary)
+    err = err if isinstance(err, BaseException) else e
+    text = str(err).strip()
+    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # no advice to unpickle after it
+    return f"{type(err).__name__}: {first}"
+
+
+def check_sharded(path: Path) -> None:
+    """Every file that the metadata of sharded checkpoint `path` points into is there and long enough (sizes
+    only, nothing read): a truncated or missing shard is a CheckpointError naming it, before any rank loads
+    (a failure inside the collective load could leave the ranks disagreeing)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - whatever a damaged metadata file raises
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__})") from None
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        f = path / name
+        size = f.stat().st_size if f.is_file() else None
+        if size is None or size < end:
+            raise CheckpointError(f"{f}: {'missing' if size is None else f'{size} bytes'}, but the sharded "
+                                  f"checkpoint's metadata needs {end}: truncated or incomplete")
+
+
+
+_IDENTITY: dict[tuple, dict] = {}
+
+
+def weights_identity(ckpt: str | Path) -> dict:
+    """What a number computed from checkpoint directory `ckpt` came from: its resolved path, its step (from
+    `trainer_state.json`, None without one) and the sha256 of its weights (`model.safetensors`, or a sharded
+    checkpoint's files under `sharded/` in name order). Hashing reads the weights once per process (about 10
+    s for the paper's 3.3 GB model); later calls for an unchanged file are free."""
+    import hashlib
+
+    ckpt = Path(ckpt).resolve()
+    files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").is_file() else \
+        sorted(p for p in (ckpt / SHARDED).rglob("*") if p.is_file())
+    key = (str(ckpt), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _IDENTITY:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.relative_to(ckpt).as_posix().encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        step = None
+        state = ckpt / "trainer_state.json"
+        if state.is_file():
+            try:
+                step = load_json(state.read_text()).get("step")
+            except ValueError:
+                step = None
+        _IDENTITY[key] = {"path": str(ckpt), "step": step, "sha256": h.hexdigest()}
+    return dict(_IDENTITY[key])
 
 
 def load_model(checkpoint: str | Path | None = None, config: str | Path | None = None,
@@ -253,6 +356,19 @@ def load_clip_weights(vision) -> None:
     else:
         import open_clip
 
+        from kosmos.config import open_clip_architecture
+
+        from open_clip.model import CLIPVisionCfg
+
+        arch = {**vars(CLIPVisionCfg()), **open_clip_architecture(cfg.model_name)["vision_cfg"]}
+        changed = [f"vision.{k}={getattr(cfg, k)} (the weights' {arch.get(k)})"
+                   for k in ("width", "layers", "patch_size", "head_width")
+                   if getattr(cfg, k) is not None and getattr(cfg, k) != arch.get(k)]
+        if changed:  # before anything is downloaded: these weights cannot fill this tower
+            raise CheckpointError(
+                f"vision.pretrained={spec!r}: {cfg.model_name}'s weights do not fit this tower: "
+                f"{', '.join(changed)}; drop those overrides, or set vision.pretrained=null for a random "
+                "tower (vision.image_size may differ: the position embedding is resized)")
         # open_clip 2.32 builds the architecture's activation whatever the tag (for `openai` it builds
         # nn.GELU and only warns), so we pass the resolved one, and our vision.* overrides with it (open_clip
         # resizes the position embedding to a changed image_size).

@@ -52,7 +52,7 @@ def weights_of(acc, model) -> torch.Tensor:
 
 def main():
     from kosmos.checkpoint import CheckpointError, list_checkpoints
-    from kosmos.data.stream import DataError
+    from kosmos.data.shards import DataError
     from kosmos.sharding import is_sharded
     from kosmos.training import check_config
 

@@ -634,3 +634,26 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def source_dataset(kind: str, shards: list[str], encoder, *, micro_batch_size: int, num_workers: int = 0,
+                   shuffle_buffer: int = 1000, max_tokens: int = 0, loss: str = "all",
+                   caption_choice: str = "random", **dataset_args):
+    """A SourceDataset built directly, the source's settings given by keyword (`num_workers`: the source's
+    `workers`, none unless given) as a `data.<name>` entry would give them; `dataset_args` (max_len, seed,
+    infinite, rank, world_size, ...) go to SourceDataset as they are."""
+    from kosmos.config import SourceConfig
+    from kosmos.data.stream import SourceDataset
+
+    source = SourceConfig(kind=kind, micro_batch_size=micro_batch_size, workers=num_workers,
+                          shuffle_buffer=shuffle_buffer, max_tokens=max_tokens, loss=loss,
+                          caption_choice=caption_choice)
+    return SourceDataset(source, shards, encoder, **dataset_args)
+
+
+def blocked_signals(queue) -> None:
+    """A multiprocessing target: put the signals this process was born blocking (tests of the data workers'
+    forkserver)."""
+    import signal
+
+    queue.put(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))

@@ -315,8 +315,10 @@ def test_consolidate_names_what_is_wrong(tmp_path, capsys):
     assert err.startswith("error: ") and "not a sharded checkpoint" in err and err.count("\n") == 1
     (plain / "sharded").mkdir()
     (plain / "sharded" / ".metadata").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="kosmos.checkpoint consolidate"):
-        ck.find_checkpoint(plain)  # inference on a sharded checkpoint says how to make its weights
+    (plain / "config.yaml").write_text(Path(TINY).read_text())
+    assert ck.find_checkpoint(plain) == plain  # inference reads a sharded checkpoint's shards itself
+    with pytest.raises(ck.CheckpointError, match=r"sharded/\.metadata: unreadable"):
+        load_model(plain)  # ... and names what is wrong with them
 
 
 def test_consolidating_damaged_or_odd_inputs_is_one_line_and_writes_nothing_into_the_checkpoint(

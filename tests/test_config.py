@@ -259,3 +259,73 @@ def test_the_keys_fixed_on_resume_come_from_the_fields_metadata():
         train_kosmos.parse_args(["--help"])
     text = " ".join(out.getvalue().split())
     assert all(k in text for k in keys), text
+
+
+def test_importing_the_config_imports_neither_torch_nor_open_clip():
+    """`import kosmos.config` stays light (a config is loaded and checked before anything heavy; open_clip's
+    model configs are read from its files, kosmos.config.clip): the whole package, without torch."""
+    import subprocess
+    import sys
+
+    code = ("import kosmos.config, sys; heavy = sorted({'torch', 'open_clip'} & set(sys.modules)); "
+            "assert not heavy, heavy; print([m for m in sys.modules if m.startswith('kosmos.config.')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "'kosmos.config.loading'" in out.stdout and "'kosmos.config.migrations'" in out.stdout
+
+
+def test_a_saved_config_carries_its_format_and_loads_as_it_is(tmp_path):
+    """save_config writes the format first (`config_format`, no config key: not in to_dict); load_config
+    reads and drops it, as a checkpoint's config or not."""
+    from kosmos.config import CONFIG_FORMAT, save_config
+
+    cfg = load_config(None, ["decoder.layers=3", "decoder.scale_embedding=false"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert (tmp_path / "config.yaml").read_text().startswith(f"config_format: {CONFIG_FORMAT}\n")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert load_config(tmp_path / "config.yaml", legacy=True) == cfg
+    assert Config.from_checkpoint(tmp_path) == cfg
+    assert "config_format" not in cfg.to_dict()
+
+
+def test_a_checkpoint_config_is_migrated_from_its_format(tmp_path):
+    """A checkpoint's config.yaml without `config_format` (older code) is format 1: a key it lacks takes the
+    behaviour it was trained with (decoder.scale_embedding: false), in config.yaml or trainer_state.json's
+    copy. One of today's format, or a config written by hand, takes today's default instead; a file that
+    says `config_format: 1` is migrated wherever it is loaded from."""
+    import json
+
+    import yaml
+
+    from kosmos.config import CONFIG_FORMAT, save_config
+
+    path = tmp_path / "config.yaml"
+    save_config(Config(), path)
+    data = yaml.safe_load(path.read_text())
+    del data["decoder"]["scale_embedding"]
+
+    def written(**top) -> Path:
+        path.write_text(yaml.safe_dump({**{k: v for k, v in data.items() if k != "config_format"}, **top}))
+        return path
+
+    assert Config.from_checkpoint(written().parent).decoder.scale_embedding is False
+    assert load_config(written()).decoder.scale_embedding is True  # by hand: today's default
+    assert Config.from_checkpoint(written(config_format=CONFIG_FORMAT).parent).decoder.scale_embedding is True
+    assert load_config(written(config_format=1)).decoder.scale_embedding is False
+    path.unlink()
+    old = {k: v for k, v in data.items() if k != "config_format"}
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 1, "config": old}))
+    assert Config.from_checkpoint(tmp_path).decoder.scale_embedding is False
+
+
+@pytest.mark.parametrize("value, message", [
+    ("99", r"the config was saved in format 99 by newer code; this code reads up to format \d+: update "),
+    ("0", "must be a whole number >= 1"), ("two", "must be a whole number >= 1"),
+    ("true", "must be a whole number >= 1"), ("1.5", "must be a whole number >= 1")])
+def test_a_config_format_this_code_cannot_read_is_refused_naming_the_key(tmp_path, value, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"config_format: {value}\ndecoder:\n  layers: 2\n")
+    for legacy in (False, True):
+        with pytest.raises(ConfigError, match=rf"config\.yaml: config key 'config_format': {message}"):
+            load_config(path, legacy=legacy)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kosmos.config import load_config
-from kosmos.data import SourceDataset, SourceLoader, plan
+from kosmos.data import SourceLoader, plan
 from kosmos.data.packing import Packer
 from kosmos.data.samples import encode_sample
 from kosmos.data.shards import expand_shards
@@ -19,6 +19,7 @@ from tests.helpers import (
     instruction_shards,
     interleaved_shards,
     jpeg,
+    source_dataset,
     text_shards,
     write_tar,
 )
@@ -29,7 +30,7 @@ NL = 4  # image slots per image in these tests
 def make_ds(kind, shards, tok, **kw):
     args = dict(max_len=64, micro_batch_size=2, seed=0, shuffle_buffer=0, infinite=False)
     args.update(kw)
-    return SourceDataset(kind, shards, SequenceEncoder(tok, NL, 32), **args)
+    return source_dataset(kind, shards, SequenceEncoder(tok, NL, 32), **args)
 
 
 def consume(loader, n=None):
@@ -209,7 +210,7 @@ def test_a_document_whose_head_image_does_not_fit_starts_in_the_next_row_only():
 
 def _rank_states(loaders):
     """What a checkpoint stores for one source (each rank's state), as every rank of a resume reads it."""
-    from kosmos.data.stream import rank_data_state
+    from kosmos.data.streams import rank_data_state
 
     per_rank = [json.loads(json.dumps({"src": ld.state_dict()})) for ld in loaders]
     return [rank_data_state(per_rank, r)["src"] for r in range(len(per_rank))]
@@ -819,7 +820,7 @@ def test_loader_workers_never_finalise_the_main_process_garbage(tmp_path):
     import gc
     import os
 
-    from kosmos.data.stream import _start_workers
+    from kosmos.data.workers import start_workers
 
     log = tmp_path / "finalised"
 
@@ -833,7 +834,7 @@ def test_loader_workers_never_finalise_the_main_process_garbage(tmp_path):
         a, b = Cycle(), Cycle()
         a.other, b.other = b, a
         del a, b
-        it = _start_workers(torch.utils.data.DataLoader(_GcProbe(), batch_size=None, num_workers=1))
+        it = start_workers(torch.utils.data.DataLoader(_GcProbe(), batch_size=None, num_workers=1))
     finally:
         gc.enable()
     worker = next(iter(it))
@@ -857,6 +858,7 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
     shards = text_shards(tmp_path, 4, 10)
     code = "\n".join([
         "import os, threading",
+        "from kosmos.config import SourceConfig",
         "from kosmos.data.stream import SourceDataset, SourceLoader",
         "from kosmos.sequence import SequenceEncoder",
         "from tokenizer import KosmosTokenizer",
@@ -869,8 +871,9 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
         "        [t.join() for t in ts]",
         "for _ in range(3): threading.Thread(target=churn, daemon=True).start()",
         "for i in range(10):",
-        f"    loaders = [SourceLoader(SourceDataset('text', {shards!r}, enc, max_len=64, micro_batch_size=2, "
-        "num_workers=2, seed=s)) for s in range(2)]",
+        "    source = SourceConfig(kind='text', micro_batch_size=2, workers=2)",
+        f"    loaders = [SourceLoader(SourceDataset(source, {shards!r}, enc, max_len=64, seed=s))",
+        "               for s in range(2)]",
         "    for loader in loaders:",
         "        next(loader)",
         "    workers = loader_workers()",  # the forkserver's children: none forked from this process

@@ -140,9 +140,8 @@ def test_plan_streams_and_reductions_are_identical_on_every_rank_at_scale(world,
         owners: dict[int, tuple] = {}
         n_streams = set()
         for rank in range(world):
-            ds = SourceDataset(src.kind, [f"s3://bucket/{name}-{i:06d}.tar" for i in range(1000)], enc,
-                               max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
-                               num_workers=src.workers, rank=rank, world_size=world, name=name)
+            ds = SourceDataset(src, [f"s3://bucket/{name}-{i:06d}.tar" for i in range(1000)], enc,
+                               max_len=cfg.decoder.max_len, rank=rank, world_size=world, name=name)
             n_streams.add(ds.n_streams)
             for w in range(max(1, src.workers)):
                 for s in ds.streams_of(w):

@@ -76,15 +76,18 @@ def test_weights_that_do_not_fit_are_one_line(capsys, tmp_path, tiny_tokenizer):
     assert "decoder.layers.2" in line  # the missing layer is named
 
 
-def test_a_sharded_checkpoint_for_inference_is_one_line_naming_consolidate(capsys, tmp_path):
+def test_a_damaged_sharded_checkpoint_for_inference_is_one_line_naming_the_file(capsys, tmp_path):
+    """A sharded checkpoint is read shard by shard for inference (kosmos.weights.load_sharded_weights); one
+    whose metadata is damaged is one line naming it, from generation and evaluation alike."""
     import kosmos.eval
     from kosmos.generate import main
 
     ckpt = tmp_path / "step_00000010"
     (ckpt / "sharded").mkdir(parents=True)
     (ckpt / "sharded" / ".metadata").write_bytes(b"")
-    _one_line(capsys, run_cli(main, ["--checkpoint", str(ckpt)]), "python -m kosmos.checkpoint consolidate")
-    _one_line(capsys, kosmos.eval.main(["loss", "--checkpoint", str(ckpt)]), "kosmos.checkpoint consolidate")
+    (ckpt / "config.yaml").write_text(TINY.read_text())
+    _one_line(capsys, run_cli(main, ["--checkpoint", str(ckpt)]), "sharded/.metadata: unreadable")
+    _one_line(capsys, kosmos.eval.main(["loss", "--checkpoint", str(ckpt)]), "sharded/.metadata: unreadable")
 
 
 @pytest.mark.slow
@@ -92,7 +95,8 @@ def test_offline_clip_weights_are_one_line_from_the_commands(tmp_path, tiny_run)
     """No network (HF_HUB_OFFLINE=1, nothing cached): `vision.pretrained=openai` fails as one line in
     generation and in training, where it used to end a 106-line traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
-    clip = ["vision.pretrained=openai", "vision.model_name=ViT-B-32"]
+    clip = ["vision.pretrained=openai", "vision.model_name=ViT-B-32", "vision.width=null", "vision.layers=null",
+            "vision.patch_size=null", "vision.head_width=null"]  # ViT-B-32's own tower: weights that fit
     for cmd in ([sys.executable, "-m", "kosmos.generate", "--config", str(TINY), *clip],
                 [sys.executable, str(ROOT / "train_kosmos.py"), "--config", str(TINY), "--no-progress",
                  *tiny_run, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", *clip]):
@@ -102,3 +106,15 @@ def test_offline_clip_weights_are_one_line_from_the_commands(tmp_path, tiny_run)
         errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "vision.pretrained='openai'" in errors[0] and "local file" in errors[0], \
             p.stderr[-3000:]
+
+
+def test_usage_lines_name_the_command_that_was_run(monkeypatch, capsys):
+    from kosmos.errors import command_name
+    from kosmos.generate import main
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/kosmos-eval", "run"])
+    assert command_name("kosmos.eval", "run") == "kosmos-eval run"
+    monkeypatch.setattr(sys, "argv", ["/src/kosmos/generate.py", "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m kosmos.generate ")  # not `generate.py`

@@ -494,3 +494,53 @@ def test_train_eval_tasks_limit_is_checked():
     for bad in (0, -1, "x"):
         with pytest.raises(ConfigError, match=r"train.eval_tasks\[0\].limit"):
             tiny_config(f"train.eval_tasks=[{{task: coco_captioning, data: x.json, limit: {bad}}}]")
+
+
+def test_every_number_says_where_it_came_from_and_another_model_is_refused(ckpt, sets, tmp_path, capsys,
+                                                                           tiny_tokenizer):
+    """metrics.json and provenance.json hold the checkpoint (path, step, sha256 of the weights), the full
+    protocol, the scorer and the project's version; every prediction record the weights' tag; results.md the
+    model. A second run into the folder with other weights or another protocol is refused in one line; the
+    same run continues. `compare` puts two folders side by side with the paper's numbers."""
+    import hashlib
+
+    from kosmos.eval import main
+
+    out = tmp_path / "out"
+    args = ["--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images", str(sets["coco_root"]),
+            *FAST]
+    assert run(ckpt, *args, "--out", str(out)) == 0
+    folder = out / "coco_captioning" / "0shot"
+    _, metrics = results(out, "coco_captioning")
+    sha = hashlib.sha256(b"model.safetensors\0" + (ckpt / "model.safetensors").read_bytes()).hexdigest()
+    prov = metrics["provenance"]
+    assert prov["checkpoint"] == {"path": str(ckpt.resolve()), "step": None, "sha256": sha}  # {} state: no step
+    assert prov["protocol"]["prompt"] == metrics["protocol"]["prompt"] and prov["protocol"]["shots"] == 0
+    assert prov["protocol"]["seed"] == 0 and prov["protocol"]["retrieval"] is False
+    assert prov["scorer"]["kind"] == "captioning" and "pycocoevalcap" in prov["scorer"]["packages"]
+    assert set(prov["kosmos"]) == {"version", "commit"}
+    assert json.loads((folder / "provenance.json").read_text()) == prov
+    records = [json.loads(line) for line in (folder / "predictions.rank0.jsonl").read_text().splitlines()]
+    assert records and all(r["model"] == f"{sha[:12]}@None" for r in records)
+    assert f"sha256 {sha[:8]}" in (out / "results.md").read_text()
+
+    assert run(ckpt, *args, "--out", str(out)) == 0  # the same weights and protocol: continues
+    capsys.readouterr()
+    assert run(ckpt, *args, "--out", str(out), "--max-new-tokens", "5") == 2  # another protocol
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another checkpoint or protocol" in err, err
+    assert "protocol.max_new_tokens: 4 -> 5" in err
+    other = checkpoint_dir(tmp_path / "other", tiny_tokenizer.path, tiny_model(seed=4))
+    assert run(other, *args, "--out", str(out)) == 2  # other weights
+    assert "checkpoint.sha256" in capsys.readouterr().err
+
+    out2 = tmp_path / "out2"
+    assert run(other, *args, "--out", str(out2)) == 0
+    capsys.readouterr()
+    assert main(["compare", str(out), str(out2)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| task | shots | metric | out (") and table[0].endswith("| KOSMOS-1 paper |")
+    cider = next(line for line in table if "| CIDEr |" in line)
+    assert cider.startswith("| coco_captioning | 0 | CIDEr | ") and cider.endswith("| 84.7 |")
+    assert main(["compare", str(tmp_path / "nothing")]) == 2  # one line, not a traceback
+    assert "no TASK/Kshot/metrics.json" in capsys.readouterr().err

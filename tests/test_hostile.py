@@ -24,10 +24,21 @@ from data_tools.records import Skip
 from data_tools.text import convert_text
 from data_tools.text import main as text_main
 from kosmos.config import ConfigError, load_config
-from kosmos.data import SourceDataset, SourceLoader
+from kosmos.data import SourceLoader
 from kosmos.data.samples import encode_sample
 from kosmos.sequence import SequenceEncoder
-from tests.helpers import TINY, WORDS, jpeg, manifest, photo, read_tar, sentence, write, write_tar
+from tests.helpers import (
+    TINY,
+    WORDS,
+    jpeg,
+    manifest,
+    photo,
+    read_tar,
+    sentence,
+    source_dataset,
+    write,
+    write_tar,
+)
 from tokenizer.build import BuildError, sample_lines
 
 KEEP_ALL = DocOptions(max_images=0, single_image_drop=0.0)
@@ -274,15 +285,15 @@ def test_truncated_samples_are_counted_by_the_loader(tmp_path, tiny_tokenizer):
     samples = [{"__key__": f"c{i}", "jpg": jpeg(i), "txt": long if i % 2 else b"a red circle"}
                for i in range(6)]
     path = write_tar(tmp_path / "cap.tar", samples)
-    ds = SourceDataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64, micro_batch_size=2,
-                       shuffle_buffer=0, infinite=False, max_tokens=32)
+    ds = source_dataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64, micro_batch_size=2,
+                        shuffle_buffer=0, infinite=False, max_tokens=32)
     loader = SourceLoader(ds)
     rows = [b for b in loader]
     assert loader.truncated() == 3 and not loader.skipped()
     assert sum(b["n_real"].item() for b in rows) <= 6 * 32
     with pytest.raises(ValueError, match="data.captions.max_tokens"):
-        SourceDataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64, micro_batch_size=2,
-                      max_tokens=NL + 3)
+        source_dataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64, micro_batch_size=2,
+                       max_tokens=NL + 3)
 
 
 def test_truncated_counts_reach_the_tracker_without_another_collective():
@@ -448,8 +459,8 @@ def test_a_deeply_nested_key_json_is_skipped_or_ignored_by_the_training_reader(t
     samples = [{"__key__": f"t{i}", "txt": f"sample number {i}".encode(),
                 **({"json": deep} if i == 1 else {})} for i in range(4)]
     path = write_tar(tmp_path / "t.tar", samples)
-    loader = SourceLoader(SourceDataset("text", [str(path)], _encoder(tiny_tokenizer), max_len=64,
-                                        micro_batch_size=2, shuffle_buffer=0, infinite=False))
+    loader = SourceLoader(source_dataset("text", [str(path)], _encoder(tiny_tokenizer), max_len=64,
+                                         micro_batch_size=2, shuffle_buffer=0, infinite=False))
     assert sum(len(b["sample_positions"]) for b in loader) == 4 and not loader.skipped()
 
 
@@ -467,8 +478,8 @@ def test_a_decompression_bomb_is_skipped_and_counted_by_the_training_loader(tmp_
     samples = [{"__key__": f"c{i}", "jpg": jpeg(i), "txt": b"a red circle"} for i in range(3)]
     samples[1:1] = [{"__key__": f"b{k}", "png": bomb_png(*wh), "txt": b"a bomb"} for k, wh in BOMBS.items()]
     path = write_tar(tmp_path / "cap.tar", samples)
-    loader = SourceLoader(SourceDataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64,
-                                        micro_batch_size=2, shuffle_buffer=0, infinite=False))
+    loader = SourceLoader(source_dataset("captions", [str(path)], _encoder(tiny_tokenizer), max_len=64,
+                                         micro_batch_size=2, shuffle_buffer=0, infinite=False))
     assert sum(len(b["sample_positions"]) for b in loader) == 3
     assert dict(loader.skipped()) == {"image_too_large": 2}
 

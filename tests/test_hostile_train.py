@@ -74,15 +74,16 @@ def test_brace_pattern_naming_missing_shards_is_refused_or_allowed_with_a_count(
 def test_shards_gone_mid_run_stop_the_source_after_a_bounded_retry(tiny_tokenizer, tmp_path, monkeypatch,
                                                                    workers, fault):
 
-    from kosmos.data import stream
-    from kosmos.data.stream import DataError, SourceDataset, SourceLoader
+    from kosmos.data import retry
+    from kosmos.data.shards import DataError
+    from kosmos.data.stream import SourceLoader
     from kosmos.sequence import SequenceEncoder
-    from tests.helpers import text_shards
+    from tests.helpers import source_dataset, text_shards
 
-    monkeypatch.setattr(stream, "RETRY_WAITS", (0.05, 0.1))  # the dataset carries it to its workers
+    monkeypatch.setattr(retry, "RETRY_WAITS", (0.05, 0.1))  # the dataset carries it to its workers
     shards = text_shards(tmp_path, 4, 10)
-    ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
-                       num_workers=workers, shuffle_buffer=0)
+    ds = source_dataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64,
+                        micro_batch_size=2, num_workers=workers, shuffle_buffer=0)
     loader = SourceLoader(ds)
     for _ in range(max(1, workers)):  # every worker has read samples (round robin): a mid-run loss
         next(loader)
@@ -102,13 +103,13 @@ def test_shards_gone_mid_run_stop_the_source_after_a_bounded_retry(tiny_tokenize
 
 
 def test_a_shard_gone_among_others_is_skipped_and_counted(tiny_tokenizer, tmp_path):
-    from kosmos.data.stream import SourceDataset, SourceLoader
+    from kosmos.data.stream import SourceLoader
     from kosmos.sequence import SequenceEncoder
-    from tests.helpers import text_shards
+    from tests.helpers import source_dataset, text_shards
 
     shards = text_shards(tmp_path, 3, 5)
-    ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
-                       shuffle_buffer=0, infinite=False)
+    ds = source_dataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64,
+                        micro_batch_size=2, shuffle_buffer=0, infinite=False)
     Path(shards[1]).unlink()
     loader = SourceLoader(ds)
     seen = {tuple(p) for b in loader for p in b["sample_positions"]}
@@ -124,13 +125,13 @@ def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(t
     import signal
     import subprocess
 
-    from kosmos.data.stream import SourceDataset, SourceLoader
+    from kosmos.data.stream import SourceLoader
     from kosmos.sequence import SequenceEncoder
-    from tests.helpers import text_shards
+    from tests.helpers import source_dataset, text_shards
 
     shards = text_shards(tmp_path, 4, 10)
-    ds = SourceDataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64, micro_batch_size=2,
-                       num_workers=2, shuffle_buffer=0)
+    ds = source_dataset("text", shards, SequenceEncoder(tiny_tokenizer, 4, 32), max_len=64,
+                        micro_batch_size=2, num_workers=2, shuffle_buffer=0)
     loader = SourceLoader(ds)
     others = set(loader_workers())  # those of loaders that earlier tests left to the garbage collector
     next(loader)
@@ -148,10 +149,11 @@ def test_workers_ignore_sigterm_and_sigint_while_the_run_lives_and_end_at_exit(t
     assert all(process_gone(pid) for pid in workers)
 
     # a process that leaves a loader's workers running (a reference cycle keeps it) still exits at once
-    code = (f"from kosmos.data.stream import SourceDataset, SourceLoader\n"
+    code = ("from kosmos.config import SourceConfig\n"
+            "from kosmos.data.stream import SourceDataset, SourceLoader\n"
             f"from kosmos.sequence import SequenceEncoder\nfrom tokenizer import KosmosTokenizer\n"
-            f"ds = SourceDataset('text', {shards!r}, SequenceEncoder(KosmosTokenizer.from_dir("
-            f"{str(tiny_tokenizer.path)!r}), 4, 32), max_len=64, micro_batch_size=2, num_workers=2)\n"
+            f"ds = SourceDataset(SourceConfig(kind='text', micro_batch_size=2, workers=2), {shards!r}, "
+            f"SequenceEncoder(KosmosTokenizer.from_dir({str(tiny_tokenizer.path)!r}), 4, 32), max_len=64)\n"
             f"loader = SourceLoader(ds)\nloader.cycle = loader\nnext(loader)\nprint('ok')\n")
     # it exits by itself (it would hang in multiprocessing's exit handler, joining workers that ignore the
     # SIGTERM of terminate()); the timeout only ends a hang
@@ -166,12 +168,14 @@ def _loader_script(shards, tokenizer_dir, *lines, **kw) -> str:
     args = ", ".join(f"{k}={v}" for k, v in kw.items())
     return "\n".join([
         "import os, signal, sys, time", "from kosmos.data.remote import ReadOptions",
+        "from kosmos.config import SourceConfig",
         "from kosmos.data.stream import SourceDataset, SourceLoader",
         "from kosmos.sequence import SequenceEncoder",
         "from tokenizer import KosmosTokenizer",
         f"enc = SequenceEncoder(KosmosTokenizer.from_dir({str(tokenizer_dir)!r}), 4, 32)",
-        f"loader = SourceLoader(SourceDataset('text', {shards!r}, enc, max_len=64, micro_batch_size=2, "
-        f"num_workers=2, shuffle_buffer=0{', ' + args if args else ''}))", *lines, ""])
+        "source = SourceConfig(kind='text', micro_batch_size=2, workers=2, shuffle_buffer=0)",
+        f"loader = SourceLoader(SourceDataset(source, {shards!r}, enc, max_len=64"
+        f"{', ' + args if args else ''}))", *lines, ""])
 
 
 @pytest.mark.slow

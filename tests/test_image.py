@@ -94,23 +94,61 @@ def test_torchvision_and_pil_decode_the_same_pixels(monkeypatch):
         assert torch.equal(f, decode_image(d))
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA-png", "P-png"])
-def test_other_modes_and_formats_become_rgb(mode):
+def _in_mode(mode: str) -> tuple[bytes, str]:
+    """A 451x300 photo in PIL mode `mode` (with a varying alpha, a palette with a transparent entry, 16-bit
+    values, an EXIF orientation), encoded in a format that keeps the mode; (bytes, suffix)."""
     with Image.open(PHOTOS[3]) as im:
         rgb = im.convert("RGB")
-    if mode.endswith("-png"):
-        img = rgb.convert(mode.split("-")[0])
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        data = buf.getvalue()
-        assert jpeg_header(data) is None
-    else:
-        data = _jpeg(rgb.convert(mode))
-        assert jpeg_header(data) == (451, 300, {"L": 1, "CMYK": 4}[mode])
-    out = decode_image(data)
+    alpha = Image.linear_gradient("L").resize(rgb.size)
+    buf, fmt = io.BytesIO(), "PNG"
+    if mode in ("RGBA", "LA"):
+        img = rgb.convert(mode[:-1])
+        img.putalpha(alpha)
+    elif mode == "P":
+        img = rgb.quantize(64)
+        img.info["transparency"] = 0
+    elif mode == "I;16":
+        img = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))  # 16-bit grey, 0..65535
+    elif mode in ("I", "F"):
+        img, fmt = rgb.convert("L").convert(mode), "TIFF"
+    elif mode == "CMYK":
+        img, fmt = rgb.convert("CMYK"), "JPEG"
+    elif mode == "EXIF":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90
+        rgb.save(buf, format="JPEG", exif=exif.tobytes())
+        return buf.getvalue(), ".jpg"
+    else:  # 1, L, RGB
+        img = rgb.convert(mode)
+    img.save(buf, format=fmt)
+    return buf.getvalue(), {"PNG": ".png", "TIFF": ".tif", "JPEG": ".jpg"}[fmt]
+
+
+MODES = ["RGB", "L", "1", "P", "RGBA", "LA", "I;16", "I", "F", "CMYK", "EXIF"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_is_what_open_clip_gives(mode, tmp_path):
+    """Training's decode_image and the load_image of generation and evaluation give open_clip's eval pixels
+    for every mode PIL opens (kosmos.image.TORCH_MODES says what each mode does): exactly for the modes PIL
+    resizes in their own mode, within a level for RGB and grey (torch's uint8 kernel)."""
+    from kosmos.image import TORCH_MODES, load_image
+
+    size = 224  # a 451x300 photo: decoded whole (no reduced JPEG decode, which costs detail: see below)
+    data, suffix = _in_mode(mode)
+    path = tmp_path / f"image{suffix}"
+    path.write_bytes(data)
     with Image.open(io.BytesIO(data)) as im:
-        assert torch.equal(out, clip_resize_crop(im.convert("RGB")))
-    assert out.shape == (3, 224, 224)
+        assert mode in ("EXIF", im.mode) or (mode, im.mode) == ("I;16", "I;16"), (mode, im.mode)
+        want = reference(size)(im)
+        opened = im.mode
+        convert_first = clip_resize_crop(im.convert("RGB"), size).int()
+    bound = 1 if opened in TORCH_MODES else 0
+    for got in (decode_image(data, size), load_image(path, size)):
+        assert got.shape == (3, size, size)
+        assert (got.int() - want).abs().max() <= bound, (mode, (got.int() - want).abs().max())
+    if mode in ("P", "1", "RGBA", "LA"):  # the order matters here: converting first is not open_clip's
+        assert (convert_first - want).abs().max() > 10, mode
 
 
 def test_jpeg_header():

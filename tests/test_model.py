@@ -270,3 +270,47 @@ def test_the_forward_reads_nothing_back_from_the_device(source):
         fake = {k: mode.from_tensor(v) for k, v in batch.items()}
         out = model(**fake)
     assert out.loss.shape == () and out.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_evaluating_puts_the_model_back_in_its_mode_even_after_an_error():
+    from kosmos.model import evaluating
+
+    model = tiny_model()
+    for mode in (True, False):
+        model.train(mode)
+        with pytest.raises(RuntimeError), evaluating(model):
+            assert not model.training and not model.decoder.training
+            raise RuntimeError("inside")
+        assert model.training is mode and model.decoder.training is mode
+
+
+def test_clip_weights_that_cannot_fit_the_tower_are_refused_before_any_download(monkeypatch):
+    """vision.pretrained=openai with tiny.yaml's width-64 tower: one line naming the overrides, and nothing
+    fetched (it used to download ViT-L's weights, then fail after 106 lines)."""
+    import open_clip
+
+    from kosmos.weights import CheckpointError
+
+    def no_download(*a, **kw):
+        raise AssertionError("nothing may be downloaded for a tower the weights cannot fill")
+
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    enc = VisionEncoder(tiny_config("vision.pretrained=openai").vision)
+    with pytest.raises(CheckpointError) as e:
+        _loaded_into(enc)
+    msg = str(e.value)
+    assert "\n" not in msg and "vision.width=64 (the weights' 1024)" in msg and "vision.layers=2" in msg
+    assert "vision.pretrained=null" in msg
+
+
+def _loaded_into(enc):
+    from kosmos.weights import load_clip_weights
+
+    load_clip_weights(enc)
+
+
+def test_summary_prints_each_count_in_the_unit_that_suits_it():
+    from kosmos.summary import human
+
+    assert [human(n) for n in (7, 4_160, 336_512, 12_345_678, 1_666_511_872)] == [
+        "7", "4.2K", "336.5K", "12.3M", "1.667B"]  # a toy model was 0.000B

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kosmos.data import SourceDataset, SourceLoader
+from kosmos.data import SourceLoader
 from kosmos.data.remote import ReadOptions, ShardError, open_shard
-from kosmos.data.shards import expand_shards, read_shard
-from kosmos.data.stream import DataError
+from kosmos.data.shards import DataError, expand_shards, read_shard
 from kosmos.sequence import SequenceEncoder
-from tests.helpers import ShardServer, caption_shards, interleaved_shards, text_shards
+from tests.helpers import ShardServer, caption_shards, interleaved_shards, source_dataset, text_shards
 
 FAST = ReadOptions(timeout=0.5, retries=1, backoff=0.01)
 
@@ -187,7 +186,7 @@ def test_resume_skips_samples_unread(shards):
 def make_ds(kind, shards, tok, **kw):
     args = dict(max_len=64, micro_batch_size=2, seed=0, shuffle_buffer=0, infinite=False, read_options=FAST)
     args.update(kw)
-    return SourceDataset(kind, shards, SequenceEncoder(tok, 4, 32), **args)
+    return source_dataset(kind, shards, SequenceEncoder(tok, 4, 32), **args)
 
 
 def check_stream_resumes_as_local(shards, urls, tok):

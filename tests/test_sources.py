@@ -109,10 +109,11 @@ def test_the_three_keys_give_the_same_plan_and_data_as_before(tmp_path, tiny_tok
     the same shards and keys give the same plan (names aside); their loaders read the micro-batches that the
     loaders built before named sources existed read (SourceDataset(kind, ..., seed=cfg.seed)), and a named
     source the same, with its own seed."""
-    from kosmos.data import SourceDataset, SourceLoader, build_loader, plan
+    from kosmos.data import SourceLoader, build_loader, plan
     from kosmos.data.mixture import ratio, source_seed
     from kosmos.data.shards import expand_shards
     from kosmos.sequence import SequenceEncoder
+    from tests.helpers import source_dataset
 
     shards = _three(tmp_path)
     keys = {"text": (1024, 4), "captions": (2048, 8), "interleaved": (1024, 4)}
@@ -137,7 +138,7 @@ def test_the_three_keys_give_the_same_plan_and_data_as_before(tmp_path, tiny_tok
 
     def before(cfg, name, kind, seed):  # what build_loader built before named sources existed
         src = cfg.data.source(name)
-        return SourceLoader(SourceDataset(
+        return SourceLoader(source_dataset(
             kind, expand_shards(src.shards), enc, max_len=cfg.decoder.max_len,
             micro_batch_size=src.micro_batch_size, num_workers=src.workers, seed=seed,
             shuffle_buffer=src.shuffle_buffer, infinite=True, max_tokens=src.max_tokens, loss=src.loss,

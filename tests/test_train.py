@@ -13,7 +13,7 @@ import train_kosmos
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
-from tests.helpers import DDP_DEBUG, ROOT, launch, tiny_model
+from tests.helpers import DDP_DEBUG, ROOT, launch, tiny_config, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -71,7 +71,7 @@ def test_a_distributed_run_prints_an_error_once(tmp_path, capsys, monkeypatch, e
     """Under a launcher (RANK, WORLD_SIZE): an error every rank meets (config, checkpoint) is printed by
     rank 0 alone; one a rank's data workers meet is printed by that rank, named; every rank exits 2."""
     from kosmos.config import ConfigError
-    from kosmos.data.stream import DataError
+    from kosmos.data.shards import DataError
 
     def fail(*a, **kw):
         raise (ConfigError if error == "config" else DataError)("it went wrong")
@@ -618,3 +618,28 @@ def test_image_pathway_learns(tiny_run, tmp_path):
     print(f"\ncaption loss with the true image {true:.3f}, with another image {other:.3f}, "
           f"gap {other - true:.3f}")
     assert other - true > 0.3 and other > 2 * true, (true, other)
+
+
+def test_a_run_shorter_than_its_schedule_is_warned_about():
+    from kosmos.optim import build_scheduler
+    from kosmos.train import schedule_note
+
+    cfg = tiny_config("train.max_steps=60", "optim.total_steps=800", "optim.warmup_steps=10")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    note = schedule_note(cfg, build_scheduler(opt, cfg.optim))
+    assert note.startswith("WARNING: train.max_steps=60 ends the run before its schedule, optim.total_steps=800")
+    assert "stops at 94% of its peak" in note  # (800 - 60) / (800 - 10)
+    assert note.endswith("set optim.total_steps=60 for a schedule that ends with the run")
+    for ok in (["train.max_steps=800", "optim.total_steps=800"], ["optim.total_steps=800"]):
+        assert schedule_note(tiny_config(*ok), build_scheduler(opt, tiny_config(*ok).optim)) is None
+
+
+def test_init_from_takes_a_run_folder(tmp_path, tiny_tokenizer):
+    from kosmos.training import build_model
+    from tests.helpers import checkpoint_dir
+
+    trained = tiny_model(seed=5)
+    checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, trained)  # run/checkpoints/step_00000007
+    model = build_model(tiny_config(), tmp_path / "run")  # the run folder: its newest checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(),
+                                                 strict=True))

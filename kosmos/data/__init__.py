@@ -7,6 +7,9 @@ interleaved; `kosmos.config.DataConfig.named_sources`) -> packed, mixed micro-ba
     remote.py   shards from URLs (HTTP, fsspec protocols) and pipe:COMMAND: streamed, timeouts, retries
     samples.py  raw sample -> token ids, image slots and images (per source kind); bad samples counted
     packing.py  samples -> fixed-length rows; rows -> micro-batches
+    streams.py  logical streams (pure Python): which samples each reads, in which order; their positions
+    retry.py    the rules that stop a source (reads that keep failing, passes that find nothing)
+    workers.py  the DataLoader worker processes: forkserver, launch, signals, start and close
     stream.py   per source: logical streams over ranks and workers, shuffle, pack; exact and elastic resume
     mixture.py  token budget per source per step -> micro-batches per source
 
@@ -21,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kosmos.data.mixture import Mixture, build_loader, build_mixture, plan
-    from kosmos.data.stream import SourceDataset, SourceLoader, start_worker_server
+    from kosmos.data.stream import SourceDataset, SourceLoader
+    from kosmos.data.workers import start_worker_server
 
 _LAZY = {"Mixture": "mixture", "build_loader": "mixture", "build_mixture": "mixture", "plan": "mixture",
-         "SourceDataset": "stream", "SourceLoader": "stream", "start_worker_server": "stream"}
+         "SourceDataset": "stream", "SourceLoader": "stream", "start_worker_server": "workers"}
 
 __all__ = ["Mixture", "SourceDataset", "SourceLoader", "build_loader", "build_mixture", "plan",
            "start_worker_server"]

@@ -1,4 +1,4 @@
-"""Imported by the data workers' forkserver only (`kosmos.data.stream.PRELOAD`, multiprocessing's
+"""Imported by the data workers' forkserver only (`kosmos.data.workers.PRELOAD`, multiprocessing's
 `set_forkserver_preload`), before it forks any worker; nothing else imports it.
 
 It imports what every worker needs, once, so that a worker forked from the server has it already: torch,
@@ -22,6 +22,11 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 # at its start, and a worker that met Ctrl-C (a SIGINT to the group) before its worker_init_fn ran would die
 # of Python's KeyboardInterrupt; ignored from here on, a worker is born ignoring both.
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+# And blocked: torch's DataLoader worker loop installs a SIGTERM handler of its own as it starts (in C: print,
+# then die), before our worker_init_fn replaces it; a SIGTERM to the group in between killed the worker
+# (seen under load: a worker gone with -15). Blocked here, a worker is born with both signals held pending;
+# kosmos.data.workers._worker_signals unblocks them once its own handlers are in place.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 import torch  # noqa: E402, F401
 

@@ -15,7 +15,7 @@ and ignore the rest:
   the key (plain text shards) the sample is one piece, as before.
 * captions, `"captions": [...]` (COCO; img2dataset or table sets with a list of captions per image): every
   caption of the image. `KEY.txt` holds the first; `captions(files)` gives `KEY.txt` then the others, each
-  once. Which one a visit uses is the source's `caption_choice` (`kosmos.data.stream`).
+  once. Which one a visit uses is the source's `caption_choice` (`kosmos.data.streams`).
 
 A member `dir/KEY.EXT` belongs to the sample `dir/KEY` and gives it the field `EXT` (everything after the
 first dot of the file name, lowercased: `KEY.img0.jpg` gives `img0.jpg`); consecutive members with the same

@@ -11,7 +11,7 @@ neither the ratio nor the total depends on the number of processes:
   its own and the ranks' pass counts differ by at most one (the others wait at the gradient sync).
 * The step's micro-batches are dealt to the ranks in turn; rank r at step t takes the share of slot
   (r + t) mod world_size, so that over world_size steps every rank reads every source equally (each rank
-  reads its own part of every source's shards, see kosmos/data/stream.py).
+  reads its own part of every source's shards, see kosmos/data/streams.py).
 * The ratio or total off by more than `data.mixture_tolerance` (relative) is refused unless
   `data.allow_mixture_drift`; the effective numbers are printed at start (training.describe_mixture).
 
@@ -22,6 +22,7 @@ part of each rank's data state, so a resumed run deals the same micro-batches as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from collections.abc import Iterator
@@ -186,13 +187,12 @@ def build_loader(cfg: Config, name: str, encoder: SequenceEncoder, *, rank: int 
     src = cfg.data.source(name)
     missing: list[str] = []
     shards = expand_shards(src.shards if train else src.eval_shards, cfg.data.allow_missing_shards, missing)
-    ds = SourceDataset(
-        src.kind, shards, encoder, max_len=cfg.decoder.max_len, micro_batch_size=src.micro_batch_size,
-        num_workers=src.workers, rank=rank, world_size=world_size, seed=source_seed(cfg, name),
-        shuffle_buffer=src.shuffle_buffer if train else 0, infinite=train, max_tokens=src.max_tokens,
-        loss=src.loss, caption_choice=src.caption_choice, name=name, key=cfg.data.key(name),
-        read_options=ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
-                                 give_up=cfg.data.read_give_up, min_speed=cfg.data.read_min_speed))
+    read = ReadOptions(timeout=cfg.data.read_timeout, retries=cfg.data.read_retries,
+                       give_up=cfg.data.read_give_up, min_speed=cfg.data.read_min_speed)
+    ds = SourceDataset(src if train else dataclasses.replace(src, shuffle_buffer=0), shards, encoder,
+                       max_len=cfg.decoder.max_len, rank=rank, world_size=world_size,
+                       seed=source_seed(cfg, name), infinite=train, name=name, key=cfg.data.key(name),
+                       read_options=read)
     loader = SourceLoader(ds)
     loader.missing_shards = missing
     return loader

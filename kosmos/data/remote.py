@@ -60,7 +60,7 @@ class ReadOptions:
     """The first wait before a retry."""
     give_up: float = 600.0
     """A worker whose shard reads keep failing, one after the other, for this many seconds (their timeouts and
-    retries) without a sample in between stops the run (`kosmos.data.stream`)."""
+    retries) without a sample in between stops the run (`kosmos.data.retry`)."""
     min_speed: float = 10_000.0
     """Bytes per second a read must average over each window of `timeout` seconds (`data.read_min_speed`); a
     slower one, a server that trickles, fails as a timeout does (0: no floor)."""

@@ -33,7 +33,7 @@ class Encoded:
 
     pos: tuple[int, ...]
     """(shard, offset) of the raw sample, to read it back on resume; (shard, offset, caption) for a visit of
-    a caption sample with several captions (`kosmos.data.stream`)."""
+    a caption sample with several captions (`kosmos.data.streams`)."""
     ids: list[int]
     image_mask: list[bool]
     images: list[torch.Tensor] = field(default_factory=list)

@@ -2,7 +2,7 @@
 
 Tar members are read and grouped into samples by `kosmos.data.format.iter_tar` (`KEY.ext` members with
 the same KEY form one sample; `KEY.img0.jpg` gives the field `img0.jpg`). Which worker reads which shard,
-in which order, and where it stands, is decided here and in `stream.py`, because that position must be
+in which order, and where it stands, is decided here and in `streams.py`, because that position must be
 saved and restored exactly (webdataset's own shuffling and resampling cannot resume).
 
 A sample's position is `(shard, offset)`: the index of its shard in the sorted shard list and its index

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from kosmos.data.packing import to_device  # noqa: F401 - the micro-batch as model arguments
+from kosmos.model import evaluating
 from kosmos.sequence import SequenceEncoder
 
 
@@ -26,11 +27,9 @@ def source_loss(model, batches: Iterable[dict], device, max_batches: int | None 
     `ranks` > 1 (and `reduce`), the ranks first agree, before each micro-batch, that every one of them has
     one: all run the same number of forward passes, which a sharded model (FSDP2: each forward gathers
     weights from every rank) needs, or the ranks with more held-out data would wait forever."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
     it = iter(batches)
-    try:
+    with evaluating(model):
         for i in itertools.count():
             if max_batches is not None and i == max_batches:
                 break
@@ -43,8 +42,6 @@ def source_loss(model, batches: Iterable[dict], device, max_batches: int | None 
                 break
             out = model(**to_device(batch, device))
             total += torch.stack([out.loss.double() * out.n_tokens, out.n_tokens.double()])
-    finally:
-        model.train(was_training)
     if reduce is not None:
         total = reduce(total)
     loss_sum, tokens = total.tolist()  # sync point
@@ -56,7 +53,9 @@ def perplexity(loss: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kosmos.eval", description=__doc__,
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.eval", "loss"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="checkpoint directory, or a run's output dir (its newest checkpoint)")

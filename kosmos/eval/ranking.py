@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from kosmos.generate import Prompt, _batch_prompts, _reorder_cache
+from kosmos.model import evaluating
 
 FILL_ID = 0
 """Token put at padded positions (`<pad>`); the outputs there are never read."""
@@ -86,9 +87,7 @@ def continuation_logprobs(model, prompts: list[Prompt], continuations: list[list
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out = [[(0.0, 0)] * len(cands) for cands in continuations]
     cached = use_cache and model.cfg.decoder.attention == "sdpa"
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         whole: list[tuple[int, int]] = []
         for start in range(0, len(prompts), batch_size):
             rows = [(i, j) for i in range(start, min(start + batch_size, len(prompts)))
@@ -102,8 +101,6 @@ def continuation_logprobs(model, prompts: list[Prompt], continuations: list[list
                 _score_cached(model, prompts, continuations, plain, batch_size, out)
         if whole:
             _score_whole(model, prompts, continuations, whole, batch_size, out)
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -216,9 +213,7 @@ def next_token_logprobs(model, prompts: list[Prompt], token_ids: list[int], *,
     dec = model.decoder
     wanted = torch.tensor(token_ids, dtype=torch.long, device=device)
     rows = []
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for k in range(0, len(prompts), batch_size):
             chunk = prompts[k:k + batch_size]
             ids, image_mask, _, images = _batch_prompts(chunk, FILL_ID, device, left=False)
@@ -226,8 +221,6 @@ def next_token_logprobs(model, prompts: list[Prompt], token_ids: list[int], *,
             last = torch.tensor([len(p.ids) - 1 for p in chunk], device=device)
             hs = h[torch.arange(len(chunk), device=device), last]  # (B, D): each prompt's last position
             rows.append(dec.output_layer(hs).float().log_softmax(-1).index_select(1, wanted).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(rows)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kosmos.eval.datasets import Item, TaskData, id_text, unique_ids
+from kosmos.eval.datasets import EvalDataError, Item, TaskData, id_text, unique_ids
 from kosmos.eval.kinds import KINDS, get_kind
 from kosmos.eval.prompts import ImageLoader, Shots, Skip, fill, query_text
 from kosmos.eval.tasks import PAPER, PAPER_CONVENTIONS, TaskSpec
@@ -148,9 +148,102 @@ def markdown_table(out: Path) -> str:
         if paper and m["task"] in PAPER_CONVENTIONS:
             ref += f" ({PAPER_CONVENTIONS[m['task']]})"
         skipped = sum(m.get("skipped", {}).values())
-        rows.append(f"| {m['task']} | {m['shots']} | {m['predicted']} | {skipped} | {cells} | {ref} |")
-    head = "| task | shots | predicted | skipped | metrics | KOSMOS-1 paper |\n|---|---|---|---|---|---|\n"
+        rows.append(f"| {m['task']} | {m['shots']} | {m['predicted']} | {skipped} | {cells} | {ref} "
+                    f"| {_model_cell(m)} |")
+    head = ("| task | shots | predicted | skipped | metrics | KOSMOS-1 paper | model |\n"
+            "|---|---|---|---|---|---|---|\n")
     return head + "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+PROVENANCE = "provenance.json"
+"""Beside a task's predictions: what they were computed from (`provenance`). A run into a folder whose
+provenance is another checkpoint or protocol is refused; the same one continues it."""
+
+
+def project_version() -> dict[str, str | None]:
+    """The project's version (the installed package's) and, in a git checkout, its commit (read from .git,
+    no command run)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("kosmos-pretrain")
+    except PackageNotFoundError:
+        v = None
+    commit = None
+    git = Path(__file__).resolve().parents[2] / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        commit = (git / head[5:]).read_text().strip() if head.startswith("ref: ") else head
+    except OSError:
+        pass
+    return {"version": v, "commit": commit}
+
+
+def scorer_info(spec: TaskSpec) -> dict[str, Any]:
+    """Which scorer a task's metrics come from, with the versions of the packages it uses."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    kind = get_kind(spec.kind)
+    versions = {}
+    for name in kind.scorer_packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {"kind": spec.kind, "metrics": list(getattr(spec, "metrics", []) or []), "packages": versions,
+            **{k: getattr(spec, k) for k in kind.scorer_settings}}
+
+
+def provenance(source: dict | None, spec: TaskSpec, shots: Shots) -> dict[str, Any]:
+    """Everything a task's numbers depend on: the model (`source`: kosmos.weights.weights_identity, or a
+    training run and step), the full protocol (the task's settings, shots, their seed and retrieval), the
+    scorer and the project's version."""
+    protocol = {**dataclasses.asdict(spec), "stop": list(spec.stop), "shots": shots.k,
+                "seed": shots.seed, "retrieval": shots.similar is not None}
+    return {"checkpoint": source, "protocol": protocol, "scorer": scorer_info(spec),
+            "kosmos": project_version()}
+
+
+def _check_provenance(folder: Path, prov: dict[str, Any]) -> None:
+    """Refuse predictions of another checkpoint or protocol in `folder` (one line naming what differs); the
+    project's version may differ (a resumed run after an update continues)."""
+    path = folder / PROVENANCE
+    if not path.is_file():
+        return
+    try:
+        old = load_json(path.read_text())
+    except ValueError as e:
+        raise EvalDataError(f"{path}: unreadable ({e}); remove the folder to start its predictions "
+                            "over") from None
+    diffs = []
+    for part in ("checkpoint", "protocol"):
+        a, b = (old.get(part) or {}), (prov.get(part) or {})
+        if part == "checkpoint":  # what the weights are, not where they lie
+            a, b = ({k: d.get(k) for k in ("sha256", "step", "run")} for d in (a, b))
+        diffs += [f"{part}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                  if a.get(k) != b.get(k)]
+    if diffs:
+        more = "; ..." if len(diffs) > 3 else ""
+        raise EvalDataError(f"{folder} holds predictions of another checkpoint or protocol "
+                            f"({'; '.join(diffs[:3])}{more}): give another --out, or remove the folder")
+
+
+def _source_tag(source: dict | None) -> str:
+    """A prediction record's short name of its weights: `sha256[:12]@step` (a training run: `run@step`)."""
+    if not source:
+        return ""
+    return f"{(source.get('sha256') or 'run')[:12]}@{source.get('step')}"
+
+
+def _model_cell(metrics: dict) -> str:
+    """`step N, sha256 abcdef12` (a training run's: its step) of a metrics.json's provenance; else `-`."""
+    src = (metrics.get("provenance") or {}).get("checkpoint") or {}
+    parts = [f"step {src['step']}" if src.get("step") is not None else "",
+             f"sha256 {src['sha256'][:8]}" if src.get("sha256") else ""]
+    return ", ".join(p for p in parts if p) or "-"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -165,12 +258,16 @@ class RunResult:
 
 
 def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str | Path, shots: Shots,
-             dist=None, limit: int | None = None, progress: bool = True) -> RunResult:
+             dist=None, limit: int | None = None, progress: bool = True,
+             source: dict | None = None) -> RunResult:
     """Predict every item not predicted yet, then (main process) write the results and metrics.
 
     `dist`: anything with process_index, num_processes, is_main_process and wait_for_everyone() (an
     accelerate Accelerator or PartialState); None for one process. `limit`: the first that many items
-    (>= 1; None: all)."""
+    (>= 1; None: all). `source`: what the model is (kosmos.weights.weights_identity; training: its run and
+    step), recorded with the protocol in `provenance.json` and metrics.json, and by a short tag (`model`) in
+    every prediction record; a folder holding predictions of another source or protocol is refused
+    (EvalDataError)."""
     from tqdm.auto import tqdm
 
     rank = dist.process_index if dist is not None else 0
@@ -182,8 +279,13 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a number of items >= 1 (or None: all), got {limit!r}")
     items = data.items if limit is None else data.items[:limit]
+    prov = provenance(source, spec, shots)
+    _check_provenance(folder, prov)  # every rank: the same files, the same answer
+    tag = _source_tag(source)
     done, _ = read_predictions(folder)
     barrier()  # every process has read what is done before any writes more
+    if main and not (folder / PROVENANCE).is_file():
+        (folder / PROVENANCE).write_text(json.dumps(prov, indent=1, ensure_ascii=False))
     todo = [it for it in items if it.key not in done]
     B = max(1, spec.batch_size)
     batches = [todo[i:i + B] for i in range(0, len(todo), B)][rank::world]
@@ -202,6 +304,8 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
                           disable=not (progress and main),
                           dynamic_ncols=True):
             for rec in predictor(batch):
+                if tag:  # every record says which weights it came from (the rest: provenance.json)
+                    rec["model"] = tag
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 if "skipped" in rec:
                     skipped[rec["skipped"]] += 1
@@ -222,7 +326,7 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
         summary = {"task": task, "shots": shots.k, "predicted": len(preds), "items": len(items),
                    "skipped": skipped_all, "metrics": metrics, "paper": PAPER.get((task, shots.k), {}),
                    "paper_convention": PAPER_CONVENTIONS.get(task) if (task, shots.k) in PAPER else None,
-                   "protocol": spec.__dict__ | {"stop": list(spec.stop)}}
+                   "protocol": spec.__dict__ | {"stop": list(spec.stop)}, "provenance": prov}
         (folder / "metrics.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
         (Path(out) / "results.md").write_text(markdown_table(Path(out)))
     barrier()
@@ -325,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     from kosmos.eval.tasks import TASKS
 
     tasks = "\n".join(f"  {name:<22} {spec.description}" for name, spec in TASKS.items())
-    ap = argparse.ArgumentParser(prog="python -m kosmos.eval run", description=__doc__ + "\ntasks:\n" + tasks,
+    from kosmos.errors import command_name
+
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.eval", "run"),
+                                 description=__doc__ + "\ntasks:\n" + tasks,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run's output dir")
     ap.add_argument("--task", required=True, choices=list(TASKS), metavar="TASK", help="see the list above")
@@ -386,13 +493,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(message)s")
     model, encoder = load_for_inference(args.checkpoint, overrides=args.overrides, device=device)
+    from kosmos.weights import find_checkpoint, weights_identity
+
+    source = weights_identity(find_checkpoint(args.checkpoint))
     for k in shots_list:
         try:
             shots = build_shots(model, encoder, spec, data, k, args.seed, args.retrieval)
         except ValueError as e:
             ap.exit(2, f"error: {e}\n")
         res = run_task(model, encoder, args.task, spec, data, args.out, shots, dist=state, limit=args.limit,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, source=source)
         if state.is_main_process:
             skipped = ", ".join(f"{r}={n}" for r, n in res.skipped.items()) or "none"
             print(f"{args.task} {k}-shot: {res.predicted} predicted, skipped: {skipped}; "

@@ -45,6 +45,10 @@ class TaskKind:
     name: ClassVar[str] = ""
     few_shot: ClassVar[bool] = False
     """Whether k demonstrations may come before the query (`--shots`; the task needs a `demo` template)."""
+    scorer_packages: ClassVar[tuple[str, ...]] = ()
+    """The packages whose code scores this kind (their versions go into the provenance of its numbers)."""
+    scorer_settings: ClassVar[tuple[str, ...]] = ()
+    """TaskSpec fields that choose how this kind is scored (VQA: `vqa_rules`), recorded with the scorer."""
 
     # ------------------------------------------------------------------------- data
 

@@ -12,6 +12,7 @@ from kosmos.eval.kinds import TaskKind, check_exists, register
 @register
 class Captioning(TaskKind):
     name = "captioning"
+    scorer_packages = ("pycocoevalcap",)
     few_shot = True
 
     def read(self, spec, data, annotations, images, split, classnames) -> TaskData:

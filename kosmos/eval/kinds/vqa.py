@@ -14,6 +14,7 @@ from kosmos.eval.kinds import TaskKind, check_exists, register
 @register
 class VQA(TaskKind):
     name = "vqa"
+    scorer_settings = ("vqa_rules",)
     few_shot = True
 
     def read(self, spec, data, annotations, images, split, classnames) -> TaskData:

@@ -1,26 +1,25 @@
-"""Configuration: one dataclass per concern, loaded from YAML with dotted ``key=value`` overrides.
+"""The config's schema: one dataclass per concern, each field documented, each value checked.
 
-This module imports nothing heavy (no torch), so a config can be loaded and checked before any
-model, data or process group is built. Every field has a docstring (the string right below it);
-``__post_init__`` checks values and names the offending field. Unknown keys and values of the
-wrong type fail in :func:`load_config` with the dotted key in the message.
-
-    cfg = load_config("configs/tiny.yaml", ["decoder.layers=4", "vision.pretrained=openai"])
+Every field has a docstring (the string right below it: docs/config.md and generated CLI help are made from
+them, `kosmos.docstrings.field_docs`); ``__post_init__`` checks values and names the offending field. A
+field whose metadata is `FIXED` must keep its value on resume (`is_fixed_on_resume`). Loading and saving
+are in `kosmos.config.loading`, FLOP counts in `kosmos.config.flops`, saved configs of older code in
+`kosmos.config.migrations`; `kosmos.config` gathers them. Imports nothing heavy (no torch, no YAML).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import reprlib
-import types
 import typing
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kosmos.config import flops
+from kosmos.config.clip import open_clip_architecture
 from kosmos.errors import KosmosError
 
 KINDS = ("text", "captions", "interleaved")
@@ -88,7 +87,7 @@ class DecoderConfig:
     that with their N(0, dim^-1/2) init tokens enter the decoder at RMS 1, the scale of the projected image
     latents (~1.1), instead of 50x below them. Only the lookup is scaled, not the tied output projection nor
     the image latents. Checkpoints whose config.yaml predates this key were trained without it and load
-    with false (`kosmos.config.LEGACY_DEFAULTS`)."""
+    with false (`kosmos.config.migrations`)."""
     attention: str = "sdpa"
     """Attention kernel: `sdpa` (torch scaled_dot_product_attention, fp32 xPos) or `torchscale`
     (the stock bmm path, kept for comparison). Both have the same parameters."""
@@ -107,8 +106,7 @@ class DecoderConfig:
             _check(getattr(self, name) > 0, f"decoder.{name}", f"must be positive, got {getattr(self, name)}")
         _check(self.vocab_size <= MAX_VOCAB_SIZE, "decoder.vocab_size",
                f"must be at most {MAX_VOCAB_SIZE} (2**24; the paper's is 64007), got {self.vocab_size}")
-        _check(self.dim % self.heads == 0, "decoder.heads",
-               f"must divide decoder.dim={self.dim}, got {self.heads}")
+        _check(self.dim % self.heads == 0, "decoder.heads", f"must divide decoder.dim={self.dim}, got {self.heads}")
         _check(self.head_dim % 2 == 0, "decoder.heads", f"head dim {self.head_dim} must be even for xPos")
         _check(self.activation in ("gelu", "relu", "swish"), "decoder.activation",
                f"must be gelu, relu or swish, got {self.activation!r}")
@@ -137,19 +135,12 @@ class DecoderConfig:
         return math.sqrt(math.log(2 * self.layers))
 
     def non_embedding_params(self) -> int:
-        """Parameters of the decoder layers and final norm (no embeddings), computed from the shape."""
-        d, f = self.dim, self.ffn_dim
-        attn = 4 * (d * d + d) + 2 * d  # q,k,v,out with biases + sub-LN inner_attn_ln
-        ffn = (d * f + f) + (f * d + d) + 2 * f  # fc1, fc2 with biases + sub-LN ffn_layernorm
-        norms = 2 * 2 * d  # self_attn_layer_norm, final_layer_norm
-        return self.layers * (attn + ffn + norms) + 2 * d
+        """Parameters of the decoder layers and final norm (no embeddings): `kosmos.config.flops`."""
+        return flops.non_embedding_params(self)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward) of the decoder, PaLM-style:
-        6 * N (matmuls incl. the output projection) + 12 * layers * dim * seq_len (attention)."""
-        seq_len = seq_len or self.max_len
-        n = self.non_embedding_params() + self.vocab_size * self.dim
-        return 6 * n + 12 * self.layers * self.dim * seq_len
+        """Training FLOPs per token (forward + backward) of the decoder: `kosmos.config.flops`."""
+        return flops.decoder_flops_per_token(self, seq_len)
 
 
 @dataclass
@@ -235,46 +226,9 @@ class VisionConfig:
         return int(self.resolved()["width"])
 
     def forward_flops(self, blocks: int | None = None) -> float:
-        """Forward FLOPs of the tower for one image (matmuls and attention; `blocks` of its transformer
-        blocks, default all, plus the patch embedding when all are counted)."""
-        v = self.resolved()
-        w, n_layers = self.feature_width, int(v["layers"])
-        mlp = w * float(v.get("mlp_ratio", 4.0))
-        patch = self._side("patch_size")
-        P = self.num_patches
-        T = P + 1  # class token
-        block = 2 * T * (4 * w * w + 2 * w * mlp) + 2 * 2 * T * T * w  # qkv+out and mlp; QK^T and AV
-        blocks = n_layers if blocks is None else blocks
-        embed = 2 * P * 3 * patch * patch * w if blocks == n_layers else 0
-        return blocks * block + embed
-
-
-_ARCH_CACHE: dict[str, dict] = {}
-
-
-def open_clip_architecture(model_name: str) -> dict[str, Any]:
-    """open_clip's JSON config of `model_name` (e.g. ViT-L-14). Read from the installed package's
-    `model_configs/` without importing it; names open_clip only knows at run time (added with
-    `open_clip.add_model_config`) fall back to `open_clip.get_model_config`, which imports torch."""
-    if model_name not in _ARCH_CACHE:
-        import importlib.util
-        import json
-
-        spec = importlib.util.find_spec("open_clip")
-        arch = None
-        for loc in (spec.submodule_search_locations or []) if spec else []:
-            path = Path(loc) / "model_configs" / f"{model_name}.json"
-            if path.is_file():
-                arch = json.loads(path.read_text())
-                break
-        if arch is None and spec is not None:
-            import open_clip
-
-            arch = open_clip.get_model_config(model_name)
-        if arch is None or "vision_cfg" not in arch:
-            raise ConfigError(f"config key 'vision.model_name': unknown open_clip model {model_name!r}")
-        _ARCH_CACHE[model_name] = arch
-    return _ARCH_CACHE[model_name]
+        """Forward FLOPs of the tower for one image (`blocks` of its blocks, default all):
+        `kosmos.config.flops`."""
+        return flops.vision_forward_flops(self, blocks)
 
 
 @dataclass
@@ -294,8 +248,7 @@ class ConnectorConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_latents", "depth", "heads", "dim_head", "ff_mult"):
-            _check(getattr(self, name) > 0, f"connector.{name}",
-                   f"must be positive, got {getattr(self, name)}")
+            _check(getattr(self, name) > 0, f"connector.{name}", f"must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -344,8 +297,7 @@ class SourceConfig:
     loss: str = field(default="all", metadata=FIXED)
     """Text sources: what the loss of an instruction sample (from `python -m data_tools.text --format
     instructions`, whose shards mark the prompt) covers: `all`, the whole templated text (as the paper trains
-    it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is
-    unaffected."""
+    it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is unaffected."""
     max_epochs: int = 0
     """Warn once, in the log, when a logical stream of this source starts its pass number max_epochs + 1
     (the source repeated more than max_epochs times; the epoch each source is in shows in the log line as
@@ -362,6 +314,13 @@ class SourceConfig:
         """The defaults of a `data.sources.<name>` entry that depend on its kind (`given`, the entry as
         written): captions are capped at 512 tokens, like `data.captions`."""
         return {"max_tokens": 512} if given.get("kind") == "captions" else {}
+
+
+def takes_part(src: SourceConfig | dict[str, Any]) -> bool:
+    """Whether a source takes part in a run (a SourceConfig, or one saved as a dict): it has shards and a
+    positive token budget."""
+    get = src.get if isinstance(src, dict) else (lambda k, d=None: getattr(src, k, d))
+    return bool(get("shards")) and (get("tokens_per_step", 0) or 0) > 0
 
 
 @dataclass
@@ -452,8 +411,14 @@ class DataConfig:
 
     def active_sources(self) -> dict[str, SourceConfig]:
         """The sources that take part: with shards and a positive budget, in named_sources() order."""
-        return {name: src for name, src in self.named_sources().items()
-                if src.shards and src.tokens_per_step > 0}
+        return {name: src for name, src in self.named_sources().items() if takes_part(src)}
+
+    @staticmethod
+    def active_keys(data: dict[str, Any]) -> list[str]:
+        """`active_sources`' keys (`data.text`, `data.sources.<name>`) of a `data` section saved as a nested
+        dict (a checkpoint's config, which this code may not be able to build: only the two keys are read)."""
+        named = {**{n: data.get(n) for n in SOURCES}, **(data.get("sources") or {})}
+        return [DataConfig.key(n) for n, src in named.items() if isinstance(src, dict) and takes_part(src)]
 
     def source(self, name: str) -> SourceConfig:
         """The source called `name`; a ConfigError listing the names when there is none."""
@@ -665,6 +630,15 @@ class TrainConfig:
     (train.eval_tasks); there the process group's timeout, max(collective_timeout + 60, 300) seconds, ends a
     hung collective. The default leaves room for a slow checkpoint save of a big model; raise it if saves or
     shard reads take longer."""
+    ddp_fixed_reduction_order: bool = False
+    """DDP only: all-reduce the gradients as one bucket laid out in a fixed parameter order
+    (kosmos.distributed.fixed_order_allreduce), so that a resume on the same number of processes gives
+    bit-identical weights on 3 or more processes too. By default DDP re-buckets the gradients after a
+    process's first step, which moves them within the ring all-reduce and changes the order in which 3+ ranks'
+    values are summed: a resumed run's first step then differs from the uninterrupted run's in the last bits
+    (same data, same losses). Costs the overlap of the gradient all-reduce with the backward (one all-reduce
+    after it) and a copy of the gradients per step: for reproducibility checks, not for speed. FSDP2's
+    reductions have a fixed layout already; 1 and 2 processes are bit-identical either way."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive or null")
@@ -765,22 +739,10 @@ class Config:
         """The config a checkpoint directory was trained with: its `config.yaml` (or, in checkpoints from
         before that file existed, the copy in `trainer_state.json`), with the tokenizer path pointed at the
         checkpoint's own copy of the tokenizer when it has one. Keys the saved config predates take the
-        behaviour the checkpoint was trained with, not today's default (`fill_legacy_keys`)."""
-        from kosmos.untrusted import load_json
+        behaviour the checkpoint was trained with, not today's default (`kosmos.config.migrations`)."""
+        from kosmos.config.loading import config_from_checkpoint  # here: loading imports this module
 
-        ckpt = Path(ckpt)
-        state = ckpt / "trainer_state.json"
-        old = load_json(state.read_text()).get("config") if state.is_file() else None
-        if (ckpt / "config.yaml").is_file():
-            cfg = load_config(ckpt / "config.yaml", overrides, legacy=True)
-        elif isinstance(old, dict):
-            cfg = config_from_dict(fill_legacy_keys(old), overrides)
-        else:
-            raise ConfigError(
-                f"{ckpt}: no config.yaml in the checkpoint; pass the config it was trained with")
-        if (ckpt / "tokenizer" / "tokenizer.model").is_file():
-            cfg.tokenizer.path = str((ckpt / "tokenizer").resolve())
-        return cfg
+        return config_from_checkpoint(ckpt, overrides)
 
     def given(self, key: str) -> bool:
         """Whether the dotted `key` was set by the YAML file or an override (not a default). A config built
@@ -793,318 +755,5 @@ class Config:
         return self.decoder.flops_per_token()
 
     def flops_per_image(self) -> float:
-        """Training FLOPs per image: the tower's forward (frozen blocks need no backward) plus the backward
-        of its trainable blocks, and the resampler and projection forward + backward (3x forward)."""
-        v, c, d = self.vision, self.connector, self.decoder
-        layers = int(v.resolved()["layers"])
-        trainable = min(v.trainable_blocks, layers)
-        vision = v.forward_flops() + 2 * v.forward_flops(trainable)  # all trainable: the embedding too
-        w, n, M = v.feature_width, c.num_latents, v.num_patches
-        inner = c.heads * c.dim_head
-        layer = (2 * n * w * inner + 2 * (M + n) * w * 2 * inner + 2 * 2 * n * (M + n) * inner
-                 + 2 * n * inner * w + 2 * n * 2 * w * c.ff_mult * w)
-        connector = 3 * (c.depth * layer + 2 * n * w * d.dim)
-        return vision + connector
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-# A number in any spelling Python reads as a float: `1e-4`, `2E3`, `+1.5e-3`, `1_000.5`. PyYAML follows YAML
-# 1.1, whose floats need a dot (`1.0e-4`), so `lr: 2e-3` and `optim.lr=1e-4` arrive as strings; float fields
-# accept them. Words (`nan`, `inf`) are not numbers here: YAML's `.nan` and `.inf` are.
-_FLOAT_RE = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (int, float, bool, str, X | None, list[X], dict)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, "
-                          f"got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        _, item = typing.get_args(tp) or (str, Any)
-        if dataclasses.is_dataclass(item):  # named entries (data.sources.<name>), each a section
-            defaults = getattr(item, "kind_defaults", lambda given: {})
-            return {k: _coerce({**defaults(v), **v} if isinstance(v, dict) else v, item, f"{key}.{k}")
-                    for k, v in value.items()}
-        return value
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value.strip().replace("_", ""))  # `1e-4`: PyYAML (YAML 1.1) reads it as a string
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return _build(tp, value, f"{key}.")
-    else:
-        return value
-    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys fail with a suggestion."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if k not in fields:
-            close = difflib.get_close_matches(k, list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            valid = ", ".join(f"{prefix}{n}" for n in fields)
-            raise ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {valid}")
-        f = fields[k]
-        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and f.default_factory is not MISSING:
-            # A partly given section keeps the defaults of the section it replaces (e.g. data.text's budget).
-            v = {**dataclasses.asdict(f.default_factory()), **v}
-        kwargs[k] = _coerce(v, hints[k], key)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - defensive: dataclass signature mismatch
-        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}': {e}") from e
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse `key.sub=value` strings; values are read as YAML scalars (`4`, `1e-4`, `true`, `null`)."""
-    import yaml
-
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. decoder.layers=4)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = _load_yaml(raw, f"override {item!r}", key) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key, value))
-    return out
-
-
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    """Build a :class:`Config` from a nested dict plus dotted overrides."""
-    data = dict(data or {})
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
-    _check_size(data)
-    cfg = _build(Config, data)
-    # Which keys the user set, for warnings about defaults that matter (Config.given); not a field, so it
-    # is neither saved nor compared.
-    object.__setattr__(cfg, "_given", frozenset(_dotted_keys(data)))
-    return cfg
-
-
-def _dotted_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys of the leaves of a nested dict (`{"data": {"text": {"shards": [...]}}}` gives
-    `data.text.shards`)."""
-    out = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out += _dotted_keys(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}")
-    return out
-
-
-MAX_CONFIG_SIZE = 8_000_000
-"""The most a config may hold, counted as the characters of its keys and strings plus one per value, once
-YAML aliases are expanded: a config is saved in full (config.yaml, and in trainer_state.json with every
-checkpoint), so a small file whose aliases expand to 100 MB (an alias bomb) is refused when loaded, naming
-where it grew."""
-
-
-def _check_size(data: Any) -> None:
-    """Refuse a config (a nested dict, overrides applied) larger than MAX_CONFIG_SIZE once expanded, naming
-    the deepest key that alone is too large, or one that contains itself (`&a [*a]`). The expanded size is
-    computed over the shared values (what an alias refers to is one object), each once: an alias bomb costs
-    no more than the file that holds it."""
-    sizes: dict[int, int | None] = {}  # id -> expanded size; None while its values are being added up
-
-    def items(node: Any) -> list[tuple[str, Any]]:
-        if isinstance(node, dict):
-            return [(str(k), v) for k, v in node.items()]
-        return [(f"[{i}]", v) for i, v in enumerate(node)] if isinstance(node, list) else []
-
-    def size(node: Any) -> int:
-        if isinstance(node, dict | list):
-            return sizes[id(node)] or 0
-        return 1 + (len(node) if isinstance(node, str | bytes) else 0)
-
-    def name(key: str, part: str) -> str:
-        return key + part if part.startswith("[") or not key else f"{key}.{part}"
-
-    stack: list[tuple[Any, bool, str]] = [(data, False, "")]
-    while stack:
-        node, done, key = stack.pop()
-        if done:
-            sizes[id(node)] = 1 + sum(len(k) + size(v) for k, v in items(node))
-            continue
-        if id(node) in sizes:
-            continue
-        sizes[id(node)] = None
-        stack.append((node, True, key))
-        for part, value in items(node):
-            if isinstance(value, dict | list):
-                if id(value) in sizes and sizes[id(value)] is None:
-                    raise ConfigError(f"config key '{name(key, part)}': contains itself (a YAML alias to the "
-                                      "value it is in)")
-                stack.append((value, False, name(key, part)))
-    if size(data) <= MAX_CONFIG_SIZE:
-        return
-    key, node = "", data
-    while (big := next(((p, v) for p, v in items(node) if size(v) > MAX_CONFIG_SIZE), None)) is not None:
-        key, node = name(key, big[0]), big[1]
-    raise ConfigError(f"config key '{key or 'root'}': the config is larger than {MAX_CONFIG_SIZE:,} "
-                      "characters once its YAML aliases (&anchor, *alias) are expanded; it is saved with "
-                      "every checkpoint: write it out plainly")
-
-
-def _load_yaml(text: str, path: Path | str, key: str = "") -> Any:
-    """The YAML document `text` (of the file `path`, or the value of the override of config key `key`), like
-    yaml.safe_load, but a key given twice in one mapping is a ConfigError naming it and both lines (PyYAML
-    would silently keep the last)."""
-    import yaml
-
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_duplicate_keys(node, path, key)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _check_duplicate_keys(root: Any, path: Path | str, key: str = "") -> None:
-    """Walk the composed YAML node graph (each node once: aliases share nodes) and refuse a mapping that gives
-    a key twice, naming its dotted config key and the two lines."""
-    import yaml
-
-    seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(root, key)]
-    while stack:
-        node, key = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            lines: dict[str, int] = {}
-            for k, v in node.value:
-                name = k.value if isinstance(k, yaml.ScalarNode) else "?"
-                dotted = f"{key}.{name}" if key else name
-                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
-                    line = k.start_mark.line + 1
-                    if name in lines:
-                        raise ConfigError(f"{path}: config key '{dotted}' is given twice (lines "
-                                          f"{lines[name]} and {line}); only one may be given")
-                    lines[name] = line
-                stack.append((v, dotted))
-        elif isinstance(node, yaml.SequenceNode):
-            stack += [(v, f"{key}[{i}]") for i, v in enumerate(node.value)]
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The nested dict of a YAML config file, not yet checked."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = _load_yaml(path.read_text(), path) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None, legacy: bool = False) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides. `legacy`:
-    the file is a checkpoint's saved config, whose missing keys mean the behaviour it was trained with
-    (:func:`fill_legacy_keys`), not today's defaults."""
-    data: dict[str, Any] = read_config_file(path) if path is not None else {}
-    if legacy:
-        data = fill_legacy_keys(data)
-    try:
-        return config_from_dict(data, overrides)
-    except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
-
-
-def fill_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's saved config (nested dict) with every key it predates set to the behaviour it was
-    trained with, where that differs from the key's default today. A checkpoint's config.yaml lists every
-    key its code knew, so a missing key means older code: filling in today's default instead would
-    silently change what the weights compute. Applied to checkpoints only (`Config.from_checkpoint`,
-    and the check in `kosmos.weights.load_model_weights`), never to configs written by hand.
-
-    * `vision.quick_gelu`: older code took the architecture's activation whatever the tag, so GELU for
-      `ViT-L-14` with `openai` weights (QuickGELU only for `-quickgelu` model names).
-    * `decoder.scale_embedding`: older code did not scale token embeddings (false)."""
-    import copy
-
-    data = copy.deepcopy(data)
-    vision = data.setdefault("vision", {})
-    if isinstance(vision, dict) and "quick_gelu" not in vision:
-        name = vision.get("model_name", VisionConfig.model_name)
-        vision["quick_gelu"] = bool(open_clip_architecture(name).get("quick_gelu", False))
-    decoder = data.setdefault("decoder", {})
-    if isinstance(decoder, dict) and "scale_embedding" not in decoder:
-        decoder["scale_embedding"] = False
-    return data
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        """Training FLOPs per image (tower, resampler and projection): `kosmos.config.flops`."""
+        return flops.flops_per_image(self)
