@@ -424,13 +424,13 @@ class Runner:
             # The same micro-batches, in the same order, as the uninterrupted run: the documented guarantee.
             # The same weights too, except under DDP on 3+ ranks without train.ddp_fixed_reduction_order: DDP
             # re-buckets the gradients after a process's first backward, which moves them within gloo's ring
-            # all-reduce and so changes the order 3 ranks' values are summed in; a resumed process's first step
-            # then differs in the last bits (seed 17: same micro-batches, same losses, weights off by up to
-            # 5.7e-5 in one step; bit-exact with the fixed order, shown by the same seed with it on).
+            # all-reduce and so changes the order 3 ranks' values are summed in; a resumed process's first
+            # step then differs in the last bits (seed 17: same micro-batches, same losses, weights off by up
+            # to 5.7e-5 in one step; bit-exact with the fixed order, shown by the same seed with it on).
             same_weights = s.sharding == "fsdp2" or s.nproc == 2 or s.fixed_order
             if not same_weights:
-                s.notes.append("DDP on 3 ranks without the fixed reduction order: weights after the resume not "
-                               "compared bit for bit")
+                s.notes.append("DDP on 3 ranks without the fixed reduction order: weights after the resume "
+                               "not compared bit for bit")
             for r in range(s.nproc):
                 for part, ref in ((cut[r], full[r][:s.stop_at]), (after[r], full[r][s.stop_at:])):
                     for got, want in zip(part, ref, strict=True):

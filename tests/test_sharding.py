@@ -223,7 +223,8 @@ def test_fsdp2_training_matches_ddp_and_resumes_after_sigkill_like_an_uninterrup
     assert not model.training and (tmp_path / "c2" / "tokenizer" / "tokenizer.model").is_file()
     on_the_fly = load_model(full_ck[0])  # the sharded checkpoint as it is: read in memory, the same weights
     assert not on_the_fly.training and all(
-        torch.equal(a, b) for a, b in zip(model.state_dict().values(), on_the_fly.state_dict().values(), strict=True))
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), on_the_fly.state_dict().values(), strict=True))
 
     with open(tmp_path / "cut.log", "w") as log:
         proc = _launch(tiny_run, runs["cut"], steps, log, "train.sharding=fsdp2")

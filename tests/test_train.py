@@ -627,7 +627,8 @@ def test_a_run_shorter_than_its_schedule_is_warned_about():
     cfg = tiny_config("train.max_steps=60", "optim.total_steps=800", "optim.warmup_steps=10")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     note = schedule_note(cfg, build_scheduler(opt, cfg.optim))
-    assert note.startswith("WARNING: train.max_steps=60 ends the run before its schedule, optim.total_steps=800")
+    assert note.startswith("WARNING: train.max_steps=60 ends the run before its schedule, "
+                           "optim.total_steps=800")
     assert "stops at 94% of its peak" in note  # (800 - 60) / (800 - 10)
     assert note.endswith("set optim.total_steps=60 for a schedule that ends with the run")
     for ok in (["train.max_steps=800", "optim.total_steps=800"], ["optim.total_steps=800"]):
