@@ -27,6 +27,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+## ruff (pyproject.toml's [tool.ruff]): style, unused names, import order, likely bugs, old syntax.
+lint: setup
+	$(PY) -m ruff check .
+
 demo: setup
 	$(PY) scripts/demo.py
 

@@ -1,4 +1,5 @@
-"""Train KOSMOS-1: `python train_kosmos.py --config configs/tiny.yaml` or `accelerate launch train_kosmos.py ...`.
+"""Train KOSMOS-1: `python train_kosmos.py --config configs/tiny.yaml` or
+`accelerate launch train_kosmos.py ...`.
 
 The script's name is kept for `accelerate launch` and existing commands; the trainer is `kosmos.train`
 (`python -m kosmos.train`, `kosmos-train`): see its docstring, or `--help`.

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         doc_ids = (torch.arange(L, device=device) // args.doc_len + 1).expand(args.batch, L)
         steps = {}
         for name, dec in decoders.items():
-            def step(dec=dec, docs=doc_ids if "docmask" in name else None):
+            def step(dec=dec, docs=doc_ids if "docmask" in name else None, x=x):
                 for p in dec.parameters():
                     p.grad = None
                 x.grad = None

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids, mask, images = ids.to(device), mask.to(device), images.to(device)  # uint8: the model normalises
         steps = {}
         for name, m in models.items():
-            def step(m=m):
+            def step(m=m, ids=ids, images=images, mask=mask):
                 for p in m.parameters():
                     p.grad = None
                 m(ids, images, mask, labels=ids).loss.backward()

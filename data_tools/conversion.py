@@ -160,9 +160,9 @@ def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> None:
 
 def _unique_key(raw: str, seen: dict[str, str]) -> str | None:
     """The sample key of an input key: ``sanitize_key(raw)``, or, when an earlier input's key sanitised to
-    the same name (``a b`` and ``a_b``, ``日本`` and ``中国``), that name with a short hash of ``raw`` appended;
-    None when ``raw`` itself was seen before (a duplicate). ``seen`` maps the keys given so far to their
-    input keys ("" where the two are the same)."""
+    the same name (``a b`` and ``a_b``, ``日本`` and ``中国``), that name with a short hash of ``raw``
+    appended; None when ``raw`` itself was seen before (a duplicate). ``seen`` maps the keys given so far to
+    their input keys ("" where the two are the same)."""
     key = sanitize_key(raw)
     other = seen.get(key)
     if other is None:

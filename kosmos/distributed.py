@@ -42,7 +42,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-
 CHECK_ENV = "KOSMOS_CHECK_COLLECTIVES"
 """Set to 1, every all_reduce_sum first compares what each rank is about to reduce (its name, shape and
 dtype) over all ranks and raises CollectiveMismatch, naming both sides, instead of pairing two different

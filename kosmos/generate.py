@@ -1,6 +1,7 @@
 """Generation with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
 
-    python -m kosmos.generate --checkpoint demo_out/run --image assets/images/chelsea.jpg --prompt "An image of"
+    python -m kosmos.generate --checkpoint demo_out/run --image assets/images/chelsea.jpg \
+        --prompt "An image of"
 
 A checkpoint directory is all it needs (its config.yaml, model.safetensors and tokenizer/); a run's output
 directory stands for its newest checkpoint.

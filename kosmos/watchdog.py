@@ -36,10 +36,11 @@ class Watchdog:
     first CUDA kernels): it is watched from the second step on, once the loop sets `warm`. Waits nest: the
     inner one is watched, the outer one starts over when it ends. A context manager: the thread stops on exit.
 
-    `exit` (tests) replaces the kill-and-exit at the end; `poll` is how often the thread looks."""
+    `exit` and `clock` (tests) replace the kill-and-exit at the end and `time.monotonic`; `poll` is how often
+    the thread looks."""
 
     def __init__(self, timeout: float, rank: int = 0, log_path: str | Path | None = None,
-                 poll: float | None = None, exit=None):
+                 poll: float | None = None, exit=None, clock=None):
         self.timeout = float(timeout)
         self.rank = rank
         self.log_path = Path(log_path) if log_path is not None else None
@@ -47,6 +48,7 @@ class Watchdog:
         self.warm = False
         self.poll = poll if poll is not None else min(1.0, self.timeout / 10)
         self._exit = exit or _end_process
+        self._clock = clock or time.monotonic
         self._wait: tuple[str, float] | None = None  # (what, since): one attribute, swapped atomically
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -77,11 +79,18 @@ class Watchdog:
             yield
             return
         outer = self._wait
-        self._wait = (what, time.monotonic())
+        self._wait = (what, self._clock())
         try:
             yield
         finally:
-            self._wait = (outer[0], time.monotonic()) if outer is not None else None
+            self._wait = (outer[0], self._clock()) if outer is not None else None
+
+    @property
+    def watching(self) -> str | None:
+        """What the wait watched now is on (`waiting(what)`), or None: between waits, and in a compute wait
+        before `warm`."""
+        wait = self._wait
+        return wait[0] if wait is not None else None
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
@@ -89,7 +98,7 @@ class Watchdog:
             if wait is None:
                 continue
             what, since = wait
-            waited = time.monotonic() - since
+            waited = self._clock() - since
             if waited > self.timeout and self._wait is wait:
                 self.trip(what, waited)
                 return
@@ -160,9 +169,9 @@ def kill_descendants(pid: int | None = None) -> None:
     """SIGKILL every process below `pid` (default: this one): DataLoader workers and what they started, in
     their own sessions or not, all found before any is killed (a killed worker's children would be orphaned,
     out of reach)."""
-    for pid in descendants(pid):
+    for child in descendants(pid):
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(child, signal.SIGKILL)
 
 
 def under_launcher() -> bool:

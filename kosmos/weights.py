@@ -355,10 +355,9 @@ def load_clip_weights(vision) -> None:
         mean = std = None
     else:
         import open_clip
+        from open_clip.model import CLIPVisionCfg
 
         from kosmos.config import open_clip_architecture
-
-        from open_clip.model import CLIPVisionCfg
 
         arch = {**vars(CLIPVisionCfg()), **open_clip_architecture(cfg.model_name)["vision_cfg"]}
         changed = [f"vision.{k}={getattr(cfg, k)} (the weights' {arch.get(k)})"

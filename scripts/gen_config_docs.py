@@ -1,9 +1,9 @@
 """Writes docs/config.md, every config key with its default and description, from the config dataclasses.
 
 The descriptions are the fields' attribute docstrings in kosmos/config/schema.py (the string right below
-each field), read by the same `field_docs` (kosmos/docstrings.py) that gives the converters' and `kosmos.eval run`'s
-options their help, so a key is described once, in the dataclass. tests/test_docs.py fails when
-docs/config.md differs from what this writes: after changing a field, run
+each field), read by the same `field_docs` (kosmos/docstrings.py) that gives the converters' and
+`kosmos.eval run`'s options their help, so a key is described once, in the dataclass. tests/test_docs.py
+fails when docs/config.md differs from what this writes: after changing a field, run
 
     python scripts/gen_config_docs.py          # or: make docs; --check only compares, exit 1 if stale
 """
@@ -20,8 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python scripts/gen_config_docs.py`: import kosmos, data_tools
 
-from kosmos.docstrings import field_docs  # noqa: E402
 from kosmos.config import Config, DataConfig, SourceConfig  # noqa: E402
+from kosmos.docstrings import field_docs  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "config.md"
 

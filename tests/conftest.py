@@ -32,3 +32,13 @@ def tiny_run(tmp_path_factory, tiny_tokenizer):
     return [f"tokenizer.path={tok_dir}", f"data.captions.shards=[{root / 'captions'}]",
             f"data.interleaved.shards=[{root / 'interleaved'}]", f"data.text.shards=[{root / 'text'}]",
             "train.tracker=none", "train.log_every=5"]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process: enough to shard (over one rank) in a fast test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -33,7 +33,8 @@ def main():
         assert torch.equal(both[0], both[1]), f"step {state.step}: weights differ between ranks"
         seen = gather_object([sorted(samples)])
         shared = set(seen[0]) & set(seen[1])
-        assert seen[0] and seen[1] and not shared, f"step {state.step}: ranks share data {sorted(shared)[:5]}"
+        assert seen[0] and seen[1] and not shared, \
+            f"step {state.step}: ranks share data {sorted(shared)[:5]}"
         checked.append(state.step)
         steps.append(sorted(samples))
         if out is not None:

@@ -4,8 +4,8 @@ per-source figure equals the one recomputed from every rank's own window, gather
 the reduction under test), and after every step that the ranks hold bit-identical weights. The main process
 writes the reports' per-source figures to OUT/reports.json. Prints SOURCES_OK on success.
 
-Options before the overrides (tests/soak.py): `--phase NAME` names the files written: OUT/NAME.reports.json and,
-per rank, OUT/NAME.rank{R}.json with every step's sorted (source, shard, offset) of the samples the rank
+Options before the overrides (tests/soak.py): `--phase NAME` names the files written: OUT/NAME.reports.json
+and, per rank, OUT/NAME.rank{R}.json with every step's sorted (source, shard, offset) of the samples the rank
 started and a hash of the full weights; `--sigterm STEP:WHO` sends SIGTERM at that step to rank WHO's own
 process, or to every rank's (`all`), as a preemption would; `--resume` resumes from the newest checkpoint.
 Like train_kosmos.main, a ConfigError / CheckpointError / DataError is one `error: ...` line and exit 2."""

@@ -16,9 +16,9 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
-import struct
 import tarfile
 import zlib
 from functools import lru_cache
@@ -36,13 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def free_port() -> str:
-    """A free TCP port on loopback (a rendezvous, a local server), as a string."""
-    import socket
+def loaded_vision(cfg):
+    """A vision tower of `cfg` (a VisionConfig) with the CLIP weights its `vision.pretrained` names
+    (building one reads nothing: kosmos.weights.load_clip_weights does)."""
+    from kosmos.vision import VisionEncoder
+    from kosmos.weights import load_clip_weights
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
+    enc = VisionEncoder(cfg)
+    load_clip_weights(enc)
+    return enc
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -462,28 +464,39 @@ when the process group is DETAIL's ProcessGroupWrapper (gloo, CPU; a 10-line DDP
 here), so those runs have the project's own check only (KOSMOS_CHECK_COLLECTIVES, kosmos.distributed)."""
 
 
+STANDALONE = {"PET_STANDALONE": "1"}
+"""The environment that makes a launch pick no port: torchrun's `--standalone` (torchrun reads each of its
+flags from PET_<FLAG> as well, and `accelerate launch`, which runs torchrun in its own process, has no flag
+for this one). The launcher's rendezvous store then binds port 0 itself and the ranks share that store
+(MASTER_PORT is its port), so no port is picked, released and bound again later, which another test or the
+soak could take in between ("address already in use")."""
+
+
 def launch_env(debug: str = "DETAIL", **extra: str) -> dict:
     """The environment of a multi-process test: CPU (gloo), one thread per process, this checkout on
     PYTHONPATH, the stacks of a crashed rank (PYTHONFAULTHANDLER), KOSMOS_CHECK_COLLECTIVES=1 (every
-    reduction of kosmos.distributed compared over the ranks first) and TORCH_DISTRIBUTED_DEBUG=`debug`: with
-    DETAIL, gloo checks that all ranks call the same collective with the same shapes and reports a mismatch
-    instead of hanging (not with DDP: DDP_DEBUG). `extra` overrides any of them."""
+    reduction of kosmos.distributed compared over the ranks first), no port picked in advance (STANDALONE)
+    and TORCH_DISTRIBUTED_DEBUG=`debug`: with DETAIL, gloo checks that all ranks call the same collective
+    with the same shapes and reports a mismatch instead of hanging (not with DDP: DDP_DEBUG). `extra`
+    overrides any of them."""
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONFAULTHANDLER": "1", "KOSMOS_CHECK_COLLECTIVES": "1", "TORCH_DISTRIBUTED_DEBUG": debug,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **STANDALONE,
+            **extra}
 
 
 def launch_cmd(nproc: int, script, args=(), launcher: str = "accelerate") -> list[str]:
-    """`accelerate launch --multi_gpu --num_processes N SCRIPT ARGS` (CPU, no mixed precision, a free port),
-    or with launcher="torchrun" `python -m torch.distributed.run --nproc_per_node N ...`. `script`: a path,
-    or a list such as ["-m", "kosmos.eval", "run"]."""
+    """`accelerate launch --multi_gpu --num_processes N SCRIPT ARGS` (CPU, no mixed precision), or with
+    launcher="torchrun" `python -m torch.distributed.run --standalone --nproc_per_node N ...`. `script`: a
+    path, or a list such as ["-m", "kosmos.eval", "run"]. Run it in launch_env() (STANDALONE): the rendezvous
+    binds port 0 itself (`--main_process_port 0` only keeps accelerate from checking its default 29500)."""
     script = [str(script)] if isinstance(script, (str, Path)) else list(script)
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", free_port(), *script, *map(str, args)]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                *script, *map(str, args)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", free_port(), *script, *map(str, args)]
+            "--main_process_port", "0", *script, *map(str, args)]
 
 
 def start(nproc: int, script, args=(), *, env: dict | None = None, debug: str = "DETAIL", cwd=ROOT,
@@ -552,6 +565,12 @@ def launch(nproc: int, script, args=(), timeout: float = 300, *, check: bool = T
     return res
 
 
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to its first `keep` fraction, as a copy or a write cut short leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
 def process_gone(pid: int) -> bool:
     """Whether process `pid` has ended (a zombie nobody reaps counts as ended)."""
     try:
@@ -559,6 +578,37 @@ def process_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError):
         return True
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def loader_workers(pid: int | None = None) -> list[int]:
+    """The live DataLoader worker processes of process `pid` (default: this one), from /proc (Linux).
+    kosmos.data starts them from a forkserver (a child of `pid` whose command line names
+    multiprocessing.forkserver), so they are that server's children: what a test checks of the workers
+    (their pids, signals, parents), found as a user would find them, not through the loader's internals."""
+    from kosmos.watchdog import descendants
+
+    pid = os.getpid() if pid is None else pid
+    below = [(p, _stat(p)) for p in descendants(pid)]
+    below = [(p, st) for p, st in below if st and st[0] != "Z"]
+
+    def cmdline(p: int) -> bytes:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    servers = {p for p, st in below if int(st[1]) == pid and b"forkserver" in cmdline(p)}
+    return [p for p, st in below if int(st[1]) in servers]
 
 
 def alive_with_marker(marker: str) -> list[int]:

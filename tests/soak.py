@@ -174,7 +174,8 @@ class Soak:
         o = [f"tokenizer.path={data['tokenizer']}", f"train.output_dir={out}", f"seed={self.seed}",
              f"train.max_steps={self.steps}", "optim.total_steps=30", "optim.warmup_steps=2",
              f"optim.name={self.optim}", "train.tracker=none", f"train.log_every={self.log_every}",
-             f"train.eval_every={self.eval_every}", f"train.save_every={self.save_every}", "train.keep_last=2",
+             f"train.eval_every={self.eval_every}", f"train.save_every={self.save_every}",
+             "train.keep_last=2",
              f"train.sharding={self.sharding}", f"decoder.document_mask={str(self.document_mask).lower()}"]
         if self.strict:
             o.append("data.mixture_tolerance=0")
@@ -203,7 +204,8 @@ class Soak:
         return o
 
     def describe(self) -> str:
-        src = ", ".join(f"{n}:{s.micro_batches}x{s.micro_batch_size}w{s.workers}" for n, s in self.sources.items())
+        src = ", ".join(f"{n}:{s.micro_batches}x{s.micro_batch_size}w{s.workers}"
+                        for n, s in self.sources.items())
         what = {"plain": "plain", "resume": f"SIGTERM@{self.stop_at}->{self.stop_who}, resume same layout",
                 "elastic": f"SIGTERM@{self.stop_at}->{self.stop_who}, resume on {self.resume_nproc}"}
         return (f"seed {self.seed}: {self.nproc} proc {'fsdp2' if self.sharding == 'fsdp2' else 'ddp'}, "
@@ -215,19 +217,22 @@ class Soak:
 
 
 def launch_command(nproc: int, args: list[str]) -> list[str]:
-    from tests.helpers import free_port
-
+    """The launch of dist_sources.py on `nproc` processes; in env() (tests.helpers.STANDALONE) its
+    rendezvous binds port 0 itself: no port is chosen here."""
     multi = ["--multi_gpu"] if nproc > 1 else []
     return [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(nproc),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            free_port(), str(ROOT / "tests" / "dist_sources.py"), *args]
+            "0", str(ROOT / "tests" / "dist_sources.py"), *args]
 
 
 def env() -> dict:
-    # KOSMOS_CHECK_COLLECTIVES: every reduction compared over the ranks (kosmos.distributed)
+    # KOSMOS_CHECK_COLLECTIVES: every reduction compared over the ranks (kosmos.distributed); STANDALONE: the
+    # rendezvous binds port 0 itself
+    from tests.helpers import STANDALONE
+
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONFAULTHANDLER": "1", "KOSMOS_CHECK_COLLECTIVES": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **STANDALONE}
 
 
 def descendants(pid: int) -> list[int]:
@@ -316,7 +321,8 @@ class Runner:
         self.commands.append(" ".join(cmd))
         rc, text = run_group(cmd, self.work / f"{run}.{phase}.log", self.timeout)
         where = f"{run}/{phase} ({nproc} proc)"
-        # an expected error exits 2, and the launcher then reports the failed child with a traceback of its own
+        # an expected error exits 2, and the launcher then reports the failed child with a traceback of its
+        # own
         launcher = text.count("elastic.multiprocessing.errors.ChildFailedError") if expect_error else 0
         check(text.count("Traceback") == launcher, f"{where}: traceback\n{text[-4000:]}")
         if expect_error is not None:
@@ -381,7 +387,8 @@ class Runner:
         twice = [k for k, c in consumed.items() if c > 1]
         check(not twice, f"samples consumed twice within epoch 0: {twice[:5]}")
         if first_epoch != set(self.soak.sources):
-            self.soak.notes.append(f"past epoch 0, not checked for repeats: {set(self.soak.sources) - first_epoch}")
+            self.soak.notes.append(
+                f"past epoch 0, not checked for repeats: {set(self.soak.sources) - first_epoch}")
 
     # ------------------------------------------------------------------------- scenarios
 
@@ -404,10 +411,11 @@ class Runner:
         text = self.launch("cut", "cut", s.nproc, "--sigterm", f"{s.stop_at}:{s.stop_who}")
         cut = self.check_phase("cut", "cut", s.nproc, 1, s.stop_at)
         log = (self.work / "cut" / "train.log").read_text()
-        check(f"stopped by signal at step {s.stop_at};" in log, f"cut: no `stopped by signal at step {s.stop_at}`"
-              f" in train.log\n{log[-2000:]}\n{text[-2000:]}")
+        check(f"stopped by signal at step {s.stop_at};" in log,
+              f"cut: no `stopped by signal at step {s.stop_at}` in train.log\n{log[-2000:]}\n{text[-2000:]}")
         saved = ck.list_checkpoints(self.work / "cut")[-1]
-        check(saved.name == f"step_{s.stop_at:08d}", f"cut: newest checkpoint {saved.name}, not step {s.stop_at}")
+        check(saved.name == f"step_{s.stop_at:08d}",
+              f"cut: newest checkpoint {saved.name}, not step {s.stop_at}")
         at_stop = [ck.read_json(saved / f"data_rank{r}.json") for r in range(s.nproc)]
 
         if s.scenario == "resume":
@@ -416,23 +424,25 @@ class Runner:
             # The same micro-batches, in the same order, as the uninterrupted run: the documented guarantee.
             # The same weights too, except under DDP on 3+ ranks without train.ddp_fixed_reduction_order: DDP
             # re-buckets the gradients after a process's first backward, which moves them within gloo's ring
-            # all-reduce and so changes the order 3 ranks' values are summed in; a resumed process's first step
-            # then differs in the last bits (seed 17: same micro-batches, same losses, weights off by up to
-            # 5.7e-5 in one step; bit-exact with the fixed order, shown by the same seed with it on).
+            # all-reduce and so changes the order 3 ranks' values are summed in; a resumed process's first
+            # step then differs in the last bits (seed 17: same micro-batches, same losses, weights off by up
+            # to 5.7e-5 in one step; bit-exact with the fixed order, shown by the same seed with it on).
             same_weights = s.sharding == "fsdp2" or s.nproc == 2 or s.fixed_order
             if not same_weights:
-                s.notes.append("DDP on 3 ranks without the fixed reduction order: weights after the resume not "
-                               "compared bit for bit")
+                s.notes.append("DDP on 3 ranks without the fixed reduction order: weights after the resume "
+                               "not compared bit for bit")
             for r in range(s.nproc):
                 for part, ref in ((cut[r], full[r][:s.stop_at]), (after[r], full[r][s.stop_at:])):
                     for got, want in zip(part, ref, strict=True):
-                        check(got["samples"] == want["samples"], f"rank {r} step {got['step']}: samples differ "
-                              f"from the uninterrupted run's: {got['samples'][:4]} vs {want['samples'][:4]}")
+                        check(got["samples"] == want["samples"],
+                              f"rank {r} step {got['step']}: samples differ from the uninterrupted run's: "
+                              f"{got['samples'][:4]} vs {want['samples'][:4]}")
                         check(got["weights"] == want["weights"] or not same_weights,
                               f"rank {r} step {got['step']}: weights differ from the uninterrupted run's")
             last, state = self.final_state("cut")
             for r in range(s.nproc):
-                check(ck.read_json(last / f"data_rank{r}.json") == ck.read_json(full_ck / f"data_rank{r}.json"),
+                check(ck.read_json(last / f"data_rank{r}.json")
+                      == ck.read_json(full_ck / f"data_rank{r}.json"),
                       f"rank {r}: the final data position differs from the uninterrupted run's")
             check((state["step"], state["samples"]) == (full_state["step"], full_state["samples"]),
                   f"trainer state {state['step'], state['samples']} vs uninterrupted "
@@ -457,7 +467,8 @@ class Runner:
         for n in s.sources:
             streams = {k: st for sd in at_stop for k, st in sd[n]["streams"].items()}
             now = {k: st for sd in final for k, st in sd[n]["streams"].items()}
-            check(streams and set(streams) <= set(now), f"{n}: streams {sorted(streams)} not all in {sorted(now)}")
+            check(streams and set(streams) <= set(now),
+                  f"{n}: streams {sorted(streams)} not all in {sorted(now)}")
             check(all(sd[n]["world_size"] == n2 for sd in final), f"{n}: final world_size is not {n2}")
             for k, st in streams.items():  # every stream goes on from its saved position, none starts over
                 a, b = (st["epoch"], st["k"], st["offset"]), (now[k]["epoch"], now[k]["k"], now[k]["offset"])
@@ -494,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print", action="store_true", help="print the configurations and commands, run nothing")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "kosmos-soak-data",
                     help="where the shards are made once and reused")
-    ap.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per launch before it counts as a hang")
+    ap.add_argument("--timeout", type=float, default=TIMEOUT,
+                    help="seconds per launch before it counts as a hang")
     args = ap.parse_args(argv)
     seeds = list(args.seed or []) + (list(range(args.start, args.start + args.seeds)) if args.seeds else [])
     if not seeds:

@@ -240,11 +240,13 @@ def test_the_keys_fixed_on_resume_come_from_the_fields_metadata():
     from kosmos.config import fixed_on_resume_keys, is_fixed_on_resume
 
     fixed = ["seed", "decoder.max_len", "tokenizer.path", "data.mixture_tolerance", "data.text.shards",
-             "data.captions.micro_batch_size", "data.sources.inst.tokens_per_step", "data.interleaved.max_tokens",
-             "data.text.loss", "data.captions.caption_choice", "data.text.shuffle_buffer", "data.sources.x.kind"]
+             "data.captions.micro_batch_size", "data.sources.inst.tokens_per_step",
+             "data.interleaved.max_tokens", "data.text.loss", "data.captions.caption_choice",
+             "data.text.shuffle_buffer", "data.sources.x.kind"]
     free = ["decoder.dim", "optim.lr", "train.max_steps", "data.text.workers", "data.text.eval_shards",
-            "data.text.max_epochs", "data.allow_missing_shards", "data.allow_mixture_drift", "data.read_timeout",
-            "data.read_min_speed", "data.sources.x.workers", "data.text", "data.sources", "no.such.key"]
+            "data.text.max_epochs", "data.allow_missing_shards", "data.allow_mixture_drift",
+            "data.read_timeout", "data.read_min_speed", "data.sources.x.workers", "data.text", "data.sources",
+            "no.such.key"]
     assert [k for k in fixed if not is_fixed_on_resume(k)] == []
     assert [k for k in free if is_fixed_on_resume(k)] == []
     keys = fixed_on_resume_keys()

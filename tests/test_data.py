@@ -72,7 +72,8 @@ def _check_rows(batch, tok):
         i = 0
         while i < len(row):
             if row[i] == tok.image_id and not pad[r, i]:
-                assert mask[r, i + 1 : i + 1 + NL].all() and row[i + 1 + NL] == tok.image_end_id, "cut image span"
+                assert mask[r, i + 1 : i + 1 + NL].all() and row[i + 1 + NL] == tok.image_end_id, \
+                    "cut image span"
                 n_images += 1
                 i += NL + 2
             else:
@@ -186,7 +187,8 @@ def test_a_checkpoint_from_before_logical_streams_resumes_exactly(tmp_path, tiny
     first = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **kw))
     head = consume(first, 5)
     sd = json.loads(json.dumps(first.state_dict()))
-    old = {k: sd[k] for k in ("kind", "world_size", "num_workers", "next_worker")} | {"workers": sd["streams"]}
+    old = {k: sd[k] for k in ("kind", "world_size", "num_workers", "next_worker")}
+    old["workers"] = sd["streams"]
     resumed = SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, **{**kw, "streams": 0}))
     resumed.load_state_dict(old)
     for a, b in zip(full, head + consume(resumed, 4), strict=True):
@@ -352,7 +354,7 @@ def test_a_restored_buffer_larger_than_the_stream_s_drains(tmp_path, tiny_tokeni
     for size in (0, 1):  # no buffer of its own any more: the 3 waiting come out with the next one read
         ds = make_ds("interleaved", shards, tiny_tokenizer, **kw)
         ds.states = {0: st}
-        got = [x.pos for _, x in zip(range(4), ds.stream(0, size).encoded())]
+        got = [x.pos for _, x in zip(range(4), ds.stream(0, size).encoded(), strict=False)]
         assert {tuple(p) for p in st["buffer"]} <= set(got), size
 
 
@@ -399,7 +401,7 @@ def test_split_streams_split_again_and_lose_nothing_of_the_epoch(tmp_path, tiny_
     assert saved[0]["n_streams"] == len(final) == 4 and max(consumed.values()) == 1
     assert sorted(tuple(st["part"]) for st in final.values()) == [(0, 1, b, 4) for b in range(4)]
     waiting, passed = Counter(), Counter()
-    for s, st in final.items():
+    for st in final.values():
         assert st["epoch"] == 0, "the test should stay in the first epoch"
         passed.update((0, o) for o in range(40) if o <= st["offset"] and o % 4 == st["part"][2])
         waiting.update(tuple(p) for p in st["buffer"])
@@ -446,7 +448,7 @@ def test_scaling_up_consumes_every_sample_of_the_epoch_once(tmp_path, tiny_token
     for st in saved[0]["streams"].values():  # as written before streams recorded their part
         del st["part"]
     tail = Counter()
-    for r, ld in enumerate(loaders(ws1, nw1)):
+    for ld in loaders(ws1, nw1):
         ld.load_state_dict(saved[0])
         assert "elastic resume" in ld.resume_note
         assert ld.dataset.n_streams >= ws1 * nw1
@@ -464,8 +466,8 @@ def test_scaling_up_splits_the_streams_that_no_worker_had_read_yet(tmp_path, tin
     kw = dict(shuffle_buffer=4, micro_batch_size=2)
 
     def loader(ws, nw, r=0):
-        return SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, rank=r, world_size=ws, num_workers=nw,
-                                    streams=3 if (ws, nw) == (1, 2) else 0, **kw))
+        return SourceLoader(make_ds("interleaved", shards, tiny_tokenizer, rank=r, world_size=ws,
+                                    num_workers=nw, streams=3 if (ws, nw) == (1, 2) else 0, **kw))
 
     def positions(batches):
         return Counter(tuple(p) for b in batches for p in b["sample_positions"])
@@ -673,7 +675,7 @@ def test_response_loss_masks_exactly_the_prompt_tokens(tmp_path, tiny_tokenizer)
                 end += 1
                 assert end - start < 200, "the prompt is not a token prefix of the sample"
             assert ids[start] == tiny_tokenizer.bos_id and prompt.startswith("Instruction: ")
-            assert tiny_tokenizer.decode([i for i, dd in zip(ids, doc) if dd == d][1:-1]) == text
+            assert tiny_tokenizer.decode([i for i, dd in zip(ids, doc, strict=True) if dd == d][1:-1]) == text
             want[start:end] = True
             n_prompt_tokens += end - start
         assert torch.equal(b["labels"][0] == IGNORE_INDEX, want)
@@ -692,7 +694,8 @@ def test_a_bad_prompt_length_is_skipped_and_counted(tmp_path, tiny_tokenizer):
                 "json": json.dumps({"prompt_chars": n}).encode()} for i, n in enumerate([23, 99, -1, "3", 0])]
     loader = SourceLoader(make_ds("text", [str(write_tar(tmp_path / "t.tar", samples))], tiny_tokenizer,
                                   loss="response"))
-    assert sum(len(b["sample_positions"]) for b in consume(loader)) == 2  # 23 (the prompt of these 24 chars) and 0 (none)
+    # 23 (the prompt of these 24 chars) and 0 (none)
+    assert sum(len(b["sample_positions"]) for b in consume(loader)) == 2
     assert loader.skipped() == {"bad_prompt_chars": 3}
 
 
@@ -859,6 +862,7 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
         "from kosmos.data.stream import SourceDataset, SourceLoader",
         "from kosmos.sequence import SequenceEncoder",
         "from tokenizer import KosmosTokenizer",
+        "from tests.helpers import loader_workers",
         f"enc = SequenceEncoder(KosmosTokenizer.from_dir({str(tiny_tokenizer.path)!r}), 4, 32)",
         "def churn():",
         "    while True:",
@@ -872,10 +876,12 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
         "               for s in range(2)]",
         "    for loader in loaders:",
         "        next(loader)",
-        "        for p in loader._workers._workers:",
-        "            ppid = int(open(f'/proc/{p.pid}/stat').read().rsplit(')', 1)[1].split()[1])",
-        "            threads = len(os.listdir(f'/proc/{ppid}/task'))",
-        "            assert ppid != os.getpid() and threads == 1, f'forked by {ppid} with {threads} threads'",
+        "    workers = loader_workers()",  # the forkserver's children: none forked from this process
+        "    assert len(workers) == 4, workers",
+        "    for p in workers:",
+        "        ppid = int(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1])",
+        "        threads = len(os.listdir(f'/proc/{ppid}/task'))",
+        "        assert ppid != os.getpid() and threads == 1, f'forked by {ppid} with {threads} threads'",
         "    for loader in loaders:",
         "        loader.close()",
         "print('ok')", ""])

@@ -35,12 +35,14 @@ def _stream(sd: dict, source: str = "text") -> dict:
 CASES = {  # edit of data_rank0.json -> words of the error
     "a string epoch": (lambda sd: _stream(sd).update(epoch="3"), "epoch: expected an integer >= 0, got '3'"),
     "a negative offset": (lambda sd: _stream(sd).update(offset=-5), "offset: expected an integer >= -1"),
-    "a bad buffer position": (lambda sd: _stream(sd).update(buffer=[[-1, 2]]), "buffer[0]: expected a sample"),
+    "a bad buffer position": (lambda sd: _stream(sd).update(buffer=[[-1, 2]]),
+                              "buffer[0]: expected a sample"),
     "a missing RNG": (lambda sd: _stream(sd).pop("rng"), "rng: missing"),
     "a garbage RNG": (lambda sd: _stream(sd).update(rng=[3, [1, 2], None]), "rng: expected a Python random"),
     "a list for the streams": (lambda sd: sd["text"].update(streams=[1]), "streams: expected an object"),
     "stream 99": (lambda sd: sd["text"]["streams"].update({"99": _stream(sd)}), "stream '99' is not one of"),
-    "a string mixture step": (lambda sd: sd["_mixture"].update(steps="2"), "_mixture.steps: expected an integer"),
+    "a string mixture step": (lambda sd: sd["_mixture"].update(steps="2"),
+                              "_mixture.steps: expected an integer"),
     "k 99": (lambda sd: _stream(sd).update(k=99), "k: 99 is past the source's"),
     "a changed kind": (lambda sd: sd["text"].update(kind="captions"), "kind: saved for a captions source"),
 }

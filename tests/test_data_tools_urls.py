@@ -1,5 +1,5 @@
-"""URL lists for img2dataset from OBELICS/MMC4 documents, and the path urls -> img2dataset -> interleaved converter
-(img2dataset's output faked in the test, laid out and named as img2dataset does; no network)."""
+"""URL lists for img2dataset from OBELICS/MMC4 documents, and the path urls -> img2dataset -> interleaved
+converter (img2dataset's output faked in the test, laid out and named as img2dataset does; no network)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def _fake_img2dataset(urls: Path, out: Path, per_shard: int, failed: set[str],
     --save_additional_columns '["doc_key","image_index"]'`` leaves in ``out``: shards of ``per_shard`` rows,
     keys ``compute_key`` (shard * 10**ceil(log10(per_shard)) + row, zero-padded), even shards as webdataset
     tars (``00000.tar``), odd ones in the "files" layout (``00001/KEY.jpg`` + ``KEY.json``), each with its
-    metadata ``.parquet`` and ``_stats.json``; ``failed`` URLs are only in the metadata, as img2dataset does."""
+    metadata ``.parquet`` and ``_stats.json``; ``failed`` URLs are only in the metadata, as img2dataset
+    does."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -95,9 +95,11 @@ def test_meter_reports_epochs_tokens_images_and_samples_per_source_over_all_rank
     from kosmos.metrics import Meter
 
     acc = _Recording(world=2)  # the stand-in doubles: what the other rank would add, were it the same
-    meter = Meter(acc, _model(), None, names=["text", "captions"], totals={"text": {"tokens": 5, "images": 0}})
+    meter = Meter(acc, _model(), None, names=["text", "captions"],
+                  totals={"text": {"tokens": 5, "images": 0}})
     meter.add(_result(["text", "captions"]))
-    report = meter.report(3, lr=1.0, gnorm=1.0, bad_steps=0, skipped={"text": {"bad_json": 1}, "captions": {}},
+    report = meter.report(3, lr=1.0, gnorm=1.0, bad_steps=0,
+                          skipped={"text": {"bad_json": 1}, "captions": {}},
                           truncated={"captions": 2}, samples={"text": 7, "captions": 4},
                           epochs={"text": [1, 0], "captions": [2, 2, 2]})
     text, captions = report.sources["text"], report.sources["captions"]
@@ -152,7 +154,7 @@ def test_plan_streams_and_reductions_are_identical_on_every_rank_at_scale(world,
         for rank in range(0, world, max(1, world // 16)):
             acc = _Recording(rank, world)
             reduce = acc.reduce
-            acc.reduce = lambda t, reduction: (dist.all_reduce(t), reduce(t, reduction))[1]
+            acc.reduce = lambda t, reduction, reduce=reduce: (dist.all_reduce(t), reduce(t, reduction))[1]
             meter = Meter(acc, _model(), None, names=names)
             for step in range(3):
                 meter.add(_result([n for n, k in first.counts(rank, step).items() if k]))
@@ -222,7 +224,8 @@ def gather(t):
 def reduce(t, reduction):
     dist.all_reduce(t)
     return t
-acc = SimpleNamespace(num_processes=2, process_index=rank, device=torch.device("cpu"), gather=gather, reduce=reduce)
+acc = SimpleNamespace(num_processes=2, process_index=rank, device=torch.device("cpu"), gather=gather,
+                      reduce=reduce)
 try:
     all_reduce_sum(acc, torch.ones(3), "log window")
     if rank == 1:  # the bug: a reduction that one rank alone makes
@@ -234,6 +237,7 @@ except CollectiveMismatch as e:
 """
 
 
+@pytest.mark.slow
 def test_a_collective_one_rank_alone_makes_is_named_instead_of_hanging(tmp_path):
     """KOSMOS_CHECK_COLLECTIVES=1 (the tests' setting): rank 1 reduces the stop flag where rank 0 reduces the
     step's loss tokens; both ranks stop with CollectiveMismatch naming the two reductions. Without the check
@@ -278,8 +282,10 @@ def test_every_rank_skips_a_step_whose_loss_is_not_finite_on_another_rank():
             return t + torch.tensor([7.0, 1.0], dtype=t.dtype) if t.shape == (2,) else t
 
     stepped = []
-    optimizer = SimpleNamespace(step=lambda: stepped.append(1), zero_grad=lambda set_to_none: model.zero_grad())
-    res = train_step(OtherRankNaN(build_accelerator(cfg)), model, optimizer, SimpleNamespace(step=lambda: None),
+    optimizer = SimpleNamespace(step=lambda: stepped.append(1),
+                                zero_grad=lambda set_to_none: model.zero_grad())
+    res = train_step(OtherRankNaN(build_accelerator(cfg)), model, optimizer,
+                     SimpleNamespace(step=lambda: None),
                      Mixture({n: iter(b) for n, b in batches.items()}, plan(cfg)), 1.0)
     assert all(torch.isfinite(s[0]) for s in res.losses.values())  # this rank's own losses were fine
     assert not res.ok and not stepped

@@ -1,5 +1,5 @@
-"""One error type (`kosmos.errors.KosmosError`): what a user can fix is one `error:` line and exit 2, from every
-command; `--debug` (or KOSMOS_DEBUG=1) shows the traceback instead.
+"""One error type (`kosmos.errors.KosmosError`): what a user can fix is one `error:` line and exit 2, from
+every command; `--debug` (or KOSMOS_DEBUG=1) shows the traceback instead.
 
 Each case below used to end in a traceback: a checkpoint whose weights do not fit the config (ValueError), a
 sharded checkpoint given to generation or evaluation (FileNotFoundError), `vision.pretrained=openai` on a
@@ -95,8 +95,9 @@ def test_offline_clip_weights_are_one_line_from_the_commands(tmp_path, tiny_run)
     """No network (HF_HUB_OFFLINE=1, nothing cached): `vision.pretrained=openai` fails as one line in
     generation and in training, where it used to end a 106-line traceback."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
-    clip = ["vision.pretrained=openai", "vision.model_name=ViT-B-32", "vision.width=null", "vision.layers=null",
-            "vision.patch_size=null", "vision.head_width=null"]  # ViT-B-32's own tower: weights that fit
+    # ViT-B-32's own tower: weights that fit
+    clip = ["vision.pretrained=openai", "vision.model_name=ViT-B-32", "vision.width=null",
+            "vision.layers=null", "vision.patch_size=null", "vision.head_width=null"]
     for cmd in ([sys.executable, "-m", "kosmos.generate", "--config", str(TINY), *clip],
                 [sys.executable, str(ROOT / "train_kosmos.py"), "--config", str(TINY), "--no-progress",
                  *tiny_run, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", *clip]):

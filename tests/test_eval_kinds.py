@@ -187,7 +187,8 @@ def test_the_kinds_package_says_how_to_add_a_kind():
 
 def test_training_eval_tasks_take_their_support_set_as_the_cli_does(ckpt, tmp_path):
     """One support-set path: a few-shot `train.eval_tasks` entry on a Karpathy file draws its demonstrations
-    from the train split, as `python -m kosmos.eval run --shots` does (it drew them from the evaluated items)."""
+    from the train split, as `python -m kosmos.eval run --shots` does (it drew them from the evaluated
+    items)."""
     from kosmos import train_eval
     from kosmos.config import EvalTaskConfig
     from kosmos.eval.run import load_support
@@ -197,7 +198,8 @@ def test_training_eval_tasks_take_their_support_set_as_the_cli_does(ckpt, tmp_pa
 
     sets = make_sets(tmp_path / "data")
     spec = get_task("coco_captioning")
-    assert [s.id for s in load_support(spec, str(sets["karpathy"]), images=str(sets["coco_root"]))] == [5, 6, 7]
+    support = load_support(spec, str(sets["karpathy"]), images=str(sets["coco_root"]))
+    assert [s.id for s in support] == [5, 6, 7]
     assert load_support(spec, str(sets["vqa_root"])) is None  # a folder of images: the evaluated items
     task = EvalTaskConfig(task="coco_captioning", data=str(sets["karpathy"]), images=str(sets["coco_root"]),
                           shots=1, limit=2, settings={"max_new_tokens": 2, "metrics": ["BLEU"]})

@@ -514,7 +514,8 @@ def test_every_number_says_where_it_came_from_and_another_model_is_refused(ckpt,
     _, metrics = results(out, "coco_captioning")
     sha = hashlib.sha256(b"model.safetensors\0" + (ckpt / "model.safetensors").read_bytes()).hexdigest()
     prov = metrics["provenance"]
-    assert prov["checkpoint"] == {"path": str(ckpt.resolve()), "step": None, "sha256": sha}  # {} state: no step
+    # {} state: no step
+    assert prov["checkpoint"] == {"path": str(ckpt.resolve()), "step": None, "sha256": sha}
     assert prov["protocol"]["prompt"] == metrics["protocol"]["prompt"] and prov["protocol"]["shots"] == 0
     assert prov["protocol"]["seed"] == 0 and prov["protocol"]["retrieval"] is False
     assert prov["scorer"]["kind"] == "captioning" and "pycocoevalcap" in prov["scorer"]["packages"]

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kosmos.weights import load_model
 from kosmos.generate import GenerationConfig, Prompt, filter_logits, generate
+from kosmos.weights import load_model
 from tests.helpers import checkpoint_dir, make_row, random_images, tiny_model
 
 

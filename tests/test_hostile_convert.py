@@ -24,7 +24,7 @@ from data_tools.captions import convert_captions
 from data_tools.conversion import Conversion, ShardOptions, run_conversion
 from data_tools.records import ConversionError, Item
 from data_tools.text import make_text_sample
-from tests.helpers import ROOT, manifest, photo, read_tar, shard_bytes, write
+from tests.helpers import MARKER, ROOT, alive_with_marker, manifest, photo, read_tar, shard_bytes, write
 
 
 def _opts(out: Path, **kw) -> ShardOptions:
@@ -123,10 +123,11 @@ if __name__ == "__main__":
 """
 
 
-def _converter(script: Path, out: Path, seconds: float) -> subprocess.Popen:
+def _converter(script: Path, out: Path, seconds: float, marker: str = "") -> subprocess.Popen:
     """A converter of 40 documents that takes ``seconds`` per document, in 2 workers (a script of its own:
-    the workers it spawns import it, and importing this test module would cost them torch)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{script.parent}"}
+    the workers it spawns import it, and importing this test module would cost them torch). ``marker``:
+    its processes carry it (helpers.alive_with_marker)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{script.parent}", MARKER: marker}
     return subprocess.Popen([sys.executable, str(script), str(out), str(seconds)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -144,7 +145,8 @@ def test_killed_converter_takes_its_workers_along_and_a_rerun_copes(tmp_path):
 
     script = write(tmp_path / "sleepy" / "sleepy.py", _SLEEPY)
     out = tmp_path / "out"
-    first = _converter(script, out, 0.5)  # 40 documents, 2 per chunk, 2 workers: about 10 s
+    marker = f"hostile-convert-{os.getpid()}-{time.monotonic_ns()}"
+    first = _converter(script, out, 0.5, marker)  # 40 documents, 2 per chunk, 2 workers: about 10 s
     _wait_for(lambda: any((out / ".convert_state").glob("chunk-*.json")))
     workers = psutil.Process(first.pid).children()
     assert workers
@@ -165,7 +167,7 @@ def test_killed_converter_takes_its_workers_along_and_a_rerun_copes(tmp_path):
     assert not alive, alive
     files = {p.name: p.stat().st_size for p in out.rglob("*")}
     write(out / "shard-000019-000.tar.tmp", b"half a shard")  # as a killed worker leaves it
-    time.sleep(0.5)
+    _wait_for(lambda: not alive_with_marker(marker))  # every process of the first run has ended
     assert {p.name: p.stat().st_size for p in out.rglob("*")} == files | {"shard-000019-000.tar.tmp": 12}
 
     # an immediate rerun finishes the conversion, equal to an uninterrupted one

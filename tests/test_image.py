@@ -108,7 +108,7 @@ def _in_mode(mode: str) -> tuple[bytes, str]:
         img = rgb.quantize(64)
         img.info["transparency"] = 0
     elif mode == "I;16":
-        img = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))  # 16-bit grey, 0..65535
+        img = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)  # 16-bit grey, 0..65535
     elif mode in ("I", "F"):
         img, fmt = rgb.convert("L").convert(mode), "TIFF"
     elif mode == "CMYK":

@@ -121,7 +121,7 @@ def test_console_script_resolves_to_a_main_returning_an_exit_status(wheel, scrip
     # sys.exit(main()): an int is the exit status and None is 0, but any other object (a dict of results,
     # a list of texts) is printed and exits 1. A main that returns data needs a shim in kosmos/cli.py.
     returns = typing.get_type_hints(fn).get("return", "unannotated")
-    assert returns in (int, typing.Optional[int], type(None)), (
+    assert returns in (int, int | None, type(None)), (
         f"{target} returns {returns}: a console script needs an exit status; point {script} at a shim in "
         "kosmos/cli.py")
 

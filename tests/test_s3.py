@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kosmos.data.shards import expand_shards, read_shard
-from tests.helpers import caption_shards, free_port, interleaved_shards
+from tests.helpers import caption_shards, interleaved_shards
 from tests.test_remote import check_stream_resumes_as_local
 
 BUCKET = "kosmos-test"
@@ -23,10 +23,10 @@ def s3(monkeypatch):
     boto3 = pytest.importorskip("boto3")
     import fsspec
 
-    port = free_port()
-    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks the port
     srv.start()
-    url = f"http://127.0.0.1:{port}"
+    host, port = srv.get_host_and_port()
+    url = f"http://{host}:{port}"
     for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
                      AWS_ENDPOINT_URL=url).items():
         monkeypatch.setenv(k, v)

@@ -200,7 +200,8 @@ def test_a_compressed_tar_with_a_wrong_check_gives_no_sample_of_the_damaged_stre
 def test_a_member_that_inflates_hugely_comes_in_pieces_and_whole(compress):
     """A few kB of compressed input that inflate to megabytes (zeros) are decompressed in pieces of at most
     `kosmos.data.format._OUT` bytes (a bomb is not inflated in one call), and the bytes come out right."""
-    samples = {"a": {"bin": bytes(3 << 20) + random.Random(3).randbytes(5000), "txt": b"x"}, "b": {"txt": b"y"}}
+    samples = {"a": {"bin": bytes(3 << 20) + random.Random(3).randbytes(5000), "txt": b"x"},
+               "b": {"txt": b"y"}}
     data = compress(_tar(samples, tarfile.PAX_FORMAT))
     assert len(data) < 100_000
     from kosmos.data.format import _OUT, _inflate

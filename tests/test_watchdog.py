@@ -44,19 +44,43 @@ def _wait_until(cond, timeout=30.0):
         time.sleep(0.02)
 
 
+class _Clock:
+    """The watchdog's clock (Watchdog(clock=...)), moved by the test: what trips it is the time the test
+    says has passed, never how long the test took on a loaded machine. `reads` counts the reads."""
+
+    def __init__(self):
+        self.now, self.reads = 0.0, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+def _judged(clock: _Clock) -> None:
+    """Until the watchdog's thread has looked at the clock as it is now and not tripped: its second read
+    from here on comes after a whole look (a look that trips reads no more)."""
+    reads = clock.reads
+    _wait_until(lambda: clock.reads >= reads + 2)
+
+
 def test_a_wait_longer_than_the_timeout_is_reported_with_the_stacks(tmp_path):
     tripped = []
+    clock = _Clock()
     log = rank_log_path(tmp_path / "train.log", 1)
     assert log.name == "train.log.rank1" and rank_log_path(tmp_path / "train.log", 0).name == "train.log"
-    with Watchdog(0.3, rank=1, log_path=log, poll=0.02, exit=lambda: tripped.append(1)) as dog:
+    with Watchdog(0.3, rank=1, log_path=log, poll=0.02, exit=lambda: tripped.append(1), clock=clock) as dog:
         dog.step = 7
         with dog.waiting("the gradient sync", compute=True):  # not warm: compile time is not a hang
-            time.sleep(0.5)
-        time.sleep(0.5)  # between waits: compute, not watched
+            assert dog.watching is None
+            clock.now += 0.5
+        clock.now += 0.5  # between waits: compute, not watched
+        assert dog.watching is None
         with dog.waiting("the stop-flag reduce"):
-            time.sleep(0.1)  # within the timeout
+            clock.now += 0.1  # within the timeout
+            _judged(clock)
         assert not tripped and not log.exists()
         with dog.waiting("data.captions"):
+            clock.now += 0.4
             _wait_until(lambda: tripped)
     text = log.read_text()
     assert re.match(r"rank 1: no progress for 0\.\d s at step 7 waiting on data\.captions "
@@ -67,15 +91,21 @@ def test_a_wait_longer_than_the_timeout_is_reported_with_the_stacks(tmp_path):
 
 def test_nested_waits_restart_the_outer_one_and_warm_waits_are_watched():
     tripped = []
-    dog = Watchdog(0.4, poll=0.02, exit=lambda: tripped.append(dog.tripped)).start()
+    clock = _Clock()
+    dog = Watchdog(0.4, poll=0.02, exit=lambda: tripped.append(dog.tripped), clock=clock).start()
     try:
         with dog.waiting("the checkpoint save"):
             for _ in range(3):
                 with dog.waiting("inner"):
-                    time.sleep(0.25)  # progress every 0.25 s: never 0.4 s on one wait
+                    assert dog.watching == "inner"
+                    clock.now += 0.25  # progress every 0.25 s: never 0.4 s on one wait
+                    _judged(clock)
+            assert dog.watching == "the checkpoint save"
+            _judged(clock)  # 0.75 s since the outer wait began, 0 since the last inner one ended
         assert not tripped
         dog.warm = True
         with dog.waiting("the gradient sync", compute=True):
+            clock.now += 0.5
             _wait_until(lambda: tripped)
         assert "waiting on the gradient sync" in tripped[0]
     finally:

@@ -106,7 +106,8 @@ class DecoderConfig:
             _check(getattr(self, name) > 0, f"decoder.{name}", f"must be positive, got {getattr(self, name)}")
         _check(self.vocab_size <= MAX_VOCAB_SIZE, "decoder.vocab_size",
                f"must be at most {MAX_VOCAB_SIZE} (2**24; the paper's is 64007), got {self.vocab_size}")
-        _check(self.dim % self.heads == 0, "decoder.heads", f"must divide decoder.dim={self.dim}, got {self.heads}")
+        _check(self.dim % self.heads == 0, "decoder.heads",
+               f"must divide decoder.dim={self.dim}, got {self.heads}")
         _check(self.head_dim % 2 == 0, "decoder.heads", f"head dim {self.head_dim} must be even for xPos")
         _check(self.activation in ("gelu", "relu", "swish"), "decoder.activation",
                f"must be gelu, relu or swish, got {self.activation!r}")
@@ -248,7 +249,8 @@ class ConnectorConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_latents", "depth", "heads", "dim_head", "ff_mult"):
-            _check(getattr(self, name) > 0, f"connector.{name}", f"must be positive, got {getattr(self, name)}")
+            _check(getattr(self, name) > 0, f"connector.{name}",
+                   f"must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -297,7 +299,8 @@ class SourceConfig:
     loss: str = field(default="all", metadata=FIXED)
     """Text sources: what the loss of an instruction sample (from `python -m data_tools.text --format
     instructions`, whose shards mark the prompt) covers: `all`, the whole templated text (as the paper trains
-    it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is unaffected."""
+    it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is
+    unaffected."""
     max_epochs: int = 0
     """Warn once, in the log, when a logical stream of this source starts its pass number max_epochs + 1
     (the source repeated more than max_epochs times; the epoch each source is in shows in the log line as

@@ -10,8 +10,8 @@ sent to the group (`timeout`, SLURM preemption, a container stop) reaches it too
 take every worker down in the main process's eyes, while the main process still needs batches to finish
 its step and save: multiprocessing learns a forkserver child's exit from the server, and a dead server reads
 as workers that "exited unexpectedly" (checked: tests/test_hostile_train.py). It ignores SIGINT
-from here too, so that workers are born ignoring it (see below); the server ends by itself once the main process and the workers have ended (at EOF on the
-pipe they hold).
+from here too, so that workers are born ignoring it (see below); the server ends by itself once the main
+process and the workers have ended (at EOF on the pipe they hold).
 """
 
 import contextlib

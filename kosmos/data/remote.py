@@ -21,9 +21,10 @@ request; a server that ignores ranges, or a command, is read again from the star
 read are skipped). Every error of an fsspec protocol's library (botocore's EndpointConnectionError when S3
 goes away, say, which is no OSError) is such a failure too; listing shards at start that fails is a one-line
 ValueError naming the spec. A `pipe:` command runs in a session of its own (a signal to the trainer's process
-group does not reach it) and dies with the process that started it, even one killed with SIGKILL. A shard that keeps failing ends with a `ShardError`, whose `reason` the reader counts
-(`shard_not_found`, `shard_timeout`, `shard_http_error`, `shard_cut_short`, `shard_command_failed`,
-`shard_unreadable`) and whose message names the URL. HTTP 404/410 and other 4xx are not retried.
+group does not reach it) and dies with the process that started it, even one killed with SIGKILL. A shard
+that keeps failing ends with a `ShardError`, whose `reason` the reader counts (`shard_not_found`,
+`shard_timeout`, `shard_http_error`, `shard_cut_short`, `shard_command_failed`, `shard_unreadable`) and
+whose message names the URL. HTTP 404/410 and other 4xx are not retried.
 """
 
 from __future__ import annotations
@@ -422,7 +423,8 @@ class ShardReader(io.RawIOBase):
         if self.options.min_speed and now - self._window[0] >= self.options.timeout:
             rate = (self.pos + len(data) - self._window[1]) / (now - self._window[0])
             if rate < self.options.min_speed:
-                raise _Transient("shard_timeout", f"{rate:,.0f} bytes/s over {now - self._window[0]:.0f}s, below "
+                raise _Transient("shard_timeout",
+                                 f"{rate:,.0f} bytes/s over {now - self._window[0]:.0f}s, below "
                                  f"data.read_min_speed={self.options.min_speed:g}")
             self._window = (now, self.pos + len(data))
         return data

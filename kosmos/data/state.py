@@ -2,9 +2,9 @@
 used: a hand-edited or damaged file is one error naming the file and the field, never a traceback deep in a
 worker nor a run that quietly goes on from a wrong place.
 
-A rank's file holds, per source name, the SourceLoader's state (kosmos.data.stream: `kind`, the layout it was
-saved with, `turns`, `next_worker` and per logical stream its cursor, shuffle-buffer positions, RNG, unfinished
-document, counters and part), and under `_mixture` the mixture's step counter and plan.
+A rank's file holds, per source name, the SourceLoader's state (kosmos.data.stream: `kind`, the layout it
+was saved with, `turns`, `next_worker` and per logical stream its cursor, shuffle-buffer positions, RNG,
+unfinished document, counters and part), and under `_mixture` the mixture's step counter and plan.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check_stream(st: Any, where: str, n_shards: int | None = None) -> None:
         raise bad("k", f"{st['k']} is past the source's {n_shards} shard(s)")
     for i, pos in enumerate(st["buffer"] if isinstance(st["buffer"], list) else [None]):
         if not _ints(pos, (2, 3)) or (n_shards is not None and pos[0] >= n_shards):
-            raise bad(f"buffer[{i}]", f"expected a sample position [shard, offset(, caption)] of the source's "
+            raise bad(f"buffer[{i}]", "expected a sample position [shard, offset(, caption)] of the source's "
                       f"{n_shards if n_shards is not None else ''} shards, got {pos!r}".replace("  ", " "))
     carry = st["carry"]
     if carry is not None and (not _ints(carry, (3, 4)) or (n_shards is not None and carry[0] >= n_shards)):
@@ -96,14 +96,15 @@ def check_source(sd: Any, where: str, kind: str | None = None, shards: list[str]
         raise DataStateError(f"{where}: expected an object, got {type(sd).__name__}")
     if not isinstance(sd.get("kind"), str):
         raise DataStateError(f"{where}.kind: missing or not a string")
-    if "shards" in sd and not (isinstance(sd["shards"], list) and all(isinstance(x, str) for x in sd["shards"])):
+    if "shards" in sd and not (isinstance(sd["shards"], list)
+                               and all(isinstance(x, str) for x in sd["shards"])):
         raise DataStateError(f"{where}.shards: expected a list of shard names")
     n_shards = len(sd["shards"]) if "shards" in sd else None
     if n_shards is None and shards is not None and sd.get("shards_digest") in (None, shard_digest(shards)):
         n_shards = len(shards)
     if kind is not None and sd["kind"] != kind:
-        raise DataStateError(f"{where}.kind: saved for a {sd['kind']} source, this run's is {kind}: the position "
-                             "cannot be used (start its data over with --reset-data)")
+        raise DataStateError(f"{where}.kind: saved for a {sd['kind']} source, this run's is {kind}: the "
+                             "position cannot be used (start its data over with --reset-data)")
     for field, lo in (("world_size", 1), ("num_workers", 0)):
         if not _int(sd.get(field), lo):
             raise DataStateError(f"{where}.{field}: expected an integer >= {lo}, got {sd.get(field)!r}")
@@ -115,7 +116,8 @@ def check_source(sd: Any, where: str, kind: str | None = None, shards: list[str]
     if not _int(sd.get("next_worker", 0), 0):
         raise DataStateError(f"{where}.next_worker: expected an integer >= 0, got {sd.get('next_worker')!r}")
     turns = sd.get("turns", {})
-    if not (isinstance(turns, dict) and all(str(k).isdigit() and _int(v, 0) and v < S for k, v in turns.items())):
+    if not (isinstance(turns, dict)
+            and all(str(k).isdigit() and _int(v, 0) and v < S for k, v in turns.items())):
         raise DataStateError(f"{where}.turns: expected an object of worker: stream (< {S})")
     streams = sd["streams"]
     if not isinstance(streams, dict):
@@ -126,7 +128,8 @@ def check_source(sd: Any, where: str, kind: str | None = None, shards: list[str]
         check_stream(st, f"{where}.streams.{s}", n_shards)
 
 
-def check_data_state(sd: Any, where: str, sources: dict[str, tuple[str, list[str]]] | None = None) -> list[str]:
+def check_data_state(sd: Any, where: str,
+                     sources: dict[str, tuple[str, list[str]]] | None = None) -> list[str]:
     """A rank's whole data state. `sources`: this run's sources, name -> (kind, shard list). Raises
     DataStateError; returns warnings for what may legitimately be absent (a source this run has that the file
     does not: its data starts at the beginning)."""
@@ -138,7 +141,8 @@ def check_data_state(sd: Any, where: str, sources: dict[str, tuple[str, list[str
                 raise DataStateError(f"{where}.{MIXTURE_KEY}.steps: expected an integer >= 0, got "
                                      f"{v.get('steps') if isinstance(v, dict) else v!r}")
             if not _counts(v.get("micro_batches", {})):
-                raise DataStateError(f"{where}.{MIXTURE_KEY}.micro_batches: expected an object of source: count")
+                raise DataStateError(
+                    f"{where}.{MIXTURE_KEY}.micro_batches: expected an object of source: count")
             continue
         kind, shards = (sources or {}).get(name, (None, None))
         check_source(v, f"{where}.{name}", kind, shards)
