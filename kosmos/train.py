@@ -102,8 +102,9 @@ def train(cfg, resume: str | None = None, on_step=None, progress: bool = True,
             with dog.waiting("the checkpoint save"):  # its barriers wait for rank 0's writing
                 # a checkpoint between log lines writes the window's line first: its cumulative figures
                 # (tokens, images) then count every step so far, and a resume goes on from the right totals
+                window = None if logged else lambda res=res: run.report_window(res)  # called in this step
                 saved = run.checkpointer.maybe_save(state, last=step == max_steps, stop=stop_now,
-                                                    before=None if logged else lambda: run.report_window(res))
+                                                    before=window)
             if saved is not None:  # the main process
                 log.info(f"saved {saved}")
             if stop_now:

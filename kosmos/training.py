@@ -399,7 +399,7 @@ def evaluate(acc, cfg: Config, model, encoder, step: int = 0, waiting=_unwatched
                               train=False)
         with acc.autocast():
             loss, _ = source_loss(model, loader, acc.device, cfg.train.eval_batches,
-                                  reduce=lambda t: _reduce(acc, t, waiting, name),
+                                  reduce=lambda t, name=name: _reduce(acc, t, waiting, name),
                                   ranks=acc.num_processes)
         loader.close()
         results[f"eval/{name}_loss"] = loss

@@ -350,7 +350,7 @@ def test_caption_metrics_equal_pycocoevalcap_with_java(capfd):
         scores = cm.score_captions(REFERENCES, PREDICTIONS, metrics=FAST)
     assert scores == {k: GOLDEN[k] for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")}
     assert os.environ.get("PATH") == path  # Java was on PATH only while it ran
-    assert "PTBTokenizer" not in capfd.readouterr().err  # the Java tokenizer's chatter stays out of the output
+    assert "PTBTokenizer" not in capfd.readouterr().err  # the Java tokenizer's chatter stays out of stderr
 
 
 def test_caption_line_breaks_do_not_shift_the_java_tokenizer_lines():

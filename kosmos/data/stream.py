@@ -237,7 +237,8 @@ class SourceLoader:
     def epochs(self) -> list[int]:
         """The epoch of each of the source's logical streams that this rank reads (0 for the others and for
         a stream not yet started): summed over the ranks, every stream's, since each is read by one rank."""
-        return [int(self.states[s]["epoch"]) if s in self.states else 0 for s in range(self.dataset.n_streams)]
+        return [int(self.states[s]["epoch"]) if s in self.states else 0
+                for s in range(self.dataset.n_streams)]
 
     def state_dict(self) -> dict:
         """The position of what was consumed; with the digest of the shard list (and on rank 0 the list
@@ -247,7 +248,8 @@ class SourceLoader:
                 "n_streams": ds.n_streams, "next_worker": self.next_worker,
                 "turns": {str(w): s for w, s in self.turns.items()},
                 "streams": {str(s): st for s, st in self.states.items()},
-                "shards_digest": shard_digest(ds.shards), **({"shards": list(ds.shards)} if ds.rank == 0 else {})}
+                "shards_digest": shard_digest(ds.shards),
+                **({"shards": list(ds.shards)} if ds.rank == 0 else {})}
 
     def _remapped(self, states: dict[int, dict], sd: dict, S: int, wanted) -> dict[int, dict]:
         """`states` for this run's shard list, when it is not the one they were saved with (remap_streams;
@@ -255,13 +257,15 @@ class SourceLoader:
         --reset-data, when the checkpoint holds the digest but not the list."""
         ds = self.dataset
         saved = sd.get("shards_digest")
-        if saved is None or saved == shard_digest(ds.shards):  # the same list (or a checkpoint before digests)
+        if saved is None or saved == shard_digest(ds.shards):  # the same list (or a checkpoint before
+            # digests)
             return states
-        old = sd.get("shards") or next((d.get("shards") for d in sd.get("ranks") or [] if d.get("shards")), None)
+        old = sd.get("shards") or next((d.get("shards") for d in sd.get("ranks") or [] if d.get("shards")),
+                                       None)
         if old is None:
-            raise ConfigError(f"{ds.name}: the shard list changed since the checkpoint, which does not hold the "
-                              f"list it was saved with (rank 0's data position); start this source's data over "
-                              f"with --reset-data {ds.name}")
+            raise ConfigError(f"{ds.name}: the shard list changed since the checkpoint, which does not "
+                              f"hold the list it was saved with (rank 0's data position); start this "
+                              f"source's data over with --reset-data {ds.name}")
         states = complete_streams(states, wanted, S, len(old), ds.seed)
         states, note = remap_streams(states, S, old, ds.shards, ds.seed, ds.infinite)
         self.resume_note = f"{ds.name}: {note}"
@@ -293,7 +297,8 @@ class SourceLoader:
                 raise ConfigError(f"{ds.name}: the data position was saved with {layout}; another layout "
                                   "needs the data positions of every rank (data_rank*.json), or start this "
                                   f"source's data over with --reset-data {ds.name}")
-            states = {int(k): v for r, d in enumerate(ranks) for k, v in upgrade_state(d, r)["streams"].items()}
+            states = {int(k): v for r, d in enumerate(ranks)
+                      for k, v in upgrade_state(d, r)["streams"].items()}
             states = self._remapped(states, sd, S, range(S))
             self.turns, self.next_worker = {}, 0
             how = f"its {S} logical streams dealt over the new workers"

@@ -89,13 +89,16 @@ class LogicalStream:
         (docs/data.md, "Scaling up")."""
         self.split_samples = self.part[3] > 1
         pinned = (state or {}).get("order")
-        self.pinned: tuple[int, list[int]] | None = (pinned["epoch"], list(pinned["shards"])) if pinned else None
-        """(epoch, shards): the shards this stream reads in that epoch, fixed when the shard list changed since
-        the checkpoint (remap_streams): the rest of the pass that was under way, over the shards that remain."""
+        self.pinned: tuple[int, list[int]] | None = \
+            (pinned["epoch"], list(pinned["shards"])) if pinned else None
+        """(epoch, shards): the shards this stream reads in that epoch, fixed when the shard list changed
+        since the checkpoint (remap_streams): the rest of the pass that was under way, over the shards that
+        remain."""
         self.rng = random.Random(f"kosmos-shuffle-{seed}-{s}")
         self.skipped: Counter = Counter()
         self.truncated = 0  # samples cut to max_tokens
-        self.epoch, self.k, self.offset = 0, 0, -1  # reading cursor: epoch, index in this epoch's order, offset
+        # reading cursor: epoch, index in this epoch's order, offset
+        self.epoch, self.k, self.offset = 0, 0, -1
         self.sub = 0  # visits of the sample at `offset` already read (several with caption_choice "all")
         self.buffer: list[tuple[tuple[int, int], dict]] = []
         self.n_samples = 0
@@ -145,8 +148,8 @@ class LogicalStream:
                 start, (_, _, b, B) = self.offset, self.part
                 t0, got_before = time.monotonic(), got
 
-                def want(offset: int) -> bool:  # the samples before the cursor are streamed past, unread
-                    return offset >= start and offset % B == b
+                def want(offset: int, start=start, B=B, b=b) -> bool:  # noqa: N803 - the part's names
+                    return offset >= start and offset % B == b  # before the cursor: streamed past, unread
 
                 for offset, raw in read_shard(self.shards[shard], self.skipped, want=want,
                                               options=self.read_options, failed=self.failed):
@@ -161,8 +164,8 @@ class LogicalStream:
                 # A read that yielded nothing never paused, so its time is all spent failing.
                 spec = self.shards[shard]
                 if got == got_before and spec in self.failed:
-                    reads.failed(time.monotonic() - t0, spec, self.failed[spec], give_up=give_up, name=self.name,
-                                 worker=self.worker, skipped=dict(self.skipped))
+                    reads.failed(time.monotonic() - t0, spec, self.failed[spec], give_up=give_up,
+                                 name=self.name, worker=self.worker, skipped=dict(self.skipped))
                 while len(self.failed) > MAX_FAILED:  # the newest are kept (all are counted)
                     del self.failed[next(iter(self.failed))]
             if not self.infinite:
@@ -398,8 +401,8 @@ def remap_streams(states: dict[int, dict], S: int, old: list[str], new: list[str
     removed = sorted(set(old) - set(new))
     lost = ", ".join(f"{n} {what}" for what, n in dropped.items() if n)
     note = (f"the shard list changed since the checkpoint: {len(added)} added, {len(removed)} removed"
-            f"{' (' + ', '.join((removed or added)[:2]) + ', ...)' if added or removed else ''}; positions moved "
-            f"to the shards' new places, the current pass goes on over the shards that remain"
+            f"{' (' + ', '.join((removed or added)[:2]) + ', ...)' if added or removed else ''}; positions "
+            f"moved to the shards' new places, the current pass goes on over the shards that remain"
             f"{', added ones are read from the next pass' if added else ''}"
             f"{'; dropped with the removed shards: ' + lost if lost else ''}")
     return out, note
@@ -414,7 +417,8 @@ def complete_streams(states: dict[int, dict], wanted, S: int, n_shards: int, see
     for s in wanted:
         if s not in out:
             out[s] = {"epoch": 0, "k": 0, "offset": -1, "sub": 0, "buffer": [], "carry": None,
-                      "rng": _rng_state(random.Random(f"kosmos-shuffle-{seed}-{s}")), "skipped": {}, "samples": 0,
+                      "rng": _rng_state(random.Random(f"kosmos-shuffle-{seed}-{s}")), "skipped": {},
+                      "samples": 0,
                       "truncated": 0, "failed": {}, "wait": {}, "part": list(default_part(s, S, n_shards))}
     return out
 

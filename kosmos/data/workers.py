@@ -125,7 +125,7 @@ def _worker_signals(exiting) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # born with both blocked (kosmos.data._forkserver): what arrived since is delivered now, to the handlers above
+    # born with both blocked (kosmos.data._forkserver): what arrived since goes to the handlers above now
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in sources:  # what the user typed may run commands; what the checkpoint brought may not
         commands = [p for p in named[name].eval_shards if str(p).strip().startswith(PIPE)]
         if name not in given and commands and not args.allow_checkpoint_commands:
-            ap.exit(2, f"error: {cfg.data.key(name)}.eval_shards in the checkpoint's config runs a shell command "
-                       f"({commands[0][:80]}); a checkpoint may not run commands: give the shards with "
-                       f"--shards {name}=PATTERN, or allow them with --allow-checkpoint-commands\n")
+            ap.exit(2, f"error: {cfg.data.key(name)}.eval_shards in the checkpoint's config runs a shell "
+                       f"command ({commands[0][:80]}); a checkpoint may not run commands: give the shards "
+                       f"with --shards {name}=PATTERN, or allow them with --allow-checkpoint-commands\n")
     if not sources:
         ap.error("no held-out shards: pass --shards SOURCE=PATTERN (the checkpoint's config names none)")
     encoder = SequenceEncoder.from_config(cfg)

@@ -4,15 +4,15 @@ Every default here is the KOSMOS-1 paper's protocol (Huang et al., 2023, section
 field can be changed per run (`python -m kosmos.eval run --prompt ... --num-beams ...`, or a task dict in
 `train.eval_tasks`):
 
-    task                  kind            prompt                                   decoding           metric
-    coco_captioning       captioning      <image>An image of                       beam 5, 20 tokens  CIDEr ...
-    flickr30k_captioning  captioning      <image>An image of                       beam 5, 20 tokens  CIDEr ...
-    captioning            captioning      (any images; references optional)       beam 5, 20 tokens  CIDEr ...
-    vqav2, okvqa, vizwiz  vqa             <image>Question: {question} Answer:      greedy, 10 tokens  VQA accuracy
-    vqa                   vqa             (any questions; answers optional)        greedy, 10 tokens  VQA accuracy
-    imagenet              classification  <image>The photo of the                  ranked classes     top-1/top-5
-    choice                choice          {text}{candidate} Is it correct?          P("Yes")           accuracy
-    labels                labels          <image>The objects in this image are:    greedy, 30 tokens  P/R/F1
+    task                  kind            prompt                                 decoding           metric
+    coco_captioning       captioning      <image>An image of                     beam 5, 20 tokens  CIDEr ...
+    flickr30k_captioning  captioning      <image>An image of                     beam 5, 20 tokens  CIDEr ...
+    captioning            captioning      (any images; references optional)      beam 5, 20 tokens  CIDEr ...
+    vqav2, okvqa, vizwiz  vqa             <image>Question: {question} Answer:    greedy, 10 tokens  VQA acc.
+    vqa                   vqa             (any questions; answers optional)      greedy, 10 tokens  VQA acc.
+    imagenet              classification  <image>The photo of the                ranked classes     top-1/5
+    choice                choice          {text}{candidate} Is it correct?       P("Yes")           accuracy
+    labels                labels          <image>The objects in this image are:  greedy, 30 tokens  P/R/F1
 
 Generation stops at `</s>` (always) and at the task's stop strings (a newline for VQA, so a model that
 goes on with the next "Question:" is cut there). `{image}` marks where an image goes in a prompt.
@@ -23,7 +23,7 @@ set (as the paper), the same for an item whatever the batch or the number of pro
 picks the k support images most similar to the query instead (cosine of mean-pooled CLIP features of the
 model's own vision tower, as OpenFlamingo's RICES).
 
-VQA accuracy follows one of several conventions (`vqa_rules`, see kosmos.eval.vqa_metrics): `lmms-eval` by
+VQA acc. follows one of several conventions (`vqa_rules`, see kosmos.eval.vqa_metrics): `lmms-eval` by
 default (predictions normalised as for an EvalAI submission, then the official 2021 rule), `vizwiz` for
 VizWiz (its own evaluation), `vqa2017` / `vqa2021` the official evaluation's two versions. Every score names
 its rule.
@@ -76,7 +76,7 @@ class TaskSpec:
     """captioning only: which of BLEU, METEOR, ROUGE-L, CIDEr, SPICE (empty: all but SPICE, which needs
     Stanford models that pycocoevalcap downloads; METEOR's Java start takes ~13 s)."""
     vqa_rules: str = DEFAULT_RULES
-    """vqa only: which VQA accuracy convention scores the answers: vqa2017 | vqa2021 | lmms-eval | vizwiz
+    """vqa only: which VQA acc. convention scores the answers: vqa2017 | vqa2021 | lmms-eval | vizwiz
     (kosmos.eval.vqa_metrics says what each is and why lmms-eval is the default; VizWiz's task: vizwiz)."""
     description: str = ""
 
