@@ -189,7 +189,7 @@ def _check_ended_by_the_watchdog(res, out, marker, what):
     assert said and any(w.startswith(what) for _, _, w in said), text[-3000:]
     logs = {int(r): rank_log_path(out / "train.log", int(r)).read_text() for r, _, _ in said}
     assert all(re.search(r"no progress .* step \d+ waiting on", t) and "most recent call first" in t
-               and "train_kosmos.py" in t for t in logs.values()), logs
+               and "kosmos/train.py" in t for t in logs.values()), logs  # the training loop's frame
     _wait_until(lambda: not alive_with_marker(marker), 30)
     return said
 
