@@ -33,6 +33,19 @@ scaling: 1/2, 1/4, 1/8) that keeps the shorter side at least that, then resized 
 (1 would be faster: 5.4)."""
 
 
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """open_clip's `Resize(size)` geometry (torchvision's): the shorter side becomes `size`, the longer
+    `int(size * long / short)`; (new width, new height)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def crop_origin(width: int, height: int, size: int) -> tuple[int, int]:
+    """open_clip's `CenterCrop(size)` origin (top, left): `round((side - size) / 2)`."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
 def resize_crop(pixels: torch.Tensor, size: int = 224,
                 original: tuple[int, int] | None = None, contiguous: bool = True) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, size, size) uint8, contiguous: shorter side resized to `size` (bicubic,
@@ -46,12 +59,9 @@ def resize_crop(pixels: torch.Tensor, size: int = 224,
     h, w = pixels.shape[0], pixels.shape[1]
     x = pixels.permute(2, 0, 1)  # (3, H, W) over channels-last memory: what the fast uint8 kernel reads
     if (h, w) != (size, size):
-        w, h = original or (w, h)
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(size * long / short)
-        nw, nh = (size, new_long) if w <= h else (new_long, size)
+        nw, nh = resized_size(*(original or (w, h)), size)
         x = torch.nn.functional.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True)[0]
-        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        top, left = crop_origin(nw, nh, size)
         x = x[:, top:top + size, left:left + size]
         return x.contiguous() if contiguous else x
     if not contiguous:
@@ -104,12 +114,8 @@ def _pil_resize_crop(image, size: int, original: tuple[int, int] | None = None):
 
     w, h = original or image.size
     if (w, h) != (size, size) or image.size != (size, size):
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(size * long / short)
-        nw, nh = (size, new_long) if w <= h else (new_long, size)
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    nw, nh = image.size
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        image = image.resize(resized_size(w, h, size), Image.Resampling.BICUBIC)
+    top, left = crop_origin(*image.size, size)
     return image.crop((left, top, left + size, top + size))
 
 

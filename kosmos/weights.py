@@ -118,6 +118,11 @@ def check_finite(model: torch.nn.Module, path: str | Path) -> None:
                               f"{more}; resume from an earlier checkpoint (--resume PATH)")
 
 
+def _size_mismatches(e: RuntimeError) -> list[str]:
+    """The `size mismatch for KEY: ...` lines of torch's load_state_dict error (the rest is a listing)."""
+    return [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+
+
 def check_checkpoint_fits(model: torch.nn.Module, ckpt: str | Path) -> None:
     """Refuse the weights of checkpoint directory `ckpt` for a model whose config computes something else
     with them although every shape fits: settings that the weights do not record (the CLIP activation, the
@@ -173,7 +178,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        lines = _size_mismatches(e)
         raise CheckpointError(f"{path}: weights do not fit this config ({len(lines)} mismatches, e.g. "
                               f"{'; '.join(lines[:2]) or e}); is it the config the checkpoint was trained "
                               "with?") from None
@@ -210,7 +215,7 @@ def load_sharded_weights(model: torch.nn.Module, ckpt: str | Path, check_values:
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        lines = _size_mismatches(e)
         detail = "; ".join(lines[:2]) or e
         raise CheckpointError(f"{src}: weights do not fit this config ({detail})") from None
     if check_values:
@@ -394,7 +399,7 @@ def load_clip_weights(vision) -> None:
     try:
         vision.visual.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        lines = _size_mismatches(e)
         raise CheckpointError(f"vision.pretrained={spec}: its weights do not fit vision.* "
                               f"({'; '.join(lines[:2]) or e})") from None
     if mean is not None and std is not None:  # the statistics the tower was trained with
