@@ -62,8 +62,8 @@ def plain_pil(files: list[Path], size: int = 256) -> float:
 
 def converter(src: Path, out: Path, workers: int, per_shard: int) -> float:
     """Seconds for ``convert_captions`` (folder format) over ``src``, worker start-up included."""
-    from data_tools.captions import convert_captions
-    from data_tools.conversion import ShardOptions
+    from kosmos.data_tools.captions import convert_captions
+    from kosmos.data_tools.conversion import ShardOptions
 
     t0 = time.perf_counter()
     m = convert_captions("folder", src, out, shard_options=ShardOptions(

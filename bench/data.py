@@ -131,8 +131,8 @@ def main(argv=None):
     decode_image((ROOT / "assets" / "images" / "chelsea.jpg").read_bytes())  # torchvision's import too
 
     torch.set_num_threads(1)  # as in a DataLoader worker
-    from tokenizer import TINY_CORPUS
-    from tokenizer.build import build_tokenizer
+    from kosmos.tokenizer import TINY_CORPUS
+    from kosmos.tokenizer.build import build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -59,7 +59,7 @@ def main(argv=None):
     import torch
     from PIL import Image
 
-    from data_tools.images import ImageOptions, normalize_image
+    from kosmos.data_tools.images import ImageOptions, normalize_image
     from kosmos.image import decode_image
 
     torch.set_num_threads(1)  # as in a DataLoader worker

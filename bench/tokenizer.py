@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer import TINY_CORPUS  # noqa: E402
-from tokenizer.build import build_tokenizer, sample_lines, train_sentencepiece  # noqa: E402
+from kosmos.tokenizer import TINY_CORPUS  # noqa: E402
+from kosmos.tokenizer.build import build_tokenizer, sample_lines, train_sentencepiece  # noqa: E402
 
 VOCAB_SIZE = 1000
 TRAIN_MB = 2.0  # size of the generated training corpus

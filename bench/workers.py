@@ -40,9 +40,9 @@ def make_data(root: Path) -> list[str]:
     import io
     import random
 
-    from data_tools.shapes import toy_shards
-    from tokenizer import TINY_CORPUS
-    from tokenizer.build import build_tokenizer
+    from kosmos.data_tools.shapes import toy_shards
+    from kosmos.tokenizer import TINY_CORPUS
+    from kosmos.tokenizer.build import build_tokenizer
 
     build_tokenizer([TINY_CORPUS], root / "tok", 1000, character_coverage=0.995, quiet=True)
     toy_shards(root)  # shapes, converted into caption and interleaved shards

@@ -26,6 +26,7 @@ from torch import nn
 from kosmos.config import Config, DecoderConfig
 from kosmos.decoder import build_decoder
 from kosmos.sequence import IGNORE_INDEX
+from kosmos.sharding import is_sharded
 from kosmos.vision import VisionEncoder
 
 
@@ -98,7 +99,6 @@ class Kosmos(nn.Module):
         # init of each nn.Linear); we never re-initialise after it.
         self.decoder = build_decoder(d, build_token_embedding(d))
         self.num_latents = cfg.connector.num_latents
-        self.always_encode_images = False  # set by kosmos.sharding.shard_model: see Kosmos.embed
 
     # ------------------------------------------------------------------ pieces
 
@@ -136,9 +136,10 @@ class Kosmos(nn.Module):
                                     "the images need")
             feats = self.encode_images(images).to(x.dtype)  # (N, n, D)
             x = x.masked_scatter(image_mask.unsqueeze(-1), feats)
-        elif self.always_encode_images:
-            # Sharded (kosmos.sharding): every unit's forward and backward is a collective, so every rank runs
-            # the image pathway in every micro-batch: one blank image, its output times zero.
+        elif is_sharded(self):
+            # Sharded (kosmos.sharding.shard_model makes the model an FSDP2 module): every unit's forward and
+            # backward is a collective, so every rank runs the image pathway in every micro-batch: one blank
+            # image, its output times zero.
             blank = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, dtype=torch.uint8,
                                 device=input_ids.device)
             x = x + 0.0 * self.encode_images(blank).sum().to(x.dtype)

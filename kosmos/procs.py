@@ -2,12 +2,12 @@
 
 A process killed with SIGKILL (the OOM killer, `kill -9`, a scheduler) runs no exit handler, so its children
 are never told to stop: they go on as orphans, writing into the output folder a rerun writes to (the
-converters' workers, `data_tools.conversion`) or holding memory and file handles (the training data
+converters' workers, `kosmos.data_tools.conversion`) or holding memory and file handles (the training data
 workers, `kosmos.data.stream`). Called first thing in the child, `die_with_parent` asks the kernel to send
 the child SIGKILL when its parent dies (PR_SET_PDEATHSIG); `die_with` ends it when another process does (a
 worker forked by multiprocessing's forkserver: its parent is the server, which lives on while any worker
 does, but what the worker must not outlive is the main process). This module imports nothing from the
-project, so that any layer (and `data_tools`) can use it.
+project, so that any layer (and `kosmos.data_tools`) can use it.
 """
 
 from __future__ import annotations

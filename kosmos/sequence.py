@@ -79,11 +79,11 @@ class SequenceEncoder:
     def from_config(cls, cfg, tokenizer=None) -> SequenceEncoder:
         """From a Config; the tokenizer is loaded from `cfg.tokenizer.path` unless given."""
         if tokenizer is None:
-            from tokenizer import KosmosTokenizer
+            from kosmos.tokenizer import KosmosTokenizer
 
             if not cfg.tokenizer.path:
                 raise ValueError("no tokenizer: set tokenizer.path "
-                                 "(build one with `python -m tokenizer.build`)")
+                                 "(build one with `python -m kosmos.tokenizer.build`)")
             tokenizer = KosmosTokenizer.from_dir(cfg.tokenizer.path)
         return cls(tokenizer, cfg.connector.num_latents, cfg.vision.input_size)
 

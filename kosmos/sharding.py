@@ -32,6 +32,9 @@ from torch import nn
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded with FSDP2 (`fully_shard` makes it an FSDPModule)."""
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -64,8 +67,7 @@ def shard_model(model: nn.Module, mp_policy=None, mesh=None, reshard_after_forwa
     *inner, root = units(model)
     for m in inner:
         fully_shard(m, **kw)
-    fully_shard(root, **kw)
-    model.always_encode_images = True  # every rank runs every unit in every micro-batch (Kosmos.embed)
+    fully_shard(root, **kw)  # now an FSDPModule: Kosmos.embed runs every unit in every micro-batch
     return model
 
 

@@ -32,7 +32,7 @@ def check_config(cfg: Config) -> None:
 
     if not cfg.tokenizer.path or not (Path(cfg.tokenizer.path) / "tokenizer.model").is_file():
         raise ConfigError(f"config key 'tokenizer.path': no tokenizer.model in {cfg.tokenizer.path!r} "
-                          "(build one with `python -m tokenizer.build`)")
+                          "(build one with `python -m kosmos.tokenizer.build`)")
     build_tokenizer(cfg)  # decoder.vocab_size against the tokenizer's ids (a fraction of a second)
     packages = TRACKER_PACKAGES.get(cfg.train.tracker, ())
     if packages and not any(importlib.util.find_spec(p) for p in packages):
@@ -86,7 +86,7 @@ def build_accelerator(cfg: Config):
 
 
 def build_tokenizer(cfg: Config):
-    from tokenizer import KosmosTokenizer
+    from kosmos.tokenizer import KosmosTokenizer
 
     tok = KosmosTokenizer.from_dir(cfg.tokenizer.path)
     if len(tok) > cfg.decoder.vocab_size:

@@ -1,7 +1,7 @@
 """Reading untrusted inputs (datasets, shards, files named on a command line) so that one bad value is skipped
 and counted, or refused in one line, instead of ending the job. Torch-free, imports nothing heavy at import:
-shared by training (`kosmos.data`), evaluation, generation, the converters (`data_tools`) and the tokenizer
-builder.
+shared by training (`kosmos.data`), evaluation, generation, the converters (`kosmos.data_tools`) and the
+tokenizer builder.
 
     load_json    `json.loads` with a nesting limit (`MAX_JSON_DEPTH`): a 100,000-deep ``[[[...]]]`` raises
                  `json.JSONDecodeError` like any malformed JSON (Python's parser would raise RecursionError,

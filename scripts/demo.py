@@ -1,9 +1,9 @@
 """`make demo`: from nothing to a trained toy KOSMOS that captions an image, on a CPU, in a few minutes.
 
-1. builds a 1000-id tokenizer from the shipped corpus (tokenizer/data/tiny_corpus.txt);
+1. builds a 1000-id tokenizer from the shipped corpus (kosmos/tokenizer/data/tiny_corpus.txt);
 2. makes shards of the three sources: generated shapes with captions that describe them
-   (data_tools.shapes -> data_tools.captions), MMC4-style documents about those shapes
-   (-> data_tools.interleaved), and the corpus as text documents (-> data_tools.text);
+   (kosmos.data_tools.shapes -> kosmos.data_tools.captions), MMC4-style documents about those shapes
+   (-> kosmos.data_tools.interleaved), and the corpus as text documents (-> kosmos.data_tools.text);
 3. trains configs/tiny.yaml with `accelerate launch` (one CPU process) and saves a checkpoint;
 4. captions held-out shapes and one of the shipped photos with the trained model.
 
@@ -11,8 +11,8 @@ Everything lands in demo_out/ (the paths configs/tiny.yaml points at). Run again
 
     python scripts/demo.py [--steps N] [--images N] [--out DIR]    # or: python -m scripts.demo
 
-An application of the library, not part of it: it lives outside kosmos/ because it drives the data_tools
-converters (nothing in kosmos/ imports data_tools, scripts or bench).
+An application of the library, not part of it: it lives outside kosmos/ and drives the converters
+(kosmos.data_tools) and the trainer as a user would; nothing in kosmos/ imports scripts or bench.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python scripts/demo.py`: import kosmos, tokenizer, data_tools
+sys.path.insert(0, str(ROOT))  # `python scripts/demo.py`: import kosmos, tokenizer, kosmos.data_tools
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -37,7 +37,7 @@ def run(cmd: list[str], **kw) -> None:
 
 def corpus_jsonl(out: Path, lines_per_doc: int = 6) -> Path:
     """The shipped corpus as documents of a few lines each."""
-    from tokenizer import TINY_CORPUS
+    from kosmos.tokenizer import TINY_CORPUS
 
     lines = [line for line in TINY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
     path = out / "corpus.jsonl"
@@ -49,21 +49,22 @@ def corpus_jsonl(out: Path, lines_per_doc: int = 6) -> Path:
 
 def prepare(out: Path, n_images: int) -> None:
     py = sys.executable
-    from tokenizer import TINY_CORPUS
+    from kosmos.tokenizer import TINY_CORPUS
 
     if not (out / "tokenizer" / "tokenizer.model").is_file():
         run([py, "-m", "tokenizer.build", "--input", str(TINY_CORPUS), "--vocab-size", "1000",
              "--character-coverage", "0.995", "--output", str(out / "tokenizer"), "--quiet"])
     if not (out / "shapes" / "mmc4.jsonl").is_file():
-        run([py, "-m", "data_tools.shapes", "--output", str(out / "shapes"), "-n", str(n_images),
+        run([py, "-m", "kosmos.data_tools.shapes", "--output", str(out / "shapes"), "-n", str(n_images),
              "--docs", str(n_images // 4)])
     common = ["--no-progress", "--samples-per-shard", "200"]
-    run([py, "-m", "data_tools.captions", "--format", "folder", "--input", str(out / "shapes" / "images"),
+    run([py, "-m", "kosmos.data_tools.captions", "--format", "folder",
+         "--input", str(out / "shapes" / "images"),
          "--output", str(out / "shards" / "captions"), *common])
-    run([py, "-m", "data_tools.interleaved", "--format", "mmc4",
+    run([py, "-m", "kosmos.data_tools.interleaved", "--format", "mmc4",
          "--input", str(out / "shapes" / "mmc4.jsonl"), "--images-root", str(out / "shapes" / "images"),
          "--output", str(out / "shards" / "interleaved"), *common])
-    run([py, "-m", "data_tools.text", "--input", str(corpus_jsonl(out)),
+    run([py, "-m", "kosmos.data_tools.text", "--input", str(corpus_jsonl(out)),
          "--output", str(out / "shards" / "text"), *common])
 
 
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
          "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
          "train_kosmos.py", "--config", "configs/tiny.yaml", "--resume", "latest", *overrides], env=env)
 
-    from data_tools.shapes import caption, draw
     from kosmos.checkpoint import list_checkpoints
+    from kosmos.data_tools.shapes import caption, draw
     from kosmos.generate import GenerationConfig, build_prompt, generate, load_for_inference
 
     latest = list_checkpoints(out / "run")[-1]
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {path.name:<32} model: {tok.decode(ids).strip()!r:<34} truth: {truth}")
     # 48 fresh shapes (one per colour x shape x place) through the evaluation harness (kosmos.eval): CIDEr
     # and the other caption metrics, and how often the model names each attribute.
-    from data_tools.shapes import COLOURS, PLACES, SHAPES
+    from kosmos.data_tools.shapes import COLOURS, PLACES, SHAPES
     from kosmos.eval.run import Shots, load_task_data, run_task
     from kosmos.eval.tasks import get_task
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python scripts/docs_check.py`: import kosmos, data_tools, train_kosmos
+sys.path.insert(0, str(ROOT))  # `python scripts/docs_check.py`: import kosmos and train_kosmos
 
 PAGES = ("README.md", "docs/*.md")
 
@@ -52,9 +52,9 @@ ENTRY_POINTS = (
     ["train_kosmos.py"], ["-m", "kosmos.generate"], ["-m", "kosmos.summary"], ["-m", "kosmos.eval", "run"],
     ["-m", "kosmos.eval", "score"], ["-m", "kosmos.eval", "score", "captioning"],
     ["-m", "kosmos.eval", "score", "vqa"], ["-m", "kosmos.eval", "loss"],
-    ["-m", "kosmos.checkpoint", "consolidate"], ["-m", "tokenizer.build"],
-    *[["-m", f"data_tools.{m}"] for m in ("captions", "interleaved", "text", "urls", "verify", "inspect",
-                                           "shapes")],
+    ["-m", "kosmos.checkpoint", "consolidate"], ["-m", "kosmos.tokenizer.build"],
+    *[["-m", f"kosmos.data_tools.{m}"]
+      for m in ("captions", "interleaved", "text", "urls", "verify", "inspect", "shapes")],
     ["scripts/demo.py"], ["scripts/gen_config_docs.py"], ["scripts/docs_check.py"], ["-m", "tests.soak"],
     *[[p.relative_to(ROOT).as_posix()] for p in sorted((ROOT / "bench").glob("[!_]*.py"))],
 )
@@ -271,7 +271,7 @@ def _target(prog: str, args: list[str]) -> tuple[list[str] | None, list[str], st
 def check_command(cmd: Command, complete: bool = True) -> str | None:
     """None if the command's program exists and accepts its arguments, else what is wrong. A `complete`
     command (a block's) is parsed as written; an inline one may leave out required arguments and values
-    (`python -m tokenizer.build`, `--resume latest`): its program must exist and know its flags."""
+    (`python -m kosmos.tokenizer.build`, `--resume latest`): its program must exist and know its flags."""
     argv = [a for a in cmd.argv if a != "..."]
     while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):  # VAR=value prefixes
         argv = argv[1:]
@@ -417,8 +417,8 @@ def check_pages(paths: list[Path]) -> list[str]:
 def _own_data(work: Path) -> None:
     """A folder of captioned images (generated shapes: a.png + a.txt) and a folder of text (the shipped
     corpus), as the README's "your own data" starts from; configs/ and train_kosmos.py at hand."""
-    from data_tools.shapes import make_shapes
-    from tokenizer import TINY_CORPUS
+    from kosmos.data_tools.shapes import make_shapes
+    from kosmos.tokenizer import TINY_CORPUS
 
     make_shapes(str(work / "shapes"), 64, 96, 0, 0)
     (work / "shapes" / "images").rename(work / "my_images")

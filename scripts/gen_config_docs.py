@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python scripts/gen_config_docs.py`: import kosmos, data_tools
+sys.path.insert(0, str(ROOT))  # `python scripts/gen_config_docs.py`: import kosmos, kosmos.data_tools
 
 from kosmos.config import Config, DataConfig, SourceConfig  # noqa: E402
 from kosmos.docstrings import field_docs  # noqa: E402

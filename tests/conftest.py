@@ -10,8 +10,8 @@ TINY_VOCAB_SIZE = 1000
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A KosmosTokenizer of 1000 ids built from the shipped tiny corpus (well under a second)."""
-    from tokenizer import TINY_CORPUS
-    from tokenizer.build import build_tokenizer
+    from kosmos.tokenizer import TINY_CORPUS
+    from kosmos.tokenizer.build import build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     return build_tokenizer([TINY_CORPUS], out, TINY_VOCAB_SIZE, character_coverage=0.995, quiet=True)
@@ -20,9 +20,9 @@ def tiny_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_tokenizer):
     """Shards of all three sources for training configs/tiny.yaml, and the overrides that point at them:
-    generated shapes with captions (through data_tools.captions), MMC4-style documents about them (through
-    data_tools.interleaved) and short text documents."""
-    from data_tools.shapes import toy_shards
+    generated shapes with captions (through kosmos.data_tools.captions), MMC4-style documents about them
+    (through kosmos.data_tools.interleaved) and short text documents."""
+    from kosmos.data_tools.shapes import toy_shards
     from tests.helpers import text_shards
 
     root = tmp_path_factory.mktemp("tiny_run")

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from kosmos.optim import param_groups
-from kosmos.sharding import full, gradient_sync, local, shard_model
+from kosmos.sharding import full, gradient_sync, is_sharded, local, shard_model
 from tests.helpers import make_row, random_images, tiny_model
 
 
@@ -40,7 +40,7 @@ def main():
     torch.manual_seed(0)
     ref = tiny_model(*overrides)
     model = shard_model(copy.deepcopy(ref))
-    assert model.always_encode_images and not ref.always_encode_images
+    assert is_sharded(model) and not is_sharded(ref)
 
     # the sharded step: this rank's micro-batches, reduced (averaged over the ranks) on the last only
     opt = optimizer(model, mode)

@@ -163,9 +163,9 @@ def text_shards(root: Path, n_shards: int, per_shard: int, words=(3, 30), seed: 
 
 
 def instruction_shards(root, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
-    """Text shards as `data_tools.text --format instructions` writes them: the templated text in KEY.txt,
-    the prompt's length in KEY.json."""
-    from data_tools.text import render_instruction
+    """Text shards as `kosmos.data_tools.text --format instructions` writes them: the templated text in
+    KEY.txt, the prompt's length in KEY.json."""
+    from kosmos.data_tools.text import render_instruction
 
     def sample(rng, s, i):
         text, n = render_instruction(sentence(rng, rng.randint(2, 8)), sentence(rng, rng.randint(0, 4)),

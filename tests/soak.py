@@ -72,9 +72,9 @@ def prepare(root: Path) -> dict:
     if ready.is_file() and (data := json.loads(ready.read_text())).get("version") == DATA_VERSION:
         return data
     shutil.rmtree(root, ignore_errors=True)
+    from kosmos.tokenizer import TINY_CORPUS
+    from kosmos.tokenizer.build import build_tokenizer
     from tests import helpers
-    from tokenizer import TINY_CORPUS
-    from tokenizer.build import build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer([TINY_CORPUS], root / "tokenizer", 1000, character_coverage=0.995, quiet=True)

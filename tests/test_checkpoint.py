@@ -36,8 +36,8 @@ def test_checkpoint_listing_ignores_partial_and_keeps_last(tmp_path):
 def test_checkpoint_carries_config_and_tokenizer_and_loads_back(tiny_tokenizer, tmp_path):
 
     from kosmos.optim import build_optimizer, build_scheduler
+    from kosmos.tokenizer import KosmosTokenizer
     from kosmos.training import build_accelerator
-    from tokenizer import KosmosTokenizer
 
     cfg = load_config(TINY, [f"tokenizer.path={tiny_tokenizer.path}", f"train.output_dir={tmp_path}",
                              "train.tracker=none"])

@@ -861,7 +861,7 @@ def test_workers_start_and_stop_many_times_while_threads_come_and_go(tmp_path, t
         "from kosmos.config import SourceConfig",
         "from kosmos.data.stream import SourceDataset, SourceLoader",
         "from kosmos.sequence import SequenceEncoder",
-        "from tokenizer import KosmosTokenizer",
+        "from kosmos.tokenizer import KosmosTokenizer",
         "from tests.helpers import loader_workers",
         f"enc = SequenceEncoder(KosmosTokenizer.from_dir({str(tiny_tokenizer.path)!r}), 4, 32)",
         "def churn():",

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import conversion
-from data_tools.captions import convert_captions, main
-from data_tools.conversion import ShardOptions
-from data_tools.images import ImageOptions
-from data_tools.records import ConversionError
-from data_tools.verify import verify
+from kosmos.data_tools import conversion
+from kosmos.data_tools.captions import convert_captions, main
+from kosmos.data_tools.conversion import ShardOptions
+from kosmos.data_tools.images import ImageOptions
+from kosmos.data_tools.records import ConversionError
+from kosmos.data_tools.verify import verify
 from tests.helpers import (
     BAD_REASONS,
     bad_image,

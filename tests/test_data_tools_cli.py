@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import captions, cli, interleaved, text
-from data_tools.cli import IMAGE_OPTIONS, SHARD_OPTIONS, OptionSpec, field_docs
-from data_tools.conversion import ShardOptions
-from data_tools.images import ImageOptions
-from data_tools.interleaved import DOC_OPTIONS, DocOptions
+from kosmos.data_tools import captions, cli, interleaved, text
+from kosmos.data_tools.cli import IMAGE_OPTIONS, SHARD_OPTIONS, OptionSpec, field_docs
+from kosmos.data_tools.conversion import ShardOptions
+from kosmos.data_tools.images import ImageOptions
+from kosmos.data_tools.interleaved import DOC_OPTIONS, DocOptions
 
 PARSERS = {"captions": (captions.build_parser, (SHARD_OPTIONS, IMAGE_OPTIONS)),
            "interleaved": (interleaved.build_parser, (SHARD_OPTIONS, IMAGE_OPTIONS, DOC_OPTIONS)),

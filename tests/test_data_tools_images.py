@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.images import ImageOptions, normalize_image
-from data_tools.records import Skip
-from data_tools.writer import sanitize_key
+from kosmos.data_tools.images import ImageOptions, normalize_image
+from kosmos.data_tools.records import Skip
+from kosmos.data_tools.writer import sanitize_key
 from tests.helpers import BAD_REASONS, bad_image, image_size, photo
 
 

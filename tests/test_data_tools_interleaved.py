@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.conversion import ShardOptions
-from data_tools.images import ImageOptions, url_hashes
-from data_tools.interleaved import DocOptions, convert_interleaved, main
-from data_tools.records import ConversionError
-from data_tools.verify import verify
+from kosmos.data_tools.conversion import ShardOptions
+from kosmos.data_tools.images import ImageOptions, url_hashes
+from kosmos.data_tools.interleaved import DocOptions, convert_interleaved, main
+from kosmos.data_tools.records import ConversionError
+from kosmos.data_tools.verify import verify
 from tests.helpers import bad_image, image_size, photo, read_tar, read_wds, write
 
 KEEP_ALL = DocOptions(max_images=0, single_image_drop=0.0)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.conversion import ShardOptions
-from data_tools.records import ConversionError
-from data_tools.text import convert_text, main
-from data_tools.verify import verify
+from kosmos.data_tools.conversion import ShardOptions
+from kosmos.data_tools.records import ConversionError
+from kosmos.data_tools.text import convert_text, main
+from kosmos.data_tools.verify import verify
 from tests.helpers import manifest, read_tar, read_wds, shard_bytes, write
 
 
@@ -114,7 +114,7 @@ def test_instructions_unnatural_flan_and_prompt_response(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_tools.text import INSTRUCTION_TEMPLATE, render_instruction
+    from kosmos.data_tools.text import INSTRUCTION_TEMPLATE, render_instruction
 
     src = tmp_path / "inst"
     # Unnatural Instructions: core_data.jsonl lines, one instruction with its instances (and reformulations)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.conversion import ShardOptions
-from data_tools.interleaved import DocOptions, convert_interleaved
-from data_tools.urls import UrlOptions, main, write_urls
+from kosmos.data_tools.conversion import ShardOptions
+from kosmos.data_tools.interleaved import DocOptions, convert_interleaved
+from kosmos.data_tools.urls import UrlOptions, main, write_urls
 from tests.helpers import image_size, photo, read_wds, write
 
 KEEP_ALL = DocOptions(max_images=0, single_image_drop=0.0)

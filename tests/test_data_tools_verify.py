@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_tools import inspect as shard_inspect
-from data_tools import verify as shard_verify
-from data_tools.captions import convert_captions
-from data_tools.conversion import ShardOptions
+from kosmos.data_tools import inspect as shard_inspect
+from kosmos.data_tools import verify as shard_verify
+from kosmos.data_tools.captions import convert_captions
+from kosmos.data_tools.conversion import ShardOptions
 from tests.helpers import photo, write
 
 

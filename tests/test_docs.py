@@ -18,8 +18,8 @@ def test_config_docs_are_up_to_date():
 
 
 def test_config_docs_name_every_key_with_its_docstring():
-    from data_tools.cli import field_docs
     from kosmos.config import Config, SourceConfig
+    from kosmos.data_tools.cli import field_docs
 
     text = gen_config_docs.render()
     cfg = Config()
@@ -39,7 +39,7 @@ def test_config_docs_name_every_key_with_its_docstring():
 
 
 def test_a_changed_docstring_makes_the_docs_stale(monkeypatch):
-    from data_tools import cli
+    from kosmos.data_tools import cli
 
     real = cli.field_docs
 
@@ -67,13 +67,13 @@ def test_docs_check_finds_a_wrong_flag_module_and_config_key(tmp_path):
 
     page = tmp_path / "page.md"
     page.write_text(
-        "Run `python -m data_tools.verify --no-such-flag`.\n\n"
+        "Run `python -m kosmos.data_tools.verify --no-such-flag`.\n\n"
         "<!-- docs-check: not run: an example -->\n```bash\n"
         "python -m kosmos.no_such_module --help\n"
-        "python -m data_tools.captions --format nonsense --input a --output b\n"
+        "python -m kosmos.data_tools.captions --format nonsense --input a --output b\n"
         "python train_kosmos.py --config configs/tiny.yaml optim.lrr=1e-4\n"
         "make no-such-target\n```\n\n"
-        "```bash\npython -m data_tools.verify shards/\n```\n\n"
+        "```bash\npython -m kosmos.data_tools.verify shards/\n```\n\n"
         "See [there](#no-such-heading) and [this](no_such_file.md).\n\n"
         "```python\nfrom kosmos.model import Kosmos, NoSuchName\n```\n", encoding="utf-8")
     problems = "\n".join(docs_check.check_pages([page]))

@@ -371,8 +371,8 @@ def test_an_evaluation_image_folder_takes_every_image_the_converters_take(tmp_pa
     folder (jpg/jpeg/png/webp/bmp only): one list of image suffixes now."""
     from PIL import Image
 
-    import data_tools.images
     import kosmos.data.format
+    import kosmos.data_tools.images
     import kosmos.eval.datasets
     from kosmos.eval import run
     from kosmos.eval.tasks import get_task
@@ -390,7 +390,7 @@ def test_an_evaluation_image_folder_takes_every_image_the_converters_take(tmp_pa
 
     assert all(load_image(item.images[0], 32).shape == (3, 32, 32) for item in data.items)
     suffixes = getattr(kosmos.data.format, "IMAGE_SUFFIXES", None)
-    assert data_tools.images.IMAGE_SUFFIXES is suffixes is kosmos.eval.datasets.IMAGE_SUFFIXES
+    assert kosmos.data_tools.images.IMAGE_SUFFIXES is suffixes is kosmos.eval.datasets.IMAGE_SUFFIXES
 
 
 # ----------------------------------------------------------------------------- issue 22 items 7 and 9

@@ -307,9 +307,9 @@ def test_parse_sample_unknown_kind():
 
 def test_uppercase_image_names_found_alike_by_reader_and_verify(tmp_path, tiny_tokenizer):
     """Interleaved image names are case-insensitive the same way for training and for verify."""
-    from data_tools.verify import verify_shard
     from kosmos.data.samples import encode_sample
     from kosmos.data.shards import read_shard
+    from kosmos.data_tools.verify import verify_shard
     from kosmos.sequence import SequenceEncoder
     from tests.helpers import jpeg
 

@@ -209,7 +209,7 @@ def test_summary_cli(capsys):
 
 # ------------------------------------------------------------------------ control tokens and stop strings
 
-# The tiny tokenizer's special ids (tokenizer/build.py), as make_row uses them
+# The tiny tokenizer's special ids (kosmos/tokenizer/build.py), as make_row uses them
 SPECIAL = SimpleNamespace(pad_id=0, bos_id=2, eos_id=3, image_id=4, image_end_id=5,
                           decode=lambda ids: "".join(f"<{i}>" for i in ids))
 CONTROL = {0, 2, 4, 5}

@@ -13,20 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import inspect as inspect_tool
-from data_tools import verify as verify_tool
-from data_tools.captions import convert_captions
-from data_tools.captions import main as captions_main
-from data_tools.conversion import ShardOptions
-from data_tools.images import JPEG_MAX_SIDE, ImageOptions, normalize_image, url_hashes
-from data_tools.interleaved import DocOptions, convert_interleaved
-from data_tools.records import Skip
-from data_tools.text import convert_text
-from data_tools.text import main as text_main
 from kosmos.config import ConfigError, load_config
 from kosmos.data import SourceLoader
 from kosmos.data.samples import encode_sample
+from kosmos.data_tools import inspect as inspect_tool
+from kosmos.data_tools import verify as verify_tool
+from kosmos.data_tools.captions import convert_captions
+from kosmos.data_tools.captions import main as captions_main
+from kosmos.data_tools.conversion import ShardOptions
+from kosmos.data_tools.images import JPEG_MAX_SIDE, ImageOptions, normalize_image, url_hashes
+from kosmos.data_tools.interleaved import DocOptions, convert_interleaved
+from kosmos.data_tools.records import Skip
+from kosmos.data_tools.text import convert_text
+from kosmos.data_tools.text import main as text_main
 from kosmos.sequence import SequenceEncoder
+from kosmos.tokenizer.build import BuildError, sample_lines
 from tests.helpers import (
     TINY,
     WORDS,
@@ -39,7 +40,6 @@ from tests.helpers import (
     write,
     write_tar,
 )
-from tokenizer.build import BuildError, sample_lines
 
 KEEP_ALL = DocOptions(max_images=0, single_image_drop=0.0)
 
@@ -416,7 +416,7 @@ def test_a_deeply_nested_text_record_is_skipped_as_malformed_json(tmp_path, fmt,
 
 @pytest.mark.parametrize("fmt", ["obelics", "mmc4"])
 def test_a_deeply_nested_document_is_skipped_by_the_interleaved_converter_and_urls(tmp_path, fmt):
-    from data_tools.urls import write_urls
+    from kosmos.data_tools.urls import write_urls
 
     write(tmp_path / "images" / "a.jpg", photo(0))
     if fmt == "mmc4":

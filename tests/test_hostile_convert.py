@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import captions, conversion, text
-from data_tools.captions import convert_captions
-from data_tools.conversion import Conversion, ShardOptions, run_conversion
-from data_tools.records import ConversionError, Item
-from data_tools.text import make_text_sample
+from kosmos.data_tools import captions, conversion, text
+from kosmos.data_tools.captions import convert_captions
+from kosmos.data_tools.conversion import Conversion, ShardOptions, run_conversion
+from kosmos.data_tools.records import ConversionError, Item
+from kosmos.data_tools.text import make_text_sample
 from tests.helpers import MARKER, ROOT, alive_with_marker, manifest, photo, read_tar, shard_bytes, write
 
 
@@ -100,10 +100,10 @@ import sys
 import time
 from pathlib import Path
 
-from data_tools.cli import run_cli
-from data_tools.conversion import Conversion, ShardOptions, run_conversion
-from data_tools.records import Item
-from data_tools.text import make_text_sample
+from kosmos.data_tools.cli import run_cli
+from kosmos.data_tools.conversion import Conversion, ShardOptions, run_conversion
+from kosmos.data_tools.records import Item
+from kosmos.data_tools.text import make_text_sample
 
 
 def sleepy_text_sample(item, seconds):  # module level: it runs in the spawned workers
@@ -117,7 +117,7 @@ def items():
 
 if __name__ == "__main__":
     out, seconds = Path(sys.argv[1]), float(sys.argv[2])
-    conv = Conversion("data_tools.text", "text", {"docs": 40}, items(), sleepy_text_sample, seconds)
+    conv = Conversion("kosmos.data_tools.text", "text", {"docs": 40}, items(), sleepy_text_sample, seconds)
     opts = ShardOptions(output=out, samples_per_shard=2, workers=2, progress=False)
     sys.exit(run_cli(lambda: run_conversion(conv, opts)))
 """
@@ -177,7 +177,7 @@ def test_killed_converter_takes_its_workers_along_and_a_rerun_copes(tmp_path):
     assert "finished chunks reused" in said
     full = tmp_path / "full"
     items = [Item(f"d{i:03d}", f"doc {i}", {"text": f"document {i}", "meta": {}}) for i in range(40)]
-    run_conversion(Conversion("data_tools.text", "text", {"docs": 40}, items, make_text_sample),
+    run_conversion(Conversion("kosmos.data_tools.text", "text", {"docs": 40}, items, make_text_sample),
                    _opts(full, samples_per_shard=2))
     assert shard_bytes(out) == shard_bytes(full) and len(shard_bytes(full)) == 20
     assert not list(out.glob("*.tmp"))
@@ -349,7 +349,7 @@ def test_a_conversion_that_writes_nothing_exits_2_showing_the_paths_tried(tmp_pa
 
 
 def test_an_interleaved_conversion_that_writes_nothing_says_why_its_documents_had_no_image(tmp_path):
-    from data_tools.interleaved import DocOptions, convert_interleaved
+    from kosmos.data_tools.interleaved import DocOptions, convert_interleaved
 
     docs = [{"id": f"doc{i}", "texts": ["some text", None], "images": [None, f"https://x.org/{i}.jpg"]}
             for i in range(2)]

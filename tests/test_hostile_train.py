@@ -171,7 +171,7 @@ def _loader_script(shards, tokenizer_dir, *lines, **kw) -> str:
         "from kosmos.config import SourceConfig",
         "from kosmos.data.stream import SourceDataset, SourceLoader",
         "from kosmos.sequence import SequenceEncoder",
-        "from tokenizer import KosmosTokenizer",
+        "from kosmos.tokenizer import KosmosTokenizer",
         f"enc = SequenceEncoder(KosmosTokenizer.from_dir({str(tokenizer_dir)!r}), 4, 32)",
         "source = SourceConfig(kind='text', micro_batch_size=2, workers=2, shuffle_buffer=0)",
         f"loader = SourceLoader(SourceDataset(source, {shards!r}, enc, max_len=64"

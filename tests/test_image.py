@@ -11,9 +11,9 @@ from PIL import Image
 
 import kosmos.image as kimage
 from bench.preprocess import differences, reference
-from data_tools.images import ImageOptions, normalize_image
 from kosmos.data.format import BadSample
 from kosmos.data.samples import _image
+from kosmos.data_tools.images import ImageOptions, normalize_image
 from kosmos.image import clip_resize_crop, decode_image, jpeg_header
 from tests.helpers import PHOTOS, photo
 

@@ -1,13 +1,15 @@
 """The library stays apart from the applications built on it, and its layers only point down.
 
-kosmos/ (the library) and tokenizer/ are imported by data_tools/, train_kosmos.py, scripts/ and bench/,
-never the other way round (tokenizer/ may use kosmos/). bench/ and scripts/ are not even installed, so
-an import of them from an installed package would break after `pip install`. Every import is checked,
-those inside functions too (the demo used to hide its data_tools imports in a function body).
+kosmos/ (the library, with its tools kosmos.data_tools and kosmos.tokenizer.build) is imported by
+train_kosmos.py, scripts/ and bench/, never the other way round, and never through the deprecated top-level
+names `tokenizer` and `data_tools` (shims that point into kosmos for one release). bench/ and scripts/ are
+not even installed, so an import of them from an installed package would break after `pip install`. Every
+import is checked, those inside functions too (the demo used to hide its data_tools imports in a function
+body).
 
 Inside kosmos/, each module belongs to a layer (`LAYERS`, lowest first) and imports only from its own layer
 or lower ones: config <- model (and data) <- weights <- checkpoint <- evaluation and generation <- training
-<- the entry points. A new module must be given a layer here.
+<- the entry points and tools. A new module must be given a layer here.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-APPS = {"data_tools", "scripts", "bench", "tests", "train_kosmos"}
+APPS = {"scripts", "bench", "tests", "train_kosmos"}
+DEPRECATED = {"tokenizer", "data_tools"}  # the old top-level names, now shims into kosmos
 FORBIDDEN = {
-    "kosmos": APPS,
-    "tokenizer": APPS,  # it may use the library (kosmos), not the tools
-    "data_tools": {"scripts", "bench", "tests", "train_kosmos"},
+    "kosmos": APPS | DEPRECATED,
+    "tokenizer": APPS,  # the shims point into the library only
+    "data_tools": APPS,
 }
 ALLOWED: dict[str, set[str]] = {}  # the library imports no script (kosmos.cli runs kosmos.train)
 
 LAYERS = [  # lowest first; a module name or a package prefix (kosmos.data: every module under it)
     ("base", ["kosmos", "kosmos.errors", "kosmos.untrusted", "kosmos.procs", "kosmos.distributed",
-              "kosmos.watchdog", "kosmos.docstrings"]),  # import nothing of kosmos but each other
+              "kosmos.watchdog", "kosmos.docstrings", "kosmos.deprecated",
+              "kosmos.tokenizer"]),  # import nothing of kosmos but each other
     ("config", ["kosmos.config"]),
     ("model", ["kosmos.image", "kosmos.sequence", "kosmos.decoder", "kosmos.vision", "kosmos.model",
                "kosmos.sharding", "kosmos.optim", "kosmos.data"]),  # the network and its inputs; no file
@@ -37,7 +41,8 @@ LAYERS = [  # lowest first; a module name or a package prefix (kosmos.data: ever
     ("checkpoint", ["kosmos.checkpoint"]),  # training save / load / resume, sharded too; consolidate
     ("inference", ["kosmos.generate", "kosmos.eval"]),
     ("training", ["kosmos.training", "kosmos.train_eval", "kosmos.metrics"]),
-    ("entry points", ["kosmos.train", "kosmos.cli", "kosmos.summary", "kosmos.eval.__main__"]),
+    ("entry points", ["kosmos.train", "kosmos.cli", "kosmos.summary", "kosmos.eval.__main__",
+                      "kosmos.tokenizer.build", "kosmos.data_tools"]),  # and the tools (they use kosmos.data)
 ]
 
 

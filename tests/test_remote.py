@@ -280,8 +280,8 @@ def test_eval_reads_caption_shards_over_http(shards, caplog):
 
 def test_verify_and_inspect_read_remote_shards(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("kosmos.data.remote.DEFAULT", FAST)
-    from data_tools import inspect as shard_inspect
-    from data_tools import verify as shard_verify
+    from kosmos.data_tools import inspect as shard_inspect
+    from kosmos.data_tools import verify as shard_verify
     from tests.test_data_tools_verify import _shards
 
     out = _shards(tmp_path)  # 2 shards of 2 caption samples, with manifest.json
@@ -307,7 +307,7 @@ def test_verify_and_inspect_read_remote_shards(tmp_path, capsys, monkeypatch):
 
 
 def test_tokenizer_inputs_may_be_urls_and_pipes(tmp_path):
-    from tokenizer.build import BuildError, sample_lines
+    from kosmos.tokenizer.build import BuildError, sample_lines
 
     docs = [{"text": f"document number {i} about red circles"} for i in range(20)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))

@@ -55,7 +55,7 @@ def test_units_are_layers_clip_blocks_resampler_then_root_and_the_loss_is_unchan
 
     ref = tiny_model()
     model = shard_model(tiny_model())
-    assert is_sharded(model) and model.always_encode_images
+    assert is_sharded(model) and not is_sharded(ref)
     wrapped = [m for m in model.modules() if isinstance(m, FSDPModule)]
     blocks = list(model.vision.visual.transformer.resblocks)
     assert set(map(id, wrapped)) == {id(m) for m in [*model.decoder.layers, *blocks, model.resampler, model]}

@@ -61,7 +61,7 @@ def imported_at_import(module: str) -> set[str]:
             if sub in seen:
                 continue
             seen.add(sub)
-            f = _module_file(sub) if parts[0] in ("kosmos", "tokenizer") else None
+            f = _module_file(sub) if parts[0] == "kosmos" else None
             if f is not None:
                 todo += sorted(import_time_imports(f))
     return seen

@@ -10,8 +10,8 @@ import tarfile
 
 import pytest
 
-from tokenizer import GROUNDING_TOKENS, SPECIAL_TOKENS, TINY_CORPUS, KosmosTokenizer
-from tokenizer.build import BuildError, Reservoir, build_tokenizer, main, sample_lines
+from kosmos.tokenizer import GROUNDING_TOKENS, SPECIAL_TOKENS, TINY_CORPUS, KosmosTokenizer
+from kosmos.tokenizer.build import BuildError, Reservoir, build_tokenizer, main, sample_lines
 
 TINY_VOCAB_SIZE = 1000  # what the tiny_tokenizer fixture in conftest.py asks for
 
@@ -208,7 +208,7 @@ def test_long_lines_are_chunked_not_dropped(tmp_path):
 def _split_lines_before(document: str) -> list[str]:
     """What tokenizer.build cut a document into before issue 22 (quadratic: `line = line[cut:]`), chunks of
     blanks alone left out."""
-    from tokenizer.build import CHUNK_CHARS
+    from kosmos.tokenizer.build import CHUNK_CHARS
 
     out = []
     for line in document.split("\n"):
@@ -227,7 +227,7 @@ def _split_lines_before(document: str) -> list[str]:
 def test_long_lines_are_cut_as_before_whole_or_streamed_in_pieces():
     import random
 
-    from tokenizer.build import _split_lines
+    from kosmos.tokenizer.build import _split_lines
 
     rng = random.Random(0)
     for _ in range(30):
@@ -252,7 +252,7 @@ def test_a_corpus_that_is_one_long_line_is_read_in_bounded_memory(tmp_path):
     (speed: bench/tokenizer.py)."""
     import tracemalloc
 
-    from tokenizer import build
+    from kosmos.tokenizer import build
 
     CHUNK_CHARS, READ_PIECE = build.CHUNK_CHARS, getattr(build, "READ_PIECE", 1 << 20)
     line = "word " * (12 * READ_PIECE // 5)  # 12 MB, no newline

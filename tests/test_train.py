@@ -590,7 +590,7 @@ def test_image_pathway_learns(tiny_run, tmp_path):
     tokens of held-out shapes must be clearly lower with the true image than with another image."""
     import random
 
-    from data_tools.shapes import COLOURS, POSITIONS, SHAPES, caption, draw
+    from kosmos.data_tools.shapes import COLOURS, POSITIONS, SHAPES, caption, draw
     from kosmos.generate import load_for_inference
     from kosmos.sequence import IGNORE_INDEX
 

@@ -1,14 +1,5 @@
-"""The project's custom SentencePiece tokenizer.
+"""Deprecated name (goes in the next release): this module moved to `kosmos.tokenizer`."""
 
-Build one with ``python -m tokenizer.build --input CORPUS --vocab-size 64007 --output DIR`` and load
-it with ``KosmosTokenizer.from_dir(DIR)``. See ``tokenizer/tokenizer.py`` for the special tokens.
-"""
+from kosmos.deprecated import moved
 
-from pathlib import Path
-
-from tokenizer.tokenizer import GROUNDING_TOKENS, SPECIAL_TOKENS, KosmosTokenizer
-
-TINY_CORPUS = Path(__file__).resolve().parent / "data" / "tiny_corpus.txt"
-"""A small shipped multilingual corpus (plus shape captions) for tests and the demo."""
-
-__all__ = ["GROUNDING_TOKENS", "SPECIAL_TOKENS", "TINY_CORPUS", "KosmosTokenizer"]
+moved(__spec__.name, "kosmos.tokenizer", main=__name__ == "__main__", package=True)

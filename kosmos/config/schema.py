@@ -255,7 +255,7 @@ class ConnectorConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Where the SentencePiece tokenizer lives (built with `python -m tokenizer.build`)."""
+    """Where the SentencePiece tokenizer lives (built with `python -m kosmos.tokenizer.build`)."""
 
     path: str | None = field(default=None, metadata=FIXED)
     """Directory holding tokenizer.model and tokenizer_config.json."""
@@ -297,7 +297,7 @@ class SourceConfig:
     captions (a 1 MB caption would otherwise fill thousands of rows), none for text and interleaved documents
     (the paper packs long documents over several rows)."""
     loss: str = field(default="all", metadata=FIXED)
-    """Text sources: what the loss of an instruction sample (from `python -m data_tools.text --format
+    """Text sources: what the loss of an instruction sample (from `python -m kosmos.data_tools.text --format
     instructions`, whose shards mark the prompt) covers: `all`, the whole templated text (as the paper trains
     it), or `response`, the response only (labels -100 over `<s>` and the prompt). Plain text is
     unaffected."""

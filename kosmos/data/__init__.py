@@ -2,7 +2,7 @@
 interleaved; `kosmos.config.DataConfig.named_sources`) -> packed, mixed micro-batches.
 
     format.py   the shard format (torch-free): source kinds, member names, tar members -> samples,
-                a sample's files -> text and image segments; shared with data_tools
+                a sample's files -> text and image segments; shared with kosmos.data_tools
     shards.py   shard lists (paths, dirs, globs, brace patterns) and tar reading
     remote.py   shards from URLs (HTTP, fsspec protocols) and pipe:COMMAND: streamed, timeouts, retries
     samples.py  raw sample -> token ids, image slots and images (per source kind); bad samples counted

@@ -32,6 +32,6 @@ import torch  # noqa: E402, F401
 
 import kosmos.data.stream  # noqa: E402, F401
 
-for name in ("numpy", "PIL.Image", "sentencepiece", "torchvision.io", "tokenizer"):
+for name in ("numpy", "PIL.Image", "sentencepiece", "torchvision.io", "kosmos.tokenizer"):
     with contextlib.suppress(ImportError):  # what is not installed, a worker does not use
         __import__(name)

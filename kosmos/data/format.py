@@ -8,11 +8,11 @@ named and grouped into samples, and how a sample's files are parsed.
 Converters also write `KEY.json` metadata beside text and caption samples. Readers use two of its keys
 and ignore the rest:
 
-* text, `"prompt_chars": N` (instruction data, `python -m data_tools.text --format instructions`): `KEY.txt`
-  is the whole templated text and its first N characters are the prompt, the rest the response. The text is
-  tokenized as the two pieces (the tokenizer adds no prefix space, so the pieces decode to the text), and a
-  source with `data.<source>.loss: response` puts no loss on the prompt's tokens (`<s>` included). Without
-  the key (plain text shards) the sample is one piece, as before.
+* text, `"prompt_chars": N` (instruction data, `python -m kosmos.data_tools.text --format instructions`):
+  `KEY.txt` is the whole templated text and its first N characters are the prompt, the rest the response. The
+  text is tokenized as the two pieces (the tokenizer adds no prefix space, so the pieces decode to the text),
+  and a source with `data.<source>.loss: response` puts no loss on the prompt's tokens (`<s>` included).
+  Without the key (plain text shards) the sample is one piece, as before.
 * captions, `"captions": [...]` (COCO; img2dataset or table sets with a list of captions per image): every
   caption of the image. `KEY.txt` holds the first; `captions(files)` gives `KEY.txt` then the others, each
   once. Which one a visit uses is the source's `caption_choice` (`kosmos.data.streams`).
@@ -23,7 +23,7 @@ key form one sample, as webdataset groups them. Interleaved image names in the J
 way before they are looked up.
 
 Used by the training reader (`kosmos.data.shards`, `kosmos.data.samples`), the converters that write shards
-and the tools that check them (`data_tools`); this module imports nothing heavy.
+and the tools that check them (`kosmos.data_tools`); this module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ from kosmos.untrusted import load_json
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Image fields of a caption sample, in the order they are looked for."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""Suffixes of the image files read from folders and paths, by the converters (data_tools) and by evaluation
-(kosmos.eval): one list, so that no image the converters take is skipped, uncounted, by an evaluation."""
+"""Suffixes of the image files read from folders and paths, by the converters (kosmos.data_tools) and by
+evaluation (kosmos.eval): one list, so that no image the converters take is skipped, uncounted, by an
+evaluation."""
 TEXT_FIELD = "txt"
 """A text sample's document; a caption sample's caption."""
 JSON_FIELD = "json"

@@ -70,7 +70,8 @@ class EmptyPasses:
             raise DataError(
                 f"{self.name}: {self.worker} found no samples in a whole pass of its {n_streams} "
                 f"stream(s) over {len(shards)} shard(s) (skipped: {skipped}{last}); use fewer workers or "
-                "check the shards with `python -m data_tools.verify` (streams: kosmos/data/streams.py)")
+                "check the shards with `python -m kosmos.data_tools.verify` "
+                "(streams: kosmos/data/streams.py)")
         if self.retries == len(self.waits):  # it found samples before: its shards went away
             raise DataError(
                 f"{self.name}: no readable shard left: {self.retries + 1} passes over the {len(shards)} "

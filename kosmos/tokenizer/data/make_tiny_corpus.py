@@ -1,6 +1,6 @@
 """Regenerate ``tiny_corpus.txt``: the small corpus the tests and the demo build a tokenizer from.
 
-    python tokenizer/data/make_tiny_corpus.py
+    python kosmos/tokenizer/data/make_tiny_corpus.py
 
 The corpus is ``multilingual.txt`` (hand-written sentences in many scripts, emoji, code, numbers)
 followed by English captions about coloured shapes (the demo trains on such captions) and simple
