@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python scripts/demo.py`: import kosmos, tokenizer, kosmos.data_tools
+sys.path.insert(0, str(ROOT))  # `python scripts/demo.py`: import kosmos
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -52,7 +52,7 @@ def prepare(out: Path, n_images: int) -> None:
     from kosmos.tokenizer import TINY_CORPUS
 
     if not (out / "tokenizer" / "tokenizer.model").is_file():
-        run([py, "-m", "tokenizer.build", "--input", str(TINY_CORPUS), "--vocab-size", "1000",
+        run([py, "-m", "kosmos.tokenizer.build", "--input", str(TINY_CORPUS), "--vocab-size", "1000",
              "--character-coverage", "0.995", "--output", str(out / "tokenizer"), "--quiet"])
     if not (out / "shapes" / "mmc4.jsonl").is_file():
         run([py, "-m", "kosmos.data_tools.shapes", "--output", str(out / "shapes"), "-n", str(n_images),
