@@ -340,7 +340,8 @@ def build_shots(model, encoder, spec: TaskSpec, data: TaskData, k: int, seed: in
     if not k:
         return Shots()
     if not get_kind(spec.kind).few_shot or not spec.demo:
-        kinds = " and ".join(name for name, kind in KINDS.items() if kind.few_shot)
+        names = [name for name, kind in KINDS.items() if kind.few_shot]
+        kinds = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         raise ValueError(f"few-shot is for {kinds} tasks, not {spec.kind}")
     support = [s for s in (data.support if data.support is not None else data.items) if s.references]
     need = k + (data.support is None)  # demonstrations from the evaluated items: never the query itself
