@@ -246,3 +246,69 @@ def test_roc_auc_is_the_mann_whitney_statistic_with_ties_half():
     assert roc_auc([3.0, 1.0, 2.0], [1, 0, 0]) == 1.0
     with pytest.raises(ValueError, match="both labels"):
         roc_auc([1.0], [1])
+
+
+# ----------------------------------------------------------------------------- WebSRC (extractive QA)
+
+
+def websrc_folder(root: Path) -> Path:
+    """WebSRC's layout: DOMAIN/NN/dataset.csv, processed_data/PAGE.html and .png, and
+    dataset_split_release.json."""
+    for domain, site, page in (("book", "01", "0100001"), ("auto", "03", "0300542")):
+        d = root / domain / site
+        (d / "processed_data").mkdir(parents=True)
+        shutil.copy(PHOTOS[0], d / "processed_data" / f"{page}.png")
+        (d / "processed_data" / f"{page}.html").write_text(
+            "<html><head><title>Books</title><script>var x = 'hidden';</script></head><body><div tid='2'>"
+            "The Tower of Nero</div><style>p {color: red}</style><p>Publication date: 10/06/2020</p>"
+            "&amp; more</body></html>")
+        prefix = domain[:2]
+        (d / "dataset.csv").write_text(
+            "question,id,element_id,answer_start,answer\n"
+            f"When was The Tower of Nero published?,{prefix}{page}00000,130,1,10/06/2020\n"
+            f"\"Who wrote it, then?\",{prefix}{page}00001,131,0,Rick Riordan\n")
+    (root / "dataset_split_release.json").write_text(json.dumps({"dev": ["bo01"], "train": ["au03"]}))
+    return root
+
+
+def test_websrc_reads_its_release_layout_and_the_page_text(tmp_path):
+    from kosmos.eval.datasets import EvalDataError, load_websrc
+
+    root = websrc_folder(tmp_path / "websrc")
+    dev = load_websrc(root, "dev")
+    assert [q.id for q in dev] == ["bo010000100000", "bo010000100001"]
+    assert dev[0].context == "Books The Tower of Nero Publication date: 10/06/2020 & more"  # no script/style
+    assert dev[1].question == "Who wrote it, then?" and dev[1].answers == ["Rick Riordan"]
+    assert dev[0].image.endswith("book/01/processed_data/0100001.png")
+    assert [q.id[:2] for q in load_websrc(root)] == ["au", "au", "bo", "bo"]
+    assert len(load_websrc(root / "auto" / "03" / "dataset.csv")) == 2
+    with pytest.raises(EvalDataError,
+                       match=r"dataset_split_release.json: split: no split 'test' \(it has dev"):
+        load_websrc(root, "test")
+
+
+def test_squad_normalisation_exact_match_and_f1():
+    from kosmos.eval.kinds.extractive_qa import exact_match, f1_score, normalize_answer
+
+    assert normalize_answer("  The Penguin-Books, Ltd.!") == "penguinbooks ltd"
+    assert exact_match("Penguin Books Ltd.", "the penguin books ltd") == 1
+    assert f1_score("Rick Riordan", "by Rick Riordan himself") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert f1_score("", "") == 1.0 and f1_score("a", "") == 1.0  # "a" normalises to nothing
+    assert f1_score("yes", "") == 0.0 and f1_score("yes", "no") == 0.0
+
+
+def test_websrc_end_to_end_with_the_papers_prompt_and_a_long_page_cut_to_fit(ckpt, tmp_path):
+    from kosmos.eval import main
+
+    root = websrc_folder(tmp_path / "websrc")
+    page = root / "book" / "01" / "processed_data" / "0100001.html"
+    page.write_text("<p>" + "lots of page text " * 2000 + "</p>")  # far beyond the tiny model's context
+    out = tmp_path / "out"
+    assert main(["run", "--checkpoint", str(ckpt), "--task", "websrc", "--data", str(root), "--split", "dev",
+                 "--out", str(out), "--max-new-tokens", "3", "--no-progress"]) == 0
+    m = json.loads((out / "websrc" / "0shot" / "metrics.json").read_text())
+    assert m["predicted"] == 2 and set(m["metrics"]) == {"exact_match", "f1", "n"}
+    assert m["protocol"]["prompt"].startswith("{image}Given the context below from web page")
+    lines = (out / "websrc" / "0shot" / "predictions.rank0.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert all(r["context_tokens_cut"] > 0 for r in recs)

@@ -821,3 +821,97 @@ def _csv_rows(path: Path) -> list[tuple[int, dict]]:
         raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
     except csv.Error as e:
         raise EvalDataError(f"{path}: not a valid CSV ({e})") from None
+
+
+# ----------------------------------------------------------------------------- WebSRC
+
+
+@dataclass
+class WebQAItem:
+    id: str
+    """The question id of dataset.csv (`bo010000100000`: domain, website, page, question)."""
+    image: str
+    """The page's screenshot (processed_data/PAGE.png)."""
+    context: str
+    """The page's text, extracted from processed_data/PAGE.html (`html_text`)."""
+    question: str
+    answers: list[str]
+
+
+def html_text(path) -> str:
+    """The visible text of an HTML file: the character data outside <script>, <style>, <noscript> and
+    <template>, whitespace collapsed to single spaces (Python's html.parser; nothing is run or fetched).
+    The paper says only "the text extracted from the web page"; this is the extraction chosen here."""
+    from html.parser import HTMLParser
+
+    class _Text(HTMLParser):
+        SKIP = {"script", "style", "noscript", "template"}
+
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts: list[str] = []
+            self.skipping = 0
+
+        def handle_starttag(self, tag, attrs):
+            self.skipping += tag in self.SKIP
+
+        def handle_endtag(self, tag):
+            self.skipping -= tag in self.SKIP and self.skipping > 0
+
+        def handle_data(self, data):
+            if not self.skipping:
+                self.parts.append(data)
+
+    try:
+        raw = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: no such file (the page of a WebSRC question)") from None
+    parser = _Text()
+    parser.feed(raw)
+    parser.close()
+    return " ".join(" ".join(parser.parts).split())
+
+
+def load_websrc(path, split: str | None = None) -> list[WebQAItem]:
+    """WebSRC questions as released: a website's `dataset.csv` (question, id, element_id, answer_start,
+    answer) beside its `processed_data/` (PAGE.html, PAGE.png), or the data folder holding
+    DOMAIN/NN/dataset.csv for every website; with `split` (dev, train) only the websites that its
+    dataset_split*.json in that folder lists (the released test set has no answers)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*/*/dataset.csv"))
+        if not files:
+            _fail(path, "folder", "no DOMAIN/NN/dataset.csv in it (WebSRC's data folder)")
+        if split is not None:
+            splits = sorted(path.glob("dataset_split*.json"))
+            if not splits:
+                _fail(path, "split", f"no dataset_split*.json to take split {split!r} from")
+            table = read_json(splits[-1])
+            if not isinstance(table, dict) or split not in table:
+                known = ", ".join(sorted(table)) if isinstance(table, dict) else "none"
+                _fail(splits[-1], "split", f"no split {split!r} (it has {known})")
+            sites = set(_str_list(table[split], splits[-1], split))
+            files = [f for f in files if f.parent.parent.name[:2] + f.parent.name in sites]
+    else:
+        files = [path]
+    items, pages, seen = [], {}, {}
+    for csv_path in files:
+        site = csv_path.parent
+        for n, row in _csv_rows(csv_path):
+            where = f"{csv_path}:{n}"
+            qid = (row.get("id") or "").strip()
+            if len(qid) < 9:
+                _fail(where, "id", f"expected a WebSRC question id like bo010000100000, got {qid!r:.40}")
+            if qid in seen:
+                _fail(where, "id", f"{qid!r} is already the id of {seen[qid]}; every item needs its own id")
+            seen[qid] = where
+            question = row.get("question")
+            if not question:
+                _fail(where, "question", "missing")
+            page = site / "processed_data" / qid[2:9]
+            if page not in pages:
+                pages[page] = html_text(page.with_suffix(".html"))
+            answer = row.get("answer")
+            items.append(WebQAItem(qid, str(page.with_suffix(".png")), pages[page], question,
+                                   [answer] if answer is not None else []))
+    return items

@@ -13,6 +13,8 @@ field can be changed per run (`python -m kosmos.eval run --prompt ... --num-beam
     imagenet              classification  <image>The photo of the                ranked classes     top-1/5
     choice                choice          {text}{candidate} Is it correct?       P("Yes")           accuracy
     labels                labels          <image>The objects in this image are:  greedy, 30 tokens  P/R/F1
+    websrc                extractive_qa   <image>Given the context below ... Q: {question} A:
+                                                                                 greedy, 20 tokens  EM, F1
     storycloze, hellaswag, winograd, winogrande, piqa, boolq, cb, copa
                           ranked_choice   lm-evaluation-harness's texts          log-likelihood     acc(_norm)
     rendered_sst2         ranked_choice   <image>Question: what is the sentiment of the opinion? Answer:
@@ -57,8 +59,8 @@ class TaskSpec:
     """One benchmark's protocol. `{image}` marks an image in a template."""
 
     kind: str
-    """captioning | vqa | classification | choice | labels | ranked_choice (`kosmos.eval.kinds`): which
-    reader, prompts, decoding or ranking, and metric."""
+    """captioning | vqa | classification | choice | labels | ranked_choice | extractive_qa
+    (`kosmos.eval.kinds`): which reader, prompts, decoding or ranking, and metric."""
     prompt: str
     """The query. captioning/classification/labels: `{image}` only; vqa: `{question}` too; choice:
     `{text}` (the item's context, `<image>` placeholders for its images) and `{candidate}`; ranked_choice:
@@ -155,6 +157,11 @@ TASKS: dict[str, TaskSpec] = {
         demo="{image}Question: does this picture contain real hate speech? Answer:{answer}",
         metrics=["roc_auc"],
         description="Hateful Memes: its JSONL (dev_seen.jsonl), the paper's prompt; ROC AUC"),
+    "websrc": TaskSpec(
+        "extractive_qa", prompt="{image}Given the context below from web page, extract the answer from the "
+        "given text like this: Qusestion: Who is the publisher of this book? Answer: Penguin Books Ltd. "
+        "Context: {context} Q: {question} A:", max_new_tokens=20, stop=["\n"], batch_size=2,
+        description="WebSRC: its data folder (--split dev) or a dataset.csv; EM/F1"),
 }
 
 _SETTINGS = tuple(f.name for f in dataclasses.fields(TaskSpec))
