@@ -312,3 +312,39 @@ def test_websrc_end_to_end_with_the_papers_prompt_and_a_long_page_cut_to_fit(ckp
     lines = (out / "websrc" / "0shot" / "predictions.rank0.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert all(r["context_tokens_cut"] > 0 for r in recs)
+
+
+def test_the_cross_modal_probes_fill_the_papers_prompts_from_their_rows(ckpt, tmp_path):
+    from kosmos.eval import main
+    from kosmos.eval.datasets import load_ranked
+
+    colours = ["black", "blue", "brown", "gray", "green", "orange", "pink", "purple", "red", "white",
+               "yellow"]
+    rows = [{"id": "sky", "object": "the sky", "choices": colours, "label": "blue"},
+            {"id": "snow", "object": "snow", "choices": colours, "label": 9}]
+    items = load_ranked("jsonl", jsonl(tmp_path / "colors.jsonl", rows))
+    assert [x.label for x in items] == [1, 9] and items[0].fields == {"object": "the sky"}
+    assert items[0].continuations[1] == " blue"
+    sizes = [{"item1": "sofa", "item2": "cat", "choices": ["Yes", "No"], "label": 0},
+             {"item1": "ant", "item2": "dog", "choices": ["Yes", "No"], "label": 1}]
+    out = tmp_path / "out"
+    for task, data in (("memorycolor", tmp_path / "colors.jsonl"),
+                       ("relativesize", jsonl(tmp_path / "sizes.jsonl", sizes))):
+        assert main(["run", "--checkpoint", str(ckpt), "--task", task, "--data", str(data), "--out", str(out),
+                     "--no-progress"]) == 0
+        m = json.loads((out / task / "0shot" / "metrics.json").read_text())
+        assert m["predicted"] == 2 and 0 <= m["metrics"]["acc"] <= 100
+
+
+def test_a_probe_prompt_is_the_papers_text(ckpt, tmp_path):
+    from kosmos.eval.run import Predictor, Shots, load_task_data
+    from kosmos.eval.tasks import get_task
+    from kosmos.generate import load_for_inference
+
+    model, enc = load_for_inference(str(ckpt))
+    spec = get_task("relativesize")
+    data = load_task_data(spec, str(jsonl(tmp_path / "s.jsonl", [
+        {"item1": "sofa", "item2": "cat", "choices": ["Yes", "No"], "label": 0}])))
+    ctx = Predictor(model, enc, spec, data, Shots())
+    q = ctx.kind.prompt(ctx, data.items[0])
+    assert enc.tokenizer.decode(q["prompts"][0].ids).replace("<s>", "").strip() == "Is sofa larger than cat?"

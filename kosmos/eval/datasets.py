@@ -630,6 +630,8 @@ class RankedItem:
     """The right candidate, None when the file does not say (a test split)."""
     images: list[str] = field(default_factory=list)
     """Image paths for `{image}` markers in the task's prompt (rendered text, memes)."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Template fields of the task's prompt (`jsonl` format: the row's other strings, e.g. `{object}`)."""
 
 
 RANKED_FORMATS: dict[str, str] = {
@@ -648,6 +650,8 @@ RANKED_FORMATS: dict[str, str] = {
     "cb": "CommitmentBank, SuperGLUE JSONL: premise, hypothesis, label (entailment/contradiction/neutral)",
     "copa": "COPA, SuperGLUE JSONL: premise, choice1, choice2, question (cause/effect), label",
     "hatefulmemes": "Hateful Memes JSONL as released (dev_seen.jsonl): id, img, label (1: hateful), text",
+    "jsonl": "any choices as JSONL: {\"id\"?, \"choices\": [...], \"label\": index or the right choice's "
+             "text, any other string fields for the prompt's {name}s} (the cross-modal probes)",
     "class_folder": "a folder per class (Rendered SST-2 as released: negative/, positive/) or a CSV "
                     "image,label with class names; the candidates are the class names",
 }
@@ -753,6 +757,17 @@ def _ranked_row(fmt: str, obj: dict, n: int, where, labels: list[str] | None) ->
         return _same_context(obj.get("idx", n), f"{s('premise')}\nQuestion: {s('hypothesis')}. True, False, "
                              "or Neither?\nAnswer:", ["True", "False", "Neither"],
                              _label(obj.get("label"), where, "label", 3, _CB_LABELS))
+    if fmt == "jsonl":
+        choices = _str_list(_get(obj, "choices", list, where), where, "choices")
+        if not choices:
+            _fail(where, "choices", "empty")
+        label = obj.get("label")
+        if isinstance(label, str) and label in choices:
+            label = choices.index(label)
+        item = _same_context(obj.get("id", n), "", choices, _label(label, where, "label", len(choices)))
+        item.fields = {k: v for k, v in obj.items()
+                       if isinstance(v, str) and k not in ("id", "label", "context", "answer")}
+        return item
     if fmt == "copa":
         question = s("question")
         if question not in ("cause", "effect"):

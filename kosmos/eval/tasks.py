@@ -13,6 +13,10 @@ field can be changed per run (`python -m kosmos.eval run --prompt ... --num-beam
     imagenet              classification  <image>The photo of the                ranked classes     top-1/5
     choice                choice          {text}{candidate} Is it correct?       P("Yes")           accuracy
     labels                labels          <image>The objects in this image are:  greedy, 30 tokens  P/R/F1
+    relativesize          ranked_choice   Is {item1} larger than {item2}? + " Yes" / " No"
+                                                                                 log-likelihood     acc
+    memorycolor, colorterms
+                          ranked_choice   The color of {object} is? + " " colour log-likelihood     acc
     websrc                extractive_qa   <image>Given the context below ... Q: {question} A:
                                                                                  greedy, 20 tokens  EM, F1
     storycloze, hellaswag, winograd, winogrande, piqa, boolq, cb, copa
@@ -96,7 +100,7 @@ class TaskSpec:
     (kosmos.eval.vqa_metrics says what each is and why lmms-eval is the default; VizWiz's task: vizwiz)."""
     format: str = ""
     """ranked_choice only: the benchmark file's format (`kosmos.eval.datasets.RANKED_FORMATS`: storycloze,
-    hellaswag, wsc273, winogrande, piqa, boolq, cb, copa, hatefulmemes, class_folder)."""
+    hellaswag, wsc273, winogrande, piqa, boolq, cb, copa, hatefulmemes, class_folder, jsonl)."""
     description: str = ""
 
     def __post_init__(self):
@@ -157,6 +161,18 @@ TASKS: dict[str, TaskSpec] = {
         demo="{image}Question: does this picture contain real hate speech? Answer:{answer}",
         metrics=["roc_auc"],
         description="Hateful Memes: its JSONL (dev_seen.jsonl), the paper's prompt; ROC AUC"),
+    "relativesize": _RANKED.replace(format="jsonl", prompt="Is {item1} larger than {item2}?",
+                                    demo="Is {item1} larger than {item2}?{answer}",
+                                    description="RelativeSize probe: JSONL {item1, item2, choices [Yes, No], "
+                                                "label}, the paper's prompt"),
+    "memorycolor": _RANKED.replace(format="jsonl", prompt="The color of {object} is?",
+                                   demo="The color of {object} is?{answer}",
+                                   description="MemoryColor probe: JSONL {object, choices (the 11 colours), "
+                                               "label}, the paper's prompt"),
+    "colorterms": _RANKED.replace(format="jsonl", prompt="The color of {object} is?",
+                                  demo="The color of {object} is?{answer}",
+                                  description="ColorTerms probe: JSONL {object, choices (the 11 colours), "
+                                              "label}, the paper's prompt"),
     "websrc": TaskSpec(
         "extractive_qa", prompt="{image}Given the context below from web page, extract the answer from the "
         "given text like this: Qusestion: Who is the publisher of this book? Answer: Penguin Books Ltd. "

@@ -57,7 +57,7 @@ class Ranked(TaskKind):
         check_exists(data)
         items = ds.load_ranked(spec.format, data, labels=annotations, image_root=images,
                                classnames=classnames)
-        return TaskData([Item(id=r.id, images=r.images, label=r.label,
+        return TaskData([Item(id=r.id, images=r.images, label=r.label, fields=r.fields,
                               candidates=[{"context": c, "continuation": t, "choice": ch}
                                           for c, t, ch in zip(r.contexts, r.continuations, r.choices,
                                                               strict=True)],
@@ -74,13 +74,13 @@ class Ranked(TaskKind):
         demos, images = [], []
         for d in ctx.shots.pick(item):
             gold = d.candidates[d.label]
-            demos.append(fill(spec.demo, context=gold["context"], answer=gold["continuation"]))
+            demos.append(fill(spec.demo, **d.fields, context=gold["context"], answer=gold["continuation"]))
             images.extend(d.images)
         images.extend(item.images)
         loaded = [ctx.load(p) for p in images]
         prompts, conts, index, where = [], [], {}, []
         for cand in item.candidates:
-            text = spec.separator.join([*demos, fill(spec.prompt, context=cand["context"])])
+            text = spec.separator.join([*demos, fill(spec.prompt, **item.fields, context=cand["context"])])
             cont = cand["continuation"]
             stripped = text.rstrip()
             text, cont = stripped, text[len(stripped):] + cont  # lm-eval: trailing spaces go with the answer
