@@ -348,3 +348,25 @@ def test_a_probe_prompt_is_the_papers_text(ckpt, tmp_path):
     ctx = Predictor(model, enc, spec, data, Shots())
     q = ctx.kind.prompt(ctx, data.items[0])
     assert enc.tokenizer.decode(q["prompts"][0].ids).replace("<s>", "").strip() == "Is sofa larger than cat?"
+
+
+def test_cub_puts_the_descriptions_before_the_image_and_ranks_the_names(ckpt, tmp_path):
+    from kosmos.eval import main
+    from kosmos.eval.datasets import load_ranked
+
+    shutil.copy(PHOTOS[0], tmp_path / "bird.jpg")
+    desc = {"three toed woodpecker": "It has black and white stripes throughout the body and a yellow crown.",
+            "downy woodpecker": "It has white spots on its black wings and some red on its crown."}
+    rows = [{"id": "b1", "image": "bird.jpg", "category": "the woodpecker", "descriptions": desc,
+             "label": "downy woodpecker"},
+            {"id": "b2", "image": "bird.jpg", "category": "the woodpecker", "descriptions": desc, "label": 0}]
+    data = jsonl(tmp_path / "cub.jsonl", rows)
+    item = load_ranked("described", data)[0]
+    assert item.label == 1 and item.continuations == [" three toed woodpecker", " downy woodpecker"]
+    assert item.contexts[0].startswith("Description of three toed woodpecker: It has black")
+    assert item.images == [str(tmp_path / "bird.jpg")]
+    out = tmp_path / "out"
+    assert main(["run", "--checkpoint", str(ckpt), "--task", "cub", "--data", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    m = json.loads((out / "cub" / "0shot" / "metrics.json").read_text())
+    assert m["predicted"] == 2 and "acc" in m["metrics"]

@@ -477,7 +477,7 @@ class OptimConfig:
 
 EVAL_TASK_NAMES = ("coco_captioning", "flickr30k_captioning", "captioning", "vqav2", "okvqa", "vizwiz", "vqa",
                    "imagenet", "classification", "choice", "labels", "storycloze", "hellaswag", "winograd",
-                   "winogrande", "piqa", "boolq", "cb", "copa", "rendered_sst2", "hatefulmemes",
+                   "winogrande", "piqa", "boolq", "cb", "copa", "rendered_sst2", "hatefulmemes", "cub",
                    "relativesize", "memorycolor", "colorterms", "websrc")
 """The benchmark tasks, as `kosmos.eval.tasks.TASKS` names them (it checks that they agree): here so that a
 config is checked without importing the evaluation."""

@@ -652,6 +652,9 @@ RANKED_FORMATS: dict[str, str] = {
     "hatefulmemes": "Hateful Memes JSONL as released (dev_seen.jsonl): id, img, label (1: hateful), text",
     "jsonl": "any choices as JSONL: {\"id\"?, \"choices\": [...], \"label\": index or the right choice's "
              "text, any other string fields for the prompt's {name}s} (the cross-modal probes)",
+    "described": "classification with descriptions in context (CUB, the paper's section 4.7) as JSONL: "
+                 "{\"id\"?, \"image\", \"category\" (e.g. woodpecker), \"descriptions\": {name: text, ...}, "
+                 "\"label\": the right name or its index}; the candidates are the names",
     "class_folder": "a folder per class (Rendered SST-2 as released: negative/, positive/) or a CSV "
                     "image,label with class names; the candidates are the class names",
 }
@@ -790,6 +793,24 @@ def load_ranked(fmt: str, path, labels=None, image_root=None, classnames=None) -
         return [RankedItem(c.id, [""] * len(names), [" " + n for n in names], names, c.label, [c.image])
                 for c in items]
     path = Path(path)
+    if fmt == "described":
+        root = Path(image_root) if image_root is not None else path.parent
+        out, seen = [], {}
+        for n, obj in read_jsonl(path):
+            where = f"{path}:{n}"
+            descriptions = _get(obj, "descriptions", dict, where)
+            names = list(descriptions)
+            if len(names) < 2 or not all(isinstance(v, str) for v in descriptions.values()):
+                _fail(where, "descriptions", "expected an object of at least two {name: description text}")
+            label = obj.get("label")
+            label = names.index(label) if isinstance(label, str) and label in names else label
+            context = " ".join(f"Description of {k}: {v}" for k, v in descriptions.items())
+            item = _same_context(item_id(obj, n, where, seen), context, names,
+                                 _label(label, where, "label", len(names)))
+            item.images = [_resolve(root, _get(obj, "image", str, where))]
+            item.fields = {"category": _get(obj, "category", str, where)}
+            out.append(item)
+        return out
     if fmt == "hatefulmemes":
         root = Path(image_root) if image_root is not None else path.parent
         out, seen = [], {}

@@ -13,6 +13,8 @@ field can be changed per run (`python -m kosmos.eval run --prompt ... --num-beam
     imagenet              classification  <image>The photo of the                ranked classes     top-1/5
     choice                choice          {text}{candidate} Is it correct?       P("Yes")           accuracy
     labels                labels          <image>The objects in this image are:  greedy, 30 tokens  P/R/F1
+    cub                   ranked_choice   Description of {name}: ... <image>Question: what is the name of
+                                          {category} in the picture? Answer: + " " name   likelihood     acc
     relativesize          ranked_choice   Is {item1} larger than {item2}? + " Yes" / " No"
                                                                                  log-likelihood     acc
     memorycolor, colorterms
@@ -100,7 +102,8 @@ class TaskSpec:
     (kosmos.eval.vqa_metrics says what each is and why lmms-eval is the default; VizWiz's task: vizwiz)."""
     format: str = ""
     """ranked_choice only: the benchmark file's format (`kosmos.eval.datasets.RANKED_FORMATS`: storycloze,
-    hellaswag, wsc273, winogrande, piqa, boolq, cb, copa, hatefulmemes, class_folder, jsonl)."""
+    hellaswag, wsc273, winogrande, piqa, boolq, cb, copa, hatefulmemes, described, class_folder,
+    jsonl)."""
     description: str = ""
 
     def __post_init__(self):
@@ -161,6 +164,11 @@ TASKS: dict[str, TaskSpec] = {
         demo="{image}Question: does this picture contain real hate speech? Answer:{answer}",
         metrics=["roc_auc"],
         description="Hateful Memes: its JSONL (dev_seen.jsonl), the paper's prompt; ROC AUC"),
+    "cub": _RANKED.replace(
+        format="described",
+        prompt="{context}\n{image}Question: what is the name of {category} in the picture? Answer:",
+        description="classification with descriptions in context (CUB-style JSONL), the paper's "
+                               "question; the names ranked"),
     "relativesize": _RANKED.replace(format="jsonl", prompt="Is {item1} larger than {item2}?",
                                     demo="Is {item1} larger than {item2}?{answer}",
                                     description="RelativeSize probe: JSONL {item1, item2, choices [Yes, No], "

@@ -26,6 +26,12 @@ put two spaces before a continuation (COPA's choices carry a leading space and t
 another; WSC273's target is the raw rest of the text after the delimiter), one space is used, as its v0.3
 tasks and GPT-3's formats do.
 
+CUB with descriptions (`cub`, the paper's section 4.7): the categories' descriptions ("Description of
+NAME: TEXT", the form of the paper's Figure 1), a newline, the image, then the paper's question ("Question:
+what is the name of {category} in the picture? Answer:", `category` as the row gives it, e.g. "the
+woodpecker"); the names are ranked here, where the paper generates and takes an exact match. The newline
+and the image's place after the descriptions are chosen here (Figure 1 shows them in that order).
+
 Few-shot (`--shots k`, the paper: 0, 1 and 4): k demonstrations drawn at random (seeded per item) from the
 support set, `--support` (the paper: the training set), each `demo` filled with the right candidate's
 context and continuation, joined by `separator` (blank line: lm-evaluation-harness's `fewshot_delimiter`).
