@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import PHOTOS, checkpoint_dir, tiny_model
 
@@ -144,10 +145,19 @@ def test_acc_is_the_summed_log_likelihood_and_acc_norm_divides_by_characters(ckp
     recs = {r["id"]: r for r in map(json.loads, lines)}
     item = data.items[0]
     ctx = item.candidates[0]["context"]
-    conts = [continuation_ids(enc.tokenizer, ctx, c["continuation"]) for c in item.candidates]
-    want = continuation_logprobs(model, [build_prompt(enc, ctx, [])], [conts])
     got = recs[24]["scores"]
-    assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4) for a, (b, _) in zip(got, want[0], strict=True))
+    tok = enc.tokenizer
+    bos = build_prompt(enc, ctx, []).ids[0]
+    assert build_prompt(enc, ctx, []).ids == [bos, *tok.encode(ctx)]  # lm-eval's context encoding, after <s>
+    for score, cand in zip(got, item.candidates, strict=True):
+        # lm-eval's _encode_pair: encode(context + continuation) less encode(context); one plain forward
+        whole = tok.encode(ctx + cand["continuation"])
+        n_ctx = len(tok.encode(ctx))
+        assert whole[:n_ctx] == tok.encode(ctx)
+        with torch.no_grad():
+            logp = model(torch.tensor([[bos, *whole]]), None, None).logits[0].float().log_softmax(-1)
+        want = sum(logp[n_ctx + t, whole[n_ctx + t]].item() for t in range(len(whole) - n_ctx))
+        assert math.isclose(score, want, rel_tol=1e-4, abs_tol=1e-4)
     norm = [s / len(c["choice"]) for s, c in zip(got, item.candidates, strict=True)]
     assert recs[24]["prediction_norm"] == norm.index(max(norm))
     assert recs[24]["prediction"] == got.index(max(got))
@@ -225,6 +235,9 @@ def test_image_tasks_rank_the_papers_answers_with_the_image_in_context(ckpt, tmp
     m = json.loads((out / "rendered_sst2" / "0shot" / "metrics.json").read_text())
     assert m["predicted"] == 4 and set(m["metrics"]) == {"acc", "acc_norm", "n"}
     assert m["paper"] == PAPER[("rendered_sst2", 0)] == {"acc": 67.1}
+    assert main(["run", "--checkpoint", str(ckpt), "--task", "rendered_sst2", "--data", str(sst), "--support",
+                 str(sst), "--shots", "1", "--out", str(out), "--no-progress"]) == 0  # demo: image + answer
+    assert json.loads((out / "rendered_sst2" / "1shot" / "metrics.json").read_text())["predicted"] == 4
     memes = tmp_path / "hm"
     (memes / "img").mkdir(parents=True)
     rows = []
