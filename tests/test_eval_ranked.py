@@ -195,6 +195,7 @@ def test_every_language_task_runs_zero_and_few_shot_from_the_cli(ckpt, tmp_path,
     for k in (0, 1):
         m = json.loads((out / task / f"{k}shot" / "metrics.json").read_text())
         assert m["predicted"] == len(rows) and 0 <= m["metrics"]["acc"] <= 100
+        assert ("f1" in m["metrics"]) == (task == "cb")
         assert m["provenance"]["scorer"]["format"] == fmt
     assert f"| {task} | 1 | {len(rows)} |" in (out / "results.md").read_text()
 
@@ -383,3 +384,11 @@ def test_cub_puts_the_descriptions_before_the_image_and_ranks_the_names(ckpt, tm
                  "--no-progress"]) == 0
     m = json.loads((out / "cub" / "0shot" / "metrics.json").read_text())
     assert m["predicted"] == 2 and "acc" in m["metrics"]
+
+
+def test_cb_macro_f1_is_lm_evaluation_harness_cb_multi_fi():
+    from kosmos.eval.kinds.ranked import macro_f1
+
+    # per class: 0 -> tp 1, fp 1, fn 0: 2/3; 1 -> tp 1, fn 1: 2/3; 2 -> neither predicted nor true: 0
+    assert macro_f1([0, 0, 1], [0, 1, 1], 3) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert macro_f1([2, 2], [2, 2], 3) == pytest.approx(1 / 3)

@@ -96,7 +96,7 @@ class TaskSpec:
     metrics: list[str] = field(default_factory=list)
     """captioning: which of BLEU, METEOR, ROUGE-L, CIDEr, SPICE (empty: all but SPICE, which needs
     Stanford models that pycocoevalcap downloads; METEOR's Java start takes ~13 s); ranked_choice: `roc_auc`
-    besides acc (two candidates, labels 0/1: HatefulMemes)."""
+    (two candidates, labels 0/1: HatefulMemes) or `f1` (macro over the classes: CB) besides acc."""
     vqa_rules: str = DEFAULT_RULES
     """vqa only: which VQA acc. convention scores the answers: vqa2017 | vqa2021 | lmms-eval | vizwiz
     (kosmos.eval.vqa_metrics says what each is and why lmms-eval is the default; VizWiz's task: vizwiz)."""
@@ -153,7 +153,7 @@ TASKS: dict[str, TaskSpec] = {
            ("winogrande", "winogrande", "Winogrande: JSONL, partial scoring"),
            ("piqa", "piqa", "PIQA: JSONL (+ --annotations its labels file)"),
            ("boolq", "boolq", "BoolQ: SuperGLUE JSONL"),
-           ("cb", "cb", "CommitmentBank: SuperGLUE JSONL"),
+           ("cb", "cb", "CommitmentBank: SuperGLUE JSONL, acc and macro F1"),
            ("copa", "copa", "COPA: SuperGLUE JSONL"))},
     "rendered_sst2": _RANKED.replace(
         format="class_folder", prompt="{image}Question: what is the sentiment of the opinion? Answer:",
@@ -187,6 +187,8 @@ TASKS: dict[str, TaskSpec] = {
         "Context: {context} Q: {question} A:", max_new_tokens=20, stop=["\n"], batch_size=2,
         description="WebSRC: its data folder (--split dev) or a dataset.csv; EM/F1"),
 }
+
+TASKS["cb"] = TASKS["cb"].replace(metrics=["f1"])  # lm-evaluation-harness reports CB's macro F1 too
 
 _SETTINGS = tuple(f.name for f in dataclasses.fields(TaskSpec))
 if tuple(TASKS) != EVAL_TASK_NAMES or _SETTINGS != EVAL_TASK_SETTINGS:

@@ -8,6 +8,8 @@ the most likely candidate.
               harness's `acc_norm` (`completion_len = len(choice)` of the choice string, without the
               target delimiter; its `acc_bytes` divides by UTF-8 bytes instead). Not reported for partial
               scoring, where the continuation is the same for every candidate.
+    f1        with `metrics: [f1]` (CB, as lm-evaluation-harness reports it): the mean over the classes of
+              each one's F1 against the rest.
     roc_auc   with `metrics: [roc_auc]` (HatefulMemes; two candidates, labels 0/1): the area under the ROC
               curve of the score log P(candidate 1) - log P(candidate 0), ties counted half (the paper
               reports it for HatefulMemes).
@@ -144,6 +146,10 @@ class Ranked(TaskKind):
         if all("prediction_norm" in records[it.key] for it in items):
             out["acc_norm"] = round(100 * sum(records[it.key]["prediction_norm"] == it.label
                                               for it in items) / n, 2)
+        if "f1" in spec.metrics:
+            classes = max(len(it.candidates) for it in items)
+            out["f1"] = round(100 * macro_f1([records[it.key]["prediction"] for it in items],
+                                             [it.label for it in items], classes), 2)
         if "roc_auc" in spec.metrics:
             if not all(len(it.candidates) == 2 for it in items) or {it.label for it in items} != {0, 1}:
                 log.warning("no roc_auc: it needs two candidates per item and both labels among the scored "
@@ -159,6 +165,18 @@ class Ranked(TaskKind):
 def _argmax(values: list[float]) -> int:
     """The index of the largest value (the first of equal ones, as numpy.argmax)."""
     return max(range(len(values)), key=values.__getitem__)
+
+
+def macro_f1(preds: list[int], golds: list[int], classes: int) -> float:
+    """The mean over the classes of each one's F1 against the rest, 0 for a class neither predicted nor
+    true: lm-evaluation-harness's CB `f1` (`cb_multi_fi`, sklearn's binary f1_score per class)."""
+    scores = []
+    for c in range(classes):
+        tp = sum(p == c and g == c for p, g in zip(preds, golds, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / classes
 
 
 def roc_auc(scores: list[float], labels: list[int]) -> float:
