@@ -67,7 +67,7 @@ ROWS = {  # one or two rows of each benchmark, with the fields its released file
 
 
 def test_each_reader_builds_the_texts_as_lm_evaluation_harness_does(tmp_path):
-    from kosmos.eval.datasets import load_ranked
+    from kosmos.eval.datasets import EvalDataError, load_ranked
 
     def one(fmt, **kw):
         return load_ranked(fmt, jsonl(tmp_path / f"{fmt}.jsonl", ROWS[fmt]), **kw)
@@ -90,6 +90,9 @@ def test_each_reader_builds_the_texts_as_lm_evaluation_harness_does(tmp_path):
     assert p.contexts[0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
     assert p.continuations[1].startswith(" Provide") and p.label == 0
     assert one("piqa")[0].label is None  # no labels: predictions only
+    labels.write_text("0\n1\n")
+    with pytest.raises(EvalDataError, match=r"valid-labels.lst: labels: 2 labels for the 1 rows of"):
+        one("piqa", labels=str(labels))
     b = one("boolq")
     assert b[0].contexts[0].endswith(
         "\nQuestion: is windows movie maker part of windows essentials?\nAnswer:")

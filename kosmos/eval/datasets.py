@@ -708,7 +708,8 @@ def _same_context(the_id, context: str, choices: list[str], label, delimiter: st
     return RankedItem(the_id, [context] * len(choices), [delimiter + c for c in choices], choices, label)
 
 
-def _ranked_row(fmt: str, obj: dict, n: int, where, labels: list[str] | None) -> RankedItem:
+def _ranked_row(fmt: str, obj: dict, n: int, where, labels: list[str] | None, row: int = 0) -> RankedItem:
+    """One item of format `fmt` from a row (`n`: its default id; `row`: its index, for a labels file)."""
     s = lambda key: _get(obj, key, str, where)  # noqa: E731 - a field that must be a string
     if fmt == "storycloze":
         hf = "input_sentence_1" in obj
@@ -750,7 +751,7 @@ def _ranked_row(fmt: str, obj: dict, n: int, where, labels: list[str] | None) ->
         return RankedItem(obj.get("qID", n), contexts, [" " + sentence[i + 1:].strip()] * 2, contexts,
                           None if gold is None else gold - 1)
     if fmt == "piqa":
-        value = obj.get("label") if labels is None else (labels[n - 1] if n - 1 < len(labels) else None)
+        value = obj.get("label") if labels is None else (labels[row] if row < len(labels) else None)
         return _same_context(obj.get("id", n), f"Question: {s('goal')}\nAnswer:", [s("sol1"), s("sol2")],
                              _label(value, where, "label", 2))
     if fmt == "boolq":
@@ -835,9 +836,11 @@ def load_ranked(fmt: str, path, labels=None, image_root=None, classnames=None) -
     else:
         rows = read_jsonl(path)
     out, seen = [], {}
-    for n, obj in rows:
+    if label_list is not None and len(label_list) != len(rows):
+        _fail(labels, "labels", f"{len(label_list)} labels for the {len(rows)} rows of {path}")
+    for row, (n, obj) in enumerate(rows):
         where = f"{path}:{n}"
-        item = _ranked_row(fmt, obj, n if path.suffix.lower() != ".csv" else n - 1, where, label_list)
+        item = _ranked_row(fmt, obj, n if path.suffix.lower() != ".csv" else n - 1, where, label_list, row)
         key = str(item.id)
         if key in seen:
             _fail(where, "id", f"{item.id!r} is already the id of {seen[key]}; every item needs its own id")
