@@ -78,6 +78,8 @@ class Ranked(TaskKind):
     def prompt(self, ctx, item) -> dict:
         """{"prompts": one per distinct context, "continuations": token ids per prompt, "where": (prompt,
         slot) of each candidate, "partial": whether the continuation is shared}."""
+        from kosmos.eval.ranking import continuation_ids
+
         spec, tok = ctx.spec, ctx.encoder.tokenizer
         demos, images = [], []
         for d in ctx.shots.pick(item):
@@ -97,8 +99,6 @@ class Ranked(TaskKind):
                 prompts.append(build_prompt(ctx.encoder, text, loaded))
                 conts.append([])
             p = index[text]
-            from kosmos.eval.ranking import continuation_ids
-
             ids = continuation_ids(tok, text, cont)
             if not len(ids):
                 raise Skip("empty_candidate", f"candidate {len(where)} has no tokens")
