@@ -83,7 +83,8 @@ def test_a_kind_registered_from_outside_runs_end_to_end(ckpt, tmp_path, monkeypa
     data = load_task_data(spec, str(path))
     assert [it.id for it in data.items] == ["e0", "e1", "e2"]
     model, enc = load_for_inference(str(ckpt))
-    with pytest.raises(ValueError, match="few-shot is for captioning and vqa tasks, not exact_test"):
+    with pytest.raises(ValueError,
+                       match="few-shot is for captioning, ranked_choice and vqa tasks, not exact_test"):
         build_shots(model, enc, spec, data, 2)
     res = run_task(model, enc, "exact_task", spec, data, tmp_path / "out", Shots(), progress=False)
     assert res.predicted == 3 and res.metrics["n"] == 3 and 0 <= res.metrics["exact"] <= 100

@@ -476,11 +476,14 @@ class OptimConfig:
 
 
 EVAL_TASK_NAMES = ("coco_captioning", "flickr30k_captioning", "captioning", "vqav2", "okvqa", "vizwiz", "vqa",
-                   "imagenet", "classification", "choice", "labels")
+                   "imagenet", "classification", "choice", "labels", "storycloze", "hellaswag", "winograd",
+                   "winogrande", "piqa", "boolq", "cb", "copa", "rendered_sst2", "hatefulmemes", "cub",
+                   "relativesize", "memorycolor", "colorterms", "websrc")
 """The benchmark tasks, as `kosmos.eval.tasks.TASKS` names them (it checks that they agree): here so that a
 config is checked without importing the evaluation."""
 EVAL_TASK_SETTINGS = ("kind", "prompt", "demo", "separator", "num_beams", "max_new_tokens", "length_penalty",
-                      "stop", "mode", "answer", "top_k", "batch_size", "metrics", "vqa_rules", "description")
+                      "stop", "mode", "answer", "top_k", "batch_size", "metrics", "vqa_rules", "format",
+                      "description")
 """The task settings an entry may change: the fields of `kosmos.eval.tasks.TaskSpec` (it checks that they
 agree)."""
 VQA_RULES = ("vqa2017", "vqa2021", "lmms-eval", "vizwiz")

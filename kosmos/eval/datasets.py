@@ -8,6 +8,9 @@
                     names
     choices         JSONL {"id", "images", "text" with <image> placeholders, "candidates", "answer"}
     labels          JSONL {"id", "image", "labels"} (open-vocabulary labels, NxTP)
+    ranked          the language benchmarks as released (StoryCloze CSV, HellaSwag, WSC273, Winogrande,
+                    PIQA, SuperGLUE's BoolQ/CB/COPA JSONL), Hateful Memes' JSONL, a class folder (Rendered
+                    SST-2): `load_ranked`, `RANKED_FORMATS`; texts as lm-evaluation-harness builds them
     prompts         JSONL {"id"?, "image", "question"?, "captions"/"answers"?} (captioning and VQA without
                     the benchmark's own files), a folder of images, or caption shards (predictions only,
                     unless they carry references)
@@ -604,3 +607,350 @@ def unique_ids(data: TaskData, where: str) -> TaskData:
             raise EvalDataError(f"{where}: items {first} and {i} have the same id {item.id!r}; every item "
                                 "needs its own id")
     return data
+
+
+# ----------------------------------------------------------------------------- likelihood-ranked choices
+
+
+@dataclass
+class RankedItem:
+    """One multiple-choice item scored by the likelihood of each candidate (`kosmos.eval.kinds.ranked`):
+    candidate j is the text `contexts[j]` followed by `continuations[j]`. Most tasks share one context and
+    differ in the continuation; Winograd-style ones ("partial scoring") put each option into the context and
+    share the continuation."""
+
+    id: int | str
+    contexts: list[str]
+    continuations: list[str]
+    """Scored after the context, leading space included (lm-evaluation-harness's target delimiter)."""
+    choices: list[str]
+    """The candidates' texts as lm-evaluation-harness's `doc_to_choice` gives them: acc_norm divides by
+    their length in characters."""
+    label: int | None
+    """The right candidate, None when the file does not say (a test split)."""
+    images: list[str] = field(default_factory=list)
+    """Image paths for `{image}` markers in the task's prompt (rendered text, memes)."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Template fields of the task's prompt (`jsonl` format: the row's other strings, e.g. `{object}`)."""
+
+
+RANKED_FORMATS: dict[str, str] = {
+    "storycloze": "StoryCloze 2016/2018: the CSV as distributed (InputSentence1..4, "
+                  "RandomFifthSentenceQuiz1/2, AnswerRightEnding) or JSONL with the HF hub's names "
+                  "(input_sentence_1..4, sentence_quiz1/2, answer_right_ending)",
+    "hellaswag": "HellaSwag JSONL (hellaswag_val.jsonl as released, or the HF hub's rows): activity_label, "
+                 "ctx_a, ctx_b, endings, label",
+    "wsc273": "Winograd WSC273, the HF hub's winograd_wsc rows as JSONL: text, pronoun, pronoun_loc, "
+              "options, label",
+    "winogrande": "Winogrande JSONL (dev.jsonl / train_*.jsonl as released): sentence with _, option1, "
+                  "option2, answer '1'/'2'",
+    "piqa": "PIQA JSONL (goal, sol1, sol2) with its labels: a `label` field (the HF hub's rows) or the "
+            "released labels file (`--annotations valid-labels.lst`, one 0/1 a line)",
+    "boolq": "BoolQ, SuperGLUE JSONL: passage, question, label (true/false)",
+    "cb": "CommitmentBank, SuperGLUE JSONL: premise, hypothesis, label (entailment/contradiction/neutral)",
+    "copa": "COPA, SuperGLUE JSONL: premise, choice1, choice2, question (cause/effect), label",
+    "hatefulmemes": "Hateful Memes JSONL as released (dev_seen.jsonl): id, img, label (1: hateful), text",
+    "jsonl": "any choices as JSONL: {\"id\"?, \"choices\": [...], \"label\": index or the right choice's "
+             "text, any other string fields for the prompt's {name}s} (the cross-modal probes)",
+    "described": "classification with descriptions in context (CUB, the paper's section 4.7) as JSONL: "
+                 "{\"id\"?, \"image\", \"category\" (e.g. woodpecker), \"descriptions\": {name: text, ...}, "
+                 "\"label\": the right name or its index}; the candidates are the names",
+    "class_folder": "a folder per class (Rendered SST-2 as released: negative/, positive/) or a CSV "
+                    "image,label with class names; the candidates are the class names",
+}
+"""The formats `load_ranked` reads (TaskSpec.format), each as its benchmark distributes it."""
+
+_CB_LABELS = {"entailment": 0, "contradiction": 1, "neutral": 2}
+
+
+def _hellaswag_text(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag preprocessing: WikiHow's bracketed artifacts out, ` [title]` to
+    `. `."""
+    import re
+
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+_WSC_UPPER = ("A", "An", "The", "She", "He", "It", "They", "My", "His", "Her", "Their")
+
+
+def _wsc_option(text: str, pronoun: str, loc: int, option: str) -> str:
+    """lm-evaluation-harness's WSC273 option normalisation: `'s` after a possessive pronoun's option, and the
+    option's first word lower-cased unless it starts a sentence."""
+    if pronoun.lower() in ("my", "his", "her", "our", "their"):
+        option += "'s"
+    first = option.split()[0]
+    if not (loc >= 2 and text[loc - 2] == ".") and first in _WSC_UPPER:
+        return option.replace(first, first.lower())
+    return option
+
+
+def _label(value, where, field: str, n: int, names: dict[str, int] | None = None) -> int | None:
+    """A gold index from a label field: an int (or its string), a bool (BoolQ), a name in `names`; None for
+    an absent, empty or -1 label (a test split's)."""
+    if value is None or value == "" or value == -1:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and names and value in names:
+        return names[value]
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value < n:
+        _fail(where, field, f"expected a label 0..{n - 1}" + (f" or one of {sorted(names)}" if names else "")
+              + f", got {value!r:.40}")
+    return value
+
+
+def _same_context(the_id, context: str, choices: list[str], label, delimiter: str = " ") -> RankedItem:
+    return RankedItem(the_id, [context] * len(choices), [delimiter + c for c in choices], choices, label)
+
+
+def _ranked_row(fmt: str, obj: dict, n: int, where, labels: list[str] | None, row: int = 0) -> RankedItem:
+    """One item of format `fmt` from a row (`n`: its default id; `row`: its index, for a labels file)."""
+    s = lambda key: _get(obj, key, str, where)  # noqa: E731 - a field that must be a string
+    if fmt == "storycloze":
+        hf = "input_sentence_1" in obj
+        names = ([f"input_sentence_{i}" for i in range(1, 5)], ["sentence_quiz1", "sentence_quiz2"],
+                 "answer_right_ending", "story_id") if hf else (
+            [f"InputSentence{i}" for i in range(1, 5)],
+            ["RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2"],
+            "AnswerRightEnding", "InputStoryid")
+        gold = _label(obj.get(names[2]), where, names[2], 3)
+        if gold == 0:
+            _fail(where, names[2], "expected 1 or 2, got 0")
+        return _same_context(obj.get(names[3], n), " ".join(s(k) for k in names[0]), [s(k) for k in names[1]],
+                             None if gold is None else gold - 1)
+    if fmt == "hellaswag":
+        ctx = s("ctx_a") + " " + s("ctx_b").capitalize()
+        endings = _str_list(_get(obj, "endings", list, where), where, "endings")
+        return _same_context(obj.get("ind", n), _hellaswag_text(s("activity_label") + ": " + ctx),
+                             [_hellaswag_text(e) for e in endings], _label(obj.get("label"), where, "label",
+                                                                           len(endings)))
+    if fmt == "wsc273":
+        text = s("text").replace("  ", " ")
+        pronoun, loc = s("pronoun"), _get(obj, "pronoun_loc", int, where)
+        options = [_wsc_option(text, pronoun, loc, o) for o in _str_list(_get(obj, "options", list, where),
+                                                                            where, "options")]
+        target = " " + text[loc + len(pronoun):].strip()
+        contexts = [text[:loc] + o for o in options]
+        return RankedItem(obj.get("id", n), contexts, [target] * len(options), contexts,
+                          _label(obj.get("label"), where, "label", len(options)))
+    if fmt == "winogrande":
+        sentence = s("sentence")
+        if "_" not in sentence:
+            _fail(where, "sentence", "has no _ to put an option in")
+        i = sentence.index("_")
+        options = [s("option1"), s("option2")]
+        gold = _label(obj.get("answer"), where, "answer", 3)
+        if gold == 0:
+            _fail(where, "answer", "expected '1' or '2', got '0'")
+        contexts = [sentence[:i] + o for o in options]
+        return RankedItem(obj.get("qID", n), contexts, [" " + sentence[i + 1:].strip()] * 2, contexts,
+                          None if gold is None else gold - 1)
+    if fmt == "piqa":
+        value = obj.get("label") if labels is None else (labels[row] if row < len(labels) else None)
+        return _same_context(obj.get("id", n), f"Question: {s('goal')}\nAnswer:", [s("sol1"), s("sol2")],
+                             _label(value, where, "label", 2))
+    if fmt == "boolq":
+        return _same_context(obj.get("idx", n), f"{s('passage')}\nQuestion: {s('question')}?\nAnswer:",
+                             ["no", "yes"], _label(obj.get("label"), where, "label", 2))
+    if fmt == "cb":
+        return _same_context(obj.get("idx", n), f"{s('premise')}\nQuestion: {s('hypothesis')}. True, False, "
+                             "or Neither?\nAnswer:", ["True", "False", "Neither"],
+                             _label(obj.get("label"), where, "label", 3, _CB_LABELS))
+    if fmt == "jsonl":
+        choices = _str_list(_get(obj, "choices", list, where), where, "choices")
+        if not choices:
+            _fail(where, "choices", "empty")
+        label = obj.get("label")
+        if isinstance(label, str) and label in choices:
+            label = choices.index(label)
+        item = _same_context(obj.get("id", n), "", choices, _label(label, where, "label", len(choices)))
+        item.fields = {k: v for k, v in obj.items()
+                       if isinstance(v, str) and k not in ("id", "label", "context", "answer")}
+        return item
+    if fmt == "copa":
+        question = s("question")
+        if question not in ("cause", "effect"):
+            _fail(where, "question", f"expected 'cause' or 'effect', got {question!r:.40}")
+        connector = {"cause": "because", "effect": "therefore"}[question]
+        choices = [" " + c[:1].lower() + c[1:] for c in (s("choice1"), s("choice2"))]
+        return _same_context(obj.get("idx", n), s("premise").strip()[:-1] + f" {connector}", choices,
+                             _label(obj.get("label"), where, "label", 2), delimiter="")
+    raise ValueError(f"unknown ranked-choice format {fmt!r}; formats: {', '.join(RANKED_FORMATS)}")
+
+
+def load_ranked(fmt: str, path, labels=None, image_root=None, classnames=None) -> list[RankedItem]:
+    """Likelihood-ranked choice items from a benchmark file in format `fmt` (`RANKED_FORMATS`), the texts
+    built as lm-evaluation-harness builds them (its task configs: contexts, choices, target delimiter).
+    `labels`: PIQA's released labels file. Image tasks: `hatefulmemes` (JSONL, images relative to
+    `image_root`, by default the file's folder) and `class_folder` (`load_classification`; candidates the
+    class names)."""
+    if fmt == "class_folder":
+        items, names = load_classification(path, classnames, image_root)
+        return [RankedItem(c.id, [""] * len(names), [" " + n for n in names], names, c.label, [c.image])
+                for c in items]
+    path = Path(path)
+    if fmt == "described":
+        root = Path(image_root) if image_root is not None else path.parent
+        out, seen = [], {}
+        for n, obj in read_jsonl(path):
+            where = f"{path}:{n}"
+            descriptions = _get(obj, "descriptions", dict, where)
+            names = list(descriptions)
+            if len(names) < 2 or not all(isinstance(v, str) for v in descriptions.values()):
+                _fail(where, "descriptions", "expected an object of at least two {name: description text}")
+            label = obj.get("label")
+            label = names.index(label) if isinstance(label, str) and label in names else label
+            context = " ".join(f"Description of {k}: {v}" for k, v in descriptions.items())
+            item = _same_context(item_id(obj, n, where, seen), context, names,
+                                 _label(label, where, "label", len(names)))
+            item.images = [_resolve(root, _get(obj, "image", str, where))]
+            item.fields = {"category": _get(obj, "category", str, where)}
+            out.append(item)
+        return out
+    if fmt == "hatefulmemes":
+        root = Path(image_root) if image_root is not None else path.parent
+        out, seen = [], {}
+        for n, obj in read_jsonl(path):
+            where = f"{path}:{n}"
+            item = _same_context(item_id(obj, n, where, seen), "", ["no", "yes"],
+                                 _label(obj.get("label"), where, "label", 2))
+            item.images = [_resolve(root, _get(obj, "img", str, where))]
+            out.append(item)
+        return out
+    if fmt not in RANKED_FORMATS:
+        raise ValueError(f"unknown ranked-choice format {fmt!r}; formats: {', '.join(RANKED_FORMATS)}")
+    label_list = None
+    if labels is not None:
+        try:
+            label_list = [line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines()
+                          if line.strip()]
+        except (FileNotFoundError, IsADirectoryError):
+            raise EvalDataError(f"{labels}: no such file") from None
+    if path.suffix.lower() == ".csv":
+        rows = _csv_rows(path)
+    else:
+        rows = read_jsonl(path)
+    out, seen = [], {}
+    if label_list is not None and len(label_list) != len(rows):
+        _fail(labels, "labels", f"{len(label_list)} labels for the {len(rows)} rows of {path}")
+    for row, (n, obj) in enumerate(rows):
+        where = f"{path}:{n}"
+        item = _ranked_row(fmt, obj, n if path.suffix.lower() != ".csv" else n - 1, where, label_list, row)
+        key = str(item.id)
+        if key in seen:
+            _fail(where, "id", f"{item.id!r} is already the id of {seen[key]}; every item needs its own id")
+        seen[key] = where
+        out.append(item)
+    return out
+
+
+def _csv_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV with a header; an EvalDataError naming the file for one that is not."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return [(n, row) for n, row in enumerate(csv.DictReader(f), 2)]
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise EvalDataError(f"{path}: not a valid CSV ({e})") from None
+
+
+# ----------------------------------------------------------------------------- WebSRC
+
+
+@dataclass
+class WebQAItem:
+    id: str
+    """The question id of dataset.csv (`bo010000100000`: domain, website, page, question)."""
+    image: str
+    """The page's screenshot (processed_data/PAGE.png)."""
+    context: str
+    """The page's text, extracted from processed_data/PAGE.html (`html_text`)."""
+    question: str
+    answers: list[str]
+
+
+def html_text(path) -> str:
+    """The visible text of an HTML file: the character data outside <script>, <style>, <noscript> and
+    <template>, whitespace collapsed to single spaces (Python's html.parser; nothing is run or fetched).
+    The paper says only "the text extracted from the web page"; this is the extraction chosen here."""
+    from html.parser import HTMLParser
+
+    class _Text(HTMLParser):
+        SKIP = {"script", "style", "noscript", "template"}
+
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts: list[str] = []
+            self.skipping = 0
+
+        def handle_starttag(self, tag, attrs):
+            self.skipping += tag in self.SKIP
+
+        def handle_endtag(self, tag):
+            self.skipping -= tag in self.SKIP and self.skipping > 0
+
+        def handle_data(self, data):
+            if not self.skipping:
+                self.parts.append(data)
+
+    try:
+        raw = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise EvalDataError(f"{path}: no such file (the page of a WebSRC question)") from None
+    parser = _Text()
+    parser.feed(raw)
+    parser.close()
+    return " ".join(" ".join(parser.parts).split())
+
+
+def load_websrc(path, split: str | None = None) -> list[WebQAItem]:
+    """WebSRC questions as released: a website's `dataset.csv` (question, id, element_id, answer_start,
+    answer) beside its `processed_data/` (PAGE.html, PAGE.png), or the data folder holding
+    DOMAIN/NN/dataset.csv for every website; with `split` (dev, train) only the websites that its
+    dataset_split*.json in that folder lists (the released test set has no answers)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*/*/dataset.csv"))
+        if not files:
+            _fail(path, "folder", "no DOMAIN/NN/dataset.csv in it (WebSRC's data folder)")
+        if split is not None:
+            splits = sorted(path.glob("dataset_split*.json"))
+            if not splits:
+                _fail(path, "split", f"no dataset_split*.json to take split {split!r} from")
+            table = read_json(splits[-1])
+            if not isinstance(table, dict) or split not in table:
+                known = ", ".join(sorted(table)) if isinstance(table, dict) else "none"
+                _fail(splits[-1], "split", f"no split {split!r} (it has {known})")
+            sites = set(_str_list(table[split], splits[-1], split))
+            files = [f for f in files if f.parent.parent.name[:2] + f.parent.name in sites]
+    else:
+        files = [path]
+    items, pages, seen = [], {}, {}
+    for csv_path in files:
+        site = csv_path.parent
+        for n, row in _csv_rows(csv_path):
+            where = f"{csv_path}:{n}"
+            qid = (row.get("id") or "").strip()
+            if len(qid) < 9:
+                _fail(where, "id", f"expected a WebSRC question id like bo010000100000, got {qid!r:.40}")
+            if qid in seen:
+                _fail(where, "id", f"{qid!r} is already the id of {seen[qid]}; every item needs its own id")
+            seen[qid] = where
+            question = row.get("question")
+            if not question:
+                _fail(where, "question", "missing")
+            page = site / "processed_data" / qid[2:9]
+            if page not in pages:
+                pages[page] = html_text(page.with_suffix(".html"))
+            answer = row.get("answer")
+            items.append(WebQAItem(qid, str(page.with_suffix(".png")), pages[page], question,
+                                   [answer] if answer is not None else []))
+    return items

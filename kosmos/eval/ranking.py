@@ -237,19 +237,28 @@ def class_continuations(tokenizer, prompt_text: str, names: list[str]) -> list[l
     `Continuation` whose `drop` replaces the prompt's differing last tokens; it is scored whole, without
     the KV cache."""
     text = prompt_text.split("{image}")[-1]
-    prompt_ids = tokenizer.encode(text)
     sep = " " if text and not text[-1].isspace() else ""
     out: list[list[int]] = []
     for k, name in enumerate(names):
         name = name.strip()
         if not name:
             raise ValueError(f"class name {k} is empty")
-        whole = tokenizer.encode(text + sep + name)
-        n = len(prompt_ids)
-        if whole[:n] == prompt_ids:
-            out.append(whole[n:])
-            continue
-        same = next((i for i, (a, b) in enumerate(zip(prompt_ids, whole, strict=False)) if a != b),
-                    min(n, len(whole)))
-        out.append(Continuation(whole[same:], drop=n - same))
+        out.append(continuation_ids(tokenizer, text, sep + name))
     return out
+
+
+def continuation_ids(tokenizer, text: str, continuation: str) -> list[int]:
+    """The token ids of `continuation` (its text as it is: leading space included) after a prompt whose
+    text ends with `text` (the part after its last `{image}`): tokenizer.encode(text + continuation) less
+    the ids of `text`, as lm-evaluation-harness splits a (context, continuation) pair; when those are not a
+    prefix (SentencePiece splits differently at the join) the ids from the first difference on, as a
+    `Continuation` whose `drop` replaces the prompt's differing last tokens."""
+    text = text.split("{image}")[-1]
+    prompt_ids = tokenizer.encode(text)
+    whole = tokenizer.encode(text + continuation)
+    n = len(prompt_ids)
+    if whole[:n] == prompt_ids:
+        return whole[n:]
+    same = next((i for i, (a, b) in enumerate(zip(prompt_ids, whole, strict=False)) if a != b),
+                min(n, len(whole)))
+    return Continuation(whole[same:], drop=n - same)

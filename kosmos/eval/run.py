@@ -340,7 +340,8 @@ def build_shots(model, encoder, spec: TaskSpec, data: TaskData, k: int, seed: in
     if not k:
         return Shots()
     if not get_kind(spec.kind).few_shot or not spec.demo:
-        kinds = " and ".join(name for name, kind in KINDS.items() if kind.few_shot)
+        names = [name for name, kind in KINDS.items() if kind.few_shot]
+        kinds = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         raise ValueError(f"few-shot is for {kinds} tasks, not {spec.kind}")
     support = [s for s in (data.support if data.support is not None else data.items) if s.references]
     need = k + (data.support is None)  # demonstrations from the evaluated items: never the query itself
@@ -439,16 +440,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True,
                     help="captioning: Karpathy dataset_*.json, a COCO caption file, a folder of images, "
                          "caption shards or a JSONL; vqa: the questions JSON (VizWiz: its one file) or a "
-                         "JSONL; classification: a folder per class or a CSV; choice/labels: a JSONL")
-    ap.add_argument("--annotations", help="vqa: the annotations JSON (answers); without it, predictions only")
+                         "JSONL; classification: a folder per class or a CSV; choice/labels: a JSONL; "
+                         "ranked choice (language tasks, rendered_sst2, hatefulmemes, probes): the "
+                         "benchmark's file as released (kosmos.eval.datasets.RANKED_FORMATS); websrc: its "
+                         "data folder or a dataset.csv")
+    ap.add_argument("--annotations", help="vqa: the annotations JSON (answers); without it, predictions "
+                                          "only; piqa: its labels file (valid-labels.lst)")
     ap.add_argument("--images", help="image root (default: the folder of --data)")
-    ap.add_argument("--split", default="test", help="Karpathy split to evaluate (default test)")
+    ap.add_argument("--split", default="test", help="Karpathy split to evaluate (default test); websrc: "
+                                                    "a split of its dataset_split*.json (dev)")
     ap.add_argument("--classnames", help="classification: class names, one per line or a JSON list")
     ap.add_argument("--shots", default="0", help="demonstrations, comma-separated: 0,2,4,8 (default 0)")
     ap.add_argument("--support", help="few-shot support set, same format as --data (default: the "
                                       "Karpathy train split for captioning; else the evaluated items, never "
                                       "the query itself)")
-    ap.add_argument("--support-annotations", help="vqa: the support set's annotations")
+    ap.add_argument("--support-annotations", help="vqa: the support set's annotations; piqa: its labels")
     ap.add_argument("--retrieval", action="store_true",
                     help="few-shot: the most similar support images (RICES) instead of random ones")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random demonstrations")
