@@ -275,6 +275,39 @@ def test_the_library_imports_without_the_server_packages_and_the_command_says_wh
     assert err.count("\n") == 0 and "pip install 'kosmos-pretrain[serve]'" in err and "fastapi" in err, err
 
 
+@pytest.mark.slow
+def test_the_command_serves_a_checkpoint_on_the_port_it_prints(tmp_path, tiny_tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, checkpoint_dir
+
+    checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, tiny_model())
+    cmd = [sys.executable, "-m", "kosmos.serve", str(tmp_path / "run"), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    guard = threading.Timer(120, proc.kill)  # a server that never says where it listens ends the test
+    guard.start()
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("serving")) and proc.poll() is None:
+            lines.append(proc.stdout.readline())
+        assert lines and lines[-1].startswith("serving run: the page at http://127.0.0.1:"), "".join(lines)
+        url = lines[-1].split("the OpenAI API at ")[1].strip()
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["run"]
+        out = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "a"}],
+                                             max_tokens=4, temperature=0)
+        assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens <= 4
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/", timeout=30) as r:
+            assert "<title>KOSMOS" in r.read().decode()
+    finally:
+        guard.cancel()
+        proc.terminate()
+        proc.wait(30)
+
+
 # ----------------------------------------------------------------------------- the page, in a real browser
 
 
