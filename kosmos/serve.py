@@ -516,6 +516,9 @@ def create_app(model, enc: SequenceEncoder, name: str = "kosmos", limits: Limits
         gen, budget, seed = decoding(body, enc, prompts, engine.max_len, default_max, limits, param)
         n = body.get("n") or 1
         rows = [p for p in prompts for _ in range(n)]
+        if len(rows) > limits.max_batch:
+            raise RequestError(f"{len(prompts)} prompt(s) x n={n} make {len(rows)} rows: the server decodes "
+                               f"at most {limits.max_batch} together (--max-batch)", "n", "invalid_value")
         return Job(rows, gen, [b for b in budget for _ in range(n)], seed, loop, asyncio.Queue())
 
     async def answer(request: Request, endpoint: str):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import shutil
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,11 +266,17 @@ def test_a_client_leaving_mid_stream_frees_its_slot(served, client):
 
 def test_the_library_imports_without_the_server_packages_and_the_command_says_what_to_install(
         monkeypatch, capsys, tmp_path):
+    import ast
     import sys
 
+    import kosmos.serve
     from kosmos.errors import run_cli
     from kosmos.serve import main
 
+    tree = ast.parse(Path(kosmos.serve.__file__).read_text())  # its top-level imports: the library's only
+    top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert not top & {"fastapi", "uvicorn", "starlette", "openai"}, top
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi -> ImportError
     assert run_cli(main, [str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -277,7 +285,6 @@ def test_the_library_imports_without_the_server_packages_and_the_command_says_wh
 
 @pytest.mark.slow
 def test_the_command_serves_a_checkpoint_on_the_port_it_prints(tmp_path, tiny_tokenizer):
-    import os
     import subprocess
     import sys
 
@@ -359,6 +366,8 @@ def test_the_page_streams_the_answer_and_shows_errors(served, tmp_path):
         shot = tmp_path / "serve_demo.png"
         b.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+        if os.environ.get("KOSMOS_UPDATE_SCREENSHOT"):  # the README's picture: docs/serve_demo.png
+            shutil.copy(shot, Path(__file__).resolve().parents[1] / "docs" / "serve_demo.png")
         # A file that is no image: the server's error, shown on the page.
         b.find_element(By.ID, "clear").click()
         b.find_element(By.ID, "file").send_keys(str(text_file))
