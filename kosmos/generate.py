@@ -254,10 +254,12 @@ class _Decoder:
             self.embeds = self.embeds.index_select(0, index)
 
 
-OnToken = Callable[[int, int], "bool | None"]
+OnToken = Callable[[int, "int | None"], "bool | None"]
 """`on_token(row, token)`: called with each token as it is generated (greedy and sampling; beam search
-picks its tokens at the end and calls nothing). Returning False ends that row there (the token stays in
-its output): a server ends a row whose client left, or that reached its own token budget in a batch."""
+picks its tokens at the end and calls nothing), then `on_token(row, None)` when the row ends before the
+batch does (its eos, or a stop string: its output is complete). Returning False ends that row there (the
+token stays in its output; no None call follows): a server ends a row whose client left, or that reached
+its own token budget in a batch."""
 
 
 @torch.no_grad()
@@ -324,6 +326,9 @@ def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator,
                 done[i] = _hits_stop(gen, out[i])
                 if on_token is not None and on_token(i, t) is False:
                     done[i] = True
+                    continue
+            if done[i] and on_token is not None:
+                on_token(i, None)  # ended by eos or a stop string: its output is final
         if bool(done.all()) or step == gen.max_new_tokens - 1:
             break
         tokens = tokens.masked_fill(done.to(tokens.device), gen.pad_id)

@@ -22,11 +22,11 @@ search; a stream then gets the answer in one chunk), `top_k` and `length_penalty
 Batching. Decoding runs in one worker thread. It waits `--batch-wait-ms` after a request arrives, then runs
 one `kosmos.generate` call (one forward per step, with the KV cache) over the waiting requests that decode
 alike (same sampling settings, stop strings and seed; up to `--max-batch` rows, the `n` choices of a
-request being rows too). Each row keeps its own token budget (`on_token` ends it) and streams as it
-decodes; a client that leaves mid-stream ends its row at the next step, and a request still waiting is
-dropped. Prompts of different lengths are left-padded into one batch (`decoder.attention=sdpa`, the
-default); with `decoder.attention=torchscale` generate batches each prompt length alone, one after another.
-A finished row's final chunk is sent when its batch ends.
+request being rows too). Each row keeps its own token budget (`on_token` ends it), streams as it decodes
+and is answered as soon as it ends (its eos, a stop string or its budget), not when the batch does; a
+client that leaves mid-stream ends its row at the next step, and a request still waiting is dropped.
+Prompts of different lengths are left-padded into one batch (`decoder.attention=sdpa`, the default); with
+`decoder.attention=torchscale` generate batches each prompt length alone, one after another.
 
 Errors are 4xx JSON in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: not an image
 (`invalid_image`), an image over `--max-image-mb` (413, `image_too_large`), more than `--max-images`
@@ -345,19 +345,32 @@ class Engine:
         owners = [(job, c) for job in batch for c in range(len(job.prompts))]
         prompts = [p for job in batch for p in job.prompts]
         budget = [b for job in batch for b in job.budget]
-        counts = [0] * len(owners)
+        ids: list[list[int]] = [[] for _ in owners]
+        ended = [False] * len(owners)
         gen = dataclasses.replace(batch[0].gen, max_new_tokens=max(budget))
         seed = batch[0].seed
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-        def on_token(row: int, token: int) -> bool:
+        def end(row: int) -> None:  # the row's answer is complete: its client need not wait for the batch
             job, c = owners[row]
+            ended[row] = True
+            job.emit("done", c, list(ids[row]))
+
+        def on_token(row: int, token: int | None) -> bool:
+            job, c = owners[row]
+            if token is None:  # its eos or a stop string
+                end(row)
+                return True
             if job.cancelled.is_set():
+                ended[row] = True
                 return False
-            counts[row] += 1
+            ids[row].append(token)
             self.tokens += 1
             job.emit("token", c, token)
-            return counts[row] < budget[row]
+            if len(ids[row]) >= budget[row]:
+                end(row)
+                return False
+            return True
 
         self.active, self.batches = len(prompts), self.batches + 1
         self.rows, self.largest = self.rows + len(prompts), max(self.largest, len(prompts))
@@ -369,9 +382,10 @@ class Engine:
             return
         finally:
             self.active = 0
-        for row, ids in enumerate(outs):
-            job, c = owners[row]
-            job.emit("done", c, ids[: budget[row]])
+        for row, out in enumerate(outs):
+            if not ended[row]:  # beam search, and rows that ran to the batch's end
+                job, c = owners[row]
+                job.emit("done", c, out[: budget[row]])
 
 
 # ----------------------------------------------------------------------------- responses

@@ -418,6 +418,16 @@ def test_on_token_streams_each_row_and_ends_a_row_that_returns_false():
 
     out = generate(model, prompts, gen, on_token=on_token)
     assert out == seen == [whole[0], whole[1][:3]]
+    # A row that ends on its eos says so at once (None), while the other row goes on.
+    eos = whole[0][4]
+    assert eos not in whole[1], "pick another prompt: the eos must end row 0 only"
+    calls: list[tuple[int, int | None]] = []
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=10, eos_id=eos),
+                   on_token=lambda row, token: calls.append((row, token)))
+    assert out == [whole[0][: whole[0].index(eos)], whole[1]]
+    ended = calls.index((0, None))
+    assert [t for r, t in calls[:ended] if r == 0] == out[0] and not any(r == 0 for r, _ in calls[ended + 1:])
+    assert len([c for c in calls[ended:] if c[0] == 1]) > 0 and (1, None) not in calls  # row 1 ran to the end
 
 
 def test_stock_attention_batches_prompts_of_one_length_together(monkeypatch):

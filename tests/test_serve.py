@@ -264,6 +264,38 @@ def test_a_client_leaving_mid_stream_frees_its_slot(served, client):
     assert ok.choices[0].text == expected(served, "a", max_new_tokens=3)
 
 
+def test_a_short_answer_does_not_wait_for_the_rest_of_its_batch(served, client):
+    model = served[1]
+    slow = model.decoder.register_forward_hook(lambda *a: time.sleep(0.02))  # 200 tokens: 4 s or more
+    started, leave = threading.Barrier(2), threading.Event()
+
+    def long_stream() -> None:
+        host, port = served[0].removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        started.wait()
+        body = json.dumps({"prompt": "a red", "max_tokens": 200, "temperature": 0, "stream": True})
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        conn.getresponse().readline()
+        leave.wait(60)
+        conn.close()  # leaves mid-stream: its row ends
+
+    other = threading.Thread(target=long_stream)
+    other.start()
+    try:
+        started.wait()
+        short = client.completions.create(model=NAME, prompt="a", max_tokens=2, temperature=0)
+        h = get(served[0] + "/health")
+        assert short.choices[0].text == expected(served, "a", max_new_tokens=2)
+        assert h["active"] == 2, h  # answered while its batch (with the long row) still decodes
+    finally:
+        leave.set()
+        other.join(60)
+        slow.remove()
+    deadline = time.monotonic() + 30
+    while get(served[0] + "/health")["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_the_library_imports_without_the_server_packages_and_the_command_says_what_to_install(
         monkeypatch, capsys, tmp_path):
     import ast
