@@ -400,8 +400,22 @@ def test_the_page_streams_the_answer_and_shows_errors(served, tmp_path):
         assert shot.stat().st_size > 10_000
         if os.environ.get("KOSMOS_UPDATE_SCREENSHOT"):  # the README's picture: docs/serve_demo.png
             shutil.copy(shot, Path(__file__).resolve().parents[1] / "docs" / "serve_demo.png")
+        # Interleaved: two images placed by the prompt's {image} markers.
+        second = write(tmp_path / "second.jpg", photo(6))
+        b.find_element(By.ID, "file").send_keys(str(second))
+        WebDriverWait(b, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img")) == 2)
+        prompt.clear()
+        prompt.send_keys("{image} a photo. {image} a")
+        b.find_element(By.ID, "go").click()
+        WebDriverWait(b, 60).until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "1"
+                                   or d.find_element(By.ID, "error").is_displayed())
+        assert not b.find_element(By.ID, "error").is_displayed(), b.find_element(By.ID, "error").text
+        want = expected(served, "{image} a photo. {image} a", (photo(4), photo(6)), max_new_tokens=24)
+        assert b.find_element(By.ID, "generated").get_attribute("textContent") == want
         # A file that is no image: the server's error, shown on the page.
         b.find_element(By.ID, "clear").click()
+        prompt.clear()
+        prompt.send_keys("an image of")
         b.find_element(By.ID, "file").send_keys(str(text_file))
         WebDriverWait(b, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs .thumb")) == 1)
         b.find_element(By.ID, "go").click()
