@@ -6,10 +6,10 @@ PIP ?= .venv/bin/pip
 
 setup: .venv/.installed .venv/.editable
 
-.venv/.installed: requirements.txt requirements-test.txt requirements-nodeps.txt
+.venv/.installed: requirements.txt requirements-test.txt requirements-serve.txt requirements-nodeps.txt
 	python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements.txt -r requirements-test.txt
+	$(PIP) install --quiet -r requirements.txt -r requirements-serve.txt -r requirements-test.txt
 	$(PIP) install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 

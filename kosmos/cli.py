@@ -48,3 +48,11 @@ def consolidate(argv: list[str] | None = None) -> int:
     from kosmos.checkpoint import main
 
     return main(["consolidate", *(sys.argv[1:] if argv is None else argv)])
+
+
+def serve() -> int:
+    """``kosmos-serve CHECKPOINT``: ``python -m kosmos.serve`` (an OpenAI-compatible server and its page)."""
+    from kosmos.errors import run_cli
+    from kosmos.serve import main
+
+    return run_cli(main)

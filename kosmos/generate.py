@@ -7,7 +7,9 @@ A checkpoint directory is all it needs (its config.yaml, model.safetensors and t
 directory stands for its newest checkpoint.
 
 Prompts of different lengths are left-padded into one batch; the padding is masked out of attention, and
-xPos is relative, so every prompt decodes as it would alone. The prefill runs with
+xPos is relative, so every prompt decodes as it would alone (with `decoder.attention=torchscale`, whose
+stock attention turns left padding into NaN, prompts of one length are batched together and the lengths
+decode one after another). `on_token` streams each row's tokens as they come. The prefill runs with
 `incremental_state["is_first_step"] = True` (without it torchscale keeps only the last prompt token).
 A prompt is one document: the KV cache path never uses document masking (`decoder.document_mask`).
 
@@ -252,12 +254,21 @@ class _Decoder:
             self.embeds = self.embeds.index_select(0, index)
 
 
+OnToken = Callable[[int, "int | None"], "bool | None"]
+"""`on_token(row, token)`: called with each token as it is generated (greedy and sampling; beam search
+picks its tokens at the end and calls nothing), then `on_token(row, None)` when the row ends before the
+batch does (its eos, or a stop string: its output is complete). Returning False ends that row there (the
+token stays in its output; no None call follows): a server ends a row whose client left, or that reached
+its own token budget in a batch."""
+
+
 @torch.no_grad()
 def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None = None,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, on_token: OnToken | None = None) -> list[list[int]]:
     """New token ids for each prompt (the eos token is not included); at most what the model's context
     (`decoder.max_len`) leaves after the longest prompt (`GenerationConfig.fit`: a warning says when that
-    cuts `max_new_tokens`; a prompt that fills the context is a ValueError)."""
+    cuts `max_new_tokens`; a prompt that fills the context is a ValueError). `on_token` streams the
+    tokens of greedy and sampled rows (`OnToken`)."""
     gen = gen or GenerationConfig()
     longest, max_len = max(len(p.ids) for p in prompts), model.cfg.decoder.max_len
     fitted = gen.fit(longest, max_len)
@@ -266,18 +277,32 @@ def generate(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig | None 
         gen = fitted
     with evaluating(model):
         if model.cfg.decoder.attention == "torchscale" and len({len(p.ids) for p in prompts}) > 1:
-            # The stock attention turns left padding into NaN: decode such prompts one at a time.
-            return [generate(model, [p], gen, generator)[0] for p in prompts]
+            # The stock attention turns left padding into NaN: one batch per prompt length, one after another.
+            return _by_length(model, prompts, gen, generator, on_token)
         device = next(model.parameters()).device
         ids, image_mask, padding, images = _batch_prompts(prompts, gen.pad_id, device)
         embeds = model.embed(ids, images, image_mask if images is not None else None)
         dec = _Decoder(model, embeds, padding, gen.use_cache)
         if gen.num_beams > 1:
             return _beam_search(dec, len(prompts), gen)
-        return _sample(dec, len(prompts), gen, generator)
+        return _sample(dec, len(prompts), gen, generator, on_token)
 
 
-def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator) -> list[list[int]]:
+def _by_length(model: Kosmos, prompts: list[Prompt], gen: GenerationConfig, generator,
+               on_token: OnToken | None) -> list[list[int]]:
+    """`generate` over prompts of several lengths without padding: one batch for each length."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for n in sorted({len(p.ids) for p in prompts}):
+        rows = [i for i, p in enumerate(prompts) if len(p.ids) == n]
+        relay = None if on_token is None else (lambda r, t, rows=rows: on_token(rows[r], t))
+        outs = generate(model, [prompts[i] for i in rows], gen, generator, relay)
+        for i, ids in zip(rows, outs, strict=True):
+            out[i] = ids
+    return out
+
+
+def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator,
+            on_token: OnToken | None = None) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     logits = dec.first()
@@ -299,6 +324,11 @@ def _sample(dec: _Decoder, B: int, gen: GenerationConfig, generator) -> list[lis
             else:
                 out[i].append(t)
                 done[i] = _hits_stop(gen, out[i])
+                if on_token is not None and on_token(i, t) is False:
+                    done[i] = True
+                    continue
+            if done[i] and on_token is not None:
+                on_token(i, None)  # ended by eos or a stop string: its output is final
         if bool(done.all()) or step == gen.max_new_tokens - 1:
             break
         tokens = tokens.masked_fill(done.to(tokens.device), gen.pad_id)

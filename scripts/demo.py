@@ -5,7 +5,8 @@
    (kosmos.data_tools.shapes -> kosmos.data_tools.captions), MMC4-style documents about those shapes
    (-> kosmos.data_tools.interleaved), and the corpus as text documents (-> kosmos.data_tools.text);
 3. trains configs/tiny.yaml with `accelerate launch` (one CPU process) and saves a checkpoint;
-4. captions held-out shapes and one of the shipped photos with the trained model.
+4. captions held-out shapes and one of the shipped photos with the trained model, and ends with the
+   command that serves the checkpoint (`python -m kosmos.serve demo_out/run`: the OpenAI API and a page).
 
 Everything lands in demo_out/ (the paths configs/tiny.yaml points at). Run again, it reuses what is there.
 
@@ -139,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{k} {v:.1f}" for k, v in res.metrics.items()
                       if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L"))
           + f"  ({res.folder})")
-    print(f"\nsample yourself: python -m kosmos.generate --checkpoint {out / 'run'} --image {tests[0][0]}")
+    run_dir = os.path.relpath(out / "run")
+    print(f"\nsample yourself: python -m kosmos.generate --checkpoint {run_dir} --image {tests[0][0]}")
+    print(f"serve it (the OpenAI API at http://127.0.0.1:8000/v1, the page at http://127.0.0.1:8000/):\n"
+          f"  python -m kosmos.serve {run_dir}")
 
 
 if __name__ == "__main__":

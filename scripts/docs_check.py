@@ -52,7 +52,7 @@ ENTRY_POINTS = (
     ["train_kosmos.py"], ["-m", "kosmos.generate"], ["-m", "kosmos.summary"], ["-m", "kosmos.eval", "run"],
     ["-m", "kosmos.eval", "score"], ["-m", "kosmos.eval", "score", "captioning"],
     ["-m", "kosmos.eval", "score", "vqa"], ["-m", "kosmos.eval", "loss"],
-    ["-m", "kosmos.checkpoint", "consolidate"], ["-m", "kosmos.tokenizer.build"],
+    ["-m", "kosmos.checkpoint", "consolidate"], ["-m", "kosmos.tokenizer.build"], ["-m", "kosmos.serve"],
     *[["-m", f"kosmos.data_tools.{m}"]
       for m in ("captions", "interleaved", "text", "urls", "verify", "inspect", "shapes")],
     ["scripts/demo.py"], ["scripts/gen_config_docs.py"], ["scripts/docs_check.py"], ["-m", "tests.soak"],

@@ -403,3 +403,45 @@ def test_eval_decoding_settings_are_checked_like_the_cli(tmp_path, capsys):
                   *bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and "must be" in err, err
+
+
+def test_on_token_streams_each_row_and_ends_a_row_that_returns_false():
+    model = tiny_model()
+    prompts = [_prompt(model, 2, 1, 3, seed=5), Prompt(ids=[2, 40, 41])]
+    gen = GenerationConfig(max_new_tokens=10)
+    whole = generate(model, prompts, gen)
+    seen: list[list[int]] = [[], []]
+
+    def on_token(row, token):
+        seen[row].append(token)
+        return not (row == 1 and len(seen[1]) == 3)  # row 1 leaves after three tokens
+
+    out = generate(model, prompts, gen, on_token=on_token)
+    assert out == seen == [whole[0], whole[1][:3]]
+    # A row that ends on its eos says so at once (None), while the other row goes on.
+    eos = whole[0][4]
+    assert eos not in whole[1], "pick another prompt: the eos must end row 0 only"
+    calls: list[tuple[int, int | None]] = []
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=10, eos_id=eos),
+                   on_token=lambda row, token: calls.append((row, token)))
+    assert out == [whole[0][: whole[0].index(eos)], whole[1]]
+    ended = calls.index((0, None))
+    assert [t for r, t in calls[:ended] if r == 0] == out[0] and not any(r == 0 for r, _ in calls[ended + 1:])
+    assert len([c for c in calls[ended:] if c[0] == 1]) > 0 and (1, None) not in calls  # row 1 ran to the end
+
+
+def test_stock_attention_batches_prompts_of_one_length_together(monkeypatch):
+    import kosmos.generate as g
+
+    model = tiny_model("decoder.attention=torchscale")
+    prompts = [Prompt(ids=[2, 40, 41, 42]), Prompt(ids=[2, 50]), Prompt(ids=[2, 60, 61, 62]),
+               Prompt(ids=[2, 7])]
+    gen = GenerationConfig(max_new_tokens=5)
+    alone = [generate(model, [p], gen)[0] for p in prompts]
+    batches = []
+    sample = g._sample
+    monkeypatch.setattr(g, "_sample", lambda dec, B, *a: batches.append(B) or sample(dec, B, *a))
+    streamed: dict[int, list[int]] = {}
+    out = generate(model, prompts, gen, on_token=lambda r, t: streamed.setdefault(r, []).append(t))
+    assert out == alone and batches == [2, 2]
+    assert [streamed[i] for i in range(4)] == alone

@@ -27,6 +27,7 @@ CONSOLE_SCRIPTS = {
     "kosmos-eval": "kosmos.eval:main",
     "kosmos-summary": "kosmos.cli:summary",
     "kosmos-consolidate": "kosmos.cli:consolidate",
+    "kosmos-serve": "kosmos.cli:serve",
     "kosmos-tokenizer": "kosmos.tokenizer.build:main",
     "kosmos-convert-captions": "kosmos.data_tools.captions:main",
     "kosmos-convert-interleaved": "kosmos.data_tools.interleaved:main",
@@ -98,6 +99,7 @@ def test_wheel_holds_the_packages_and_the_tokenizer_data(wheel):
     assert corpus in names  # kosmos.tokenizer.TINY_CORPUS resolves inside the installed package
     data = ROOT / "kosmos" / "tokenizer" / "data"
     assert {f"kosmos/tokenizer/data/{p.name}" for p in data.glob("*.txt")} <= names
+    assert "kosmos/serve.html" in names  # kosmos-serve's page (importlib.resources reads it from the package)
 
     stray = sorted(n for n in names if n.startswith(NOT_INSTALLED))
     assert not stray, "applications, tests or configs in the wheel"
@@ -128,7 +130,7 @@ def test_console_script_resolves_to_a_main_returning_an_exit_status(wheel, scrip
 
 
 @pytest.mark.parametrize("shim, module", [("train", "kosmos.train"), ("generate", "kosmos.generate"),
-                                          ("summary", "kosmos.summary")])
+                                          ("summary", "kosmos.summary"), ("serve", "kosmos.serve")])
 def test_cli_shims_run_the_main_on_sys_argv_and_exit_0(monkeypatch, shim, module):
     """The mains behind the shims return data (a dict, a list): the shim calls them and returns 0."""
     import kosmos.cli
