@@ -350,12 +350,14 @@ def _build_manifest(conv: Conversion, output: Path, states: dict[int, dict], enu
     skipped = Counter(enum_skipped)
     image_skips: Counter = Counter()
     examples = {k: list(v) for k, v in enum_examples.items()}
+    image_examples: dict[str, list[str]] = {}
     shard_list: list[dict] = []
     for i in sorted(states):
         st = states[i]
         skipped.update(st["skipped"])
         image_skips.update(st["image_skips"])
         _merge_examples(examples, st["examples"])
+        _merge_examples(image_examples, st.get("image_examples", {}))  # a chunk state of before: none
         shard_list.extend(st["shards"])
     totals = {
         "inputs": counts["inputs"],
@@ -376,6 +378,7 @@ def _build_manifest(conv: Conversion, output: Path, states: dict[int, dict], enu
         "skipped": dict(sorted(skipped.items())),
         "skipped_images": dict(sorted(image_skips.items())),
         "skipped_examples": {k: examples[k] for k in sorted(examples)},
+        "skipped_image_examples": {k: image_examples[k] for k in sorted(image_examples)},
         "args": json.loads(json.dumps(conv.args, default=str)),
     }
 

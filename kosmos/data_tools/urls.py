@@ -38,7 +38,6 @@ import argparse
 import csv
 import hashlib
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kosmos.data_tools.cli import OptionSpec, run_cli
+from kosmos.data_tools.images import url_problem
 from kosmos.data_tools.interleaved import FORMATS, DocOptions, _doc_files, _mmc4_records, _obelics_records
 from kosmos.data_tools.records import ConversionError, Item, Skipped
 from kosmos.data_tools.tables import check_readable
@@ -53,7 +53,6 @@ from kosmos.data_tools.writer import count_skip, sanitize_key, write_json_atomic
 
 OUTPUT_KINDS = {".parquet": "parquet", ".tsv": "tsv"}
 COLUMNS = ("url", "url_sha256", "doc_key", "image_index")
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\x00-\x20\x7f]+")
 """A URL img2dataset can fetch: a scheme, ``://``, then no whitespace or control character (which would
 also break a TSV row)."""
 BATCH_ROWS = 65_536
@@ -84,13 +83,6 @@ class _UrlsOnly:
 
     def find(self, name: str | None = None, url: str | None = None) -> str | None:
         return url if isinstance(url, str) else None
-
-
-def url_problem(url: str) -> str | None:
-    """``no_url`` for an empty URL, ``bad_url`` for one img2dataset cannot fetch, None for a good one."""
-    if not url:
-        return "no_url"
-    return None if _URL.fullmatch(url) else "bad_url"
 
 
 class _Writer:
