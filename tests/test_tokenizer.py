@@ -179,6 +179,18 @@ def test_reads_every_input_format(tmp_path):
     assert lines == ["gz one"]
 
 
+def test_caption_shards_give_every_caption_of_key_json(tmp_path):
+    """A COCO caption sample holds its first caption in KEY.txt and all five in KEY.json's "captions": the
+    tokenizer reads each once, as training does (kosmos.data.format.captions)."""
+    five = [f"caption {i} of the cat" for i in range(5)]
+    _tar(tmp_path / "coco.tar", {"k1.jpg": b"x", "k1.txt": five[0].encode(),
+                                 "k1.json": json.dumps({"captions": five}).encode(),
+                                 "k2.jpg": b"x", "k2.txt": b"only one", "k2.json": b'{"width": 3}'})
+    lines, stats = sample_lines([tmp_path / "coco.tar"], 100, quiet=True)
+    assert sorted(lines) == sorted([*five, "only one"])
+    assert (stats[0].documents, stats[0].lines) == (2, 6)
+
+
 def test_bad_lines_are_skipped_counted_and_reported(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "good line"}\nnot json\n{"text": "caf\xe9"}\n{"other": 1}\n[1, 2]\n')

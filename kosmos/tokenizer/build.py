@@ -3,8 +3,9 @@
     python -m kosmos.tokenizer.build --input corpus/ more.jsonl.gz --vocab-size 64007 --output tok/
 
 Inputs are ``.txt`` (one line per sentence), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line,
-its text field a document), webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document, or for
-interleaved shards the text segments of its ``KEY.json``; members grouped as ``kosmos.data.format`` does)
+its text field a document), webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document, with every
+caption of a caption sample's ``KEY.json`` ``"captions"`` list (COCO's five), or for interleaved shards the
+text segments of its ``KEY.json``; members grouped as ``kosmos.data.format`` does)
 and folders of these, searched recursively. An input may also be a URL (``https://``, ``s3://``, ...; brace
 patterns expand) or ``pipe:COMMAND`` naming its file (``pipe:aws s3 cp s3://b/corpus.jsonl.gz -``), streamed
 as training reads shards (``kosmos.data.remote``). The inputs are streamed once: every non-empty line is
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
+from kosmos.data.format import JSON_FIELD, TEXT_FIELD, BadSample, captions, iter_tar
 from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
 from kosmos.tokenizer.tokenizer import (
     CONFIG_FILE,
@@ -184,6 +185,8 @@ def _read_documents(
                 data = sample.files.get(TEXT_FIELD)
                 if isinstance(data, bytes):
                     text = _decode(data, stats)
+                    if text is not None and isinstance(sample.files.get(JSON_FIELD), bytes):
+                        text = "\n".join([text, *_more_captions(sample.files)])
                 elif isinstance(sample.files.get(JSON_FIELD), bytes):  # an interleaved document
                     text = _segments_text(sample.files[JSON_FIELD], stats)
                 else:
@@ -215,6 +218,16 @@ def _read_documents(
             stats.errors.append(f"{err.reason} after {stats.documents} documents: {err}")
         if is_remote(str(path)):
             stats.bytes = raw.tell()
+
+
+def _more_captions(files: dict) -> list[str]:
+    """The captions of a caption sample beyond its ``KEY.txt`` (the first): the rest of ``KEY.json``'s
+    ``"captions"`` list (COCO's five), as training reads them (``kosmos.data.format.captions``); none for a
+    text sample."""
+    try:
+        return captions(files)[1:]
+    except BadSample:
+        return []
 
 
 def _segments_text(raw: bytes, stats: InputStats) -> str | None:
