@@ -251,5 +251,6 @@ def test_skipped_images_are_named_and_a_reference_that_is_no_url_is_bad_url_as_d
     m = convert_interleaved("obelics", table, root, out, doc_options=KEEP_ALL, shard_options=_opts(out))
     assert url_problem("not a url") == "bad_url"
     assert m["skipped_images"] == {"bad_url": 2, "missing_image": 1}
-    assert m["skipped_image_examples"] == {"bad_url": ["docs.jsonl:0: 'not a url'", "docs.jsonl:1: 'also not'"],
-                                           "missing_image": [f"docs.jsonl:0: {_url(99)!r}"]}
+    assert m["skipped_image_examples"] == {
+        "bad_url": ["docs.jsonl:0: 'not a url'", "docs.jsonl:1: 'also not'"],
+        "missing_image": [f"docs.jsonl:0: {_url(99)!r}"]}

@@ -50,6 +50,7 @@ from kosmos.data_tools.interleaved import FORMATS, DocOptions, _doc_files, _mmc4
 from kosmos.data_tools.records import ConversionError, Item, Skipped
 from kosmos.data_tools.tables import check_readable
 from kosmos.data_tools.writer import count_skip, sanitize_key, write_json_atomic
+from kosmos.progress import bar as progress_bar
 
 OUTPUT_KINDS = {".parquet": "parquet", ".tsv": "tsv"}
 COLUMNS = ("url", "url_sha256", "doc_key", "image_index")
@@ -144,8 +145,6 @@ def write_urls(format: str, input: str | Path, output: str | Path, *, sim_thresh
     Raises ``ConversionError`` before writing anything when the input cannot be read, the format is unknown
     or the output name has another suffix, and, after writing the counts, when no URL was found.
     """
-    from tqdm import tqdm
-
     opts = options or UrlOptions()
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -177,8 +176,7 @@ def write_urls(format: str, input: str | Path, output: str | Path, *, sim_thresh
     def skip(counter: Counter, reason: str, source: str, detail: str = "") -> None:
         count_skip(counter, examples, reason, source, detail)
 
-    bar = tqdm(desc="urls", unit=" docs", disable=None if opts.progress else True, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = progress_bar(desc="urls", unit=" docs", enabled=opts.progress)
     try:
         for rec in _documents(format, input, files, sim_threshold, opts.limit):
             bar.update(1)

@@ -42,6 +42,8 @@ from typing import BinaryIO
 
 from kosmos.data.format import JSON_FIELD, TEXT_FIELD, BadSample, captions, iter_tar
 from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
+from kosmos.progress import bar as progress_bar
+from kosmos.progress import heartbeat
 from kosmos.tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -394,13 +396,11 @@ def sample_lines(
 
     Raises BuildError for a missing or unsupported path, an unreadable file, or no text at all.
     """
-    from tqdm import tqdm
-
     files = find_inputs(inputs)
     stats = [InputStats(path=str(f), bytes=0 if is_remote(str(f)) else f.stat().st_size) for f in files]
     reservoir = Reservoir(sample_sentences, seed)
-    with tqdm(total=sum(s.bytes for s in stats), unit="B", unit_scale=True, desc="reading corpus",
-              disable=quiet, file=sys.stderr) as bar:
+    with progress_bar(total=sum(s.bytes for s in stats), unit="B", unit_scale=True, desc="reading corpus",
+                      enabled=not quiet) as bar:
         for f, st in zip(files, stats, strict=True):
             for doc in _read_documents(f, st, text_field, bar.update):
                 st.documents += 1
@@ -561,8 +561,9 @@ def build_tokenizer(
         print(f"tokenizer.build: training a {model_type} model of {vocab_size} pieces on {len(lines)} "
               f"of {n_lines} lines ...", file=sys.stderr)
     start = time.perf_counter()
-    proto = train_sentencepiece(lines, vocab_size, model_type=model_type,
-                                character_coverage=character_coverage, seed=seed, num_threads=num_threads)
+    with heartbeat("tokenizer.build: training", enabled=False if quiet else None):  # C++: no loop for a bar
+        proto = train_sentencepiece(lines, vocab_size, model_type=model_type,
+                                    character_coverage=character_coverage, seed=seed, num_threads=num_threads)
     train_seconds = time.perf_counter() - start
     if grounding:
         proto = _add_grounding_tokens(proto)
