@@ -659,7 +659,9 @@ def _command(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=command_name("kosmos.checkpoint"),
                                  description="Tools for training checkpoints.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("consolidate", help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "
+    prog = command_name("kosmos.checkpoint")  # kosmos-consolidate runs the sub-command itself
+    c = sub.add_parser("consolidate", prog=prog if prog == "kosmos-consolidate" else f"{prog} consolidate",
+                       help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "
                                            "config and tokenizer, for generation and evaluation")
     c.add_argument("ckpt", help="a checkpoint directory of a sharded run (it holds sharded/)")
     c.add_argument("out", help="output directory")

@@ -54,6 +54,7 @@ from kosmos.data_tools.tables import (
     table_failure,
     table_kind,
 )
+from kosmos.errors import command_name
 from kosmos.untrusted import load_json
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
@@ -416,7 +417,7 @@ def convert_captions(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kosmos.data_tools.captions",
+        prog=command_name("kosmos.data_tools.captions"),
         description=__doc__.split("\n\n")[0] + " Images are re-encoded as JPEG (shorter side at most "
         "--image-size), bad inputs are skipped and counted in manifest.json; rerunning an interrupted "
         "conversion keeps its finished shards.",

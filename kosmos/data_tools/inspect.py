@@ -17,6 +17,7 @@ from pathlib import Path
 from kosmos.data.format import is_image_field, iter_tar
 from kosmos.data.remote import is_remote, open_shard, shard_name
 from kosmos.data.shards import expand_shards
+from kosmos.errors import command_name
 from kosmos.untrusted import ImageError, load_json, open_image
 
 
@@ -68,7 +69,7 @@ def describe(key: str, files: dict[str, bytes], width: int = 100) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog="python -m kosmos.data_tools.inspect",
+    p = argparse.ArgumentParser(prog=command_name("kosmos.data_tools.inspect"),
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a shard folder or one .tar; or shards by URL (https://, s3://, ...), brace "
                    "pattern, glob or pipe:COMMAND, streamed")

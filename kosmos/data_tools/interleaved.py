@@ -73,6 +73,7 @@ from kosmos.data_tools.tables import (
     table_kind,
 )
 from kosmos.data_tools.writer import MAX_EXAMPLES
+from kosmos.errors import command_name
 from kosmos.untrusted import load_json
 
 FORMATS = ("obelics", "mmc4")
@@ -445,7 +446,7 @@ def convert_interleaved(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kosmos.data_tools.interleaved",
+        prog=command_name("kosmos.data_tools.interleaved"),
         description="Convert interleaved image-text documents (OBELICS rows, MMC4 documents) into webdataset "
         "shards: one document per sample, KEY.json with text/image segments and KEY.img0.jpg... Bad inputs "
         "are skipped and counted in manifest.json; rerunning an interrupted conversion keeps finished "

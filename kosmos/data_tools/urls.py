@@ -50,6 +50,7 @@ from kosmos.data_tools.interleaved import FORMATS, DocOptions, _doc_files, _mmc4
 from kosmos.data_tools.records import ConversionError, Item, Skipped
 from kosmos.data_tools.tables import check_readable
 from kosmos.data_tools.writer import count_skip, sanitize_key, write_json_atomic
+from kosmos.errors import command_name
 from kosmos.progress import bar as progress_bar
 
 OUTPUT_KINDS = {".parquet": "parquet", ".tsv": "tsv"}
@@ -253,7 +254,7 @@ def _summary(stats: dict, output: Path, stats_path: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kosmos.data_tools.urls",
+        prog=command_name("kosmos.data_tools.urls"),
         description="Write the image URLs of interleaved documents (OBELICS rows, MMC4 documents) as a URL "
         "list for img2dataset: one row per unique URL with columns url, url_sha256, doc_key (the first "
         "document that uses it) and image_index (its position there). Documents are read as "

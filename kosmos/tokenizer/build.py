@@ -42,6 +42,7 @@ from typing import BinaryIO
 
 from kosmos.data.format import JSON_FIELD, TEXT_FIELD, BadSample, captions, iter_tar
 from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
+from kosmos.errors import command_name
 from kosmos.progress import bar as progress_bar
 from kosmos.progress import heartbeat
 from kosmos.tokenizer.tokenizer import (
@@ -609,7 +610,7 @@ def build_tokenizer(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m kosmos.tokenizer.build",
+        prog=command_name("kosmos.tokenizer.build"),
         description="Train a SentencePiece tokenizer with the KOSMOS special tokens "
         "(<pad> 0, <unk> 1, <s> 2, </s> 3, <image> 4, </image> 5) on your corpus.",
     )
