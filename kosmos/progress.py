@@ -2,8 +2,9 @@
 (tqdm's `disable=None`: nothing in a log file or a pipe) and never with the command's `--no-progress` /
 `--quiet`.
 
-`bar` is a tqdm bar over a loop (`kosmos-eval loss`'s micro-batches; the converters and `kosmos-eval run`
-build theirs the same way). `heartbeat` is for a step with no loop to hang a bar on, a single call that
+`bar` is a tqdm bar over a loop (`kosmos-eval loss`'s micro-batches, `kosmos-eval run`'s, the converters'
+inputs, the tokenizer's corpus reading). The training bar (kosmos.metrics) is its own: it also carries the
+log lines. `heartbeat` is for a step with no loop to hang a bar on, a single call that
 runs for long (SentencePiece's training in C++, torch.distributed.checkpoint's load in `kosmos-consolidate`):
 a thread writes `WHAT ... N s` every few seconds until the call returns. This module imports nothing of
 kosmos: every layer may use it.
