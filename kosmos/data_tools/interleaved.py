@@ -315,14 +315,16 @@ def _ref(what: object) -> str:
 
 
 def _image_segment(ref: ImageRef | None, url: str | None, name: str | None = None) -> tuple:
-    """A document's image: ``("image", ref, what)`` (ref None: not found under the images roots, counted as
-    ``missing_image``), or ``("skip", "bad_url" | "no_url", what)`` when it was not found and it has no name
-    and no usable URL (``url_problem``: the names ``data_tools.urls`` gives it). ``what``: its name or URL
+    """A document's image: ``("image", ref)``; not found under the images roots, ``("image", None, what)``
+    (counted as ``missing_image``), or ``("skip", "bad_url" | "no_url", what)`` when it has no name and no
+    usable URL either (``url_problem``: the names ``data_tools.urls`` gives it). ``what``: its name or URL
     as a skip example shows it."""
+    if ref is not None:  # found: as before (a rerun of a conversion made before keeps its chunks' digests)
+        return ("image", ref)
     what = _ref(name or url)
-    if ref is None and not name and (problem := url_problem((url or "").strip())):
+    if not name and (problem := url_problem((url or "").strip())):
         return ("skip", problem, what)
-    return ("image", ref, what)
+    return ("image", None, what)
 
 
 def _obelics_records(input: Path, files: list[Path], index: ImageIndex) -> Iterator[Item | Skipped]:
