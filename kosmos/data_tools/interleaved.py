@@ -377,11 +377,11 @@ def _mmc4_records(input: Path, files: list[Path], index: ImageIndex,
         skipped: list[tuple] = []
         for im in info:
             if not isinstance(im, dict):
-                skipped.append(("skip", "malformed_image_info", ""))
+                skipped.append(("skip", "malformed_image_info"))
                 continue
             idx, sim = im.get("matched_text_index"), im.get("matched_sim")
             if not isinstance(idx, int) or not 0 <= idx < len(sentences):
-                skipped.append(("skip", "bad_text_index", ""))
+                skipped.append(("skip", "bad_text_index"))
                 continue
             if sim_threshold is not None and (not isinstance(sim, int | float) or sim < sim_threshold):
                 what = _ref(im.get("image_name") or im.get("raw_url"))
