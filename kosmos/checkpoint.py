@@ -30,6 +30,7 @@ import json
 import random
 import shutil
 import signal
+import sys
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -591,14 +592,26 @@ def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
 
 
-def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
+def consolidate(ckpt: str | Path, out_dir: str | Path, progress: bool = False) -> Path:
     """One process, no process group: the model weights of sharded checkpoint `ckpt` into
     out_dir/model.safetensors, with the checkpoint's config.yaml and tokenizer/, so that
-    `kosmos.weights.load_model(out_dir)` (generation, evaluation) loads it. Returns out_dir."""
+    `kosmos.weights.load_model(out_dir)` (generation, evaluation) loads it. Returns out_dir. `progress`: on a
+    terminal, a line as the reading and the writing start, one every few seconds while they run (each is
+    one call: kosmos.progress.heartbeat) and the time it all took."""
+    import time
+
     from safetensors.torch import save_model
 
     from kosmos.config import Config, save_config
     from kosmos.model import Kosmos
+    from kosmos.progress import heartbeat, on_terminal
+
+    show = progress and on_terminal()
+    start = time.perf_counter()
+
+    def say(line: str) -> None:
+        if show:
+            print(f"consolidate: {line}", file=sys.stderr, flush=True)
 
     ckpt, out = Path(ckpt), Path(out_dir)
     src = ckpt / SHARDED
@@ -613,14 +626,20 @@ def consolidate(ckpt: str | Path, out_dir: str | Path) -> Path:
     cfg = Config.from_checkpoint(ckpt)
     cfg.decoder.compile = False  # nothing to compile for a copy
     model = Kosmos(cfg)
-    load_sharded_weights(model, ckpt, check_values=False)  # every shard file checked first, named if not
+    files = [f for f in src.iterdir() if f.is_file()]
+    say(f"reading {len(files)} files ({sum(f.stat().st_size for f in files) / 1e6:,.1f} MB) of {src} ...")
+    with heartbeat("consolidate: reading", enabled=show):
+        load_sharded_weights(model, ckpt, check_values=False)  # every shard file checked first, named if not
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
-    save_model(model, str(tmp))  # the tied embedding stored once, as in training
+    say(f"writing {out / 'model.safetensors'} ...")
+    with heartbeat("consolidate: writing", enabled=show):
+        save_model(model, str(tmp))  # the tied embedding stored once, as in training
     tmp.replace(out / "model.safetensors")  # a cut write never leaves a model.safetensors behind
     save_config(cfg, out / "config.yaml")
     if (ckpt / "tokenizer").is_dir():
         shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    say(f"done in {time.perf_counter() - start:.1f} s")
     return out
 
 
@@ -640,13 +659,17 @@ def _command(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=command_name("kosmos.checkpoint"),
                                  description="Tools for training checkpoints.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("consolidate", help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "
+    prog = command_name("kosmos.checkpoint")  # kosmos-consolidate runs the sub-command itself
+    c = sub.add_parser("consolidate", prog=prog if prog == "kosmos-consolidate" else f"{prog} consolidate",
+                       help="a sharded (FSDP2) checkpoint -> one model.safetensors with its "
                                            "config and tokenizer, for generation and evaluation")
     c.add_argument("ckpt", help="a checkpoint directory of a sharded run (it holds sharded/)")
     c.add_argument("out", help="output directory")
+    c.add_argument("--no-progress", action="store_true",
+                   help="no progress lines (shown on a terminal only) while the shards are read and written")
     args = ap.parse_args(argv)
     try:
-        out = consolidate(args.ckpt, args.out)
+        out = consolidate(args.ckpt, args.out, progress=not args.no_progress)
     except OSError as e:  # the output: no space left, no permission
         if isinstance(e, KosmosError):
             raise

@@ -231,6 +231,13 @@ def photo(i: int, size: tuple[int, int] = (120, 96), fmt: str = "JPEG") -> bytes
     return buf.getvalue()
 
 
+class Terminal(io.StringIO):
+    """A stand-in for sys.stderr that says it is a terminal: progress (kosmos.progress, tqdm) shows there."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def write(path: Path, data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)

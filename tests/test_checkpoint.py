@@ -321,6 +321,45 @@ def test_consolidate_names_what_is_wrong(tmp_path, capsys):
         load_model(plain)  # ... and names what is wrong with them
 
 
+def test_consolidating_shows_its_progress_on_a_terminal(tmp_path, monkeypatch, one_process_group,
+                                                        tiny_tokenizer):
+    """Reading a large sharded checkpoint and writing model.safetensors take minutes, each one call: on a
+    terminal a line as each starts, one every few seconds while it runs (kosmos.progress.heartbeat), and the
+    time it took; nothing with --no-progress."""
+    import sys
+
+    import kosmos.progress
+    from kosmos.checkpoint import SHARDED, main, save_sharded
+    from kosmos.config import save_config
+    from kosmos.optim import build_optimizer
+    from kosmos.sharding import shard_model
+    from tests.helpers import Terminal
+
+    model = shard_model(tiny_model())
+    ckpt = tmp_path / "step_00000001"
+    save_sharded(ckpt / SHARDED, model, build_optimizer(model, tiny_config("optim.name=adamw").optim))
+    save_config(model.cfg, ckpt / "config.yaml")
+    slow_load = ck.load_sharded_weights
+
+    def slow(*args, **kwargs):  # a tiny model reads in a blink
+        import time
+
+        time.sleep(0.3)
+        return slow_load(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "load_sharded_weights", slow)
+    monkeypatch.setattr(kosmos.progress, "HEARTBEAT_EVERY", 0.02)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["consolidate", str(ckpt), str(tmp_path / "out")]) == 0
+    err = term.getvalue()
+    assert "MB) of " in err and "consolidate: reading ... 0 s" in err, err
+    assert "consolidate: writing " in err and "consolidate: done in " in err
+    term.seek(0), term.truncate()
+    assert main(["consolidate", str(ckpt), str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert term.getvalue() == ""
+
+
 def test_consolidating_damaged_or_odd_inputs_is_one_line_and_writes_nothing_into_the_checkpoint(
         tmp_path, capsys, one_process_group, tiny_tokenizer):
     """A missing or truncated shard file, shard bytes that do not decode, OUT the checkpoint itself, OUT an

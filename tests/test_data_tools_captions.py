@@ -84,6 +84,22 @@ def test_coco(tmp_path):
     assert m["kind"] == "captions" and m["args"]["format"] == "coco"
 
 
+def test_coco_official_layout_finds_the_split_folder_beside_annotations(tmp_path):
+    """coco/annotations/captions_train2017.json with coco/train2017/ beside: no --images-root needed. Images
+    found nowhere: the JSON's folder is the one tried, and each skip names the path tried."""
+    for iid in (1, 2):
+        write(tmp_path / "coco" / "train2017" / f"{iid:012d}.jpg", photo(iid))
+    coco = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2)],
+            "annotations": [{"id": 10 + i, "image_id": i, "caption": f"caption {i}"} for i in (1, 2)]}
+    ann = write(tmp_path / "coco" / "annotations" / "captions_train2017.json", json.dumps(coco))
+    out = tmp_path / "out"
+    m = convert_captions("coco", ann, out, shard_options=_opts(out))
+    assert m["totals"]["samples"] == 2 and m["args"]["images_root"] == str(tmp_path / "coco" / "train2017")
+    val = write(tmp_path / "coco" / "annotations" / "captions_val2017.json", json.dumps(coco))  # no val2017/
+    with pytest.raises(ConversionError, match=f"missing_image=2; e.g. .*{tmp_path / 'coco' / 'annotations'}"):
+        convert_captions("coco", val, tmp_path / "out2", shard_options=_opts(tmp_path / "out2"))
+
+
 def test_folder(tmp_path):
     src = _folder(tmp_path / "src")
     write(src / "sub" / "deep.png", photo(5, fmt="PNG"))

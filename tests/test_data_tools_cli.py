@@ -36,6 +36,8 @@ def test_every_shared_option_takes_default_and_help_from_its_dataclass(tool):
         for f in spec.fields():
             action = actions[f.name]
             doc = docs[f.name].replace("``", "")
+            if isinstance(action, argparse._StoreFalseAction):  # the flag turns off a default: it says so
+                doc = f"Turns off what is done by default: {doc[:1].lower()}{doc[1:]}"
             assert doc and action.help.startswith(doc.rstrip(".")), (f.name, action.help)
             if f.default is dataclasses.MISSING:
                 assert action.required, f.name
@@ -45,6 +47,15 @@ def test_every_shared_option_takes_default_and_help_from_its_dataclass(tool):
                 assert action.default == f.default, f.name
                 if f.default not in (None, False):
                     assert "(default %(default)s)" in action.help, f.name
+
+
+def test_a_flag_that_turns_off_a_default_says_so_first():
+    """`--keep-single-colour` keeps the images of one colour: its help must not open with "Drop images of one
+    single colour" (the default it turns off), as it did."""
+    helps = {a.option_strings[0]: a.help for a in captions.build_parser()._actions if a.option_strings}
+    assert helps["--keep-single-colour"] == ("Turns off what is done by default: drop images of one single "
+                                             "colour (the paper's filter).")
+    assert helps["--no-progress"] == "Turns off what is done by default: show a progress bar on a terminal."
 
 
 def test_the_paper_defaults_are_stated_in_the_dataclasses():

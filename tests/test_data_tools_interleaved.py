@@ -234,3 +234,23 @@ def test_several_images_roots_searched_in_order(tmp_path):
     assert m["args"]["images_root"] == str(first) and m["skipped_images"] == {"missing_image": 2}
     with pytest.raises(ConversionError, match="images root .*nope"):
         convert_interleaved("obelics", tmp_path / "docs.jsonl", [first, tmp_path / "nope"], tmp_path / "o2")
+
+
+def test_skipped_images_are_named_and_a_reference_that_is_no_url_is_bad_url_as_data_tools_urls_says(tmp_path):
+    """Each skipped image is counted with the first few named (document: URL) in skipped_image_examples; an
+    image reference that is not scheme://... is `bad_url` (the name data_tools.urls gives it), one whose URL
+    is fine but whose image was not found `missing_image`."""
+    from kosmos.data_tools.urls import url_problem
+
+    root = _hash_folder(tmp_path / "images", range(2))
+    rows = [{"texts": ["Text", None, None, None], "images": [None, _url(0), _url(99), "not a url"]},
+            {"texts": ["Other", None, None], "images": [None, _url(1), "also not"]}]
+    table = tmp_path / "docs.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    m = convert_interleaved("obelics", table, root, out, doc_options=KEEP_ALL, shard_options=_opts(out))
+    assert url_problem("not a url") == "bad_url"
+    assert m["skipped_images"] == {"bad_url": 2, "missing_image": 1}
+    assert m["skipped_image_examples"] == {
+        "bad_url": ["docs.jsonl:0: 'not a url'", "docs.jsonl:1: 'also not'"],
+        "missing_image": [f"docs.jsonl:0: {_url(99)!r}"]}

@@ -66,3 +66,39 @@ def test_inspect_shows_samples(tmp_path, capsys):
     assert shard_inspect.main([str(out), "-n", "3"]) == 0
     text = capsys.readouterr().out
     assert text.count("== im") == 3 and "caption 2" in text and "JPEG 120x96 RGB" in text
+
+
+def test_inspect_packed_shows_what_training_sees(tmp_path, capsys, tiny_tokenizer):
+    """`kosmos-inspect --packed CONFIG overrides`: the mixture plan as the training log prints it, then per
+    source the first packed rows decoded (special tokens, image slots, document boundaries, text without loss)
+    and the rows' images written to --out as the model gets them."""
+    from PIL import Image
+
+    from tests.helpers import TINY, caption_shards, instruction_shards, interleaved_shards
+
+    caps = caption_shards(tmp_path / "cap", 1, 12)
+    docs = interleaved_shards(tmp_path / "docs", 1, 6)
+    inst = instruction_shards(tmp_path / "inst", 1, 12)
+    overrides = [f"tokenizer.path={tiny_tokenizer.path}", f"data.captions.shards=[{caps[0]}]",
+                 f"data.interleaved.shards=[{docs[0]}]", "data.text.tokens_per_step=0",
+                 "data.sources.inst.kind=text", f"data.sources.inst.shards=[{inst[0]}]",
+                 "data.sources.inst.tokens_per_step=1024", "data.sources.inst.loss=response",
+                 *(f"data.{n}.workers=0" for n in ("captions", "interleaved", "sources.inst"))]
+    out = tmp_path / "seen"
+    assert shard_inspect.main(["--packed", str(TINY), *overrides, "-n", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("mixture per step: 1 process(es)")
+    assert "== data.captions (captions): the first 2 packed row(s) of 256 tokens" in printed
+    assert "== data.sources.inst (text)" in printed and "== data.interleaved (interleaved)" in printed
+    assert printed.count("\nrow 0: ") == 3 and printed.count("\nrow 1: ") == 3
+    assert "<s><image>[image 0: 8 slots -> " in printed and " || " in printed  # captions pack several
+    assert "{no loss: " in printed  # the instructions' prompts
+    images = sorted(out.rglob("*.png"))
+    assert {p.parent.name for p in images} == {"captions", "interleaved"} and f"in {out}/" in printed
+    assert all(f"-> {p.relative_to(out).as_posix()}]" in printed for p in images)
+    with Image.open(out / "captions" / "row0-image0.png") as im:
+        assert im.size == (64, 64)  # tiny.yaml's image_size
+    # a bad override is one line
+    assert shard_inspect.main(["--packed", str(TINY), "data.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown config key 'data.nope'" in err and err.count("\n") == 1

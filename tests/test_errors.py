@@ -119,3 +119,27 @@ def test_usage_lines_name_the_command_that_was_run(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m kosmos.generate ")  # not `generate.py`
+
+
+@pytest.mark.parametrize("script, main, usage", [
+    ("kosmos-tokenizer", "kosmos.tokenizer.build:main", "kosmos-tokenizer "),
+    ("kosmos-convert-captions", "kosmos.data_tools.captions:main", "kosmos-convert-captions "),
+    ("kosmos-convert-interleaved", "kosmos.data_tools.interleaved:main", "kosmos-convert-interleaved "),
+    ("kosmos-convert-text", "kosmos.data_tools.text:main", "kosmos-convert-text "),
+    ("kosmos-urls", "kosmos.data_tools.urls:main", "kosmos-urls "),
+    ("kosmos-verify", "kosmos.data_tools.verify:main", "kosmos-verify "),
+    ("kosmos-inspect", "kosmos.data_tools.inspect:main", "kosmos-inspect "),
+    ("kosmos-consolidate", "kosmos.cli:consolidate", "kosmos-consolidate [-h]"),  # not `... consolidate`
+    ("kosmos-eval", "kosmos.eval:main", "kosmos-eval score "),
+])
+def test_every_console_script_names_itself_in_its_usage_line(script, main, usage, monkeypatch, capsys):
+    """Each console script of pyproject.toml, run with --help, names itself (some said `python -m ...`)."""
+    import importlib
+
+    module, func = main.split(":")
+    argv = ["score", "--help"] if script == "kosmos-eval" else ["--help"]
+    monkeypatch.setattr(sys, "argv", [f"/venv/bin/{script}", *argv])
+    with pytest.raises(SystemExit) as e:
+        getattr(importlib.import_module(module), func)(argv)
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {usage}")

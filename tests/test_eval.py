@@ -92,3 +92,22 @@ def test_a_checkpoints_own_pipe_shards_are_not_run_unless_allowed(tmp_path, tiny
     marker.unlink()
     assert main(["--checkpoint", str(ckpt), "--shards", f"text=pipe:touch {marker}; cat {texts[0]}"]) == 0
     assert marker.exists()
+
+
+def test_eval_loss_shows_a_bar_per_source_on_a_terminal(tmp_path, tiny_tokenizer, monkeypatch):
+    """`kosmos-eval loss` reads held-out shards for as long as they last: a bar per source on stderr when it
+    is a terminal (kosmos.progress), none with --no-progress; the results on stdout are the same."""
+    import sys
+
+    from kosmos.eval import main
+    from tests.helpers import Terminal
+
+    ckpt = checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, tiny_model("data.text.micro_batch_size=2"))
+    texts = text_shards(tmp_path / "txt", 1, 40)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["--checkpoint", str(ckpt), "--shards", f"text={texts[0]}", "--max-batches", "2"]) == 0
+    assert "text: 100%" in term.getvalue() and "2/2 [" in term.getvalue()
+    term.seek(0), term.truncate()
+    assert main(["--checkpoint", str(ckpt), "--shards", f"text={texts[0]}", "--no-progress"]) == 0
+    assert term.getvalue() == ""

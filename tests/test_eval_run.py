@@ -185,6 +185,23 @@ def test_captioning_few_shot_runs_from_the_karpathy_train_split(ckpt, sets, tmp_
     assert "| coco_captioning | 0 |" in table and "| coco_captioning | 2 |" in table
 
 
+def test_the_bar_shows_on_a_terminal_only(ckpt, sets, tmp_path, monkeypatch):
+    """Like every command's progress (kosmos.progress): a bar on a terminal, none in a log or a pipe (it
+    wrote its carriage-return lines into logs)."""
+    import sys
+
+    from tests.helpers import Terminal
+
+    fast = [a for a in FAST if a != "--no-progress"]
+    for tty, folder in ((False, "log"), (True, "term")):
+        err = Terminal()
+        err.isatty = lambda tty=tty: tty
+        monkeypatch.setattr(sys, "stderr", err)
+        assert run(ckpt, "--task", "coco_captioning", "--data", str(sets["karpathy"]), "--images",
+                   str(sets["coco_root"]), "--out", str(tmp_path / folder), *fast) == 0
+        assert ("coco_captioning 0-shot" in err.getvalue()) == tty, err.getvalue()
+
+
 def test_retrieval_few_shot_picks_the_most_similar_support_image(ckpt, sets):
     from kosmos.eval.run import build_shots, load_task_data
     from kosmos.eval.tasks import get_task

@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {}  # the library imports no script (kosmos.cli r
 
 LAYERS = [  # lowest first; a module name or a package prefix (kosmos.data: every module under it)
     ("base", ["kosmos", "kosmos.errors", "kosmos.untrusted", "kosmos.procs", "kosmos.distributed",
-              "kosmos.watchdog", "kosmos.docstrings", "kosmos.deprecated",
+              "kosmos.watchdog", "kosmos.docstrings", "kosmos.deprecated", "kosmos.progress",
               "kosmos.tokenizer"]),  # import nothing of kosmos but each other
     ("config", ["kosmos.config"]),
     ("model", ["kosmos.image", "kosmos.sequence", "kosmos.decoder", "kosmos.vision", "kosmos.model",

@@ -291,3 +291,21 @@ def test_four_named_sources_train_log_by_name_and_resume_by_name(tiny_run, tmp_p
     err = capsys.readouterr().err
     assert e.value.code == 2 and "source data.sources.instructions removed" in err
     assert "--allow-config-change data.sources.instructions" in err
+
+
+def test_a_named_source_takes_its_kinds_defaults_from_the_config_it_is_added_to():
+    """tiny.yaml's text source reads with 1 worker, a 100-sample buffer and 4 rows; a text source added on the
+    command line reads like it (not with the field defaults 2, 1000, 8), a captions one like data.captions;
+    what the entry gives wins, and shards, held-out shards and budget are never taken."""
+    cfg = load_config(TINY, ["data.sources.web.kind=text", "data.sources.cc.kind=captions",
+                             "data.sources.cc.workers=3"])
+    web, cc, text = cfg.data.sources["web"], cfg.data.sources["cc"], cfg.data.text
+    assert (web.workers, web.shuffle_buffer, web.micro_batch_size) == (text.workers, text.shuffle_buffer,
+                                                                        text.micro_batch_size) == (1, 100, 4)
+    assert (cc.workers, cc.shuffle_buffer, cc.max_tokens) == (3, cfg.data.captions.shuffle_buffer, 512)
+    assert (web.shards, web.eval_shards, web.tokens_per_step) == ([], [], 0)
+    assert not cfg.given("data.sources.web.workers")  # taken, not given
+    # no data.<kind> in the config: the first data.sources entry of the kind sets the defaults
+    bare = load_config(None, ["data.sources.a.kind=text", "data.sources.a.workers=0",
+                              "data.sources.a.shuffle_buffer=5", "data.sources.b.kind=text"]).data
+    assert (bare.sources["b"].workers, bare.sources["b"].shuffle_buffer) == (0, 5)

@@ -179,6 +179,18 @@ def test_reads_every_input_format(tmp_path):
     assert lines == ["gz one"]
 
 
+def test_caption_shards_give_every_caption_of_key_json(tmp_path):
+    """A COCO caption sample holds its first caption in KEY.txt and all five in KEY.json's "captions": the
+    tokenizer reads each once, as training does (kosmos.data.format.captions)."""
+    five = [f"caption {i} of the cat" for i in range(5)]
+    _tar(tmp_path / "coco.tar", {"k1.jpg": b"x", "k1.txt": five[0].encode(),
+                                 "k1.json": json.dumps({"captions": five}).encode(),
+                                 "k2.jpg": b"x", "k2.txt": b"only one", "k2.json": b'{"width": 3}'})
+    lines, stats = sample_lines([tmp_path / "coco.tar"], 100, quiet=True)
+    assert sorted(lines) == sorted([*five, "only one"])
+    assert (stats[0].documents, stats[0].lines) == (2, 6)
+
+
 def test_bad_lines_are_skipped_counted_and_reported(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "good line"}\nnot json\n{"text": "caf\xe9"}\n{"other": 1}\n[1, 2]\n')
@@ -391,3 +403,33 @@ def test_cli_help_explains_the_options(capsys):
     for option in ("--input", "--vocab-size", "--model-type", "--character-coverage", "--sample-sentences",
                    "--text-field", "--grounding", "--output"):
         assert option in out
+
+
+def test_training_shows_a_heartbeat_on_a_terminal_and_nothing_when_quiet(tmp_path, monkeypatch):
+    """SentencePiece trains in C++ with its log kept quiet: on a terminal a line every few seconds says the
+    build is still training (kosmos.progress.heartbeat), around the start and the elapsed-time lines; none
+    with --quiet. (The training is made to last a moment: the tiny corpus trains in a blink.)"""
+    import sys
+    import time
+
+    import kosmos.progress
+    import kosmos.tokenizer.build as build
+    from tests.helpers import Terminal
+
+    real = build.train_sentencepiece
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "train_sentencepiece", slow)
+    monkeypatch.setattr(kosmos.progress, "HEARTBEAT_EVERY", 0.02)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    build_tokenizer([TINY_CORPUS], tmp_path / "a", 300, model_type="bpe", character_coverage=0.98)
+    out = term.getvalue()
+    assert "tokenizer.build: training a bpe model" in out and "tokenizer.build: training ... 0 s" in out
+    assert "trained in" in out and "reading corpus" in out
+    term.seek(0), term.truncate()
+    build_tokenizer([TINY_CORPUS], tmp_path / "b", 300, model_type="bpe", character_coverage=0.98, quiet=True)
+    assert term.getvalue() == ""

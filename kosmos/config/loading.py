@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kosmos.config.migrations import CONFIG_FORMAT, FORMAT_KEY, migrate
-from kosmos.config.schema import Config, ConfigError
+from kosmos.config.schema import Config, ConfigError, DataConfig
 
 
 def _type_name(tp: Any) -> str:
@@ -147,7 +147,10 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     _check_size(data)
-    cfg = _build(Config, data)
+    filled = data
+    if isinstance(data.get("data"), dict):  # a named source's defaults come from the config's own sources
+        filled = {**data, "data": DataConfig.fill_defaults(data["data"])}
+    cfg = _build(Config, filled)
     # Which keys the user set, for warnings about defaults that matter (Config.given); not a field, so it
     # is neither saved nor compared.
     object.__setattr__(cfg, "_given", frozenset(_dotted_keys(data)))

@@ -315,8 +315,17 @@ class SourceConfig:
     @staticmethod
     def kind_defaults(given: dict[str, Any]) -> dict[str, Any]:
         """The defaults of a `data.sources.<name>` entry that depend on its kind (`given`, the entry as
-        written): captions are capped at 512 tokens, like `data.captions`."""
+        written): captions are capped at 512 tokens, like `data.captions`. The config's own values for the
+        kind come first (`DataConfig.fill_defaults`)."""
         return {"max_tokens": 512} if given.get("kind") == "captions" else {}
+
+
+INHERITED_KEYS = ("micro_batch_size", "workers", "shuffle_buffer", "max_tokens", "loss", "max_epochs",
+                  "caption_choice")
+"""The keys of a source that a `data.sources.<name>` entry takes from the config's first source of its kind
+when it does not give them (`DataConfig.fill_defaults`): how its samples are read and batched. Not its
+shards, held-out shards or budget (a new source must not read another's shards, nor take a share of the step
+unless given one)."""
 
 
 def takes_part(src: SourceConfig | dict[str, Any]) -> bool:
@@ -343,7 +352,11 @@ class DataConfig:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     """More sources by name, each with its `kind` and the keys of a source (`data.sources.instructions.kind:
     text`, `...shards`, `...tokens_per_step`, ...): two text sources with budgets of their own, say. The
-    budget defaults to 0 (left out) and `max_tokens` to the kind's (512 for captions). They come after
+    budget defaults to 0 (left out). The other keys it does not give (`micro_batch_size`, `workers`,
+    `shuffle_buffer`, `max_tokens`, `loss`, `max_epochs`, `caption_choice`) default to the values the config
+    gives the first source of the same kind: `data.<kind>` when the config sets any of its keys, else the
+    first `data.sources` entry of that kind (so a source added on the command line to a file reads like the
+    file's); with none, to the field defaults (`max_tokens` 512 for captions). They come after
     data.text/captions/interleaved in the plan, in the order given; a name must not be one of those three
     (configure them there). Each reads its shards in an order seeded by (seed, name)
     (`kosmos.data.mixture.source_seed`): two sources given the same shards do not read them in step."""
@@ -368,6 +381,29 @@ class DataConfig:
     """Remote shards: bytes per second a read must average over each `read_timeout` seconds; a slower one (a
     server that trickles a byte at a time never waits `read_timeout` for a single byte) fails like a timeout,
     is retried, then skipped and counted. 0: no floor."""
+
+    @staticmethod
+    def fill_defaults(data: dict[str, Any]) -> dict[str, Any]:
+        """The `data` section as written (a nested dict), with each `data.sources.<name>` entry's missing
+        INHERITED_KEYS taken from the first source of its kind that the section gives: `data.<kind>` when
+        it sets any key, else the first `data.sources` entry of that kind (see the `sources` field). A new
+        dict; `data` is left as it is."""
+        entries = data.get("sources")
+        if not isinstance(entries, dict):
+            return data
+        first: dict[str, dict[str, Any]] = {k: data[k] for k in SOURCES if isinstance(data.get(k), dict)
+                                            and data[k]}
+        filled = {}
+        for name, entry in entries.items():
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            like = first.get(kind) if isinstance(kind, str) else None
+            if like is None:
+                if isinstance(kind, str) and kind in KINDS:
+                    first[kind] = entry
+                filled[name] = entry
+                continue
+            filled[name] = {**{k: like[k] for k in INHERITED_KEYS if k in like}, **entry}
+        return {**data, "sources": filled}
 
     def __post_init__(self) -> None:
         _check(self.read_timeout > 0, "data.read_timeout", f"must be positive, got {self.read_timeout}")

@@ -3,7 +3,8 @@
 Formats (``--format``):
 
 - ``coco``: a COCO captions JSON (``--input annotations/captions_train2017.json``) plus its image
-  folder (``--images-root train2017``, default: the JSON's folder). One sample per image; all its
+  folder (``--images-root train2017``; default: the JSON's folder, or in the official layout
+  ``train2017/`` beside ``annotations/``, whichever holds its images). One sample per image; all its
   captions are kept: ``KEY.txt`` holds the first caption (by annotation id) and ``KEY.json`` holds
   ``"captions"``, the list of all of them. The key is the zero-padded image id.
 - ``folder``: a folder of images, each with a ``.txt`` sidecar holding its caption (an optional
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -52,6 +54,7 @@ from kosmos.data_tools.tables import (
     table_failure,
     table_kind,
 )
+from kosmos.errors import command_name
 from kosmos.untrusted import load_json
 
 FORMATS = ("coco", "folder", "tsv", "csv", "jsonl", "parquet", "img2dataset")
@@ -137,6 +140,23 @@ def _merge_consecutive(records: Iterator[Item | Skipped]) -> Iterator[Item | Ski
 
 
 # ------------------------------------------------------------------------------------ formats
+
+
+def _coco_images_root(input: Path, coco: dict) -> Path:
+    """Where a COCO JSON's images are when ``--images-root`` is not given: the JSON's own folder, or, in the
+    official layout (``annotations/captions_train2017.json`` beside ``train2017/``), the folder named after
+    its split beside ``annotations/``; the first of these that holds one of its first images. With none, the
+    JSON's folder (the images are then counted as ``missing_image``, each with the path tried)."""
+    tried = [input.parent]
+    split = re.fullmatch(r"captions_(\w+)\.json", input.name)
+    if split and input.parent.name == "annotations":
+        tried.append(input.parent.parent / split[1])
+    names = [im.get("file_name") for im in coco.get("images", [])[:8] if isinstance(im, dict)]
+    names = [n for n in names if isinstance(n, str) and n and not bad_path(n)]
+    for folder in tried:
+        if any((folder / n).is_file() for n in names):
+            return folder
+    return tried[0]
 
 
 def _coco_records(input: Path, images_root: Path, coco: dict) -> Iterator[Item | Skipped]:
@@ -376,7 +396,10 @@ def convert_captions(
             raise ConversionError(f"{input}: not a COCO captions JSON ({e})") from None
         if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
             raise ConversionError(f"{input}: a COCO captions JSON needs 'images' and 'annotations'")
-        records = _coco_records(input, root or input.parent, coco)
+        if root is None:
+            root = _coco_images_root(input, coco)
+            args["images_root"] = str(root)
+        records = _coco_records(input, root, coco)
     elif format == "folder":
         check_readable(input, want_dir=True)
         records = _folder_records(input)
@@ -394,7 +417,7 @@ def convert_captions(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kosmos.data_tools.captions",
+        prog=command_name("kosmos.data_tools.captions"),
         description=__doc__.split("\n\n")[0] + " Images are re-encoded as JPEG (shorter side at most "
         "--image-size), bad inputs are skipped and counted in manifest.json; rerunning an interrupted "
         "conversion keeps its finished shards.",
@@ -404,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="input format")
     p.add_argument("--input", "-i", required=True, type=Path, help="input file or folder")
     p.add_argument("--images-root", type=Path, default=None,
-                   help="folder that image paths are relative to (coco: default the JSON's folder; "
+                   help="folder that image paths are relative to (coco: default the JSON's folder, or "
+                   "train2017/ beside annotations/ for annotations/captions_train2017.json; "
                    "tables: default the table's folder)")
     p.add_argument("--image-column", default=None, help=f"tables: image path column (default: first of "
                    f"{', '.join(IMAGE_COLUMNS)})")

@@ -79,7 +79,7 @@ class OptionSpec:
                 if default:
                     names = self.names.get(f.name, (f"--no-{dashed}",))
                     parser.add_argument(*names, dest=f.name, action="store_false", default=True,
-                                        help=f"{doc} Done by default; {names[0]} turns it off.")
+                                        help=f"Turns off what is done by default: {doc[:1].lower()}{doc[1:]}")
                 else:
                     names = self.names.get(f.name, (f"--{dashed}",))
                     parser.add_argument(*names, dest=f.name, action="store_true", default=False, help=doc)

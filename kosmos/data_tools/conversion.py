@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -36,6 +35,7 @@ from kosmos.data_tools.writer import (
     write_json_atomic,
 )
 from kosmos.procs import die_with_parent
+from kosmos.progress import bar as progress_bar
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -240,8 +240,6 @@ def run_conversion(conv: Conversion, shards: ShardOptions, dry_run: bool = False
 
 
 def _run(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
-    from tqdm import tqdm
-
     output = shards.output
     enum_skipped: Counter = Counter()
     enum_examples: dict[str, list[str]] = {}
@@ -249,8 +247,7 @@ def _run(conv: Conversion, shards: ShardOptions, dry_run: bool = False) -> dict:
     states: dict[int, dict] = {}
     reused = redone = n_chunks = 0
     t0 = time.perf_counter()
-    bar = tqdm(desc=conv.tool.rsplit(".", 1)[-1], unit=" inputs", disable=None if shards.progress else True,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(desc=conv.tool.rsplit(".", 1)[-1], unit=" inputs", enabled=shards.progress)
     chunks = _chunks(conv.records, shards.samples_per_shard, shards.limit, enum_skipped, enum_examples,
                      counts)
     try:
@@ -350,12 +347,14 @@ def _build_manifest(conv: Conversion, output: Path, states: dict[int, dict], enu
     skipped = Counter(enum_skipped)
     image_skips: Counter = Counter()
     examples = {k: list(v) for k, v in enum_examples.items()}
+    image_examples: dict[str, list[str]] = {}
     shard_list: list[dict] = []
     for i in sorted(states):
         st = states[i]
         skipped.update(st["skipped"])
         image_skips.update(st["image_skips"])
         _merge_examples(examples, st["examples"])
+        _merge_examples(image_examples, st.get("image_examples", {}))  # a chunk state of before: none
         shard_list.extend(st["shards"])
     totals = {
         "inputs": counts["inputs"],
@@ -376,6 +375,7 @@ def _build_manifest(conv: Conversion, output: Path, states: dict[int, dict], enu
         "skipped": dict(sorted(skipped.items())),
         "skipped_images": dict(sorted(image_skips.items())),
         "skipped_examples": {k: examples[k] for k in sorted(examples)},
+        "skipped_image_examples": {k: image_examples[k] for k in sorted(image_examples)},
         "args": json.loads(json.dumps(conv.args, default=str)),
     }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from dataclasses import dataclass
 
 from kosmos.data.format import IMAGE_SUFFIXES  # noqa: F401 - the converters' image files, imported from here
@@ -62,6 +63,19 @@ class ImageOptions:
             raise ValueError(f"min_image_size must be >= 0, got {self.min_image_size}")
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be > 0, got {self.max_pixels}")
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\x00-\x20\x7f]+")
+
+
+def url_problem(url: str) -> str | None:
+    """``no_url`` for an empty URL, ``bad_url`` for one img2dataset cannot fetch (not ``scheme://...``, or
+    with spaces or control characters), None for a good one. The same names in ``data_tools.urls`` (a URL
+    left out of the list) and the interleaved converter (an image reference that is no usable URL and no
+    file under the images roots); ``missing_image`` there is a usable reference whose image was not found."""
+    if not url:
+        return "no_url"
+    return None if _URL.fullmatch(url) else "bad_url"
 
 
 def url_hashes(url: str) -> list[str]:

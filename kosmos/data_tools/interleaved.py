@@ -30,6 +30,12 @@ The paper's document filters are on by default: at most ``--max-images`` (5) ima
 half of the single-image documents dropped (``--single-image-drop 0.5``), chosen by a RNG seeded
 with ``--seed`` and the document key, so the choice does not depend on order or workers.
 
+Skipped images are counted by reason in the manifest's ``skipped_images`` and the first few of each named
+(document, then the image's URL or name) in ``skipped_image_examples``: ``missing_image`` (a usable
+reference not found under the images roots), ``bad_url``/``no_url`` (no name, and a URL that is not
+``scheme://...`` or has spaces or control characters, or none: the names ``kosmos.data_tools.urls`` gives
+the images it leaves out of the list), ``over_max_images``, the image checks' reasons, and MMC4's.
+
     python -m kosmos.data_tools.interleaved --format mmc4 --input docs/ --images-root images/ \
         --output shards/mmc4
 """
@@ -49,7 +55,14 @@ from kosmos.data.format import JSON_FIELD, TarSpan, image_field, iter_tar
 from kosmos.data_tools import cli
 from kosmos.data_tools.cli import OptionSpec, add_common_args, run_cli
 from kosmos.data_tools.conversion import Conversion, ShardOptions, options_dict, run_conversion
-from kosmos.data_tools.images import IMAGE_SUFFIXES, ImageOptions, ImageRef, normalize_image, url_hashes
+from kosmos.data_tools.images import (
+    IMAGE_SUFFIXES,
+    ImageOptions,
+    ImageRef,
+    normalize_image,
+    url_hashes,
+    url_problem,
+)
 from kosmos.data_tools.records import ConversionError, Item, Sample, Skip, Skipped
 from kosmos.data_tools.tables import (
     check_readable,
@@ -59,6 +72,8 @@ from kosmos.data_tools.tables import (
     table_failure,
     table_kind,
 )
+from kosmos.data_tools.writer import MAX_EXAMPLES
+from kosmos.errors import command_name
 from kosmos.untrusted import load_json
 
 FORMATS = ("obelics", "mmc4")
@@ -211,6 +226,15 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
     segments: list[dict] = []
     files: dict[str, bytes] = {}
     skips: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def skip(reason: str, seg: tuple, detail: str = "") -> None:  # counted, the first few named
+        skips[reason] += 1
+        what = " ".join(p for p in (seg[2] if len(seg) > 2 else "", detail) if p)
+        ex = examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(what)
+
     n = 0
     for seg in item.payload["segments"]:
         kind = seg[0]
@@ -223,33 +247,36 @@ def make_document_sample(item: Item, opts: DocOptions) -> Sample:
             else:
                 segments.append({"text": text})
         elif kind == "skip":
-            skips[seg[1]] += 1
+            skip(seg[1], seg)
         elif opts.max_images and n >= opts.max_images:
-            skips["over_max_images"] += 1
+            skip("over_max_images", seg)
         elif seg[1] is None:
-            skips["missing_image"] += 1
+            skip("missing_image", seg)
         else:
             try:
                 jpg, _, _ = normalize_image(seg[1].read(), opts.image)
             except Skip as s:
-                skips[s.reason] += 1
+                skip(s.reason, seg, f"({s.detail})" if s.detail else "")
                 continue
             name = image_field(n)
             files[name] = jpg
             segments.append({"image": name})
             n += 1
+    def dropped(reason: str, detail: str = "") -> Skip:
+        e = Skip(reason, detail, image_skips=skips)
+        e.image_examples = examples
+        return e
+
     if not any("text" in s for s in segments):
-        raise Skip("empty_text", image_skips=skips)
+        raise dropped("empty_text")
     if n == 0:
-        raise Skip("no_images", ", ".join(f"{k}={v}" for k, v in sorted(skips.items())), image_skips=skips)
+        raise dropped("no_images", ", ".join(f"{k}={v}" for k, v in sorted(skips.items())))
     if n == 1 and opts.single_image_drop > 0:
         if random.Random(f"{opts.seed}:{item.key}").random() < opts.single_image_drop:
-            raise Skip("single_image_dropped", image_skips=skips)
+            raise dropped("single_image_dropped")
     doc = {"segments": segments, "meta": item.payload.get("meta") or {}}
     files[JSON_FIELD] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    sample = Sample(files=files, images=n)
-    sample.image_skips = skips
-    return sample
+    return Sample(files=files, images=n, image_skips=skips, image_examples=examples)
 
 
 # ------------------------------------------------------------------------------------ formats
@@ -282,6 +309,24 @@ def _key(rec: dict, default: str) -> str:
     return default
 
 
+def _ref(what: object) -> str:
+    """An image's reference as a skip example shows it (its URL or name)."""
+    return repr(what) if isinstance(what, str) else ""
+
+
+def _image_segment(ref: ImageRef | None, url: str | None, name: str | None = None) -> tuple:
+    """A document's image: ``("image", ref)``; not found under the images roots, ``("image", None, what)``
+    (counted as ``missing_image``), or ``("skip", "bad_url" | "no_url", what)`` when it has no name and no
+    usable URL either (``url_problem``: the names ``data_tools.urls`` gives it). ``what``: its name or URL
+    as a skip example shows it."""
+    if ref is not None:  # found: as before (a rerun of a conversion made before keeps its chunks' digests)
+        return ("image", ref)
+    what = _ref(name or url)
+    if not name and (problem := url_problem((url or "").strip())):
+        return ("skip", problem, what)
+    return ("image", None, what)
+
+
 def _obelics_records(input: Path, files: list[Path], index: ImageIndex) -> Iterator[Item | Skipped]:
     for default_key, source, rec in _rows(input, files):
         if isinstance(rec, Skip):
@@ -296,7 +341,7 @@ def _obelics_records(input: Path, files: list[Path], index: ImageIndex) -> Itera
             for text, url in zip(texts, images, strict=True):
                 if url is not None:
                     url = decode_text(url)
-                    segments.append(("image", index.find(url=url)))
+                    segments.append(_image_segment(index.find(url=url), url))
                 elif text is not None:
                     segments.append(("text", decode_text(text)))
         except Skip as s:
@@ -339,11 +384,13 @@ def _mmc4_records(input: Path, files: list[Path], index: ImageIndex,
                 skipped.append(("skip", "bad_text_index"))
                 continue
             if sim_threshold is not None and (not isinstance(sim, int | float) or sim < sim_threshold):
-                skipped.append(("skip", "below_similarity_threshold"))
+                what = _ref(im.get("image_name") or im.get("raw_url"))
+                skipped.append(("skip", "below_similarity_threshold", what))
                 continue
             name, url = im.get("image_name"), im.get("raw_url")
-            ref = index.find(name if isinstance(name, str) else None, url if isinstance(url, str) else None)
-            before.setdefault(idx, []).append(("image", ref))
+            name, url = (name if isinstance(name, str) else None), (url if isinstance(url, str) else None)
+            ref = index.find(name, url)
+            before.setdefault(idx, []).append(_image_segment(ref, url, name))
         segments: list[tuple] = []
         for i, sentence in enumerate(sentences):
             segments.extend(before.get(i, []))
@@ -401,7 +448,7 @@ def convert_interleaved(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kosmos.data_tools.interleaved",
+        prog=command_name("kosmos.data_tools.interleaved"),
         description="Convert interleaved image-text documents (OBELICS rows, MMC4 documents) into webdataset "
         "shards: one document per sample, KEY.json with text/image segments and KEY.img0.jpg... Bad inputs "
         "are skipped and counted in manifest.json; rerunning an interrupted conversion keeps finished "

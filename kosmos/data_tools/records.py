@@ -20,6 +20,8 @@ class Skip(Exception):
         self.detail = detail
         self.image_skips = image_skips or Counter()
         """Images of a dropped document that were skipped for their own reasons (still counted)."""
+        self.image_examples: dict[str, list[str]] = {}
+        """What those images were (their URL or name), the first few per reason, as in Sample."""
 
 
 class ConversionError(Exception):
@@ -56,6 +58,9 @@ class Sample:
     files: dict[str, bytes]
     images: int = 0
     image_skips: Counter = field(default_factory=Counter)
+    image_examples: dict[str, list[str]] = field(default_factory=dict)
+    """The skipped images by reason, the first few of each (their URL or name, and what went wrong): the
+    manifest's ``skipped_image_examples``, each after its input's name."""
 
 
 Handler = Callable[[Item, Any], Sample]

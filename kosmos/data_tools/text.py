@@ -55,6 +55,7 @@ from kosmos.data_tools.tables import (
     table_failure,
     table_kind,
 )
+from kosmos.errors import command_name
 from kosmos.untrusted import load_json
 
 FORMATS = ("documents", "instructions")
@@ -285,7 +286,7 @@ def convert_text(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kosmos.data_tools.text",
+        prog=command_name("kosmos.data_tools.text"),
         description="Convert text documents (.txt files, .jsonl/.jsonl.gz lines, parquet rows) into "
         "webdataset shards of KEY.txt + KEY.json. Bad inputs (non-UTF-8, malformed JSON, empty text, "
         "duplicate keys) are "

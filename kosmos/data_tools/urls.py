@@ -38,7 +38,6 @@ import argparse
 import csv
 import hashlib
 import os
-import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -46,14 +45,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kosmos.data_tools.cli import OptionSpec, run_cli
+from kosmos.data_tools.images import url_problem
 from kosmos.data_tools.interleaved import FORMATS, DocOptions, _doc_files, _mmc4_records, _obelics_records
 from kosmos.data_tools.records import ConversionError, Item, Skipped
 from kosmos.data_tools.tables import check_readable
 from kosmos.data_tools.writer import count_skip, sanitize_key, write_json_atomic
+from kosmos.errors import command_name
+from kosmos.progress import bar as progress_bar
 
 OUTPUT_KINDS = {".parquet": "parquet", ".tsv": "tsv"}
 COLUMNS = ("url", "url_sha256", "doc_key", "image_index")
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\x00-\x20\x7f]+")
 """A URL img2dataset can fetch: a scheme, ``://``, then no whitespace or control character (which would
 also break a TSV row)."""
 BATCH_ROWS = 65_536
@@ -84,13 +85,6 @@ class _UrlsOnly:
 
     def find(self, name: str | None = None, url: str | None = None) -> str | None:
         return url if isinstance(url, str) else None
-
-
-def url_problem(url: str) -> str | None:
-    """``no_url`` for an empty URL, ``bad_url`` for one img2dataset cannot fetch, None for a good one."""
-    if not url:
-        return "no_url"
-    return None if _URL.fullmatch(url) else "bad_url"
 
 
 class _Writer:
@@ -152,8 +146,6 @@ def write_urls(format: str, input: str | Path, output: str | Path, *, sim_thresh
     Raises ``ConversionError`` before writing anything when the input cannot be read, the format is unknown
     or the output name has another suffix, and, after writing the counts, when no URL was found.
     """
-    from tqdm import tqdm
-
     opts = options or UrlOptions()
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -185,8 +177,7 @@ def write_urls(format: str, input: str | Path, output: str | Path, *, sim_thresh
     def skip(counter: Counter, reason: str, source: str, detail: str = "") -> None:
         count_skip(counter, examples, reason, source, detail)
 
-    bar = tqdm(desc="urls", unit=" docs", disable=None if opts.progress else True, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = progress_bar(desc="urls", unit=" docs", enabled=opts.progress)
     try:
         for rec in _documents(format, input, files, sim_threshold, opts.limit):
             bar.update(1)
@@ -263,7 +254,7 @@ def _summary(stats: dict, output: Path, stats_path: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kosmos.data_tools.urls",
+        prog=command_name("kosmos.data_tools.urls"),
         description="Write the image URLs of interleaved documents (OBELICS rows, MMC4 documents) as a URL "
         "list for img2dataset: one row per unique URL with columns url, url_sha256, doc_key (the first "
         "document that uses it) and image_index (its position there). Documents are read as "

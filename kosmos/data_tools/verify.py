@@ -24,6 +24,7 @@ from pathlib import Path
 from kosmos.data.format import JSON_FIELD, KINDS, BadSample, is_image_field, iter_tar, parse_sample
 from kosmos.data.remote import ReadOptions, is_remote, is_url, open_shard, shard_name
 from kosmos.data.shards import expand_shards
+from kosmos.errors import command_name
 from kosmos.untrusted import ImageError, image_errors, load_json, open_image
 
 
@@ -258,7 +259,7 @@ def _img2dataset_manifest(folder: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: 0 when every shard is sound, 1 when not, 2 when the folder cannot be read."""
-    p = argparse.ArgumentParser(prog="python -m kosmos.data_tools.verify",
+    p = argparse.ArgumentParser(prog=command_name("kosmos.data_tools.verify"),
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="folder holding the .tar shards and manifest.json (or img2dataset output: "
                    ".tar with _stats.json); or a folder URL ending in / (https://host/shards/: its "

@@ -176,7 +176,15 @@ def _convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], ou
     skipped: Counter = Counter()
     image_skips: Counter = Counter()
     examples: dict[str, list[str]] = {}
+    image_examples: dict[str, list[str]] = {}
     shards: list[dict] = []
+
+    def count_images(counts: Counter, named: dict[str, list[str]], source: str) -> None:
+        image_skips.update(counts)
+        for reason, details in named.items():
+            ex = image_examples.setdefault(reason, [])
+            ex.extend(example(source, d) for d in details[: MAX_EXAMPLES - len(ex)])
+
     tar = None
     cur: dict = {}
 
@@ -195,11 +203,11 @@ def _convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], ou
             except Exception as e:  # noqa: BLE001 - one bad input never stops the run; it is counted
                 reason = e.reason if isinstance(e, Skip) else f"unexpected_error_{type(e).__name__}"
                 if isinstance(e, Skip):
-                    image_skips.update(e.image_skips)
+                    count_images(e.image_skips, e.image_examples, item.source)
                 detail = e.detail if isinstance(e, Skip) else str(e)
                 count_skip(skipped, examples, reason, item.source, detail)
                 continue
-            image_skips.update(sample.image_skips)
+            count_images(sample.image_skips, sample.image_examples, item.source)
             files = {member_name(item.key, f): data for f, data in sorted(sample.files.items())}
             size = _tar_size(files)
             if tar is not None and cur["samples"] and _tar_file_size(cur["est"] + size) > max_shard_bytes:
@@ -228,7 +236,8 @@ def _convert_chunk(handler: Handler, ctx: Any, chunk: int, items: list[Item], ou
         os.replace(out / (s["name"] + ".tmp"), out / s["name"])
         written.append(out / s["name"])
     state = {"chunk": chunk, "inputs": len(items), "listing": listing, "shards": shards,
-             "skipped": dict(skipped), "examples": examples, "image_skips": dict(image_skips)}
+             "skipped": dict(skipped), "examples": examples, "image_skips": dict(image_skips),
+             "image_examples": image_examples}
     write_json_atomic(_chunk_state_path(out, chunk), state)
     return state
 

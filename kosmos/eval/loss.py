@@ -15,6 +15,7 @@ import torch
 
 from kosmos.data.packing import to_device  # noqa: F401 - the micro-batch as model arguments
 from kosmos.model import evaluating
+from kosmos.progress import bar as progress_bar
 from kosmos.sequence import SequenceEncoder
 
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batches", type=int, default=None, help="micro-batches per source (default: all)")
     ap.add_argument("--output", help="also write the results to this JSON file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (shown on a terminal only) over each source's micro-batches")
     ap.add_argument("overrides", nargs="*",
                     help="config overrides key=value, e.g. data.captions.micro_batch_size=4")
     args = ap.parse_args(argv)
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             loader = build_loader(cfg, name, encoder, train=False)
         except FileNotFoundError as e:
             ap.exit(2, f"error: {cfg.data.key(name)}.eval_shards: {e}\n")
-        loss, tokens = source_loss(model, loader, args.device, args.max_batches)
+        limited = itertools.islice(loader, args.max_batches)  # the bar then counts the last one too
+        with progress_bar(limited, desc=name, unit=" batches", total=args.max_batches,
+                          enabled=not args.no_progress) as batches:
+            loss, tokens = source_loss(model, batches, args.device)
         results[name] = {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
         print(f"{name:<12} loss {loss:.4f}  ppl {perplexity(loss):10.3f}  ({tokens:,} target tokens)",
               flush=True)

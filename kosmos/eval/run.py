@@ -268,7 +268,7 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
     step), recorded with the protocol in `provenance.json` and metrics.json, and by a short tag (`model`) in
     every prediction record; a folder holding predictions of another source or protocol is refused
     (EvalDataError)."""
-    from tqdm.auto import tqdm
+    from kosmos.progress import bar
 
     rank = dist.process_index if dist is not None else 0
     world = dist.num_processes if dist is not None else 1
@@ -300,9 +300,7 @@ def run_task(model, encoder, task: str, spec: TaskSpec, data: TaskData, out: str
             with open(path, "a", encoding="utf-8") as f:
                 f.write("\n")
     with open(path, "a", encoding="utf-8") as f:
-        for batch in tqdm(batches, desc=f"{task} {shots.k}-shot", unit="batch",
-                          disable=not (progress and main),
-                          dynamic_ncols=True):
+        for batch in bar(batches, desc=f"{task} {shots.k}-shot", unit="batch", enabled=progress and main):
             for rec in predictor(batch):
                 if tag:  # every record says which weights it came from (the rest: provenance.json)
                     rec["model"] = tag

@@ -25,6 +25,7 @@ import sys
 import warnings
 from collections import Counter
 
+from kosmos.errors import command_name
 from kosmos.eval.datasets import EvalDataError, load_captions, load_vqa, read_json
 from kosmos.eval.vqa_metrics import VQA_RULES
 
@@ -136,7 +137,7 @@ def _summary(task: str, scores: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kosmos.eval.score", description=__doc__,
+    ap = argparse.ArgumentParser(prog=command_name("kosmos.eval", "score"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="task", required=True)
     cap = sub.add_parser("captioning", help="BLEU, METEOR, ROUGE-L, CIDEr (x100) of a COCO results file")

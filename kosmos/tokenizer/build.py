@@ -3,8 +3,9 @@
     python -m kosmos.tokenizer.build --input corpus/ more.jsonl.gz --vocab-size 64007 --output tok/
 
 Inputs are ``.txt`` (one line per sentence), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line,
-its text field a document), webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document, or for
-interleaved shards the text segments of its ``KEY.json``; members grouped as ``kosmos.data.format`` does)
+its text field a document), webdataset shards ``.tar`` (each sample's ``KEY.txt`` a document, with every
+caption of a caption sample's ``KEY.json`` ``"captions"`` list (COCO's five), or for interleaved shards the
+text segments of its ``KEY.json``; members grouped as ``kosmos.data.format`` does)
 and folders of these, searched recursively. An input may also be a URL (``https://``, ``s3://``, ...; brace
 patterns expand) or ``pipe:COMMAND`` naming its file (``pipe:aws s3 cp s3://b/corpus.jsonl.gz -``), streamed
 as training reads shards (``kosmos.data.remote``). The inputs are streamed once: every non-empty line is
@@ -39,8 +40,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from kosmos.data.format import JSON_FIELD, TEXT_FIELD, iter_tar
+from kosmos.data.format import JSON_FIELD, TEXT_FIELD, BadSample, captions, iter_tar
 from kosmos.data.remote import PIPE, is_remote, list_many, open_shard, shard_name
+from kosmos.errors import command_name
+from kosmos.progress import bar as progress_bar
+from kosmos.progress import heartbeat
 from kosmos.tokenizer.tokenizer import (
     CONFIG_FILE,
     GROUNDING_TOKENS,
@@ -184,6 +188,8 @@ def _read_documents(
                 data = sample.files.get(TEXT_FIELD)
                 if isinstance(data, bytes):
                     text = _decode(data, stats)
+                    if text is not None and isinstance(sample.files.get(JSON_FIELD), bytes):
+                        text = "\n".join([text, *_more_captions(sample.files)])
                 elif isinstance(sample.files.get(JSON_FIELD), bytes):  # an interleaved document
                     text = _segments_text(sample.files[JSON_FIELD], stats)
                 else:
@@ -215,6 +221,16 @@ def _read_documents(
             stats.errors.append(f"{err.reason} after {stats.documents} documents: {err}")
         if is_remote(str(path)):
             stats.bytes = raw.tell()
+
+
+def _more_captions(files: dict) -> list[str]:
+    """The captions of a caption sample beyond its ``KEY.txt`` (the first): the rest of ``KEY.json``'s
+    ``"captions"`` list (COCO's five), as training reads them (``kosmos.data.format.captions``); none for a
+    text sample."""
+    try:
+        return captions(files)[1:]
+    except BadSample:
+        return []
 
 
 def _segments_text(raw: bytes, stats: InputStats) -> str | None:
@@ -381,13 +397,11 @@ def sample_lines(
 
     Raises BuildError for a missing or unsupported path, an unreadable file, or no text at all.
     """
-    from tqdm import tqdm
-
     files = find_inputs(inputs)
     stats = [InputStats(path=str(f), bytes=0 if is_remote(str(f)) else f.stat().st_size) for f in files]
     reservoir = Reservoir(sample_sentences, seed)
-    with tqdm(total=sum(s.bytes for s in stats), unit="B", unit_scale=True, desc="reading corpus",
-              disable=quiet, file=sys.stderr) as bar:
+    with progress_bar(total=sum(s.bytes for s in stats), unit="B", unit_scale=True, desc="reading corpus",
+                      enabled=not quiet) as bar:
         for f, st in zip(files, stats, strict=True):
             for doc in _read_documents(f, st, text_field, bar.update):
                 st.documents += 1
@@ -548,8 +562,9 @@ def build_tokenizer(
         print(f"tokenizer.build: training a {model_type} model of {vocab_size} pieces on {len(lines)} "
               f"of {n_lines} lines ...", file=sys.stderr)
     start = time.perf_counter()
-    proto = train_sentencepiece(lines, vocab_size, model_type=model_type,
-                                character_coverage=character_coverage, seed=seed, num_threads=num_threads)
+    with heartbeat("tokenizer.build: training", enabled=False if quiet else None):  # C++: no loop for a bar
+        proto = train_sentencepiece(lines, vocab_size, model_type=model_type,
+                                    character_coverage=character_coverage, seed=seed, num_threads=num_threads)
     train_seconds = time.perf_counter() - start
     if grounding:
         proto = _add_grounding_tokens(proto)
@@ -595,7 +610,7 @@ def build_tokenizer(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m kosmos.tokenizer.build",
+        prog=command_name("kosmos.tokenizer.build"),
         description="Train a SentencePiece tokenizer with the KOSMOS special tokens "
         "(<pad> 0, <unk> 1, <s> 2, </s> 3, <image> 4, </image> 5) on your corpus.",
     )
