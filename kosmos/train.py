@@ -3,6 +3,7 @@
     accelerate launch train_kosmos.py --config configs/kosmos1.yaml [key=value ...] [--resume latest]
     python train_kosmos.py --config configs/tiny.yaml train.max_steps=50     # one process
     python -m kosmos.train ..., kosmos-train ...                             # the same command
+    accelerate launch -m kosmos.train --config kosmos1 ...                  # installed: a shipped config
 
 Each optimizer step takes tokens_per_step tokens from every source (data.text, data.captions, data.interleaved
 and any data.sources.<name>; the paper: 0.5M text, 0.5M image-caption, 0.2M interleaved), planned over all
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True,
-                    help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
+                    help="YAML config (configs/tiny.yaml, ...; its relative paths are read against its "
+                         "folder) or a shipped one's name (tiny, kosmos1)")
     ap.add_argument("--resume",
                     help="`latest` (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")

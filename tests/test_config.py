@@ -429,3 +429,25 @@ def test_a_preset_name_loads_the_shipped_config_and_an_unknown_one_lists_them(tm
         load_config("tiny.yaml")  # a file name, not a preset: read from here
     (tmp_path / "mine").write_text("decoder: {layers: 3}\n")  # a bare name that is a file here
     assert load_config("mine").decoder.layers == 3
+
+
+def test_the_own_data_template_names_every_path_relative_to_its_copy(tmp_path, monkeypatch):
+    """configs/templates/my_data.yaml gives every path key (path_keys, but a benchmark's) in one block,
+    read against the folder of the copy, wherever the command runs; it is no preset."""
+    import shutil
+
+    from kosmos.config import presets
+    from kosmos.config.paths import path_keys
+
+    copy = tmp_path / "exp" / "my_data.yaml"
+    copy.parent.mkdir()
+    shutil.copy(ROOT / "configs" / "templates" / "my_data.yaml", copy)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(copy)
+    keys = [k.replace("<source>", s) for k in path_keys() if "eval_tasks" not in k
+            for s in (("text", "captions", "interleaved") if "<source>" in k else ("",))]
+    assert [k for k in keys if not cfg.given(k)] == []
+    assert cfg.tokenizer.path == str(copy.parent / "tok")
+    assert cfg.data.captions.shards == [str(copy.parent / "shards" / "mine")]
+    assert cfg.train.output_dir == str(copy.parent / "runs" / "mine")
+    assert "my_data" not in presets()
