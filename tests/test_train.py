@@ -689,3 +689,39 @@ def test_init_from_takes_a_run_folder(tmp_path, tiny_tokenizer):
     model = build_model(tiny_config(), tmp_path / "run")  # the run folder: its newest checkpoint
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(),
                                                  strict=True))
+
+
+@pytest.mark.slow
+def test_a_config_reads_its_paths_against_its_folder_and_its_saved_copy_works_from_anywhere(
+        tiny_run, tmp_path, monkeypatch):
+    """`kosmos-train --config /abs/exp/my.yaml` from another folder finds the tokenizer and shards that
+    my.yaml names relative to itself; the run's config.yaml (absolute paths) resumes it from a third."""
+    import yaml
+
+    given = dict(o.split("=", 1) for o in tiny_run)
+    # elsewhere is deeper than exp: a path relative to exp means nothing from there
+    folder, elsewhere, third = tmp_path / "exp", tmp_path / "a" / "elsewhere", tmp_path / "third"
+    for d in (folder, elsewhere, third):
+        d.mkdir(parents=True)
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    data["tokenizer"]["path"] = os.path.relpath(given["tokenizer.path"], folder)
+    for s in ("captions", "text", "interleaved"):
+        data["data"][s].update(shards=[os.path.relpath(given[f"data.{s}.shards"].strip("[]"), folder)],
+                               workers=0)
+    data["train"].update(output_dir="run", tracker="none", max_steps=1, log_every=1)
+    data["optim"].update(total_steps=30, warmup_steps=5)
+    (folder / "my.yaml").write_text(yaml.safe_dump(data))
+
+    def train(cwd, *args):  # as `kosmos-train ...` run in `cwd`
+        monkeypatch.chdir(cwd)
+        return train_kosmos.main(["--no-progress", *args])["step"]
+
+    assert train(elsewhere, "--config", str(folder / "my.yaml")) == 1
+    saved = yaml.safe_load((folder / "run" / "config.yaml").read_text())
+    assert saved["tokenizer"]["path"] == given["tokenizer.path"]
+    assert saved["data"]["text"]["shards"] == [given["data.text.shards"].strip("[]")]
+    assert saved["train"]["output_dir"] == str(folder / "run")
+    assert train(third, "--config", str(folder / "run" / "config.yaml"), "--resume", "latest",
+                 "train.max_steps=2") == 2
+    assert "resumed from" in (folder / "run" / "train.log").read_text()
+    assert not list(elsewhere.iterdir()) and not list(third.iterdir())  # nothing written where it ran
