@@ -371,6 +371,7 @@ def test_relative_paths_in_a_file_are_read_against_its_folder_and_overrides_agai
     assert (task["data"], task["annotations"], task["images"], task["limit"]) == (
         f"{f}/vqa.jsonl", f"{f}/ann.json", f"{f}/img", 2)
     assert load_config(None, ["vision.pretrained=openai"]).vision.pretrained == "openai"  # a tag
+    assert load_config(None, ["tokenizer.path=~/tok"]).tokenizer.path == str(Path.home() / "tok")
     assert load_config(None).train.output_dir == str(elsewhere / "runs/kosmos")  # a default: the cwd
     assert {"tokenizer.path", "vision.pretrained", "train.output_dir", "train.init_from",
             "data.<source>.shards", "data.<source>.eval_shards",

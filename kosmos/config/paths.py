@@ -5,8 +5,8 @@ an open_clip tag; `train.eval_tasks` entries carry theirs in `EvalTaskConfig`); 
 relative path in a config file is read against the file's folder, one given on the command line against the
 working directory, and `save_config` writes them absolute, so that a run's config.yaml works from anywhere
 (`kosmos.config.loading`). What is not a local relative path is kept as it is: absolute paths, URLs
-(`https://`, `s3://`, ...), `pipe:COMMAND` and `~/...`. A relative glob or brace pattern is a local path:
-the folder goes in front of it.
+(`https://`, `s3://`, ...) and `pipe:COMMAND`; `~/...` is read in the home folder. A relative glob or brace
+pattern is a local path: the folder goes in front of it.
 
 Also here, below the data layer that reads shards, the one test of what is remote (`kosmos.data.remote`)
 and of what names a weights file (`kosmos.vision`).
@@ -55,7 +55,9 @@ def is_local_relative(spec: Any) -> bool:
 
 def absolute(spec: str, base: str | Path) -> str:
     """`spec` read against the folder `base` when it is a local relative path (normalised: `a/../b` is
-    `b`), else `spec` as it is."""
+    `b`), `~/...` in the home folder, else `spec` as it is."""
+    if isinstance(spec, str) and spec.startswith("~"):
+        return os.path.expanduser(spec)
     if not is_local_relative(spec):
         return spec
     return os.path.normpath(os.path.join(os.path.abspath(base), spec))

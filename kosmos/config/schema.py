@@ -57,7 +57,7 @@ PATH = {"path": "local"}
 """Field metadata of the keys that hold local paths (a string, or a list of them: shards): a relative one in a
 config file is read against that file's folder, on the command line against the working directory, and a
 saved config holds them absolute (`kosmos.config.paths`). URLs, `pipe:` commands and absolute paths are kept
-as they are."""
+as they are; `~/...` is the home folder."""
 WEIGHTS = {"path": "weights"}
 """Field metadata of `vision.pretrained`: a path (as `PATH`) when it names a file (a weights suffix or a
 folder in it), else an open_clip tag, kept as it is."""
