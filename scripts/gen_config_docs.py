@@ -36,7 +36,8 @@ wrong type or a bad value is refused naming the key. A shipped config can be nam
 (`--config tiny`, `--config kosmos1`). A relative path in a config file (the keys marked **Path**, and the
 paths of a `train.eval_tasks` entry) is read against the file's folder, one given on the command line
 against the working directory (`~/...`: the home folder); a run saves its config.yaml with absolute paths.
-URLs, `pipe:` commands and absolute paths are taken as they are. How the keys work together: [training.md](training.md).
+URLs, `pipe:` commands and absolute paths are taken as they are. How the keys work together:
+[training.md](training.md).
 """
 
 
