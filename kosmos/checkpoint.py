@@ -283,11 +283,13 @@ def config_changes(path: Path, saved: dict, cfg, allowed=()) -> list[str]:
     nested dict) and this run's `cfg`, and the sources that take part: a source added or removed is a change
     of its key (`data.sources.<name>`). A change that `allowed` does not name (a key, or a section such as
     `data.text`) is a ConfigError listing every such key; the allowed changes come back as lines for the log.
-    Keys the checkpoint predates are not compared."""
+    Keys the checkpoint predates are not compared. Paths compare absolute: a checkpoint of older code saved
+    them relative to the working directory (`kosmos.config.paths`)."""
     from kosmos.config import ConfigError, DataConfig, flatten, is_fixed_on_resume
+    from kosmos.config.paths import resolve_paths
 
-    ours = flatten(cfg.to_dict())
-    theirs = flatten(saved)
+    ours = flatten(resolve_paths(cfg.to_dict(), Path.cwd()))
+    theirs = flatten(resolve_paths(saved, Path.cwd()))
     for key in allowed:
         if not any(k == key or k.startswith(key + ".") for k in (*ours, *theirs)):
             raise ConfigError(f"--allow-config-change {key}: not a config key")

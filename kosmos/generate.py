@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> list[str]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint directory, or a run's output dir (its newest "
                                          "checkpoint); its config.yaml and tokenizer/ are used")
-    ap.add_argument("--config", help="YAML config instead of the checkpoint's "
-                                     "(random weights without --checkpoint)")
+    ap.add_argument("--config", help="YAML config or a shipped one's name (tiny, kosmos1) instead of the "
+                                     "checkpoint's (random weights without --checkpoint)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's copy, "
                                         "or tokenizer.path)")
     ap.add_argument("--image", action="append", default=[], help="image file; repeat for several images")

@@ -210,11 +210,41 @@ def eval_line(results: dict[str, float]) -> str:
     return "eval " + " ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in results.items())
 
 
+def stamp(line: str, now: float | None = None) -> str:
+    """`line` as train.log holds it: each of its lines after the UTC time it was written, ISO 8601 to the
+    second (`2026-12-03T04:55:21Z step      2 | loss ...`); `LOG_STAMP` matches the prefix."""
+    t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    return "\n".join(f"{t} {part}" for part in line.split("\n"))
+
+
+LOG_STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ "
+"""A regular expression for the time `stamp` puts before each train.log line (for readers of the file)."""
+
+
+def write_hparams(acc, hparams: dict, metrics: Sequence[str]) -> None:
+    """The run's hyperparameters (`flat_config`) into its own TensorBoard run, with `metrics`, the scalar
+    tags the HParams tab shows against them (their latest values: the run's final figures). accelerate's
+    `init_trackers(config=...)` goes through SummaryWriter.add_hparams, which writes them into a new
+    timestamped sub-run holding nothing else: the run list doubled and the HParams tab listed no run with
+    scalars. The main process only; a no-op without the TensorBoard tracker."""
+    if not acc.is_main_process or not any(t.name == "tensorboard" for t in acc.trackers):
+        return
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    writer = acc.get_tracker("tensorboard", unwrap=True)
+    experiment, start, end = hparams_summaries(hparams, {m: 0.0 for m in metrics})
+    file_writer = writer._get_file_writer()  # SummaryWriter has no public add_summary
+    for summary in (experiment, start, end):
+        file_writer.add_summary(summary)
+    writer.flush()
+
+
 class RunLog:
     """The lines people read (log lines, eval lines, what the run is doing), from the main process only:
     printed through tqdm.write, so that they never break the progress bar, and appended to `path`
-    (train.output_dir/train.log; a resumed run continues the file). Also owns the progress bar; as a
-    context manager, closes both on the way out, an exception included."""
+    (train.output_dir/train.log; a resumed run continues the file), each line there after the UTC time it
+    was written (`stamp`). Also owns the progress bar; as a context manager, closes both on the way out, an
+    exception included."""
 
     def __init__(self, acc, path: str | Path, progress: bool = True):
         self.main = acc.is_main_process
@@ -230,7 +260,7 @@ class RunLog:
 
         if self.main:
             tqdm.write(line)
-            self.file.write(line + "\n")
+            self.file.write(stamp(line) + "\n")
 
     def start_bar(self, total: int, initial: int) -> None:
         from tqdm.auto import tqdm

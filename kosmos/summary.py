@@ -1,4 +1,5 @@
-"""Parameter count per component: `python -m kosmos.summary configs/kosmos1.yaml [key=value ...]`.
+"""Parameter count per component: `python -m kosmos.summary configs/kosmos1.yaml [key=value ...]` (or a
+shipped config by name: `kosmos-summary kosmos1`).
 
 The model is built on the meta device, so this costs no memory even for the full 1.6B model.
 """
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
 
     ap = argparse.ArgumentParser(prog=command_name("kosmos.summary"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="YAML config, e.g. configs/kosmos1.yaml")
+    ap.add_argument("config", help="YAML config (configs/kosmos1.yaml) or a shipped one's name (kosmos1, "
+                                   "tiny)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. decoder.layers=12")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)

@@ -3,6 +3,7 @@
     accelerate launch train_kosmos.py --config configs/kosmos1.yaml [key=value ...] [--resume latest]
     python train_kosmos.py --config configs/tiny.yaml train.max_steps=50     # one process
     python -m kosmos.train ..., kosmos-train ...                             # the same command
+    accelerate launch -m kosmos.train --config kosmos1 ...                  # installed: a shipped config
 
 Each optimizer step takes tokens_per_step tokens from every source (data.text, data.captions, data.interleaved
 and any data.sources.<name>; the paper: 0.5M text, 0.5M image-caption, 0.2M interleaved), planned over all
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True,
-                    help="YAML config (configs/tiny.yaml, configs/kosmos1.yaml, ...)")
+                    help="YAML config (configs/tiny.yaml, ...; its relative paths are read against its "
+                         "folder) or a shipped one's name (tiny, kosmos1)")
     ap.add_argument("--resume",
                     help="`latest` (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still printed)")
@@ -121,9 +123,16 @@ class _Run:
 
     def __init__(self, cfg, resume, progress, allow_change, reset_data, on_report):
         from kosmos import checkpoint as ck
-        from kosmos.metrics import Meter, RunLog
+        from kosmos.metrics import Meter, RunLog, write_hparams
         from kosmos.procs import die_with_parent
-        from kosmos.training import build_accelerator, describe_mixture, flat_config, peak_flops, setup
+        from kosmos.training import (
+            build_accelerator,
+            describe_mixture,
+            flat_config,
+            hparam_metrics,
+            peak_flops,
+            setup,
+        )
         from kosmos.watchdog import Watchdog, rank_log_path, under_launcher
 
         # The weights come from the checkpoint to resume, else from train.init_from, else the seed. `--resume`
@@ -154,8 +163,11 @@ class _Run:
             log.info(f"--resume {resume}: no checkpoint in {out_dir}, starting a new run")
         if init_from is not None:
             log.info(f"initialised from {init_from}: model weights only; new optimizer, schedule and data")
-        if cfg.train.tracker != "none":  # hparams on a fresh start only: TensorBoard adds a folder per call
-            acc.init_trackers("kosmos", config=flat_config(cfg) if path is None else None)
+        if cfg.train.tracker != "none":  # hparams on a fresh start only; TensorBoard's into the run itself
+            tensorboard = cfg.train.tracker == "tensorboard"
+            acc.init_trackers("kosmos", config=flat_config(cfg) if path is None and not tensorboard else None)
+            if path is None and tensorboard:
+                write_hparams(acc, flat_config(cfg), hparam_metrics(cfg, self.mixture))
         log.info(describe_mixture(acc, cfg, self.mixture))
         if note := schedule_note(cfg, self.scheduler):
             log.info(note)

@@ -244,6 +244,14 @@ def flat_config(cfg: Config) -> dict:
             for k, v in flatten(cfg.to_dict()).items()}
 
 
+def hparam_metrics(cfg: Config, mixture) -> list[str]:
+    """The tracker tags shown against the hyperparameters (TensorBoard's HParams tab): the loss, each
+    source's, and the held-out losses of the sources evaluated."""
+    names = list(mixture.plans)
+    held = [n for n, src in cfg.data.named_sources().items() if src.eval_shards and cfg.train.eval_every]
+    return ["train/loss", *(f"train/{n}_loss" for n in names), *(f"eval/{n}_loss" for n in held)]
+
+
 # ----------------------------------------------------------------------------- forward, step, evaluation
 
 

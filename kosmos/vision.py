@@ -9,21 +9,20 @@ trained with QuickGELU: `resolve_quick_gelu` picks the activation, which the wei
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from kosmos.config import VisionConfig
+from kosmos.config.paths import names_weights_file
 from kosmos.image import CLIP_MEAN, CLIP_STD
-
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def is_local_weights(spec: str) -> bool:
-    """Whether `vision.pretrained` names a file (rather than an open_clip tag)."""
-    return spec.endswith(WEIGHT_SUFFIXES) or os.sep in spec or Path(spec).exists()
+    """Whether `vision.pretrained` names a file (rather than an open_clip tag): by its form
+    (`kosmos.config.paths.names_weights_file`), or a file of that name here."""
+    return names_weights_file(spec) or Path(spec).exists()
 
 
 def resolve_quick_gelu(cfg: VisionConfig) -> bool:

@@ -47,6 +47,20 @@ def loaded_vision(cfg):
     return enc
 
 
+def log_lines(path: str | Path) -> list[str]:
+    """The lines of a run's train.log as they were printed: without the time each starts with
+    (`kosmos.metrics.stamp`); a line without one is a failure."""
+    import re
+
+    from kosmos.metrics import LOG_STAMP
+
+    lines = Path(path).read_text().splitlines()
+    bare = [re.sub(f"^{LOG_STAMP}", "", x) for x in lines]
+    missing = [x for x, b in zip(lines, bare, strict=True) if x == b]
+    assert not missing, f"{path}: lines without a time: {missing[:3]}"
+    return bare
+
+
 def tiny_config(*overrides: str) -> Config:
     return load_config(TINY, list(overrides))
 

@@ -360,7 +360,7 @@ class Runner:
         log = (self.work / run / "train.log").read_text()
         if s.eval_every and (s.held_out or s.eval_tasks) and any(t % s.eval_every == 0
                                                                  for t in range(first, last + 1)):
-            check("\neval " in log, f"{run}: no eval line in train.log")
+            check("Z eval " in log, f"{run}: no eval line in train.log")  # each line after its time
         return ranks
 
     def final_state(self, run: str) -> tuple[Path, dict]:

@@ -329,3 +329,126 @@ def test_a_config_format_this_code_cannot_read_is_refused_naming_the_key(tmp_pat
     for legacy in (False, True):
         with pytest.raises(ConfigError, match=rf"config\.yaml: config key 'config_format': {message}"):
             load_config(path, legacy=legacy)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_relative_paths_in_a_file_are_read_against_its_folder_and_overrides_against_the_cwd(
+        tmp_path, monkeypatch):
+    """Every path key (kosmos.config.paths.path_keys) of a config file is read against the file's folder;
+    URLs, pipe: commands, absolute paths and open_clip tags are kept; an override is read against the
+    working directory."""
+    from kosmos.config.paths import path_keys
+
+    folder = tmp_path / "cfgs"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(
+        "tokenizer: {path: ../tok}\n"
+        "vision: {pretrained: weights/clip.safetensors}\n"
+        "data:\n"
+        "  captions: {shards: ['cap-{000..009}.tar', 'https://h/x-{0..2}.tar', 'pipe:cat a.tar', /abs/s],\n"
+        "             eval_shards: [held/*.tar]}\n"
+        "  sources: {more: {kind: text, shards: [more], tokens_per_step: 10}}\n"
+        "train:\n"
+        "  output_dir: runs/r\n"
+        "  init_from: ../ckpt\n"
+        "  eval_tasks: [{task: vqa, data: vqa.jsonl, annotations: ann.json, images: img, limit: 2}]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(folder / "c.yaml", ["data.text.shards=[mine]"])
+    f = str(folder)
+    assert cfg.tokenizer.path == str(tmp_path / "tok")
+    assert cfg.vision.pretrained == f"{f}/weights/clip.safetensors"
+    assert cfg.data.captions.shards == [f"{f}/cap-{{000..009}}.tar", "https://h/x-{0..2}.tar",
+                                        "pipe:cat a.tar", "/abs/s"]
+    assert cfg.data.captions.eval_shards == [f"{f}/held/*.tar"]
+    assert cfg.data.sources["more"].shards == [f"{f}/more"]
+    assert cfg.data.text.shards == [str(elsewhere / "mine")]  # an override: the working directory
+    assert cfg.train.output_dir == f"{f}/runs/r" and cfg.train.init_from == str(tmp_path / "ckpt")
+    task = cfg.train.eval_tasks[0]
+    assert (task["data"], task["annotations"], task["images"], task["limit"]) == (
+        f"{f}/vqa.jsonl", f"{f}/ann.json", f"{f}/img", 2)
+    assert load_config(None, ["vision.pretrained=openai"]).vision.pretrained == "openai"  # a tag
+    assert load_config(None, ["tokenizer.path=~/tok"]).tokenizer.path == str(Path.home() / "tok")
+    assert load_config(None).train.output_dir == str(elsewhere / "runs/kosmos")  # a default: the cwd
+    assert {"tokenizer.path", "vision.pretrained", "train.output_dir", "train.init_from",
+            "data.<source>.shards", "data.<source>.eval_shards",
+            "train.eval_tasks[].data"} <= set(path_keys())
+
+
+def test_a_saved_config_holds_absolute_paths_and_works_from_anywhere(tmp_path, monkeypatch):
+    """save_config writes paths absolute; an older saved config (format 2, or a checkpoint's without a
+    format) keeps its relative paths relative to the working directory, as the code that wrote it read
+    them."""
+    import yaml
+
+    from kosmos.config import save_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.output_dir=out"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["tokenizer"]["path"] == str(ROOT / "demo_out" / "tokenizer")
+    assert saved["train"]["output_dir"] == str(tmp_path / "out")
+    assert saved["data"]["text"]["shards"] == [str(ROOT / "demo_out" / "shards" / "text")]
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    for old in ({"config_format": 2}, {}):  # saved by older code: relative to the cwd
+        (tmp_path / "old.yaml").write_text(yaml.safe_dump({**old, "tokenizer": {"path": "tok"}}))
+        loaded = load_config(tmp_path / "old.yaml", legacy=True)
+        assert loaded.tokenizer.path == str(tmp_path / "sub" / "tok")
+
+
+def test_a_resume_compares_an_older_checkpoints_relative_paths_as_absolute(tmp_path, monkeypatch):
+    """A checkpoint of older code saved its paths as given; the same paths, now absolute, are no change."""
+    from kosmos import checkpoint as ck
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["tokenizer.path=tok", "data.text.shards=[shards/t]"])
+    saved = {**Config().to_dict(), "tokenizer": {"path": "tok"}}
+    saved["data"]["text"]["shards"] = ["shards/t"]
+    assert ck.config_changes(tmp_path, saved, cfg) == []
+    saved["data"]["text"]["shards"] = ["shards/other"]
+    with pytest.raises(ConfigError, match=f"data.text.shards: \\['{tmp_path}/shards/other'\\]"):
+        ck.config_changes(tmp_path, saved, cfg)
+
+
+def test_a_preset_name_loads_the_shipped_config_and_an_unknown_one_lists_them(tmp_path, monkeypatch):
+    from kosmos.config import presets
+
+    monkeypatch.chdir(tmp_path)
+    assert {"tiny", "kosmos1"} <= set(presets())
+    assert load_config("tiny") == load_config(ROOT / "configs" / "tiny.yaml")
+    assert load_config("kosmos1").decoder.layers == 24
+    with pytest.raises(ConfigError, match=r"^config 'tiyn': no such file, and no preset of that name; "
+                                          r"presets: .*kosmos1, .*tiny"):
+        load_config("tiyn")
+    with pytest.raises(ConfigError, match=r"config file not found: tiny\.yaml"):
+        load_config("tiny.yaml")  # a file name, not a preset: read from here
+    (tmp_path / "mine").write_text("decoder: {layers: 3}\n")  # a bare name that is a file here
+    assert load_config("mine").decoder.layers == 3
+
+
+def test_the_own_data_template_names_every_path_relative_to_its_copy(tmp_path, monkeypatch):
+    """configs/templates/my_data.yaml gives every path key (path_keys, but a benchmark's) in one block,
+    read against the folder of the copy, wherever the command runs; it is no preset."""
+    import shutil
+
+    from kosmos.config import presets
+    from kosmos.config.paths import path_keys
+
+    copy = tmp_path / "exp" / "my_data.yaml"
+    copy.parent.mkdir()
+    shutil.copy(ROOT / "configs" / "templates" / "my_data.yaml", copy)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(copy)
+    keys = [k.replace("<source>", s) for k in path_keys() if "eval_tasks" not in k
+            for s in (("text", "captions", "interleaved") if "<source>" in k else ("",))]
+    assert [k for k in keys if not cfg.given(k)] == []
+    assert cfg.tokenizer.path == str(copy.parent / "tok")
+    assert cfg.data.captions.shards == [str(copy.parent / "shards" / "mine")]
+    assert cfg.train.output_dir == str(copy.parent / "runs" / "mine")
+    assert "my_data" not in presets()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import importlib
 import inspect
+import os
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(  # kosmos/configs: a link
         ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
         "demo_out", "runs", "outputs"))
     cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "--no-index",
@@ -72,6 +73,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     assert res.returncode == 0, f"pip wheel failed:\n{res.stdout}\n{res.stderr}"
     (path,) = (tmp / "dist").glob("kosmos_pretrain-*.whl")
     with zipfile.ZipFile(path) as zf:
+        zf.path = path
         yield zf
 
 
@@ -140,3 +142,74 @@ def test_cli_shims_run_the_main_on_sys_argv_and_exit_0(monkeypatch, shim, module
                         lambda argv=None: calls.append(argv) or {"returned": "data"})
     assert getattr(kosmos.cli, shim)() == 0
     assert calls == [None]  # no argv: the module's parser reads sys.argv
+
+
+def _requirements() -> dict[str, str]:
+    """requirements.txt's pins: name (normalised) -> version."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"requirements.txt: {line} is not an exact pin"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def test_the_package_declares_compatible_ranges_that_hold_the_tested_pins():
+    """pyproject.toml's dependencies are ranges (installable into an existing environment), one per
+    requirements.txt pin (the versions `make setup` installs and CI tests), each holding its pin."""
+    import tomllib
+
+    pytest.importorskip("packaging")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ranges = {canonicalize_name(r.name): r.specifier for r in map(Requirement, declared)}
+    pins = _requirements()
+    assert set(ranges) == set(pins), "pyproject.toml's dependencies and requirements.txt name other packages"
+    for name, spec in ranges.items():
+        assert spec and not any(s.operator in ("==", "===") for s in spec), f"{name}: {spec} is a pin"
+        assert spec.contains(pins[name]), f"{name}: the tested {pins[name]} is not in {spec}"
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs_and_declares_ranges_not_pins(wheel):
+    names = set(wheel.namelist())
+    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
+    assert {"configs/tiny.yaml", "configs/kosmos1.yaml", "configs/templates/my_data.yaml"} <= shipped
+    assert {f"kosmos/{p}" for p in shipped} <= names, "configs missing from the wheel"
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    requires = [x.split(":", 1)[1].strip() for x in wheel.read(meta).decode().splitlines()
+                if x.startswith("Requires-Dist:") and "extra ==" not in x]
+    assert len(requires) == len(_requirements()) and not [r for r in requires if "==" in r], requires
+
+
+@pytest.mark.slow
+def test_the_installed_package_takes_a_preset_by_name_from_any_directory(wheel, tmp_path):
+    """From the wheel (unpacked, as pip installs it), in a folder with no configs/: `kosmos-summary tiny`
+    runs on the shipped preset; an unknown name is one error line listing the presets."""
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+
+    def summary(*args):
+        return subprocess.run([sys.executable, "-c", "import sys; from kosmos.cli import summary; "
+                               "sys.argv[0] = 'kosmos-summary'; sys.exit(summary())", *args],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    res = summary("tiny")
+    assert res.returncode == 0, res.stderr
+    assert "tiny" in res.stdout and "total" in res.stdout
+    res = summary("tinyy")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        "error: config 'tinyy': no such file, and no preset of that name; presets: kosmos1, tiny "
+        "(or give a path to a YAML file)"), res.stderr

@@ -22,6 +22,7 @@ from tests.helpers import (
     ROOT,
     finish,
     launch,
+    log_lines,
     make_row,
     random_images,
     start,
@@ -181,7 +182,7 @@ def _finish(proc, log_path, timeout: float = 600) -> int:
 
 
 def _losses(run) -> dict[int, float]:
-    lines = (run / "train.log").read_text()
+    lines = "\n".join(log_lines(run / "train.log"))
     return {int(s): float(v) for s, v in re.findall(r"^step\s+(\d+) \| loss (\S+)", lines, re.M)}
 
 
@@ -277,5 +278,5 @@ def test_fsdp2_periodic_evaluation_reports_the_held_out_loss(tiny_run, tmp_path)
                        f"data.captions.eval_shards=[{big[0]},{small[0]}]", "train.eval_every=2",
                        "train.eval_batches=1000")
         assert _finish(proc, tmp_path / "log", 300) == 0, (tmp_path / "log").read_text()[-3000:]
-    line = next(x for x in (tmp_path / "run" / "train.log").read_text().splitlines() if x.startswith("eval "))
+    line = next(x for x in log_lines(tmp_path / "run" / "train.log") if x.startswith("eval "))
     assert line.split()[1::2] == ["captions_loss", "captions_ppl"] and 0 < float(line.split()[2]) < 20

@@ -2,6 +2,8 @@
 with four of them."""
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -40,7 +42,8 @@ def test_named_sources_of_any_kind_with_every_source_key():
     assert [s.kind for s in d.active_sources().values()] == ["text", "text", "captions", "interleaved"]
     assert (d.sources["books"].workers, d.sources["books"].max_tokens) == (0, 100)
     assert d.sources["instructions"].loss == "response" and d.sources["docs"].shuffle_buffer == 7
-    assert (d.sources["coco"].caption_choice, d.sources["coco"].eval_shards) == ("all", ["ce.tar"])
+    assert (d.sources["coco"].caption_choice, d.sources["coco"].eval_shards) == (
+        "all", [os.path.abspath("ce.tar")])  # an override's path: read against the working directory
     # per-kind defaults: captions are capped at 512 tokens like data.captions; the budget defaults to 0
     assert d.sources["coco"].max_tokens == 512
     bare = load_config(None, ["data.sources.cc.kind=captions", "data.sources.web.kind=text"]).data
@@ -218,7 +221,8 @@ def test_resume_refuses_a_source_added_or_removed_unless_allowed(tmp_path):
     assert config_changes("ckpt", more.to_dict(), base, ["data.sources"]) == \
         ["config changed since the checkpoint (allowed): source data.sources.instructions removed"]
     changed = load_config(TINY, _source("instructions", "text", ["j.tar"], 512, 2))
-    with pytest.raises(ConfigError, match=r"data.sources.instructions.shards: \['i.tar'\] -> \['j.tar'\]"):
+    i, j = os.path.abspath("i.tar"), os.path.abspath("j.tar")  # the overrides' paths, read against the cwd
+    with pytest.raises(ConfigError, match=re.escape(f"data.sources.instructions.shards: ['{i}'] -> ['{j}']")):
         config_changes("ckpt", more.to_dict(), changed)
     with pytest.raises(ConfigError, match="--allow-config-change data.sources.other: not a config key"):
         config_changes("ckpt", more.to_dict(), base, ["data.sources.other"])

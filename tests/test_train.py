@@ -1,10 +1,12 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import train_kosmos
 from kosmos import checkpoint as ck
 from kosmos.config import load_config
 from kosmos.optim import WarmupLinearDecay, param_groups
-from tests.helpers import DDP_DEBUG, ROOT, launch, tiny_config, tiny_model
+from tests.helpers import DDP_DEBUG, ROOT, launch, log_lines, tiny_config, tiny_model
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -191,8 +193,14 @@ def test_run_log_prints_and_appends_to_train_log_on_the_main_process_only(tmp_pa
     log = RunLog(_TwoRanks(), tmp_path / "mainTrue" / "train.log")  # a resumed run appends
     log.info("resumed from here")
     log.close()
-    assert (tmp_path / "mainTrue" / "train.log").read_text().splitlines() == [
+    assert log_lines(tmp_path / "mainTrue" / "train.log") == [
         "eval captions_loss 2.000 captions_ppl 7.389"] * 2 + ["resumed from here"]
+    first = (tmp_path / "mainTrue" / "train.log").read_text().splitlines()[0]  # each line after its UTC time
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ eval captions_loss 2\.000 captions_ppl 7\.389",
+                        first)
+    from kosmos.metrics import stamp
+
+    assert stamp("a\nb", now=0) == "1970-01-01T00:00:00Z a\n1970-01-01T00:00:00Z b"  # a block: every line
 
 
 def _micro_batch(model, specs, L: int, seed: int) -> dict:
@@ -396,22 +404,59 @@ def test_periodic_evaluation_reports_loss_and_perplexity(tiny_run, tmp_path, cap
     assert 0 < loss < 20 and ppl == pytest.approx(2.718281828**loss, rel=1e-2)
 
 
+def _tensorboard_runs(root: Path) -> dict[str, dict]:
+    """Each TensorBoard run (folder of event files) under `root`, as TensorBoard lists them: its scalar tags
+    and whether the HParams tab finds a session (hyperparameters) in it, with its metrics and values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    runs = {}
+    for folder in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
+        ea = EventAccumulator(str(folder), size_guidance={"tensors": 0, "scalars": 0})
+        ea.Reload()
+        try:
+            content = ea.PluginTagToContent("hparams")
+        except KeyError:  # no hyperparameters in this run
+            content = {}
+        hparams, metrics = {}, []
+        for tag, raw in content.items():
+            data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+            if tag == "_hparams_/experiment":
+                metrics = [m.name.tag for m in data.experiment.metric_infos]
+            elif tag == "_hparams_/session_start_info":
+                hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                           for k, v in data.session_start_info.hparams.items()}
+        runs[folder.relative_to(root).as_posix()] = {"scalars": set(ea.Tags()["scalars"]), "hparams": hparams,
+                                                     "metrics": metrics}
+    return runs
+
+
 @pytest.mark.slow
-def test_resume_appends_to_one_tensorboard_run_without_a_new_hparams_folder(tiny_run, tmp_path, capsys):
+def test_resume_appends_to_one_tensorboard_run_holding_its_hyperparameters(tiny_run, tmp_path, capsys):
+    """One TensorBoard run per training run: its scalars and, for the HParams tab, its hyperparameters
+    with the losses as metrics; a resume appends to it (no new run, the hyperparameters not written
+    again). accelerate's add_hparams made a timestamped sub-run holding only hparams.yml."""
     out = tmp_path / "run"
     tensorboard = {"train.tracker": "tensorboard"}
     args = ["--config", TINY, "--no-progress", *_overrides(tiny_run, out, 2, **tensorboard)]
     workers = [f"data.{s}.workers=0" for s in ("captions", "text", "interleaved")]
     assert train_kosmos.main(args + workers)["step"] == 2
-    runs = out / "kosmos"  # accelerate's TensorBoard run; add_hparams makes timestamped subfolders
-    folders = sorted(p for p in runs.rglob("*") if p.is_dir())
-    assert folders and len(list(runs.rglob("hparams.yml"))) == 1 and len(list(runs.glob("events.*"))) == 1
+    runs = out / "kosmos"  # accelerate's TensorBoard run
+    (run,) = _tensorboard_runs(runs).values()  # one run, no sub-run
+    assert {"train/loss", "train/captions_loss", "train/lr"} <= run["scalars"]
+    assert run["hparams"]["optim.lr"] == pytest.approx(2e-3) and run["hparams"]["train.max_steps"] == 2
+    assert run["hparams"]["tokenizer.path"] == next(o.split("=", 1)[1] for o in tiny_run
+                                                    if o.startswith("tokenizer.path="))
+    assert run["metrics"][0] == "train/loss"
+    assert {"train/captions_loss", "train/text_loss"} <= set(run["metrics"])
+    assert set(run["metrics"]) <= run["scalars"]  # the tab shows each metric's last value against them
+    assert not list(runs.rglob("hparams.yml")) and len(list(runs.glob("events.*"))) == 1
     assert train_kosmos.main(args + workers + ["train.max_steps=3", "--resume", "latest"])["step"] == 3
-    assert sorted(p for p in runs.rglob("*") if p.is_dir()) == folders  # no hparams folder for the resume
+    assert list(_tensorboard_runs(runs)) == ["."]  # the resume appended to the same run
     assert len(list(runs.glob("events.*"))) == 2  # one event file per process start, read as one run
     cap = capsys.readouterr()
     assert "%|" not in cap.err and "step      2 | loss " in cap.out  # --no-progress: lines but no bar
-    lines = (out / "train.log").read_text().splitlines()
+    lines = log_lines(out / "train.log")
     resumed = [i for i, x in enumerate(lines) if x.startswith("resumed from")]
     assert sum(x.startswith("step      2 | loss ") for x in lines) == 1 and len(resumed) == 1
     assert lines[resumed[0] + 1].startswith("mixture per step: ")  # the plan printed again, as a block
@@ -483,7 +528,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run, tmp_path, to):
     text = (tmp_path / "log").read_text()
     assert "stopped by signal" in text and "killed by signal" not in text and "Traceback" not in text
     assert ck.list_checkpoints(out), "no checkpoint written on SIGTERM"
-    lines = (out / "train.log").read_text().splitlines()  # the printed lines, the bar left out
+    lines = log_lines(out / "train.log")  # the printed lines, the bar left out
     assert lines[0].startswith("mixture per step: ")
     assert any(x.startswith("step      5 | loss ") for x in lines)
     assert lines[-2].startswith("saved ") and lines[-1].startswith("stopped by signal at step ")
@@ -644,3 +689,39 @@ def test_init_from_takes_a_run_folder(tmp_path, tiny_tokenizer):
     model = build_model(tiny_config(), tmp_path / "run")  # the run folder: its newest checkpoint
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(),
                                                  strict=True))
+
+
+@pytest.mark.slow
+def test_a_config_reads_its_paths_against_its_folder_and_its_saved_copy_works_from_anywhere(
+        tiny_run, tmp_path, monkeypatch):
+    """`kosmos-train --config /abs/exp/my.yaml` from another folder finds the tokenizer and shards that
+    my.yaml names relative to itself; the run's config.yaml (absolute paths) resumes it from a third."""
+    import yaml
+
+    given = dict(o.split("=", 1) for o in tiny_run)
+    # elsewhere is deeper than exp: a path relative to exp means nothing from there
+    folder, elsewhere, third = tmp_path / "exp", tmp_path / "a" / "elsewhere", tmp_path / "third"
+    for d in (folder, elsewhere, third):
+        d.mkdir(parents=True)
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    data["tokenizer"]["path"] = os.path.relpath(given["tokenizer.path"], folder)
+    for s in ("captions", "text", "interleaved"):
+        data["data"][s].update(shards=[os.path.relpath(given[f"data.{s}.shards"].strip("[]"), folder)],
+                               workers=0)
+    data["train"].update(output_dir="run", tracker="none", max_steps=1, log_every=1)
+    data["optim"].update(total_steps=30, warmup_steps=5)
+    (folder / "my.yaml").write_text(yaml.safe_dump(data))
+
+    def train(cwd, *args):  # as `kosmos-train ...` run in `cwd`
+        monkeypatch.chdir(cwd)
+        return train_kosmos.main(["--no-progress", *args])["step"]
+
+    assert train(elsewhere, "--config", str(folder / "my.yaml")) == 1
+    saved = yaml.safe_load((folder / "run" / "config.yaml").read_text())
+    assert saved["tokenizer"]["path"] == given["tokenizer.path"]
+    assert saved["data"]["text"]["shards"] == [given["data.text.shards"].strip("[]")]
+    assert saved["train"]["output_dir"] == str(folder / "run")
+    assert train(third, "--config", str(folder / "run" / "config.yaml"), "--resume", "latest",
+                 "train.max_steps=2") == 2
+    assert "resumed from" in (folder / "run" / "train.log").read_text()
+    assert not list(elsewhere.iterdir()) and not list(third.iterdir())  # nothing written where it ran

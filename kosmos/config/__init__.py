@@ -10,7 +10,9 @@ Its modules, one concern each (import from here; the names below are the package
 
     schema.py       the dataclasses (every field documented and checked), ConfigError, the allowed values,
                     the keys fixed on resume (`FIXED`, `is_fixed_on_resume`), the eval-task entries
-    loading.py      YAML files and overrides -> Config (types checked by the annotations); save_config
+    loading.py      YAML files (or a preset's name) and overrides -> Config (types checked by the
+                    annotations); save_config
+    paths.py        the keys that hold paths, read against the config file's folder; what is remote
     migrations.py   saved configs of older code -> today's keys, behind one format version (CONFIG_FORMAT)
     flops.py        FLOP and parameter counts from the shapes (the dataclasses' flops methods call them)
     clip.py         open_clip's architecture configs, read without importing open_clip
@@ -25,10 +27,13 @@ from kosmos.config.flops import (
 )
 from kosmos.config.loading import (
     MAX_CONFIG_SIZE,
+    PRESETS,
     config_from_checkpoint,
     config_from_dict,
     load_config,
     parse_overrides,
+    preset_path,
+    presets,
     read_config_file,
     save_config,
 )
@@ -40,6 +45,7 @@ from kosmos.config.migrations import (
     fill_legacy_keys,
     migrate,
 )
+from kosmos.config.paths import path_keys, resolve_paths
 from kosmos.config.schema import (
     CAPTION_CHOICES,
     EVAL_TASK_NAMES,
@@ -77,5 +83,6 @@ __all__ = [
     "VisionConfig", "config_format", "config_from_checkpoint", "config_from_dict",
     "decoder_flops_per_token", "fill_legacy_keys", "fixed_on_resume_keys", "flatten", "flops_per_image",
     "is_fixed_on_resume", "load_config", "migrate", "non_embedding_params", "open_clip_architecture",
-    "parse_overrides", "read_config_file", "save_config", "vision_forward_flops",
+    "parse_overrides", "path_keys", "preset_path", "presets", "PRESETS", "read_config_file", "resolve_paths",
+    "save_config", "vision_forward_flops",
 ]

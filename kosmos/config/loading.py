@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -18,7 +19,8 @@ from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
-from kosmos.config.migrations import CONFIG_FORMAT, FORMAT_KEY, migrate
+from kosmos.config.migrations import CONFIG_FORMAT, FORMAT_KEY, config_format, migrate
+from kosmos.config.paths import resolve_config_paths, resolve_paths
 from kosmos.config.schema import Config, ConfigError, DataConfig
 
 
@@ -140,10 +142,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None,
+                     base: str | Path | None = None) -> Config:
     """Build a :class:`Config` from a nested dict plus dotted overrides. A `config_format` key (a saved
-    config's) is checked and dropped; the dict is taken as it is, not migrated (`load_config`'s `legacy`)."""
+    config's) is checked and dropped; the dict is taken as it is, not migrated (`load_config`'s `legacy`).
+    Relative paths (`kosmos.config.paths`) of `data` are read against the folder `base` (None: the working
+    directory), those of the overrides against the working directory; the config holds them absolute."""
     data = migrate(data or {})
+    _check_size(data)  # before paths are read: that copies sections, which would hide where a cycle is
+    if base is not None:
+        data = resolve_paths(data, base)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     _check_size(data)
@@ -151,6 +159,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
     if isinstance(data.get("data"), dict):  # a named source's defaults come from the config's own sources
         filled = {**data, "data": DataConfig.fill_defaults(data["data"])}
     cfg = _build(Config, filled)
+    resolve_config_paths(cfg, os.getcwd())  # the overrides' and the defaults' (without `base`, all)
     # Which keys the user set, for warnings about defaults that matter (Config.given); not a field, so it
     # is neither saved nor compared.
     object.__setattr__(cfg, "_given", frozenset(_dotted_keys(data)))
@@ -267,6 +276,32 @@ def _check_duplicate_keys(root: Any, path: Path | str, key: str = "") -> None:
             stack += [(v, f"{key}[{i}]") for i, v in enumerate(node.value)]
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+"""The shipped configs: kosmos/configs, package data in an installed package; in a checkout a link to its
+configs/, the one copy. Its top-level `NAME.yaml` files are the presets (`--config NAME`)."""
+
+
+def presets() -> list[str]:
+    """The names of the shipped configs (`tiny`, `kosmos1`, ...), for `--config NAME`."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset_path(config: str | Path) -> Path:
+    """The file a `--config` value names: a preset's (`tiny`, `kosmos1`: a name without a folder and without
+    .yaml that is not a file here) or the path as given. A bare name that is neither is a ConfigError listing
+    the presets."""
+    path = Path(config)
+    name = str(config)
+    if isinstance(config, Path) or "/" in name or os.sep in name or name.endswith((".yaml", ".yml")):
+        return path
+    if (PRESETS / f"{name}.yaml").is_file():
+        return PRESETS / f"{name}.yaml"
+    if path.is_file():
+        return path
+    raise ConfigError(f"config {name!r}: no such file, and no preset of that name; presets: "
+                      f"{', '.join(presets())} (or give a path to a YAML file)")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The nested dict of a YAML config file, not yet checked."""
     import yaml
@@ -284,13 +319,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, legacy: bool = False) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key=value` overrides. `legacy`:
+    """Load a YAML config (a file, a preset's name: `preset_path`; or the defaults when `path` is None) and
+    apply `key=value` overrides. Relative paths in the file are read against its folder, in the overrides
+    against the working directory (`kosmos.config.paths`). `legacy`:
     the file is a checkpoint's saved config, whose missing keys mean the behaviour it was trained with, not
     today's defaults: without a `config_format` key it is of format 1 and migrated
     (`kosmos.config.migrations`). A file with the key is migrated from its format whatever `legacy` says."""
+    path = preset_path(path) if path is not None else None
     data: dict[str, Any] = read_config_file(path) if path is not None else {}
     try:
-        return config_from_dict(migrate(data, legacy), overrides)
+        # Relative paths: against the folder the file is in (links followed: a preset is read as the
+        # checkout's configs/ file it links to); in a saved config of format 1 or 2 (older code saved them
+        # as given), against the working directory, as that code read them.
+        base = path.resolve().parent if path is not None and config_format(data, legacy) >= 3 else None
+        return config_from_dict(migrate(data, legacy), overrides, base)
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
@@ -298,10 +340,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, leg
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write `cfg` as YAML to `path`, every key given, after a top-level `config_format: CONFIG_FORMAT`
-    (the format its keys are in, so that later code can migrate them; `load_config` reads and drops it)."""
+    (the format its keys are in, so that later code can migrate them; `load_config` reads and drops it).
+    Its relative paths are written absolute (read against the working directory), so that the file works
+    from any folder."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump({FORMAT_KEY: CONFIG_FORMAT, **cfg.to_dict()}, sort_keys=False))
+    data = resolve_paths(cfg.to_dict(), os.getcwd())
+    Path(path).write_text(yaml.safe_dump({FORMAT_KEY: CONFIG_FORMAT, **data}, sort_keys=False))
 
 
 def config_from_checkpoint(ckpt: str | Path, overrides: list[str] | None = None) -> Config:

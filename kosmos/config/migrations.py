@@ -23,9 +23,10 @@ from typing import Any
 from kosmos.config.clip import open_clip_architecture
 from kosmos.config.schema import ConfigError, VisionConfig
 
-CONFIG_FORMAT = 2
+CONFIG_FORMAT = 3
 """The format `save_config` writes (the top-level `config_format` key of a saved config). 1: saved configs
-from before the key (no `config_format`)."""
+from before the key (no `config_format`); 2: relative paths read against the working directory; 3: against
+the config file's folder, and saved absolute (`paths_absolute`)."""
 
 FORMAT_KEY = "config_format"
 """The top-level key of a saved config that holds its format."""
@@ -53,7 +54,15 @@ def fill_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: fill_legacy_keys}
+def paths_absolute(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 -> 3: no key changes. From format 3 on, a relative path in a config file is read against the
+    file's folder and `save_config` writes paths absolute; a saved config of format 1 or 2 holds them as
+    they were given, relative to the working directory of its run, and `load_config` reads them against
+    the working directory, as the code that saved it did (`kosmos.config.paths`)."""
+    return copy.deepcopy(data)
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: fill_legacy_keys, 2: paths_absolute}
 """Format N -> the function that brings a saved config (nested dict) of format N to format N + 1."""
 
 

@@ -53,6 +53,15 @@ FIXED = {"fixed_on_resume": True}
 """Field metadata of the keys a resume must keep (`fixed_on_resume`): they change the data order or the shapes
 of what a run reads. `is_fixed_on_resume` reads it; `--allow-config-change KEY` lets a resume change one."""
 
+PATH = {"path": "local"}
+"""Field metadata of the keys that hold local paths (a string, or a list of them: shards): a relative one in a
+config file is read against that file's folder, on the command line against the working directory, and a
+saved config holds them absolute (`kosmos.config.paths`). URLs, `pipe:` commands and absolute paths are kept
+as they are; `~/...` is the home folder."""
+WEIGHTS = {"path": "weights"}
+"""Field metadata of `vision.pretrained`: a path (as `PATH`) when it names a file (a weights suffix or a
+folder in it), else an open_clip tag, kept as it is."""
+
 
 @dataclass
 class DecoderConfig:
@@ -150,7 +159,7 @@ class VisionConfig:
 
     model_name: str = "ViT-L-14"
     """open_clip architecture name (its JSON config gives the defaults below)."""
-    pretrained: str | None = None
+    pretrained: str | None = field(default=None, metadata=WEIGHTS)
     """Weights: an open_clip pretrained tag (e.g. `openai`, `laion2b_s32b_b82k`, downloaded by open_clip),
     a local `.safetensors`/`.pt`/`.bin` file (full CLIP or vision-only state dict), or null for random
     initialisation (tests and offline demos; a warning says so)."""
@@ -257,7 +266,7 @@ class ConnectorConfig:
 class TokenizerConfig:
     """Where the SentencePiece tokenizer lives (built with `python -m kosmos.tokenizer.build`)."""
 
-    path: str | None = field(default=None, metadata=FIXED)
+    path: str | None = field(default=None, metadata=FIXED | PATH)
     """Directory holding tokenizer.model and tokenizer_config.json."""
 
 
@@ -278,10 +287,10 @@ class SourceConfig:
     """How its samples are read: `text` (`KEY.txt` documents), `captions` (an image and its caption(s)) or
     `interleaved` (`KEY.json` segments + images). Required under `data.sources.<name>`; `data.text`,
     `data.captions` and `data.interleaved` are of their own kind (left empty, it is filled in)."""
-    shards: list[str] = field(default_factory=list, metadata=FIXED)
+    shards: list[str] = field(default_factory=list, metadata=FIXED | PATH)
     """Training shards: files, directories of `*.tar`, globs, or brace patterns (`cap-{000000..000099}.tar`);
     local, URLs (`https://`, `s3://`, ...) or `pipe:COMMAND` (kosmos/data/remote.py)."""
-    eval_shards: list[str] = field(default_factory=list)
+    eval_shards: list[str] = field(default_factory=list, metadata=PATH)
     """Held-out shards for periodic evaluation (same forms as `shards`)."""
     tokens_per_step: int = field(default=0, metadata=FIXED)
     """Token budget of this source per optimizer step, all ranks together (0 leaves the source out)."""
@@ -535,21 +544,21 @@ class EvalTaskConfig:
 
     task: str
     """A task of `kosmos.eval.tasks.TASKS` (EVAL_TASK_NAMES)."""
-    data: str
+    data: str = field(metadata=PATH)
     """As `--data`: the benchmark's file, a folder, shards or a JSONL."""
-    annotations: str | None = None
+    annotations: str | None = field(default=None, metadata=PATH)
     """vqa: the annotations JSON (answers); without it, predictions only."""
-    images: str | None = None
+    images: str | None = field(default=None, metadata=PATH)
     """The image root (default: the folder of `data`)."""
     split: str = "test"
     """The Karpathy split evaluated."""
-    classnames: str | None = None
+    classnames: str | None = field(default=None, metadata=PATH)
     """classification: class names, one per line or a JSON list."""
     shots: int = 0
     """Demonstrations before each query (one number)."""
-    support: str | None = None
+    support: str | None = field(default=None, metadata=PATH)
     """The few-shot support set, in the format of `data` (default: as `python -m kosmos.eval run`)."""
-    support_annotations: str | None = None
+    support_annotations: str | None = field(default=None, metadata=PATH)
     """vqa: the support set's annotations."""
     retrieval: bool = False
     """Few-shot: the most similar support images (RICES) instead of random ones."""
@@ -617,7 +626,7 @@ def _short(value: Any, limit: int = 80) -> str:
 class TrainConfig:
     """The training run: precision, logging, evaluation, checkpoints."""
 
-    output_dir: str = "runs/kosmos"
+    output_dir: str = field(default="runs/kosmos", metadata=PATH)
     """Checkpoints (`checkpoints/step_XXXXXXXX/`), logs and the resolved config go here."""
     max_steps: int | None = None
     """Optimizer steps to run (null: optim.total_steps)."""
@@ -631,7 +640,7 @@ class TrainConfig:
     eval_batches: int = 20
     """Micro-batches per source per evaluation, per rank (at most; a pass ends sooner if the shards do, and
     on several processes where any rank's share does: all ranks run the same number)."""
-    eval_tasks: list[dict] = field(default_factory=list)
+    eval_tasks: list[dict] = field(default_factory=list, metadata={"entries": EvalTaskConfig})
     """Benchmarks run every eval_every steps beside the held-out loss, their metrics logged to the tracker
     as `eval/TASK/METRIC`: a list of `{task, data, ...}` with the options of `python -m kosmos.eval run`
     (`annotations`, `images`, `split`, `classnames`, `shots` (one number), `support`, `retrieval`, `seed`)
@@ -657,7 +666,7 @@ class TrainConfig:
     accelerate's FSDP config (configs/accelerate/fsdp.yaml) shards with the same function whatever this is."""
     max_bad_steps: int = 5
     """Stop when this many steps in a row have a NaN/inf loss or gradient (each is skipped and counted)."""
-    init_from: str | None = None
+    init_from: str | None = field(default=None, metadata=PATH)
     """A checkpoint directory (or its model.safetensors) whose model weights start a new run, with a fresh
     optimizer, schedule and data position: for fine-tuning (a resume may change the number of processes:
     kosmos.data.stream). Weights only, never unpickled. `--resume` wins when train.output_dir

@@ -44,8 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-PIPE = "pipe:"
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+from kosmos.config.paths import PIPE, is_remote, is_url  # noqa: F401 - this module's interface too
 
 
 @dataclass(frozen=True)
@@ -90,16 +89,6 @@ class _Transient(Exception):
 def _oneline(e: BaseException) -> str:
     """`Type: message` on one line (botocore's and aiohttp's messages can span several)."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
-
-
-def is_url(spec: str) -> bool:
-    """Whether `spec` is a URL (`scheme://...`) rather than a local path; `file://` counts as a URL."""
-    return bool(_URL.match(str(spec)))
-
-
-def is_remote(spec: str) -> bool:
-    """Whether `spec` is read through this module's remote paths (a URL or `pipe:COMMAND`)."""
-    return str(spec).startswith(PIPE) or is_url(spec)
 
 
 def shard_name(spec: str) -> str:
