@@ -26,6 +26,7 @@ CONSOLE_SCRIPTS = {
     "kosmos-generate": "kosmos.cli:generate",
     "kosmos-eval": "kosmos.eval:main",
     "kosmos-summary": "kosmos.cli:summary",
+    "kosmos-plan": "kosmos.cli:plan",
     "kosmos-consolidate": "kosmos.cli:consolidate",
     "kosmos-tokenizer": "tokenizer.build:main",
     "kosmos-convert-captions": "data_tools.captions:main",
