@@ -413,6 +413,9 @@ def suggestions(cfg: Config, gpus: int) -> list[tuple[str, Config, int]]:
     if cfg.train.sharding != "fsdp2":
         keys = [*keys, "train.sharding=fsdp2"]
         base = _override(base, "train.sharding", "fsdp2")
+        if cfg.optim.name == "adamw8bit":  # bitsandbytes cannot step DTensors (kosmos.sharding)
+            keys.append("optim.name=adamw8bit_torchao")
+            base = _override(base, "optim.name", "adamw8bit_torchao")
         out.append((" ".join(keys), base, gpus))
     for k in (2, 4):
         out.append((" ".join([*keys, f"--gpus {gpus * k}"]), base, gpus * k))
@@ -483,6 +486,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.config} on {args.gpus} x {args.gpu} ({memory:g} GiB), {sharding}, {precision}, "
           f"activation checkpointing {'on' if cfg.decoder.checkpoint_activations else 'off'}, "
           f"document mask {'on' if cfg.decoder.document_mask else 'off'}, optimizer {cfg.optim.name}")
+    if cfg.train.sharding == "fsdp2" and cfg.optim.name == "adamw8bit":
+        print("note: the trainer refuses optim.name=adamw8bit with FSDP2 (bitsandbytes cannot step its "
+              "sharded parameters): set optim.name=adamw8bit_torchao, the same 8-bit state")
     print("heaviest micro-batch per source: " + ", ".join(
         f"{b.name} {b.rows} x {L}" + (f" + {b.images} images" if b.images else "") for b in batches))
     print("memory per GPU at the peak (" + tr.where + "):")
