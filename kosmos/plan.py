@@ -254,7 +254,6 @@ def trace_step(cfg: Config, world_size: int, batches: list[MicroBatch], *, fake:
 
             mesh = init_device_mesh("cpu", (world_size,))
         with mode, kernel:
-            inputs = [{k: mode.from_tensor(v) for k, v in b.items()} if fake else b for b in real]
             torch.manual_seed(0)
             model = Kosmos(cfg)
             model.train()
@@ -285,15 +284,20 @@ def trace_step(cfg: Config, world_size: int, batches: list[MicroBatch], *, fake:
             with tracker:
                 for step, order in enumerate(steps):
                     for j, i in enumerate(order):
-                        mb, batch = batches[i], inputs[i]
+                        mb = batches[i]
+                        # the micro-batch "on the device": made for its pass, as the trainer's to_device does
+                        batch = {k: mode.from_tensor(v) if fake else v.clone() for k, v in real[i].items()}
                         tracker.reset_mod_stats()  # the trackers follow one forward per model
                         tracker._peak_mem, tracker._peak_mem_snap = {}, {}  # this micro-batch's own peak
                         if sharded:
+                            tracker.track_inputs((batch,))
                             gradient_sync(model, j == len(order) - 1)
+                        else:
+                            tracker.track_external(*batch.values())  # "Other": counted as activations
                         with amp:
                             out = model(**batch)
                         out.loss.backward()
-                        del out
+                        del out, batch
                         if sharded:
                             _label_accumulated_grads(model, tracker)
                         snap = next(iter(tracker.get_tracker_snapshot("peak").values()), {})

@@ -120,3 +120,57 @@ def test_the_command_prints_the_plan_and_the_first_change_that_fits(capsys):
 def test_a_mixture_the_ranks_cannot_share_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="micro_batch_size"):
         P.main([str(ROOT / "configs" / "kosmos1.yaml"), "--gpus", "128", "--no-suggest"])
+
+
+_REAL_STEP = r'''
+import gc, json, sys
+import torch
+from kosmos import plan as P
+from kosmos.config import load_config
+torch.set_num_threads(1)
+cfg = load_config(sys.argv[1], sys.argv[2:])
+batches = P.heaviest_batches(cfg)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+# a step of 1-row micro-batches first: the kernels' code is paged in, the allocator warmed
+P.trace_step(cfg, 1, [P.MicroBatch(b.name, b.kind, 1, b.images // b.rows) for b in batches], fake=False,
+             attention="cpu", precision="fp32")
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident set size (VmHWM)
+before = status("VmRSS")
+t = P.trace_step(cfg, 1, batches, fake=False, attention="cpu", precision="fp32")
+print(json.dumps({"tracker": t.peak, "rss": status("VmHWM") - before}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    [],  # the tiny config: ~117 MiB
+    ["decoder.dim=256", "decoder.ffn_dim=1024", "decoder.vocab_size=8000", "decoder.max_len=384"],  # ~650 MiB
+], ids=["tiny", "few-hundred-MB"])
+def test_the_planned_peak_is_within_15_percent_of_a_real_cpu_run(overrides):
+    """Checked against reality: the planner's peak (fake tensors, fake process group; the CPU attention
+    kernel, as the real run has it) against one real CPU step of the same micro-batches, measured twice in a
+    fresh process: the rise of its resident set (VmHWM after the step over VmRSS before, after a warm-up step
+    of 1-row micro-batches; glibc told to return freed memory at once, so that the resident set follows the
+    live tensors) and torch's MemTracker on the real tensors. Both within 15%."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = [TINY, "optim.name=adamw", *overrides]  # torch's AdamW: the real run's state is what is traced
+    cfg = load_config(TINY, args[1:])
+    planned = P.trace_step(cfg, 1, P.heaviest_batches(cfg), attention="cpu", precision="fp32")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    res = subprocess.run([sys.executable, "-c", _REAL_STEP, *args], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    real = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"planned {planned.peak / 2**20:.1f} MiB, real: tracker {real['tracker'] / 2**20:.1f} MiB, "
+          f"resident set {real['rss'] / 2**20:.1f} MiB")
+    assert abs(planned.peak / real["tracker"] - 1) < 0.15
+    assert abs(planned.peak / real["rss"] - 1) < 0.15
