@@ -218,13 +218,15 @@ def _ddp_buckets(params) -> int:
 
 
 def trace_step(cfg: Config, world_size: int, batches: list[MicroBatch], *, fake: bool = True,
-               attention: str = "gpu", precision: str = "bf16") -> Trace:
+               attention: str = "gpu", precision: str = "bf16", accumulate: bool = True) -> Trace:
     """Memory per rank of one optimizer step of `cfg` on `world_size` ranks, each of `batches` run once
     (forward, backward), then clipping and the optimizer step; the second of two steps is measured.
     `fake`: on fake tensors under torch's fake process group (no memory used); False: on real tensors, one
     real rank (gloo; the planner's check against reality). `attention`: `gpu` (the fused kernel's memory,
     see gpu_attention) or `cpu` (the CPU's own kernel, as a real CPU run has it). `precision`: bf16 (autocast,
-    and FSDP2's bf16 parameters) or fp32."""
+    and FSDP2's bf16 parameters) or fp32. `accumulate`: the ranks run several passes per step (FSDP2 then
+    keeps the earlier passes' gradients unsharded until the last); False: one pass per step, every
+    micro-batch's gradients reduce-scattered at once."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -291,7 +293,7 @@ def trace_step(cfg: Config, world_size: int, batches: list[MicroBatch], *, fake:
                         tracker._peak_mem, tracker._peak_mem_snap = {}, {}  # this micro-batch's own peak
                         if sharded:
                             tracker.track_inputs((batch,))
-                            gradient_sync(model, j == len(order) - 1)
+                            gradient_sync(model, j == len(order) - 1 or not accumulate)
                         else:
                             tracker.track_external(*batch.values())  # "Other": counted as activations
                         with amp:
@@ -340,6 +342,8 @@ class Speed:
     step_seconds: float
     tokens_per_second_per_gpu: float
     images_per_second_per_gpu: float
+    passes: tuple[int, int]
+    """Fewest and most passes (micro-batches) of a rank per step."""
     total_tokens: float
     days: float
     gpu_hours: float
@@ -364,8 +368,8 @@ def speed(cfg: Config, gpus: int, peak_flops: float, mfu: float, caption_tokens:
     step_s = flops / (gpus * peak_flops * mfu)
     total = float(tokens) * (cfg.train.max_steps or cfg.optim.total_steps)
     seconds = step_s * (cfg.train.max_steps or cfg.optim.total_steps)
-    return Speed(flops, tokens, images, step_s, tokens / step_s / gpus, images / step_s / gpus, total,
-                 seconds / 86400, seconds * gpus / 3600)
+    return Speed(flops, tokens, images, step_s, tokens / step_s / gpus, images / step_s / gpus, p.passes(),
+                 total, seconds / 86400, seconds * gpus / 3600)
 
 
 def _with_shards(cfg: Config, planned: dict) -> Config:
@@ -475,16 +479,21 @@ def main(argv: list[str] | None = None) -> dict:
     budget = memory * GiB * (1 - args.headroom)
     precision = "fp32" if cfg.train.mixed_precision in ("no",) else "bf16"
 
-    def run(c: Config, gpus: int) -> Trace:
+    def run(c: Config, gpus: int, accumulate: bool = True) -> Trace:
         return trace_step(c, gpus, heaviest_batches(c, args.caption_tokens, args.max_images),
-                          attention=args.attention, precision=precision)
+                          attention=args.attention, precision=precision, accumulate=accumulate)
 
     L, span = cfg.decoder.max_len, cfg.connector.num_latents + 2
     mean_images = {"captions": L / (span + 2 + args.mean_caption_tokens),
                    "interleaved": args.mean_interleaved_images}
     sp = speed(cfg, args.gpus, peak_flops, args.mfu, args.caption_tokens, mean_images)
+    lo, hi = sp.passes
+    if cfg.train.sharding == "fsdp2" and lo != hi:  # what the trainer refuses (training.check_passes)
+        raise ConfigError(f"config key 'data.mixture_tolerance': on {args.gpus} GPUs the mixture gives ranks "
+                          f"{lo} to {hi} passes per step; FSDP needs the same number on every rank: change "
+                          f"the budgets or micro_batch_size, or allow a larger tolerance")
     batches = heaviest_batches(cfg, args.caption_tokens, args.max_images)
-    tr = run(cfg, args.gpus)
+    tr = run(cfg, args.gpus, accumulate=hi > 1)
     fits = tr.peak <= budget
     sharding = "FSDP2" if cfg.train.sharding == "fsdp2" else "DDP"
     print(f"{args.config} on {args.gpus} x {args.gpu} ({memory:g} GiB), {sharding}, {precision}, "
@@ -506,7 +515,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  FLOPs per step {sp.flops_per_step:.3e} ({sp.tokens_per_step:,} tokens, "
           f"{sp.images_per_step:,.0f} images; {cfg.flops_per_token():.3e} per token, "
           f"{cfg.flops_per_image():.3e} per image)")
-    print(f"  step {sp.step_seconds:.2f} s, {sp.tokens_per_second_per_gpu:,.0f} tokens/s per GPU")
+    print(f"  step {sp.step_seconds:.2f} s ({lo}{f'-{hi}' if hi != lo else ''} micro-batches per GPU), "
+          f"{sp.tokens_per_second_per_gpu:,.0f} tokens/s per GPU")
     steps = cfg.train.max_steps or cfg.optim.total_steps
     print(f"  {steps:,} steps, {sp.total_tokens / 1e9:,.1f}B tokens: {sp.days:.1f} days, "
           f"{sp.gpu_hours:,.0f} GPU-hours")

@@ -118,8 +118,13 @@ def test_the_command_prints_the_plan_and_the_first_change_that_fits(capsys):
 
 
 def test_a_mixture_the_ranks_cannot_share_is_refused_naming_the_key():
+    """As the trainer refuses them, before any trace: 128 ranks and the paper's 73 micro-batches of 8 rows;
+    FSDP2 on 64 ranks with 1 to 2 passes per rank (every rank must run the same number)."""
+    paper = str(ROOT / "configs" / "kosmos1.yaml")
     with pytest.raises(ConfigError, match="micro_batch_size"):
-        P.main([str(ROOT / "configs" / "kosmos1.yaml"), "--gpus", "128", "--no-suggest"])
+        P.main([paper, "--gpus", "128", "--no-suggest"])
+    with pytest.raises(ConfigError, match="1 to 2 passes per step; FSDP needs the same number"):
+        P.main([paper, "train.sharding=fsdp2", "--gpus", "64", "--no-suggest"])
 
 
 _REAL_STEP = r'''
