@@ -39,6 +39,14 @@ def summary() -> int:
     return run_cli(main)
 
 
+def plan() -> int:
+    """``kosmos-plan``: ``python -m kosmos.plan`` (memory, speed and duration of a config on N GPUs)."""
+    from kosmos.errors import run_cli
+    from kosmos.plan import main
+
+    return run_cli(main)
+
+
 def consolidate(argv: list[str] | None = None) -> int:
     """``kosmos-consolidate SHARDED_CKPT OUT_DIR``: ``python -m kosmos.checkpoint consolidate ...`` (one
     model.safetensors with the checkpoint's config and tokenizer; generation and evaluation also read a

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 from torchscale.architecture.config import DecoderConfig as TorchscaleDecoderConfig
 from torchscale.architecture.decoder import Decoder, DecoderLayer
@@ -96,7 +97,10 @@ def apply_xpos(x: torch.Tensor, offset: int, downscale: bool, scale_base: int,
         x0, x1 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
         return out.to(x.dtype)
-    up, down = _xpos_complex_tables(T + offset, hd, scale_base, x.device)
+    # under a fake-tensor trace (kosmos.plan, the tests) the table is fake: not cached, or a real run in the
+    # same process would meet it
+    tables = _xpos_complex_tables.__wrapped__ if is_fake(x) else _xpos_complex_tables
+    up, down = tables(T + offset, hd, scale_base, x.device)
     table = down if downscale else up  # (T + offset, hd/2) complex
     table = table[-T:] if positions is None else table[positions][:, None]  # (T, hd/2) or (B, 1, T, hd/2)
     pairs = xf.unflatten(-1, (-1, 2))  # (..., T, hd/2, 2)

@@ -109,8 +109,8 @@ class VisionEncoder(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"images must be (N, 3, {self.image_size}, {self.image_size}), got "
                              f"{tuple(images.shape)}; resize with kosmos.image.clip_resize_crop")
-        mean = torch.tensor(self.pixel_mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.pixel_std, device=images.device).view(1, 3, 1, 1)
+        mean = _channel_constants(self.pixel_mean, images.device)
+        std = _channel_constants(self.pixel_std, images.device)
         x = (images.float() / 255.0 - mean) / std  # fp32, then the tower's dtype
         # Batches from the data loader are channels last in memory (kosmos.data.packing.collate): the tower
         # gets the usual layout whatever it was given.
@@ -134,3 +134,14 @@ class VisionEncoder(nn.Module):
             x = blk(x)
         _, tokens = v._pool(x)  # ln_post, then drop the class token -> (N, P, W)
         return tokens
+
+
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(1, C, 1, 1) fp32 of `values`, made on `device` by fills: `torch.tensor(values, device=cuda)` copies
+    from the host, and that copy waits for the GPU's queue of kernels in every forward with images (found by
+    tests/test_cuda_paths.py)."""
+    t = torch.empty(1, len(values), 1, 1, device=device)
+    for i, v in enumerate(values):
+        t[:, i].fill_(v)
+    return t
+

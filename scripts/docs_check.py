@@ -49,7 +49,8 @@ PAGES = ("README.md", "docs/*.md")
 
 # The commands whose parsers give the flags the pages may mention (beside the ones their commands use).
 ENTRY_POINTS = (
-    ["train_kosmos.py"], ["-m", "kosmos.generate"], ["-m", "kosmos.summary"], ["-m", "kosmos.eval", "run"],
+    ["train_kosmos.py"], ["-m", "kosmos.generate"], ["-m", "kosmos.summary"], ["-m", "kosmos.plan"],
+    ["-m", "kosmos.eval", "run"],
     ["-m", "kosmos.eval", "score"], ["-m", "kosmos.eval", "score", "captioning"],
     ["-m", "kosmos.eval", "score", "vqa"], ["-m", "kosmos.eval", "loss"],
     ["-m", "kosmos.checkpoint", "consolidate"], ["-m", "kosmos.tokenizer.build"], ["-m", "kosmos.serve"],

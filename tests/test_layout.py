@@ -41,8 +41,8 @@ LAYERS = [  # lowest first; a module name or a package prefix (kosmos.data: ever
     ("checkpoint", ["kosmos.checkpoint"]),  # training save / load / resume, sharded too; consolidate
     ("inference", ["kosmos.generate", "kosmos.eval"]),
     ("training", ["kosmos.training", "kosmos.train_eval", "kosmos.metrics"]),
-    ("entry points", ["kosmos.train", "kosmos.cli", "kosmos.summary", "kosmos.eval.__main__", "kosmos.serve",
-                      "kosmos.tokenizer.build", "kosmos.data_tools"]),  # and the tools (they use kosmos.data)
+    ("entry points", ["kosmos.train", "kosmos.cli", "kosmos.summary", "kosmos.plan", "kosmos.eval.__main__",
+                      "kosmos.serve", "kosmos.tokenizer.build", "kosmos.data_tools"]),  # and the tools
 ]
 
 

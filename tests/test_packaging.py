@@ -27,6 +27,7 @@ CONSOLE_SCRIPTS = {
     "kosmos-generate": "kosmos.cli:generate",
     "kosmos-eval": "kosmos.eval:main",
     "kosmos-summary": "kosmos.cli:summary",
+    "kosmos-plan": "kosmos.cli:plan",
     "kosmos-consolidate": "kosmos.cli:consolidate",
     "kosmos-serve": "kosmos.cli:serve",
     "kosmos-tokenizer": "kosmos.tokenizer.build:main",
