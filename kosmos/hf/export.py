@@ -108,7 +108,8 @@ def hf_tokenizer_json(tokenizer_dir: str | Path) -> str:
     unk = next(i for i, p in enumerate(proto.pieces) if p.type == unknown)
     tk = Tokenizer(Unigram(vocab, unk_id=unk, byte_fallback=True))
     tk.normalizer = normalizers.Replace(" ", "\u2581")
-    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
     tk.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
                            for p in proto.pieces if p.type in (control, unknown)])
     return tk.to_str(pretty=True)
@@ -185,7 +186,8 @@ def model_card(cfg, state: dict, evals: list[dict], name: str) -> str:
              "out = model.generate(**inputs, max_new_tokens=20)",
              "print(processor.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))",
              "```", "",
-             "`{image}` marks where each image goes (without it the images come first), as in `kosmos-generate`.",
+             "`{image}` marks where each image goes (without it the images come first), as in "
+             "`kosmos-generate`.",
              ""]
     step = state.get("step")
     tokens = state.get("tokens") or state.get("tokens_seen") or state.get("train_tokens")
@@ -289,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", help="checkpoint folder (sharded too), or a run folder (its newest one)")
     ap.add_argument("out", help="output folder (created; files of the same name are replaced)")
     ap.add_argument("--eval", action="append", default=[], metavar="DIR",
-                    help="a `kosmos-eval run --out` folder whose results go into the model card (the checkpoint's "
-                         "and its run's folders are searched anyway); repeat for several")
+                    help="a `kosmos-eval run --out` folder whose results go into the model card (the "
+                         "checkpoint's and its run's folders are searched anyway); repeat for several")
     args = ap.parse_args(argv)
     out = export(args.checkpoint, args.out, args.eval)
     print(f"wrote {out} (load with trust_remote_code=True)")

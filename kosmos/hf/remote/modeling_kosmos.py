@@ -170,7 +170,7 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)[:, 0]
 
 
-# ----------------------------------------------------------------------------- decoder (torchscale Magneto + xPos)
+# ----------------------------------------------------------------------------- decoder (torchscale, xPos)
 
 
 @lru_cache(maxsize=8)
