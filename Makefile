@@ -4,7 +4,7 @@ PIP ?= .venv/bin/pip
 
 .PHONY: setup test test-fast demo bench lint clean docs docs-check
 
-setup: .venv/.installed .venv/.editable
+setup: .venv/.installed .venv/.editable .venv/hf-site/.installed
 
 .venv/.installed: requirements.txt requirements-test.txt requirements-serve.txt requirements-nodeps.txt
 	python3 -m venv .venv
@@ -17,6 +17,12 @@ setup: .venv/.installed .venv/.editable
 # Offline and a few seconds (setuptools is already in the venv); redone when pyproject.toml changes.
 .venv/.editable: pyproject.toml .venv/.installed
 	$(PIP) install --quiet --no-deps --no-build-isolation --no-index -e .
+	touch $@
+
+# transformers for tests/test_hf.py only, outside the venv's site-packages (requirements-hf.txt says why).
+.venv/hf-site/.installed: requirements-hf.txt .venv/.installed
+	rm -rf .venv/hf-site
+	$(PIP) install --quiet --no-deps --target .venv/hf-site -r requirements-hf.txt
 	touch $@
 
 ## All tests, the slow end-to-end ones included (what CI runs).

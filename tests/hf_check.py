@@ -8,6 +8,7 @@ generate(), the tokenizer's encodings and decodings, the processor's pixels."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -47,13 +48,12 @@ def main(export: str, ref_dir: str) -> dict:
             kw = {"pixel_values": tensors["pixels"]} if name == "image" else {}
             logits = model(input_ids=ids, **kw).logits
             out[f"{name}_logits_max_diff"] = float((logits - tensors[f"{name}_logits"]).abs().max())
-        bf = model.to(torch.bfloat16)
+        bf = copy.deepcopy(model).to(torch.bfloat16)
         for name in ("text", "image"):
             ids = torch.tensor([ref[f"{name}_prompt_ids"]])
             kw = {"pixel_values": tensors["pixels"]} if name == "image" else {}
             logits = bf(input_ids=ids, **kw).logits.float()
             out[f"{name}_logits_bf16_max_diff"] = float((logits - tensors[f"{name}_logits_bf16"]).abs().max())
-        model = bf.to(torch.float32)
 
         # greedy generate() through transformers' generation API (the export's generation_config)
         n = ref["max_new_tokens"]
@@ -75,8 +75,12 @@ def main(export: str, ref_dir: str) -> dict:
     out["encodings"] = [tok(s, add_special_tokens=False)["input_ids"] for s in ref["strings"]]
     out["decodings"] = [tok.decode(ids, skip_special_tokens=False) for ids in ref["decode_ids"]]
     out["decodings_skip"] = [tok.decode(ids, skip_special_tokens=True) for ids in ref["decode_ids"]]
-    out["transformers_modules"] = sorted(m for m in sys.modules if m.startswith(("open_clip", "torchscale",
-                                                                                  "kosmos", "sentencepiece")))
+    mismatches = [line for line, ids in zip(ref["corpus_lines"], ref["corpus_encodings"], strict=True)
+                  if tok(line, add_special_tokens=False)["input_ids"] != ids]
+    out["corpus_mismatches"] = len(mismatches)
+    out["corpus_mismatch_examples"] = mismatches[:3]
+    ours = ("open_clip", "torchscale", "kosmos", "flamingo_pytorch")
+    out["loaded_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ours)
     return out
 
 

@@ -42,7 +42,8 @@ LAYERS = [  # lowest first; a module name or a package prefix (kosmos.data: ever
     ("inference", ["kosmos.generate", "kosmos.eval"]),
     ("training", ["kosmos.training", "kosmos.train_eval", "kosmos.metrics"]),
     ("entry points", ["kosmos.train", "kosmos.cli", "kosmos.summary", "kosmos.plan", "kosmos.eval.__main__",
-                      "kosmos.serve", "kosmos.tokenizer.build", "kosmos.data_tools"]),  # and the tools
+                      "kosmos.serve", "kosmos.tokenizer.build", "kosmos.data_tools",
+                      "kosmos.hf"]),  # and the tools; kosmos/hf/remote/ imports no kosmos (tests/test_hf.py)
 ]
 
 

@@ -31,6 +31,8 @@ CONSOLE_SCRIPTS = {
     "kosmos-consolidate": "kosmos.cli:consolidate",
     "kosmos-serve": "kosmos.cli:serve",
     "kosmos-tokenizer": "kosmos.tokenizer.build:main",
+    "kosmos-export-hf": "kosmos.hf.export:main",
+    "kosmos-import-hf": "kosmos.hf.import_hf:main",
     "kosmos-convert-captions": "kosmos.data_tools.captions:main",
     "kosmos-convert-interleaved": "kosmos.data_tools.interleaved:main",
     "kosmos-urls": "kosmos.data_tools.urls:main",
@@ -103,6 +105,9 @@ def test_wheel_holds_the_packages_and_the_tokenizer_data(wheel):
     data = ROOT / "kosmos" / "tokenizer" / "data"
     assert {f"kosmos/tokenizer/data/{p.name}" for p in data.glob("*.txt")} <= names
     assert "kosmos/serve.html" in names  # kosmos-serve's page (importlib.resources reads it from the package)
+    from kosmos.hf import REMOTE_FILES  # the modelling code kosmos-export-hf copies (a folder, not a package)
+
+    assert {f"kosmos/hf/remote/{f}" for f in REMOTE_FILES} <= names
 
     stray = sorted(n for n in names if n.startswith(NOT_INSTALLED))
     assert not stray, "applications, tests or configs in the wheel"

@@ -284,6 +284,13 @@ def export(checkpoint: str | Path, out: str | Path, eval_dirs: list[str | Path] 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command (a `CheckpointError` is one `error: ...` line, exit 2)."""
+    from kosmos.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     from kosmos.errors import command_name
 
     ap = argparse.ArgumentParser(prog=command_name("kosmos.hf.export"), description=__doc__,
@@ -300,6 +307,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from kosmos.errors import run_cli
-
-    raise SystemExit(run_cli(main))
+    raise SystemExit(main())
