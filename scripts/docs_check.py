@@ -54,6 +54,7 @@ ENTRY_POINTS = (
     ["-m", "kosmos.eval", "score"], ["-m", "kosmos.eval", "score", "captioning"],
     ["-m", "kosmos.eval", "score", "vqa"], ["-m", "kosmos.eval", "loss"],
     ["-m", "kosmos.checkpoint", "consolidate"], ["-m", "kosmos.tokenizer.build"], ["-m", "kosmos.serve"],
+    ["-m", "kosmos.hf.export"], ["-m", "kosmos.hf.import_hf"],
     *[["-m", f"kosmos.data_tools.{m}"]
       for m in ("captions", "interleaved", "text", "urls", "verify", "inspect", "shapes")],
     ["scripts/demo.py"], ["scripts/gen_config_docs.py"], ["scripts/docs_check.py"], ["-m", "tests.soak"],
