@@ -184,3 +184,75 @@ def test_the_export_loads_in_transformers_and_computes_what_kosmos_computes(tmp_
         assert torch.equal(again(ids).logits, model(ids).logits)
     assert load_file(str(back / "model.safetensors")).keys() == load_file(
         str(tmp_path / "run" / "checkpoints" / "step_00000007" / "model.safetensors")).keys()
+
+
+def _checkpoint(tmp_path, tiny_tokenizer):
+    model = tiny_model()
+    model.cfg.tokenizer.path = str(tiny_tokenizer.path)
+    return model, checkpoint_dir(tmp_path / "run", tiny_tokenizer.path, model)
+
+
+def test_the_export_holds_every_weight_by_its_name_and_a_tokenizer_that_encodes_as_ours(tmp_path,
+                                                                                        tiny_tokenizer):
+    """Without transformers: the folder's weights are the checkpoint's (CLIP tower included, the tied
+    projection once), its config describes the model, and its tokenizer.json (read by the `tokenizers`
+    library, as transformers' fast tokenizer does) encodes and decodes as KosmosTokenizer."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from kosmos.hf.export import export
+
+    model, ckpt = _checkpoint(tmp_path, tiny_tokenizer)
+    out = export(ckpt, tmp_path / "hf")
+    sd = load_file(str(out / "model.safetensors"))
+    want = model.state_dict()
+    assert set(want) - set(sd) == {"decoder.output_projection.weight"}  # tied: restored on loading
+    assert all(torch.equal(sd[k], want[k]) for k in sd)
+    assert any(k.startswith("vision.visual.transformer.resblocks.") for k in sd)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (64, 2, 1000)
+    assert config["vision_config"]["quick_gelu"] is False and config["embed_scale"] == 8.0
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 3 and set(gen["suppress_tokens"]) == {0, 1, 2, 4, 5}
+
+    tk = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tk.encode_special_tokens = True  # tokenizer_config.json's split_special_tokens: text never gives a marker
+    ours = tiny_tokenizer
+    for text in ["Hello world", "  two  spaces\n\nnew lines\ttab", "café naïve Ünïcödé — “quotes”",
+                 "12345 digits 3.14", "中文字符 and emoji 😀", "", " "]:
+        assert tk.encode(text).ids == ours.encode(text), text
+        assert tk.decode(ours.encode(text), skip_special_tokens=False) == text
+    ids = [ours.bos_id, ours.image_id, ours.pad_id, ours.image_end_id, *ours.encode("x y"), ours.eos_id]
+    assert tk.decode(ids, skip_special_tokens=False) == ours.decode(ids) == "<s><image><pad></image>x y</s>"
+    assert tk.decode(ids, skip_special_tokens=True) == ours.decode(ids, skip_special=True) == "x y"
+
+
+def test_a_sharded_checkpoint_exports_the_same_weights(tmp_path, tiny_tokenizer, one_process_group):
+    """A sharded (FSDP2) run's checkpoint is read shard by shard, as kosmos-generate reads it."""
+    from safetensors.torch import load_file
+
+    from kosmos.checkpoint import SHARDED, save_sharded
+    from kosmos.config import save_config
+    from kosmos.hf.export import export
+    from kosmos.optim import build_optimizer
+    from kosmos.sharding import shard_model
+    from tests.helpers import tiny_config
+
+    model = tiny_model(f"tokenizer.path={tiny_tokenizer.path}")
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    sharded = shard_model(model)
+    ckpt = tmp_path / "step_00000001"
+    save_sharded(ckpt / SHARDED, sharded, build_optimizer(sharded, tiny_config("optim.name=adamw").optim))
+    save_config(model.cfg, ckpt / "config.yaml")
+    sd = load_file(str(export(ckpt, tmp_path / "hf") / "model.safetensors"))
+    assert sd.keys() == want.keys() - {"decoder.output_projection.weight"}
+    assert all(torch.equal(sd[k], want[k]) for k in sd)
+
+
+def test_importing_a_folder_kosmos_did_not_write_is_one_line(tmp_path, capsys):
+    from kosmos.hf.import_hf import main
+
+    (tmp_path / "other").mkdir()
+    assert main([str(tmp_path / "other"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "kosmos-export-hf" in err and err.count("\n") == 1

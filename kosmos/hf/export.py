@@ -170,11 +170,13 @@ def model_card(cfg, state: dict, evals: list[dict], name: str) -> str:
     """README.md of the export."""
     import yaml
 
-    lines = [f"# {name}", "",
+    # the Hub reads the front matter: the library, the task, tags
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+             "tags: [kosmos-1, multimodal, custom_code]", "---", "", f"# {name}", "",
              "A KOSMOS-1-style multimodal language model (Huang et al., 2023, arXiv 2302.14045) trained with "
-             "[kosmos-pretrain](https://github.com/). Images enter as spans `<image> [embeddings] </image>` "
-             "in the text; it generates text. Exported with `kosmos-export-hf`: the modelling code in this "
-             "folder needs torch and transformers only (`trust_remote_code=True`).", "",
+             "kosmos-pretrain. Images enter as spans `<image> [embeddings] </image>` in the text; it "
+             "generates text. Exported with `kosmos-export-hf`: the modelling code in this folder needs "
+             "torch and transformers only (`trust_remote_code=True`).", "",
              "## Usage", "", "```python",
              "from PIL import Image",
              "from transformers import AutoModelForCausalLM, AutoProcessor",
