@@ -203,7 +203,10 @@ def test_the_export_holds_every_weight_by_its_name_and_a_tokenizer_that_encodes_
     from kosmos.hf.export import export
 
     model, ckpt = _checkpoint(tmp_path, tiny_tokenizer)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 7, "tokens": 28672}))
     out = export(ckpt, tmp_path / "hf")
+    card = (out / "README.md").read_text()
+    assert "- steps: 7" in card and "- tokens seen: 28,672" in card and "| captions |" in card
     sd = load_file(str(out / "model.safetensors"))
     want = model.state_dict()
     assert set(want) - set(sd) == {"decoder.output_projection.weight"}  # tied: restored on loading
