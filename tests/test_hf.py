@@ -104,7 +104,8 @@ def _reference(model, enc, ref_dir: Path) -> dict:
     ref["image_generated"] = generate(model, [ip], gen)[0]
     ref["batch_generated"] = generate(model, [build_prompt(enc, s, []) for s in ref["batch_texts"]], gen)
     ref["strings"] = ["Hello world", "  two  spaces\n\nnew lines\ttab\r\n", "café naïve Ünïcödé — “quotes”",
-                      "12345 digits 3.14 -7", "中文字符 and emoji 😀", "", " ", "The cat sat on the mat.\n"]
+                      "12345 digits 3.14 -7", "中文字符 and emoji 😀", "", " ", "The cat sat on the mat.\n",
+                      "typed <image>, </image>, <s> and <0x41> stay text"]
     ref["encodings"] = [tok.encode(s) for s in ref["strings"]]
     specials = [tok.bos_id, tok.image_id, tok.pad_id, tok.pad_id, tok.image_end_id]
     ref["decode_ids"] = [[*specials, *tok.encode("x y"), tok.eos_id], *ref["encodings"]]
@@ -222,7 +223,8 @@ def test_the_export_holds_every_weight_by_its_name_and_a_tokenizer_that_encodes_
     tk.encode_special_tokens = True  # tokenizer_config.json's split_special_tokens: text never gives a marker
     ours = tiny_tokenizer
     for text in ["Hello world", "  two  spaces\n\nnew lines\ttab", "café naïve Ünïcödé — “quotes”",
-                 "12345 digits 3.14", "中文字符 and emoji 😀", "", " "]:
+                 "12345 digits 3.14", "中文字符 and emoji 😀", "", " ",
+                 "typed <image>, </image>, <s> and <0x41>", "<<image>>x<pad>"]:
         assert tk.encode(text).ids == ours.encode(text), text
         assert tk.decode(ours.encode(text), skip_special_tokens=False) == text
     ids = [ours.bos_id, ours.image_id, ours.pad_id, ours.image_end_id, *ours.encode("x y"), ours.eos_id]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -90,11 +91,11 @@ def generation_config(tok) -> dict:
 def hf_tokenizer_json(tokenizer_dir: str | Path) -> str:
     """tokenizer.json (the `tokenizers` library's format) from our SentencePiece unigram model: the same
     pieces, ids and scores, identity normalisation (spaces as U+2581, no dummy prefix), byte fallback, the
-    control tokens as special added tokens. Control and byte pieces are scored far below every piece so that
-    text never encodes as them (SentencePiece never matches them from text). docs/export.md says where the
-    two can still differ."""
+    control tokens as special added tokens. Control and byte pieces are scored far below every piece and made
+    unmatchable where that is not enough, so that text never encodes as them (SentencePiece never matches
+    them from text). docs/export.md says where the two can still differ."""
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import Unigram
 
     proto = pb.ModelProto()
@@ -108,6 +109,16 @@ def hf_tokenizer_json(tokenizer_dir: str | Path) -> str:
     unk = next(i for i, p in enumerate(proto.pieces) if p.type == unknown)
     tk = Tokenizer(Unigram(vocab, unk_id=unk, byte_fallback=True))
     tk.normalizer = normalizers.Replace(" ", "\u2581")
+    # The tokenizers library matches every vocabulary entry in text, control and byte pieces too. Scored far
+    # below, they still win where the only other path spells a character as <unk> (byte fallback): text
+    # "<image>" when "<" is in no piece. Such characters are cut off as pre-tokens of their own, which changes
+    # no other segmentation (no piece holds them) and leaves no control or byte piece matchable.
+    pieces = [p.piece for p in proto.pieces if p.type == normal]
+    named = {ch for p in proto.pieces if p.type in (control, byte) for ch in p.piece}
+    orphans = sorted(ch for ch in named if not any(ch in piece for piece in pieces))
+    if orphans:
+        pattern = Regex("[" + "".join(re.escape(ch) for ch in orphans) + "]")
+        tk.pre_tokenizer = pre_tokenizers.Split(pattern, behavior="isolated")
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                     decoders.Fuse()])
     tk.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
