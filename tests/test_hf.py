@@ -204,12 +204,23 @@ def test_the_export_holds_every_weight_by_its_name_and_a_tokenizer_that_encodes_
     from tokenizers import Tokenizer
 
     from kosmos.hf.export import export
+    from kosmos.weights import weights_identity
 
     model, ckpt = _checkpoint(tmp_path, tiny_tokenizer)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 7, "tokens": 28672}))
+    # kosmos-eval's summaries in the run folder: of these weights, of other weights, of another step
+    sha = weights_identity(ckpt)["sha256"]
+    for task, source in [("vqav2", {"sha256": sha, "step": 7}), ("okvqa", {"sha256": "0" * 64, "step": 7}),
+                         ("coco_caption", {"run": "x", "step": 3}), ("flickr30k", {"run": "x", "step": 7})]:
+        folder = tmp_path / "run" / "results" / task / "0shot"
+        folder.mkdir(parents=True)
+        summary = {"task": task, "shots": 0, "metrics": {"score": 0.5}, "provenance": {"checkpoint": source}}
+        (folder / "metrics.json").write_text(json.dumps(summary))
     out = export(ckpt, tmp_path / "hf")
     card = (out / "README.md").read_text()
     assert "- steps: 7" in card and "- tokens seen: 28,672" in card and "| captions |" in card
+    assert "| vqav2 |" in card and "| flickr30k |" in card
+    assert "okvqa" not in card and "coco_caption" not in card
     sd = load_file(str(out / "model.safetensors"))
     want = model.state_dict()
     assert set(want) - set(sd) == {"decoder.output_projection.weight"}  # tied: restored on loading

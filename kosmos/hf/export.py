@@ -155,13 +155,18 @@ def state_dict_for_export(model) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- model card
 
 
-def find_eval_results(ckpt: Path, extra: list[Path] = ()) -> list[dict]:
+def find_eval_results(ckpt: Path, extra: list[Path] = (), step: int | None = None) -> list[dict]:
     """The `kosmos-eval run` summaries (TASK/Nshot/metrics.json under its --out folder) found in the
-    checkpoint folder, its run folder and the folders given, newest first per task and shots."""
+    checkpoint folder, its run folder and the folders given, of these weights only: a summary whose
+    provenance names other weights (another sha256, or a training run's other step) is left out. The newest
+    per task and shots."""
+    from kosmos.weights import weights_identity
+
     roots = [ckpt, *extra]
     if ckpt.parent.name == "checkpoints":
         roots.append(ckpt.parent.parent)
     found: dict[tuple, dict] = {}
+    sha = None
     for root in roots:
         if not root.is_dir():
             continue
@@ -172,8 +177,16 @@ def find_eval_results(ckpt: Path, extra: list[Path] = ()) -> list[dict]:
                 rec = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(rec, dict) and "task" in rec and isinstance(rec.get("metrics"), dict):
-                found[(rec["task"], rec.get("shots"))] = {**rec, "path": str(path)}
+            if not isinstance(rec, dict) or "task" not in rec or not isinstance(rec.get("metrics"), dict):
+                continue
+            source = (rec.get("provenance") or {}).get("checkpoint") or {}
+            if source.get("sha256"):
+                sha = sha or weights_identity(ckpt)["sha256"]  # read once, only when needed
+                if source["sha256"] != sha:
+                    continue
+            elif source.get("step") is not None and step is not None and source["step"] != step:
+                continue
+            found[(rec["task"], rec.get("shots"))] = {**rec, "path": str(path)}
     return [found[k] for k in sorted(found, key=str)]
 
 
@@ -290,7 +303,8 @@ def export(checkpoint: str | Path, out: str | Path, eval_dirs: list[str | Path] 
             state = load_json((ckpt / "trainer_state.json").read_text())
         except ValueError:
             state = {}
-    evals = find_eval_results(ckpt, [Path(p) for p in eval_dirs])
+    step = state.get("step") if isinstance(state, dict) else None
+    evals = find_eval_results(ckpt, [Path(p) for p in eval_dirs], step if isinstance(step, int) else None)
     (out / "README.md").write_text(model_card(cfg, state if isinstance(state, dict) else {}, evals,
                                               out.name))
     return out
