@@ -274,3 +274,15 @@ def test_importing_a_folder_kosmos_did_not_write_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "other"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "kosmos-export-hf" in err and err.count("\n") == 1
+
+
+def test_exporting_into_the_checkpoint_or_its_run_is_refused(tmp_path, tiny_tokenizer, capsys):
+    from kosmos.hf.export import main
+
+    _, ckpt = _checkpoint(tmp_path, tiny_tokenizer)
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    for out in (ckpt, tmp_path / "run"):
+        assert main([str(ckpt), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "another output folder" in err and err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before

@@ -268,9 +268,13 @@ def export(checkpoint: str | Path, out: str | Path, eval_dirs: list[str | Path] 
     from kosmos.weights import find_checkpoint
 
     ckpt = find_checkpoint(checkpoint)
+    out = Path(out)
+    if (out / "trainer_state.json").is_file() or (out / "config.yaml").is_file() or \
+            ckpt.resolve().is_relative_to(out.resolve()):
+        raise ExportError(f"{out} is a checkpoint or holds {ckpt}: give another output folder (the export "
+                          "would overwrite its files)")
     model, enc = load_for_inference(str(ckpt), overrides=overrides)
     cfg, tok = model.cfg, enc.tokenizer
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     config = {**hf_config(model), "image_token_id": tok.image_id, "image_end_token_id": tok.image_end_id,
