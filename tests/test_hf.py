@@ -55,6 +55,7 @@ def test_the_remote_code_imports_only_torch_transformers_and_the_standard_librar
             assert not bad, f"{name} imports {bad}: the exported folder must work wherever transformers does"
 
 
+@pytest.mark.slow
 def test_exporting_and_importing_never_import_transformers(tmp_path):
     env = _hf_env(tmp_path)  # transformers importable, yet not imported
     code = ("import sys, kosmos.hf.export, kosmos.hf.import_hf; "
