@@ -1,0 +1,713 @@
+"""The prepared GPU check: one table of what a GPU run needs to know, measured in at most --budget-s seconds.
+
+    python -m bench.gpu [--out gpu.json]     # one GPU: configs/kosmos1.yaml (random weights), 480 s at most
+    python -m bench.gpu --tiny [--out X]     # configs/tiny.yaml on the CPU: the same sections, small counts
+
+Rows (configs/kosmos1.yaml, bf16 autocast over fp32 weights, sdpa attention, `optim.name` of the config:
+bitsandbytes' 8-bit AdamW; CLIP ViT-L/14 randomly initialised, `vision.pretrained=null`: nothing is
+downloaded):
+
+  train step     tokens/s, MFU and peak memory (torch.cuda.max_memory_allocated, reset per configuration)
+                 of one optimizer step on one caption micro-batch (kosmos.plan's: 8 rows of 2048 tokens and
+                 as many images as captions of --caption-tokens tokens leave room for), activation
+                 checkpointing off and on, decoder.compile off and on; the planner's peak for the same
+                 micro-batch on 1 GPU (kosmos.plan.trace_step, traced on fake tensors in a process of its own
+                 beside the GPU work); the 8-bit AdamW step alone
+  vision         the frozen CLIP tower's forward, images/s
+  generation     kosmos.generate with the KV cache, greedy and beam 5: tokens/s over --new-tokens new tokens
+                 and the ms per token of the first and the last 16
+  evaluation     kosmos.eval's captioning task (beam 5, 20 tokens) on a folder of synthetic images, images/s
+  loader         caption shards of 256 px JPEGs through the training pipeline in 1 and 8 DataLoader workers,
+                 images/s (bench/data.py's measurement, a window of seconds after the workers' start-up)
+
+Bounded: the budget is shared among the sections in order (time a section leaves goes to the next), each
+measures a few warm steps after warm-up (timed with the device synchronised) and stops early at its share;
+a section still running past its share is interrupted (SIGALRM) and its rows say `skipped: budget`; one that
+fails says its error in its rows and the next runs. torch.compile runs last and only when --compile-min-s
+seconds are left (its first step compiles). A watchdog prints the table and exits if the whole run outlives
+the budget by a minute (a hang in native code). Exit status 1 when any row has an error.
+
+Without CUDA (and without --tiny) it prints one line saying so and exits 0: `make bench` on a CPU machine
+runs every bench/ script, and the full-size model on a CPU would take hours; tests/test_bench_gpu.py runs
+--tiny, so the code cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench._perf import PeakMemory, synchronize  # noqa: E402
+
+GiB = 2**30
+SHARES = {"train": 0.22, "vision": 0.04, "generation": 0.12, "evaluation": 0.08, "loader": 0.10,
+          "train, compiled": 0.44}
+"""Each section's share of the budget, in the order they run; time a section leaves goes to those after."""
+
+
+# ----------------------------------------------------------------------------- rows and the budget
+
+
+@dataclasses.dataclass
+class Row:
+    what: str
+    setting: str
+    unit: str
+    value: float | None = None
+    note: str = ""
+    status: str = "pending"
+    """ok (value set), skipped (note says why), error (note: the error)."""
+
+    def set(self, value: float, note: str = "") -> None:
+        self.value, self.status = float(value), "ok"
+        if note:
+            self.note = note
+
+    def skip(self, why: str) -> None:
+        if self.status == "pending":
+            self.status, self.note = "skipped", why
+
+    def fail(self, why: str) -> None:
+        if self.status == "pending":
+            self.status, self.note = "error", why
+
+
+class OutOfBudget(Exception):
+    """Raised in the main thread (SIGALRM) when a section runs past its share of the budget."""
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.total = seconds
+        self.t0 = time.monotonic()
+        self.end = self.t0 + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def share(self, section: str) -> float:
+        """Seconds for `section`: the time left split among it and the sections after it by their shares."""
+        names = list(SHARES)
+        rest = sum(SHARES[n] for n in names[names.index(section):])
+        return max(0.0, self.left() * SHARES[section] / rest)
+
+
+@contextlib.contextmanager
+def interrupt_after(seconds: float):
+    """OutOfBudget in the main thread after `seconds` (at the next Python bytecode; a section inside one
+    long native call is stopped by the watchdog instead)."""
+    def handler(signum, frame):
+        raise OutOfBudget
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def timed(fn, device, warmup: int, repeats: int, deadline: float) -> list[float]:
+    """Wall times of `fn()` (device synchronised) after `warmup` calls: `repeats` of them, fewer when
+    `deadline` (time.monotonic) comes first, at least one."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    while len(times) < repeats and (not times or time.monotonic() < deadline):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)  # device->host sync: the time includes the queued kernels
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------- the run's setting
+
+
+@dataclasses.dataclass
+class Setup:
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    """Of the inference sections (bf16 on CUDA, fp32 on the CPU); training autocasts on CUDA."""
+    config: str
+    overrides: list[str]
+    tmp: Path
+    tokenizer: object
+    budget: Budget
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def cfg(self, *more: str):
+        from kosmos.config import load_config
+
+        return load_config(self.config, [*self.overrides, *more])
+
+    def amp(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+
+def build_model(cfg, device: torch.device):
+    """`cfg`'s model, randomly initialised, made on `device` (on a GPU in seconds, where the CPU takes a
+    minute for the 1.6B parameters); made on the CPU and moved if that fails."""
+    from kosmos.model import Kosmos
+
+    torch.manual_seed(0)
+    try:
+        with device:
+            return Kosmos(cfg)
+    except Exception:  # noqa: BLE001 - a module that builds on the CPU only: the slow way
+        return Kosmos(cfg).to(device)
+
+
+def train_batch(cfg, caption_tokens: int):
+    """kosmos.plan's caption micro-batch of `cfg` (the rows full, captions of `caption_tokens` tokens)."""
+    from kosmos import plan
+
+    mb = next(b for b in plan.heaviest_batches(cfg, caption_tokens) if b.kind == "captions")
+    return mb, plan.make_batch(cfg, mb)
+
+
+# ----------------------------------------------------------------------------- the planner, beside
+
+
+def plan_command(s: Setup, ckpt: bool) -> list[str]:
+    return [sys.executable, "-m", "bench.gpu", "--plan-only", "--config", s.config,
+            "--caption-tokens", str(s.args.caption_tokens), "--device", str(s.device), *s.overrides,
+            f"decoder.checkpoint_activations={str(ckpt).lower()}"]
+
+
+def plan_only(args) -> None:
+    """--plan-only: the planner's peak for the train section's micro-batch on 1 GPU, as one JSON line."""
+    from kosmos import plan
+    from kosmos.config import load_config
+
+    torch.set_num_threads(2)  # fake tensors compute nothing: leave the cores to the measurements
+    cfg = load_config(args.config, args.overrides)
+    mb, _ = train_batch(cfg, args.caption_tokens)
+    cuda = torch.device(args.device).type == "cuda"
+    t = plan.trace_step(cfg, 1, [mb], attention="gpu" if cuda else "cpu",
+                        precision="bf16" if cuda else "fp32")
+    print(json.dumps({"peak": t.peak, "categories": t.categories}))
+
+
+class Planner:
+    """The planner's traces for activation checkpointing off and on, each in a process of its own started
+    at once (CPU work, beside the GPU's), read when the train rows are written."""
+
+    def __init__(self, s: Setup):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+        self.procs = {ck: subprocess.Popen(plan_command(s, ck), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True) for ck in (False, True)}
+        self.results: dict[bool, dict | str] = {}
+
+    def peak(self, ckpt: bool, timeout: float) -> tuple[float | None, str]:
+        """(planned peak bytes or None, why not)."""
+        if ckpt not in self.results:
+            p = self.procs[ckpt]
+            try:
+                out, err = p.communicate(timeout=max(0.1, timeout))
+            except subprocess.TimeoutExpired:
+                return None, "planner still tracing"
+            if p.returncode == 0:
+                self.results[ckpt] = json.loads(out.strip().splitlines()[-1])
+            else:
+                self.results[ckpt] = (err.strip().splitlines() or ["no output"])[-1]
+        r = self.results[ckpt]
+        return (r["peak"], "") if isinstance(r, dict) else (None, f"planner failed: {r}")
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def train_rows(rows: dict, key: str) -> list[Row]:
+    return [rows[("train step", key)], rows[("train MFU", key)], rows[("train peak memory", key)]]
+
+
+def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: float,
+                  planner: Planner) -> None:
+    """One configuration's train step: forward (autocast bf16 on CUDA), backward, clipping, the optimizer
+    step of `optim.name`, on the planner's caption micro-batch; tokens/s, MFU and peak memory."""
+    from kosmos.optim import build_optimizer
+    from kosmos.training import peak_flops
+
+    key = train_key(ckpt, compile_)
+    step_row, mfu_row, mem_row = train_rows(rows, key)
+    cfg = s.cfg(f"decoder.checkpoint_activations={str(ckpt).lower()}",
+                f"decoder.compile={str(compile_).lower()}")
+    mb, batch = train_batch(cfg, s.args.caption_tokens)
+    model = build_model(cfg, s.device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    batch = {k: v.to(s.device) for k, v in batch.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with s.amp():
+            out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t_warm = time.monotonic()
+    step()  # the optimizer's state is made; compiles when decoder.compile is on
+    step()
+    warm = time.monotonic() - t_warm
+    if s.cuda:
+        torch.cuda.reset_peak_memory_stats(s.device)
+        times = timed(step, s.device, 0, s.args.steps, deadline)
+        peak = torch.cuda.max_memory_allocated(s.device)
+    else:
+        times = timed(step, s.device, 0, s.args.steps, deadline)
+        held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+        held += sum(v.nbytes for st in optimizer.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor))
+        with PeakMemory(s.device) as mem:
+            step()
+        peak = held + mem.peak_bytes
+    t = statistics.median(times)
+    tokens = batch["input_ids"].numel()
+    images = len(batch.get("images", ()))
+    step_row.set(tokens / t, f"{t:.3f} s a step (median of {len(times)} after 2 warm-up steps, "
+                             f"{warm:.0f} s); {mb.rows} x {cfg.decoder.max_len} tokens + {images} images")
+    peak_fl = peak_flops(cfg, s.device)
+    flops = tokens * cfg.flops_per_token() + images * cfg.flops_per_image()  # as kosmos.metrics counts
+    if peak_fl:
+        mfu_row.set(flops / t / peak_fl, f"{flops / t / 1e12:.1f} TFLOP/s of {peak_fl / 1e12:g} "
+                                         "(kosmos.training.peak_flops)")
+    else:
+        mfu_row.skip(f"no dense peak known for {s.device.type} (train.peak_flops); "
+                     f"{flops / t / 1e12:.3f} TFLOP/s")
+    how = "torch.cuda.max_memory_allocated" if s.cuda else \
+        "CPU: weights and optimizer state + live tensors of a step (bench._perf.PeakMemory)"
+    planned, why = planner.peak(ckpt, timeout=max(0.1, deadline - time.monotonic()))
+    mem_row.set(peak / GiB, f"{how}; planner {planned / GiB:.2f} GiB (measured / planned "
+                            f"{peak / planned:.2f})" if planned else f"{how}; {why}")
+    if not ckpt and not compile_:  # the optimizer step alone, the gradients of one micro-batch in place
+        with s.amp():
+            loss = model(**batch).loss
+        loss.backward()
+        del loss
+        t_opt = timed(optimizer.step, s.device, 1, s.args.steps, deadline)
+        optimizer.zero_grad(set_to_none=True)
+        n = sum(p.numel() for p in params)
+        rows[("optimizer step", cfg.optim.name)].set(
+            1e3 * statistics.median(t_opt), f"{type(optimizer).__module__.split('.')[0]} "
+            f"{type(optimizer).__name__} on {s.device.type}, {n / 1e6:,.0f}M trainable parameters "
+            f"(median of {len(t_opt)})")
+
+
+
+def train_key(ckpt: bool, compile_: bool) -> str:
+    return (f"activation checkpointing {'on' if ckpt else 'off'}, "
+            f"decoder.compile {'on' if compile_ else 'off'}")
+
+
+def section_train(s: Setup, rows: dict, deadline: float, planner: Planner, compile_: bool) -> None:
+    """Activation checkpointing off, then on; with decoder.compile only when --compile-min-s seconds are
+    left (the first step compiles the layer, forward and backward)."""
+    for ckpt in (False, True):
+        key = train_key(ckpt, compile_)
+        if compile_ and not s.args.compile:
+            for r in train_rows(rows, key):
+                r.skip("skipped: --tiny (inductor on 2 CPU cores compiles for minutes; --compile runs it)")
+            continue
+        left = deadline - time.monotonic()
+        if compile_ and left < s.args.compile_min_s:
+            for r in train_rows(rows, key):
+                r.skip(f"skipped: budget ({left:.0f} s left, compiling needs about {s.args.compile_min_s:g})")
+            continue
+        try:
+            # each configuration up to its half of what is left (the second: all of it)
+            end = time.monotonic() + (left / 2 if not ckpt else left)
+            measure_train(s, rows, ckpt, compile_, end, planner)
+        except OutOfBudget:
+            raise
+        except Exception as e:  # noqa: BLE001 - the row says it; the next configuration runs
+            for r in train_rows(rows, key):
+                r.fail(_error(e, s))
+        finally:
+            gc.collect()  # the configuration's model and optimizer state, before the next is built
+            if s.cuda:
+                torch.cuda.empty_cache()
+
+
+def planned_rows(s: Setup, rows: dict, planner: Planner, deadline: float) -> None:
+    """The planner's peaks, as rows of their own (waited for until `deadline`)."""
+    for ckpt in (False, True):
+        row = rows[("planned peak memory", f"activation checkpointing {'on' if ckpt else 'off'}")]
+        peak, why = planner.peak(ckpt, timeout=deadline - time.monotonic())
+        if peak is None:
+            row.fail(why) if why.startswith("planner failed") else row.skip(f"skipped: budget ({why})")
+            continue
+        memory = _memory(s) if s.cuda else None
+        fits = "" if memory is None else (
+            f"; {'fits' if peak <= 0.92 * memory else 'does NOT fit'} in 92% of this GPU's "
+            f"{memory / GiB:.0f} GiB")
+        row.set(peak / GiB, "kosmos.plan.trace_step, 1 GPU, the same micro-batch" + fits)
+
+
+def inference_model(s: Setup):
+    model = build_model(s.cfg(), s.device)
+    return model.to(dtype=s.dtype).eval()
+
+
+def section_vision(s: Setup, rows: dict, model, deadline: float) -> None:
+    row = rows[("vision tower forward", "frozen, inference")]
+    n = s.args.images
+    size = model.vision.image_size
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=s.device)
+
+    def forward():
+        with torch.no_grad():
+            model.vision(images)
+
+    times = timed(forward, s.device, 1, s.args.steps, deadline)
+    t = statistics.median(times)
+    fl = model.cfg.vision.forward_flops()
+    row.set(n / t, f"batch {n} of {size} px, {model.cfg.vision.model_name}; {n * fl / t / 1e12:.1f} TFLOP/s "
+                   f"(median of {len(times)})")
+
+
+def section_generation(s: Setup, rows: dict, model, deadline: float) -> None:
+    from bench.generate import DecoderCalls, image_prompt, token_costs
+    from kosmos.generate import GenerationConfig, generate
+
+    prompt = image_prompt(model, s.args.prompt_tokens)
+    clock = DecoderCalls(model, s.device)
+    w = s.args.window
+    for beams in (1, 5):
+        name = "greedy" if beams == 1 else f"beam {beams}"
+        speed = rows[("generation, KV cache", name)]
+        first, last = rows[("generation, ms per token", f"{name}, first {w}")], \
+            rows[("generation, ms per token", f"{name}, last {w}")]
+        if time.monotonic() > deadline:
+            for r in (speed, first, last):
+                r.skip("skipped: budget")
+            continue
+        try:
+            generate(model, [prompt], GenerationConfig(max_new_tokens=4, num_beams=beams))  # warm-up
+            with clock:
+                t0 = time.perf_counter()
+                out = generate(model, [prompt], GenerationConfig(max_new_tokens=s.args.new_tokens,
+                                                                 num_beams=beams))[0]
+                total = time.perf_counter() - t0
+            c = token_costs(clock.times, w)
+            speed.set(len(out) / total, f"{len(out)} new tokens after {len(prompt.ids)} (1 image), "
+                                        f"prefill {c['prefill_ms']:.1f} ms")
+            first.set(c["start_ms"], f"median over the first {w} new tokens")
+            last.set(c["end_ms"], f"median over the last {w}: {c['end_ms'] / c['start_ms']:.2f}x the first")
+        except OutOfBudget:
+            raise
+        except Exception as e:  # noqa: BLE001
+            for r in (speed, first, last):
+                r.fail(_error(e, s))
+
+
+class _ToyDecode:
+    """The toy tokenizer before a model of a larger vocabulary (configs/kosmos1.yaml's 64007 ids, random
+    weights: any id comes out): ids beyond the tokenizer's decode as nothing. Everything else is the
+    tokenizer's."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        n = len(self._tok)
+        return self._tok.decode([i for i in list(ids) if i < n], skip_special)
+
+
+def section_evaluation(s: Setup, rows: dict, model, deadline: float) -> None:
+    from kosmos.eval.prompts import Shots
+    from kosmos.eval.run import load_task_data, run_task
+    from kosmos.eval.tasks import get_task
+    from kosmos.sequence import SequenceEncoder
+
+    row = rows[("evaluation", "captioning task, beam 5, 20 tokens")]
+    folder = s.tmp / "eval_images"
+    write_images(folder, s.args.eval_images)
+    spec = get_task("captioning")
+    data = load_task_data(spec, str(folder))
+    cfg = model.cfg
+    encoder = SequenceEncoder(_ToyDecode(s.tokenizer), cfg.connector.num_latents, cfg.vision.input_size)
+    run_task(model, encoder, "captioning", spec, data, s.tmp / "eval_warm", Shots(), limit=spec.batch_size,
+             progress=False)  # warm-up: one batch
+    t0 = time.perf_counter()
+    res = run_task(model, encoder, "captioning", spec, data, s.tmp / "eval_out", Shots(), progress=False)
+    t = time.perf_counter() - t0
+    if res.predicted == 0:
+        raise RuntimeError(f"no image predicted (skipped: {res.skipped})")
+    row.set(res.predicted / t, f"kosmos.eval.run.run_task, {res.predicted} images of 256 px (decoded and "
+                               f"resized too) in batches of {spec.batch_size}, predictions only")
+
+
+def write_images(folder: Path, n: int, side: int = 256) -> None:
+    """`n` JPEGs of `side` px: random crops of the shipped photos."""
+    import random
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "assets" / "images").glob("*.jpg"))]
+    for i in range(n):
+        im = rng.choice(photos)
+        w, h = im.size
+        c = rng.randint(min(w, h) // 2, min(w, h))
+        x, y = rng.randint(0, w - c), rng.randint(0, h - c)
+        im.crop((x, y, x + c, y + c)).resize((side, side)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def section_loader(s: Setup, rows: dict, deadline: float) -> None:
+    from bench.data import make_shards, through_workers
+
+    cfg = s.cfg()
+    workers = s.args.workers
+    per_shard = max(1, s.args.loader_images // (2 * max(workers)))  # every worker reads shards of its own
+    paths = make_shards(s.tmp, s.args.loader_images, per_shard=per_shard)
+    for n in workers:
+        row = rows[("loader", f"{n} worker{'s' if n > 1 else ''}")]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            row.skip("skipped: budget")
+            continue
+        window = min(s.args.loader_seconds, left / 3)
+        try:
+            rate = through_workers(paths, s.tokenizer, cfg.decoder.max_len, cfg.connector.num_latents,
+                                   cfg.vision.input_size, workers=n, seconds=window)
+            row.set(rate, f"caption shards of 256 px JPEGs (resized to {cfg.vision.input_size}), rows of "
+                          f"{cfg.decoder.max_len}; a {window:.1f} s window after each worker's first "
+                          "micro-batch (bench/data.py)")
+        except OutOfBudget:
+            raise
+        except Exception as e:  # noqa: BLE001
+            row.fail(_error(e, s))
+
+
+def _memory(s: Setup) -> int:
+    return torch.cuda.get_device_properties(s.device).total_memory
+
+
+def _error(e: BaseException, s: Setup) -> str:
+    if s.cuda and isinstance(e, torch.cuda.OutOfMemoryError):
+        return f"error: CUDA out of memory ({_memory(s) / GiB:.0f} GiB GPU)"
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"error: {type(e).__name__}: {line}"[:300]
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def declare_rows(s: Setup) -> dict:
+    """Every row the run fills, in the table's order (a row not reached says why)."""
+    cfg = s.cfg()
+    w = s.args.window
+    rows = {}
+
+    def add(what, setting, unit):
+        rows[(what, setting)] = Row(what, setting, unit)
+
+    for compile_ in (False, True):
+        for ckpt in (False, True):
+            key = train_key(ckpt, compile_)
+            add("train step", key, "tokens/s")
+            add("train MFU", key, "fraction")
+            add("train peak memory", key, "GiB")
+    for ckpt in ("off", "on"):
+        add("planned peak memory", f"activation checkpointing {ckpt}", "GiB")
+    add("optimizer step", cfg.optim.name, "ms")
+    add("vision tower forward", "frozen, inference", "images/s")
+    for name in ("greedy", "beam 5"):
+        add("generation, KV cache", name, "tokens/s")
+        add("generation, ms per token", f"{name}, first {w}", "ms")
+        add("generation, ms per token", f"{name}, last {w}", "ms")
+    add("evaluation", "captioning task, beam 5, 20 tokens", "images/s")
+    for n in s.args.workers:
+        add("loader", f"{n} worker{'s' if n > 1 else ''}", "images/s")
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return ""
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| what | setting | value | unit | note |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.what} | {r.setting} | {_fmt(r.value)} | {r.unit} | {r.note.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def header(s: Setup) -> dict:
+    dev = torch.cuda.get_device_name(s.device) if s.cuda else f"cpu ({os.cpu_count()} cores, " \
+        f"{torch.get_num_threads()} threads)"
+    return {"device": dev, "torch": torch.__version__, "cuda": torch.version.cuda, "config": s.config,
+            "overrides": s.overrides, "tiny": s.args.tiny, "budget_s": s.args.budget_s,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def report(s: Setup, rows: dict, elapsed: float, out: str | None) -> None:
+    """The table (stdout) and the JSON (--out): what was measured so far, the rest saying why not."""
+    for r in rows.values():
+        r.skip("not reached: budget")
+    head = {**header(s), "elapsed_s": round(elapsed, 1)}
+    print(f"\n# bench.gpu: {head['device']}, torch {head['torch']} (CUDA {head['cuda']}), {s.config}, "
+          f"{head['date']}, {elapsed:.0f} s of {s.args.budget_s:g}")
+    print(table(list(rows.values())), flush=True)
+    if out:
+        Path(out).write_text(json.dumps({**head, "rows": [dataclasses.asdict(r) for r in rows.values()]},
+                                        indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
+    ap.add_argument("--tiny", action="store_true",
+                    help="configs/tiny.yaml on the CPU, small counts (what tests/test_bench_gpu.py runs)")
+    ap.add_argument("--config", help="YAML config (default configs/kosmos1.yaml; --tiny: configs/tiny.yaml)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="seconds for everything (default 480)")
+    ap.add_argument("--out", help="write the rows and the run's setting to this JSON file")
+    ap.add_argument("--device", help="default: cuda (--tiny: cpu)")
+    ap.add_argument("--compile-min-s", type=float, default=150.0,
+                    help="compile only when this many seconds are left for it (default 150)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure decoder.compile=true (default: yes, but not with --tiny)")
+    ap.add_argument("--caption-tokens", type=int, default=20,
+                    help="caption length of the train micro-batch: its images (default 20)")
+    ap.add_argument("--plan-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    tiny = args.tiny
+    args.config = args.config or str(ROOT / "configs" / ("tiny.yaml" if tiny else "kosmos1.yaml"))
+    args.device = args.device or ("cpu" if tiny else "cuda")
+    args.compile = (not tiny) if args.compile is None else args.compile
+    # counts: (--tiny, full)
+    args.steps = 2 if tiny else 5
+    args.images = 8 if tiny else 128
+    args.new_tokens, args.prompt_tokens, args.window = (24, 8, 4) if tiny else (256, 32, 16)
+    args.eval_images = 4 if tiny else 64
+    args.workers = [1, 2] if tiny else [1, 8]
+    args.loader_images, args.loader_seconds = (80, 1.0) if tiny else (800, 8.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.plan_only:
+        plan_only(args)
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench.gpu: no CUDA device here; this check needs one GPU (`make gpu-check`, "
+              "docs/benchmarks.md#gpu-check). `python -m bench.gpu --tiny` runs the same sections on "
+              "configs/tiny.yaml on the CPU.")
+        return 0
+    from kosmos.tokenizer import TINY_CORPUS
+    from kosmos.tokenizer.build import build_tokenizer
+
+    budget = Budget(args.budget_s)
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+        tmp = Path(tmp)
+        tok = build_tokenizer([TINY_CORPUS], tmp / "tok", 1000, character_coverage=0.995, quiet=True)
+        overrides = ["vision.pretrained=null", f"tokenizer.path={tmp / 'tok'}", *args.overrides]
+        s = Setup(args, device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.config,
+                  overrides, tmp, tok, budget)
+        rows = declare_rows(s)
+        done = threading.Event()
+
+        def watchdog():  # a hang in native code: the table so far, then out
+            if not done.wait(args.budget_s - (time.monotonic() - budget.t0) + 60):
+                print("\nbench.gpu: the run outlived its budget by a minute: stopping", flush=True)
+                report(s, rows, time.monotonic() - budget.t0, args.out)
+                os._exit(3)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        planner = Planner(s)
+        model = None
+        try:
+            for section in SHARES:
+                seconds = budget.share(section)
+                deadline = time.monotonic() + seconds
+                print(f"bench.gpu: {section} ({seconds:.0f} s at most)", flush=True)
+                try:
+                    with interrupt_after(seconds + 5):
+                        if section == "train":
+                            section_train(s, rows, deadline, planner, compile_=False)
+                        elif section == "train, compiled":
+                            section_train(s, rows, deadline, planner, compile_=True)
+                        elif section == "loader":
+                            section_loader(s, rows, deadline)
+                        else:
+                            if model is None:
+                                model = inference_model(s)
+                            {"vision": section_vision, "generation": section_generation,
+                             "evaluation": section_evaluation}[section](s, rows, model, deadline)
+                except OutOfBudget:
+                    for r in section_rows(rows, section):
+                        r.skip(f"skipped: budget (its {seconds:.0f} s ran out)")
+                except Exception as e:  # noqa: BLE001 - the rows say it; the next section runs
+                    for r in section_rows(rows, section):
+                        r.fail(_error(e, s))
+                if section == "loader" and model is not None:
+                    del model  # the compiled train step wants the memory
+                    model = None
+                    if s.cuda:
+                        torch.cuda.empty_cache()
+            planned_rows(s, rows, planner, budget.end + 30)
+        finally:
+            planner.close()
+            done.set()
+        report(s, rows, time.monotonic() - budget.t0, args.out)
+    return 1 if any(r.status == "error" for r in rows.values()) else 0
+
+
+def section_rows(rows: dict, section: str) -> list[Row]:
+    """The rows a section fills."""
+    prefix = {"train": ("train ", "optimizer step"), "train, compiled": ("train ",),
+              "vision": ("vision",), "generation": ("generation",), "evaluation": ("evaluation",),
+              "loader": ("loader",)}[section]
+    return [r for r in rows.values() if r.what.startswith(prefix)
+            and (section not in ("train", "train, compiled")
+                 or r.what == "optimizer step" or ("compile on" in r.setting) == (section != "train"))]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
