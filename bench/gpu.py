@@ -59,7 +59,7 @@ from bench._perf import PeakMemory, synchronize  # noqa: E402
 
 GiB = 2**30
 SHARES = {"train": 0.22, "vision": 0.04, "generation": 0.12, "evaluation": 0.08, "loader": 0.10,
-          "train, compiled": 0.44}
+          "compiled": 0.44}
 """Each section's share of the budget, in the order they run; time a section leaves goes to those after."""
 
 
@@ -90,8 +90,9 @@ class Row:
             self.status, self.note = "error", why
 
 
-class OutOfBudget(Exception):
-    """Raised in the main thread (SIGALRM) when a section runs past its share of the budget."""
+class OutOfBudget(BaseException):
+    """Raised in the main thread (SIGALRM) when a section runs past its share of the budget; a
+    BaseException, as KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
 
 class Budget:
@@ -103,9 +104,10 @@ class Budget:
     def left(self) -> float:
         return self.end - time.monotonic()
 
-    def share(self, section: str) -> float:
-        """Seconds for `section`: the time left split among it and the sections after it by their shares."""
-        names = list(SHARES)
+    def share(self, section: str, selected: list[str]) -> float:
+        """Seconds for `section`: the time left split among it and the `selected` sections after it by their
+        shares."""
+        names = [n for n in SHARES if n in selected]
         rest = sum(SHARES[n] for n in names[names.index(section):])
         return max(0.0, self.left() * SHARES[section] / rest)
 
@@ -193,53 +195,71 @@ def train_batch(cfg, caption_tokens: int):
 # ----------------------------------------------------------------------------- the planner, beside
 
 
-def plan_command(s: Setup, ckpt: bool) -> list[str]:
-    return [sys.executable, "-m", "bench.gpu", "--plan-only", "--config", s.config,
-            "--caption-tokens", str(s.args.caption_tokens), "--device", str(s.device), *s.overrides,
-            f"decoder.checkpoint_activations={str(ckpt).lower()}"]
-
-
 def plan_only(args) -> None:
-    """--plan-only: the planner's peak for the train section's micro-batch on 1 GPU, as one JSON line."""
+    """--plan-only: the planner's peak for the train section's micro-batch on 1 GPU, one JSON line per
+    --plan-checkpointing value (`decoder.checkpoint_activations`)."""
     from kosmos import plan
     from kosmos.config import load_config
 
     torch.set_num_threads(2)  # fake tensors compute nothing: leave the cores to the measurements
-    cfg = load_config(args.config, args.overrides)
-    mb, _ = train_batch(cfg, args.caption_tokens)
     cuda = torch.device(args.device).type == "cuda"
-    t = plan.trace_step(cfg, 1, [mb], attention="gpu" if cuda else "cpu",
-                        precision="bf16" if cuda else "fp32")
-    print(json.dumps({"peak": t.peak, "categories": t.categories}))
+    for ckpt in args.plan_checkpointing.split(","):
+        cfg = load_config(args.config, [*args.overrides, f"decoder.checkpoint_activations={ckpt}"])
+        mb, _ = train_batch(cfg, args.caption_tokens)
+        t = plan.trace_step(cfg, 1, [mb], attention="gpu" if cuda else "cpu",
+                            precision="bf16" if cuda else "fp32")
+        print(json.dumps({"checkpointing": ckpt == "true", "peak": t.peak, "categories": t.categories}),
+              flush=True)
 
 
 class Planner:
-    """The planner's traces for activation checkpointing off and on, each in a process of its own started
-    at once (CPU work, beside the GPU's), read when the train rows are written."""
+    """The planner's traces for activation checkpointing off and on, started at once in processes of their
+    own (CPU work, beside the GPU's): on a GPU one process each (a full-size trace takes minutes), on the CPU
+    one for both (two cores); read when the table is written."""
 
-    def __init__(self, s: Setup):
+    def __init__(self, s: Setup, train: bool = True):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-        self.procs = {ck: subprocess.Popen(plan_command(s, ck), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True) for ck in (False, True)}
-        self.results: dict[bool, dict | str] = {}
+        groups = ([["false"], ["true"]] if s.cuda else [["false", "true"]]) if train else []
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-m", "bench.gpu", "--plan-only", "--plan-checkpointing", ",".join(g),
+             "--config", s.config, "--caption-tokens", str(s.args.caption_tokens), "--device", str(s.device),
+             *s.overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for g in groups]
+        self.results: dict[bool, dict] = {}
+        self.errors: list[str] = []
 
-    def peak(self, ckpt: bool, timeout: float) -> tuple[float | None, str]:
-        """(planned peak bytes or None, why not)."""
-        if ckpt not in self.results:
-            p = self.procs[ckpt]
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def wait(self, timeout: float) -> None:
+        """Reads what the processes printed, waiting at most `timeout` seconds for them."""
+        end = time.monotonic() + timeout
+        for p in self.procs:
+            if p.returncode is not None:
+                continue
             try:
-                out, err = p.communicate(timeout=max(0.1, timeout))
+                out, err = p.communicate(timeout=max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                return None, "planner still tracing"
-            if p.returncode == 0:
-                self.results[ckpt] = json.loads(out.strip().splitlines()[-1])
-            else:
-                self.results[ckpt] = (err.strip().splitlines() or ["no output"])[-1]
-        r = self.results[ckpt]
-        return (r["peak"], "") if isinstance(r, dict) else (None, f"planner failed: {r}")
+                continue
+            for line in out.splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    self.results[r["checkpointing"]] = r
+            if p.returncode:
+                self.errors.append((err.strip().splitlines() or ["no output"])[-1])
+
+    def peak(self, ckpt: bool) -> tuple[float | None, str]:
+        """(planned peak bytes or None, why not)."""
+        if ckpt in self.results:
+            return self.results[ckpt]["peak"], ""
+        if self.errors:
+            return None, f"planner failed: {self.errors[0]}"
+        if not self.procs:
+            return None, "skipped: not selected (--sections: no train section)"
+        return None, "the planner was still tracing"
 
     def close(self) -> None:
-        for p in self.procs.values():
+        for p in self.procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -252,8 +272,7 @@ def train_rows(rows: dict, key: str) -> list[Row]:
     return [rows[("train step", key)], rows[("train MFU", key)], rows[("train peak memory", key)]]
 
 
-def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: float,
-                  planner: Planner) -> None:
+def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: float) -> None:
     """One configuration's train step: forward (autocast bf16 on CUDA), backward, clipping, the optimizer
     step of `optim.name`, on the planner's caption micro-batch; tokens/s, MFU and peak memory."""
     from kosmos.optim import build_optimizer
@@ -278,8 +297,8 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
         optimizer.zero_grad(set_to_none=True)
 
     t_warm = time.monotonic()
-    step()  # the optimizer's state is made; compiles when decoder.compile is on
-    step()
+    for _ in range(s.args.warmup):  # the first makes the optimizer's state; compiles with decoder.compile
+        step()
     warm = time.monotonic() - t_warm
     if s.cuda:
         torch.cuda.reset_peak_memory_stats(s.device)
@@ -296,7 +315,7 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
     t = statistics.median(times)
     tokens = batch["input_ids"].numel()
     images = len(batch.get("images", ()))
-    step_row.set(tokens / t, f"{t:.3f} s a step (median of {len(times)} after 2 warm-up steps, "
+    step_row.set(tokens / t, f"{t:.3f} s a step (median of {len(times)} after {s.args.warmup} warm-up steps, "
                              f"{warm:.0f} s); {mb.rows} x {cfg.decoder.max_len} tokens + {images} images")
     peak_fl = peak_flops(cfg, s.device)
     flops = tokens * cfg.flops_per_token() + images * cfg.flops_per_image()  # as kosmos.metrics counts
@@ -308,9 +327,7 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
                      f"{flops / t / 1e12:.3f} TFLOP/s")
     how = "torch.cuda.max_memory_allocated" if s.cuda else \
         "CPU: weights and optimizer state + live tensors of a step (bench._perf.PeakMemory)"
-    planned, why = planner.peak(ckpt, timeout=max(0.1, deadline - time.monotonic()))
-    mem_row.set(peak / GiB, f"{how}; planner {planned / GiB:.2f} GiB (measured / planned "
-                            f"{peak / planned:.2f})" if planned else f"{how}; {why}")
+    mem_row.set(peak / GiB, how)
     if not ckpt and not compile_:  # the optimizer step alone, the gradients of one micro-batch in place
         with s.amp():
             loss = model(**batch).loss
@@ -321,7 +338,7 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
         n = sum(p.numel() for p in params)
         rows[("optimizer step", cfg.optim.name)].set(
             1e3 * statistics.median(t_opt), f"{type(optimizer).__module__.split('.')[0]} "
-            f"{type(optimizer).__name__} on {s.device.type}, {n / 1e6:,.0f}M trainable parameters "
+            f"{type(optimizer).__name__} on {s.device.type}, {n / 1e6:,.1f}M trainable parameters "
             f"(median of {len(t_opt)})")
 
 
@@ -331,7 +348,7 @@ def train_key(ckpt: bool, compile_: bool) -> str:
             f"decoder.compile {'on' if compile_ else 'off'}")
 
 
-def section_train(s: Setup, rows: dict, deadline: float, planner: Planner, compile_: bool) -> None:
+def section_train(s: Setup, rows: dict, deadline: float, compile_: bool) -> None:
     """Activation checkpointing off, then on; with decoder.compile only when --compile-min-s seconds are
     left (the first step compiles the layer, forward and backward)."""
     for ckpt in (False, True):
@@ -348,12 +365,9 @@ def section_train(s: Setup, rows: dict, deadline: float, planner: Planner, compi
         try:
             # each configuration up to its half of what is left (the second: all of it)
             end = time.monotonic() + (left / 2 if not ckpt else left)
-            measure_train(s, rows, ckpt, compile_, end, planner)
-        except OutOfBudget:
-            raise
+            measure_train(s, rows, ckpt, compile_, end)
         except Exception as e:  # noqa: BLE001 - the row says it; the next configuration runs
-            for r in train_rows(rows, key):
-                r.fail(_error(e, s))
+            failed(train_rows(rows, key), e, s)
         finally:
             gc.collect()  # the configuration's model and optimizer state, before the next is built
             if s.cuda:
@@ -361,13 +375,23 @@ def section_train(s: Setup, rows: dict, deadline: float, planner: Planner, compi
 
 
 def planned_rows(s: Setup, rows: dict, planner: Planner, deadline: float) -> None:
-    """The planner's peaks, as rows of their own (waited for until `deadline`)."""
+    """The planner's peaks, as rows of their own (waited for until `deadline`), and beside each measured
+    peak of the same activation checkpointing."""
+    planner.wait(deadline - time.monotonic())
     for ckpt in (False, True):
         row = rows[("planned peak memory", f"activation checkpointing {'on' if ckpt else 'off'}")]
-        peak, why = planner.peak(ckpt, timeout=deadline - time.monotonic())
+        peak, why = planner.peak(ckpt)
         if peak is None:
-            row.fail(why) if why.startswith("planner failed") else row.skip(f"skipped: budget ({why})")
+            if why.startswith("planner failed"):
+                row.fail(f"error: {why}")
+            else:
+                row.skip(why if why.startswith("skipped") else f"skipped: budget ({why})")
             continue
+        for compile_ in (False, True):
+            measured = rows[("train peak memory", train_key(ckpt, compile_))]
+            if measured.value:
+                measured.note += f"; planner {peak / GiB:.2f} GiB (measured / planned " \
+                                 f"{measured.value * GiB / peak:.2f})"
         memory = _memory(s) if s.cuda else None
         fits = "" if memory is None else (
             f"; {'fits' if peak <= 0.92 * memory else 'does NOT fit'} in 92% of this GPU's "
@@ -393,7 +417,7 @@ def section_vision(s: Setup, rows: dict, model, deadline: float) -> None:
     times = timed(forward, s.device, 1, s.args.steps, deadline)
     t = statistics.median(times)
     fl = model.cfg.vision.forward_flops()
-    row.set(n / t, f"batch {n} of {size} px, {model.cfg.vision.model_name}; {n * fl / t / 1e12:.1f} TFLOP/s "
+    row.set(n / t, f"batch {n} of {size} px, {model.cfg.vision.model_name}; {n * fl / t / 1e12:.3g} TFLOP/s "
                    f"(median of {len(times)})")
 
 
@@ -425,11 +449,8 @@ def section_generation(s: Setup, rows: dict, model, deadline: float) -> None:
                                         f"prefill {c['prefill_ms']:.1f} ms")
             first.set(c["start_ms"], f"median over the first {w} new tokens")
             last.set(c["end_ms"], f"median over the last {w}: {c['end_ms'] / c['start_ms']:.2f}x the first")
-        except OutOfBudget:
-            raise
         except Exception as e:  # noqa: BLE001
-            for r in (speed, first, last):
-                r.fail(_error(e, s))
+            failed([speed, first, last], e, s)
 
 
 class _ToyDecode:
@@ -492,7 +513,8 @@ def write_images(folder: Path, n: int, side: int = 256) -> None:
         im.crop((x, y, x + c, y + c)).resize((side, side)).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def section_loader(s: Setup, rows: dict, deadline: float) -> None:
+def section_loader(s: Setup, rows: dict, deadline: float, beside: bool = False) -> None:
+    """`beside`: the planner's traces still run (they take CPU cores from the workers: the note says so)."""
     from bench.data import make_shards, through_workers
 
     cfg = s.cfg()
@@ -511,22 +533,25 @@ def section_loader(s: Setup, rows: dict, deadline: float) -> None:
                                    cfg.vision.input_size, workers=n, seconds=window)
             row.set(rate, f"caption shards of 256 px JPEGs (resized to {cfg.vision.input_size}), rows of "
                           f"{cfg.decoder.max_len}; a {window:.1f} s window after each worker's first "
-                          "micro-batch (bench/data.py)")
-        except OutOfBudget:
-            raise
+                          "micro-batch (bench/data.py)"
+                          + ("; the planner's traces ran beside" if beside else ""))
         except Exception as e:  # noqa: BLE001
-            row.fail(_error(e, s))
+            failed([row], e, s)
 
 
 def _memory(s: Setup) -> int:
     return torch.cuda.get_device_properties(s.device).total_memory
 
 
-def _error(e: BaseException, s: Setup) -> str:
+def failed(rows: list[Row], e: BaseException, s: Setup) -> None:
+    """`rows` say what went wrong: out of the GPU's memory (a result: skipped, saying so), else the error."""
     if s.cuda and isinstance(e, torch.cuda.OutOfMemoryError):
-        return f"error: CUDA out of memory ({_memory(s) / GiB:.0f} GiB GPU)"
+        for r in rows:
+            r.skip(f"skipped: out of memory on this {_memory(s) / GiB:.0f} GiB GPU")
+        return
     line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"error: {type(e).__name__}: {line}"[:300]
+    for r in rows:
+        r.fail(f"error: {type(e).__name__}: {line}"[:300])
 
 
 # ----------------------------------------------------------------------------- the table
@@ -582,11 +607,12 @@ def header(s: Setup) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def report(s: Setup, rows: dict, elapsed: float, out: str | None) -> None:
-    """The table (stdout) and the JSON (--out): what was measured so far, the rest saying why not."""
+def report(s: Setup, rows: dict, elapsed: float, out: str | None, took: dict | None = None) -> None:
+    """The table (stdout) and the JSON (--out): what was measured so far, the rest saying why not; `took`:
+    the seconds of each section run."""
     for r in rows.values():
         r.skip("not reached: budget")
-    head = {**header(s), "elapsed_s": round(elapsed, 1)}
+    head = {**header(s), "elapsed_s": round(elapsed, 1), "sections_s": took or {}}
     print(f"\n# bench.gpu: {head['device']}, torch {head['torch']} (CUDA {head['cuda']}), {s.config}, "
           f"{head['date']}, {elapsed:.0f} s of {s.args.budget_s:g}")
     print(table(list(rows.values())), flush=True)
@@ -613,19 +639,30 @@ def parse(argv):
                     help="measure decoder.compile=true (default: yes, but not with --tiny)")
     ap.add_argument("--caption-tokens", type=int, default=20,
                     help="caption length of the train micro-batch: its images (default 20)")
+    ap.add_argument("--sections", default=",".join(SHARES),
+                    help="comma-separated (default all; they run in this order: " + ", ".join(SHARES) + "); "
+                         "the others' rows say `skipped: not selected`")
+    ap.add_argument("--fault", help=argparse.SUPPRESS)  # a section that raises at its start (the test's)
     ap.add_argument("--plan-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--plan-checkpointing", default="false,true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     tiny = args.tiny
     args.config = args.config or str(ROOT / "configs" / ("tiny.yaml" if tiny else "kosmos1.yaml"))
     args.device = args.device or ("cpu" if tiny else "cuda")
     args.compile = (not tiny) if args.compile is None else args.compile
-    # counts: (--tiny, full)
-    args.steps = 2 if tiny else 5
-    args.images = 8 if tiny else 128
-    args.new_tokens, args.prompt_tokens, args.window = (24, 8, 4) if tiny else (256, 32, 16)
-    args.eval_images = 4 if tiny else 64
+    args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = [x for x in args.sections if x not in SHARES]
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; the sections are: {', '.join(SHARES)}")
+    # counts: --tiny, else the GPU's
+    args.warmup, args.steps = (1, 1) if tiny else (2, 5)
+    args.images = 4 if tiny else 128
+    args.new_tokens, args.prompt_tokens, args.window = (12, 8, 3) if tiny else (256, 32, 16)
+    args.eval_images = 2 if tiny else 64
     args.workers = [1, 2] if tiny else [1, 8]
-    args.loader_images, args.loader_seconds = (80, 1.0) if tiny else (800, 8.0)
+    args.loader_images, args.loader_seconds = (40, 1.0) if tiny else (800, 8.0)
+    if tiny:  # two caption rows a micro-batch: the train step in about a second on a CPU core
+        args.overrides = ["data.captions.micro_batch_size=2", *args.overrides]
     return args
 
 
@@ -644,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     from kosmos.tokenizer.build import build_tokenizer
 
     budget = Budget(args.budget_s)
+    if args.tiny:  # tiny operators: threads only wait on each other (and on the planner's process, beside)
+        torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         tmp = Path(tmp)
         tok = build_tokenizer([TINY_CORPUS], tmp / "tok", 1000, character_coverage=0.995, quiet=True)
@@ -660,21 +699,33 @@ def main(argv: list[str] | None = None) -> int:
                 os._exit(3)
 
         threading.Thread(target=watchdog, daemon=True).start()
-        planner = Planner(s)
+        planner = Planner(s, train="train" in args.sections or "compiled" in args.sections)
         model = None
+        took: dict[str, float] = {}
         try:
             for section in SHARES:
-                seconds = budget.share(section)
+                if section not in args.sections:
+                    for r in section_rows(rows, section):
+                        r.skip("skipped: not selected (--sections)")
+                    continue
+                if section == "compiled" and model is not None:
+                    del model  # the compiled train step wants the memory
+                    model = None
+                    if s.cuda:
+                        torch.cuda.empty_cache()
+                seconds = budget.share(section, args.sections)
                 deadline = time.monotonic() + seconds
                 print(f"bench.gpu: {section} ({seconds:.0f} s at most)", flush=True)
                 try:
                     with interrupt_after(seconds + 5):
+                        if section == args.fault:
+                            raise RuntimeError(f"a fault planted in {section} (--fault)")
                         if section == "train":
-                            section_train(s, rows, deadline, planner, compile_=False)
-                        elif section == "train, compiled":
-                            section_train(s, rows, deadline, planner, compile_=True)
+                            section_train(s, rows, deadline, compile_=False)
+                        elif section == "compiled":
+                            section_train(s, rows, deadline, compile_=True)
                         elif section == "loader":
-                            section_loader(s, rows, deadline)
+                            section_loader(s, rows, deadline, planner.running())
                         else:
                             if model is None:
                                 model = inference_model(s)
@@ -684,28 +735,24 @@ def main(argv: list[str] | None = None) -> int:
                     for r in section_rows(rows, section):
                         r.skip(f"skipped: budget (its {seconds:.0f} s ran out)")
                 except Exception as e:  # noqa: BLE001 - the rows say it; the next section runs
-                    for r in section_rows(rows, section):
-                        r.fail(_error(e, s))
-                if section == "loader" and model is not None:
-                    del model  # the compiled train step wants the memory
-                    model = None
-                    if s.cuda:
-                        torch.cuda.empty_cache()
+                    failed(section_rows(rows, section), e, s)
+                took[section] = round(seconds - (deadline - time.monotonic()), 1)
+                print(f"bench.gpu: {section} took {took[section]:.0f} s", flush=True)
             planned_rows(s, rows, planner, budget.end + 30)
         finally:
             planner.close()
             done.set()
-        report(s, rows, time.monotonic() - budget.t0, args.out)
+        report(s, rows, time.monotonic() - budget.t0, args.out, took)
     return 1 if any(r.status == "error" for r in rows.values()) else 0
 
 
 def section_rows(rows: dict, section: str) -> list[Row]:
     """The rows a section fills."""
-    prefix = {"train": ("train ", "optimizer step"), "train, compiled": ("train ",),
+    prefix = {"train": ("train ", "optimizer step"), "compiled": ("train ",),
               "vision": ("vision",), "generation": ("generation",), "evaluation": ("evaluation",),
               "loader": ("loader",)}[section]
     return [r for r in rows.values() if r.what.startswith(prefix)
-            and (section not in ("train", "train, compiled")
+            and (section not in ("train", "compiled")
                  or r.what == "optimizer step" or ("compile on" in r.setting) == (section != "train"))]
 
 
