@@ -180,6 +180,8 @@ def build_model(cfg, device: torch.device):
     try:
         with device:
             return Kosmos(cfg)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except Exception:  # noqa: BLE001 - a module that builds on the CPU only: the slow way
         return Kosmos(cfg).to(device)
 
@@ -218,7 +220,8 @@ class Planner:
     one for both (two cores); read when the table is written."""
 
     def __init__(self, s: Setup, train: bool = True):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+        path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # wheels there too
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "2"}
         groups = ([["false"], ["true"]] if s.cuda else [["false", "true"]]) if train else []
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "bench.gpu", "--plan-only", "--plan-checkpointing", ",".join(g),
@@ -328,7 +331,8 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
     how = "torch.cuda.max_memory_allocated" if s.cuda else \
         "CPU: weights and optimizer state + live tensors of a step (bench._perf.PeakMemory)"
     mem_row.set(peak / GiB, how)
-    if not ckpt and not compile_:  # the optimizer step alone, the gradients of one micro-batch in place
+    opt_row = rows[("optimizer step", cfg.optim.name)]
+    if opt_row.status == "pending" and not compile_:  # the optimizer step alone, one micro-batch's gradients
         with s.amp():
             loss = model(**batch).loss
         loss.backward()
@@ -336,7 +340,7 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
         t_opt = timed(optimizer.step, s.device, 1, s.args.steps, deadline)
         optimizer.zero_grad(set_to_none=True)
         n = sum(p.numel() for p in params)
-        rows[("optimizer step", cfg.optim.name)].set(
+        opt_row.set(
             1e3 * statistics.median(t_opt), f"{type(optimizer).__module__.split('.')[0]} "
             f"{type(optimizer).__name__} on {s.device.type}, {n / 1e6:,.1f}M trainable parameters "
             f"(median of {len(t_opt)})")
