@@ -646,7 +646,8 @@ def parse(argv):
     ap.add_argument("--sections", default=",".join(SHARES),
                     help="comma-separated (default all; they run in this order: " + ", ".join(SHARES) + "); "
                          "the others' rows say `skipped: not selected`")
-    ap.add_argument("--fault", help=argparse.SUPPRESS)  # a section that raises at its start (the test's)
+    ap.add_argument("--fault", help=argparse.SUPPRESS)  # a section that raises at its start (the tests')
+    ap.add_argument("--stall", help=argparse.SUPPRESS)  # a section that hangs at its start (the tests')
     ap.add_argument("--plan-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--plan-checkpointing", default="false,true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -719,11 +720,17 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.empty_cache()
                 seconds = budget.share(section, args.sections)
                 deadline = time.monotonic() + seconds
+                if seconds < 1:
+                    for r in section_rows(rows, section):
+                        r.skip("skipped: budget (no time left)")
+                    continue
                 print(f"bench.gpu: {section} ({seconds:.0f} s at most)", flush=True)
                 try:
-                    with interrupt_after(seconds + 5):
+                    with interrupt_after(seconds + min(5.0, 0.1 * seconds)):  # a step's grace to finish
                         if section == args.fault:
                             raise RuntimeError(f"a fault planted in {section} (--fault)")
+                        if section == args.stall:
+                            time.sleep(2 * seconds + 60)  # a hang planted (--stall)
                         if section == "train":
                             section_train(s, rows, deadline, compile_=False)
                         elif section == "compiled":

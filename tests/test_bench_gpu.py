@@ -87,3 +87,18 @@ def test_without_cuda_the_full_check_declines_in_one_line(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "needs one GPU" in out[0] and "--tiny" in out[0]
+
+
+@pytest.mark.slow
+def test_a_section_out_of_its_time_is_stopped_and_the_next_runs(tmp_path):
+    """A hang planted in the vision section: it is stopped when its share of the budget is over (SIGALRM), its
+    row says so, and the loader after it is measured in the time left."""
+    res, report = _run(tmp_path, "--budget-s", "20", "--sections", "vision,loader", "--stall", "vision")
+    log = res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.returncode == 0, log
+    rows = {(r["what"], r["setting"]): r for r in report["rows"]}
+    vision = rows[("vision tower forward", "frozen, inference")]
+    assert vision["status"] == "skipped" and vision["note"].startswith("skipped: budget") \
+        and "ran out" in vision["note"], vision
+    loaders = [r for r in report["rows"] if r["what"] == "loader"]
+    assert loaders and all(r["status"] == "ok" and r["value"] > 0 for r in loaders), loaders
