@@ -93,7 +93,7 @@ def test_without_cuda_the_full_check_declines_in_one_line(capsys):
 def test_a_section_out_of_its_time_is_stopped_and_the_next_runs(tmp_path):
     """A hang planted in the vision section: it is stopped when its share of the budget is over (SIGALRM), its
     row says so, and the loader after it is measured in the time left."""
-    res, report = _run(tmp_path, "--budget-s", "20", "--sections", "vision,loader", "--stall", "vision")
+    res, report = _run(tmp_path, "--budget-s", "60", "--sections", "vision,loader", "--stall", "vision")
     log = res.stdout[-4000:] + res.stderr[-4000:]
     assert res.returncode == 0, log
     rows = {(r["what"], r["setting"]): r for r in report["rows"]}
