@@ -668,8 +668,9 @@ def parse(argv):
     args.eval_images = 2 if tiny else 64
     args.workers = [1, 2] if tiny else [1, 8]
     args.loader_images, args.loader_seconds = (40, 1.0) if tiny else (800, 8.0)
-    if tiny:  # two caption rows a micro-batch: the train step in about a second on a CPU core
-        args.overrides = ["data.captions.micro_batch_size=2", *args.overrides]
+    if tiny:  # two caption rows a micro-batch: the train step in about a second on a CPU core; more ids than
+        # the toy tokenizer has, as configs/kosmos1.yaml's 64007 (evaluation decodes what a random model says)
+        args.overrides = ["data.captions.micro_batch_size=2", "decoder.vocab_size=4096", *args.overrides]
     return args
 
 
