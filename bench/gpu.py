@@ -320,8 +320,10 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
     t = statistics.median(times)
     tokens = batch["input_ids"].numel()
     images = len(batch.get("images", ()))
-    step_row.set(tokens / t, f"{t:.3f} s a step (median of {len(times)} after {s.args.warmup} warm-up steps, "
-                             f"{warm:.0f} s); {mb.rows} x {cfg.decoder.max_len} tokens + {images} images")
+    n_warm = s.args.warmup
+    step_row.set(tokens / t, f"{t:.3f} s a step (median of {len(times)} after {n_warm} warm-up "
+                             f"step{'s' if n_warm > 1 else ''}: {warm:.1f} s); {mb.rows} x "
+                             f"{cfg.decoder.max_len} tokens + {images} images")
     peak_fl = peak_flops(cfg, s.device)
     flops = tokens * cfg.flops_per_token() + images * cfg.flops_per_image()  # as kosmos.metrics counts
     if peak_fl:
