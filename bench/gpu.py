@@ -350,7 +350,6 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
             f"(median of {len(t_opt)})")
 
 
-
 def train_key(ckpt: bool, compile_: bool) -> str:
     return (f"activation checkpointing {'on' if ckpt else 'off'}, "
             f"decoder.compile {'on' if compile_ else 'off'}")
