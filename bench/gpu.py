@@ -362,7 +362,8 @@ def section_train(s: Setup, rows: dict, deadline: float, compile_: bool) -> None
         key = train_key(ckpt, compile_)
         if compile_ and not s.args.compile:
             for r in train_rows(rows, key):
-                r.skip("skipped: --tiny (inductor on 2 CPU cores compiles for minutes; --compile runs it)")
+                r.skip("skipped: --tiny (inductor's first compile: most of a minute on 2 CPU cores; "
+                       "--compile runs it)")
             continue
         left = deadline - time.monotonic()
         if compile_ and left < s.args.compile_min_s:

@@ -61,6 +61,17 @@ def test_tiny_measures_every_section(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_compiled_train_step_runs_on_the_cpu(tmp_path):
+    """decoder.compile=true (inductor's C++ on the CPU; Triton on a GPU) with activation checkpointing off
+    and on, the 8-bit optimizer and the planner beside: both configurations measured."""
+    res, report = _run(tmp_path, "--compile", "--sections", "compiled")
+    log = res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.returncode == 0, log
+    rows = [r for r in report["rows"] if "compile on" in r["setting"] and r["what"] != "train MFU"]
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["value"] > 0 for r in rows), rows
+
+
+@pytest.mark.slow
 def test_a_failing_section_says_so_and_the_others_still_run(tmp_path):
     """A fault planted in the vision section: its row holds the error, the loader after it is measured,
     the sections not selected say so, and the exit status is 1."""
