@@ -620,13 +620,22 @@ def report(s: Setup, rows: dict, elapsed: float, out: str | None, took: dict | N
     the seconds of each section run."""
     for r in rows.values():
         r.skip("not reached: budget")
-    head = {**header(s), "elapsed_s": round(elapsed, 1), "sections_s": took or {}}
+    head = save(s, rows, elapsed, out, took)
     print(f"\n# bench.gpu: {head['device']}, torch {head['torch']} (CUDA {head['cuda']}), {s.config}, "
           f"{head['date']}, {elapsed:.0f} s of {s.args.budget_s:g}")
     print(table(list(rows.values())), flush=True)
+
+
+def save(s: Setup, rows: dict, elapsed: float, out: str | None, took: dict | None = None) -> dict:
+    """The JSON (--out) of the rows as they are (also after each section: a run killed from outside leaves
+    what it measured); returns its head (where and when)."""
+    head = {**header(s), "elapsed_s": round(elapsed, 1), "sections_s": took or {}}
     if out:
-        Path(out).write_text(json.dumps({**head, "rows": [dataclasses.asdict(r) for r in rows.values()]},
-                                        indent=1) + "\n")
+        tmp = Path(f"{out}.tmp")
+        tmp.write_text(json.dumps({**head, "rows": [dataclasses.asdict(r) for r in rows.values()]}, indent=1)
+                       + "\n")
+        tmp.replace(out)
+    return head
 
 
 # ----------------------------------------------------------------------------- main
@@ -763,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed(section_rows(rows, section), e, s)
                 took[section] = round(seconds - (deadline - time.monotonic()), 1)
                 print(f"bench.gpu: {section} took {took[section]:.0f} s", flush=True)
+                save(s, rows, time.monotonic() - budget.t0, args.out, took)
             planned_rows(s, rows, planner, budget.end)
         finally:
             planner.close()
