@@ -408,11 +408,14 @@ def planned_rows(s: Setup, rows: dict, planner: Planner, deadline: float) -> Non
 
 
 def inference_model(s: Setup):
+    """The model of the vision, generation and evaluation sections: eval mode, bf16 on CUDA (as
+    bench/generate.py and bench/eval.py measure)."""
     model = build_model(s.cfg(), s.device)
     return model.to(dtype=s.dtype).eval()
 
 
 def section_vision(s: Setup, rows: dict, model, deadline: float) -> None:
+    """The vision tower's forward (frozen: no autograd) on a batch of random pixels, images/s."""
     row = rows[("vision tower forward", "frozen, inference")]
     n = s.args.images
     size = model.vision.image_size
@@ -430,6 +433,8 @@ def section_vision(s: Setup, rows: dict, model, deadline: float) -> None:
 
 
 def section_generation(s: Setup, rows: dict, model, deadline: float) -> None:
+    """kosmos.generate with the KV cache, greedy then beam 5, no eos (every step runs): tokens/s of the
+    returned sequence, and the ms per token at the start and the end (bench/generate.py's clock)."""
     from bench.generate import DecoderCalls, image_prompt, token_costs
     from kosmos.generate import GenerationConfig, generate
 
@@ -454,7 +459,8 @@ def section_generation(s: Setup, rows: dict, model, deadline: float) -> None:
                 total = time.perf_counter() - t0
             c = token_costs(clock.times, w)
             speed.set(len(out) / total, f"{len(out)} new tokens after {len(prompt.ids)} (1 image), "
-                                        f"prefill {c['prefill_ms']:.1f} ms")
+                                        f"prefill {c['prefill_ms']:.1f} ms"
+                                        + (f"; the best of {beams} beams" if beams > 1 else ""))
             first.set(c["start_ms"], f"median over the first {w} new tokens")
             last.set(c["end_ms"], f"median over the last {w}: {c['end_ms'] / c['start_ms']:.2f}x the first")
         except Exception as e:  # noqa: BLE001
@@ -481,6 +487,8 @@ class _ToyDecode:
 
 
 def section_evaluation(s: Setup, rows: dict, model, deadline: float) -> None:
+    """kosmos.eval's captioning task on a folder of JPEGs (predictions only: no references), one batch of
+    warm-up, then all of them: images/s, loading and resizing the images included."""
     from kosmos.eval.prompts import Shots
     from kosmos.eval.run import load_task_data, run_task
     from kosmos.eval.tasks import get_task
@@ -522,7 +530,9 @@ def write_images(folder: Path, n: int, side: int = 256) -> None:
 
 
 def section_loader(s: Setup, rows: dict, deadline: float, beside: bool = False) -> None:
-    """`beside`: the planner's traces still run (they take CPU cores from the workers: the note says so)."""
+    """Caption shards of 256 px JPEGs (the converters' default size) through the training pipeline with 1 and
+    8 DataLoader workers (--tiny: 1 and 2): images/s handed to this process (bench/data.py). `beside`: the
+    planner's traces still run (they take CPU cores from the workers: the note says so)."""
     from bench.data import make_shards, through_workers
 
     cfg = s.cfg()
