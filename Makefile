@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 
-.PHONY: setup test test-fast demo bench lint clean docs docs-check
+.PHONY: setup test test-fast demo bench gpu-check lint clean docs docs-check
 
 setup: .venv/.installed .venv/.editable .venv/hf-site/.installed
 
@@ -52,6 +52,13 @@ docs-check: setup
 bench: setup
 	@for b in bench/[!_]*.py; do m=$$(basename $$b .py); echo "== python -m bench.$$m"; \
 		$(PY) -m bench.$$m || exit 1; done
+
+## The prepared GPU check (bench/gpu.py): configs/kosmos1.yaml on one GPU, one table in at most 8 minutes, the
+## rows also in runs/gpu_check.json (docs/benchmarks.md#gpu-check); without CUDA it says so in one line. No
+## `setup` first: a GPU machine may bring its own Python and packages (`make gpu-check PY=python3`).
+gpu-check:
+	@mkdir -p runs
+	$(PY) -m bench.gpu --out runs/gpu_check.json
 
 clean:
 	rm -rf .venv .pytest_cache demo_out

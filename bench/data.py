@@ -94,19 +94,32 @@ def pipeline(paths, tok, max_len, latents, size) -> tuple[int, int, int, float]:
 def through_worker(paths, tok, max_len, latents, size) -> float:
     """Images/s of the same pipeline in one DataLoader worker process, handed to this one as training gets
     them (shared memory), the first micro-batch (worker start-up) not counted."""
+    return through_workers(paths, tok, max_len, latents, size)
+
+
+def through_workers(paths, tok, max_len, latents, size, workers: int = 1,
+                    seconds: float | None = None) -> float:
+    """Images/s of the pipeline in `workers` DataLoader worker processes, handed to this one as training gets
+    them (shared memory). Without `seconds`: one pass over the shards, the first micro-batch (worker
+    start-up) not counted. With `seconds`: the shards read without end (as training reads them), the first
+    micro-batch of every worker not counted, then the images delivered in a window of that many seconds."""
     from kosmos.config import SourceConfig
     from kosmos.data.stream import SourceDataset, SourceLoader
     from kosmos.sequence import SequenceEncoder
 
-    source = SourceConfig(kind="captions", micro_batch_size=4, workers=1, shuffle_buffer=0)
-    ds = SourceDataset(source, paths, SequenceEncoder(tok, latents, size), max_len=max_len, infinite=False)
+    source = SourceConfig(kind="captions", micro_batch_size=4, workers=workers, shuffle_buffer=0)
+    ds = SourceDataset(source, paths, SequenceEncoder(tok, latents, size), max_len=max_len,
+                       infinite=seconds is not None)
     loader = SourceLoader(ds)
     try:
         batches = iter(loader)
-        next(batches)
+        for _ in range(workers if seconds is not None else 1):  # the workers' start-up
+            next(batches)
         images, t0 = 0, time.perf_counter()
         for b in batches:
             images += b["images"].shape[0]
+            if seconds is not None and time.perf_counter() - t0 >= seconds:
+                break
         return images / (time.perf_counter() - t0)
     finally:
         loader.close()

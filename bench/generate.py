@@ -27,6 +27,60 @@ from bench.attention import DTYPES, decoder_overrides, describe, resolve_dtype  
 from kosmos.config import load_config  # noqa: E402
 
 
+def image_prompt(model, prompt_tokens: int, seed: int = 0):
+    """A prompt of one random image and `prompt_tokens` random text tokens: `<s> <image> slots </image>
+    text` (random weights: no tokenizer needed)."""
+    from kosmos.generate import Prompt
+
+    g = torch.Generator().manual_seed(seed)
+    n = model.num_latents
+    text = torch.randint(10, model.cfg.decoder.vocab_size, (prompt_tokens,), generator=g).tolist()
+    ids = [2, 4] + [0] * n + [5] + text  # <s> <image> slots </image> text
+    mask = [False, False] + [True] * n + [False] * (1 + len(text))
+    size = model.vision.image_size
+    return Prompt(ids=ids, image_mask=mask,
+                  images=torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8))
+
+
+class DecoderCalls:
+    """Times each call of the model's decoder while active (`with clock:`): the prefill, then one call per
+    new token (beam search: one per step for all beams), from hooks on the module that generate() itself
+    calls, the device synchronised before and after each call. `times` holds the last block's calls."""
+
+    def __init__(self, model, device) -> None:
+        self.model, self.device = model, device
+        self.stamps: list[float] = []
+        self._hooks: list = []
+
+    def _stamp(self, *_) -> None:
+        synchronize(self.device)  # device->host sync: the step's kernels are done
+        self.stamps.append(time.perf_counter())
+
+    def __enter__(self) -> DecoderCalls:
+        self.stamps = []
+        self._hooks = [self.model.decoder.register_forward_pre_hook(self._stamp),
+                       self.model.decoder.register_forward_hook(self._stamp)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    @property
+    def times(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps[::2], self.stamps[1::2], strict=False)]
+
+
+def token_costs(calls: list[float], window: int) -> dict[str, float]:
+    """From the decoder calls' times (prefill first): the prefill's ms and the median ms per token over the
+    first and the last `window` new tokens (medians: robust to load spikes)."""
+    steps = calls[1:]
+    w = max(1, min(window, len(steps)))
+    return {"prefill_ms": 1e3 * calls[0], "start_ms": 1e3 * statistics.median(steps[:w]),
+            "end_ms": 1e3 * statistics.median(steps[-w:])}
+
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML config of the model (default: tiny vision, a small CPU decoder)")
@@ -42,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.lengths = [args.prompt_tokens + args.new_tokens + 128]  # max_len for decoder_overrides
     dtype, device = resolve_dtype(args), torch.device(args.device)
 
-    from kosmos.generate import GenerationConfig, Prompt, generate
+    from kosmos.generate import GenerationConfig, generate
     from kosmos.model import Kosmos
 
     config = args.config or str(ROOT / "configs" / "tiny.yaml")
@@ -52,29 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = Kosmos(cfg)
     model.to(device=device, dtype=dtype).eval()
 
-    g = torch.Generator().manual_seed(0)
-    n = model.num_latents
-    text = torch.randint(10, cfg.decoder.vocab_size, (args.prompt_tokens,), generator=g).tolist()
-    ids = [2, 4] + [0] * n + [5] + text  # <s> <image> slots </image> text
-    mask = [False, False] + [True] * n + [False] * (1 + len(text))
-    size = model.vision.image_size
-    prompt = Prompt(ids=ids, image_mask=mask,
-                    images=torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8))
-
-    # Time each call of the decoder (the prefill, then one call per new token) with hooks on the module
-    # that generate() itself calls.
-    stamps: list[float] = []
-
-    def before(module, inputs):
-        synchronize(device)
-        stamps.append(time.perf_counter())
-
-    def after(module, inputs, output):
-        synchronize(device)  # device->host sync: the step's kernels are done
-        stamps.append(time.perf_counter())
-
-    model.decoder.register_forward_pre_hook(before)
-    model.decoder.register_forward_hook(after)
+    prompt = image_prompt(model, args.prompt_tokens)
+    n, ids = model.num_latents, prompt.ids
+    clock = DecoderCalls(model, device)
 
     print(f"# bench/generate.py: {describe(cfg.decoder)}; attention {args.attention}; prompt of 1 image "
           f"({n} slots) + {args.prompt_tokens} text tokens = {len(ids)}; {args.new_tokens} new tokens, "
@@ -84,18 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
     generate(model, [prompt], GenerationConfig(max_new_tokens=4))  # warm-up
     results, outputs = {}, {}
     for name, use_cache in (("uncached", False), ("cached", True)):
-        stamps.clear()
         gen.use_cache = use_cache
-        t0 = time.perf_counter()
-        outputs[name] = generate(model, [prompt], gen)[0]
-        total = time.perf_counter() - t0
-        # prefill, then one per new token
-        calls = [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=False)]
-        steps = calls[1:]
-        w = min(args.window, len(steps))
-        start, end = statistics.median(steps[:w]), statistics.median(steps[-w:])  # robust to load spikes
-        results[name] = {"tok_s": len(outputs[name]) / total, "start_ms": 1e3 * start, "end_ms": 1e3 * end,
-                         "prefill_ms": 1e3 * calls[0], "total_s": total}
+        with clock:
+            t0 = time.perf_counter()
+            outputs[name] = generate(model, [prompt], gen)[0]
+            total = time.perf_counter() - t0
+        results[name] = {"tok_s": len(outputs[name]) / total, **token_costs(clock.times, args.window),
+                         "total_s": total}
+    w = min(args.window, len(clock.times) - 1)
     print(f"{'':>9} {'tok/s':>8} {'prefill ms':>10} {'ms/token first ' + str(w):>18} "
           f"{'ms/token last ' + str(w):>17} {'last/first':>10}")
     for name, r in results.items():
