@@ -27,7 +27,7 @@ setup: .venv/.installed .venv/.editable .venv/hf-site/.installed
 
 ## All tests, the slow end-to-end ones included (what CI runs).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 ## Unit tests only (skips tests marked slow).
 test-fast: setup
