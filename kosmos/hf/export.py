@@ -190,8 +190,8 @@ def find_eval_results(ckpt: Path, extra: list[Path] = (), step: int | None = Non
     return [found[k] for k in sorted(found, key=str)]
 
 
-def model_card(cfg, state: dict, evals: list[dict], name: str) -> str:
-    """README.md of the export."""
+def model_card(cfg, state, evals: list[dict], name: str) -> str:
+    """README.md of the export; `state`: the checkpoint's `kosmos.checkpoint.TrainState`, None without one."""
     import yaml
 
     # the Hub reads the front matter: the library, the task, tags
@@ -215,18 +215,18 @@ def model_card(cfg, state: dict, evals: list[dict], name: str) -> str:
              "`{image}` marks where each image goes (without it the images come first), as in "
              "`kosmos-generate`.",
              ""]
-    step = state.get("step")
-    tokens = state.get("tokens") or state.get("tokens_seen") or state.get("train_tokens")
+    step = state.step if state else None
+    sources = cfg.data.active_sources()
     lines += ["## Training", "", f"- steps: {step if step is not None else 'unknown'}"]
-    if tokens:
-        lines.append(f"- tokens seen: {tokens:,}" if isinstance(tokens, int) else f"- tokens seen: {tokens}")
+    if state and state.tokens:
+        lines.append(f"- tokens seen: {state.tokens:,}")
     else:
-        per_step = sum(s.tokens_per_step for s in _sources(cfg).values())
+        per_step = sum(s.tokens_per_step for s in sources.values())
         if per_step and step:
             lines.append(f"- tokens seen: about {per_step * step:,} ({per_step:,} per step x {step} steps)")
     lines += ["", "### Data mixture (tokens per step)", "", "| source | shards | tokens per step |",
               "|---|---|---|"]
-    for src_name, src in _sources(cfg).items():
+    for src_name, src in sources.items():
         shards = ", ".join(str(s) for s in src.shards) or "-"
         lines.append(f"| {src_name} | {shards} | {src.tokens_per_step:,} |")
     lines += ["", "### Evaluation", ""]
@@ -246,13 +246,6 @@ def model_card(cfg, state: dict, evals: list[dict], name: str) -> str:
     return "\n".join(lines)
 
 
-def _sources(cfg) -> dict:
-    d = cfg.data
-    found = {"text": d.text, "captions": d.captions, "interleaved": d.interleaved}
-    found.update(getattr(d, "sources", {}) or {})
-    return {k: v for k, v in found.items() if v.tokens_per_step}
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -262,6 +255,7 @@ def export(checkpoint: str | Path, out: str | Path, eval_dirs: list[str | Path] 
     its newest checkpoint) to `out`; returns `out`."""
     from safetensors.torch import save_file
 
+    from kosmos.checkpoint import TrainState
     from kosmos.config import save_config
     from kosmos.generate import load_for_inference
     from kosmos.untrusted import load_json
@@ -300,17 +294,17 @@ def export(checkpoint: str | Path, out: str | Path, eval_dirs: list[str | Path] 
     for f in sorted(tok_dir.iterdir()):
         if f.is_file():
             shutil.copy2(f, training / "tokenizer" / f.name)
-    state = {}
+    state = None
     if (ckpt / "trainer_state.json").is_file():
         shutil.copy2(ckpt / "trainer_state.json", training / "trainer_state.json")
         try:
-            state = load_json((ckpt / "trainer_state.json").read_text())
-        except ValueError:
-            state = {}
-    step = state.get("step") if isinstance(state, dict) else None
-    evals = find_eval_results(ckpt, [Path(p) for p in eval_dirs], step if isinstance(step, int) else None)
-    (out / "README.md").write_text(model_card(cfg, state if isinstance(state, dict) else {}, evals,
-                                              out.name))
+            saved = load_json((ckpt / "trainer_state.json").read_text())
+            if isinstance(saved, dict) and "step" in saved:  # an imported checkpoint's is {}: no figures
+                state = TrainState.from_dict(saved)
+        except (ValueError, TypeError):  # not JSON, or figures that are not numbers
+            state = None
+    evals = find_eval_results(ckpt, [Path(p) for p in eval_dirs], state.step if state else None)
+    (out / "README.md").write_text(model_card(cfg, state, evals, out.name))
     return out
 
 
