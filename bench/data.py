@@ -31,22 +31,32 @@ WORDS = ("a an the red green blue yellow small large round square cat dog person
          "building window table cup plate of on in with next to near under over standing sitting").split()
 
 
-def make_shards(out: Path, n_images: int, per_shard: int = 100, seed: int = 0, side: int = 256) -> list[str]:
+def shipped_photos() -> list:
+    """The photos in assets/images, as RGB PIL images."""
     from PIL import Image
 
+    return [Image.open(p).convert("RGB") for p in sorted((ROOT / "assets" / "images").glob("*.jpg"))]
+
+
+def photo_crop(rng: random.Random, photos: list, side: int):
+    """A random square crop of one of `photos` (at least half its shorter side), resized to `side` px."""
+    im = rng.choice(photos)
+    w, h = im.size
+    c = rng.randint(min(w, h) // 2, min(w, h))
+    x, y = rng.randint(0, w - c), rng.randint(0, h - c)
+    return im.crop((x, y, x + c, y + c)).resize((side, side))
+
+
+def make_shards(out: Path, n_images: int, per_shard: int = 100, seed: int = 0, side: int = 256) -> list[str]:
     rng = random.Random(seed)
-    photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "assets" / "images").glob("*.jpg"))]
+    photos = shipped_photos()
     paths = []
     for s in range(0, n_images, per_shard):
         path = out / f"cap{side}-{s // per_shard:06d}.tar"
         with tarfile.open(path, "w") as tar:
             for i in range(s, min(s + per_shard, n_images)):
-                im = rng.choice(photos)
-                w, h = im.size
-                c = rng.randint(min(w, h) // 2, min(w, h))
-                x, y = rng.randint(0, w - c), rng.randint(0, h - c)
                 buf = io.BytesIO()
-                im.crop((x, y, x + c, y + c)).resize((side, side)).save(buf, format="JPEG", quality=90)
+                photo_crop(rng, photos, side).save(buf, format="JPEG", quality=90)
                 cap = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 25))).encode()
                 for ext, data in (("jpg", buf.getvalue()), ("txt", cap)):
                     info = tarfile.TarInfo(f"{i:08d}.{ext}")

@@ -513,20 +513,16 @@ def section_evaluation(s: Setup, rows: dict, model, deadline: float) -> None:
 
 
 def write_images(folder: Path, n: int, side: int = 256) -> None:
-    """`n` JPEGs of `side` px: random crops of the shipped photos."""
+    """`n` JPEGs of `side` px: random crops of the shipped photos (bench/data.py's, as its shards hold)."""
     import random
 
-    from PIL import Image
+    from bench.data import photo_crop, shipped_photos
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    photos = [Image.open(p).convert("RGB") for p in sorted((ROOT / "assets" / "images").glob("*.jpg"))]
+    photos = shipped_photos()
     for i in range(n):
-        im = rng.choice(photos)
-        w, h = im.size
-        c = rng.randint(min(w, h) // 2, min(w, h))
-        x, y = rng.randint(0, w - c), rng.randint(0, h - c)
-        im.crop((x, y, x + c, y + c)).resize((side, side)).save(folder / f"{i:05d}.jpg", quality=90)
+        photo_crop(rng, photos, side).save(folder / f"{i:05d}.jpg", quality=90)
 
 
 def section_loader(s: Setup, rows: dict, deadline: float, beside: bool = False) -> None:
