@@ -96,18 +96,25 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(fn: Callable[[], object], device: str | torch.device, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs (device synchronised)."""
+def wall_times(fn: Callable[[], object], device: str | torch.device, repeats: int = 3, warmup: int = 1,
+               deadline: float | None = None) -> list[float]:
+    """Wall times of `fn()` in seconds (device synchronised) after `warmup` calls: `repeats` of them, fewer
+    when `deadline` (time.monotonic) comes first, at least one."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats and (deadline is None or not times or time.monotonic() < deadline):
         t0 = time.perf_counter()
         fn()
         synchronize(device)  # device->host sync: the time must include the queued kernels
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def time_it(fn: Callable[[], object], device: str | torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs (device synchronised)."""
+    return statistics.median(wall_times(fn, device, repeats, warmup))
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str | torch.device, repeats: int = 3,

@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench._perf import PeakMemory, synchronize  # noqa: E402
+from bench._perf import PeakMemory, wall_times  # noqa: E402
 
 GiB = 2**30
 SHARES = {"train": 0.22, "vision": 0.04, "generation": 0.12, "evaluation": 0.08, "loader": 0.10,
@@ -128,21 +128,6 @@ def interrupt_after(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-
-
-def timed(fn, device, warmup: int, repeats: int, deadline: float) -> list[float]:
-    """Wall times of `fn()` (device synchronised) after `warmup` calls: `repeats` of them, fewer when
-    `deadline` (time.monotonic) comes first, at least one."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: list[float] = []
-    while len(times) < repeats and (not times or time.monotonic() < deadline):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)  # device->host sync: the time includes the queued kernels
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 # ----------------------------------------------------------------------------- the run's setting
@@ -307,10 +292,10 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
     warm = time.monotonic() - t_warm
     if s.cuda:
         torch.cuda.reset_peak_memory_stats(s.device)
-        times = timed(step, s.device, 0, s.args.steps, deadline)
+        times = wall_times(step, s.device, s.args.steps, 0, deadline)
         peak = torch.cuda.max_memory_allocated(s.device)
     else:
-        times = timed(step, s.device, 0, s.args.steps, deadline)
+        times = wall_times(step, s.device, s.args.steps, 0, deadline)
         held = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
         held += sum(v.nbytes for st in optimizer.state.values() for v in st.values()
                     if isinstance(v, torch.Tensor))
@@ -341,7 +326,7 @@ def measure_train(s: Setup, rows: dict, ckpt: bool, compile_: bool, deadline: fl
             loss = model(**batch).loss
         loss.backward()
         del loss
-        t_opt = timed(optimizer.step, s.device, 1, s.args.steps, deadline)
+        t_opt = wall_times(optimizer.step, s.device, s.args.steps, 1, deadline)
         optimizer.zero_grad(set_to_none=True)
         n = sum(p.numel() for p in params)
         opt_row.set(
@@ -425,7 +410,7 @@ def section_vision(s: Setup, rows: dict, model, deadline: float) -> None:
         with torch.no_grad():
             model.vision(images)
 
-    times = timed(forward, s.device, 1, s.args.steps, deadline)
+    times = wall_times(forward, s.device, s.args.steps, 1, deadline)
     t = statistics.median(times)
     fl = model.cfg.vision.forward_flops()
     row.set(n / t, f"batch {n} of {size} px, {model.cfg.vision.model_name}; {n * fl / t / 1e12:.3g} TFLOP/s "
