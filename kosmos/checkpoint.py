@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from kosmos.errors import KosmosError
+from kosmos.optim import keep_configured_peaks
 from kosmos.sharding import is_sharded
 from kosmos.untrusted import load_json
 from kosmos.weights import (  # noqa: F401 - finding and checking weights; re-exported for training
@@ -352,6 +353,21 @@ def resume(acc, candidates: list[Path], cfg, model, optimizer, scheduler, mixtur
     return path, state.state_dict()
 
 
+def check_param_groups(saved: dict, optimizer, where: Path) -> None:
+    """A ConfigError when the saved optimizer state's parameter groups (how many, and the parameters in each)
+    differ from this run's optimizer: the trainable parameters or their grouping changed since the checkpoint,
+    which torch would report as a bare ValueError deep inside `load_state_dict`."""
+    from kosmos.config import ConfigError
+
+    theirs = [len(g.get("params", ())) for g in saved.get("param_groups", ())]
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if theirs != ours:
+        raise ConfigError(f"{where}: its parameter groups hold {theirs} parameters, this run's optimizer "
+                          f"{ours}: which parameters train (vision.trainable_blocks) or their grouping "
+                          "(optim.vision_lr_scale 1 or not) changed since the checkpoint. Resume with the "
+                          "checkpoint's values, or start a new run from its weights with train.init_from")
+
+
 def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset_data=(),
                     checked: dict | None = None) -> dict:
     """Restore everything `save_checkpoint` wrote into the prepared objects; returns the trainer state. A file
@@ -375,7 +391,9 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, mixture, reset
         acc.load_state(str(path / "sharded"))
     else:
         load_model_weights(acc.unwrap_model(model), path)
-        optimizer.load_state_dict(_read(load_torch, path / "optimizer.pt"))
+        saved = _read(load_torch, path / "optimizer.pt")
+        check_param_groups(saved, optimizer, path / "optimizer.pt")
+        optimizer.load_state_dict(saved)
     scheduler.load_state_dict(_read(load_torch, path / "scheduler.pt"))
     if acc.process_index < world:  # a rank the checkpoint did not have keeps its seeded RNG
         set_rng_state(_read(load_torch, path / f"rng_rank{acc.process_index}.pt"))
@@ -462,12 +480,15 @@ class Checkpointer:
         def load(path: Path, checked: dict) -> dict:
             return load_checkpoint(acc, path, model, optimizer, scheduler, mixture, self.reset_data, checked)
 
+        configured = list(scheduler.base_lrs)  # this run's peaks; loading brings back the checkpoint's
         found = self._first_usable(self.candidates, load)
         if found is None:
             raise CheckpointError("no checkpoint to resume")
         _, path, state, notes = found
         for line in notes:
             self.say(line)
+        if note := keep_configured_peaks(scheduler, configured):
+            self.say(note)
         for name in self.reset_data:
             self.say(f"warning: --reset-data {name}: the data position of {self.cfg.data.key(name)} in "
                      f"{path.name} is not restored; its data starts from scratch (fresh streams for this "

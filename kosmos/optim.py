@@ -15,8 +15,10 @@ from torch import nn
 from kosmos.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: [decayed, not decayed].
+def param_groups(model: nn.Module, weight_decay: float, vision_lr: float | None = None) -> list[dict]:
+    """Trainable parameters in two groups: [decayed, not decayed]; with `vision_lr`, the CLIP tower's
+    (`model.vision`) moved into two more groups of their own with that learning rate: [decayed, not decayed,
+    tower decayed, tower not decayed] (those of them that have parameters).
 
     Decayed: the weight matrices of linear maps, i.e. the `weight` of nn.Linear and convolutions and the
     in-projection of nn.MultiheadAttention (CLIP's blocks). Everything else is not decayed: norm gains and
@@ -40,11 +42,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))
         (decay if id(p) in matrices and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if vision_lr is None:
+        return groups
+    tower = {id(p) for p in model.vision.parameters()}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in tower]} for g in groups]
+    own = [{**g, "params": [p for p in g["params"] if id(p) in tower], "lr": vision_lr} for g in groups]
+    return rest + [g for g in own if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    vision_lr = cfg.lr * cfg.vision_lr_scale if cfg.vision_lr_scale != 1 else None
+    groups = param_groups(model, cfg.weight_decay, vision_lr)  # two groups unless the tower's lr differs
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw8bit":
         import logging
@@ -78,3 +87,24 @@ class WarmupLinearDecay:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinearDecay(cfg.warmup_steps, cfg.total_steps))
+
+
+def keep_configured_peaks(scheduler: torch.optim.lr_scheduler.LambdaLR,
+                          configured: list[float]) -> str | None:
+    """This run's peak learning rates (`configured`: the scheduler's `base_lrs` as built from the config)
+    after `scheduler.load_state_dict` brought back the checkpoint's (and the optimizer's state the rates of
+    its step): each group is set to its configured peak times the schedule at the restored step, so that an
+    `optim.lr` or `optim.vision_lr_scale` changed on resume takes effect instead of being silently replaced.
+    Returns a line saying what changed, or None when nothing did."""
+    old = list(scheduler.base_lrs)
+    if old == configured:
+        return None
+    groups = scheduler.optimizer.param_groups
+    for group, peak, factor in zip(groups, configured, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(scheduler.last_epoch)
+    scheduler.base_lrs = list(configured)
+    scheduler._last_lr = [group["lr"] for group in groups]
+    pairs = ", ".join(f"{a:.3g} -> {b:.3g}" for a, b in dict.fromkeys(zip(old, configured, strict=True)))
+    return (f"peak learning rate changed since the checkpoint (optim.lr, optim.vision_lr_scale): {pairs}; "
+            f"the schedule goes on from step {scheduler.last_epoch} at the new peak")

@@ -1,9 +1,12 @@
-"""Parameter groups: which parameters the optimizer decays, listed name by name for the tiny model."""
+"""Parameter groups: which parameters the optimizer decays, listed name by name for the tiny model, and the
+tower's own learning rate."""
 
 from __future__ import annotations
 
+import pytest
+
 from kosmos.optim import param_groups
-from tests.helpers import tiny_model
+from tests.helpers import tiny_config, tiny_model
 
 D, N = "decay", "no_decay"
 
@@ -76,3 +79,71 @@ def test_whole_tower_trainable_decays_the_patch_embedding_but_not_its_tokens():
     kept = {names[id(p)] for p in no_decay["params"]}
     assert "vision.visual.conv1.weight" in decayed  # the patch embedding is a linear map
     assert {"vision.visual.class_embedding", "vision.visual.positional_embedding"} <= kept
+
+
+def test_the_towers_own_learning_rate_puts_its_parameters_in_groups_of_their_own():
+    from kosmos.optim import build_optimizer, build_scheduler
+
+    cfg = tiny_config("vision.trainable_blocks=2", "optim.name=adamw", "optim.lr=1e-3",
+                      "optim.vision_lr_scale=3", "optim.warmup_steps=4", "optim.total_steps=10")
+    model = tiny_model("vision.trainable_blocks=2")
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim)
+    tower = {id(p) for p in model.vision.parameters()}
+    rest = {id(p) for p in model.parameters() if p.requires_grad and id(p) not in tower}
+    groups = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert len(groups) == 4 and groups[0] | groups[1] == rest and groups[2] | groups[3] == tower
+    assert sum(map(len, groups)) == len(tower | rest)  # each trainable parameter once
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optim.weight_decay, 0.0] * 2
+    assert "vision.visual.conv1.weight" in {n for n, p in model.named_parameters() if id(p) in groups[2]}
+    for _ in range(4):  # to the end of the warmup: the peak, 3x for the tower
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 3e-3, 3e-3])
+    # the default keeps the two groups older checkpoints' optimizer states hold
+    assert len(build_optimizer(model, tiny_config("optim.name=adamw").optim).param_groups) == 2
+
+
+def test_a_resume_whose_trainable_parameters_changed_is_one_config_error_naming_the_keys():
+    from kosmos.checkpoint import check_param_groups
+    from kosmos.config import ConfigError
+    from kosmos.optim import build_optimizer
+
+    saved = build_optimizer(tiny_model(), tiny_config("optim.name=adamw").optim).state_dict()
+    check_param_groups(saved, build_optimizer(tiny_model(), tiny_config("optim.name=adamw").optim), "opt.pt")
+    for change in (["vision.trainable_blocks=2"], ["optim.vision_lr_scale=2"]):
+        model = tiny_model(*change)
+        opt = build_optimizer(model, tiny_config("optim.name=adamw", *change).optim)
+        with pytest.raises(ConfigError, match=r"opt.pt: .*vision.trainable_blocks.*optim.vision_lr_scale"):
+            check_param_groups(saved, opt, "opt.pt")
+    with pytest.raises(ConfigError, match="optim.vision_lr_scale.*must be positive"):
+        tiny_config("optim.vision_lr_scale=0")
+
+
+def test_a_peak_learning_rate_changed_on_resume_takes_effect_and_is_said():
+    """LambdaLR's state brings back the checkpoint's peaks (base_lrs): without keep_configured_peaks a new
+    optim.lr on resume would be silently ignored."""
+    from kosmos.optim import build_optimizer, build_scheduler, keep_configured_peaks
+
+    def built(*overrides):
+        cfg = tiny_config("optim.name=adamw", "optim.warmup_steps=4", "optim.total_steps=20", *overrides)
+        opt = build_optimizer(tiny_model(), cfg.optim)
+        return opt, build_scheduler(opt, cfg.optim)
+
+    opt, sched = built("optim.lr=1e-3")
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    saved = opt.state_dict(), sched.state_dict()
+    at_6 = 1 - (6 - 4) / (20 - 4)  # the schedule's factor at step 6
+    for lr, note in (("1e-3", None), ("5e-4", "0.001 -> 0.0005")):
+        opt, sched = built(f"optim.lr={lr}")
+        configured = list(sched.base_lrs)
+        opt.load_state_dict(saved[0])
+        sched.load_state_dict(saved[1])
+        said = keep_configured_peaks(sched, configured)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([float(lr) * at_6] * 2)
+        assert said is None if note is None else note in said and "step 6" in said
+        opt.step()
+        sched.step()  # and the schedule goes on from there at the new peak
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([float(lr) * (1 - 3 / 16)] * 2)

@@ -505,6 +505,10 @@ class OptimConfig:
     """The learning rate reaches 0 here (linear decay after the warmup)."""
     grad_clip: float = 2.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    vision_lr_scale: float = 1.0
+    """The CLIP tower's trainable parameters learn at `lr` times this (warmed up and decayed alike); the
+    resampler, the projection and the decoder at `lr`. 1 in the paper (its tower is pretrained and trains
+    only its last block); the toy demo trains a random tower from scratch at 3x (scripts/demo.py)."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("adamw8bit", "adamw8bit_torchao", "adamw"), "optim.name",
@@ -518,6 +522,8 @@ class OptimConfig:
         _check(self.total_steps > self.warmup_steps, "optim.total_steps",
                f"must exceed optim.warmup_steps={self.warmup_steps}, got {self.total_steps}")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(self.vision_lr_scale > 0, "optim.vision_lr_scale",
+               f"must be positive, got {self.vision_lr_scale}")
 
 
 EVAL_TASK_NAMES = ("coco_captioning", "flickr30k_captioning", "captioning", "vqav2", "okvqa", "vizwiz", "vqa",
