@@ -2,9 +2,10 @@
 `accelerate launch` training of configs/tiny.yaml, generation and the evaluation harness), and the trained
 toy names the colour, shape and place of fresh shapes it has never seen.
 
-The bounds sit below the demo's figures over seeds 0, 1, 2 (exact 45, 40, 32; colour 48, 48, 48; shape 46,
-42, 43; place 47, 46, 35; another machine's arithmetic is another draw): a change that stops the tower
-from learning shapes fails here (tiny.yaml as it is, a frozen random tower: shape 30/48, chance 16)."""
+The bounds sit below the demo's figures over seeds 0-4 (exact 47, 45, 45, 32, 35; colour 48 each; shape
+47, 46, 45, 36, 40; place 48, 47, 48, 42, 42; another machine's arithmetic is another draw, and a seed that
+leaves the plateau late is the low one): a change that stops the tower from learning shapes fails here
+(tiny.yaml as it is, a frozen random tower: shape 30/48, chance 16)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-AT_LEAST = {"exact": 24, "colour": 44, "shape": 36, "place": 28}  # of 48
+AT_LEAST = {"exact": 28, "colour": 44, "shape": 34, "place": 36}  # of 48
 
 
 @pytest.mark.slow
