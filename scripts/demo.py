@@ -40,10 +40,11 @@ sys.path.insert(0, str(ROOT))  # `python scripts/demo.py`: import kosmos
 # (`optim.vision_lr_scale`: a random tower has the most to learn), warmed up over 100 steps, and gives
 # captions two thirds of each step's tokens (text 1/9, interleaved 2/9). Every seed's caption loss sits on a
 # plateau (colour known, shape and place not) until the model finds the shape, somewhere between steps 300
-# and 700; a late one leaves the shapes half learned at step 800. Held-out exact over seeds 0-4: 47, 45, 45,
-# 32, 35. Also measured: one lr of 1.5e-3 for everything, 45, 40, 32 at seeds 0-2; 4 resampler heads, 33, 45,
-# 46, 41, 41 at seeds 0-4; 2400 images instead of 800, 30, 30 at seeds 3, 4; a frozen position embedding,
-# 26 at seed 2; 1200 smaller steps, 33 at seed 3.
+# and 700; a late one leaves the shapes half learned at step 800. Held-out exact over seeds 0-4 on one thread:
+# 47, 45, 45, 32, 35; seed 0 on two (`make demo`; the thread count changes the arithmetic): 42. Also measured:
+# one lr of 1.5e-3 for everything, 45, 40, 32 at seeds 0-2; 4 resampler heads, 33, 45, 46, 41, 41 at seeds
+# 0-4; 2400 images instead of 800, 30, 30 at seeds 3, 4; a frozen position embedding, 26 at seed 2; 1200
+# smaller steps, 33 at seed 3.
 TOY = ["vision.trainable_blocks=2", "optim.lr=1e-3", "optim.vision_lr_scale=3", "optim.warmup_steps=100",
        "data.captions.tokens_per_step=3072", "data.captions.micro_batch_size=12",
        "data.text.tokens_per_step=512", "data.text.micro_batch_size=2"]
