@@ -2,10 +2,11 @@
 `accelerate launch` training of configs/tiny.yaml, generation and the evaluation harness), and the trained
 toy names the colour, shape and place of fresh shapes it has never seen.
 
-The bounds sit below the demo's figures over seeds 0-4 (exact 47, 45, 45, 32, 35; colour 48 each; shape
-47, 46, 45, 36, 40; place 48, 47, 48, 42, 42; another machine's arithmetic is another draw, and a seed that
-leaves the plateau late is the low one): a change that stops the tower from learning shapes fails here
-(tiny.yaml as it is, a frozen random tower: shape 30/48, chance 16)."""
+The bounds are the goal set for the demo (44/48 exact) and sit below its figures: seed 0 on two threads
+(what `make demo` and this test run) 48/48 exact; one thread, seeds 0-5: exact 48, 46, 47, 48, 48, 48
+(shape 46 at least, place 47, colour 48; another machine's arithmetic is another draw). A change that stops
+the tower from learning shapes or places fails here (without the document mask the demo gave 41 at seed 0
+in 800 steps; tiny.yaml as it is, a frozen random tower, shape 30/48, chance 16)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-AT_LEAST = {"exact": 28, "colour": 44, "shape": 34, "place": 36}  # of 48
+AT_LEAST = {"exact": 44, "colour": 46, "shape": 44, "place": 44}  # of 48
 
 
 @pytest.mark.slow
